@@ -1,0 +1,64 @@
+"""PEFT LoRA on the UNet (and optionally the text encoder), and the adapters' state dicts.
+
+Uses ``peft.inject_adapter_in_model`` rather than ``text_encoder.add_adapter``: transformers 5.24
+demands a peft release that does not exist. Trainable weights stay fp32 whatever the frozen dtype
+(half-precision trainables break gradient unscaling).
+"""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from torch import nn
+
+from lowmcgm.errors import UserError
+
+ADAPTER_NAME = "default"
+
+
+def add_lora(model: nn.Module, targets: tuple[str, ...], rank: int, alpha: float) -> list[nn.Parameter]:
+    """Inject LoRA layers into ``model`` (zero-initialised up-projections: the output is unchanged).
+
+    Returns:
+        The new trainable parameters, in fp32.
+    """
+    config = PeftLoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0,
+                            init_lora_weights=True)
+    try:
+        inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
+    except ValueError as exc:  # peft: "Target modules ... not found in the base model"
+        raise UserError(f"LoRA targets {', '.join(targets)} match no module of "
+                        f"{type(model).__name__}: {exc}") from exc
+    params = []
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            param.data = param.data.float()
+            param.requires_grad_(True)
+            params.append(param)
+    return params
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """PEFT-named LoRA weights (``...to_q.lora_A.weight``), detached copies."""
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME).items()}
+
+
+def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load weights from ``lora_state_dict`` into a model that ``add_lora`` prepared."""
+    result = set_peft_model_state_dict(model, state, adapter_name=ADAPTER_NAME)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise UserError(f"LoRA weights do not fit this model: unexpected {unexpected[0]} "
+                        f"and {len(unexpected) - 1} more.")
+
+
+def lora_module_names(model: nn.Module) -> list[str]:
+    """Names of the modules that carry LoRA (for export naming checks)."""
+    return sorted({name.rsplit(".lora_A", 1)[0] for name, _ in model.named_parameters() if ".lora_A." in name})
+
+
+def cast_frozen(model: nn.Module, dtype: torch.dtype) -> None:
+    """Frozen parameters to ``dtype`` (fp16/bf16 halves their memory), trainable ones to fp32."""
+    for param in model.parameters():
+        param.data = param.data.float() if param.requires_grad else param.data.to(dtype)

@@ -1,0 +1,243 @@
+"""The single artifact file (handles + mask encoder + LoRA) and resume checkpoints.
+
+Both are safetensors files with string metadata; nothing is ever unpickled. Writes go to a
+temporary name and are renamed, so an interrupted save leaves the previous file intact. The loader
+checks the header (size, dtypes, shapes, offsets, names) against the file before reading tensors,
+so a hostile or damaged file is refused with a UserError, not a crash or a huge allocation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lowmcgm import __version__
+from lowmcgm.errors import UserError
+
+FORMAT_NAME = "lowmcgm"
+FORMAT_VERSION = 1
+# A rank-128 SD artifact has a few thousand tensors; its header stays well under 1 MiB.
+MAX_HEADER_BYTES = 16 * 2**20
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_FLOAT_DTYPES = {"F32", "F16", "BF16"}
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
+    """Write a safetensors file through a temporary name; the old file survives a crash."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def read_header(path: Path, max_header_bytes: int = MAX_HEADER_BYTES) -> tuple[dict[str, Any], dict[str, str]]:
+    """Parse and check a safetensors header without reading tensor data.
+
+    Returns:
+        (tensor entries by name, metadata). Raises UserError on anything inconsistent.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"File not found: {path}.")
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise UserError(f"{path} is not a safetensors file (too short).")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > min(max_header_bytes, size - 8):
+            raise UserError(f"{path} is not a valid safetensors file (header of {header_len} bytes "
+                            f"in a file of {size} bytes).")
+        try:
+            header = json.loads(fh.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise UserError(f"{path} is not a valid safetensors file (unreadable header).") from exc
+    if not isinstance(header, dict):
+        raise UserError(f"{path} is not a valid safetensors file (header is not a table).")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise UserError(f"{path} has malformed metadata.")
+    data_len = size - 8 - header_len
+    spans = []
+    for name, entry in header.items():
+        ok = (isinstance(entry, dict) and entry.get("dtype") in _DTYPE_BYTES
+              and isinstance(entry.get("shape"), list) and all(isinstance(d, int) and d >= 0 for d in entry["shape"])
+              and isinstance(entry.get("data_offsets"), list) and len(entry["data_offsets"]) == 2
+              and all(isinstance(o, int) for o in entry["data_offsets"]))
+        if not ok:
+            raise UserError(f"{path}: tensor entry {name!r} is malformed.")
+        start, end = entry["data_offsets"]
+        numel = 1
+        for d in entry["shape"]:
+            numel *= d
+        if not 0 <= start <= end <= data_len or end - start != numel * _DTYPE_BYTES[entry["dtype"]]:
+            raise UserError(f"{path}: tensor {name!r} claims a size or position that the file does not "
+                            "have (truncated or forged file).")
+        spans.append((start, end))
+    return header, metadata
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(2**20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class Artifact:
+    """What a training run produces, in memory."""
+
+    handles: list[str]
+    handle_vectors: torch.Tensor  # (K, d)
+    mask_encoder: dict[str, torch.Tensor]  # empty when trained without mask tokens
+    unet_lora: dict[str, torch.Tensor]
+    text_encoder_lora: dict[str, torch.Tensor]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def text_width(self) -> int:
+        return int(self.handle_vectors.shape[1])
+
+    @property
+    def uses_mask_tokens(self) -> bool:
+        return bool(self.mask_encoder)
+
+
+_JSON_META = ("handles", "init_words", "lora", "training_config")
+
+
+def save_artifact(artifact: Artifact, path: Path, dtype: str = "fp16") -> None:
+    """Write the artifact (weights in ``dtype``) atomically, with its metadata."""
+    cast = SAVE_DTYPES[dtype]
+    tensors = {"handles.vectors": artifact.handle_vectors.to(cast)}
+    tensors.update({f"mask_encoder.{k}": v.to(cast) for k, v in artifact.mask_encoder.items()})
+    tensors.update({f"unet.{k}": v.to(cast) for k, v in artifact.unet_lora.items()})
+    tensors.update({f"text_encoder.{k}": v.to(cast) for k, v in artifact.text_encoder_lora.items()})
+    meta = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "lowmcgm_version": __version__,
+            "handles": artifact.handles}
+    meta.update(artifact.meta)
+    meta["handles"] = artifact.handles
+    strings = {k: json.dumps(v) if k in _JSON_META else str(v) for k, v in meta.items()}
+    atomic_save(tensors, strings, path)
+
+
+def load_artifact(path: Path) -> Artifact:
+    """Read and validate an artifact; every problem is a UserError naming the file."""
+    path = Path(path)
+    header, meta = read_header(path)
+    if meta.get("format") != FORMAT_NAME:
+        raise UserError(f"{path} is not a lowmcgm artifact (no 'format: lowmcgm' in its metadata).")
+    version = meta.get("format_version", "?")
+    if version != str(FORMAT_VERSION):
+        raise UserError(f"{path} has artifact format {version} (written by lowmcgm "
+                        f"{meta.get('lowmcgm_version', '?')}); this lowmcgm reads format {FORMAT_VERSION}: "
+                        "upgrade lowmcgm.")
+    try:
+        parsed = {k: json.loads(v) if k in _JSON_META else v for k, v in meta.items()}
+        handles = parsed["handles"]
+        text_width = int(parsed["text_width"])
+        mask_size = int(parsed.get("mask_size", 0))
+        lora = parsed.get("lora", {})
+    except (KeyError, ValueError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path} has malformed artifact metadata ({exc}).") from exc
+    if not isinstance(handles, list) or not all(isinstance(h, str) for h in handles) or not handles:
+        raise UserError(f"{path} has malformed handle names in its metadata.")
+    _check_shapes(path, header, handles, text_width, mask_size, lora)
+    tensors = load_file(str(path))
+    sub = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
+    return Artifact(
+        handles=handles, handle_vectors=tensors["handles.vectors"].float(),
+        mask_encoder={k: v.float() for k, v in sub("mask_encoder.").items()},
+        unet_lora={k: v.float() for k, v in sub("unet.").items()},
+        text_encoder_lora={k: v.float() for k, v in sub("text_encoder.").items()},
+        meta={k: v for k, v in parsed.items() if k not in ("format", "format_version", "handles")},
+    )
+
+
+def _check_shapes(path: Path, header: dict[str, Any], handles: list[str], text_width: int,
+                  mask_size: int, lora: dict[str, Any]) -> None:
+    def bad(why: str) -> UserError:
+        return UserError(f"{path} is not a valid lowmcgm artifact: {why}.")
+
+    for name, entry in header.items():
+        if entry["dtype"] not in _FLOAT_DTYPES:
+            raise bad(f"tensor {name} has dtype {entry['dtype']}")
+        if not name.startswith(("handles.", "mask_encoder.", "unet.", "text_encoder.")):
+            raise bad(f"unexpected tensor {name}")
+    if header.get("handles.vectors", {}).get("shape") != [len(handles), text_width]:
+        raise bad(f"handles.vectors must be {len(handles)}x{text_width}")
+    enc = {k for k in header if k.startswith("mask_encoder.")}
+    if enc:
+        if enc != {"mask_encoder.proj.weight", "mask_encoder.proj.bias"} or mask_size <= 0:
+            raise bad("mask encoder tensors are incomplete")
+        if header["mask_encoder.proj.weight"]["shape"] != [text_width, mask_size * mask_size] or \
+                header["mask_encoder.proj.bias"]["shape"] != [text_width]:
+            raise bad(f"mask encoder must map {mask_size}x{mask_size} masks to {text_width} values")
+    rank = lora.get("rank") if isinstance(lora, dict) else None
+    for name, entry in header.items():
+        if ".lora_A." in name or ".lora_B." in name:
+            shape = entry["shape"]
+            if len(shape) not in (2, 4) or rank is None:
+                raise bad(f"LoRA tensor {name} has shape {shape}")
+            if (".lora_A." in name and shape[0] != rank) or (".lora_B." in name and shape[1] != rank):
+                raise bad(f"LoRA tensor {name} does not have rank {rank}")
+
+
+def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors, scalars = {}, {}
+    for pid, values in state["state"].items():
+        for key, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer.{pid}.{key}"] = value
+            else:
+                scalars.setdefault(str(pid), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        _, pid, key = name.split(".", 2)
+        state.setdefault(int(pid), {})[key] = value
+    for pid, values in info["scalars"].items():
+        state.setdefault(int(pid), {}).update(values)
+    return {"state": state, "param_groups": info["param_groups"]}
+
+
+def save_checkpoint(path: Path, weights: dict[str, torch.Tensor], optimizer_state: dict[str, Any],
+                    info: dict[str, Any]) -> None:
+    """A resume checkpoint: trainable weights (fp32), optimizer state and JSON-able ``info``."""
+    opt_tensors, opt_info = _flatten_optimizer(optimizer_state)
+    tensors = {f"weights.{k}": v for k, v in weights.items()}
+    tensors.update(opt_tensors)
+    meta = {"format": "lowmcgm-checkpoint", "format_version": str(FORMAT_VERSION),
+            "info": json.dumps(info), "optimizer": json.dumps(opt_info)}
+    atomic_save(tensors, meta, path)
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """Inverse of ``save_checkpoint``: (weights, optimizer state dict, info)."""
+    _, meta = read_header(path)
+    if meta.get("format") != "lowmcgm-checkpoint" or meta.get("format_version") != str(FORMAT_VERSION):
+        raise UserError(f"{path} is not a lowmcgm checkpoint of format {FORMAT_VERSION}.")
+    tensors = load_file(str(path))
+    weights = {k[len("weights."):]: v for k, v in tensors.items() if k.startswith("weights.")}
+    opt = {k: v for k, v in tensors.items() if k.startswith("optimizer.")}
+    return weights, _unflatten_optimizer(opt, json.loads(meta["optimizer"])), json.loads(meta["info"])

@@ -1,0 +1,184 @@
+"""Exposing cross-attention probabilities to the losses without materialising attention maps.
+
+The reference replaces every processor with an explicit softmax, self-attention included (268 MB
+per 64x64 layer in fp16) and so switches off the xformers it enabled. Here only the
+cross-attention layers the losses read (latent side / 4, mid block excluded) get
+``CapturingCrossAttnProcessor``; it computes the layer output with SDPA exactly as diffusers'
+``AttnProcessor2_0`` and, beside it, the softmax probabilities of the few key columns the losses
+need (handles and mask tokens): (B, H, N, S) instead of (B, H, N, 77 + K).
+
+Gradient checkpointing recomputes each block in backward, calling the processor again. The
+recomputation must redo the same operations (non-reentrant checkpointing matches saved tensors by
+order), but must not store a second copy: the store records only between ``begin`` and ``end``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from diffusers import UNet2DConditionModel
+from diffusers.models.attention_processor import Attention
+
+from lowmcgm.errors import UserError
+
+
+class CrossAttentionStore:
+    """Per forward pass: the selected keys' probabilities, averaged over heads, per layer.
+
+    Example:
+        >>> store.begin(key_index)            # (B, S) key positions to expose
+        >>> unet(latents, t, context)
+        >>> store.end()                        # recomputation in backward records nothing
+        >>> maps = store.mean_maps()           # (B, S, h, w)
+    """
+
+    def __init__(self) -> None:
+        self.key_index: torch.Tensor | None = None
+        self.recording = False
+        self.maps: dict[str, torch.Tensor] = {}
+
+    def begin(self, key_index: torch.Tensor) -> None:
+        self.key_index = key_index
+        self.maps = {}
+        self.recording = True
+
+    def end(self) -> None:
+        # key_index stays set: checkpoint recomputation must rebuild the same graph.
+        self.recording = False
+
+    def clear(self) -> None:
+        self.key_index, self.maps, self.recording = None, {}, False
+
+    def record(self, layer: str, probs: torch.Tensor) -> None:
+        """probs: (B, H, N, S) float32."""
+        if not self.recording:
+            return
+        if layer in self.maps:
+            raise RuntimeError(f"layer {layer} captured twice in one forward pass")
+        self.maps[layer] = probs.mean(1)  # (B, N, S): heads averaged now, to keep less
+
+    def mean_maps(self) -> torch.Tensor:
+        """Average over layers (and heads) -> (B, S, h, w)."""
+        if not self.maps:
+            raise RuntimeError("no attention maps captured: was the UNet called between begin() and end()?")
+        mean = torch.stack(list(self.maps.values())).mean(0)  # (B, N, S)
+        side = math.isqrt(mean.shape[1])
+        return mean.transpose(1, 2).reshape(mean.shape[0], mean.shape[2], side, side)
+
+
+def compute_selected_probs(query: torch.Tensor, key: torch.Tensor, key_index: torch.Tensor,
+                           scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale) restricted to the columns ``key_index`` names.
+
+    The normaliser needs every key's logit; at the loss layers that is (B, H, N, 77 + K), tiny
+    next to self-attention. Only the (B, H, N, S) columns leave this function.
+
+    Args:
+        query: (B, H, N, D). key: (B, H, L, D). key_index: (B, S) long.
+
+    Returns:
+        (B, H, N, S) float32 probabilities.
+    """
+    logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale  # (B, H, N, L)
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    b, h, n, _ = logits.shape
+    index = key_index.to(logits.device)[:, None, None, :].expand(b, h, n, key_index.shape[1])
+    return torch.exp(torch.gather(logits, -1, index) - lse)
+
+
+class CapturingCrossAttnProcessor:
+    """diffusers' ``AttnProcessor2_0`` for cross-attention, plus capture of selected key columns."""
+
+    def __init__(self, store: CrossAttentionStore, layer: str):
+        self.store = store
+        self.layer = layer
+
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor,
+                 encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
+                 *args, **kwargs) -> torch.Tensor:
+        if encoder_hidden_states is None:
+            raise RuntimeError(f"{self.layer}: capture is for cross-attention layers only")
+        if attn.spatial_norm is not None or attn.group_norm is not None or attn.norm_cross:
+            raise RuntimeError(f"{self.layer}: attention variant not used by SD UNets")
+        residual = hidden_states
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        batch, seq_len, _ = encoder_hidden_states.shape
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, seq_len, batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # (B, H, N, D)
+        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # (B, H, L, D)
+        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        if self.store.key_index is not None:
+            self.store.record(self.layer, compute_selected_probs(query, key, self.store.key_index, attn.scale))
+
+        hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                                       dropout_p=0.0, is_causal=False)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+def _block_level(name: str, num_levels: int) -> int | None:
+    """Downsampling level of an attention processor's block (0 = full latent size)."""
+    parts = name.split(".")
+    if parts[0] == "down_blocks":
+        return int(parts[1])
+    if parts[0] == "up_blocks":
+        return num_levels - 1 - int(parts[1])
+    return None  # mid block: excluded, as the paper's loss layers
+
+
+def loss_layer_names(unet: UNet2DConditionModel, downscale: int) -> list[str]:
+    """Cross-attention processors whose maps are latent side / ``downscale``.
+
+    For SD 1.x/2.x at any resolution and ``downscale`` 4 these are ``down_blocks.2`` and
+    ``up_blocks.1``; derived from the UNet's own block count, never hard-coded.
+    """
+    level = int(math.log2(downscale))
+    if 2**level != downscale:
+        raise UserError(f"loss.attn_loss_downscale must be a power of two (got {downscale}).")
+    num_levels = len(unet.config.block_out_channels)
+    names = [n for n in unet.attn_processors
+             if n.endswith("attn2.processor") and _block_level(n, num_levels) == level]
+    if not names:
+        raise UserError(f"This UNet has no cross-attention layers at latent size / {downscale}; "
+                        "set loss.attn_loss_downscale to a level that has them.")
+    return names
+
+
+def install_capture(unet: UNet2DConditionModel, layers: list[str], store: CrossAttentionStore) -> dict:
+    """Put capturing processors on ``layers`` only; return the processors they replaced."""
+    current = dict(unet.attn_processors)
+    previous = {name: current[name] for name in layers}
+    for name in layers:
+        current[name] = CapturingCrossAttnProcessor(store, name.removesuffix(".processor"))
+    unet.set_attn_processor(current)
+    return previous
+
+
+def remove_capture(unet: UNet2DConditionModel, previous: dict) -> None:
+    current = dict(unet.attn_processors)
+    current.update(previous)
+    unet.set_attn_processor(current)

@@ -1,0 +1,301 @@
+"""Configuration: dataclasses, TOML loading, dotted overrides, validation, the effective config.
+
+Flow: dataclass defaults -> preset TOML -> user TOML -> CLI overrides -> ``validate()`` -> frozen
+``Config``. Defaults live only here; help texts sit on the fields so CLI help and docs share them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lowmcgm.errors import UserError
+
+
+def _f(default: Any, help: str) -> Any:
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("use tuples for sequence defaults: configs are frozen")
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    base_model: str = _f("tiny", "diffusers folder, cached hub id, single .safetensors file, or 'tiny'")
+    mixed_precision: str = _f("fp16", "dtype of frozen weights and autocast: 'no' (fp32), 'fp16' or 'bf16'")
+    resolution: int = _f(0, "training resolution in pixels; 0 takes the model's own")
+    use_xformers: bool = _f(False, "use xformers for self-attention when installed (else SDPA)")
+    use_gradient_checkpointing: bool = _f(True, "recompute UNet activations in backward to save memory")
+    use_vae_offload: bool = _f(True, "move the VAE off the GPU once the photo is encoded")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    image: str = _f("", "the photo")
+    masks: tuple[str, ...] = _f((), "one mask file per concept, in handle order")
+    handles: tuple[str, ...] = _f((), "handle names; default <asset0>, <asset1>, ...")
+    init_words: tuple[str, ...] = _f((), "one initializer word per concept (optional)")
+    background: str = _f("keep", "'keep' the photo's background, or 'solid': random colour outside the masks")
+    flip_p: float = _f(0.5, "probability of flipping image and masks together")
+    max_concepts: int = _f(4, "most concepts a run accepts (the paper reports failures past 3)")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    attn_weight: float = _f(0.01, "weight of the cross-attention loss (Break-a-scene)")
+    mask_attn_weight: float = _f(0.3, "lambda_m: weight of the mask-token attention loss inside the attention term")
+    prior_weight: float = _f(1.0, "weight of the prior-preservation loss")
+    attn_loss_downscale: int = _f(4, "attention maps are read at latent side / this (paper: 1/4)")
+    use_mask_tokens: bool = _f(True, "append mask tokens to the text tokens (MCGM); off = Break-a-scene")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    phase2_mode: str = _f("lora", "'lora' (LoRA adapters) or 'full' (fine-tune all UNet and text-encoder weights)")
+    rank: int = _f(4, "LoRA rank")
+    alpha: float = _f(4.0, "LoRA alpha (strength = alpha / rank)")
+    unet_targets: tuple[str, ...] = _f(
+        ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"),
+        "UNet module names that get LoRA (attention and feed-forward linears)",
+    )
+    use_text_encoder_lora: bool = _f(False, "also put LoRA on the text encoder")
+    text_encoder_targets: tuple[str, ...] = _f(
+        ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"), "text-encoder module names that get LoRA"
+    )
+    init_lora: str = _f("", "start phase 2 from this kohya or diffusers LoRA file")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = _f(0, "seed of every random draw")
+    phase1_steps: int = _f(400, "steps of phase 1 (handles + mask encoder)")
+    phase2_steps: int = _f(400, "steps of phase 2 (adds LoRA)")
+    batch_size: int = _f(1, "samples per step")
+    handle_lr: float = _f(5e-4, "phase 1 learning rate of the handle embeddings")
+    mask_encoder_lr: float = _f(5e-4, "phase 1 learning rate of the mask encoder")
+    phase2_handle_lr: float = _f(2e-6, "phase 2 learning rate of the handle embeddings")
+    phase2_mask_encoder_lr: float = _f(1e-5, "phase 2 learning rate of the mask encoder")
+    lora_lr: float = _f(1e-4, "phase 2 learning rate of the UNet LoRA (or of all UNet weights in 'full' mode)")
+    text_encoder_lr: float = _f(1e-5, "phase 2 learning rate of the text-encoder LoRA (or weights in 'full' mode)")
+    optimizer: str = _f("adamw8bit", "'adamw8bit' (bitsandbytes) or 'adamw' (torch)")
+    adam_beta1: float = _f(0.9, "AdamW beta1")
+    adam_beta2: float = _f(0.999, "AdamW beta2")
+    adam_weight_decay: float = _f(1e-2, "AdamW weight decay")
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm")
+    checkpoint_every: int = _f(100, "write a resume checkpoint every N steps (0: only at the end and on Ctrl-C)")
+    use_prior_preservation: bool = _f(False, "add an unmasked loss on class images")
+    class_prompt: str = _f("a photo at the beach", "prompt of the class images")
+    class_images_dir: str = _f("", "folder of class images; empty: generate them with the base model")
+    num_class_images: int = _f(100, "class images to use or generate")
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    out: str = _f("", "output folder")
+    artifact_name: str = _f("lowmcgm.safetensors", "file name of the artifact inside the output folder")
+    save_dtype: str = _f("fp16", "dtype of the weights in the artifact: 'fp16', 'bf16' or 'fp32'")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+def _section_types() -> dict[str, type]:
+    return {f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)}
+
+
+def all_keys() -> list[str]:
+    """Every valid dotted key, e.g. ``train.lora_lr``."""
+    keys = []
+    for section, cls in _section_types().items():
+        keys += [f"{section}.{f.name}" for f in dataclasses.fields(cls)]
+    return keys
+
+
+def field_help(key: str) -> str:
+    section, name = key.split(".", 1)
+    cls = _section_types()[section]
+    return next(f.metadata.get("help", "") for f in dataclasses.fields(cls) if f.name == name)
+
+
+def _unknown_key(key: str, where: str) -> UserError:
+    close = difflib.get_close_matches(key, all_keys(), n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else " Run 'lowmcgm config-keys' for the list."
+    return UserError(f"Unknown config key '{key}' in {where}.{hint}")
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    """Convert a TOML value or a CLI string to the field's type, or raise UserError."""
+    origin = typing.get_origin(typ)
+    if origin is tuple:
+        (item_type, _ellipsis) = typing.get_args(typ)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v] if value else []
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"Config key '{key}' takes a list, got {value!r}.")
+        return tuple(_coerce(v, item_type, key) for v in value)
+    try:
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+                return True
+            if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if typ is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if typ is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if typ is str:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError
+            return str(value)
+    except ValueError:
+        pass
+    raise UserError(f"Config key '{key}' takes a {getattr(typ, '__name__', typ)}, got {value!r}.")
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any], where: str) -> Config:
+    """Return a copy of ``cfg`` with dotted ``overrides`` applied (values typed by the field)."""
+    sections = _section_types()
+    changed: dict[str, dict[str, Any]] = {}
+    for key, value in overrides.items():
+        section, _, name = key.partition(".")
+        if section not in sections:
+            raise _unknown_key(key, where)
+        types = typing.get_type_hints(sections[section])
+        if name not in types:
+            raise _unknown_key(key, where)
+        changed.setdefault(section, {})[name] = _coerce(value, types[name], key)
+    for section, values in changed.items():
+        cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **values)})
+    return cfg
+
+
+def flatten_toml(data: dict[str, Any], where: str) -> dict[str, Any]:
+    """Turn ``{"train": {"lora_lr": 1e-4}}`` into ``{"train.lora_lr": 1e-4}``."""
+    flat = {}
+    for section, values in data.items():
+        if not isinstance(values, dict):
+            raise _unknown_key(section, where)
+        for name, value in values.items():
+            flat[f"{section}.{name}"] = value
+    return flat
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return flatten_toml(tomllib.load(fh), str(path))
+    except FileNotFoundError as exc:
+        raise UserError(f"Config file not found: {path}.") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"Config file {path} is not valid TOML: {exc}.") from exc
+
+
+def parse_set(items: list[str]) -> dict[str, str]:
+    """Parse ``--set key=value`` items."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"--set takes KEY=VALUE, got '{item}' (e.g. --set train.lora_lr=1e-4).")
+        out[key.strip()] = value.strip()
+    return out
+
+
+_CHOICES = {
+    "model.mixed_precision": ("no", "fp16", "bf16"),
+    "data.background": ("keep", "solid"),
+    "lora.phase2_mode": ("lora", "full"),
+    "train.optimizer": ("adamw8bit", "adamw"),
+    "output.save_dtype": ("fp16", "bf16", "fp32"),
+}
+
+
+def validate(cfg: Config) -> Config:
+    """Check every value; raise one UserError listing all problems."""
+    problems = []
+    for key, choices in _CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in choices:
+            problems.append(f"{key} must be one of {', '.join(choices)} (got '{value}')")
+    positive = ["lora.rank", "train.batch_size", "loss.attn_loss_downscale", "data.max_concepts"]
+    non_negative = ["train.phase1_steps", "train.phase2_steps", "train.checkpoint_every", "model.resolution",
+                    "train.max_grad_norm", "train.num_class_images"]
+    for key in positive + non_negative:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value < 0 or (key in positive and value == 0):
+            problems.append(f"{key} must be {'positive' if key in positive else '>= 0'} (got {value})")
+    if not 0.0 <= cfg.data.flip_p <= 1.0:
+        problems.append(f"data.flip_p must be between 0 and 1 (got {cfg.data.flip_p})")
+    if cfg.model.resolution % 8:
+        problems.append(f"model.resolution must be a multiple of 8 (got {cfg.model.resolution})")
+    if cfg.train.phase1_steps + cfg.train.phase2_steps == 0:
+        problems.append("train.phase1_steps and train.phase2_steps are both 0: nothing to train")
+    if problems:
+        raise UserError("Invalid configuration: " + "; ".join(problems) + ".")
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a Config from ``config_to_dict`` output (unknown keys are refused)."""
+    return validate(apply_overrides(Config(), flatten_toml(data, "stored config"), "stored config"))
+
+
+def to_toml(cfg: Config) -> str:
+    """The effective configuration as TOML text (written next to every output)."""
+    lines = []
+    for section, values in config_to_dict(cfg).items():
+        lines.append(f"[{section}]")
+        for name, value in values.items():
+            lines.append(f"{name} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(value)  # a JSON string is a valid TOML basic string
+
+
+def resolve_config(preset: str | None, config_file: str | None, overrides: dict[str, Any]) -> Config:
+    """Defaults -> preset -> user TOML -> CLI overrides -> validate."""
+    from lowmcgm.presets import preset_path
+
+    cfg = Config()
+    if preset:
+        path = preset_path(preset)
+        cfg = apply_overrides(cfg, load_toml(path), f"preset {path.name}")
+    if config_file:
+        cfg = apply_overrides(cfg, load_toml(Path(config_file)), config_file)
+    cfg = apply_overrides(cfg, overrides, "the command line")
+    return validate(cfg)

@@ -1,0 +1,180 @@
+"""The training photo and its concept masks: reading, checking, joint resize/crop/flip, union sampling.
+
+Masks of any mode are accepted (L, RGB, RGBA, LA, palette, 16-bit): alpha is used when present,
+else luminance; values are binarised at 0.5. Image and masks are resized and center-cropped
+together, so a pixel of a mask stays on the pixel of the photo it marked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from lowmcgm.errors import UserError
+
+# The reference warns about nothing; heavily overlapping masks teach two handles the same pixels.
+OVERLAP_WARN_FRACTION = 0.5
+# A mask that covers (almost) everything leaves no background to separate concepts from.
+FULL_MASK_FRACTION = 0.99
+
+
+@dataclass
+class ConceptImage:
+    """The photo and its masks at training resolution.
+
+    Attributes:
+        image: (3, R, R) float32 in [-1, 1].
+        masks: (N, R, R) float32 in {0, 1}, one per concept, in handle order.
+    """
+
+    image: torch.Tensor
+    masks: torch.Tensor
+
+    @property
+    def num_concepts(self) -> int:
+        return self.masks.shape[0]
+
+
+def _open(path: Path, what: str) -> Image.Image:
+    if not path.exists():
+        raise UserError(f"{what} not found: {path}.")
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a folder, not an image file.")
+    try:
+        img = Image.open(path)
+        img.load()  # decode now: a truncated file fails here, not halfway through training
+    except UnidentifiedImageError as exc:
+        raise UserError(f"{what} {path} is not an image PIL can read (PNG or JPEG expected).") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise UserError(f"{what} {path} could not be decoded ({exc}); the file may be truncated.") from exc
+    return img
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Read the training photo as RGB."""
+    img = _open(Path(path), "Image")
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        # Composite on white: transparent pixels carry arbitrary colours underneath.
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_mask(path: str | Path) -> np.ndarray:
+    """Read a mask file as a float array in [0, 1] (alpha when present, else luminance).
+
+    Returns:
+        (H, W) float32.
+    """
+    img = _open(Path(path), "Mask")
+    if img.mode == "P":
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("L")
+    if img.mode in ("RGBA", "LA", "PA"):
+        return np.asarray(img.getchannel("A"), dtype=np.float32) / 255.0
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float32)
+        # 16-bit PNGs open as I;16 or I; both hold 0..65535.
+        return arr / 65535.0
+    if img.mode == "F":
+        return np.clip(np.asarray(img, dtype=np.float32), 0.0, 1.0)
+    return np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+
+
+def check_masks(masks: list[np.ndarray], paths: list[str], image_size: tuple[int, int]) -> list[str]:
+    """Refuse unusable masks with a UserError; return warnings for doubtful ones.
+
+    Args:
+        masks: binary (H, W) arrays as from ``load_mask(...) > 0.5``.
+        paths: their file names, for messages.
+        image_size: the photo's (width, height).
+    """
+    warnings = []
+    w, h = image_size
+    for mask, path in zip(masks, paths):
+        mh, mw = mask.shape
+        if (mw, mh) != (w, h):
+            raise UserError(f"Mask {path} is {mw}x{mh} but the image is {w}x{h}: masks must have the "
+                            "image's exact size (draw them on the photo itself, or resize both with "
+                            "the same crop).")
+        area = float(mask.mean())
+        if area == 0.0:
+            raise UserError(f"Mask {path} is empty (no pixel above 0.5): mark the subject in white "
+                            "(or opaque alpha) on black.")
+        if area >= FULL_MASK_FRACTION:
+            raise UserError(f"Mask {path} covers the whole image ({area:.0%}): mark only its subject, "
+                            "so the background can be told apart.")
+    for i in range(len(masks)):
+        for j in range(i + 1, len(masks)):
+            inter = float(np.logical_and(masks[i], masks[j]).sum())
+            smaller = float(min(masks[i].sum(), masks[j].sum()))
+            if inter / smaller > OVERLAP_WARN_FRACTION:
+                warnings.append(f"Masks {paths[i]} and {paths[j]} overlap on {inter / smaller:.0%} of the "
+                                "smaller one; the two handles may learn the same subject.")
+    return warnings
+
+
+def _resize_crop(img: Image.Image, size_px: int, resample: int) -> Image.Image:
+    w, h = img.size
+    scale = size_px / min(w, h)
+    nw, nh = max(size_px, round(w * scale)), max(size_px, round(h * scale))
+    img = img.resize((nw, nh), resample=resample)
+    left, top = (nw - size_px) // 2, (nh - size_px) // 2
+    return img.crop((left, top, left + size_px, top + size_px))
+
+
+def load_concept_image(image_path: str, mask_paths: list[str], size_px: int) -> tuple[ConceptImage, list[str]]:
+    """Read, check, and jointly resize/crop the photo and its masks.
+
+    Returns:
+        The prepared ``ConceptImage`` and a list of warnings.
+    """
+    if not mask_paths:
+        raise UserError("No masks given: pass one --mask per subject.")
+    image = load_image(image_path)
+    binary = [load_mask(p) > 0.5 for p in mask_paths]
+    warnings = check_masks(binary, list(mask_paths), image.size)
+    image = _resize_crop(image, size_px, Image.Resampling.BICUBIC)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+    resized = []
+    for mask, path in zip(binary, mask_paths):
+        m = _resize_crop(Image.fromarray(mask.astype(np.uint8) * 255), size_px, Image.Resampling.NEAREST)
+        m = torch.from_numpy(np.asarray(m, dtype=np.float32) / 255.0 > 0.5).float()
+        if m.sum() == 0:
+            raise UserError(f"Mask {path} is empty after center-cropping to a square: its subject "
+                            "lies outside the central square of the photo; crop the photo first.")
+        resized.append(m)
+    return ConceptImage(image=pixels.contiguous(), masks=torch.stack(resized)), warnings
+
+
+def resize_masks(masks: torch.Tensor, size: int) -> torch.Tensor:
+    """Nearest-neighbour resize of (..., H, W) masks to (..., size, size), as the reference does."""
+    lead = masks.shape[:-2]
+    flat = masks.reshape(-1, 1, *masks.shape[-2:]).float()
+    return F.interpolate(flat, size=(size, size), mode="nearest").reshape(*lead, size, size)
+
+
+def sample_concepts(num_concepts: int, k: int, generator: torch.Generator) -> list[int]:
+    """``k`` distinct concept indices in random order (union sampling, Break-a-scene sec. 3.2)."""
+    return torch.randperm(num_concepts, generator=generator)[:k].tolist()
+
+
+def sample_num_concepts(num_concepts: int, generator: torch.Generator) -> int:
+    """k uniform in 1..N."""
+    return int(torch.randint(1, num_concepts + 1, (1,), generator=generator))
+
+
+def build_prompt(handles: list[str]) -> str:
+    """The training prompt, e.g. ``a photo of <asset2> and <asset0>`` (the reference's wording)."""
+    return "a photo of " + " and ".join(handles)
+
+
+def solid_background(image: torch.Tensor, union: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Replace everything outside ``union`` (R, R) with one random colour (the paper's sec. 3)."""
+    colour = torch.rand(3, 1, 1, generator=generator) * 2 - 1
+    return image * union + colour * (1 - union)

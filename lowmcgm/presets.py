@@ -1,0 +1,43 @@
+"""Resolving a preset name (``8gb``) to its shipped TOML file, and listing presets."""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from pathlib import Path
+
+from lowmcgm.errors import UserError
+
+
+def presets_dir() -> Path:
+    """The folder of shipped presets: the checkout's ``presets/`` or the installed data copy."""
+    for candidate in (Path(__file__).resolve().parent.parent / "presets",
+                      Path(sys.prefix) / "share" / "lowmcgm" / "presets"):
+        if candidate.is_dir():
+            return candidate
+    raise UserError("The shipped presets folder is missing: reinstall lowmcgm.")
+
+
+def list_presets() -> dict[str, str]:
+    """Preset name -> its one-line description (the file's first comment line)."""
+    out = {}
+    for path in sorted(presets_dir().glob("*.toml")):
+        first = path.read_text().splitlines()[0] if path.stat().st_size else ""
+        out[path.stem] = first.lstrip("# ").strip()
+    return out
+
+
+def preset_path(name: str) -> Path:
+    """A preset name or a path to a TOML file -> the file."""
+    if name.endswith(".toml") or "/" in name:
+        path = Path(name)
+        if not path.is_file():
+            raise UserError(f"Preset file not found: {path}.")
+        return path
+    path = presets_dir() / f"{name}.toml"
+    if not path.is_file():
+        names = list(list_presets())
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise UserError(f"Unknown preset '{name}'; valid presets: {', '.join(names)}.{hint}")
+    return path

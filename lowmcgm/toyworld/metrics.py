@@ -1,0 +1,177 @@
+"""Reading a toy-world image back: background class, foreground, subject kind, pose shape, IoU.
+
+Works on rendered scenes and on images a model generated, by nearest-colour lookups against the
+palettes in ``scenes.py`` (chosen far apart in RGB, so no learned classifier is needed):
+
+- background: the palette whose sky and ground colours are nearest to the median colours of the
+  top and bottom bands of the image;
+- foreground: pixels far from every colour of that background;
+- kind: the kind whose colours are nearest to most foreground pixels;
+- pose: the height/width of the bounding box of the largest foreground blob.
+
+This module owns the measurements; what the benchmark does with them is ``tools/``' business.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from lowmcgm.toyworld.scenes import (
+    FAR_SHADE,
+    BACKDROPS,
+    BACKGROUNDS,
+    DISTINCTIVE_ROLES,
+    KINDS,
+    PALETTES,
+)
+
+NO_SUBJECT = "none"
+# Share of the image height read as sky (top) and ground (bottom): the horizon is drawn between
+# 35% and 55% of the height, so these bands never cross it.
+BAND_FRACTION = 0.12
+# RGB distance beyond which a pixel is not background: the background texture moves colours by
+# under 15 units, the nearest subject colour sits 60 units away.
+FOREGROUND_DISTANCE = 38.0
+# A foreground pixel is assigned to a kind only if some kind colour lies this close.
+KIND_DISTANCE = 70.0
+# Fewer foreground pixels than this share of the image means no subject was drawn.
+MIN_SUBJECT_FRACTION = 0.004
+
+
+def _as_float(image: np.ndarray) -> np.ndarray:
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an (H, W, 3) RGB image, got shape {image.shape}")
+    return image.astype(np.float32)
+
+
+def classify_background(image: np.ndarray) -> str:
+    """The background class of an image of the toy world.
+
+    Args:
+        image: (H, W, 3) uint8 RGB.
+
+    Returns:
+        One of ``BACKGROUNDS``.
+    """
+    img = _as_float(image)
+    band = max(1, int(round(img.shape[0] * BAND_FRACTION)))
+    # Medians ignore the subjects and details that reach into a band.
+    top = np.median(img[:band].reshape(-1, 3), axis=0)
+    bottom = np.median(img[-band:].reshape(-1, 3), axis=0)
+    cost = [np.linalg.norm(top - BACKDROPS[b].top) + np.linalg.norm(bottom - BACKDROPS[b].bottom)
+            for b in BACKGROUNDS]
+    return BACKGROUNDS[int(np.argmin(cost))]
+
+
+def foreground_mask(image: np.ndarray, background: str,
+                    distance: float = FOREGROUND_DISTANCE) -> np.ndarray:
+    """Pixels that belong to no colour of ``background``.
+
+    Args:
+        image: (H, W, 3) uint8 RGB.
+        background: one of ``BACKGROUNDS`` (usually ``classify_background(image)``).
+        distance: RGB distance from every background colour beyond which a pixel is foreground.
+
+    Returns:
+        (H, W) bool.
+    """
+    img = _as_float(image)
+    colours = np.asarray(BACKDROPS[background].colours, np.float32)  # (C, 3)
+    nearest = np.min(np.linalg.norm(img[:, :, None, :] - colours[None, None], axis=-1), axis=-1)
+    return nearest > distance
+
+
+def _kind_colours() -> tuple[np.ndarray, np.ndarray]:
+    colours, owners = [], []
+    for k, kind in enumerate(KINDS):
+        for role in DISTINCTIVE_ROLES:
+            base = np.asarray(PALETTES[kind][role - 1], np.float32)
+            colours += [base, base * FAR_SHADE]  # far-side limbs are drawn shaded
+            owners += [k, k]
+    return np.stack(colours), np.asarray(owners)
+
+
+def kind_labels(image: np.ndarray, fg: np.ndarray) -> np.ndarray:
+    """Per-pixel kind index into ``KINDS`` for foreground pixels, -1 elsewhere or if no colour fits.
+
+    Args:
+        image: (H, W, 3) uint8 RGB.
+        fg: (H, W) bool foreground.
+
+    Returns:
+        (H, W) int array.
+    """
+    img = _as_float(image)
+    colours, owners = _kind_colours()
+    dist = np.linalg.norm(img[:, :, None, :] - colours[None, None], axis=-1)  # (H, W, C)
+    labels = owners[np.argmin(dist, axis=-1)]
+    labels[(np.min(dist, axis=-1) > KIND_DISTANCE) | ~fg] = -1
+    return labels
+
+
+def classify_kind(image: np.ndarray, fg: np.ndarray) -> str:
+    """The kind most foreground pixels look like, or ``NO_SUBJECT`` when too few are foreground.
+
+    Args:
+        image: (H, W, 3) uint8 RGB.
+        fg: (H, W) bool foreground (``foreground_mask``).
+
+    Returns:
+        One of ``KINDS`` or ``NO_SUBJECT``.
+    """
+    if not subject_present(fg):
+        return NO_SUBJECT
+    labels = kind_labels(image, fg)
+    counts = np.bincount(labels[labels >= 0], minlength=len(KINDS))
+    if counts.sum() == 0:
+        return NO_SUBJECT
+    return KINDS[int(np.argmax(counts))]
+
+
+def kind_mask(image: np.ndarray, fg: np.ndarray, kind: str) -> np.ndarray:
+    """The silhouette of ``kind``: foreground pixels nearest to its colours, holes closed.
+
+    The dark detail colour (eyes, noses, hair) belongs to no kind, so small holes are filled.
+    """
+    labels = kind_labels(image, fg)
+    mask = labels == KINDS.index(kind)
+    return ndimage.binary_closing(mask, structure=np.ones((3, 3)), iterations=1) & fg | mask
+
+
+def subject_present(fg: np.ndarray, min_fraction: float = MIN_SUBJECT_FRACTION) -> bool:
+    """Whether enough pixels are foreground for a subject to be there."""
+    return bool(fg.mean() >= min_fraction)
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 8-connected blob of ``mask`` (all False if it is empty)."""
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3)))
+    if n == 0:
+        return np.zeros_like(mask, dtype=bool)
+    sizes = np.bincount(labels.ravel())[1:]
+    return labels == (int(np.argmax(sizes)) + 1)
+
+
+def pose_ratio(fg: np.ndarray) -> float:
+    """Height / width of the bounding box of the largest foreground blob (NaN if none).
+
+    Lying subjects are wide (0.3-0.45), sitting ones compact (0.85-1.1), standing people tall.
+    """
+    blob = largest_component(fg)
+    if not blob.any():
+        return float("nan")
+    rows = np.nonzero(blob.any(axis=1))[0]
+    cols = np.nonzero(blob.any(axis=0))[0]
+    return float((rows[-1] - rows[0] + 1) / (cols[-1] - cols[0] + 1))
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two boolean masks of the same shape (1.0 if both are empty)."""
+    if a.shape != b.shape:
+        raise ValueError(f"mask shapes differ: {a.shape} vs {b.shape}")
+    a, b = a.astype(bool), b.astype(bool)
+    union = np.logical_or(a, b).sum()
+    if union == 0:
+        return 1.0
+    return float(np.logical_and(a, b).sum() / union)

@@ -1,0 +1,521 @@
+"""Training: one photo and its masks -> handles, mask encoder and LoRA, in two phases.
+
+Phase 1 trains only the handle embeddings and the mask encoder against the frozen model; phase 2
+adds LoRA adapters to the UNet (optionally the text encoder) while the handles and the encoder keep
+training. The recipe, and where it deviates from the reference code, is in ``shared/METHOD.md``.
+Reading order: ``train`` -> ``run_phase`` -> ``compute_step_loss``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from accelerate import Accelerator
+
+from lowmcgm import config as config_mod
+from lowmcgm.adapters import add_lora, cast_frozen, lora_state_dict, load_lora_state_dict
+from lowmcgm.artifact import Artifact, load_checkpoint, save_artifact, save_checkpoint
+from lowmcgm.attention_capture import CrossAttentionStore, install_capture, loss_layer_names
+from lowmcgm.config import Config
+from lowmcgm.data import (ConceptImage, build_prompt, load_concept_image, resize_masks, sample_concepts,
+                          sample_num_concepts, solid_background)
+from lowmcgm.errors import UserError
+from lowmcgm.handles import HandleEmbedding, check_handle_names, handle_positions, install_handles
+from lowmcgm.losses import LossParts, compute_attention_loss, compute_masked_diffusion_loss, compute_total_loss
+from lowmcgm.mask_encoder import MaskEncoder, append_mask_tokens, zero_mask_tokens
+from lowmcgm.models import BaseModel, load_base_model
+from lowmcgm.output import check_output_dir, write_effective_config
+
+ProgressFn = Callable[[dict[str, Any]], None]
+CHECKPOINT_NAME = "checkpoints/last.safetensors"
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Setup:
+    """Everything built once per run: models, data, capture, accelerator."""
+
+    cfg: Config
+    base: BaseModel
+    concept: ConceptImage
+    handle_names: list[str]
+    handles: HandleEmbedding
+    mask_encoder: MaskEncoder | None
+    store: CrossAttentionStore
+    accelerator: Accelerator
+    latent_mean: torch.Tensor  # (2, C, h, w): the photo and its mirror image, encoded once
+    latent_std: torch.Tensor
+    prior_latents: torch.Tensor | None  # (M, C, h, w) class images, or None
+    report: ProgressFn
+    said: set[str] = field(default_factory=set)
+    lora_params: list[torch.nn.Parameter] = field(default_factory=list)
+    te_lora_params: list[torch.nn.Parameter] = field(default_factory=list)
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+
+@dataclass
+class TrainState:
+    """What a resume restores. What is not here cannot come back."""
+
+    phase: int
+    step: int  # steps done in this phase
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (B, 77)
+    handle_ids: torch.Tensor  # (B, k) token id of each selected handle, in prompt order
+    masks: torch.Tensor  # (B, k, R, R) selected masks, flipped with the photo
+    latents: torch.Tensor  # (B, C, h, w) scaled latents
+    noise: torch.Tensor
+    timesteps: torch.Tensor  # (B,)
+    prior_latents: torch.Tensor | None = None  # (B, C, h, w)
+    prior_noise: torch.Tensor | None = None
+    prior_timesteps: torch.Tensor | None = None
+
+
+def train(cfg: Config, on_progress: ProgressFn | None = None, resume: bool = False,
+          base: BaseModel | None = None) -> Path:
+    """Run both phases and write the artifact; return its path.
+
+    Args:
+        cfg: a validated configuration.
+        on_progress: receives event dicts (``kind``: ``message``, ``step``, ``phase``, ``saved``).
+        resume: continue from ``<out>/checkpoints/last.safetensors``.
+        base: an already loaded base model (``lowmcgm run`` trains then samples with one load).
+    """
+    report = on_progress or (lambda event: None)
+    out = check_output_dir(cfg.output.out, resume=resume)
+    handle_names = check_handle_names(list(cfg.data.handles), len(cfg.data.masks))
+    # Inputs are checked at a small size before any weights load: a bad mask fails in a second.
+    _, warnings = load_concept_image(cfg.data.image, list(cfg.data.masks), 64)
+    if len(cfg.data.masks) > cfg.data.max_concepts:
+        raise UserError(f"{len(cfg.data.masks)} masks given, but this preset allows at most "
+                        f"{cfg.data.max_concepts} (data.max_concepts).")
+    for warning in warnings:
+        report({"kind": "message", "level": "warning", "text": warning})
+    write_effective_config(cfg, out)
+
+    base = base or load_base_model(cfg.model.base_model)
+    setup = build_setup(cfg, base, handle_names, report)
+    state = resume_state(setup, out) if resume else new_state(setup, phase=1)
+    try:
+        if state.phase == 1:
+            run_phase(setup, state, report, out)
+            state = new_state(setup, phase=2, generator=state.generator, history=state.history)
+        elif setup.cfg.train.phase2_steps:
+            pass  # resumed inside phase 2: adapters were added by resume_state
+        run_phase(setup, state, report, out)
+    except KeyboardInterrupt:
+        if setup.accelerator.is_main_process:
+            path = save_train_checkpoint(setup, state, out)
+            report({"kind": "saved", "what": "checkpoint", "path": str(path)})
+        raise
+    path = out / cfg.output.artifact_name
+    if setup.accelerator.is_main_process:
+        save_artifact(build_artifact(setup), path, dtype=cfg.output.save_dtype)
+        (out / "loss_history.json").write_text(json.dumps(state.history))
+        report({"kind": "saved", "what": "artifact", "path": str(path)})
+    setup.accelerator.wait_for_everyone()
+    return path
+
+
+def build_setup(cfg: Config, base: BaseModel, handle_names: list[str], report: ProgressFn) -> Setup:
+    """Freeze the base, add handles and mask encoder, install capture, encode the photo once."""
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=_mixed_precision(cfg, report))
+    device = accelerator.device
+    weight_dtype = WEIGHT_DTYPES[accelerator.mixed_precision]
+    resolution = cfg.model.resolution or base.resolution
+    concept, _ = load_concept_image(cfg.data.image, list(cfg.data.masks), resolution)
+
+    init_gen = torch.Generator().manual_seed(cfg.train.seed)
+    for module in (base.unet, base.text_encoder, base.vae):
+        module.requires_grad_(False)
+    handles = install_handles(base.tokenizer, base.text_encoder, handle_names, list(cfg.data.init_words), init_gen)
+    mask_encoder = None
+    if cfg.loss.use_mask_tokens:
+        torch.manual_seed(cfg.train.seed)  # nn.Linear's init draws from the global generator
+        mask_encoder = MaskEncoder(base.text_width).to(device)
+
+    if cfg.model.use_xformers:
+        _enable_xformers(base, report)
+    store = CrossAttentionStore()
+    # Capture goes in before checkpointing is switched on, so recomputation runs the same processors.
+    install_capture(base.unet, loss_layer_names(base.unet, cfg.loss.attn_loss_downscale), store)
+    if cfg.model.use_gradient_checkpointing:
+        base.unet.enable_gradient_checkpointing()
+    base.unet.train()
+
+    if cfg.lora.phase2_mode == "full":
+        weight_dtype = torch.float32  # every UNet weight will train: fp32 master weights
+    for module in (base.unet, base.text_encoder):
+        cast_frozen(module, weight_dtype)
+        module.to(device)
+    handles.to(device)
+    base.vae.to(device)
+    if weight_dtype != torch.float32:
+        base.vae.to(dtype=weight_dtype)
+
+    mean, std = encode_photo(base, concept.image, device)
+    prior = None
+    if cfg.train.use_prior_preservation:
+        from lowmcgm.prior import load_prior_latents
+
+        prior = load_prior_latents(cfg, base, Path(cfg.output.out), device, report)
+    if cfg.model.use_vae_offload and cfg.data.background == "keep":
+        base.vae.to("cpu")  # the photo is encoded: the VAE's memory is free for activations
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return Setup(cfg, base, concept, handle_names, handles, mask_encoder, store, accelerator,
+                 mean, std, prior, report)
+
+
+def new_state(setup: Setup, phase: int, generator: torch.Generator | None = None,
+              history: list | None = None) -> TrainState:
+    """A fresh optimizer for ``phase``; phase 2 first adds the adapters (they do not exist before)."""
+    if phase == 2 and not setup.lora_params and setup.cfg.train.phase2_steps:
+        add_phase2_adapters(setup)
+    if generator is None:
+        generator = torch.Generator().manual_seed(setup.cfg.train.seed + setup.accelerator.process_index)
+    optimizer = build_optimizer(setup, phase)
+    return TrainState(phase, 0, optimizer, generator, history or [])
+
+
+def add_phase2_adapters(setup: Setup) -> None:
+    cfg, base = setup.cfg, setup.base
+    if cfg.lora.phase2_mode == "full":
+        base.unet.requires_grad_(True)
+        setup.lora_params = list(base.unet.parameters())
+        for name, param in base.text_encoder.named_parameters():
+            if "token_embedding" not in name:  # handle rows train through the wrapper only
+                param.requires_grad_(True)
+                setup.te_lora_params.append(param)
+        return
+    setup.lora_params = add_lora(base.unet, cfg.lora.unet_targets, cfg.lora.rank, cfg.lora.alpha)
+    if cfg.lora.use_text_encoder_lora:
+        setup.te_lora_params = add_lora(base.text_encoder, cfg.lora.text_encoder_targets, cfg.lora.rank,
+                                        cfg.lora.alpha)
+    for param in setup.lora_params + setup.te_lora_params:
+        param.data = param.data.to(setup.device)
+    if cfg.lora.init_lora:
+        from lowmcgm.export import load_init_lora
+
+        load_init_lora(setup, Path(cfg.lora.init_lora))
+
+
+def build_optimizer(setup: Setup, phase: int) -> torch.optim.Optimizer:
+    t = setup.cfg.train
+    groups = [{"params": [setup.handles.vectors], "lr": t.handle_lr if phase == 1 else t.phase2_handle_lr}]
+    if setup.mask_encoder is not None:
+        groups.append({"params": list(setup.mask_encoder.parameters()),
+                       "lr": t.mask_encoder_lr if phase == 1 else t.phase2_mask_encoder_lr})
+    if phase == 2 and setup.lora_params:
+        groups.append({"params": setup.lora_params, "lr": t.lora_lr})
+    if phase == 2 and setup.te_lora_params:
+        groups.append({"params": setup.te_lora_params, "lr": t.text_encoder_lr})
+    kwargs = dict(betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.adam_weight_decay, eps=t.adam_epsilon)
+    optimizer_cls = torch.optim.AdamW
+    if t.optimizer == "adamw8bit":
+        optimizer_cls = _adamw8bit(setup)
+    return setup.accelerator.prepare_optimizer(optimizer_cls(groups, **kwargs))
+
+
+def _adamw8bit(setup: Setup) -> type:
+    if setup.device.type != "cuda":
+        _say_once(setup, "bitsandbytes' 8-bit AdamW needs a CUDA device: using torch AdamW.")
+        return torch.optim.AdamW
+    try:
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit
+    except Exception as exc:  # bitsandbytes fails in many ways on unsupported systems
+        _say_once(setup, f"bitsandbytes cannot run here ({exc}): using torch AdamW.")
+        return torch.optim.AdamW
+
+
+def run_phase(setup: Setup, state: TrainState, report: ProgressFn, out: Path) -> None:
+    """The loop: draw concepts, forward with capture, loss, backward, clip, step, report, checkpoint."""
+    cfg, acc = setup.cfg, setup.accelerator
+    total = cfg.train.phase1_steps if state.phase == 1 else cfg.train.phase2_steps
+    params = [p for group in state.optimizer.param_groups for p in group["params"]]
+    report({"kind": "phase", "phase": state.phase, "total": total, "start": state.step})
+    started, start_step = time.perf_counter(), state.step
+    while state.step < total:
+        batch = build_batch(setup, state.generator)
+        with acc.autocast():
+            loss, parts = compute_step_loss(setup, batch)
+        if not torch.isfinite(loss):
+            raise UserError(_nan_message(setup, state))
+        acc.backward(loss)
+        _average_gradients(acc, params)
+        acc.clip_grad_norm_(params, cfg.train.max_grad_norm)
+        state.optimizer.step()
+        state.optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        losses = parts.as_floats() | {"total": float(loss.detach())}
+        state.history.append({"phase": state.phase, "step": state.step, **losses})
+        elapsed = time.perf_counter() - started
+        rate = (state.step - start_step) / elapsed if elapsed > 0 else 0.0
+        report({"kind": "step", "phase": state.phase, "step": state.step, "total": total, "losses": losses,
+                "it_per_s": rate, "eta_s": (total - state.step) / rate if rate else math.inf,
+                "peak_bytes": _peak_memory(setup.device)})
+        every = cfg.train.checkpoint_every
+        if every and state.step % every == 0 and state.step < total and acc.is_main_process:
+            save_train_checkpoint(setup, state, out)
+
+
+def build_batch(setup: Setup, generator: torch.Generator) -> Batch:
+    """Union sampling and flips for each sample; k is drawn once per step so batches stack."""
+    cfg, base, concept = setup.cfg, setup.base, setup.concept
+    size = cfg.train.batch_size
+    k = sample_num_concepts(concept.num_concepts, generator)
+    prompts, handle_ids, masks, latents = [], [], [], []
+    for _ in range(size):
+        chosen = sample_concepts(concept.num_concepts, k, generator)
+        flip = bool(torch.rand(1, generator=generator) < cfg.data.flip_p)
+        sample_masks = concept.masks[chosen]  # (k, R, R)
+        image = concept.image
+        if flip:
+            sample_masks, image = sample_masks.flip(-1), image.flip(-1)
+        prompts.append(build_prompt([setup.handle_names[i] for i in chosen]))
+        handle_ids.append([setup.handles.handle_ids[i].item() for i in chosen])
+        masks.append(sample_masks)
+        if cfg.data.background == "solid":
+            image = solid_background(image, sample_masks.amax(0), generator)
+            mean, std = encode_photo(base, image, setup.device, both_flips=False)
+            latents.append((mean[0] + std[0] * torch.randn(mean[0].shape, generator=generator)))
+        else:
+            mean, std = setup.latent_mean[int(flip)], setup.latent_std[int(flip)]
+            latents.append(mean + std * torch.randn(mean.shape, generator=generator))
+    scaled = torch.stack(latents) * base.vae.config.scaling_factor
+    batch = Batch(
+        input_ids=_tokenize(base, prompts), handle_ids=torch.tensor(handle_ids), masks=torch.stack(masks),
+        latents=scaled, noise=torch.randn(scaled.shape, generator=generator),
+        timesteps=torch.randint(0, base.noise_scheduler.config.num_train_timesteps, (size,), generator=generator),
+    )
+    if setup.prior_latents is not None:
+        pick = torch.randint(0, setup.prior_latents.shape[0], (size,), generator=generator)
+        batch.prior_latents = setup.prior_latents[pick] * base.vae.config.scaling_factor
+        batch.prior_noise = torch.randn(batch.prior_latents.shape, generator=generator)
+        batch.prior_timesteps = torch.randint(0, base.noise_scheduler.config.num_train_timesteps, (size,),
+                                              generator=generator)
+    return batch
+
+
+def compute_step_loss(setup: Setup, batch: Batch) -> tuple[torch.Tensor, LossParts]:
+    """One forward pass (instance and prior samples together, as the reference) and the loss terms."""
+    cfg, base, device = setup.cfg, setup.base, setup.device
+    size, k = batch.handle_ids.shape
+    input_ids = batch.input_ids.to(device)
+    masks = batch.masks.to(device)
+    text = base.text_encoder(input_ids)[0]  # (B, 77, d)
+    mask_tokens = setup.mask_encoder(masks) if setup.mask_encoder is not None else None  # (B, k, d)
+    context = append_mask_tokens(text, mask_tokens)
+    # Keys the losses read: each handle's position, then each mask token's (77 + i).
+    key_index = handle_positions(input_ids, batch.handle_ids.to(device))
+    if mask_tokens is not None:
+        key_index = torch.cat([key_index, text.shape[1] + torch.arange(k, device=device).expand(size, k)], 1)
+    latents, noise, timesteps = batch.latents.to(device), batch.noise.to(device), batch.timesteps.to(device)
+    if batch.prior_latents is not None:
+        prior_ids = _tokenize(base, [cfg.train.class_prompt] * size).to(device)
+        prior_context = append_mask_tokens(
+            base.text_encoder(prior_ids)[0],
+            zero_mask_tokens(size, k, base.text_width, text) if mask_tokens is not None else None)
+        context = torch.cat([context, prior_context])
+        latents = torch.cat([latents, batch.prior_latents.to(device)])
+        noise = torch.cat([noise, batch.prior_noise.to(device)])
+        timesteps = torch.cat([timesteps, batch.prior_timesteps.to(device)])
+        key_index = torch.cat([key_index, torch.zeros_like(key_index)])  # prior maps are not read
+
+    noisy = base.noise_scheduler.add_noise(latents, noise, timesteps)
+    setup.store.begin(key_index)
+    pred = base.unet(noisy.to(context.dtype), timesteps, context).sample
+    setup.store.end()
+    if base.prediction_type == "v_prediction":
+        target = base.noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+
+    union = resize_masks(masks.amax(1, keepdim=True), latents.shape[-1])  # (B, 1, h, w)
+    rec = compute_masked_diffusion_loss(pred[:size], target[:size], union)
+    maps = setup.store.mean_maps()[:size]  # (B, S, s, s)
+    small = resize_masks(masks, maps.shape[-1])  # (B, k, s, s)
+    attn = compute_attention_loss(maps[:, :k], small)
+    zero = rec.new_zeros(())
+    mask_attn = compute_attention_loss(maps[:, k:], small) if mask_tokens is not None else zero
+    prior = torch.nn.functional.mse_loss(pred[size:].float(), target[size:].float()) \
+        if batch.prior_latents is not None else zero
+    setup.store.maps = {}  # the loss holds what it needs; drop the store's references
+    parts = LossParts(rec=rec, attn=attn, mask_attn=mask_attn, prior=prior)
+    return compute_total_loss(parts, cfg.loss.attn_weight, cfg.loss.mask_attn_weight, cfg.loss.prior_weight), parts
+
+
+@torch.no_grad()
+def encode_photo(base: BaseModel, image: torch.Tensor, device: torch.device,
+                 both_flips: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std of the photo (and its mirror image), kept on the CPU.
+
+    Returns:
+        (F, C, h, w) mean and std, F = 2 with ``both_flips`` (index 1 = flipped), unscaled.
+    """
+    images = torch.stack([image, image.flip(-1)]) if both_flips else image[None]
+    vae = base.vae
+    dist = vae.encode(images.to(device, next(vae.parameters()).dtype)).latent_dist
+    return dist.mean.float().cpu(), dist.std.float().cpu()
+
+
+def trainable_state(setup: Setup) -> dict[str, torch.Tensor]:
+    """fp32 copies of every trained weight, for checkpoints."""
+    state = {"handles.vectors": setup.handles.vectors.detach().float().cpu()}
+    if setup.mask_encoder is not None:
+        state |= {f"mask_encoder.{k}": v.float().cpu() for k, v in setup.mask_encoder.state_dict().items()}
+    state |= {f"unet.{k}": v.float().cpu() for k, v in _adapter_state(setup, setup.base.unet).items()}
+    if setup.te_lora_params:
+        state |= {f"text_encoder.{k}": v.float().cpu()
+                  for k, v in _adapter_state(setup, setup.base.text_encoder).items()}
+    return state
+
+
+def _adapter_state(setup: Setup, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    if not setup.lora_params:
+        return {}
+    if setup.cfg.lora.phase2_mode == "full":
+        return {k: v for k, v in module.state_dict().items() if "token_embedding" not in k}
+    return lora_state_dict(module)
+
+
+def save_train_checkpoint(setup: Setup, state: TrainState, out: Path) -> Path:
+    path = out / CHECKPOINT_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = {"phase": state.phase, "step": state.step, "generator": state.generator.get_state().tolist(),
+            "history": state.history, "config": config_mod.config_to_dict(setup.cfg)}
+    save_checkpoint(path, trainable_state(setup), state.optimizer.state_dict(), info)
+    return path
+
+
+def resume_state(setup: Setup, out: Path) -> TrainState:
+    """Rebuild the TrainState from the last checkpoint (weights, optimizer, generator, history)."""
+    path = out / CHECKPOINT_NAME
+    if not path.is_file():
+        raise UserError(f"--resume: no checkpoint at {path}; start without --resume.")
+    weights, optimizer_state, info = load_checkpoint(path)
+    stored = config_mod.config_from_dict(info["config"])
+    if _training_identity(stored) != _training_identity(setup.cfg):
+        raise UserError(f"--resume: the checkpoint in {out} was made with other settings; resume with the "
+                        f"same settings (see {out / 'config.toml'}) or use a new --out.")
+    phase, step = info["phase"], info["step"]
+    if phase == 1 and step >= setup.cfg.train.phase1_steps:
+        phase, step = 2, 0
+    if phase == 2:
+        add_phase2_adapters(setup)
+    with torch.no_grad():
+        setup.handles.vectors.copy_(weights["handles.vectors"])
+        if setup.mask_encoder is not None:
+            setup.mask_encoder.load_state_dict({k[len("mask_encoder."):]: v for k, v in weights.items()
+                                                if k.startswith("mask_encoder.")})
+    for prefix, module in (("unet.", setup.base.unet), ("text_encoder.", setup.base.text_encoder)):
+        part = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+        if part and setup.cfg.lora.phase2_mode == "full":
+            module.load_state_dict(part, strict=False)
+        elif part:
+            load_lora_state_dict(module, part)
+    generator = torch.Generator()
+    generator.set_state(torch.tensor(info["generator"], dtype=torch.uint8))
+    state = TrainState(phase, step, build_optimizer(setup, phase), generator, info["history"])
+    if step > 0 or info["phase"] == phase:
+        state.optimizer.load_state_dict(optimizer_state)
+    return state
+
+
+def _training_identity(cfg: Config) -> dict[str, Any]:
+    """Settings that must match for a resume to continue the same run (output paths may move)."""
+    data = config_mod.config_to_dict(cfg)
+    data.pop("output")
+    data["model"].pop("base_model")
+    return data
+
+
+def build_artifact(setup: Setup) -> Artifact:
+    cfg, base = setup.cfg, setup.base
+    mask_encoder = {k: v.float().cpu() for k, v in setup.mask_encoder.state_dict().items()} \
+        if setup.mask_encoder is not None else {}
+    return Artifact(
+        handles=setup.handle_names, handle_vectors=setup.handles.vectors.detach().float().cpu(),
+        mask_encoder=mask_encoder, unet_lora=_adapter_state(setup, base.unet),
+        text_encoder_lora=_adapter_state(setup, base.text_encoder) if setup.te_lora_params else {},
+        meta={
+            "base_model": base.name, "base_model_hash": base.config_hash, "base_model_version": base.version_tag,
+            "text_width": base.text_width, "prediction_type": base.prediction_type,
+            "resolution": cfg.model.resolution or base.resolution, "mask_size": setup.mask_encoder.mask_size
+            if setup.mask_encoder is not None else 0,
+            "init_words": list(cfg.data.init_words),
+            "lora": {"mode": cfg.lora.phase2_mode, "rank": cfg.lora.rank, "alpha": cfg.lora.alpha,
+                     "unet_targets": list(cfg.lora.unet_targets),
+                     "text_encoder_targets": list(cfg.lora.text_encoder_targets) if setup.te_lora_params else []},
+            "training_config": config_mod.config_to_dict(cfg),
+        },
+    )
+
+
+def _tokenize(base: BaseModel, prompts: list[str]) -> torch.Tensor:
+    tok = base.tokenizer
+    return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+               return_tensors="pt").input_ids
+
+
+def _mixed_precision(cfg: Config, report: ProgressFn) -> str:
+    if cfg.model.mixed_precision != "no" and not torch.cuda.is_available():
+        report({"kind": "message", "level": "info",
+                "text": "No CUDA device: training in fp32 on the CPU (half precision is ~100x slower there)."})
+        return "no"
+    return cfg.model.mixed_precision
+
+
+def _enable_xformers(base: BaseModel, report: ProgressFn) -> None:
+    try:
+        base.unet.enable_xformers_memory_efficient_attention()
+    except Exception as exc:  # missing module, no CUDA, or a wheel built for another torch
+        report({"kind": "message", "level": "warning", "text": f"xformers unavailable ({exc}); using SDPA."})
+
+
+def _say_once(setup: Setup, text: str) -> None:
+    if text not in setup.said and setup.accelerator.is_main_process:
+        setup.said.add(text)
+        setup.report({"kind": "message", "level": "info", "text": text})
+
+
+def _average_gradients(acc: Accelerator, params: list[torch.nn.Parameter]) -> None:
+    # Several processes (accelerate launch): average gradients by hand, since the trainables span
+    # the UNet, the text encoder and the mask encoder and no single module could be DDP-wrapped.
+    if acc.num_processes == 1:
+        return
+    for param in params:
+        if param.grad is not None:
+            param.grad = acc.reduce(param.grad, reduction="mean")
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _nan_message(setup: Setup, state: TrainState) -> str:
+    return (f"The loss became NaN/inf at phase {state.phase}, step {state.step + 1} "
+            f"(mixed precision: {setup.accelerator.mixed_precision}). Likely fp16 overflow or too high a "
+            "learning rate: try --set model.mixed_precision=bf16, or lower train.lora_lr / train.handle_lr. "
+            f"The last good checkpoint is kept in {Path(setup.cfg.output.out) / CHECKPOINT_NAME}.")
