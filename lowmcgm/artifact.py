@@ -39,6 +39,9 @@ def atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # the writer creates 0600; a shared artifact should be readable
         os.replace(tmp, path)
     finally:
         if tmp.exists():

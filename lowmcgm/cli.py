@@ -133,8 +133,19 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 COMMANDS = {"train": _cmd_train, "presets": _cmd_presets, "config-keys": _cmd_config_keys, "inspect": _cmd_inspect}
 
 
+def _quiet_libraries() -> None:
+    # Library chatter (bitsandbytes' optional CPU kernels, diffusers' dtype notes) buries our own
+    # messages; --debug keeps it.
+    import logging
+
+    for name in ("bitsandbytes", "diffusers", "transformers", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not args.debug:
+        _quiet_libraries()
     try:
         return COMMANDS[args.command](args)
     except UserError as exc:

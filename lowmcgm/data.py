@@ -119,7 +119,7 @@ def check_masks(masks: list[np.ndarray], paths: list[str], image_size: tuple[int
     return warnings
 
 
-def _resize_crop(img: Image.Image, size_px: int, resample: int) -> Image.Image:
+def resize_crop(img: Image.Image, size_px: int, resample: int) -> Image.Image:
     w, h = img.size
     scale = size_px / min(w, h)
     nw, nh = max(size_px, round(w * scale)), max(size_px, round(h * scale))
@@ -139,11 +139,11 @@ def load_concept_image(image_path: str, mask_paths: list[str], size_px: int) -> 
     image = load_image(image_path)
     binary = [load_mask(p) > 0.5 for p in mask_paths]
     warnings = check_masks(binary, list(mask_paths), image.size)
-    image = _resize_crop(image, size_px, Image.Resampling.BICUBIC)
+    image = resize_crop(image, size_px, Image.Resampling.BICUBIC)
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
     resized = []
     for mask, path in zip(binary, mask_paths):
-        m = _resize_crop(Image.fromarray(mask.astype(np.uint8) * 255), size_px, Image.Resampling.NEAREST)
+        m = resize_crop(Image.fromarray(mask.astype(np.uint8) * 255), size_px, Image.Resampling.NEAREST)
         m = torch.from_numpy(np.asarray(m, dtype=np.float32) / 255.0 > 0.5).float()
         if m.sum() == 0:
             raise UserError(f"Mask {path} is empty after center-cropping to a square: its subject "

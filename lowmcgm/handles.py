@@ -112,7 +112,9 @@ def install_handles(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, handl
     base = text_encoder.get_input_embeddings()
     base.requires_grad_(False)
     with torch.no_grad():
-        vectors = _init_vectors(tokenizer, base.weight, init_words, len(handles), generator)
+        # Only the old rows: the new ones hold whatever resize_token_embeddings drew.
+        old_rows = base.weight[: len(tokenizer) - len(handles)]
+        vectors = _init_vectors(tokenizer, old_rows, init_words, len(handles), generator)
         base.weight[ids] = vectors.to(base.weight.dtype)
     wrapper = HandleEmbedding(base, ids, vectors)
     text_encoder.set_input_embeddings(wrapper)

@@ -440,10 +440,15 @@ def resume_state(setup: Setup, out: Path) -> TrainState:
 
 
 def _training_identity(cfg: Config) -> dict[str, Any]:
-    """Settings that must match for a resume to continue the same run (output paths may move)."""
+    """Settings that must match for a resume to continue the same run.
+
+    Output paths, step counts (to extend a run) and the checkpoint interval may change.
+    """
     data = config_mod.config_to_dict(cfg)
     data.pop("output")
     data["model"].pop("base_model")
+    for key in ("phase1_steps", "phase2_steps", "checkpoint_every"):
+        data["train"].pop(key)
     return data
 
 

@@ -1,0 +1,139 @@
+"""The training loop on the tiny model: what changes in each phase, resume, variants of the recipe."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lowmcgm.artifact import load_artifact
+from lowmcgm.config import Config, apply_overrides, resolve_config
+from lowmcgm.errors import UserError
+from lowmcgm.models import build_tiny_base
+from lowmcgm.trainer import CHECKPOINT_NAME, train
+
+
+def _cfg(photo, out, **overrides):
+    image, a, b = photo
+    base = {"data.image": image, "data.masks": [a, b], "output.out": str(out),
+            "train.phase1_steps": 6, "train.phase2_steps": 6, "train.checkpoint_every": 0}
+    return resolve_config("tiny-cpu", None, base | overrides)
+
+
+def test_phase1_changes_only_handle_rows_and_mask_encoder(photo, tmp_path):
+    reference = build_tiny_base("tiny")
+    base = build_tiny_base("tiny")
+    vocab = len(base.tokenizer)
+    cfg = _cfg(photo, tmp_path / "run", **{"train.phase2_steps": 0})
+    path = train(cfg, base=base)
+    art = load_artifact(path)
+    trained_te = dict(base.text_encoder.named_parameters())
+    for name, param in reference.text_encoder.named_parameters():
+        key = name.replace("token_embedding.weight", "token_embedding.base.weight")
+        got = trained_te[key]
+        if "token_embedding" in name:
+            got = got[:vocab]  # rows past the old vocabulary are the new handle rows
+        assert torch.equal(got, param), name
+    for module in ("unet", "vae"):
+        ref_params = dict(getattr(reference, module).named_parameters())
+        for name, param in getattr(base, module).named_parameters():
+            assert torch.equal(param, ref_params[name]), f"{module}.{name} changed in phase 1"
+    # The handles and the mask encoder did train.
+    init = base.text_encoder.get_input_embeddings().base.weight[vocab:]
+    assert not torch.allclose(art.handle_vectors, init.float())
+    assert art.mask_encoder and not art.unet_lora
+    torch.manual_seed(cfg.train.seed)
+    fresh = torch.nn.Linear(64 * 64, 32)
+    assert not torch.allclose(art.mask_encoder["proj.weight"], fresh.weight)
+
+
+def test_phase2_trains_lora_and_writes_artifact_and_config(photo, tmp_path):
+    out = tmp_path / "run"
+    path = train(_cfg(photo, out, **{"lora.use_text_encoder_lora": True}))
+    art = load_artifact(path)
+    ups = [v for k, v in art.unet_lora.items() if "lora_B" in k]
+    assert ups and any(v.abs().sum() > 0 for v in ups)  # zero-initialised, so non-zero means trained
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in art.text_encoder_lora.items())
+    assert art.meta["prediction_type"] == "epsilon" and art.meta["resolution"] == "64"
+    assert "phase1_steps = 6" in (out / "config.toml").read_text()
+    history = json.loads((out / "loss_history.json").read_text())
+    assert [h["phase"] for h in history] == [1] * 6 + [2] * 6
+
+
+def test_v_prediction_model_trains(photo, tmp_path):
+    path = train(_cfg(photo, tmp_path / "run", **{"model.base_model": "tiny-v"}))
+    art = load_artifact(path)
+    assert art.meta["prediction_type"] == "v_prediction"
+    assert art.text_width == 48
+
+
+@pytest.mark.parametrize("overrides", [
+    {"train.batch_size": 2},
+    {"data.background": "solid"},
+    {"loss.use_mask_tokens": False},
+    {"model.use_gradient_checkpointing": True},
+], ids=["batch2", "solid-background", "break-a-scene", "checkpointing"])
+def test_recipe_variants_run(photo, tmp_path, overrides):
+    path = train(_cfg(photo, tmp_path / "run", **{"train.phase1_steps": 3, "train.phase2_steps": 2} | overrides))
+    art = load_artifact(path)
+    assert art.uses_mask_tokens == overrides.get("loss.use_mask_tokens", True)
+
+
+def test_prior_preservation_uses_a_class_image_folder(photo, tmp_path):
+    from PIL import Image
+    folder = tmp_path / "class"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (80, 80), (i * 60, 100, 200)).save(folder / f"c{i}.png")
+    events = []
+    train(_cfg(photo, tmp_path / "run", **{"train.use_prior_preservation": True, "train.num_class_images": 3,
+                                           "train.class_images_dir": str(folder), "train.phase1_steps": 3,
+                                           "train.phase2_steps": 0}), on_progress=events.append)
+    priors = [e["losses"]["prior"] for e in events if e["kind"] == "step"]
+    assert priors and all(p > 0 for p in priors)
+
+
+def _stop_at(phase, step):
+    def hook(event):
+        if event["kind"] == "step" and event["phase"] == phase and event["step"] == step:
+            raise KeyboardInterrupt
+    return hook
+
+
+@pytest.mark.parametrize("phase,step", [(1, 4), (2, 3)])
+def test_interrupt_and_resume_gives_the_same_artifact(photo, tmp_path, phase, step):
+    straight = load_file(train(_cfg(photo, tmp_path / "a")))
+    cfg = _cfg(photo, tmp_path / "b")
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, on_progress=_stop_at(phase, step))
+    assert (tmp_path / "b" / CHECKPOINT_NAME).is_file()
+    assert not (tmp_path / "b" / "lowmcgm.safetensors").exists()
+    resumed = load_file(train(cfg, resume=True))
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+
+
+def test_resume_refuses_other_settings(photo, tmp_path):
+    cfg = _cfg(photo, tmp_path / "b")
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, on_progress=_stop_at(1, 2))
+    other = apply_overrides(cfg, {"train.handle_lr": 1.0}, "test")
+    with pytest.raises(UserError, match="other settings"):
+        train(other, resume=True)
+
+
+def test_resume_without_checkpoint_is_a_user_error(photo, tmp_path):
+    with pytest.raises(UserError, match="no checkpoint"):
+        train(_cfg(photo, tmp_path / "c"), resume=True)
+
+
+def test_too_many_masks_for_the_preset(photo, tmp_path):
+    with pytest.raises(UserError, match="at most 1"):
+        train(_cfg(photo, tmp_path / "d", **{"data.max_concepts": 1}))
+
+
+def test_default_config_is_valid():
+    assert Config().train.phase1_steps == 400
