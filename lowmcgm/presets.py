@@ -37,7 +37,8 @@ def preset_path(name: str) -> Path:
     path = presets_dir() / f"{name}.toml"
     if not path.is_file():
         names = list(list_presets())
-        close = difflib.get_close_matches(name, names, n=1)
+        lowered = {n.lower(): n for n in names}
+        close = [lowered[name.lower()]] if name.lower() in lowered else difflib.get_close_matches(name, names, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise UserError(f"Unknown preset '{name}'; valid presets: {', '.join(names)}.{hint}")
     return path
