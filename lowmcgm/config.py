@@ -27,6 +27,7 @@ def _f(default: Any, help: str) -> Any:
 @dataclass(frozen=True)
 class ModelConfig:
     base_model: str = _f("tiny", "diffusers folder, cached hub id, single .safetensors file, or 'tiny'")
+    single_file_config: str = _f("auto", "config for single-file checkpoints: auto, sd15, sd21-base or sd21-768")
     mixed_precision: str = _f("fp16", "dtype of frozen weights and autocast: 'no' (fp32), 'fp16' or 'bf16'")
     resolution: int = _f(0, "training resolution in pixels; 0 takes the model's own")
     use_xformers: bool = _f(False, "use xformers for self-attention when installed (else SDPA)")
@@ -223,6 +224,7 @@ def parse_set(items: list[str]) -> dict[str, str]:
 
 _CHOICES = {
     "model.mixed_precision": ("no", "fp16", "bf16"),
+    "model.single_file_config": ("auto", "sd15", "sd21-base", "sd21-768"),
     "data.background": ("keep", "solid"),
     "lora.phase2_mode": ("lora", "full"),
     "train.optimizer": ("adamw8bit", "adamw"),

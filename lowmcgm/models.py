@@ -140,12 +140,13 @@ def save_base_model(model: BaseModel, folder: Path) -> None:
     pipe.save_pretrained(folder)
 
 
-def load_base_model(spec: str) -> BaseModel:
+def load_base_model(spec: str, single_file_config: str = "auto") -> BaseModel:
     """Load the base model named by ``--base-model``; every failure is a UserError.
 
     Args:
         spec: ``tiny``/``tiny-v``, a diffusers folder, a ``.safetensors`` file, or a hub id that
             is already in the local Hugging Face cache (nothing is downloaded).
+        single_file_config: for single files, which shipped config to read them with.
     """
     if spec in TINY_NAMES:
         return build_tiny_base(spec)
@@ -158,7 +159,9 @@ def load_base_model(spec: str) -> BaseModel:
         if path.suffix != ".safetensors":
             raise UserError(f"Base model {path} is not a .safetensors file; lowmcgm never unpickles "
                             "checkpoints: convert it to .safetensors first.")
-        return _load_single_file(path)
+        from lowmcgm.single_file import load_single_file
+
+        return load_single_file(path, single_file_config)
     if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
         raise UserError(f"Base model '{spec}' is neither a diffusers folder, a .safetensors file, "
                         "a hub id in the local cache, nor 'tiny'.")
@@ -168,6 +171,9 @@ def load_base_model(spec: str) -> BaseModel:
 def _load_folder(folder: Path, name: str) -> BaseModel:
     missing = [p for p in ("unet/config.json", "vae/config.json", "text_encoder/config.json",
                            "scheduler/scheduler_config.json") if not (folder / p).is_file()]
+    # transformers 5 silently builds an empty tokenizer when its files are absent.
+    if not any((folder / "tokenizer" / f).is_file() for f in ("vocab.json", "tokenizer.json")):
+        missing.append("tokenizer/vocab.json")
     if missing:
         raise UserError(f"'{folder}' is not a Stable Diffusion model folder: {', '.join(missing)} "
                         "missing (expected the diffusers layout of model_index.json, unet/, vae/, "
@@ -193,9 +199,3 @@ def _load_cached_hub_id(repo_id: str) -> BaseModel:
                         "Hugging Face cache (lowmcgm never downloads): download it first or pass "
                         "a folder.") from exc
     return _load_folder(Path(folder), name=repo_id)
-
-
-def _load_single_file(path: Path) -> BaseModel:
-    from lowmcgm.single_file import load_single_file
-
-    return load_single_file(path)

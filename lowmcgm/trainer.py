@@ -108,7 +108,7 @@ def train(cfg: Config, on_progress: ProgressFn | None = None, resume: bool = Fal
         report({"kind": "message", "level": "warning", "text": warning})
     write_effective_config(cfg, out)
 
-    base = base or load_base_model(cfg.model.base_model)
+    base = base or load_base_model(cfg.model.base_model, cfg.model.single_file_config)
     setup = build_setup(cfg, base, handle_names, report)
     state = resume_state(setup, out) if resume else new_state(setup, phase=1)
     try:
