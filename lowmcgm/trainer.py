@@ -8,6 +8,7 @@ Reading order: ``train`` -> ``run_phase`` -> ``compute_step_loss``.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
@@ -54,6 +55,8 @@ class Setup:
     prior_latents: torch.Tensor | None  # (M, C, h, w) class images, or None
     report: ProgressFn
     said: set[str] = field(default_factory=set)
+    # Text-encoder outputs by token ids, when the text encoder has nothing left to train.
+    text_cache: dict[tuple[int, ...], torch.Tensor] | None = None
     lora_params: list[torch.nn.Parameter] = field(default_factory=list)
     te_lora_params: list[torch.nn.Parameter] = field(default_factory=list)
 
@@ -187,6 +190,8 @@ def new_state(setup: Setup, phase: int, generator: torch.Generator | None = None
     """A fresh optimizer for ``phase``; phase 2 first adds the adapters (they do not exist before)."""
     if phase == 2 and not setup.lora_params and setup.cfg.train.phase2_steps:
         add_phase2_adapters(setup)
+    if phase == 2:
+        maybe_offload_text_encoder(setup)
     if generator is None:
         generator = torch.Generator().manual_seed(setup.cfg.train.seed + setup.accelerator.process_index)
     optimizer = build_optimizer(setup, phase)
@@ -215,9 +220,46 @@ def add_phase2_adapters(setup: Setup) -> None:
         load_init_lora(setup, Path(cfg.lora.init_lora))
 
 
+def text_encoder_is_frozen(cfg: Config, phase: int) -> bool:
+    """Phase 2 with frozen handles and no text-encoder adapter: the text encoder only computes."""
+    return (phase == 2 and cfg.train.phase2_handle_lr == 0 and not cfg.lora.use_text_encoder_lora
+            and cfg.lora.phase2_mode == "lora")
+
+
+@torch.no_grad()
+def maybe_offload_text_encoder(setup: Setup) -> None:
+    """Encode every prompt training can draw once, then move the text encoder off the GPU.
+
+    Union sampling draws ordered subsets of the N handles: sum over k of N!/(N-k)! prompts (64 for
+    N = 4), a few MB of outputs against the text encoder's 0.25-0.7 GB.
+    """
+    if not text_encoder_is_frozen(setup.cfg, 2) or setup.text_cache is not None:
+        return
+    n = setup.concept.num_concepts
+    prompts = [build_prompt([setup.handle_names[i] for i in order])
+               for k in range(1, n + 1) for order in itertools.permutations(range(n), k)]
+    if setup.cfg.train.use_prior_preservation:
+        prompts.append(setup.cfg.train.class_prompt)
+    ids = _tokenize(setup.base, prompts)
+    states = setup.base.text_encoder(ids.to(setup.device))[0]
+    setup.text_cache = {tuple(row.tolist()): state for row, state in zip(ids, states)}
+    setup.base.text_encoder.to("cpu")
+    _say_once(setup, f"Phase 2 trains nothing in the text encoder: {len(prompts)} prompts encoded once, "
+                     "text encoder moved off the GPU.")
+
+
+def encode_text(setup: Setup, input_ids: torch.Tensor) -> torch.Tensor:
+    """(B, 77) token ids -> (B, 77, d) text-encoder states (from the cache when there is one)."""
+    if setup.text_cache is None:
+        return setup.base.text_encoder(input_ids.to(setup.device))[0]
+    return torch.stack([setup.text_cache[tuple(row.tolist())] for row in input_ids.cpu()])
+
+
 def build_optimizer(setup: Setup, phase: int) -> torch.optim.Optimizer:
     t = setup.cfg.train
-    groups = [{"params": [setup.handles.vectors], "lr": t.handle_lr if phase == 1 else t.phase2_handle_lr}]
+    groups = []
+    if not (phase == 2 and t.phase2_handle_lr == 0):
+        groups.append({"params": [setup.handles.vectors], "lr": t.handle_lr if phase == 1 else t.phase2_handle_lr})
     if setup.mask_encoder is not None:
         groups.append({"params": list(setup.mask_encoder.parameters()),
                        "lr": t.mask_encoder_lr if phase == 1 else t.phase2_mask_encoder_lr})
@@ -320,7 +362,7 @@ def compute_step_loss(setup: Setup, batch: Batch) -> tuple[torch.Tensor, LossPar
     size, k = batch.handle_ids.shape
     input_ids = batch.input_ids.to(device)
     masks = batch.masks.to(device)
-    text = base.text_encoder(input_ids)[0]  # (B, 77, d)
+    text = encode_text(setup, input_ids)  # (B, 77, d)
     mask_tokens = setup.mask_encoder(masks) if setup.mask_encoder is not None else None  # (B, k, d)
     context = append_mask_tokens(text, mask_tokens)
     # Keys the losses read: each handle's position, then each mask token's (77 + i).
@@ -329,9 +371,9 @@ def compute_step_loss(setup: Setup, batch: Batch) -> tuple[torch.Tensor, LossPar
         key_index = torch.cat([key_index, text.shape[1] + torch.arange(k, device=device).expand(size, k)], 1)
     latents, noise, timesteps = batch.latents.to(device), batch.noise.to(device), batch.timesteps.to(device)
     if batch.prior_latents is not None:
-        prior_ids = _tokenize(base, [cfg.train.class_prompt] * size).to(device)
+        prior_ids = _tokenize(base, [cfg.train.class_prompt] * size)
         prior_context = append_mask_tokens(
-            base.text_encoder(prior_ids)[0],
+            encode_text(setup, prior_ids),
             zero_mask_tokens(size, k, base.text_width, text) if mask_tokens is not None else None)
         context = torch.cat([context, prior_context])
         latents = torch.cat([latents, batch.prior_latents.to(device)])
@@ -420,6 +462,7 @@ def resume_state(setup: Setup, out: Path) -> TrainState:
         phase, step = 2, 0
     if phase == 2:
         add_phase2_adapters(setup)
+        maybe_offload_text_encoder(setup)
     with torch.no_grad():
         setup.handles.vectors.copy_(weights["handles.vectors"])
         if setup.mask_encoder is not None:

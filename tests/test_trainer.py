@@ -137,3 +137,20 @@ def test_too_many_masks_for_the_preset(photo, tmp_path):
 
 def test_default_config_is_valid():
     assert Config().train.phase1_steps == 400
+
+
+def test_text_encoder_leaves_when_phase2_trains_nothing_in_it(photo, tmp_path, monkeypatch):
+    import lowmcgm.trainer as trainer_mod
+
+    events = []
+    cfg = _cfg(photo, tmp_path / "cached", **{"train.phase2_handle_lr": 0.0})
+    cached = load_file(train(cfg, on_progress=events.append))
+    assert any("text encoder moved off the GPU" in e.get("text", "") for e in events)
+    monkeypatch.setattr(trainer_mod, "text_encoder_is_frozen", lambda cfg, phase: False)
+    plain = load_file(train(apply_overrides(cfg, {"output.out": str(tmp_path / "plain")}, "t")))
+    for key in plain:
+        torch.testing.assert_close(cached[key], plain[key], rtol=1e-4, atol=1e-6)
+    # Handles stop at their phase-1 values: compare with a phase-1-only run.
+    phase1 = load_file(train(apply_overrides(cfg, {"output.out": str(tmp_path / "p1"),
+                                                   "train.phase2_steps": 0}, "t")))
+    assert torch.equal(cached["handles.vectors"], phase1["handles.vectors"])
