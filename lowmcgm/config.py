@@ -101,6 +101,7 @@ class OutputConfig:
     out: str = _f("", "output folder")
     artifact_name: str = _f("lowmcgm.safetensors", "file name of the artifact inside the output folder")
     save_dtype: str = _f("fp16", "dtype of the weights in the artifact: 'fp16', 'bf16' or 'fp32'")
+    preview_every: int = _f(100, "lowmcgm run: sample previews every N steps of each phase (0: only before training)")
 
 
 @dataclass(frozen=True)
@@ -242,7 +243,7 @@ def validate(cfg: Config) -> Config:
             problems.append(f"{key} must be one of {', '.join(choices)} (got '{value}')")
     positive = ["lora.rank", "train.batch_size", "loss.attn_loss_downscale", "data.max_concepts"]
     non_negative = ["train.phase1_steps", "train.phase2_steps", "train.checkpoint_every", "model.resolution",
-                    "train.max_grad_norm", "train.num_class_images"]
+                    "train.max_grad_norm", "train.num_class_images", "output.preview_every"]
     for key in positive + non_negative:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)

@@ -34,6 +34,7 @@ from lowmcgm.models import BaseModel, load_base_model
 from lowmcgm.output import check_output_dir, write_effective_config
 
 ProgressFn = Callable[[dict[str, Any]], None]
+PreviewFn = Callable[["Setup", "TrainState"], None]
 CHECKPOINT_NAME = "checkpoints/last.safetensors"
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -55,6 +56,7 @@ class Setup:
     prior_latents: torch.Tensor | None  # (M, C, h, w) class images, or None
     report: ProgressFn
     said: set[str] = field(default_factory=set)
+    on_preview: PreviewFn | None = None
     # Text-encoder outputs by token ids, when the text encoder has nothing left to train.
     text_cache: dict[tuple[int, ...], torch.Tensor] | None = None
     lora_params: list[torch.nn.Parameter] = field(default_factory=list)
@@ -90,7 +92,7 @@ class Batch:
 
 
 def train(cfg: Config, on_progress: ProgressFn | None = None, resume: bool = False,
-          base: BaseModel | None = None) -> Path:
+          base: BaseModel | None = None, on_preview: PreviewFn | None = None) -> Path:
     """Run both phases and write the artifact; return its path.
 
     Args:
@@ -98,6 +100,9 @@ def train(cfg: Config, on_progress: ProgressFn | None = None, resume: bool = Fal
         on_progress: receives event dicts (``kind``: ``message``, ``step``, ``phase``, ``saved``).
         resume: continue from ``<out>/checkpoints/last.safetensors``.
         base: an already loaded base model (``lowmcgm run`` trains then samples with one load).
+        on_preview: called with the live setup and state before training and every
+            ``output.preview_every`` steps (``lowmcgm run`` samples previews with it). It must leave
+            the models as it found them (train mode, capture store cleared).
     """
     report = on_progress or (lambda event: None)
     out = check_output_dir(cfg.output.out, resume=resume)
@@ -114,6 +119,9 @@ def train(cfg: Config, on_progress: ProgressFn | None = None, resume: bool = Fal
     base = base or load_base_model(cfg.model.base_model, cfg.model.single_file_config)
     setup = build_setup(cfg, base, handle_names, report)
     state = resume_state(setup, out) if resume else new_state(setup, phase=1)
+    setup.on_preview = on_preview
+    if on_preview is not None and not resume:
+        on_preview(setup, state)
     try:
         if state.phase == 1:
             run_phase(setup, state, report, out)
@@ -316,6 +324,9 @@ def run_phase(setup: Setup, state: TrainState, report: ProgressFn, out: Path) ->
         every = cfg.train.checkpoint_every
         if every and state.step % every == 0 and state.step < total and acc.is_main_process:
             save_train_checkpoint(setup, state, out)
+        every = cfg.output.preview_every
+        if setup.on_preview is not None and every and state.step % every == 0 and acc.is_main_process:
+            setup.on_preview(setup, state)
 
 
 def build_batch(setup: Setup, generator: torch.Generator) -> Batch:

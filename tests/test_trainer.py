@@ -154,3 +154,11 @@ def test_text_encoder_leaves_when_phase2_trains_nothing_in_it(photo, tmp_path, m
     phase1 = load_file(train(apply_overrides(cfg, {"output.out": str(tmp_path / "p1"),
                                                    "train.phase2_steps": 0}, "t")))
     assert torch.equal(cached["handles.vectors"], phase1["handles.vectors"])
+
+
+def test_preview_hook_sees_live_state_before_and_during_training(photo, tmp_path):
+    seen = []
+    train(_cfg(photo, tmp_path / "run", **{"output.preview_every": 3}),
+          on_preview=lambda setup, state: seen.append((state.phase, state.step, setup.handles.vectors.sum().item())))
+    assert [(p, s) for p, s, _ in seen] == [(1, 0), (1, 3), (1, 6), (2, 3), (2, 6)]
+    assert seen[0][2] != seen[2][2]  # the handles moved between previews
