@@ -95,7 +95,10 @@ def add_handle_tokens(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, han
     for h, i in zip(handles, ids):
         if tokenizer(h, add_special_tokens=False).input_ids != [i]:
             raise UserError(f"Handle {h!r} does not tokenize to one token; pick a simpler name.")
-    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    # Grow only: a table larger than the tokenizer (a stand-in tokenizer for a real model's
+    # architecture, as the memory estimate uses) already has rows for the new ids.
+    if len(tokenizer) > text_encoder.get_input_embeddings().weight.shape[0]:
+        text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     return ids
 
 

@@ -296,25 +296,14 @@ def _adamw8bit(setup: Setup) -> type:
 
 
 def run_phase(setup: Setup, state: TrainState, report: ProgressFn, out: Path) -> None:
-    """The loop: draw concepts, forward with capture, loss, backward, clip, step, report, checkpoint."""
+    """The loop: one step, report, maybe checkpoint, maybe preview."""
     cfg, acc = setup.cfg, setup.accelerator
     total = cfg.train.phase1_steps if state.phase == 1 else cfg.train.phase2_steps
-    params = [p for group in state.optimizer.param_groups for p in group["params"]]
     report({"kind": "phase", "phase": state.phase, "total": total, "start": state.step})
     started, start_step = time.perf_counter(), state.step
     while state.step < total:
-        batch = build_batch(setup, state.generator)
-        with acc.autocast():
-            loss, parts = compute_step_loss(setup, batch)
-        if not torch.isfinite(loss):
-            raise UserError(_nan_message(setup, state))
-        acc.backward(loss)
-        _average_gradients(acc, params)
-        acc.clip_grad_norm_(params, cfg.train.max_grad_norm)
-        state.optimizer.step()
-        state.optimizer.zero_grad(set_to_none=True)
+        losses = train_step(setup, state)
         state.step += 1
-        losses = parts.as_floats() | {"total": float(loss.detach())}
         state.history.append({"phase": state.phase, "step": state.step, **losses})
         elapsed = time.perf_counter() - started
         rate = (state.step - start_step) / elapsed if elapsed > 0 else 0.0
@@ -327,6 +316,26 @@ def run_phase(setup: Setup, state: TrainState, report: ProgressFn, out: Path) ->
         every = cfg.output.preview_every
         if setup.on_preview is not None and every and state.step % every == 0 and acc.is_main_process:
             setup.on_preview(setup, state)
+
+
+def train_step(setup: Setup, state: TrainState) -> dict[str, float]:
+    """Draw a batch, forward with capture, backward, clip, step, free gradients; return the losses.
+
+    ``lowmcgm estimate`` traces this same function on fake CUDA tensors.
+    """
+    acc = setup.accelerator
+    params = [p for group in state.optimizer.param_groups for p in group["params"]]
+    batch = build_batch(setup, state.generator)
+    with acc.autocast():
+        loss, parts = compute_step_loss(setup, batch)
+    if not torch.isfinite(loss):
+        raise UserError(_nan_message(setup, state))
+    acc.backward(loss)
+    _average_gradients(acc, params)
+    acc.clip_grad_norm_(params, setup.cfg.train.max_grad_norm)
+    state.optimizer.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    return parts.as_floats() | {"total": float(loss.detach())}
 
 
 def build_batch(setup: Setup, generator: torch.Generator) -> Batch:
