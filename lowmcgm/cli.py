@@ -34,6 +34,33 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/last.safetensors")
 
 
+def _add_sample_args(p: argparse.ArgumentParser) -> None:
+    # Defaults are None here and live in sampler.SampleSettings (importing it here would load
+    # diffusers for every command); the "(default ...)" texts are checked against it by a test.
+    p.add_argument("--prompt", action="append", default=[], help="a prompt naming handles, e.g. "
+                   "'a photo of <asset0> on the beach' (repeat for several)")
+    p.add_argument("--prompts", metavar="FILE", help="one prompt a line, optionally with its own poses: "
+                   "'a photo of <asset0> | asset0=run.png' (pose files relative to FILE)")
+    p.add_argument("--pose", action="append", default=[], metavar="HANDLE=FILE",
+                   help="pose mask for a handle (asset0=run.png; all=FILE for every handle of a prompt); "
+                        "a handle without a pose gets the blank mask (repeat)")
+    p.add_argument("--no-mask", action="store_true", help="append no mask tokens (plain Break-a-scene sampling)")
+    p.add_argument("--num-images", type=int, help="images per prompt (default 4)")
+    p.add_argument("--seed", type=int, help="image i of each prompt uses seed + i (default 0)")
+    p.add_argument("--steps", type=int, help="denoising steps (default 30)")
+    p.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--scheduler", choices=("ddim", "euler_a", "dpmpp_2m"), help="(default dpmpp_2m)")
+    p.add_argument("--negative-prompt", help="what to steer away from (default none)")
+    p.add_argument("--height", type=int, help="pixels (default: the artifact's training resolution)")
+    p.add_argument("--width", type=int, help="pixels (default: the artifact's training resolution)")
+    p.add_argument("--batch-size", type=int, help="images per denoising batch (default 1)")
+    p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), help="(default fp16 on a GPU, fp32 on the CPU)")
+    p.add_argument("--vae-slicing", action="store_true", help="decode a batch one image at a time (less memory)")
+    p.add_argument("--vae-tiling", action="store_true", help="decode in tiles (large images, less memory)")
+    p.add_argument("--cpu-offload", action="store_true",
+                   help="keep models on the CPU and move each to the GPU while it runs (4-6 GB cards)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lowmcgm", description=(
         "Teach Stable Diffusion several subjects from one photo and their masks (MCGM), "
@@ -48,6 +75,32 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config-keys", help="list every config key with its default and help")
     p = sub.add_parser("inspect", help="print an artifact's contents and metadata")
     p.add_argument("artifact")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p = sub.add_parser("sample", help="generate the learned subjects in new scenes, posed by masks")
+    p.add_argument("--artifact", required=True, help="the .safetensors file 'train' wrote")
+    p.add_argument("--base-model", help="default: the base model recorded in the artifact")
+    p.add_argument("--out", required=True, help="output folder for the PNGs, grid.png and samples.json")
+    _add_sample_args(p)
+    p = sub.add_parser("run", help="train, then sample, in one process (previews during training)")
+    _add_train_args(p)
+    _add_sample_args(p)
+    p.add_argument("--preview-every", type=int, metavar="N",
+                   help="a preview sample and attention picture before training and every N steps of each "
+                        "phase (sets output.preview_every; 0: only before training)")
+    p = sub.add_parser("export", help="write the LoRA and handles for A1111, ComfyUI, kohya or diffusers")
+    p.add_argument("artifact", help="the .safetensors file 'train' wrote")
+    p.add_argument("--format", required=True, metavar="kohya|embeddings|diffusers",
+                   help="kohya: one LoRA file for A1111/ComfyUI/kohya; embeddings: one textual-inversion "
+                        "file per handle; diffusers: a folder for load_lora_weights/load_textual_inversion")
+    p.add_argument("--out", required=True, help="kohya: a .safetensors file; embeddings, diffusers: a folder")
+    p.add_argument("--no-bundle-embeddings", action="store_true",
+                   help="kohya: leave the handles out of the LoRA file (diffusers' load_lora_weights "
+                        "refuses files that bundle them)")
+    p.add_argument("--dtype", default="fp16", metavar="fp16|bf16|fp32", help="precision of the LoRA weights")
+    p = sub.add_parser("import-lora", help="check a kohya or diffusers LoRA and print the settings that "
+                                           "start phase 2 from it")
+    p.add_argument("file", help="a kohya or diffusers LoRA .safetensors file, a diffusers LoRA folder, or a "
+                                "lowmcgm artifact")
     p.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
@@ -130,7 +183,135 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": _cmd_train, "presets": _cmd_presets, "config-keys": _cmd_config_keys, "inspect": _cmd_inspect}
+def _sample_inputs(args: argparse.Namespace) -> tuple[list[Any], dict[str, str], Any]:
+    """Prompts, --pose items and sampling settings from the flags (nothing heavy is loaded)."""
+    from lowmcgm.sampler import PromptSpec, SampleSettings, load_prompts_file, parse_poses
+
+    specs = [PromptSpec(text, where=f"--prompt {i}") for i, text in enumerate(args.prompt, 1)]
+    if args.prompts:
+        specs += load_prompts_file(args.prompts)
+    flags = {"num_images": args.num_images, "seed": args.seed, "steps": args.steps,
+             "guidance_scale": args.guidance_scale, "scheduler": args.scheduler,
+             "negative_prompt": args.negative_prompt, "height": args.height, "width": args.width,
+             "batch_size": args.batch_size, "dtype": args.dtype}
+    settings = SampleSettings(**{k: v for k, v in flags.items() if v is not None},
+                              use_mask_tokens=not args.no_mask, use_vae_slicing=args.vae_slicing,
+                              use_vae_tiling=args.vae_tiling, use_cpu_offload=args.cpu_offload)
+    return specs, parse_poses(args.pose), settings
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from lowmcgm.progress import ProgressPrinter
+    from lowmcgm.sampler import sample_artifact
+
+    specs, poses, settings = _sample_inputs(args)
+    with ProgressPrinter() as printer:
+        grid = sample_artifact(args.artifact, specs, poses, settings, args.out, base_model=args.base_model or "",
+                               report=printer)
+    print(f"Samples written to {grid.parent} (contact sheet: {grid.name}, index: samples.json)")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from lowmcgm.config import resolve_config
+    from lowmcgm.handles import check_handle_names
+    from lowmcgm.models import load_base_model
+    from lowmcgm.previews import save_loss_curve
+    from lowmcgm.progress import ProgressPrinter
+    from lowmcgm.sampler import (TrainingPreviews, check_settings, no_mask_reason, plan_prompts, sample_artifact,
+                                 training_prompt_spec)
+    from lowmcgm.trainer import train
+
+    overrides = _train_overrides(args)
+    if args.preview_every is not None:
+        overrides["output.preview_every"] = args.preview_every
+    cfg = resolve_config(args.preset, args.config, overrides)
+    if not cfg.data.image:
+        raise UserError("No photo: pass --image PHOTO.")
+    if not cfg.data.masks:
+        raise UserError("No masks: pass one --mask per subject.")
+    if not cfg.output.out:
+        raise UserError("No output folder: pass --out DIR.")
+    specs, poses, settings = _sample_inputs(args)
+    check_settings(settings)
+    handles = check_handle_names(list(cfg.data.handles), len(cfg.data.masks))
+    reason = no_mask_reason(settings, trained_with_mask_tokens=cfg.loss.use_mask_tokens)
+    if not specs:  # the training prompt, each handle posed by its own training mask
+        specs = [training_prompt_spec(handles, [] if reason else list(cfg.data.masks))]
+    # Prompts and poses are checked against the handles to be trained before any weights load.
+    plans = plan_prompts(specs, poses, handles, reason)
+    out = Path(cfg.output.out).expanduser()
+    previews = TrainingPreviews(out / "previews", plans[0], settings, cfg.train.phase1_steps)
+    base = load_base_model(cfg.model.base_model, cfg.model.single_file_config)
+    with ProgressPrinter() as printer:
+        artifact = train(cfg, on_progress=printer, resume=args.resume, base=base, on_preview=previews)
+        save_loss_curve(out / "loss_history.json", out / "loss_curve.png")
+        # train() leaves its handles, adapters and capture processors in `base`; sampling writes the
+        # artifact's values over them (sampler.apply_artifact), so the base model is loaded once.
+        grid = sample_artifact(artifact, specs, poses, settings, out / "samples", base=base, report=printer)
+    print(f"Artifact: {artifact}\nPreviews: {out / 'previews'}\nLoss curve: {out / 'loss_curve.png'}\n"
+          f"Samples: {grid.parent} (contact sheet: {grid})")
+    return 0
+
+
+def _export_hint(fmt: str, handles: list[str], bundled: bool) -> str:
+    words = ", ".join(handles)
+    if fmt == "kohya":
+        where = ("A1111 loads the bundled handles with it; ComfyUI also needs --format embeddings"
+                 if bundled else "add the handles with --format embeddings")
+        return f"Put the file in models/Lora (A1111) or models/loras (ComfyUI) and prompt with {words} ({where})."
+    if fmt == "embeddings":
+        from lowmcgm.export import embedding_file_stem
+
+        stems = [embedding_file_stem(h) for h in handles]
+        return (f"A1111: put the files in embeddings/ and prompt with {', '.join(stems)}; ComfyUI (models/embeddings): "
+                f"embedding:{stems[0]}; diffusers: load_textual_inversion(file, token=\"{handles[0]}\").")
+    return (f"diffusers: pipe.load_lora_weights(folder), then load_textual_inversion with the vectors of "
+            f"learned_embeds.safetensors; prompt with {words}.")
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from lowmcgm.export import MASK_ENCODER_NOTE, export_artifact
+
+    result = export_artifact(Path(args.artifact), args.format, Path(args.out),
+                             bundle_embeddings=not args.no_bundle_embeddings, dtype=args.dtype)
+    for path in result.files:
+        print(f"Wrote {path}")
+    print(_export_hint(args.format, result.handles, not args.no_bundle_embeddings))
+    print(MASK_ENCODER_NOTE)
+    return 0
+
+
+def _cmd_import_lora(args: argparse.Namespace) -> int:
+    import shlex
+
+    from lowmcgm.export import summarize_lora
+
+    summary = summarize_lora(Path(args.file))
+    if args.json:
+        print(json.dumps(summary.to_dict(), indent=2))
+    else:
+        alpha = ", ".join(f"{a:g}" for a in summary.alphas)
+        print(f"{summary.path}: {summary.format} LoRA\n"
+              f"  rank {', '.join(map(str, summary.ranks))}, alpha {alpha}"
+              f"{'' if summary.alpha_stored else ' (not stored in the file: alpha = rank by convention)'}\n"
+              f"  modules: {summary.unet_modules} UNet ({', '.join(summary.unet_targets)}), "
+              f"{summary.text_encoder_modules} text encoder"
+              f"{' (' + ', '.join(summary.text_encoder_targets) + ')' if summary.text_encoder_targets else ''}\n"
+              f"  base model: {summary.base}")
+        if summary.embeddings:
+            print(f"  bundled embeddings: {', '.join(summary.embeddings)} (not used for training)")
+    if not summary.settings:
+        raise UserError(f"{summary.path} mixes ranks or alphas; lowmcgm trains one rank and one alpha, so it "
+                        "cannot start from this file.")
+    if not args.json:
+        sets = " ".join(f"--set {shlex.quote(item)}" for item in summary.settings)
+        print(f"Start phase 2 from it (with the same base model): lowmcgm train ... {sets}")
+    return 0
+
+
+COMMANDS = {"train": _cmd_train, "presets": _cmd_presets, "config-keys": _cmd_config_keys, "inspect": _cmd_inspect,
+            "sample": _cmd_sample, "run": _cmd_run, "export": _cmd_export, "import-lora": _cmd_import_lora}
 
 
 def _quiet_libraries() -> None:

@@ -253,6 +253,8 @@ def validate(cfg: Config) -> Config:
         problems.append(f"data.flip_p must be between 0 and 1 (got {cfg.data.flip_p})")
     if cfg.model.resolution % 8:
         problems.append(f"model.resolution must be a multiple of 8 (got {cfg.model.resolution})")
+    if cfg.lora.init_lora and cfg.lora.phase2_mode == "full":
+        problems.append("lora.init_lora needs lora.phase2_mode = 'lora' (a full fine-tune has no adapter to start)")
     if cfg.train.phase1_steps + cfg.train.phase2_steps == 0:
         problems.append("train.phase1_steps and train.phase2_steps are both 0: nothing to train")
     if problems:

@@ -130,7 +130,7 @@ def load_handles(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, handles:
     ids = add_handle_tokens(tokenizer, text_encoder, handles)
     table = text_encoder.get_input_embeddings().weight
     with torch.no_grad():
-        table[ids] = vectors.to(table.dtype, table.device)
+        table[ids] = vectors.to(device=table.device, dtype=table.dtype)
     return ids
 
 

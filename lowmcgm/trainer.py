@@ -112,6 +112,10 @@ def train(cfg: Config, on_progress: ProgressFn | None = None, resume: bool = Fal
     if len(cfg.data.masks) > cfg.data.max_concepts:
         raise UserError(f"{len(cfg.data.masks)} masks given, but this preset allows at most "
                         f"{cfg.data.max_concepts} (data.max_concepts).")
+    if cfg.lora.init_lora:
+        from lowmcgm.export import check_init_lora
+
+        check_init_lora(Path(cfg.lora.init_lora), cfg.lora)
     for warning in warnings:
         report({"kind": "message", "level": "warning", "text": warning})
     write_effective_config(cfg, out)

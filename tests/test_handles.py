@@ -59,3 +59,10 @@ def test_name_clash_with_an_existing_token():
 def test_positions_follow_prompt_order():
     ids = torch.tensor([[1, 5, 9, 7, 2], [1, 7, 3, 5, 2]])
     assert handle_positions(ids, torch.tensor([[5, 7], [5, 7]])).tolist() == [[1, 3], [3, 1]]
+
+
+def test_load_handles_writes_the_rows():
+    base = build_tiny_base()
+    vectors = torch.randn(2, 32)
+    ids = load_handles(base.tokenizer, base.text_encoder, ["<a0>", "<a1>"], vectors)
+    torch.testing.assert_close(base.text_encoder.get_input_embeddings().weight[ids], vectors)
