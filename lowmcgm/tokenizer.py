@@ -27,6 +27,17 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(visible, (chr(c) for c in chars)))
 
 
+def _apply_merges(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair encoding as the tokenizers library runs it: merge the best-ranked pair first."""
+    symbols = list(symbols)
+    while len(symbols) > 1:
+        rank, i = min((ranks.get(pair, len(ranks) + 1), i) for i, pair in enumerate(zip(symbols, symbols[1:])))
+        if rank > len(ranks):
+            break
+        symbols[i:i + 2] = [symbols[i] + symbols[i + 1]]
+    return symbols
+
+
 def build_clip_tokenizer(words: list[str], model_max_length: int = 77) -> CLIPTokenizer:
     """Build a CLIP tokenizer in which every word of ``words`` is one token.
 
@@ -38,25 +49,26 @@ def build_clip_tokenizer(words: list[str], model_max_length: int = 77) -> CLIPTo
     Returns:
         A ``CLIPTokenizer`` with ``256 * 2 + merges + 2`` entries.
     """
-    symbols = list(_bytes_to_unicode().values())
+    byte_map = _bytes_to_unicode()
+    symbols = list(byte_map.values())
     vocab: dict[str, int] = {}
     for s in symbols + [s + "</w>" for s in symbols]:
         vocab.setdefault(s, len(vocab))
     merges: list[tuple[str, str]] = []
-    byte_map = _bytes_to_unicode()
+    ranks: dict[tuple[str, str], int] = {}
     for word in sorted(set(w.lower() for w in words)):
         chars = [byte_map[b] for b in word.encode("utf-8")]
-        if len(chars) < 2:
-            continue
         chars[-1] += "</w>"
-        # Merge left to right: each prefix becomes one symbol, so the word ends as one token.
-        prefix = chars[0]
-        for nxt in chars[1:]:
-            merged = prefix + nxt
-            if merged not in vocab:
-                merges.append((prefix, nxt))
-                vocab[merged] = len(vocab)
-            prefix = merged
+        # Earlier words' merges apply first (a merge for "on" splits "person" into "pers" +
+        # "on</w>"), so run them, then join what is left left to right. New merges rank last and
+        # so never change how an earlier word splits.
+        pieces = _apply_merges(chars, ranks)
+        while len(pieces) > 1:
+            pair = (pieces[0], pieces[1])
+            ranks[pair] = len(merges)
+            merges.append(pair)
+            vocab.setdefault(pair[0] + pair[1], len(vocab))
+            pieces = [pair[0] + pair[1]] + pieces[2:]
     vocab[BOS_TOKEN] = len(vocab)
     vocab[EOS_TOKEN] = len(vocab)
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)

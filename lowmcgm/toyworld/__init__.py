@@ -16,10 +16,14 @@ from lowmcgm.toyworld.scenes import (
     caption,
     render_pose_mask,
     render_scene,
+    sample_offsets,
     sample_scene,
+    scene_combos,
+    subject_bbox,
 )
 
 __all__ = [
     "BACKGROUNDS", "HELDOUT_COMBOS", "KINDS", "POSES", "VOCABULARY", "Scene", "Subject", "caption",
-    "render_pose_mask", "render_scene", "sample_scene",
+    "render_pose_mask", "render_scene", "sample_offsets", "sample_scene", "scene_combos",
+    "subject_bbox",
 ]

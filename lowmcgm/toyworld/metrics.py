@@ -18,10 +18,10 @@ import numpy as np
 from scipy import ndimage
 
 from lowmcgm.toyworld.scenes import (
-    FAR_SHADE,
     BACKDROPS,
     BACKGROUNDS,
     DISTINCTIVE_ROLES,
+    FAR_SHADE,
     KINDS,
     PALETTES,
 )

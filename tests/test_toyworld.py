@@ -1,0 +1,244 @@
+"""The toy world: scene generation, captions, segmentation metrics, and the toy base trainer."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from lowmcgm.tokenizer import build_clip_tokenizer
+from lowmcgm.toyworld import metrics
+from lowmcgm.toyworld.scenes import (
+    BACKDROPS,
+    BACKGROUNDS,
+    FAR_SHADE,
+    HELDOUT_COMBOS,
+    KINDS,
+    PALETTES,
+    POSES,
+    VOCABULARY,
+    Scene,
+    Subject,
+    caption,
+    render_pose_mask,
+    render_scene,
+    sample_offsets,
+    sample_scene,
+    scene_combos,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _scenes(seed: int, n: int, **kwargs) -> list[Scene]:
+    rng = np.random.default_rng(seed)
+    return [sample_scene(rng, **kwargs) for _ in range(n)]
+
+
+def test_same_seed_gives_same_scene_and_pixels():
+    a, b = _scenes(3, 5), _scenes(3, 5)
+    assert a == b
+    for sa, sb in zip(a, b):
+        ia, ma = render_scene(sa)
+        ib, mb = render_scene(sb)
+        assert np.array_equal(ia, ib)
+        assert all(np.array_equal(x, y) for x, y in zip(ma, mb))
+    assert _scenes(4, 5) != a
+
+
+def test_masks_are_the_subjects_pixels():
+    for scene in _scenes(0, 40):
+        image, masks = render_scene(scene)
+        assert len(masks) == len(scene.subjects)
+        union = np.zeros(image.shape[:2], bool)
+        for subject, mask in zip(scene.subjects, masks):
+            assert mask.dtype == bool and mask.shape == image.shape[:2]
+            assert mask.sum() > 20, caption(scene)
+            assert not (union & mask).any(), "visible masks must not overlap"
+            union |= mask
+            # Most of a subject's pixels carry its own kind's colours.
+            labels = metrics.kind_labels(image, mask)
+            assert np.mean(labels[mask] == KINDS.index(subject.kind)) > 0.8
+        assert union.mean() < 0.6
+        fg = metrics.foreground_mask(image, scene.background)
+        assert metrics.iou(fg, union) > 0.95
+
+
+def test_captions_use_vocabulary_words():
+    for scene in _scenes(1, 50):
+        text = caption(scene)
+        assert text.startswith("a photo of a ")
+        assert set(text.split()) <= set(VOCABULARY), text
+    two = Scene("beach", [Subject("dog", "running"), Subject("cat", "sitting")])
+    assert caption(two) == "a photo of a dog running on the beach and a cat sitting"
+
+
+def test_vocabulary_words_are_single_tokens():
+    tokenizer = build_clip_tokenizer(VOCABULARY)
+    for word in VOCABULARY:
+        ids = tokenizer(word).input_ids
+        assert len(ids) == 3, (word, tokenizer.tokenize(word))  # BOS, the word, EOS
+    text = caption(Scene("street", [Subject("person", "standing"), Subject("cat", "lying")]))
+    assert len(tokenizer(text).input_ids) == len(text.split()) + 2
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_lying_is_wider_than_sitting(kind):
+    rng = np.random.default_rng(7)
+
+    def ratios(pose):
+        return [metrics.pose_ratio(render_pose_mask(kind, pose, 64,
+                                                    offsets=sample_offsets(rng, kind, pose)))
+                for _ in range(15)]
+
+    lying, sitting = np.mean(ratios("lying")), np.mean(ratios("sitting"))
+    assert lying < 0.75 * sitting, (lying, sitting)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_limbs_survive_a_3px_opening(kind):
+    # Features thinner than 3 px vanish under a 3x3 opening; the silhouettes should barely change.
+    for pose in POSES:
+        mask = render_pose_mask(kind, pose, 64, scale=0.3)
+        opened = ndimage.binary_opening(mask, structure=np.ones((3, 3)))
+        assert opened.sum() >= 0.85 * mask.sum(), (kind, pose, opened.sum() / mask.sum())
+
+
+def test_metrics_read_rendered_scenes():
+    scenes = _scenes(11, 60, n_subjects=1)
+    bg_ok = kind_ok = 0
+    for scene in scenes:
+        image, masks = render_scene(scene)
+        background = metrics.classify_background(image)
+        fg = metrics.foreground_mask(image, background)
+        bg_ok += background == scene.background
+        kind_ok += metrics.classify_kind(image, fg) == scene.subjects[0].kind
+        assert metrics.iou(fg, masks[0]) > 0.9
+        assert metrics.pose_ratio(fg) == pytest.approx(metrics.pose_ratio(masks[0]), rel=0.05)
+    assert bg_ok / len(scenes) >= 0.95 and kind_ok / len(scenes) >= 0.95
+    empty = render_scene(Scene("snow", []))[0]
+    empty_fg = metrics.foreground_mask(empty, "snow")
+    assert metrics.classify_kind(empty, empty_fg) == metrics.NO_SUBJECT
+
+
+def test_every_background_is_recognised():
+    for background in BACKGROUNDS:
+        for scene in _scenes(5, 4, backgrounds=[background]):
+            assert metrics.classify_background(render_scene(scene)[0]) == background
+
+
+def test_palettes_are_far_apart():
+    # Segmentation rests on this: subject colours (shaded too) are far from background colours.
+    for kind, palette in PALETTES.items():
+        for colour in palette:
+            for shade in (1.0, FAR_SHADE):
+                c = np.asarray(colour) * shade
+                for name, drop in BACKDROPS.items():
+                    d = min(np.linalg.norm(c - np.asarray(b)) for b in drop.colours)
+                    assert d >= 55, (kind, colour, name, d)
+
+
+def test_iou_hand_case():
+    a = np.array([[1, 1], [0, 0]], bool)
+    b = np.array([[1, 0], [1, 0]], bool)
+    assert metrics.iou(a, b) == pytest.approx(1 / 3)
+    assert metrics.iou(a, a) == 1.0
+    assert metrics.iou(np.zeros((2, 2), bool), np.zeros((2, 2), bool)) == 1.0
+
+
+@pytest.mark.parametrize("size_px", [64, 256])
+def test_renders_at_any_size(size_px):
+    scene = _scenes(2, 1, n_subjects=2)[0]
+    image, masks = render_scene(scene, size_px)
+    assert image.shape == (size_px, size_px, 3) and image.dtype == np.uint8
+    assert all(m.shape == (size_px, size_px) for m in masks)
+    # The large render is a sharper copy of the small one, not another drawing.
+    small = render_scene(scene, 64)[1]
+    for big, little in zip(masks, small):
+        pooled = big.reshape(64, size_px // 64, 64, size_px // 64).mean(axis=(1, 3)) > 0.5
+        assert metrics.iou(pooled, little) > 0.85
+
+
+def test_sample_scene_honours_restrictions_and_exclusions():
+    for scene in _scenes(9, 150, exclude=HELDOUT_COMBOS):
+        assert not scene_combos(scene) & set(HELDOUT_COMBOS)
+    for scene in _scenes(9, 20, n_subjects=3, kinds=["cat"], poses=["jumping"],
+                         backgrounds=["room"]):
+        assert len(scene.subjects) == 3 and scene.background == "room"
+        assert {(s.kind, s.pose) for s in scene.subjects} == {("cat", "jumping")}
+    with pytest.raises(ValueError):
+        sample_scene(np.random.default_rng(0), kinds=["dog"], poses=["standing"],
+                     backgrounds=["grass"], exclude=HELDOUT_COMBOS)
+
+
+def _load_tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_trainer_stages_resume_and_export(tmp_path):
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    train = _load_tool("train_toy_base")
+    def opts(out: Path) -> list[str]:
+        return ["--preset", "tiny", "--out", str(out), "--device", "cpu", "--log-every", "1"]
+
+    common = opts(tmp_path)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        first = train.main(["--stage", "vae", "--steps", "2", *common])
+        at_two, _ = train.load_checkpoint(tmp_path / "checkpoints" / "vae.safetensors")
+        train.main(["--stage", "vae", "--steps", "2", *opts(tmp_path / "again")])
+        twin, _ = train.load_checkpoint(tmp_path / "again" / "checkpoints" / "vae.safetensors")
+        assert all(torch.equal(at_two[k], twin[k]) for k in at_two), "same seed, same weights"
+        second = train.main(["--stage", "vae", "--steps", "3", *common])
+        assert (first["start_step"], first["end_step"]) == (0, 2)
+        assert (second["start_step"], second["end_step"]) == (2, 3)
+        _, meta = train.load_checkpoint(tmp_path / "checkpoints" / "vae.safetensors")
+        assert meta["step"] == 3 and meta["scaling_factor"] > 0
+        assert (tmp_path / "model" / "vae" / "config.json").exists()
+        assert not (tmp_path / "model" / "model_index.json").exists()
+
+        train.main(["--stage", "unet", "--steps", "2", *common])
+        resumed = train.main(["--stage", "unet", "--steps", "3", *common])
+    finally:
+        torch.set_num_threads(threads)
+    assert (resumed["start_step"], resumed["end_step"]) == (2, 3)
+    log = (tmp_path / "log_unet.jsonl").read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in log]
+    assert steps == [1, 2, 3]
+    tensors, meta = train.load_checkpoint(tmp_path / "checkpoints" / "unet.safetensors")
+    assert meta["step"] == 3 and any(k.startswith("ema.") for k in tensors)
+
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "model", safety_checker=None,
+                                                   requires_safety_checker=False)
+    assert pipe.unet.config.sample_size * pipe.vae_scale_factor == 64
+    assert pipe.scheduler.config.steps_offset == 1
+    assert not (tmp_path / "model" / "safety_checker").exists()
+    info = json.loads((tmp_path / "model" / "toyworld.json").read_text())
+    assert info["unet_step"] == 3 and info["attn_map_px"] == 16
+    # Weights are stored in half precision.
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "model" / "unet" / "diffusion_pytorch_model.safetensors"),
+                   "pt") as f:
+        assert all(f.get_tensor(k).dtype == torch.float16 for k in f.keys())
+
+
+def test_trainer_batches_depend_only_on_seed_and_step():
+    train = _load_tool("train_toy_base")
+    cfg = train.ToyConfig(**train.PRESETS["tiny"])
+    x1, t1 = train.render_batch(train.step_rng(cfg, "unet", 5), 2, 64, True)
+    x2, t2 = train.render_batch(train.step_rng(cfg, "unet", 5), 2, 64, True)
+    x3, _ = train.render_batch(train.step_rng(cfg, "unet", 6), 2, 64, True)
+    assert t1 == t2 and bool((x1 == x2).all()) and not bool((x1 == x3).all())
