@@ -121,16 +121,25 @@ def _train_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
+def _train_config(args: argparse.Namespace, extra: dict[str, Any] | None = None):
+    """The run's Config from preset, --config, flags and --set; refuses a run with nothing to train on."""
     from lowmcgm.config import resolve_config
-    from lowmcgm.progress import ProgressPrinter
-    from lowmcgm.trainer import train
 
-    cfg = resolve_config(args.preset, args.config, _train_overrides(args))
+    cfg = resolve_config(args.preset, args.config, _train_overrides(args) | (extra or {}))
     if not cfg.data.image:
         raise UserError("No photo: pass --image PHOTO.")
     if not cfg.data.masks:
         raise UserError("No masks: pass one --mask per subject.")
+    if not cfg.output.out:
+        raise UserError("No output folder: pass --out DIR.")
+    return cfg
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from lowmcgm.progress import ProgressPrinter
+    from lowmcgm.trainer import train
+
+    cfg = _train_config(args)
     with ProgressPrinter() as printer:
         path = train(cfg, on_progress=printer, resume=args.resume)
     print(f"Artifact written: {path}")
@@ -213,7 +222,6 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from lowmcgm.config import resolve_config
     from lowmcgm.handles import check_handle_names
     from lowmcgm.models import load_base_model
     from lowmcgm.previews import save_loss_curve
@@ -222,16 +230,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
                                  training_prompt_spec)
     from lowmcgm.trainer import train
 
-    overrides = _train_overrides(args)
-    if args.preview_every is not None:
-        overrides["output.preview_every"] = args.preview_every
-    cfg = resolve_config(args.preset, args.config, overrides)
-    if not cfg.data.image:
-        raise UserError("No photo: pass --image PHOTO.")
-    if not cfg.data.masks:
-        raise UserError("No masks: pass one --mask per subject.")
-    if not cfg.output.out:
-        raise UserError("No output folder: pass --out DIR.")
+    extra = {} if args.preview_every is None else {"output.preview_every": args.preview_every}
+    cfg = _train_config(args, extra)
     specs, poses, settings = _sample_inputs(args)
     check_settings(settings)
     handles = check_handle_names(list(cfg.data.handles), len(cfg.data.masks))
@@ -315,12 +315,19 @@ COMMANDS = {"train": _cmd_train, "presets": _cmd_presets, "config-keys": _cmd_co
 
 
 def _quiet_libraries() -> None:
-    # Library chatter (bitsandbytes' optional CPU kernels, diffusers' dtype notes) buries our own
-    # messages; --debug keeps it.
+    # Library chatter (bitsandbytes' optional CPU kernels, diffusers' dtype notes, transformers'
+    # torchvision notes) buries our own messages; --debug keeps it. transformers and diffusers
+    # reset their loggers on import, so use their own verbosity switches.
     import logging
 
-    for name in ("bitsandbytes", "diffusers", "transformers", "accelerate"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    logging.getLogger("accelerate").setLevel(logging.ERROR)
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
 
 
 def main(argv: list[str] | None = None) -> int:

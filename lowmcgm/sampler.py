@@ -1,0 +1,687 @@
+"""Pose-mask sampling: an artifact's handles, LoRA and mask encoder on diffusers' Stable Diffusion pipeline.
+
+Owns reading prompts and poses, pairing each pose mask with its handle *by name* (MCGM-Styler
+pairs masks with concepts by an unsorted file listing), building the context the UNet sees (77
+text tokens, then one mask token per handle in the order the handles appear in the prompt; k
+all-zero tokens for the unconditional branch, paper sec. 3.2) and writing each image with its
+parameters. The denoising loop, schedulers, guidance and VAE decode stay diffusers' own: we only
+pass ``prompt_embeds`` and ``negative_prompt_embeds`` to a stock ``StableDiffusionPipeline``.
+Also the trainer's preview hook for ``lowmcgm run``. Drawing is left to ``previews.py``.
+
+Example:
+    >>> plans = plan_prompts([PromptSpec("a photo of <asset0>", {"<asset0>": "run.png"})], {},
+    ...                      artifact.handles, no_mask_reason(settings, artifact))
+    >>> sampler = build_sampler(base, artifact, settings)
+    >>> images = sampler.generate(plans[0], seeds=[7, 8], settings=settings)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+import torch
+from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                       StableDiffusionPipeline)
+from diffusers.models.attention_processor import AttnProcessor2_0
+from PIL import Image
+
+from lowmcgm import __version__
+from lowmcgm.adapters import add_lora, load_lora_state_dict, lora_module_names
+from lowmcgm.artifact import Artifact, file_sha256, load_artifact
+from lowmcgm.attention_capture import (CapturingCrossAttnProcessor, CrossAttentionStore, install_capture,
+                                       loss_layer_names, remove_capture)
+from lowmcgm.data import build_prompt, load_mask
+from lowmcgm.errors import UserError
+from lowmcgm.handles import HANDLE_PATTERN, HandleEmbedding, add_handle_tokens, remove_handle_wrapper
+from lowmcgm.mask_encoder import MaskEncoder, append_mask_tokens, zero_mask_tokens
+from lowmcgm.models import BaseModel, load_base_model
+from lowmcgm.output import check_output_dir
+from lowmcgm.previews import (SheetRow, mask_to_image, render_attention_picture, render_contact_sheet, save_json,
+                              save_png)
+
+if TYPE_CHECKING:
+    from lowmcgm.trainer import Setup, TrainState
+
+ProgressFn = Callable[[dict[str, Any]], None]
+ALL_HANDLES = "all"  # --pose all=FILE: one mask for every handle of the prompt (the paper's fig. 6)
+HANDLE_IN_TEXT = re.compile(r"<[A-Za-z0-9_\-]{1,32}>")  # the names handles.HANDLE_PATTERN allows
+SCHEDULERS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    # name: (A1111's label, for the "parameters" chunk other tools read; factory from a scheduler config)
+    "ddim": ("DDIM", lambda config: DDIMScheduler.from_config(config)),
+    "euler_a": ("Euler a", lambda config: EulerAncestralDiscreteScheduler.from_config(config)),
+    "dpmpp_2m": ("DPM++ 2M", lambda config: DPMSolverMultistepScheduler.from_config(
+        config, algorithm_type="dpmsolver++", solver_order=2)),
+}
+SAMPLE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+ATTN_PICTURE_DOWNSCALE = 4  # attention pictures read the layers the attention loss trains (latent side / 4)
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """How to sample; the CLI's sampling flags map one to one onto these fields."""
+
+    num_images: int = 4  # per prompt
+    seed: int = 0  # image i of every prompt uses seed + i
+    steps: int = 30
+    guidance_scale: float = 7.5
+    scheduler: str = "dpmpp_2m"
+    negative_prompt: str = ""
+    height: int = 0  # 0: the resolution the artifact was trained at
+    width: int = 0
+    batch_size: int = 1  # images per pipeline call
+    dtype: str = ""  # "": fp16 on a CUDA GPU, fp32 on the CPU (half precision is ~100x slower there)
+    use_mask_tokens: bool = True  # False: --no-mask, plain Break-a-scene sampling
+    use_vae_slicing: bool = False
+    use_vae_tiling: bool = False
+    use_cpu_offload: bool = False
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """A prompt as the user wrote it, with the poses given on its own line (``--prompts FILE``).
+
+    Attributes:
+        text: the prompt, e.g. ``a photo of <asset0> on the beach``.
+        poses: handle (``<asset0>`` or ``all``) -> mask file.
+        where: where it came from, for messages (``--prompt 1``, ``prompts.txt line 3``).
+    """
+
+    text: str
+    poses: dict[str, str] = field(default_factory=dict)
+    where: str = "--prompt"
+
+
+@dataclass
+class PlannedPrompt:
+    """A checked prompt: its handles in token order and the pose paired with each, by name.
+
+    Attributes:
+        handles: distinct handles in order of first appearance: the order of the mask tokens.
+        pose_files: per handle, its mask file, or None for the blank (all-zero) mask.
+        pose_masks: per handle, the (H, W) bool mask as drawn, or None.
+        use_mask_tokens: False with --no-mask or an artifact trained without mask tokens.
+    """
+
+    text: str
+    handles: list[str]
+    pose_files: list[str | None]
+    pose_masks: list[np.ndarray | None]
+    use_mask_tokens: bool
+
+    @property
+    def poses(self) -> dict[str, str]:
+        """handle -> mask file or ``blank``, as recorded in PNGs and samples.json ({} without tokens)."""
+        if not self.use_mask_tokens:
+            return {}
+        return {h: f if f is not None else "blank" for h, f in zip(self.handles, self.pose_files)}
+
+
+def check_settings(settings: SampleSettings) -> None:
+    """Refuse impossible sampling settings with one UserError listing all problems."""
+    problems = []
+    for name in ("num_images", "steps", "batch_size"):
+        if getattr(settings, name) < 1:
+            problems.append(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(settings, name)})")
+    for name in ("height", "width"):
+        value = getattr(settings, name)
+        if value < 0 or value % 8:
+            problems.append(f"--{name} must be a positive multiple of 8 (got {value})")
+    if settings.guidance_scale < 0:
+        problems.append(f"--guidance-scale must be >= 0 (got {settings.guidance_scale})")
+    if settings.scheduler not in SCHEDULERS:
+        problems.append(f"--scheduler must be one of {', '.join(SCHEDULERS)} (got '{settings.scheduler}')")
+    if settings.dtype and settings.dtype not in SAMPLE_DTYPES:
+        problems.append(f"--dtype must be one of {', '.join(SAMPLE_DTYPES)} (got '{settings.dtype}')")
+    if settings.use_cpu_offload and not torch.cuda.is_available():
+        problems.append("--cpu-offload moves models between the CPU and a CUDA GPU, and there is no CUDA GPU here")
+    if problems:
+        raise UserError("Invalid sampling settings: " + "; ".join(problems) + ".")
+
+
+def normalize_handle(name: str) -> str:
+    """``asset0`` or ``<asset0>`` -> ``<asset0>``; ``all`` stays ``all``."""
+    name = name.strip()
+    if name == ALL_HANDLES or name.startswith("<"):
+        return name
+    return f"<{name}>"
+
+
+def parse_poses(items: list[str], where: str = "--pose", relative_to: Path | None = None) -> dict[str, str]:
+    """Parse ``HANDLE=FILE`` items into handle -> file.
+
+    Args:
+        items: e.g. ``["asset0=run.png", "<asset1>=sit.png", "all=jump.png"]``.
+        where: the flag or file line they came from, for messages.
+        relative_to: folder that relative file names are taken from (a prompts file's own).
+    """
+    poses: dict[str, str] = {}
+    for item in items:
+        raw, sep, path = item.partition("=")
+        handle, path = normalize_handle(raw), path.strip()
+        if not sep or not raw.strip() or not path:
+            raise UserError(f"{where} takes HANDLE=FILE, got '{item.strip()}' (e.g. asset0=running.png, "
+                            "or all=running.png for every handle).")
+        if handle != ALL_HANDLES and not HANDLE_PATTERN.match(handle):
+            raise UserError(f"{where}: '{raw.strip()}' is not a handle name (e.g. asset0 or <asset0>).")
+        if handle in poses:
+            raise UserError(f"{where} gives two poses for {handle}: keep one.")
+        if relative_to is not None and not Path(path).expanduser().is_absolute():
+            path = str(relative_to / path)
+        poses[handle] = path
+    return poses
+
+
+def load_prompts_file(path: str | Path) -> list[PromptSpec]:
+    """Read ``--prompts FILE``: one prompt a line, optionally ``| HANDLE=FILE`` poses after it.
+
+    Blank lines and lines starting with ``#`` are skipped. Pose files are taken relative to the
+    prompts file's folder, so a folder of prompts and masks can move as one.
+
+    Example line: ``a photo of <asset0> on the beach | asset0=run.png | asset1=sit.png``.
+    """
+    path = Path(path).expanduser()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError as exc:
+        raise UserError(f"Prompts file not found: {path}.") from exc
+    except (IsADirectoryError, UnicodeDecodeError) as exc:
+        raise UserError(f"Prompts file {path} is not a UTF-8 text file.") from exc
+    specs = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        text, *pose_items = line.split("|")
+        where = f"{path.name} line {number}"
+        if not text.strip():
+            raise UserError(f"{where} has poses but no prompt before the first '|'.")
+        specs.append(PromptSpec(text.strip(), parse_poses(pose_items, where, relative_to=path.parent), where))
+    if not specs:
+        raise UserError(f"Prompts file {path} has no prompts (one per line).")
+    return specs
+
+
+def training_prompt_spec(handles: list[str], mask_files: list[str]) -> PromptSpec:
+    """The training prompt with every handle, posed by its training mask (``run`` without --prompt)."""
+    return PromptSpec(build_prompt(handles), dict(zip(handles, mask_files)), where="the training prompt")
+
+
+def handles_in_text(text: str) -> list[str]:
+    """Distinct ``<...>`` names in order of first appearance."""
+    return list(dict.fromkeys(HANDLE_IN_TEXT.findall(text)))
+
+
+def no_mask_reason(settings: SampleSettings, artifact: Artifact | None = None,
+                   trained_with_mask_tokens: bool = True) -> str | None:
+    """Why no mask tokens are appended (a phrase for messages), or None when they are."""
+    if not settings.use_mask_tokens:
+        return "--no-mask drops the mask tokens"
+    if (artifact is not None and not artifact.uses_mask_tokens) or not trained_with_mask_tokens:
+        return "this artifact was trained without mask tokens (loss.use_mask_tokens off)"
+    return None
+
+
+def plan_prompts(specs: list[PromptSpec], poses: dict[str, str], handles: list[str],
+                 no_masks_because: str | None) -> list[PlannedPrompt]:
+    """Check prompts and poses against the artifact's handles and pair each pose with its handle.
+
+    A handle takes, in order: its own pose on the prompt's line, the line's ``all``, its
+    ``--pose``, ``--pose all=``, else the blank mask. Pose files are read here, before any
+    weights load, so a bad file fails in a second.
+
+    Args:
+        specs: the prompts, each with the poses of its own line.
+        poses: the ``--pose`` items, for every prompt.
+        handles: the artifact's handles.
+        no_masks_because: from ``no_mask_reason``; poses are refused when set.
+
+    Raises:
+        UserError: a handle the artifact lacks, in a prompt or a pose; a pose no prompt can use;
+            a pose file that is not a readable, non-empty mask.
+    """
+    if not specs:
+        raise UserError("No prompt: pass --prompt TEXT (repeatable) or --prompts FILE.")
+    known = ", ".join(handles)
+    for where, given in [("--pose", poses)] + [(s.where, s.poses) for s in specs]:
+        for handle, file in given.items():
+            if handle != ALL_HANDLES and handle not in handles:
+                raise UserError(f"{where}: a pose for {handle}, but this artifact has no such handle "
+                                f"(it has {known}).")
+            if no_masks_because:
+                raise UserError(f"{no_masks_because}, so the pose {handle}={file} ({where}) would have no "
+                                "effect: drop the pose.")
+    named_anywhere: set[str] = set()
+    cache: dict[str, np.ndarray] = {}
+    plans = []
+    for spec in specs:
+        named = handles_in_text(spec.text)
+        for handle in named:
+            if handle not in handles:
+                raise UserError(f"{spec.where} names {handle}, which this artifact does not have "
+                                f"(it has {known}).")
+        for handle in spec.poses:
+            if handle != ALL_HANDLES and handle not in named:
+                raise UserError(f"{spec.where} gives a pose for {handle}, but its prompt does not name it.")
+        named_anywhere.update(named)
+        files = [spec.poses.get(h, spec.poses.get(ALL_HANDLES, poses.get(h, poses.get(ALL_HANDLES))))
+                 for h in named]
+        masks = [_read_pose(f, h, cache) if f is not None else None for h, f in zip(named, files)]
+        plans.append(PlannedPrompt(spec.text, named, files, masks, use_mask_tokens=no_masks_because is None))
+    for handle, file in poses.items():
+        if handle != ALL_HANDLES and handle not in named_anywhere:
+            raise UserError(f"--pose {handle}={file}: no prompt names {handle}.")
+    return plans
+
+
+def _read_pose(path: str, handle: str, cache: dict[str, np.ndarray]) -> np.ndarray:
+    if path not in cache:
+        try:
+            mask = load_mask(Path(path).expanduser()) > 0.5
+        except UserError as exc:
+            raise UserError(f"Pose for {handle}: {exc}") from exc
+        if not mask.any():
+            raise UserError(f"Pose file {path} for {handle} is empty (no pixel above 0.5): draw the subject "
+                            "white on black, or give no pose for the blank mask.")
+        cache[path] = mask
+    return cache[path]
+
+
+def fit_pose_masks(plan: PlannedPrompt, height: int, width: int) -> torch.Tensor:
+    """Each handle's pose resized to cover (height, width) and center-cropped, as training crops.
+
+    Returns:
+        (k, height, width) float32 in {0, 1}; the blank mask is all zeros.
+    """
+    out = torch.zeros(len(plan.handles), height, width)
+    for i, mask in enumerate(plan.pose_masks):
+        if mask is None:
+            continue
+        h, w = mask.shape
+        scale = max(width / w, height / h)
+        size = (max(width, round(w * scale)), max(height, round(h * scale)))
+        big = Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.Resampling.NEAREST)
+        left, top = (size[0] - width) // 2, (size[1] - height) // 2
+        crop = big.crop((left, top, left + width, top + height))
+        out[i] = torch.from_numpy(np.asarray(crop) > 127).float()
+    return out
+
+
+class PoseSampler:
+    """A stock ``StableDiffusionPipeline`` plus the mask encoder: it builds the context, diffusers samples.
+
+    Args:
+        pipe: the pipeline, its text encoder already holding the handles.
+        mask_encoder: the trained encoder, or None (no mask tokens).
+        autocast: a context-manager factory around sampling (the trainer's accelerator's during
+            previews, where frozen weights are half precision and trainable ones fp32).
+        store: the store of capture processors already installed on the UNet (training), or None
+            to install capture only while an attention picture is drawn.
+    """
+
+    def __init__(self, pipe: StableDiffusionPipeline, mask_encoder: MaskEncoder | None,
+                 autocast: Callable[[], Any] = contextlib.nullcontext, store: CrossAttentionStore | None = None):
+        self.pipe = pipe
+        self.mask_encoder = mask_encoder
+        self.autocast = autocast
+        self.store = store
+
+    def encode(self, plan: PlannedPrompt, num: int, negative_prompt: str, height: int,
+               width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The conditional and unconditional contexts, each (num, 77 + k, d).
+
+        The conditional one ends with the k mask tokens in handle order; the unconditional one
+        with k zero tokens, as in training (paper sec. 3.2). Without mask tokens both are (num, 77, d).
+        """
+        device = self.pipe._execution_device
+        text, uncond = self.pipe.encode_prompt(plan.text, device, num, True, negative_prompt or None)
+        tokens = None
+        if plan.use_mask_tokens and self.mask_encoder is not None and plan.handles:
+            masks = fit_pose_masks(plan, height, width)[None].to(device)  # (1, k, H, W)
+            tokens = self.mask_encoder(masks).expand(num, -1, -1)  # (num, k, d)
+        zeros = zero_mask_tokens(num, tokens.shape[1], tokens.shape[2], uncond) if tokens is not None else None
+        return append_mask_tokens(text, tokens), append_mask_tokens(uncond, zeros)
+
+    @torch.no_grad()
+    def generate(self, plan: PlannedPrompt, seeds: list[int], settings: SampleSettings,
+                 on_step: Callable[..., dict] | None = None) -> list[Image.Image]:
+        """One image per seed, each from its own CPU generator (the same on any device and batch)."""
+        height, width = settings.height, settings.width
+        with self.autocast():
+            cond, uncond = self.encode(plan, len(seeds), settings.negative_prompt, height, width)
+            result = self.pipe(
+                prompt_embeds=cond, negative_prompt_embeds=uncond, height=height, width=width,
+                num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale,
+                generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="pil",
+                callback_on_step_end=on_step,
+            )
+        return result.images
+
+    def generate_with_attention(self, plan: PlannedPrompt, seed: int, settings: SampleSettings
+                                ) -> tuple[Image.Image, list[tuple[str, torch.Tensor]]]:
+        """One image and, per handle and mask token, its cross-attention map averaged over steps.
+
+        Returns:
+            The image and ``(label, (h, w) map)`` pairs: handles first, then ``mask <handle>``.
+        """
+        tokenizer = self.pipe.tokenizer
+        text_len = tokenizer.model_max_length
+        ids = tokenizer(self.pipe.maybe_convert_prompt(plan.text, tokenizer), padding="max_length",
+                        max_length=text_len, truncation=True).input_ids
+        columns, labels = [], []
+        for handle in plan.handles:
+            token = tokenizer.convert_tokens_to_ids(handle)
+            if token in ids:  # a handle past token 77 was cut off: it has no column
+                columns.append(ids.index(token))
+                labels.append(handle)
+        if plan.use_mask_tokens and self.mask_encoder is not None:
+            columns += [text_len + i for i in range(len(plan.handles))]
+            labels += [f"mask {h}" for h in plan.handles]
+        if not columns:
+            return self.generate(plan, [seed], settings)[0], []
+
+        unet = self.pipe.unet
+        store = self.store or CrossAttentionStore()
+        installed = None
+        if self.store is None:
+            installed = install_capture(unet, loss_layer_names(unet, ATTN_PICTURE_DOWNSCALE), store)
+        rows = 2 if settings.guidance_scale > 1 else 1  # diffusers' guidance doubles the batch
+        key_index = torch.tensor(columns)[None].expand(rows, -1)  # (rows, S)
+        collected: list[torch.Tensor] = []
+
+        def on_step(pipe: Any, step: int, timestep: Any, kwargs: dict) -> dict:
+            # The store holds one UNet call; take it, then arm it for the next step. The last row
+            # is the conditional sample (diffusers puts the unconditional batch first).
+            collected.append(store.mean_maps()[-1].float().cpu())
+            store.begin(key_index)
+            return kwargs
+
+        store.begin(key_index)
+        try:
+            image = self.generate(plan, [seed], settings, on_step=on_step)[0]
+        finally:
+            store.clear()
+            if installed is not None:
+                remove_capture(unet, installed)
+        maps = torch.stack(collected).mean(0)  # (S, h, w)
+        return image, list(zip(labels, maps))
+
+
+def build_pipeline(base: BaseModel, scheduler: str) -> StableDiffusionPipeline:
+    """A stock pipeline over the base's modules (no copies), with the named scheduler."""
+    with warnings.catch_warnings():
+        # diffusers warns about UNets with sample_size < 64 (old SD 1 configs); the tiny model is one.
+        warnings.simplefilter("ignore", FutureWarning)
+        pipe = StableDiffusionPipeline(
+            vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
+            scheduler=SCHEDULERS[scheduler][1](base.noise_scheduler.config), safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)  # library code never prints; callers report per image
+    return pipe
+
+
+def check_base_matches(artifact: Artifact, base: BaseModel, artifact_path: Path) -> None:
+    """Refuse a base model of another architecture than the artifact was trained on."""
+    made_for = artifact.meta.get("base_model", "?")
+    recorded_hash = artifact.meta.get("base_model_hash")
+    if artifact.text_width != base.text_width or (recorded_hash and recorded_hash != base.config_hash):
+        raise UserError(
+            f"{artifact_path} was made for base model '{made_for}' (text width {artifact.text_width}, "
+            f"config hash {recorded_hash}), but base model '{base.name}' differs (text width "
+            f"{base.text_width}, config hash {base.config_hash}): pass --base-model {made_for} or a copy of it.")
+    recorded_prediction = artifact.meta.get("prediction_type")
+    if recorded_prediction and recorded_prediction != base.prediction_type:
+        raise UserError(f"{artifact_path} was made for base model '{made_for}', which predicts "
+                        f"{recorded_prediction}, but '{base.name}' predicts {base.prediction_type}: "
+                        f"pass --base-model {made_for}.")
+
+
+def apply_artifact(base: BaseModel, artifact: Artifact) -> MaskEncoder | None:
+    """Write the artifact's handles and adapters into ``base``; return its mask encoder (or None).
+
+    Works on a freshly loaded base (``lowmcgm sample``) and on the base ``train()`` just used
+    (``lowmcgm run``), where the handle wrapper, the adapters and the capture processors are still
+    in place. There the wrapper is folded back into a plain embedding table and the adapters are
+    kept, and the artifact's values overwrite the in-memory ones: they may be rounded to the
+    artifact's save dtype, and overwriting makes ``run`` draw exactly what ``sample`` draws later
+    from the same file. This is why ``run`` needs no second copy of the base model.
+    """
+    text_encoder, tokenizer = base.text_encoder, base.tokenizer
+    embedding = text_encoder.get_input_embeddings()
+    if isinstance(embedding, HandleEmbedding):
+        remove_handle_wrapper(text_encoder, embedding)
+    if not all(h in tokenizer.get_vocab() for h in artifact.handles):  # a fresh base
+        add_handle_tokens(tokenizer, text_encoder, artifact.handles)
+    table = text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        table[tokenizer.convert_tokens_to_ids(artifact.handles)] = artifact.handle_vectors.to(table.device, table.dtype)
+    lora = artifact.meta.get("lora", {})
+    _apply_adapter(base.unet, artifact.unet_lora, lora, "unet_targets")
+    _apply_adapter(text_encoder, artifact.text_encoder_lora, lora, "text_encoder_targets")
+    # Training's capture processors may still hold the last step's key columns; sampling needs SDPA.
+    processors = {name: AttnProcessor2_0() if isinstance(proc, CapturingCrossAttnProcessor) else proc
+                  for name, proc in base.unet.attn_processors.items()}
+    base.unet.set_attn_processor(processors)
+    for module in (base.unet, text_encoder, base.vae):
+        module.requires_grad_(False)
+        module.eval()
+    if not artifact.uses_mask_tokens:
+        return None
+    with torch.random.fork_rng(devices=[]):  # nn.Linear's init draws from the global generator
+        encoder = MaskEncoder(artifact.text_width, int(artifact.meta["mask_size"]))
+    encoder.load_state_dict(artifact.mask_encoder)
+    return encoder.requires_grad_(False).eval()
+
+
+def _apply_adapter(module: torch.nn.Module, state: dict[str, torch.Tensor], lora: dict[str, Any],
+                   targets_key: str) -> None:
+    if not state:
+        return
+    if lora.get("mode") == "full":  # whole weights, handle rows excluded (they live in handles.vectors)
+        result = module.load_state_dict(state, strict=False)
+        if result.unexpected_keys:
+            raise UserError(f"The artifact's weights do not fit this model: unexpected {result.unexpected_keys[0]}.")
+        return
+    if not lora_module_names(module):
+        add_lora(module, tuple(lora[targets_key]), int(lora["rank"]), float(lora["alpha"]))
+    load_lora_state_dict(module, state)
+
+
+def resolve_dtype(settings: SampleSettings) -> str:
+    return settings.dtype or ("fp16" if torch.cuda.is_available() else "fp32")
+
+
+def build_sampler(base: BaseModel, artifact: Artifact, settings: SampleSettings) -> PoseSampler:
+    """Apply the artifact to ``base`` and place everything for sampling (device, dtype, VAE options)."""
+    encoder = apply_artifact(base, artifact)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = SAMPLE_DTYPES[resolve_dtype(settings)]
+    pipe = build_pipeline(base, settings.scheduler)
+    for module in (base.unet, base.text_encoder, base.vae):
+        if module.dtype != dtype:  # diffusers warns about every cast, even to the same dtype
+            module.to(dtype=dtype)
+    if settings.use_cpu_offload:
+        pipe.enable_model_cpu_offload()  # each model visits the GPU only while it runs
+    else:
+        for module in (base.unet, base.text_encoder, base.vae):
+            module.to(device)
+    if settings.use_vae_slicing:
+        base.vae.enable_slicing()
+    if settings.use_vae_tiling:
+        base.vae.enable_tiling()
+    if encoder is not None:
+        encoder.to(device, dtype)
+    return PoseSampler(pipe, encoder)
+
+
+def png_parameters(plan: PlannedPrompt, settings: SampleSettings, seed: int, info: dict[str, str]) -> dict[str, str]:
+    """The PNG text chunks of one image: everything needed to draw it again."""
+    label = SCHEDULERS[settings.scheduler][0]
+    text = {
+        "prompt": plan.text, "negative_prompt": settings.negative_prompt, "seed": str(seed),
+        "steps": str(settings.steps), "guidance_scale": repr(float(settings.guidance_scale)),
+        "scheduler": settings.scheduler, "width": str(settings.width), "height": str(settings.height),
+        "dtype": settings.dtype, "mask_tokens": "on" if plan.use_mask_tokens else "off",
+        "poses": json.dumps(plan.poses), "lowmcgm_version": __version__, **info,
+    }
+    # A1111's layout, which image viewers and web UIs read.
+    text["parameters"] = (f"{plan.text}\nNegative prompt: {settings.negative_prompt}\nSteps: {settings.steps}, "
+                          f"Sampler: {label}, CFG scale: {settings.guidance_scale}, Seed: {seed}, "
+                          f"Size: {settings.width}x{settings.height}, "
+                          f"lowmcgm artifact: {info.get('artifact_sha256', '')[:12]}")
+    return text
+
+
+_INT_CHUNKS = ("seed", "steps", "width", "height")
+
+
+def read_png_parameters(path: str | Path) -> dict[str, Any]:
+    """Read back what ``png_parameters`` wrote (numbers as numbers, poses as a dict)."""
+    try:
+        with Image.open(path) as image:
+            text = dict(image.text)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path} is not a readable PNG.") from exc
+    out: dict[str, Any] = dict(text)
+    for key in _INT_CHUNKS:
+        if key in out:
+            out[key] = int(out[key])
+    if "guidance_scale" in out:
+        out["guidance_scale"] = float(out["guidance_scale"])
+    if "poses" in out:
+        out["poses"] = json.loads(out["poses"])
+    return out
+
+
+def write_samples(sampler: PoseSampler, plans: list[PlannedPrompt], settings: SampleSettings, out: Path,
+                  info: dict[str, str], report: ProgressFn | None = None) -> Path:
+    """Draw every prompt's images into ``out`` with their parameters, then grid.png and samples.json.
+
+    Args:
+        settings: resolved (height, width and dtype set).
+        info: artifact path and hash, base model name: written into every PNG and the index.
+
+    Returns:
+        The path of ``grid.png``.
+    """
+    report = report or (lambda event: None)
+    total, done = len(plans) * settings.num_images, 0
+    rows, entries = [], []
+    for p, plan in enumerate(plans):
+        row = SheetRow(title=plan.text + ("" if plan.use_mask_tokens else "  (no mask tokens)"))
+        if plan.use_mask_tokens and sampler.mask_encoder is not None:
+            fitted = fit_pose_masks(plan, settings.height, settings.width).numpy()
+            row.poses = [(f"{h}: {Path(f).name if f else 'blank'}", mask_to_image(m, (settings.width, settings.height)))
+                         for h, f, m in zip(plan.handles, plan.pose_files, fitted)]
+        images = []
+        for start in range(0, settings.num_images, settings.batch_size):
+            seeds = [settings.seed + i for i in range(start, min(start + settings.batch_size, settings.num_images))]
+            for seed, image in zip(seeds, sampler.generate(plan, seeds, settings)):
+                name = f"p{p:02d}-{seed - settings.seed:03d}-seed{seed}.png"
+                save_png(image, out / name, png_parameters(plan, settings, seed, info))
+                images.append({"file": name, "seed": seed})
+                row.images.append((f"seed {seed}", image))
+                done += 1
+                report({"kind": "saved", "what": f"image {done}/{total}", "path": str(out / name)})
+        rows.append(row)
+        entries.append({"prompt": plan.text, "handles": plan.handles, "poses": plan.poses,
+                        "mask_tokens": plan.use_mask_tokens, "images": images})
+    grid = save_png(render_contact_sheet(rows), out / "grid.png")
+    save_json({**info, "lowmcgm_version": __version__, "settings": dataclasses.asdict(settings),
+               "grid": grid.name, "prompts": entries}, out / "samples.json")
+    report({"kind": "saved", "what": "contact sheet", "path": str(grid)})
+    return grid
+
+
+def load_base_for(artifact: Artifact, base_model: str) -> BaseModel:
+    """The base named by --base-model, else the one the artifact records (read as training read it)."""
+    if base_model:
+        return load_base_model(base_model)
+    recorded = artifact.meta.get("base_model", "")
+    model_config = artifact.meta.get("training_config", {}).get("model", {})
+    try:
+        return load_base_model(recorded, model_config.get("single_file_config", "auto"))
+    except UserError as exc:
+        raise UserError(f"The artifact was made for base model '{recorded}', which cannot be loaded from "
+                        f"here ({exc}); pass --base-model with its folder, file or hub id.") from exc
+
+
+def sample_artifact(artifact_path: str | Path, specs: list[PromptSpec], poses: dict[str, str],
+                    settings: SampleSettings, out: str | Path, base_model: str = "",
+                    base: BaseModel | None = None, report: ProgressFn | None = None) -> Path:
+    """``lowmcgm sample``: check everything, load, sample, write; return the grid's path.
+
+    Args:
+        base_model: --base-model; empty takes the artifact's recorded base.
+        base: an already loaded base, used instead of loading one (``lowmcgm run`` passes the base
+            it trained with; see ``apply_artifact``).
+    """
+    artifact_path = Path(artifact_path)
+    artifact = load_artifact(artifact_path)
+    check_settings(settings)
+    plans = plan_prompts(specs, poses, artifact.handles, no_mask_reason(settings, artifact))
+    out_dir = check_output_dir(str(out))
+    base = base if base is not None else load_base_for(artifact, base_model)
+    check_base_matches(artifact, base, artifact_path)
+    size = int(artifact.meta.get("resolution") or base.resolution)
+    settings = dataclasses.replace(settings, height=settings.height or size, width=settings.width or size,
+                                   dtype=resolve_dtype(settings))
+    sampler = build_sampler(base, artifact, settings)
+    info = {"artifact": str(artifact_path), "artifact_sha256": file_sha256(artifact_path), "base_model": base.name}
+    return write_samples(sampler, plans, settings, out_dir, info, report)
+
+
+class TrainingPreviews:
+    """The trainer's ``on_preview`` hook: a fixed-seed sample and its attention picture.
+
+    Files go to ``folder`` as ``step00010.png`` and ``step00010-attention.png``, numbered by the
+    step counted over both phases. Sampling reuses the live models (handle wrapper, adapters,
+    capture processors): nothing is copied, and the training RNG is untouched (the sample draws
+    from its own generator).
+
+    Args:
+        folder: ``<out>/previews``.
+        plan: the prompt to draw (``run``'s first).
+        settings: sampling settings; the image is drawn at the training resolution.
+        phase1_steps: to number phase 2 steps after phase 1's.
+    """
+
+    def __init__(self, folder: Path, plan: PlannedPrompt, settings: SampleSettings, phase1_steps: int):
+        self.folder = Path(folder)
+        self.plan = plan
+        self.settings = settings
+        self.phase1_steps = phase1_steps
+
+    def __call__(self, setup: Setup, state: TrainState) -> None:
+        base = setup.base
+        step = state.step + (self.phase1_steps if state.phase == 2 else 0)
+        size = int(setup.concept.image.shape[-1])
+        precision = setup.accelerator.mixed_precision
+        settings = dataclasses.replace(self.settings, height=size, width=size, num_images=1,
+                                       dtype="fp32" if precision == "no" else precision)
+        sampler = PoseSampler(build_pipeline(base, settings.scheduler), setup.mask_encoder,
+                              autocast=setup.accelerator.autocast, store=setup.store)
+        # The trainer may have moved the VAE (photo encoded) and the text encoder (phase 2 trains
+        # nothing in it) off the GPU; sampling needs both there for a moment.
+        places = [(m, next(m.parameters()).device, m.training) for m in (base.vae, base.text_encoder, base.unet)]
+        for module, _, _ in places:
+            module.to(setup.device)
+            module.eval()
+        try:
+            image, maps = sampler.generate_with_attention(self.plan, settings.seed, settings)
+        finally:
+            for module, device, training in places:  # the hook leaves the models as it found them
+                module.to(device)
+                module.train(training)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        meta = {"phase": str(state.phase), "train_step": str(step),
+                **png_parameters(self.plan, settings, settings.seed, {})}
+        save_png(image, self.folder / f"step{step:05d}.png", meta)
+        title = f"step {step} (phase {state.phase}): {self.plan.text}"
+        save_png(render_attention_picture(image, maps, title), self.folder / f"step{step:05d}-attention.png", meta)

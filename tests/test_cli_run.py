@@ -1,0 +1,76 @@
+"""``lowmcgm run``: photo to grid in one process, previews during training, same images as ``sample``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_photo
+from PIL import Image
+from safetensors.torch import load_file
+
+from lowmcgm.cli import EXIT_USER_ERROR, main
+from lowmcgm.sampler import read_png_parameters
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    photo, a, b = make_photo(tmp_path_factory.mktemp("cli_run"))
+    return {"photo": Path(photo), "a": Path(a), "b": Path(b)}
+
+
+def run_args(inputs: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    return ["run", "--preset", "tiny-cpu", "--base-model", "tiny", "--image", str(inputs["photo"]),
+            "--mask", str(inputs["a"]), "--mask", str(inputs["b"]), "--out", str(out), *extra]
+
+
+def pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def test_run_goes_from_photo_to_grid_and_draws_what_sample_draws(inputs, tmp_path):
+    out = tmp_path / "run"
+    sampling = ["--prompt", "a photo of <asset1> and <asset0> in the snow", "--pose", f"asset0={inputs['b']}",
+                "--pose", f"asset1={inputs['a']}", "--num-images", "2", "--steps", "8", "--seed", "3"]
+    assert main(run_args(inputs, out, *sampling, "--preview-every", "10")) == 0
+
+    assert (out / "lowmcgm.safetensors").is_file()
+    # tiny-cpu trains 20 + 20 steps; previews before training and every 10 steps of each phase.
+    steps = [0, 10, 20, 30, 40]
+    assert sorted(p.name for p in (out / "previews").iterdir()) == sorted(
+        [f"step{s:05d}.png" for s in steps] + [f"step{s:05d}-attention.png" for s in steps])
+    attention = Image.open(out / "previews" / "step00040-attention.png")
+    assert attention.width >= 5 * 128  # the image, two handles, two mask tokens
+    assert read_png_parameters(out / "previews" / "step00010.png")["seed"] == 3
+    assert Image.open(out / "loss_curve.png").height > 140
+    index = json.loads((out / "samples" / "samples.json").read_text())
+    files = [im["file"] for im in index["prompts"][0]["images"]]
+    assert len(files) == 2 and (out / "samples" / "grid.png").is_file()
+
+    # The in-memory model, after the artifact is written over it, is the model `sample` loads.
+    again = tmp_path / "again"
+    assert main(["sample", "--artifact", str(out / "lowmcgm.safetensors"), "--out", str(again), *sampling]) == 0
+    for name in files:
+        np.testing.assert_array_equal(pixels(out / "samples" / name), pixels(again / name))
+
+
+def test_previews_do_not_change_training(inputs, tmp_path):
+    short = ["--set", "train.phase1_steps=3", "--set", "train.phase2_steps=3", "--set", "train.checkpoint_every=0"]
+    assert main(run_args(inputs, tmp_path / "with", *short, "--preview-every", "1", "--steps", "2",
+                         "--num-images", "1")) == 0
+    assert len(list((tmp_path / "with" / "previews").glob("step*-attention.png"))) == 7
+    assert main(["train", *run_args(inputs, tmp_path / "without", *short)[1:]]) == 0
+    with_previews = load_file(tmp_path / "with" / "lowmcgm.safetensors")
+    without = load_file(tmp_path / "without" / "lowmcgm.safetensors")
+    assert with_previews.keys() == without.keys()
+    for key, value in without.items():
+        assert value.equal(with_previews[key]), key
+
+
+def test_run_refuses_a_bad_pose_before_training(inputs, tmp_path, capsys):
+    rc = main(run_args(inputs, tmp_path / "bad", "--prompt", "a photo of <asset0>", "--pose", "asset5=x.png"))
+    assert rc == EXIT_USER_ERROR
+    assert "no such handle" in capsys.readouterr().err
+    assert not (tmp_path / "bad" / "lowmcgm.safetensors").exists()

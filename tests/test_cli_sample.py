@@ -1,0 +1,120 @@
+"""``lowmcgm sample`` end to end on a trained tiny artifact: files written, and each user error exits 2."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import make_photo
+from PIL import Image
+
+from lowmcgm.artifact import file_sha256
+from lowmcgm.cli import EXIT_USER_ERROR, build_parser, main
+from lowmcgm.sampler import SampleSettings, read_png_parameters
+
+def draw_inputs(folder: Path) -> dict[str, Path]:
+    """conftest's photo and two masks, plus a text file where a mask is expected."""
+    photo, a, b = make_photo(folder)
+    (folder / "notes.txt").write_text("not an image")
+    return {"photo": Path(photo), "a": Path(a), "b": Path(b), "text": folder / "notes.txt"}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("cli_sample")
+    paths = draw_inputs(folder)
+    rc = main(["train", "--preset", "tiny-cpu", "--base-model", "tiny", "--image", str(paths["photo"]),
+               "--mask", str(paths["a"]), "--mask", str(paths["b"]), "--set", "train.phase1_steps=2",
+               "--set", "train.phase2_steps=2", "--set", "train.checkpoint_every=0", "--out", str(folder / "run")])
+    assert rc == 0
+    return paths | {"artifact": folder / "run" / "lowmcgm.safetensors", "folder": folder}
+
+
+def sample_args(trained: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    return ["sample", "--artifact", str(trained["artifact"]), "--steps", "2", "--num-images", "2",
+            "--out", str(out), *extra]
+
+
+def test_sample_writes_images_grid_and_index(trained, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"a photo of <asset0> on the grass | asset0={trained['b']}\n")
+    rc = main(sample_args(trained, tmp_path / "out", "--prompt", "a photo of <asset1> and <asset0>",
+                          "--pose", f"asset0={trained['a']}", "--pose", f"<asset1>={trained['b']}",
+                          "--prompts", str(prompts), "--seed", "5", "--scheduler", "euler_a"))
+    assert rc == 0
+    out = tmp_path / "out"
+    index = json.loads((out / "samples.json").read_text())
+    assert index["artifact_sha256"] == file_sha256(trained["artifact"])
+    assert [p["poses"] for p in index["prompts"]] == [
+        {"<asset1>": str(trained["b"]), "<asset0>": str(trained["a"])},
+        {"<asset0>": str(trained["b"])},  # the line's own pose beats --pose
+    ]
+    files = sorted(p.name for p in out.glob("p*.png"))
+    assert files == ["p00-000-seed5.png", "p00-001-seed6.png", "p01-000-seed5.png", "p01-001-seed6.png"]
+    meta = read_png_parameters(out / "p01-001-seed6.png")
+    assert (meta["prompt"], meta["seed"], meta["scheduler"]) == ("a photo of <asset0> on the grass", 6, "euler_a")
+    assert meta["artifact_sha256"] == index["artifact_sha256"]
+    assert Image.open(out / "grid.png").height > 2 * 128
+
+
+def test_no_mask_and_base_recorded_in_the_artifact(trained, tmp_path):
+    rc = main(sample_args(trained, tmp_path, "--prompt", "a photo of <asset0>", "--no-mask", "--num-images", "1"))
+    assert rc == 0
+    meta = read_png_parameters(next(tmp_path.glob("p00-*.png")))
+    assert (meta["mask_tokens"], meta["poses"], meta["base_model"]) == ("off", {}, "tiny")
+
+
+USER_ERRORS = {
+    "handle the artifact lacks": (["--prompt", "a photo of <asset7>"], "does not have"),
+    "pose for a missing handle": (["--prompt", "a photo of <asset0>", "--pose", "asset9={a}"], "no such handle"),
+    "pose no prompt names": (["--prompt", "a photo of <asset0>", "--pose", "asset1={a}"], "no prompt names"),
+    "pose not an image": (["--prompt", "a photo of <asset0>", "--pose", "asset0={text}"], "not an image"),
+    "pose file missing": (["--prompt", "a photo of <asset0>", "--pose", "asset0=/no/such.png"], "not found"),
+    "pose without =": (["--prompt", "a photo of <asset0>", "--pose", "asset0"], "HANDLE=FILE"),
+    "pose with --no-mask": (["--prompt", "a photo of <asset0>", "--pose", "all={a}", "--no-mask"], "no effect"),
+    "no prompt": ([], "No prompt"),
+    "prompts file missing": (["--prompts", "/no/such/prompts.txt"], "Prompts file not found"),
+    "height not a multiple of 8": (["--prompt", "a photo", "--height", "30"], "multiple of 8"),
+    "base of another architecture": (["--prompt", "a photo of <asset0>", "--base-model", "tiny-v"],
+                                     "was made for base model 'tiny'"),
+}
+
+
+@pytest.mark.parametrize("case", USER_ERRORS.values(), ids=USER_ERRORS.keys())
+def test_user_errors_exit_2_with_one_line(trained, tmp_path, capsys, case):
+    extra, fragment = case
+    extra = [e.format(a=trained["a"], text=trained["text"]) for e in extra]
+    assert main(sample_args(trained, tmp_path / "out", *extra)) == EXIT_USER_ERROR
+    err = capsys.readouterr().err.strip()
+    assert fragment in err and err.startswith("error: ") and "\n" not in err
+    assert not list((tmp_path / "out").glob("*.png"))
+
+
+def test_missing_artifact_exits_2(tmp_path, capsys):
+    assert main(["sample", "--artifact", str(tmp_path / "none.safetensors"), "--prompt", "a photo",
+                 "--out", str(tmp_path)]) == EXIT_USER_ERROR
+    assert "not found" in capsys.readouterr().err
+
+
+def test_installed_command_refuses_a_mismatched_base(trained, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "lowmcgm.cli", *sample_args(
+        trained, tmp_path, "--prompt", "a photo of <asset0>", "--base-model", "tiny-v")],
+        capture_output=True, text=True, timeout=240)
+    assert proc.returncode == EXIT_USER_ERROR
+    assert "error: " in proc.stderr and "made for base model 'tiny'" in proc.stderr
+
+
+def test_help_defaults_match_sample_settings():
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["sample"]
+    defaults = SampleSettings()
+    for action in sub._actions:
+        found = re.search(r"\(default ([^)]+)\)", action.help or "")
+        field = action.dest
+        if not found or not hasattr(defaults, field) or not isinstance(getattr(defaults, field), (int, float)):
+            continue
+        assert found.group(1) == str(getattr(defaults, field)), field
+    assert "(default dpmpp_2m)" in next(a.help for a in sub._actions if a.dest == "scheduler")
