@@ -150,12 +150,35 @@ def _block_level(name: str, num_levels: int) -> int | None:
     return None  # mid block: excluded, as the paper's loss layers
 
 
-def loss_layer_names(unet: UNet2DConditionModel, downscale: int) -> list[str]:
+# The paper reads 16x16 maps (SD at 512 px: latent side / 4). A model-derived choice aims for
+# the same map size, so small models (the toy world's 64 px images) read maps that still mean something.
+TARGET_MAP_PX = 16
+
+
+def auto_downscale(unet: UNet2DConditionModel, latent_px: int) -> int:
+    """The cross-attention level whose maps are closest to 16 px (ties: the larger maps).
+
+    SD 1.x/2.x at 512 px and at 768 px give 4 (16x16 and 24x24 maps), as the paper; the tiny and
+    toy models (32x32 latents) give 2 (16x16 maps).
+    """
+    num_levels = len(unet.config.block_out_channels)
+    levels = sorted({_block_level(n, num_levels) for n in unet.attn_processors if n.endswith("attn2.processor")}
+                    - {None})
+    if not levels:
+        raise UserError("This UNet has no cross-attention layers outside its mid block.")
+    best = min(levels, key=lambda level: (abs((latent_px >> level) - TARGET_MAP_PX), level))
+    return 2**best
+
+
+def loss_layer_names(unet: UNet2DConditionModel, downscale: int, latent_px: int | None = None) -> list[str]:
     """Cross-attention processors whose maps are latent side / ``downscale``.
 
-    For SD 1.x/2.x at any resolution and ``downscale`` 4 these are ``down_blocks.2`` and
-    ``up_blocks.1``; derived from the UNet's own block count, never hard-coded.
+    For SD 1.x/2.x and ``downscale`` 4 these are ``down_blocks.2`` and ``up_blocks.1``; derived
+    from the UNet's own block count, never hard-coded. ``downscale`` 0 picks it with
+    ``auto_downscale`` (``latent_px`` then defaults to the UNet's sample size).
     """
+    if downscale == 0:
+        downscale = auto_downscale(unet, latent_px or int(unet.config.sample_size))
     level = int(math.log2(downscale))
     if 2**level != downscale:
         raise UserError(f"loss.attn_loss_downscale must be a power of two (got {downscale}).")

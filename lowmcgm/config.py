@@ -51,7 +51,9 @@ class LossConfig:
     attn_weight: float = _f(0.01, "weight of the cross-attention loss (Break-a-scene)")
     mask_attn_weight: float = _f(0.3, "lambda_m: weight of the mask-token attention loss inside the attention term")
     prior_weight: float = _f(1.0, "weight of the prior-preservation loss")
-    attn_loss_downscale: int = _f(4, "attention maps are read at latent side / this (paper: 1/4)")
+    attn_loss_downscale: int = _f(
+        0, "attention maps are read at latent side / this (paper: 4); 0 derives it from the model: "
+           "the cross-attention level whose maps are closest to 16x16, which is 4 for SD at 512 and 768 px")
     use_mask_tokens: bool = _f(True, "append mask tokens to the text tokens (MCGM); off = Break-a-scene")
 
 
@@ -241,8 +243,8 @@ def validate(cfg: Config) -> Config:
         value = getattr(getattr(cfg, section), name)
         if value not in choices:
             problems.append(f"{key} must be one of {', '.join(choices)} (got '{value}')")
-    positive = ["lora.rank", "train.batch_size", "loss.attn_loss_downscale", "data.max_concepts"]
-    non_negative = ["train.phase1_steps", "train.phase2_steps", "train.checkpoint_every", "model.resolution",
+    positive = ["lora.rank", "train.batch_size", "data.max_concepts"]
+    non_negative = ["loss.attn_loss_downscale", "train.phase1_steps", "train.phase2_steps", "train.checkpoint_every", "model.resolution",
                     "train.max_grad_norm", "train.num_class_images", "output.preview_every"]
     for key in positive + non_negative:
         section, name = key.split(".")

@@ -61,7 +61,7 @@ SCHEDULERS: dict[str, tuple[str, Callable[[Any], Any]]] = {
         config, algorithm_type="dpmsolver++", solver_order=2)),
 }
 SAMPLE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-ATTN_PICTURE_DOWNSCALE = 4  # attention pictures read the layers the attention loss trains (latent side / 4)
+ATTN_PICTURE_DOWNSCALE = 0  # attention pictures read the layers the default attention loss trains (auto)
 
 
 @dataclass(frozen=True)

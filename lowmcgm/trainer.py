@@ -168,7 +168,8 @@ def build_setup(cfg: Config, base: BaseModel, handle_names: list[str], report: P
         _enable_xformers(base, report)
     store = CrossAttentionStore()
     # Capture goes in before checkpointing is switched on, so recomputation runs the same processors.
-    install_capture(base.unet, loss_layer_names(base.unet, cfg.loss.attn_loss_downscale), store)
+    latent_px = resolution // base.vae_scale_factor
+    install_capture(base.unet, loss_layer_names(base.unet, cfg.loss.attn_loss_downscale, latent_px), store)
     if cfg.model.use_gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
     base.unet.train()

@@ -165,3 +165,13 @@ def test_store_refuses_a_second_capture_of_one_layer():
     store.record("x", torch.zeros(1, 1, 4, 1))
     with pytest.raises(RuntimeError, match="twice"):
         store.record("x", torch.zeros(1, 1, 4, 1))
+
+
+def test_auto_downscale_aims_for_16px_maps():
+    from lowmcgm.attention_capture import auto_downscale
+    with torch.device("meta"):
+        sd15 = UNet2DConditionModel(**SD15_UNET)
+    assert auto_downscale(sd15, 64) == 4  # 512 px: 16x16 maps, the paper's layers
+    assert auto_downscale(sd15, 96) == 4  # 768 px: 24x24 (the 12x12 level has no cross-attention)
+    assert auto_downscale(_tiny_unet(), 32) == 2  # tiny: 16x16 rather than 8x8
+    assert loss_layer_names(sd15, 0, 64) == loss_layer_names(sd15, 4)
