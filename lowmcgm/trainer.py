@@ -130,9 +130,7 @@ def train(cfg: Config, on_progress: ProgressFn | None = None, resume: bool = Fal
         if state.phase == 1:
             run_phase(setup, state, report, out)
             state = new_state(setup, phase=2, generator=state.generator, history=state.history)
-        elif setup.cfg.train.phase2_steps:
-            pass  # resumed inside phase 2: adapters were added by resume_state
-        run_phase(setup, state, report, out)
+        run_phase(setup, state, report, out)  # phase 2 (a resume inside it has its adapters already)
     except KeyboardInterrupt:
         if setup.accelerator.is_main_process:
             path = save_train_checkpoint(setup, state, out)
