@@ -1,6 +1,6 @@
 """Gate figures of a toy base model, measured with the toy world's own segmentation.
 
-    python tools/eval_toy_base.py --model runs/toy_base/model [--n 64] [--out eval.json]
+    python tools/eval_toy_base.py --model runs/toy_base/model [--n 64] [--out eval.json] [--record]
 
 - VAE: reconstruction PSNR (8-bit, dB) on held-out scenes (a seed stream training never reads).
 - Text-to-image, on ``--n`` single-subject captions balanced over kind and pose (backgrounds
@@ -11,7 +11,8 @@
 The gate (issue 7): background and kind >= 90%, PSNR >= 30 dB, and silhouettes that differ by
 pose as the data's do; ``pose_corr`` (within-kind correlation of generated vs data log-ratios)
 and ``lying_over_sitting`` summarise the latter. A model folder holding only ``vae/`` (after the
-VAE stage) gets the PSNR alone.
+VAE stage) gets the PSNR alone. ``--record`` writes the figures, the per-criterion gate and
+``gate_passed`` into the model's ``toyworld.json``, where ``lowmcgm.toy`` reads them.
 """
 
 from __future__ import annotations
@@ -143,6 +144,25 @@ def save_sheet(path: Path, images: list[np.ndarray], per_row: int = 8) -> None:
     Image.fromarray(np.concatenate(rows, axis=0)).save(path)
 
 
+def record_gate(model: Path, report: dict) -> Path:
+    """Write the gate figures into ``model/toyworld.json`` (temporary name, then rename).
+
+    ``gate_passed`` needs every ``GATE`` criterion measured and met: a VAE-only evaluation, or one
+    with fewer criteria, never passes.
+    """
+    path = model / "toyworld.json"
+    info = json.loads(path.read_text()) if path.exists() else {}
+    keys = ("n", "psnr_db", "background_acc", "kind_acc", "subject_present", "pose_corr",
+            "lying_over_sitting", "pose_ratio", "settings")
+    info["evaluation"] = _finite({k: report[k] for k in keys if k in report})
+    info["gate"] = report["gate"]
+    info["gate_passed"] = set(report["gate"]) == set(GATE) and all(report["gate"].values())
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(info, indent=1) + "\n")
+    tmp.replace(path)
+    return path
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", type=Path, required=True, help="diffusers folder (or one with vae/)")
@@ -155,6 +175,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--include-heldout", action="store_true")
     p.add_argument("--out", type=Path, default=None, help="write the report as JSON here")
     p.add_argument("--sheet", type=Path, default=None, help="write the generated images here")
+    p.add_argument("--record", action="store_true",
+                   help="write the figures and the gate result into the model's toyworld.json (what "
+                        "lowmcgm's demo note and the gated tests read)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None)
     return p.parse_args(argv)
@@ -190,6 +213,8 @@ def main(argv=None) -> dict:
     print(text)
     if args.out:
         args.out.write_text(text + "\n")
+    if args.record:
+        record_gate(args.model, report)
     return report
 
 
