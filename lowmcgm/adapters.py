@@ -46,7 +46,12 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load weights from ``lora_state_dict`` into a model that ``add_lora`` prepared."""
-    result = set_peft_model_state_dict(model, state, adapter_name=ADAPTER_NAME)
+    try:
+        result = set_peft_model_state_dict(model, state, adapter_name=ADAPTER_NAME)
+    except RuntimeError as exc:  # torch: "size mismatch for ..." (a file made for another model)
+        detail = str(exc).strip().splitlines()[-1].strip()
+        raise UserError(f"LoRA weights do not fit this model ({detail}); they were made for another base "
+                        "model or rank.") from exc
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise UserError(f"LoRA weights do not fit this model: unexpected {unexpected[0]} "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ def atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
         with open(tmp, "rb+") as fh:
+            _sort_metadata(fh)
             os.fsync(fh.fileno())
         umask = os.umask(0)
         os.umask(umask)
@@ -46,6 +48,52 @@ def atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _sort_metadata(fh: Any) -> None:
+    """Rewrite the header of the safetensors file open in ``fh`` with its metadata in sorted order.
+
+    safetensors writes ``__metadata__`` from a Rust HashMap, in an order that changes from process
+    to process; sorted, the same run gives the same bytes (and so the same sha256) every time. The
+    header keeps its length (padded with spaces, as safetensors pads), so no tensor data moves.
+    """
+    fh.seek(0)
+    (length,) = struct.unpack("<Q", fh.read(8))
+    header = json.loads(fh.read(length))
+    if "__metadata__" not in header:
+        return
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > length:  # another escaping than serde's: keep the file as written
+        return
+    fh.seek(8)
+    fh.write(text + b" " * (length - len(text)))
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete ``atomic_save`` temporaries in ``folder`` left by a process that no longer runs.
+
+    A killed run (SIGKILL, power loss) cannot clean up after itself; its half-written files are
+    removed when a run resumes in the same folder. Returns the files removed.
+    """
+    removed = []
+    for tmp in Path(folder).glob(".*.tmp-*"):
+        pid = tmp.name.rpartition(".tmp-")[2]
+        if not pid.isdigit() or int(pid) == os.getpid() or _process_alive(int(pid)) or not tmp.is_file():
+            continue
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # someone else's process, or a number no process has: leave the file alone
+    return True
 
 
 def read_header(path: Path, max_header_bytes: int = MAX_HEADER_BYTES) -> tuple[dict[str, Any], dict[str, str]]:
@@ -67,8 +115,10 @@ def read_header(path: Path, max_header_bytes: int = MAX_HEADER_BYTES) -> tuple[d
             raise UserError(f"{path} is not a valid safetensors file (header of {header_len} bytes "
                             f"in a file of {size} bytes).")
         try:
-            header = json.loads(fh.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            header = json.loads(fh.read(header_len), object_pairs_hook=_refuse_duplicate_keys)
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as exc:
+            # RecursionError: deeply nested JSON; ValueError: a repeated key (two readers could
+            # then disagree about which entry counts).
             raise UserError(f"{path} is not a valid safetensors file (unreadable header).") from exc
     if not isinstance(header, dict):
         raise UserError(f"{path} is not a valid safetensors file (header is not a table).")
@@ -78,10 +128,11 @@ def read_header(path: Path, max_header_bytes: int = MAX_HEADER_BYTES) -> tuple[d
     data_len = size - 8 - header_len
     spans = []
     for name, entry in header.items():
-        ok = (isinstance(entry, dict) and entry.get("dtype") in _DTYPE_BYTES
-              and isinstance(entry.get("shape"), list) and all(isinstance(d, int) and d >= 0 for d in entry["shape"])
+        ok = (isinstance(entry, dict) and isinstance(entry.get("dtype"), str) and entry["dtype"] in _DTYPE_BYTES
+              and isinstance(entry.get("shape"), list)
+              and all(type(d) is int and d >= 0 for d in entry["shape"])
               and isinstance(entry.get("data_offsets"), list) and len(entry["data_offsets"]) == 2
-              and all(isinstance(o, int) for o in entry["data_offsets"]))
+              and all(type(o) is int for o in entry["data_offsets"]))
         if not ok:
             raise UserError(f"{path}: tensor entry {name!r} is malformed.")
         start, end = entry["data_offsets"]
@@ -92,7 +143,23 @@ def read_header(path: Path, max_header_bytes: int = MAX_HEADER_BYTES) -> tuple[d
             raise UserError(f"{path}: tensor {name!r} claims a size or position that the file does not "
                             "have (truncated or forged file).")
         spans.append((start, end))
+    # safetensors demands that the tensors tile the data exactly, without gaps, overlaps or a tail;
+    # checking it here keeps its loader from ever meeting a file we let through.
+    covered = 0
+    for start, end in sorted(spans):
+        if start != covered:
+            raise UserError(f"{path}: tensors overlap or leave gaps in the data (damaged or forged file).")
+        covered = end
+    if covered != data_len:
+        raise UserError(f"{path}: {data_len - covered} bytes after the last tensor (damaged or forged file).")
     return header, metadata
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    table = dict(pairs)
+    if len(table) != len(pairs):
+        raise ValueError("repeated key")
+    return table
 
 
 def file_sha256(path: Path) -> str:
@@ -152,18 +219,13 @@ def load_artifact(path: Path) -> Artifact:
         raise UserError(f"{path} has artifact format {version} (written by lowmcgm "
                         f"{meta.get('lowmcgm_version', '?')}); this lowmcgm reads format {FORMAT_VERSION}: "
                         "upgrade lowmcgm.")
+    parsed = _parse_meta(path, meta, header)
+    handles, lora = parsed["handles"], parsed.get("lora", {})
+    _check_shapes(path, header, handles, int(parsed["text_width"]), int(parsed.get("mask_size", 0)), lora)
     try:
-        parsed = {k: json.loads(v) if k in _JSON_META else v for k, v in meta.items()}
-        handles = parsed["handles"]
-        text_width = int(parsed["text_width"])
-        mask_size = int(parsed.get("mask_size", 0))
-        lora = parsed.get("lora", {})
-    except (KeyError, ValueError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path} has malformed artifact metadata ({exc}).") from exc
-    if not isinstance(handles, list) or not all(isinstance(h, str) for h in handles) or not handles:
-        raise UserError(f"{path} has malformed handle names in its metadata.")
-    _check_shapes(path, header, handles, text_width, mask_size, lora)
-    tensors = load_file(str(path))
+        tensors = load_file(str(path))
+    except Exception as exc:  # read_header let through a file safetensors refuses: still the user's file
+        raise UserError(f"{path} could not be read as safetensors ({exc}).") from exc
     sub = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
     return Artifact(
         handles=handles, handle_vectors=tensors["handles.vectors"].float(),
@@ -172,6 +234,65 @@ def load_artifact(path: Path) -> Artifact:
         text_encoder_lora={k: v.float() for k, v in sub("text_encoder.").items()},
         meta={k: v for k, v in parsed.items() if k not in ("format", "format_version", "handles")},
     )
+
+
+# Metadata the readers (sampler, export, inspect) use, and the type each must have; a value of the
+# wrong type is refused here so no reader meets it (an artifact may come from a stranger).
+_INT_META = ("text_width", "mask_size", "resolution")
+_STR_LIST_META = ("init_words",)
+_LORA_MODES = ("lora", "full")
+
+
+def _parse_meta(path: Path, meta: dict[str, str], header: dict[str, Any]) -> dict[str, Any]:
+    """The artifact's string metadata, decoded and type-checked; handle names are checked too."""
+    from lowmcgm.handles import HANDLE_PATTERN
+
+    def bad(why: str) -> UserError:
+        return UserError(f"{path} has malformed artifact metadata: {why}.")
+
+    parsed: dict[str, Any] = {}
+    for key, value in meta.items():
+        try:
+            parsed[key] = json.loads(value) if key in _JSON_META else value
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise bad(f"'{key}' is not JSON") from exc
+    for key in _INT_META:  # checked here, kept as the strings they are (readers call int())
+        if key in parsed:
+            try:
+                number = int(parsed[key])
+            except ValueError as exc:
+                raise bad(f"'{key}' is not a whole number") from exc
+            if not 0 <= number <= 2**20:
+                raise bad(f"'{key}' is out of range")
+    if "text_width" not in parsed or int(parsed["text_width"]) <= 0:
+        raise bad("no text_width")
+    handles = parsed.get("handles")
+    if not isinstance(handles, list) or not handles or not all(isinstance(h, str) for h in handles):
+        raise bad("no list of handle names")
+    for handle in handles:
+        # Handle names become tokens, file names (export) and prompt text: only the plain names
+        # training allows are accepted, never separators, format fields or markup.
+        if not HANDLE_PATTERN.match(handle):
+            raise bad(f"handle name {handle!r} is not of the form <name> (letters, digits, _ or -)")
+    if len(set(handles)) != len(handles):
+        raise bad("handle names repeat")
+    for key in _STR_LIST_META:
+        if key in parsed and not (isinstance(parsed[key], list) and all(isinstance(v, str) for v in parsed[key])):
+            raise bad(f"'{key}' is not a list of words")
+    if "training_config" in parsed and not isinstance(parsed["training_config"], dict):
+        raise bad("'training_config' is not a table")
+    lora = parsed.get("lora", {})
+    has_adapter = any(k.startswith(("unet.", "text_encoder.")) for k in header)
+    if not isinstance(lora, dict):
+        raise bad("'lora' is not a table")
+    if has_adapter or lora:
+        targets = [lora.get("unet_targets", []), lora.get("text_encoder_targets", [])]
+        ok = (lora.get("mode", "lora") in _LORA_MODES and type(lora.get("rank")) is int and lora["rank"] > 0
+              and type(lora.get("alpha")) in (int, float) and math.isfinite(lora["alpha"])
+              and all(isinstance(t, list) and all(isinstance(n, str) for n in t) for t in targets))
+        if not ok:
+            raise bad("'lora' needs a positive whole rank, a finite alpha, and lists of target names")
+    return parsed
 
 
 def _check_shapes(path: Path, header: dict[str, Any], handles: list[str], text_width: int,

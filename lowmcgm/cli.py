@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from lowmcgm import __version__
 from lowmcgm.errors import UserError
@@ -29,7 +30,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mask", action="append", default=[], help="one mask per subject, in handle order (repeat)")
     p.add_argument("--init-word", action="append", default=[], help="initializer word per subject (repeat)")
     p.add_argument("--handle", action="append", default=[], help="handle name per subject, e.g. '<mydog>' (repeat)")
-    p.add_argument("--base-model", help="diffusers folder, cached hub id, .safetensors file, or 'tiny'")
+    p.add_argument("--base-model", help="diffusers folder, cached hub id, .safetensors file, 'tiny' or 'toy'")
     p.add_argument("--out", help="output folder")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/last.safetensors")
 
@@ -87,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preview-every", type=int, metavar="N",
                    help="a preview sample and attention picture before training and every N steps of each "
                         "phase (sets output.preview_every; 0: only before training)")
+    p = sub.add_parser("demo", help="learn a dog and a cat from a bundled toy photo, draw them in new poses "
+                                    "(lowmcgm run on the toy model: a few minutes on a CPU)")
+    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo); inputs/ holds the "
+                                                      "photo, masks, pose masks and prompts it made")
+    p.add_argument("--base-model", default="toy", help="the model to learn on (default toy, the bundled toy-world "
+                                                       "model)")
     p = sub.add_parser("export", help="write the LoRA and handles for A1111, ComfyUI, kohya or diffusers")
     p.add_argument("artifact", help="the .safetensors file 'train' wrote")
     p.add_argument("--format", required=True, metavar="kohya|embeddings|diffusers",
@@ -102,6 +109,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="a kohya or diffusers LoRA .safetensors file, a diffusers LoRA folder, or a "
                                 "lowmcgm artifact")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p = sub.add_parser("estimate", help="predict the peak GPU memory of training, per phase and itemised "
+                                        "(no GPU, no weights: traced on fake tensors)")
+    _add_config_args(p)
+    p.add_argument("--base-model", default="sd15", help="sd15 (default), sd21-base, sd21-768, tiny, or a local "
+                                                        "diffusers folder (only its config files are read)")
+    p.add_argument("--resolution", type=int, help="training resolution in pixels (default: the preset's, else "
+                                                   "the model's)")
+    p.add_argument("--card", type=float, metavar="GB", help="the card to fit (default: the one the preset is "
+                                                            "named for, e.g. 8 for 8gb); settings that would fit "
+                                                            "are searched when it does not")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON, in bytes")
     return parser
 
 
@@ -135,12 +153,67 @@ def _train_config(args: argparse.Namespace, extra: dict[str, Any] | None = None)
     return cfg
 
 
+SAMPLING_OOM = ("CUDA ran out of memory while sampling: try --vae-slicing (or --vae-tiling for large images), "
+                "--batch-size 1, smaller --height/--width, --dtype fp16, or --cpu-offload on a 4-6 GB card.")
+
+
+# An out-of-memory message waits at most this long for the estimate of the failed settings.
+OOM_ESTIMATE_TIMEOUT_S = 120
+
+
+def _training_oom_message(cfg: Any, preset: str | None) -> str:
+    """What to do when training ran out of CUDA memory: the estimate for these settings, the card's
+    size and the shipped preset made for it. Each figure is a bonus: the message survives without."""
+    figures = ""
+    try:  # lowmcgm.estimate traces these settings on fake CUDA tensors in a subprocess (~20 s)
+        from lowmcgm.estimate import estimate, required_card_bytes
+
+        est = estimate(cfg, cfg.model.base_model, timeout_s=OOM_ESTIMATE_TIMEOUT_S)
+        figures = (f" By 'lowmcgm estimate', these settings peak at {est.peak_bytes / 2**30:.1f} GiB and need a "
+                   f"card of {required_card_bytes(est.peak_bytes) / 2**30:.1f} GiB.")
+    except Exception:  # a model the estimator cannot read (single file, hub id), a failed trace, ...
+        figures = ""
+    card = ""
+    try:
+        import re
+
+        import torch
+
+        from lowmcgm.presets import list_presets
+
+        card_gib = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
+        tiers = sorted(int(m.group(1)) for name in list_presets() if (m := re.fullmatch(r"(\d+)gb", name)))
+        # A card sold as 8 GB reports a little under 8 GiB: allow half a GiB.
+        fitting = [t for t in tiers if t <= card_gib + 0.5 and f"{t}gb" != preset]
+        if preset and re.fullmatch(r"\d+gb", preset):
+            fitting = [t for t in fitting if t < int(preset[:-2])]
+        card = f" This card has {card_gib:.1f} GiB" + (f": try --preset {fitting[-1]}gb." if fitting else ".")
+    except Exception:  # no CUDA to ask (the error was raised elsewhere), or no presets folder
+        card = ""
+    return ("CUDA ran out of memory during training with these settings." + figures + card + " Memory drops "
+            "with a smaller preset (lowmcgm presets; lowmcgm estimate checks one before training), "
+            "train.batch_size=1, model.use_gradient_checkpointing=true, train.optimizer=adamw8bit and a lower "
+            "model.resolution; close other programs that use the GPU. Changed settings need a new --out "
+            "(a checkpoint resumes only with the same settings, precision and learning rates aside).")
+
+
+@contextlib.contextmanager
+def _out_of_memory_advice(cfg: Any = None, preset: str | None = None) -> Iterator[None]:
+    """Turn CUDA's out-of-memory error into a UserError saying what fits (training with ``cfg``, else sampling)."""
+    import torch
+
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as exc:
+        raise UserError(_training_oom_message(cfg, preset) if cfg is not None else SAMPLING_OOM) from exc
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from lowmcgm.progress import ProgressPrinter
     from lowmcgm.trainer import train
 
     cfg = _train_config(args)
-    with ProgressPrinter() as printer:
+    with ProgressPrinter() as printer, _out_of_memory_advice(cfg, args.preset):
         path = train(cfg, on_progress=printer, resume=args.resume)
     print(f"Artifact written: {path}")
     return 0
@@ -184,10 +257,13 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         return 0
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=f"lowmcgm artifact {args.artifact} ({size / 2**20:.2f} MiB)", show_header=False)
+    # Text(): names and metadata come from the artifact's author and are shown as data, never as
+    # rich markup ("[/x]" in a stranger's file would otherwise crash the table or restyle it).
+    table = Table(title=Text(f"lowmcgm artifact {args.artifact} ({size / 2**20:.2f} MiB)"), show_header=False)
     for key, value in summary.items():
-        table.add_row(key, json.dumps(value) if isinstance(value, (list, dict)) else str(value))
+        table.add_row(Text(key), Text(json.dumps(value) if isinstance(value, (list, dict)) else str(value)))
     Console().print(table)
     return 0
 
@@ -214,7 +290,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from lowmcgm.sampler import sample_artifact
 
     specs, poses, settings = _sample_inputs(args)
-    with ProgressPrinter() as printer:
+    with ProgressPrinter() as printer, _out_of_memory_advice():
         grid = sample_artifact(args.artifact, specs, poses, settings, args.out, base_model=args.base_model or "",
                                report=printer)
     print(f"Samples written to {grid.parent} (contact sheet: {grid.name}, index: samples.json)")
@@ -228,7 +304,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from lowmcgm.progress import ProgressPrinter
     from lowmcgm.sampler import (TrainingPreviews, check_settings, no_mask_reason, plan_prompts, sample_artifact,
                                  training_prompt_spec)
-    from lowmcgm.trainer import train
+    from lowmcgm.trainer import check_inputs, train
 
     extra = {} if args.preview_every is None else {"output.preview_every": args.preview_every}
     cfg = _train_config(args, extra)
@@ -240,18 +316,36 @@ def _cmd_run(args: argparse.Namespace) -> int:
         specs = [training_prompt_spec(handles, [] if reason else list(cfg.data.masks))]
     # Prompts and poses are checked against the handles to be trained before any weights load.
     plans = plan_prompts(specs, poses, handles, reason)
+    check_inputs(cfg, args.resume)  # photo, masks and output folder, before the weights load (train repeats it)
     out = Path(cfg.output.out).expanduser()
     previews = TrainingPreviews(out / "previews", plans[0], settings, cfg.train.phase1_steps)
     base = load_base_model(cfg.model.base_model, cfg.model.single_file_config)
     with ProgressPrinter() as printer:
-        artifact = train(cfg, on_progress=printer, resume=args.resume, base=base, on_preview=previews)
+        with _out_of_memory_advice(cfg, args.preset):
+            artifact = train(cfg, on_progress=printer, resume=args.resume, base=base, on_preview=previews)
         save_loss_curve(out / "loss_history.json", out / "loss_curve.png")
         # train() leaves its handles, adapters and capture processors in `base`; sampling writes the
         # artifact's values over them (sampler.apply_artifact), so the base model is loaded once.
-        grid = sample_artifact(artifact, specs, poses, settings, out / "samples", base=base, report=printer)
+        with _out_of_memory_advice():
+            grid = sample_artifact(artifact, specs, poses, settings, out / "samples", base=base, report=printer)
     print(f"Artifact: {artifact}\nPreviews: {out / 'previews'}\nLoss curve: {out / 'loss_curve.png'}\n"
           f"Samples: {grid.parent} (contact sheet: {grid})")
     return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import shlex
+
+    from lowmcgm.demo import demo_run_arguments, describe_base, write_demo_inputs
+    from lowmcgm.output import check_output_dir
+
+    size_px, note = describe_base(args.base_model)  # fails here when the toy model is not bundled
+    if note:
+        print(note)
+    out = check_output_dir(args.out)
+    argv = demo_run_arguments(write_demo_inputs(out / "inputs", size_px), out, args.base_model)
+    print(f"The demo is: lowmcgm {shlex.join(argv)}")
+    return _cmd_run(build_parser().parse_args(argv))
 
 
 def _export_hint(fmt: str, handles: list[str], bundled: bool) -> str:
@@ -310,8 +404,21 @@ def _cmd_import_lora(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_estimate(args: argparse.Namespace) -> int:
+    from lowmcgm.config import parse_set, resolve_config
+    from lowmcgm.estimate import check_and_suggest, estimate_to_json, format_estimate
+
+    cfg = resolve_config(args.preset, args.config, parse_set(args.set))
+    if args.resolution is not None and (args.resolution <= 0 or args.resolution % 8):
+        raise UserError(f"--resolution must be a positive multiple of 8 (got {args.resolution}).")
+    est, card, suggestions = check_and_suggest(cfg, args.base_model, args.resolution, args.card, args.preset)
+    print(estimate_to_json(est, suggestions, card) if args.json else format_estimate(est, card, suggestions))
+    return 0
+
+
 COMMANDS = {"train": _cmd_train, "presets": _cmd_presets, "config-keys": _cmd_config_keys, "inspect": _cmd_inspect,
-            "sample": _cmd_sample, "run": _cmd_run, "export": _cmd_export, "import-lora": _cmd_import_lora}
+            "sample": _cmd_sample, "run": _cmd_run, "demo": _cmd_demo, "export": _cmd_export,
+            "import-lora": _cmd_import_lora, "estimate": _cmd_estimate}
 
 
 def _quiet_libraries() -> None:
@@ -330,19 +437,39 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
+def _output_arg(args: argparse.Namespace) -> str:
+    """The output path a command was given (--out, or --set output.out=), or ''."""
+    out = getattr(args, "out", None) or ""
+    for item in getattr(args, "set", None) or []:
+        key, sep, value = item.partition("=")
+        if sep and key.strip() == "output.out":
+            out = value.strip()
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
+    from lowmcgm.output import first_missing_folder, remove_empty_folders
+
     args = build_parser().parse_args(argv)
     if not args.debug:
         _quiet_libraries()
+    # A run that fails leaves no trace: folders it created for its output are removed again while
+    # they hold no file (a checkpoint or a finished sample keeps them).
+    created = first_missing_folder(_output_arg(args))
     try:
-        return COMMANDS[args.command](args)
+        try:
+            return COMMANDS[args.command](args)
+        except BaseException:
+            remove_empty_folders(created)
+            raise
     except UserError as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        # One line, whatever a message quotes (file names and metadata may hold line breaks).
+        print("error: " + " ".join(str(exc).splitlines()), file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("Interrupted. A checkpoint was saved if training had started; continue with --resume.",
+        print("Interrupted; continue with --resume from the last checkpoint, if training had written one.",
               file=sys.stderr)
         return EXIT_INTERRUPTED
 

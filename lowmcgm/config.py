@@ -55,6 +55,9 @@ class LossConfig:
         0, "attention maps are read at latent side / this (paper: 4); 0 derives it from the model: "
            "the cross-attention level whose maps are closest to 16x16, which is 4 for SD at 512 and 768 px")
     use_mask_tokens: bool = _f(True, "append mask tokens to the text tokens (MCGM); off = Break-a-scene")
+    use_attention_loss: bool = _f(
+        True, "the cross-attention and mask-attention terms; off = no capture processors (plain SDPA "
+              "everywhere) and a diffusion-only loss, as a baseline for speed and memory")
 
 
 @dataclass(frozen=True)
@@ -136,8 +139,13 @@ def field_help(key: str) -> str:
 
 def _unknown_key(key: str, where: str) -> UserError:
     close = difflib.get_close_matches(key, all_keys(), n=1)
-    hint = f" Did you mean '{close[0]}'?" if close else " Run 'lowmcgm config-keys' for the list."
-    return UserError(f"Unknown config key '{key}' in {where}.{hint}")
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    # The valid keys of the section meant (the closest match's, else the one named), else the sections.
+    section = (close[0] if close else key).partition(".")[0]
+    names = [k.partition(".")[2] for k in all_keys() if k.startswith(section + ".")]
+    valid = (f" Valid [{section}] keys: {', '.join(names)}." if names else
+             f" Valid sections: {', '.join(_section_types())}.")
+    return UserError(f"Unknown config key '{key}' in {where}.{hint}{valid} 'lowmcgm config-keys' explains each.")
 
 
 def _coerce(value: Any, typ: Any, key: str) -> Any:

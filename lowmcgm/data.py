@@ -1,8 +1,9 @@
 """The training photo and its concept masks: reading, checking, joint resize/crop/flip, union sampling.
 
 Masks of any mode are accepted (L, RGB, RGBA, LA, palette, 16-bit): alpha is used when present,
-else luminance; values are binarised at 0.5. Image and masks are resized and center-cropped
-together, so a pixel of a mask stays on the pixel of the photo it marked.
+else luminance (for palette images the brightest channel); values are binarised at 0.5. Image and
+masks are resized and center-cropped together, so a pixel of a mask stays on the pixel of the photo
+it marked.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ def _open(path: Path, what: str) -> Image.Image:
         img.load()  # decode now: a truncated file fails here, not halfway through training
     except UnidentifiedImageError as exc:
         raise UserError(f"{what} {path} is not an image PIL can read (PNG or JPEG expected).") from exc
+    except PermissionError as exc:
+        raise UserError(f"{what} {path} cannot be read (permission denied): check its permissions.") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise UserError(f"{what} {path} could not be decoded ({exc}); the file may be truncated.") from exc
     return img
@@ -74,7 +77,11 @@ def load_mask(path: str | Path) -> np.ndarray:
     """
     img = _open(Path(path), "Mask")
     if img.mode == "P":
-        img = img.convert("RGBA") if "transparency" in img.info else img.convert("L")
+        if "transparency" not in img.info:
+            # Label-map palettes (segmentation tools) colour subjects red, green, ...; their luminance
+            # can fall below 0.5, so a palette mask counts a pixel by its brightest channel.
+            return np.asarray(img.convert("RGB"), dtype=np.float32).max(-1) / 255.0
+        img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA"):
         return np.asarray(img.getchannel("A"), dtype=np.float32) / 255.0
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
@@ -99,9 +106,13 @@ def check_masks(masks: list[np.ndarray], paths: list[str], image_size: tuple[int
     for mask, path in zip(masks, paths):
         mh, mw = mask.shape
         if (mw, mh) != (w, h):
+            if mw * h == mh * w:  # same shape, other resolution: a plain resize fixes it
+                how = f"resize the mask to {w}x{h} (nearest neighbour, so it stays black and white)"
+            else:
+                how = ("its aspect ratio differs, so it was drawn on another crop of the photo: draw it on "
+                       "the photo itself, or crop photo and masks the same way")
             raise UserError(f"Mask {path} is {mw}x{mh} but the image is {w}x{h}: masks must have the "
-                            "image's exact size (draw them on the photo itself, or resize both with "
-                            "the same crop).")
+                            f"image's exact size; {how}.")
         area = float(mask.mean())
         if area == 0.0:
             raise UserError(f"Mask {path} is empty (no pixel above 0.5): mark the subject in white "

@@ -119,12 +119,13 @@ def export_kohya(artifact: Artifact, out: Path, bundle_embeddings: bool = True, 
     if out.is_dir():
         raise UserError(f"--out {out} is a folder; the kohya format writes one file: name it, "
                         f"e.g. --out {out / 'lora.safetensors'}.")
-    _prepare_folder(out.parent)
     tensors = build_kohya_state_dict(artifact, dtype)
     if bundle_embeddings:
         for handle, vector in zip(artifact.handles, artifact.handle_vectors):
             tensors[f"{BUNDLE_PREFIX}{handle}.{A1111_EMBEDDING_KEY}"] = vector.float()[None]  # (1, d)
-    atomic_save(tensors, build_kohya_metadata(artifact, out.stem), out)
+    metadata = build_kohya_metadata(artifact, out.stem)
+    _prepare_folder(out.parent)  # only now: a refused export leaves no folder behind
+    atomic_save(tensors, metadata, out)
     return out
 
 
@@ -199,14 +200,16 @@ def export_embeddings(artifact: Artifact, out_dir: Path) -> list[Path]:
     ``embedding:asset0``); diffusers loads it with ``load_textual_inversion(file, token="<asset0>")``.
     """
     out_dir = Path(out_dir)
+    paths = [out_dir / f"{embedding_file_stem(handle)}.safetensors" for handle in artifact.handles]
+    for handle, path in zip(artifact.handles, paths):
+        if path.parent != out_dir:  # a handle is data, never a path: no separators, no ".."
+            raise UserError(f"Handle {handle!r} cannot be a file name; handles are <name> with letters, "
+                            "digits, _ or -.")
     _prepare_folder(out_dir)
-    paths = []
-    for handle, vector in zip(artifact.handles, artifact.handle_vectors):
-        path = out_dir / f"{embedding_file_stem(handle)}.safetensors"
+    for handle, vector, path in zip(artifact.handles, artifact.handle_vectors, paths):
         atomic_save({A1111_EMBEDDING_KEY: vector.float()[None]},
                     {"name": embedding_file_stem(handle), "lowmcgm_handle": handle, "lowmcgm_version": __version__},
                     path)
-        paths.append(path)
     return paths
 
 
@@ -401,7 +404,8 @@ def read_lora_file(path: Path) -> LoraFile:
     if not lora.modules:
         raise UserError(f"{path} holds no LoRA weights.")
     for name, module in {**lora.unet, **lora.text_encoder}.items():
-        if module.down.dim() != module.up.dim() or module.up.shape[1] != module.rank:
+        if (module.down.dim() not in (2, 4) or module.down.dim() != module.up.dim()
+                or module.up.shape[1] != module.down.shape[0]):
             raise UserError(f"{path} is damaged: the down and up weights of {name} do not fit together "
                             f"({list(module.down.shape)} and {list(module.up.shape)}).")
     return lora
@@ -426,6 +430,8 @@ def _read_kohya(path: Path, header: dict[str, Any], metadata: dict[str, str]) ->
         if ".lora_down.weight" not in parts or ".lora_up.weight" not in parts:
             raise UserError(f"{path} is incomplete: {name} lacks its lora_down or lora_up weight.")
         alpha = parts.get(".alpha")
+        if alpha is not None and (alpha.numel() != 1 or not math.isfinite(float(alpha.float().item()))):
+            raise UserError(f"{path} is damaged: the alpha of {name} is not one finite number.")
         module = LoraModule(parts[".lora_down.weight"].float(), parts[".lora_up.weight"].float(),
                             float(alpha.float().item()) if alpha is not None else None)
         if name.startswith(KOHYA_UNET_PREFIX):
@@ -446,7 +452,8 @@ def _read_lowmcgm(path: Path) -> LoraFile:
     for state in (artifact.unet_lora, artifact.text_encoder_lora):
         modules = _peft_modules(state, int(lora["rank"]))
         parts.append({_strip_text_model(p): LoraModule(down, up, alpha) for p, (down, up) in modules.items()})
-    return LoraFile(path, "lowmcgm", parts[0], parts[1], {"base_model_version": artifact.meta["base_model_version"]})
+    version = str(artifact.meta.get("base_model_version", ""))
+    return LoraFile(path, "lowmcgm", parts[0], parts[1], {"base_model_version": version})
 
 
 def _normalise_kohya_te_name(name: str) -> str:
@@ -458,8 +465,10 @@ def _normalise_kohya_te_name(name: str) -> str:
 def _read_diffusers(path: Path, header: dict[str, Any], metadata: dict[str, str]) -> LoraFile:
     try:
         config = json.loads(metadata[DIFFUSERS_METADATA_KEY]) if DIFFUSERS_METADATA_KEY in metadata else {}
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise UserError(f"{path} has unreadable LoRA adapter metadata.") from exc
+    if not isinstance(config, dict):
+        raise UserError(f"{path} has unreadable LoRA adapter metadata (not a table).")
     tensors = load_file(str(path))
     parts: dict[str, dict[str, dict[str, torch.Tensor]]] = {"unet": {}, "text_encoder": {}}
     for key, value in tensors.items():
@@ -476,6 +485,8 @@ def _read_diffusers(path: Path, header: dict[str, Any], metadata: dict[str, str]
             raise UserError(f"{path} uses different ranks or alphas per module; lowmcgm trains one rank "
                             "and one alpha.")
         alpha = config.get(f"{component}.lora_alpha")
+        if alpha is not None and (type(alpha) not in (int, float) or not math.isfinite(alpha)):
+            raise UserError(f"{path} has a {component} lora_alpha that is not a number ({alpha!r}).")
         result[component] = {}
         for module_path, pair in modules.items():
             if set(pair) != {"lora_A", "lora_B"}:
@@ -624,6 +635,32 @@ def load_lora_file_into(lora: LoraFile, unet: nn.Module, text_encoder: nn.Module
             state[f"{module_path}.lora_B.weight"] = module.up
         if state:
             load_lora_state_dict(model, state)
+
+
+def check_lora_fits(lora: LoraFile, unet: nn.Module, text_encoder: nn.Module | None) -> None:
+    """Refuse a LoRA whose modules this base model lacks or has in other sizes, before any step.
+
+    ``load_lora_file_into`` finds the same problems, but only when phase 2 begins.
+    """
+    parts = [("unet", lora.unet, unet, KOHYA_UNET_PREFIX)]
+    if text_encoder is not None:
+        parts.append(("text_encoder", lora.text_encoder, text_encoder, KOHYA_TE_PREFIX))
+    for component, modules, model, prefix in parts:
+        by_name = _module_names(model, prefix if lora.format == "kohya" else "")
+        for name, module in modules.items():
+            found = by_name.get(name)
+            if found is None:
+                raise UserError(f"{lora.path} was made for another model: this {component} has no module "
+                                f"{name}; use a LoRA for the same base model.")
+            module_path, layer = found
+            weight = getattr(layer, "weight", None)  # (out, in) or (out, in, kh, kw)
+            if not isinstance(weight, torch.Tensor) or weight.dim() != module.down.dim():
+                raise UserError(f"{lora.path} was made for another base model: {module_path} is not the "
+                                "kind of layer its LoRA adapts.")
+            if (module.down.shape[1], module.up.shape[0]) != (weight.shape[1], weight.shape[0]):
+                raise UserError(f"{lora.path} was made for another base model: {module_path} maps "
+                                f"{weight.shape[1]} to {weight.shape[0]} values here, its LoRA "
+                                f"{module.down.shape[1]} to {module.up.shape[0]}.")
 
 
 def _module_names(model: nn.Module, kohya_prefix: str) -> dict[str, tuple[str, nn.Module]]:

@@ -2,7 +2,8 @@
 
 A base model is whatever ``--base-model`` names: a diffusers folder, a hub id already in the local
 Hugging Face cache, a single ``.safetensors`` checkpoint (read with configs shipped in
-``lowmcgm/model_configs``), or ``tiny``/``tiny-v`` (built here from a seed, no download). Everything
+``lowmcgm/model_configs``), ``tiny``/``tiny-v`` (built here from a seed, no download) or ``toy``
+(the toy-world model shipped in the package, see ``toy.py``). Everything
 downstream reads text width, prediction type and resolution from the loaded configs, never from
 constants.
 """
@@ -23,6 +24,7 @@ from lowmcgm.errors import UserError
 from lowmcgm.tokenizer import build_clip_tokenizer
 
 TINY_NAMES = ("tiny", "tiny-v")
+TOY_NAME = "toy"  # the toy-world model bundled in lowmcgm/weights/toy (lowmcgm/toy.py)
 
 # Words of the tiny tokenizer: enough for the prompts the method and the tests write.
 TINY_WORDS = (
@@ -144,12 +146,17 @@ def load_base_model(spec: str, single_file_config: str = "auto") -> BaseModel:
     """Load the base model named by ``--base-model``; every failure is a UserError.
 
     Args:
-        spec: ``tiny``/``tiny-v``, a diffusers folder, a ``.safetensors`` file, or a hub id that
-            is already in the local Hugging Face cache (nothing is downloaded).
+        spec: ``tiny``/``tiny-v``, ``toy`` (the bundled toy-world model), a diffusers folder, a
+            ``.safetensors`` file, or a hub id that is already in the local Hugging Face cache
+            (nothing is downloaded).
         single_file_config: for single files, which shipped config to read them with.
     """
     if spec in TINY_NAMES:
         return build_tiny_base(spec)
+    if spec == TOY_NAME:
+        from lowmcgm.toy import load_toy_base
+
+        return load_toy_base()
     path = Path(spec).expanduser()
     if path.is_dir():
         return _load_folder(path, name=path.name)
@@ -164,7 +171,7 @@ def load_base_model(spec: str, single_file_config: str = "auto") -> BaseModel:
         return load_single_file(path, single_file_config)
     if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
         raise UserError(f"Base model '{spec}' is neither a diffusers folder, a .safetensors file, "
-                        "a hub id in the local cache, nor 'tiny'.")
+                        "a hub id in the local cache, nor 'tiny' or 'toy'.")
     return _load_cached_hub_id(spec)
 
 

@@ -34,6 +34,35 @@ def check_output_dir(out: str, resume: bool = False, min_free_bytes: int = MIN_F
     return path
 
 
+def first_missing_folder(out: str | Path) -> Path | None:
+    """The outermost part of ``out`` that does not exist yet (what a run would create), or None."""
+    if not out:
+        return None
+    path = Path(out).expanduser().absolute()
+    missing = None
+    for part in (path, *path.parents):
+        if part.exists() or part.is_symlink():
+            break
+        missing = part
+    return missing
+
+
+def remove_empty_folders(top: Path | None) -> None:
+    """Remove ``top`` and the folders below it that hold no file: what a refused run created.
+
+    Only empty folders go (``os.rmdir`` refuses any other), so a checkpoint or a written file keeps
+    its folder; ``top`` comes from ``first_missing_folder`` taken before the run, so nothing that
+    existed before is touched.
+    """
+    if top is None or top.is_symlink() or not top.is_dir():
+        return
+    for folder, _, _ in os.walk(top, topdown=False):
+        try:
+            os.rmdir(folder)
+        except OSError:
+            pass
+
+
 def write_effective_config(cfg: Config, out: Path) -> Path:
     """Write ``config.toml`` (every field, defaults included) atomically into ``out``."""
     path = out / "config.toml"

@@ -17,7 +17,7 @@ class ProgressPrinter:
     """A callable for ``train(on_progress=...)``; use as a context manager."""
 
     def __init__(self, console: Console | None = None, plain_every: int = 10):
-        self.console = console or Console(stderr=True)
+        self.console = console or Console(stderr=True, soft_wrap=True)  # never break paths across lines
         self.live = self.console.is_terminal
         self.plain_every = plain_every
         self.progress: Progress | None = None

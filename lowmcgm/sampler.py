@@ -484,12 +484,18 @@ def _apply_adapter(module: torch.nn.Module, state: dict[str, torch.Tensor], lora
     if not state:
         return
     if lora.get("mode") == "full":  # whole weights, handle rows excluded (they live in handles.vectors)
-        result = module.load_state_dict(state, strict=False)
+        try:
+            result = module.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # "size mismatch": weights of another architecture
+            raise UserError(f"The artifact's weights do not fit this model: "
+                            f"{str(exc).strip().splitlines()[-1].strip()}") from exc
         if result.unexpected_keys:
             raise UserError(f"The artifact's weights do not fit this model: unexpected {result.unexpected_keys[0]}.")
         return
     if not lora_module_names(module):
-        add_lora(module, tuple(lora[targets_key]), int(lora["rank"]), float(lora["alpha"]))
+        # Artifacts name their targets; without the list, the adapted modules' own paths match exactly.
+        targets = lora.get(targets_key) or sorted({k.rsplit(".lora_", 1)[0] for k in state})
+        add_lora(module, tuple(targets), int(lora["rank"]), float(lora["alpha"]))
     load_lora_state_dict(module, state)
 
 
@@ -605,6 +611,8 @@ def load_base_for(artifact: Artifact, base_model: str) -> BaseModel:
         return load_base_model(base_model)
     recorded = artifact.meta.get("base_model", "")
     model_config = artifact.meta.get("training_config", {}).get("model", {})
+    if not isinstance(model_config, dict):  # the artifact's metadata is data from its author
+        model_config = {}
     try:
         return load_base_model(recorded, model_config.get("single_file_config", "auto"))
     except UserError as exc:

@@ -8,20 +8,24 @@ Reading order: ``train`` -> ``run_phase`` -> ``compute_step_loss``.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from accelerate import Accelerator
 
 from lowmcgm import config as config_mod
 from lowmcgm.adapters import add_lora, cast_frozen, lora_state_dict, load_lora_state_dict
-from lowmcgm.artifact import Artifact, load_checkpoint, save_artifact, save_checkpoint
+from lowmcgm.artifact import (Artifact, load_checkpoint, read_header, remove_stale_temporaries, save_artifact,
+                              save_checkpoint)
 from lowmcgm.attention_capture import CrossAttentionStore, install_capture, loss_layer_names
 from lowmcgm.config import Config
 from lowmcgm.data import (ConceptImage, build_prompt, load_concept_image, resize_masks, sample_concepts,
@@ -49,7 +53,7 @@ class Setup:
     handle_names: list[str]
     handles: HandleEmbedding
     mask_encoder: MaskEncoder | None
-    store: CrossAttentionStore
+    store: CrossAttentionStore | None  # None when loss.use_attention_loss is off (no capture)
     accelerator: Accelerator
     latent_mean: torch.Tensor  # (2, C, h, w): the photo and its mirror image, encoded once
     latent_std: torch.Tensor
@@ -57,6 +61,7 @@ class Setup:
     report: ProgressFn
     said: set[str] = field(default_factory=set)
     on_preview: PreviewFn | None = None
+    stop_requested: bool = False  # set by Ctrl-C; the loop stops before its next step
     # Text-encoder outputs by token ids, when the text encoder has nothing left to train.
     text_cache: dict[tuple[int, ...], torch.Tensor] | None = None
     lora_params: list[torch.nn.Parameter] = field(default_factory=list)
@@ -105,32 +110,33 @@ def train(cfg: Config, on_progress: ProgressFn | None = None, resume: bool = Fal
             the models as it found them (train mode, capture store cleared).
     """
     report = on_progress or (lambda event: None)
-    out = check_output_dir(cfg.output.out, resume=resume)
-    handle_names = check_handle_names(list(cfg.data.handles), len(cfg.data.masks))
-    # Inputs are checked at a small size before any weights load: a bad mask fails in a second.
-    _, warnings = load_concept_image(cfg.data.image, list(cfg.data.masks), 64)
-    if len(cfg.data.masks) > cfg.data.max_concepts:
-        raise UserError(f"{len(cfg.data.masks)} masks given, but this preset allows at most "
-                        f"{cfg.data.max_concepts} (data.max_concepts).")
-    if cfg.lora.init_lora:
-        from lowmcgm.export import check_init_lora
-
-        check_init_lora(Path(cfg.lora.init_lora), cfg.lora)
+    out, handle_names, warnings = check_inputs(cfg, resume)
     for warning in warnings:
         report({"kind": "message", "level": "warning", "text": warning})
-    write_effective_config(cfg, out)
 
     base = base or load_base_model(cfg.model.base_model, cfg.model.single_file_config)
+    if cfg.lora.init_lora:  # its shapes against this base, before any step rather than at phase 2
+        from lowmcgm.export import check_init_lora, check_lora_fits
+
+        check_lora_fits(check_init_lora(Path(cfg.lora.init_lora), cfg.lora), base.unet,
+                        base.text_encoder if cfg.lora.use_text_encoder_lora else None)
+    # Written once the base model loaded: a refused base leaves the output folder empty.
+    write_effective_config(cfg, out)
     setup = build_setup(cfg, base, handle_names, report)
     state = resume_state(setup, out) if resume else new_state(setup, phase=1)
     setup.on_preview = on_preview
     if on_preview is not None and not resume:
         on_preview(setup, state)
     try:
-        if state.phase == 1:
-            run_phase(setup, state, report, out)
-            state = new_state(setup, phase=2, generator=state.generator, history=state.history)
-        run_phase(setup, state, report, out)  # phase 2 (a resume inside it has its adapters already)
+        with _stop_between_steps(setup):
+            if state.phase == 1:
+                run_phase(setup, state, report, out)
+                state = new_state(setup, phase=2, generator=state.generator, history=state.history)
+            run_phase(setup, state, report, out)  # phase 2 (a resume inside it has its adapters already)
+    except _StopNow:
+        report({"kind": "message", "level": "warning", "text": "Stopped mid-step: no checkpoint written; "
+                "--resume continues from the last one."})
+        raise
     except KeyboardInterrupt:
         if setup.accelerator.is_main_process:
             path = save_train_checkpoint(setup, state, out)
@@ -138,21 +144,95 @@ def train(cfg: Config, on_progress: ProgressFn | None = None, resume: bool = Fal
         raise
     path = out / cfg.output.artifact_name
     if setup.accelerator.is_main_process:
-        save_artifact(build_artifact(setup), path, dtype=cfg.output.save_dtype)
+        artifact = build_artifact(setup)
+        _check_finite(setup, state, {"handles.vectors": artifact.handle_vectors, **artifact.mask_encoder,
+                                     **artifact.unet_lora, **artifact.text_encoder_lora})
+        save_artifact(artifact, path, dtype=cfg.output.save_dtype)
         (out / "loss_history.json").write_text(json.dumps(state.history))
         report({"kind": "saved", "what": "artifact", "path": str(path)})
     setup.accelerator.wait_for_everyone()
     return path
 
 
+def check_inputs(cfg: Config, resume: bool = False) -> tuple[Path, list[str], list[str]]:
+    """Everything checkable before weights load; return (output folder, handle names, warnings).
+
+    The output folder is checked (created, written to, measured for free space) last, so a run
+    refused for its inputs leaves nothing behind, and before any weights load, so a full disk or a
+    read-only folder fails in a second rather than after hours of training.
+    """
+    if len(cfg.data.masks) > cfg.data.max_concepts:
+        raise UserError(f"{len(cfg.data.masks)} masks given, but this preset allows at most "
+                        f"{cfg.data.max_concepts} (data.max_concepts): drop some masks, or raise "
+                        "data.max_concepts at the risk of subjects blending.")
+    handle_names = check_handle_names(list(cfg.data.handles), len(cfg.data.masks))
+    # Inputs are checked at a small size: a bad mask fails in a second.
+    _, warnings = load_concept_image(cfg.data.image, list(cfg.data.masks), 64)
+    if cfg.lora.init_lora:
+        from lowmcgm.export import check_init_lora
+
+        check_init_lora(Path(cfg.lora.init_lora), cfg.lora)
+    out = check_output_dir(cfg.output.out, resume=resume)
+    if resume:
+        check_resume(cfg, out)
+    return out, handle_names, warnings
+
+
+class _StopNow(KeyboardInterrupt):
+    """A second Ctrl-C: stop at once, mid-step, without writing a (half-updated) checkpoint."""
+
+
+@contextlib.contextmanager
+def _stop_between_steps(setup: Setup) -> Iterator[None]:
+    """Turn Ctrl-C (SIGINT) into a stop at the end of the current step.
+
+    A KeyboardInterrupt raised mid-step would leave the random generator advanced by a batch that
+    was never trained on, or an optimizer step half applied: the checkpoint saved then would not
+    resume to the run it interrupted. So the first Ctrl-C only sets ``setup.stop_requested`` and
+    ``run_phase`` raises KeyboardInterrupt between steps; a second one stops at once.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers belong to the main thread; elsewhere Ctrl-C is not ours to route
+        return
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        if setup.stop_requested:
+            raise _StopNow()
+        setup.stop_requested = True
+        setup.report({"kind": "message", "level": "info",
+                      "text": "Stopping after this step to save a checkpoint (Ctrl-C again: stop now, without one)."})
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def build_setup(cfg: Config, base: BaseModel, handle_names: list[str], report: ProgressFn) -> Setup:
-    """Freeze the base, add handles and mask encoder, install capture, encode the photo once."""
+    """Start the accelerator, read the photo at training size, then ``prepare_setup``."""
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=_mixed_precision(cfg, report))
+    concept, _ = load_concept_image(cfg.data.image, list(cfg.data.masks), cfg.model.resolution or base.resolution)
+
+    def load_prior(device: torch.device) -> torch.Tensor:
+        from lowmcgm.prior import load_prior_latents
+
+        return load_prior_latents(cfg, base, Path(cfg.output.out), device, report)
+
+    return prepare_setup(cfg, base, concept, handle_names, accelerator, report, load_prior)
+
+
+def prepare_setup(cfg: Config, base: BaseModel, concept: ConceptImage, handle_names: list[str],
+                  accelerator: Accelerator, report: ProgressFn,
+                  load_prior: Callable[[torch.device], torch.Tensor]) -> Setup:
+    """Freeze the base, add handles and mask encoder, install capture, encode the photo once.
+
+    ``lowmcgm estimate`` calls this too, on models built from their configs with fake CUDA tensors
+    (a random photo, a stand-in accelerator, random class latents): the memory it reports is this code's.
+    """
     device = accelerator.device
     weight_dtype = WEIGHT_DTYPES[accelerator.mixed_precision]
-    resolution = cfg.model.resolution or base.resolution
-    concept, _ = load_concept_image(cfg.data.image, list(cfg.data.masks), resolution)
-
+    resolution = concept.image.shape[-1]
     init_gen = torch.Generator().manual_seed(cfg.train.seed)
     for module in (base.unet, base.text_encoder, base.vae):
         module.requires_grad_(False)
@@ -164,30 +244,30 @@ def build_setup(cfg: Config, base: BaseModel, handle_names: list[str], report: P
 
     if cfg.model.use_xformers:
         _enable_xformers(base, report)
-    store = CrossAttentionStore()
+    store = CrossAttentionStore() if cfg.loss.use_attention_loss else None
     # Capture goes in before checkpointing is switched on, so recomputation runs the same processors.
-    latent_px = resolution // base.vae_scale_factor
-    install_capture(base.unet, loss_layer_names(base.unet, cfg.loss.attn_loss_downscale, latent_px), store)
+    if store is not None:
+        latent_px = resolution // base.vae_scale_factor
+        install_capture(base.unet, loss_layer_names(base.unet, cfg.loss.attn_loss_downscale, latent_px), store)
     if cfg.model.use_gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
     base.unet.train()
 
     if cfg.lora.phase2_mode == "full":
         weight_dtype = torch.float32  # every UNet weight will train: fp32 master weights
+    # The photo is encoded before the UNet and text encoder arrive, so the encoder's activations
+    # (about 0.6 GiB at 512 px) never sit on top of them: `lowmcgm estimate` found this setup peak
+    # above the training steps' own. The VAE is cast while it moves: no fp32 copy on the GPU.
+    if weight_dtype == torch.float32:
+        base.vae.to(device)  # diffusers warns whenever a dtype is passed
+    else:
+        base.vae.to(device, weight_dtype)
+    mean, std = encode_photo(base, concept.image, device)
     for module in (base.unet, base.text_encoder):
         cast_frozen(module, weight_dtype)
         module.to(device)
     handles.to(device)
-    base.vae.to(device)
-    if weight_dtype != torch.float32:
-        base.vae.to(dtype=weight_dtype)
-
-    mean, std = encode_photo(base, concept.image, device)
-    prior = None
-    if cfg.train.use_prior_preservation:
-        from lowmcgm.prior import load_prior_latents
-
-        prior = load_prior_latents(cfg, base, Path(cfg.output.out), device, report)
+    prior = load_prior(device) if cfg.train.use_prior_preservation else None
     if cfg.model.use_vae_offload and cfg.data.background == "keep":
         base.vae.to("cpu")  # the photo is encoded: the VAE's memory is free for activations
         if device.type == "cuda":
@@ -223,6 +303,8 @@ def add_phase2_adapters(setup: Setup) -> None:
     if cfg.lora.use_text_encoder_lora:
         setup.te_lora_params = add_lora(base.text_encoder, cfg.lora.text_encoder_targets, cfg.lora.rank,
                                         cfg.lora.alpha)
+        # peft freezes every non-LoRA parameter of the model it injects into: the handles too.
+        setup.handles.vectors.requires_grad_(True)
     for param in setup.lora_params + setup.te_lora_params:
         param.data = param.data.to(setup.device)
     if cfg.lora.init_lora:
@@ -305,6 +387,8 @@ def run_phase(setup: Setup, state: TrainState, report: ProgressFn, out: Path) ->
     report({"kind": "phase", "phase": state.phase, "total": total, "start": state.step})
     started, start_step = time.perf_counter(), state.step
     while state.step < total:
+        if setup.stop_requested:  # Ctrl-C: stop here, between steps, where the state is whole
+            raise KeyboardInterrupt
         losses = train_step(setup, state)
         state.step += 1
         state.history.append({"phase": state.phase, "step": state.step, **losses})
@@ -385,7 +469,7 @@ def compute_step_loss(setup: Setup, batch: Batch) -> tuple[torch.Tensor, LossPar
     size, k = batch.handle_ids.shape
     input_ids = batch.input_ids.to(device)
     masks = batch.masks.to(device)
-    text = encode_text(setup, input_ids)  # (B, 77, d)
+    text = encode_text(setup, batch.input_ids)  # (B, 77, d); the CPU ids: a cache lookup needs no sync
     mask_tokens = setup.mask_encoder(masks) if setup.mask_encoder is not None else None  # (B, k, d)
     context = append_mask_tokens(text, mask_tokens)
     # Keys the losses read: each handle's position, then each mask token's (77 + i).
@@ -405,9 +489,12 @@ def compute_step_loss(setup: Setup, batch: Batch) -> tuple[torch.Tensor, LossPar
         key_index = torch.cat([key_index, torch.zeros_like(key_index)])  # prior maps are not read
 
     noisy = base.noise_scheduler.add_noise(latents, noise, timesteps)
-    setup.store.begin(key_index)
+    store = setup.store
+    if store is not None:
+        store.begin(key_index)
     pred = base.unet(noisy.to(context.dtype), timesteps, context).sample
-    setup.store.end()
+    if store is not None:
+        store.end()
     if base.prediction_type == "v_prediction":
         target = base.noise_scheduler.get_velocity(latents, noise, timesteps)
     else:
@@ -415,14 +502,17 @@ def compute_step_loss(setup: Setup, batch: Batch) -> tuple[torch.Tensor, LossPar
 
     union = resize_masks(masks.amax(1, keepdim=True), latents.shape[-1])  # (B, 1, h, w)
     rec = compute_masked_diffusion_loss(pred[:size], target[:size], union)
-    maps = setup.store.mean_maps()[:size]  # (B, S, s, s)
-    small = resize_masks(masks, maps.shape[-1])  # (B, k, s, s)
-    attn = compute_attention_loss(maps[:, :k], small)
     zero = rec.new_zeros(())
-    mask_attn = compute_attention_loss(maps[:, k:], small) if mask_tokens is not None else zero
+    attn = mask_attn = zero
+    if store is not None:
+        maps = store.mean_maps()[:size]  # (B, S, s, s)
+        small = resize_masks(masks, maps.shape[-1])  # (B, k, s, s)
+        attn = compute_attention_loss(maps[:, :k], small)
+        if mask_tokens is not None:
+            mask_attn = compute_attention_loss(maps[:, k:], small)
+        store.maps = {}  # the loss holds what it needs; drop the store's references
     prior = torch.nn.functional.mse_loss(pred[size:].float(), target[size:].float()) \
         if batch.prior_latents is not None else zero
-    setup.store.maps = {}  # the loss holds what it needs; drop the store's references
     parts = LossParts(rec=rec, attn=attn, mask_attn=mask_attn, prior=prior)
     return compute_total_loss(parts, cfg.loss.attn_weight, cfg.loss.mask_attn_weight, cfg.loss.prior_weight), parts
 
@@ -466,20 +556,24 @@ def save_train_checkpoint(setup: Setup, state: TrainState, out: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     info = {"phase": state.phase, "step": state.step, "generator": state.generator.get_state().tolist(),
             "history": state.history, "config": config_mod.config_to_dict(setup.cfg)}
-    save_checkpoint(path, trainable_state(setup), state.optimizer.state_dict(), info)
+    weights = trainable_state(setup)
+    _check_finite(setup, state, weights)  # a NaN weight must never replace the last good checkpoint
+    save_checkpoint(path, weights, state.optimizer.state_dict(), info)
     return path
+
+
+def _check_finite(setup: Setup, state: TrainState, tensors: dict[str, torch.Tensor]) -> None:
+    bad = next((name for name, value in tensors.items() if not torch.isfinite(value).all()), None)
+    if bad is not None:
+        raise UserError(_nan_message(setup, state, f"the weight {bad} became NaN/inf after step {state.step}"))
 
 
 def resume_state(setup: Setup, out: Path) -> TrainState:
     """Rebuild the TrainState from the last checkpoint (weights, optimizer, generator, history)."""
-    path = out / CHECKPOINT_NAME
-    if not path.is_file():
-        raise UserError(f"--resume: no checkpoint at {path}; start without --resume.")
+    path = check_resume(setup.cfg, out)
+    for folder in (out, path.parent):  # half-written files of the run that was killed
+        remove_stale_temporaries(folder)
     weights, optimizer_state, info = load_checkpoint(path)
-    stored = config_mod.config_from_dict(info["config"])
-    if _training_identity(stored) != _training_identity(setup.cfg):
-        raise UserError(f"--resume: the checkpoint in {out} was made with other settings; resume with the "
-                        f"same settings (see {out / 'config.toml'}) or use a new --out.")
     phase, step = info["phase"], info["step"]
     if phase == 1 and step >= setup.cfg.train.phase1_steps:
         phase, step = 2, 0
@@ -501,21 +595,45 @@ def resume_state(setup: Setup, out: Path) -> TrainState:
     generator.set_state(torch.tensor(info["generator"], dtype=torch.uint8))
     state = TrainState(phase, step, build_optimizer(setup, phase), generator, info["history"])
     if step > 0 or info["phase"] == phase:
+        rates = [group["lr"] for group in state.optimizer.param_groups]
         state.optimizer.load_state_dict(optimizer_state)
+        for group, lr in zip(state.optimizer.param_groups, rates):  # the stored ones would win otherwise
+            group["lr"] = lr
     return state
 
 
-def _training_identity(cfg: Config) -> dict[str, Any]:
-    """Settings that must match for a resume to continue the same run.
+# What may change on --resume besides paths: step counts (to extend a run), the checkpoint interval,
+# and the two fixes a NaN/inf loss asks for (precision, learning rates), so the last good checkpoint
+# continues with them. Trainable weights and optimizer states are fp32 whatever the precision.
+_RESUME_MAY_CHANGE = {"model": ("base_model", "mixed_precision"),
+                      "train": ("phase1_steps", "phase2_steps", "checkpoint_every", "handle_lr", "mask_encoder_lr",
+                                "phase2_handle_lr", "phase2_mask_encoder_lr", "lora_lr", "text_encoder_lr")}
 
-    Output paths, step counts (to extend a run) and the checkpoint interval may change.
-    """
+
+def _training_identity(cfg: Config) -> dict[str, Any]:
+    """Settings that must match for a resume to continue the same run (see ``_RESUME_MAY_CHANGE``)."""
     data = config_mod.config_to_dict(cfg)
     data.pop("output")
-    data["model"].pop("base_model")
-    for key in ("phase1_steps", "phase2_steps", "checkpoint_every"):
-        data["train"].pop(key)
+    for section, keys in _RESUME_MAY_CHANGE.items():
+        for key in keys:
+            data[section].pop(key)
     return data
+
+
+def check_resume(cfg: Config, out: Path) -> Path:
+    """The checkpoint ``--resume`` continues from, refused unless its settings match (header only)."""
+    path = out / CHECKPOINT_NAME
+    if not path.is_file():
+        raise UserError(f"--resume: no checkpoint at {path}; start without --resume.")
+    _, meta = read_header(path)
+    try:
+        stored = config_mod.config_from_dict(json.loads(meta["info"])["config"])
+    except (KeyError, TypeError, ValueError, UserError) as exc:
+        raise UserError(f"--resume: {path} is not a lowmcgm checkpoint this version can read.") from exc
+    if _training_identity(stored) != _training_identity(cfg):
+        raise UserError(f"--resume: the checkpoint in {out} was made with other settings; resume with the "
+                        f"same settings (see {out / 'config.toml'}) or use a new --out.")
+    return path
 
 
 def build_artifact(setup: Setup) -> Artifact:
@@ -585,8 +703,13 @@ def _peak_memory(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _nan_message(setup: Setup, state: TrainState) -> str:
-    return (f"The loss became NaN/inf at phase {state.phase}, step {state.step + 1} "
-            f"(mixed precision: {setup.accelerator.mixed_precision}). Likely fp16 overflow or too high a "
-            "learning rate: try --set model.mixed_precision=bf16, or lower train.lora_lr / train.handle_lr. "
-            f"The last good checkpoint is kept in {Path(setup.cfg.output.out) / CHECKPOINT_NAME}.")
+def _nan_message(setup: Setup, state: TrainState, what: str = "") -> str:
+    what = what or f"the loss became NaN/inf at step {state.step + 1}"
+    checkpoint = Path(setup.cfg.output.out) / CHECKPOINT_NAME
+    kept = (f"the last good checkpoint is kept in {checkpoint} (--resume continues from it with the same "
+            "settings; a changed setting needs a new --out)" if checkpoint.is_file() else
+            "no checkpoint had been written yet")
+    return (f"Training stopped: {what} of phase {state.phase} (mixed precision: "
+            f"{setup.accelerator.mixed_precision}). Likely an fp16 overflow (in the UNet or the VAE) or too "
+            "high a learning rate: use --set model.mixed_precision=bf16 (or no, for fp32 weights and VAE), "
+            f"or lower train.lora_lr / train.handle_lr; {kept}.")

@@ -1,0 +1,390 @@
+"""Every bad input of issue 4 through the real ``lowmcgm`` entry point.
+
+Each refused case must exit with code 2, print one line on stderr that names the problem (and,
+where there is one, the fix), show no traceback, and leave nothing behind: no artifact, no partial
+file, and no output folder that the run created. The cases run in-process through
+``lowmcgm.cli.main`` (fast); two run as real subprocesses to prove the installed entry point.
+Cases that must *work* (overlapping masks warn, 16-bit and palette PNG masks) train the tiny model
+for one step per phase.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_photo
+from PIL import Image
+from safetensors.torch import save_file
+
+from lowmcgm import trainer
+from lowmcgm.cli import EXIT_USER_ERROR, main
+from lowmcgm.data import load_mask
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+SIZE = 96  # conftest's photo is 96 x 96
+ONE_STEP_EACH = ["--set", "train.phase1_steps=1", "--set", "train.phase2_steps=1", "--set", "train.checkpoint_every=0"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Inputs: conftest's photo and masks, and one file per kind of damage
+# ------------------------------------------------------------------------------------------------
+
+def _palette_mask(binary: np.ndarray, colour: tuple[int, int, int]) -> Image.Image:
+    """A 'P' image whose index 1 has ``colour`` (a segmentation tool's label map), index 0 black."""
+    img = Image.fromarray(binary.astype(np.uint8), mode="L").convert("P")
+    img.putpalette([0, 0, 0, *colour] + [0, 0, 0] * 254)
+    return img
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("inputs")
+    photo, a, b = map(Path, make_photo(folder))
+    a_bits = np.asarray(Image.open(a)) > 127
+    b_bits = np.asarray(Image.open(b)) > 127
+    paths = {"photo": photo, "a": a, "b": b}
+
+    def put(name: str, write) -> None:
+        paths[name] = folder / name
+        write(paths[name])
+
+    put("text.png", lambda p: p.write_text("not an image at all"))
+    put("half.png", lambda p: p.write_bytes(a.read_bytes()[: a.stat().st_size // 2]))
+    jpeg = folder / "photo.jpg"
+    Image.open(photo).save(jpeg, quality=90)
+    put("half.jpg", lambda p: p.write_bytes(jpeg.read_bytes()[: jpeg.stat().st_size // 2]))
+    put("small.png", lambda p: Image.open(a).resize((48, 48), Image.Resampling.NEAREST).save(p))
+    put("wide.png", lambda p: Image.new("L", (SIZE, 64), 255).save(p))
+    put("empty.png", lambda p: Image.new("L", (SIZE, SIZE), 0).save(p))
+    put("full.png", lambda p: Image.new("L", (SIZE, SIZE), 255).save(p))
+    put("a16.png", lambda p: Image.fromarray(a_bits.astype(np.uint16) * 65535).save(p))
+    put("b_palette.png", lambda p: _palette_mask(b_bits, (255, 255, 255)).save(p))
+    # Pascal VOC's first class colour: luminance 38/255, so a luminance reading finds nothing.
+    put("b_voc.png", lambda p: _palette_mask(b_bits, (128, 0, 0)).save(p))
+    put("a_overlap.png", lambda p: Image.fromarray((a_bits | b_bits).astype(np.uint8) * 255).save(p))
+    put("folder", lambda p: p.mkdir())
+    put("notsd", lambda p: (p.mkdir(), (p / "model_index.json").write_text("{}")))
+    put("lora.safetensors", lambda p: save_file({"lora_unet_x.lora_down.weight": torch.zeros(4, 8)}, str(p)))
+    put("garbage.safetensors", lambda p: p.write_bytes(os.urandom(64)))
+    put("model.ckpt", lambda p: p.write_bytes(b"\x80\x04K\x01."))  # a pickle: never to be opened
+    put("bad-key.toml", lambda p: p.write_text("[train]\nlora_rl = 1e-4\n"))
+    put("regular-file", lambda p: p.write_text("a file, so no folder can be made under it"))
+    assert load_mask(paths["a16.png"]).max() == 1.0 and Image.open(paths["a16.png"]).mode.startswith("I")
+    assert Image.open(paths["b_voc.png"]).mode == "P"
+    return paths
+
+
+def _train_args(files: dict[str, Path], out: Path, *, image: str = "photo", masks: tuple[str, ...] = ("a", "b"),
+                extra: tuple[str, ...] = ()) -> list[str]:
+    args = ["train", "--preset", "tiny-cpu", "--base-model", "tiny", "--image", str(files.get(image, image))]
+    for mask in masks:
+        args += ["--mask", str(files.get(mask, mask))]
+    return args + ["--out", str(out), *extra]
+
+
+def _tree(root: Path) -> set[Path]:
+    return set(root.rglob("*"))
+
+
+def _refused(capsys, args: list[str], fragments: tuple[str, ...], watch: Path) -> str:
+    """Run ``args``; check exit 2, one 'error:' line with every fragment, and nothing new under ``watch``."""
+    before = _tree(watch)
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == EXIT_USER_ERROR, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+    assert _tree(watch) == before, f"left behind: {sorted(map(str, _tree(watch) - before))}"
+    return lines[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# train: photo and masks
+# ------------------------------------------------------------------------------------------------
+
+TRAIN_CASES = {
+    "image missing": (dict(image="no-such-photo.png"), ("Image not found",)),
+    "mask missing": (dict(masks=("a", "no-such-mask.png")), ("Mask not found",)),
+    "image is a folder": (dict(image="folder"), ("is a folder, not an image file",)),
+    "mask is a folder": (dict(masks=("a", "folder")), ("is a folder, not an image file",)),
+    "image not an image": (dict(image="text.png"), ("is not an image PIL can read",)),
+    "mask not an image": (dict(masks=("a", "text.png")), ("Mask", "is not an image PIL can read")),
+    "image truncated (JPEG)": (dict(image="half.jpg"), ("may be truncated",)),
+    "mask truncated (PNG)": (dict(masks=("a", "half.png")), ("Mask", "may be truncated")),
+    "mask of another size": (dict(masks=("a", "small.png")), ("is 48x48 but the image is 96x96",
+                                                              "resize the mask to 96x96")),
+    "mask of another aspect ratio": (dict(masks=("a", "wide.png")), ("is 96x64", "aspect ratio differs",
+                                                                     "crop photo and masks the same way")),
+    "empty mask": (dict(masks=("a", "empty.png")), ("is empty", "mark the subject in white")),
+    "mask covers the whole image": (dict(masks=("a", "full.png")), ("covers the whole image",)),
+    "more masks than the preset allows": (dict(masks=("a", "b", "a", "b", "a")),
+                                          ("5 masks given", "allows at most 4", "data.max_concepts")),
+    "unknown preset": (dict(extra=("--preset", "tiny-cp")),
+                       ("Unknown preset 'tiny-cp'", "valid presets:", "8gb", "Did you mean 'tiny-cpu'")),
+    "unknown config key (--set)": (dict(extra=("--set", "train.lora_rl=1e-4")),
+                                   ("Unknown config key 'train.lora_rl'", "Did you mean 'train.lora_lr'",
+                                    "Valid [train] keys:")),
+    "unknown config key (--config)": (dict(extra=("--config", "{bad-key.toml}")),
+                                      ("Unknown config key 'train.lora_rl'", "Did you mean 'train.lora_lr'")),
+    "unknown config section": (dict(extra=("--set", "nosuch.key=1")), ("Valid sections: model, data",)),
+    "base model path missing": (dict(extra=("--base-model", "/no/such/model")), ("neither a diffusers folder",)),
+    "base model folder not SD": (dict(extra=("--base-model", "{notsd}")),
+                                 ("is not a Stable Diffusion model folder", "unet/config.json")),
+    "base model file not SD": (dict(extra=("--base-model", "{lora.safetensors}")),
+                               ("is not a Stable Diffusion checkpoint",)),
+    "base model file not safetensors": (dict(extra=("--base-model", "{garbage.safetensors}")),
+                                        ("is not a valid safetensors file",)),
+    "base model pickle": (dict(extra=("--base-model", "{model.ckpt}")), ("never unpickles",)),
+    "output under a regular file": (dict(extra=("--out", "{regular-file}/run")), ("is not writable",)),
+}
+
+
+@pytest.mark.parametrize("case", TRAIN_CASES.values(), ids=TRAIN_CASES.keys())
+def test_train_refuses_bad_input(files, tmp_path, capsys, case):
+    spec, fragments = case
+    extra = tuple(_fill(e, files) for e in spec.get("extra", ()))
+    args = _train_args(files, tmp_path / "out", image=spec.get("image", "photo"),
+                       masks=spec.get("masks", ("a", "b")), extra=extra)
+    _refused(capsys, args, fragments, watch=tmp_path)
+    assert files["regular-file"].read_text().startswith("a file")
+
+
+def _fill(text: str, files: dict[str, Path]) -> str:
+    """Replace ``{name}`` by the path of input file ``name``."""
+    for name, path in files.items():
+        text = text.replace("{" + name + "}", str(path))
+    return text
+
+
+def test_unreadable_mask_says_permission(files, tmp_path, capsys, monkeypatch):
+    """chmod 000 does not stop root (tests run as root here): the OS's refusal is simulated instead."""
+    real_open = Image.open
+
+    def refuse(path, *args, **kwargs):
+        if Path(path).name == "b.png":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("lowmcgm.data.Image.open", refuse)
+    _refused(capsys, _train_args(files, tmp_path / "out"), ("cannot be read (permission denied)",), tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------
+# train: output folder checked before training starts
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def no_weights_load(monkeypatch):
+    """Fail the test if the base model is loaded: the refusal must come before that."""
+    loads = []
+    monkeypatch.setattr(trainer, "load_base_model", lambda *a, **k: loads.append(a) or pytest.fail("weights loaded"))
+    return loads
+
+
+def test_full_disk_is_refused_before_weights_load(files, tmp_path, capsys, monkeypatch, no_weights_load):
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=50 * 2**20))
+    _refused(capsys, _train_args(files, tmp_path / "out"), ("has only 50 MiB free", "at least 200 MiB"), tmp_path)
+    assert not no_weights_load
+
+
+def test_unwritable_folder_is_refused_before_weights_load(files, tmp_path, capsys, monkeypatch, no_weights_load):
+    """EACCES from the write test, as a folder without write permission gives a normal user."""
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", refuse)
+    _refused(capsys, _train_args(files, tmp_path / "out"), ("is not writable (Permission denied)",), tmp_path)
+
+
+@pytest.mark.skipif(not Path("/sys").is_dir(), reason="no sysfs")
+def test_folder_on_a_filesystem_that_refuses_even_root(files, tmp_path, capsys, no_weights_load):
+    """sysfs refuses mkdir to root too: a real kernel refusal, no simulation."""
+    _refused(capsys, _train_args(files, Path("/sys/lowmcgm-test-out")), ("is not writable",), tmp_path)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a mode-555 folder anyway")
+def test_read_only_folder_is_refused(files, tmp_path, capsys, no_weights_load):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        _refused(capsys, _train_args(files, locked / "out"), ("is not writable",), tmp_path)
+    finally:
+        locked.chmod(0o755)
+
+
+def test_refused_run_keeps_a_folder_the_user_made(files, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    _refused(capsys, _train_args(files, out, masks=("a", "empty.png")), ("is empty",), tmp_path)
+    assert out.is_dir()
+
+
+def test_run_checks_inputs_before_weights_load(files, tmp_path, capsys, monkeypatch):
+    """``lowmcgm run`` loads the base model itself (to train and sample with one copy): after the checks."""
+    import lowmcgm.sampler  # noqa: F401  (imported first, it keeps the real loader it binds at import)
+
+    monkeypatch.setattr("lowmcgm.models.load_base_model", lambda *a, **k: pytest.fail("weights loaded"))
+    args = _train_args(files, tmp_path / "out", masks=("a", "full.png"))
+    _refused(capsys, ["run", *args[1:]], ("covers the whole image",), tmp_path)
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=2**20))
+    _refused(capsys, ["run", *_train_args(files, tmp_path / "out")[1:]], ("has only 1 MiB free",), tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------
+# train: what must work
+# ------------------------------------------------------------------------------------------------
+
+def test_overlapping_masks_warn_and_train(files, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(_train_args(files, out, masks=("a_overlap.png", "b"), extra=tuple(ONE_STEP_EACH)))
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "warning: Masks" in err and "overlap on 100% of the smaller one" in err
+    assert (out / "lowmcgm.safetensors").is_file()
+
+
+def test_16_bit_and_palette_masks_train(files, tmp_path, capsys):
+    for name, original in (("a16.png", "a"), ("b_palette.png", "b"), ("b_voc.png", "b")):
+        assert np.array_equal(load_mask(files[name]) > 0.5, load_mask(files[original]) > 0.5), name
+    out = tmp_path / "out"
+    code = main(_train_args(files, out, masks=("a16.png", "b_voc.png"), extra=tuple(ONE_STEP_EACH)))
+    assert code == 0, capsys.readouterr().err
+    assert (out / "lowmcgm.safetensors").is_file()
+
+
+# ------------------------------------------------------------------------------------------------
+# Tracebacks only with --debug, through the real entry point
+# ------------------------------------------------------------------------------------------------
+
+def test_installed_entry_point_one_line_and_debug_traceback(files, tmp_path):
+    args = _train_args(files, tmp_path / "out", masks=("a", "empty.png"))
+    plain = subprocess.run([sys.executable, "-m", "lowmcgm.cli", *args], capture_output=True, text=True,
+                           env=ENV, timeout=300)
+    assert plain.returncode == EXIT_USER_ERROR
+    assert plain.stderr.strip().startswith("error: Mask") and len(plain.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in plain.stderr and plain.stdout == ""
+    debug = subprocess.run([sys.executable, "-m", "lowmcgm.cli", "--debug", *args], capture_output=True, text=True,
+                           env=ENV, timeout=300)
+    assert debug.returncode == 1
+    assert "Traceback" in debug.stderr and "lowmcgm.errors.UserError: Mask" in debug.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_debug_reraises_in_process(files, tmp_path):
+    from lowmcgm.errors import UserError
+
+    with pytest.raises(UserError, match="is empty"):
+        main(["--debug", *_train_args(files, tmp_path / "out", masks=("a", "empty.png"))])
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# sample and export: an artifact from the tiny model
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def artifacts(files, tmp_path_factory) -> dict[str, Path]:
+    """One-step artifacts of the tiny (SD 1.x-like) and tiny-v (SD 2.x-like) models."""
+    folder = tmp_path_factory.mktemp("artifacts")
+    found = {}
+    for base in ("tiny", "tiny-v"):
+        args = _train_args(files, folder / base, extra=tuple(ONE_STEP_EACH))
+        args[args.index("--base-model") + 1] = base
+        assert main(args) == 0
+        found[base] = folder / base / "lowmcgm.safetensors"
+    return found
+
+
+def _sample_args(artifact: Path, out: Path, *extra: str) -> list[str]:
+    return ["sample", "--artifact", str(artifact), "--steps", "1", "--num-images", "1", "--out", str(out), *extra]
+
+
+SAMPLE_CASES = {
+    "prompt names a handle the artifact lacks": (("--prompt", "a photo of <asset7>"),
+                                                 ("names <asset7>, which this artifact does not have",
+                                                  "<asset0>, <asset1>")),
+    "pose for a missing handle": (("--prompt", "a photo of <asset0>", "--pose", "asset9={a}"),
+                                  ("a pose for <asset9>", "no such handle")),
+    "pose file not a mask": (("--prompt", "a photo of <asset0>", "--pose", "asset0={text.png}"),
+                             ("Pose for <asset0>", "is not an image")),
+    "pose file empty": (("--prompt", "a photo of <asset0>", "--pose", "asset0={empty.png}"), ("is empty",)),
+    "pose file missing": (("--prompt", "a photo of <asset0>", "--pose", "asset0=/no/such/pose.png"), ("not found",)),
+    "artifact for another base model": (("--prompt", "a photo of <asset0>", "--base-model", "tiny-v"),
+                                        ("was made for base model 'tiny'", "pass --base-model tiny")),
+    "base model not SD": (("--prompt", "a photo of <asset0>", "--base-model", "{notsd}"),
+                          ("is not a Stable Diffusion model folder",)),
+}
+
+
+@pytest.mark.parametrize("case", SAMPLE_CASES.values(), ids=SAMPLE_CASES.keys())
+def test_sample_refuses_bad_input(files, artifacts, tmp_path, capsys, case):
+    extra, fragments = case
+    extra = [_fill(e, files) for e in extra]
+    _refused(capsys, _sample_args(artifacts["tiny"], tmp_path / "out", *extra), fragments, tmp_path)
+
+
+def test_sample_refuses_files_that_are_not_artifacts(files, tmp_path, capsys):
+    for artifact, fragment in ((tmp_path / "none.safetensors", "not found"),
+                               (files["photo"], "not a valid safetensors"),
+                               (files["lora.safetensors"], "not a lowmcgm artifact")):
+        _refused(capsys, _sample_args(artifact, tmp_path / "out", "--prompt", "a photo"), (fragment,), tmp_path)
+
+
+def test_sample_output_under_a_file_is_refused_before_weights_load(files, artifacts, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("lowmcgm.sampler.load_base_for", lambda *a: pytest.fail("weights loaded"))
+    _refused(capsys, _sample_args(artifacts["tiny"], files["regular-file"] / "out", "--prompt", "a photo of <asset0>"),
+             ("is not writable",), tmp_path)
+
+
+def test_init_lora_from_another_base_model_is_refused_before_training(files, artifacts, tmp_path, capsys, monkeypatch):
+    """An artifact of tiny-v (SD 2.x-like) as the starting LoRA of a tiny run: refused before step 1."""
+    monkeypatch.setattr(trainer, "run_phase", lambda *a: pytest.fail("training started"))
+    args = _train_args(files, tmp_path / "out", extra=("--set", f"lora.init_lora={artifacts['tiny-v']}"))
+    _refused(capsys, args, ("was made for another base model",), tmp_path)
+
+
+EXPORT_CASES = {
+    "artifact missing": (("none.safetensors", "--format", "kohya", "--out", "{out}/x.safetensors"), ("not found",)),
+    "not an artifact": (("{photo}", "--format", "embeddings", "--out", "{out}"), ("not a valid safetensors",)),
+    "unknown format": (("{artifact}", "--format", "a1111", "--out", "{out}"), ("Unknown export format 'a1111'",)),
+    "kohya to a folder name": (("{artifact}", "--format", "kohya", "--out", "{out}/lora"),
+                               ("must name a .safetensors file",)),
+    "unknown dtype": (("{artifact}", "--format", "kohya", "--dtype", "fp8", "--out", "{out}/x.safetensors"),
+                      ("Unknown export dtype 'fp8'",)),
+    "output under a file": (("{artifact}", "--format", "embeddings", "--out", "{file}/emb"),
+                            ("Cannot create the output folder",)),
+}
+
+
+@pytest.mark.parametrize("case", EXPORT_CASES.values(), ids=EXPORT_CASES.keys())
+def test_export_refuses_bad_input(files, artifacts, tmp_path, capsys, case):
+    args, fragments = case
+    names = {"out": tmp_path / "out", "photo": files["photo"], "artifact": artifacts["tiny"],
+             "file": files["regular-file"]}
+    args = [a.format(**names) for a in args]
+    if args[0] == "none.safetensors":
+        args[0] = str(tmp_path / "none.safetensors")
+    _refused(capsys, ["export", *args], fragments, tmp_path)
+
+
+def test_export_of_an_artifact_without_lora_leaves_no_folder(files, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_train_args(files, out, extra=("--set", "train.phase1_steps=1", "--set", "train.phase2_steps=0",
+                                               "--set", "train.checkpoint_every=0"))) == 0
+    capsys.readouterr()
+    _refused(capsys, ["export", str(out / "lowmcgm.safetensors"), "--format", "kohya", "--out",
+                      str(tmp_path / "new" / "lora.safetensors")], ("has no LoRA", "--format embeddings"), tmp_path)
