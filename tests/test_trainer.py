@@ -162,3 +162,20 @@ def test_preview_hook_sees_live_state_before_and_during_training(photo, tmp_path
           on_preview=lambda setup, state: seen.append((state.phase, state.step, setup.handles.vectors.sum().item())))
     assert [(p, s) for p, s, _ in seen] == [(1, 0), (1, 3), (1, 6), (2, 3), (2, 6)]
     assert seen[0][2] != seen[2][2]  # the handles moved between previews
+
+
+def test_handles_keep_training_in_phase2_with_a_text_encoder_lora(photo, tmp_path):
+    # peft's injection freezes every parameter of the text encoder it does not own, the handle
+    # vectors included; phase 2 must switch them back on.
+    over = {"lora.use_text_encoder_lora": True, "train.phase2_handle_lr": 1e-2}
+    both = load_file(train(_cfg(photo, tmp_path / "both", **over)))
+    phase1 = load_file(train(_cfg(photo, tmp_path / "p1", **over | {"train.phase2_steps": 0})))
+    assert not torch.equal(both["handles.vectors"], phase1["handles.vectors"])
+
+
+def test_without_attention_loss_nothing_is_captured(photo, tmp_path):
+    events = []
+    train(_cfg(photo, tmp_path / "run", **{"loss.use_attention_loss": False, "train.phase2_steps": 2}),
+          on_progress=events.append)
+    steps = [e["losses"] for e in events if e["kind"] == "step"]
+    assert steps and all(s["attn"] == 0 and s["mask_attn"] == 0 for s in steps)
