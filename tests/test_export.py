@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_photo
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel
@@ -418,3 +418,28 @@ def test_bad_output_paths(artifacts, tmp_path):
         with pytest.raises(UserError, match=re.escape(fragment)):
             export_artifact(artifacts["with_te"], fmt, out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.safetensors", "file.txt"]  # nothing half-written
+
+
+@pytest.mark.parametrize("variant", ["with_te", "unet_only"])
+def test_lowmcgm_sample_no_mask_equals_diffusers_with_the_kohya_export(base_dir, artifacts, tmp_path, variant):
+    """The issue's check end to end: `lowmcgm sample --no-mask` vs diffusers' own loaders."""
+    from PIL import Image
+
+    from lowmcgm.cli import main
+
+    out = tmp_path / "samples"
+    code = main(["sample", "--artifact", str(artifacts[variant]), "--base-model", str(base_dir), "--prompt", PROMPT,
+                 "--no-mask", "--steps", "3", "--guidance-scale", "5", "--scheduler", "ddim", "--num-images", "1",
+                 "--seed", "0", "--height", "64", "--width", "64", "--dtype", "fp32", "--out", str(out)])
+    assert code == 0
+    ours = np.asarray(Image.open(next(p for p in out.glob("*.png") if p.name != "grid.png")), dtype=np.int16)
+    lora = export_artifact(artifacts[variant], "kohya", tmp_path / "lora.safetensors", bundle_embeddings=False,
+                           dtype="fp32").files[0]
+    embeddings = export_artifact(artifacts[variant], "embeddings", tmp_path / "emb")
+    pipe = _pipe(base_dir)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.load_lora_weights(str(lora))
+    _load_embeddings_folder(pipe, tmp_path / "emb", embeddings.handles)
+    theirs = pipe(PROMPT, num_inference_steps=3, height=64, width=64, guidance_scale=5.0,
+                  generator=torch.Generator().manual_seed(0)).images[0]
+    assert np.abs(ours - np.asarray(theirs, dtype=np.int16)).max() <= 1  # uint8 rounding only
