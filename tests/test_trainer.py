@@ -179,3 +179,16 @@ def test_without_attention_loss_nothing_is_captured(photo, tmp_path):
           on_progress=events.append)
     steps = [e["losses"] for e in events if e["kind"] == "step"]
     assert steps and all(s["attn"] == 0 and s["mask_attn"] == 0 for s in steps)
+
+
+def test_prior_preservation_generates_class_images_once(photo, tmp_path):
+    over = {"train.use_prior_preservation": True, "train.num_class_images": 2, "train.phase1_steps": 2,
+            "train.phase2_steps": 0}
+    events = []
+    train(_cfg(photo, tmp_path / "run", **over), on_progress=events.append)
+    folder = tmp_path / "run" / "class_images"
+    assert sorted(p.name for p in folder.iterdir()) == ["class_00000.png", "class_00001.png"]
+    assert sum("Generating 2 class images" in e.get("text", "") for e in events) == 1
+    events.clear()
+    train(_cfg(photo, tmp_path / "run", **over), on_progress=events.append)  # cached: not generated again
+    assert not any("Generating" in e.get("text", "") for e in events)
