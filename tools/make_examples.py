@@ -25,28 +25,12 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lowmcgm.toyworld.scenes import (  # noqa: E402
-    Scene,
-    Subject,
-    caption,
-    render_pose_mask,
-    render_scene,
-)
+from lowmcgm.demo import DEMO_SCENE, POSES  # noqa: E402
+from lowmcgm.toyworld.scenes import caption, render_pose_mask, render_scene  # noqa: E402
 
-# Fixed subjects rather than a sampled scene, so the example does not move if sampling changes.
-SCENE = Scene(
-    background="grass",
-    subjects=[
-        Subject("dog", "standing", x=0.27, y=0.86, scale=0.36, flip=False, texture_seed=11),
-        Subject("cat", "lying", x=0.76, y=0.80, scale=0.35, flip=True, texture_seed=12),
-    ],
-    horizon=0.42,
-    seed=2024,
-)
-POSE_MASKS = {
-    "pose_sit.png": dict(kind="dog", pose="sitting", x=0.27, y=0.86, scale=0.36, flip=False),
-    "pose_run.png": dict(kind="cat", pose="running", x=0.76, y=0.82, scale=0.35, flip=True),
-}
+# The demo's scene (fixed subjects, so the example does not move if sampling changes).
+SCENE = DEMO_SCENE
+POSE_MASKS = {"pose_sit.png": POSES["dog_sitting"], "pose_run.png": POSES["cat_running"]}
 
 
 def _save_mask(mask: np.ndarray, path: Path) -> None:
