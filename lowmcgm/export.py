@@ -608,39 +608,10 @@ def load_init_lora(setup: Any, path: Path) -> None:
     load_lora_file_into(lora, setup.base.unet, setup.base.text_encoder if lora.text_encoder else None)
 
 
-def load_lora_file_into(lora: LoraFile, unet: nn.Module, text_encoder: nn.Module | None) -> None:
-    """Match ``lora``'s modules to the models' injected LoRA layers and copy the weights in."""
-    parts = [("unet", lora.unet, unet, KOHYA_UNET_PREFIX, "lora.unet_targets")]
-    if text_encoder is not None:
-        parts.append(("text_encoder", lora.text_encoder, text_encoder, KOHYA_TE_PREFIX, "lora.text_encoder_targets"))
-    for component, modules, model, prefix, target_key in parts:
-        state = {}
-        by_name = _module_names(model, prefix if lora.format == "kohya" else "")
-        for name, module in modules.items():
-            found = by_name.get(name)
-            if found is None:
-                raise UserError(f"{lora.path} was made for another model: this {component} has no module "
-                                f"{name}; use a LoRA for the same base model.")
-            module_path, layer = found
-            if not _has_adapter(layer):
-                suffix = _config_name(module_path)
-                raise UserError(f"{lora.path} adapts {module_path}, which this run's LoRA does not target: "
-                                f"add it with --set {target_key}=...,{suffix}.")
-            want = tuple(layer.lora_A[ADAPTER_NAME].weight.shape), tuple(layer.lora_B[ADAPTER_NAME].weight.shape)
-            have = tuple(module.down.shape), tuple(module.up.shape)
-            if want != have:
-                raise UserError(f"{lora.path} was made for another base model: {module_path} has LoRA shapes "
-                                f"{list(have[0])}/{list(have[1])}, this model needs {list(want[0])}/{list(want[1])}.")
-            state[f"{module_path}.lora_A.weight"] = module.down
-            state[f"{module_path}.lora_B.weight"] = module.up
-        if state:
-            load_lora_state_dict(model, state)
+def _matched_modules(lora: LoraFile, unet: nn.Module, text_encoder: nn.Module | None):
+    """Yield ``(component, module in the file, module path in the model, model layer, state key)``.
 
-
-def check_lora_fits(lora: LoraFile, unet: nn.Module, text_encoder: nn.Module | None) -> None:
-    """Refuse a LoRA whose modules this base model lacks or has in other sizes, before any step.
-
-    ``load_lora_file_into`` finds the same problems, but only when phase 2 begins.
+    A module of the file that the model lacks is refused: the file was made for another model.
     """
     parts = [("unet", lora.unet, unet, KOHYA_UNET_PREFIX)]
     if text_encoder is not None:
@@ -652,15 +623,43 @@ def check_lora_fits(lora: LoraFile, unet: nn.Module, text_encoder: nn.Module | N
             if found is None:
                 raise UserError(f"{lora.path} was made for another model: this {component} has no module "
                                 f"{name}; use a LoRA for the same base model.")
-            module_path, layer = found
-            weight = getattr(layer, "weight", None)  # (out, in) or (out, in, kh, kw)
-            if not isinstance(weight, torch.Tensor) or weight.dim() != module.down.dim():
-                raise UserError(f"{lora.path} was made for another base model: {module_path} is not the "
-                                "kind of layer its LoRA adapts.")
-            if (module.down.shape[1], module.up.shape[0]) != (weight.shape[1], weight.shape[0]):
-                raise UserError(f"{lora.path} was made for another base model: {module_path} maps "
-                                f"{weight.shape[1]} to {weight.shape[0]} values here, its LoRA "
-                                f"{module.down.shape[1]} to {module.up.shape[0]}.")
+            yield component, module, found[0], found[1]
+
+
+def load_lora_file_into(lora: LoraFile, unet: nn.Module, text_encoder: nn.Module | None) -> None:
+    """Match ``lora``'s modules to the models' injected LoRA layers and copy the weights in."""
+    states: dict[str, dict[str, torch.Tensor]] = {"unet": {}, "text_encoder": {}}
+    for component, module, module_path, layer in _matched_modules(lora, unet, text_encoder):
+        if not _has_adapter(layer):
+            target_key = "lora.unet_targets" if component == "unet" else "lora.text_encoder_targets"
+            raise UserError(f"{lora.path} adapts {module_path}, which this run's LoRA does not target: "
+                            f"add it with --set {target_key}=...,{_config_name(module_path)}.")
+        want = tuple(layer.lora_A[ADAPTER_NAME].weight.shape), tuple(layer.lora_B[ADAPTER_NAME].weight.shape)
+        have = tuple(module.down.shape), tuple(module.up.shape)
+        if want != have:
+            raise UserError(f"{lora.path} was made for another base model: {module_path} has LoRA shapes "
+                            f"{list(have[0])}/{list(have[1])}, this model needs {list(want[0])}/{list(want[1])}.")
+        states[component][f"{module_path}.lora_A.weight"] = module.down
+        states[component][f"{module_path}.lora_B.weight"] = module.up
+    for component, model in (("unet", unet), ("text_encoder", text_encoder)):
+        if states[component]:
+            load_lora_state_dict(model, states[component])
+
+
+def check_lora_fits(lora: LoraFile, unet: nn.Module, text_encoder: nn.Module | None) -> None:
+    """Refuse a LoRA whose modules this base model lacks or has in other sizes, before any step.
+
+    ``load_lora_file_into`` finds the same problems, but only when phase 2 begins.
+    """
+    for _, module, module_path, layer in _matched_modules(lora, unet, text_encoder):
+        weight = getattr(layer, "weight", None)  # (out, in) or (out, in, kh, kw)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != module.down.dim():
+            raise UserError(f"{lora.path} was made for another base model: {module_path} is not the "
+                            "kind of layer its LoRA adapts.")
+        if (module.down.shape[1], module.up.shape[0]) != (weight.shape[1], weight.shape[0]):
+            raise UserError(f"{lora.path} was made for another base model: {module_path} maps "
+                            f"{weight.shape[1]} to {weight.shape[0]} values here, its LoRA "
+                            f"{module.down.shape[1]} to {module.up.shape[0]}.")
 
 
 def _module_names(model: nn.Module, kohya_prefix: str) -> dict[str, tuple[str, nn.Module]]:
