@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -76,6 +77,29 @@ def test_captions_use_vocabulary_words():
         assert set(text.split()) <= set(VOCABULARY), text
     two = Scene("beach", [Subject("dog", "running"), Subject("cat", "sitting")])
     assert caption(two) == "a photo of a dog running on the beach and a cat sitting"
+
+
+def test_caption_wordings():
+    two = Scene("snow", [Subject("dog", "running"), Subject("cat", "sitting")])
+    assert caption(two, pose_words=False, place="end") == "a photo of a dog and a cat in the snow"
+    assert caption(two, place="end") == "a photo of a dog running and a cat sitting in the snow"
+    assert caption(two, pose_words=False, place=None) == "a photo of a dog and a cat"
+    with pytest.raises(ValueError, match="place"):
+        caption(two, place="middle")
+
+
+def test_caption_variants_cover_every_wording_at_their_rates():
+    from lowmcgm.toyworld.scenes import PLACE_RATES, POSE_WORD_RATE, caption_variant
+
+    rng = np.random.default_rng(3)
+    scene = Scene("beach", [Subject("bird", "jumping")])
+    texts = [caption_variant(scene, rng) for _ in range(2000)]
+    assert set(" ".join(texts).split()) <= set(VOCABULARY)
+    with_pose = np.mean(["jumping" in t for t in texts])
+    with_place = np.mean(["beach" in t for t in texts])
+    assert abs(with_pose - POSE_WORD_RATE) < 0.04
+    assert abs(with_place - (1 - PLACE_RATES[None])) < 0.04
+    assert "a photo of a bird on the beach" in texts and "a photo of a bird" in texts
 
 
 def test_vocabulary_words_are_single_tokens():
@@ -242,3 +266,17 @@ def test_trainer_batches_depend_only_on_seed_and_step():
     x2, t2 = train.render_batch(train.step_rng(cfg, "unet", 5), 2, 64, True)
     x3, _ = train.render_batch(train.step_rng(cfg, "unet", 6), 2, 64, True)
     assert t1 == t2 and bool((x1 == x2).all()) and not bool((x1 == x3).all())
+
+
+def test_trainer_varies_caption_wording_without_changing_the_scenes():
+    train = _load_tool("train_toy_base")
+    cfg = train.ToyConfig(**train.PRESETS["tiny"])
+    batches = {}
+    for variants in (False, True):
+        dataset = train.StepBatches(dataclasses.replace(cfg, caption_variants=variants), "unet", 0, 8)
+        batches[variants] = list(dataset)
+    canonical = [t for _, _, texts in batches[False] for t in texts if t]
+    varied = [t for _, _, texts in batches[True] for t in texts if t]
+    assert all(bool((a[1] == b[1]).all()) for a, b in zip(batches[False], batches[True]))
+    assert all(any(p in t for p in POSES) for t in canonical)
+    assert any(not any(p in t for p in POSES) for t in varied), varied

@@ -62,6 +62,7 @@ from lowmcgm.toyworld.scenes import (  # noqa: E402
     HELDOUT_COMBOS,
     VOCABULARY,
     caption,
+    caption_variant,
     render_scene,
     sample_scene,
 )
@@ -101,6 +102,9 @@ class ToyConfig:
     unet_steps: int = 30000
     warmup_steps: int = 200
     caption_dropout: float = 0.1
+    # Vary the wording of captions (pose words present or not, place first, last or absent) so
+    # lowmcgm's prompts ("a photo of <asset0> on the beach") are in distribution.
+    caption_variants: bool = True
     snr_gamma: float = 5.0
     ema_decay: float = 0.999
     use_holdout: bool = True
@@ -197,14 +201,20 @@ def step_generator(cfg: ToyConfig, stage: str, step: int) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(seed)
 
 
-def render_batch(rng: np.random.Generator, n: int, size_px: int, holdout: bool):
-    """n scenes as (n, 3, S, S) float in [-1, 1] and their captions."""
+def render_batch(rng: np.random.Generator, n: int, size_px: int, holdout: bool,
+                 wording_rng: np.random.Generator | None = None):
+    """n scenes as (n, 3, S, S) float in [-1, 1] and their captions.
+
+    With ``wording_rng`` each caption's wording (pose words, place) is drawn from it
+    (``caption_variant``); without, every caption is the canonical one. A separate generator keeps
+    the scenes themselves the same with and without variants.
+    """
     images, texts = [], []
     for _ in range(n):
         scene = sample_scene(rng, exclude=HELDOUT_COMBOS if holdout else None)
         image, _ = render_scene(scene, size_px)
         images.append(image)
-        texts.append(caption(scene))
+        texts.append(caption_variant(scene, wording_rng) if wording_rng else caption(scene))
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     return x, texts
 
@@ -228,7 +238,10 @@ class StepBatches(torch.utils.data.IterableDataset):
         batch = self.cfg.vae_batch if self.stage == "vae" else self.cfg.unet_batch
         for step in range(self.start + worker, self.total, workers):
             rng = step_rng(self.cfg, self.stage, step)
-            x, texts = render_batch(rng, batch, self.cfg.image_size_px, self.cfg.use_holdout)
+            wording = (np.random.default_rng([self.cfg.seed, STAGE_IDS[self.stage], step, 1])
+                       if self.cfg.caption_variants and self.stage == "unet" else None)
+            x, texts = render_batch(rng, batch, self.cfg.image_size_px, self.cfg.use_holdout,
+                                    wording)
             if self.stage == "unet":
                 drop = rng.random(len(texts)) < self.cfg.caption_dropout
                 texts = ["" if d else t for d, t in zip(drop, texts)]
@@ -627,6 +640,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=None, help="peak learning rate of the stage")
     p.add_argument("--ema-decay", type=float, default=None, help="0 turns EMA off")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--canonical-captions", action="store_true",
+                   help="train on the canonical caption only (every pose word, place after the "
+                        "first subject), as runs before caption variants did")
     p.add_argument("--no-holdout", action="store_true",
                    help="also train on HELDOUT_COMBOS (the pose benchmark then has none unseen)")
     p.add_argument("--max-minutes", type=float, default=None,
@@ -654,6 +670,8 @@ def make_config(args: argparse.Namespace) -> ToyConfig:
         changes["seed"] = args.seed
     if args.no_holdout:
         changes["use_holdout"] = False
+    if args.canonical_captions:
+        changes["caption_variants"] = False
     return dataclasses.replace(cfg, **changes)
 
 

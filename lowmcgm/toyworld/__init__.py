@@ -14,6 +14,7 @@ from lowmcgm.toyworld.scenes import (
     Scene,
     Subject,
     caption,
+    caption_variant,
     render_pose_mask,
     render_scene,
     sample_offsets,
@@ -24,6 +25,7 @@ from lowmcgm.toyworld.scenes import (
 
 __all__ = [
     "BACKGROUNDS", "HELDOUT_COMBOS", "KINDS", "POSES", "VOCABULARY", "Scene", "Subject", "caption",
+    "caption_variant",
     "render_pose_mask", "render_scene", "sample_offsets", "sample_scene", "scene_combos",
     "subject_bbox",
 ]

@@ -678,14 +678,43 @@ def _place(rng: np.random.Generator, subject: Subject, horizon: float) -> Subjec
     return replace(subject, x=0.5, y=0.97)
 
 
-def caption(scene: Scene) -> str:
-    """The scene's caption, e.g. "a photo of a dog running on the beach and a cat sitting"."""
-    drop = BACKDROPS[scene.background]
+PLACES = ("first", "end", None)
+
+
+def caption(scene: Scene, pose_words: bool = True, place: str | None = "first") -> str:
+    """The scene's caption, e.g. "a photo of a dog running on the beach and a cat sitting".
+
+    Args:
+        pose_words: name each subject's pose ("a dog running") or only its kind ("a dog").
+        place: where the background goes: after the first subject ("first", the canonical
+            caption), after all of them ("end": "a photo of a dog and a cat in the snow", the way
+            lowmcgm's own prompts read), or nowhere (None: "a photo of a dog").
+    """
+    if place not in PLACES:
+        raise ValueError(f"place must be one of {PLACES}, got {place!r}")
+    where = f"{BACKDROPS[scene.background].preposition} the {scene.background}"
     if not scene.subjects:
         return f"a photo of the {scene.background}"
-    parts = [f"a {s.kind} {s.pose}" for s in scene.subjects]
-    parts[0] += f" {drop.preposition} the {scene.background}"
-    return "a photo of " + " and ".join(parts)
+    parts = [f"a {s.kind} {s.pose}" if pose_words else f"a {s.kind}" for s in scene.subjects]
+    if place == "first":
+        parts[0] += f" {where}"
+    text = "a photo of " + " and ".join(parts)
+    return f"{text} {where}" if place == "end" else text
+
+
+# How often each wording is drawn for training (caption_variant). Pose words are left out half the
+# time because lowmcgm's prompts name a handle and a place, not a pose; a caption without a place
+# ("a photo of a dog") is the class prompt of prior preservation.
+POSE_WORD_RATE = 0.5
+PLACE_RATES = {"first": 0.4, "end": 0.45, None: 0.15}
+
+
+def caption_variant(scene: Scene, rng: np.random.Generator) -> str:
+    """A caption of ``scene`` in a wording drawn from ``rng`` (see ``POSE_WORD_RATE``)."""
+    pose_words = bool(rng.random() < POSE_WORD_RATE)
+    places = list(PLACE_RATES)
+    place = places[int(rng.choice(len(places), p=list(PLACE_RATES.values())))]
+    return caption(scene, pose_words=pose_words, place=place)
 
 
 def scene_combos(scene: Scene) -> set[tuple[str, str, str]]:
