@@ -166,7 +166,7 @@ def _training_oom_message(cfg: Any, preset: str | None) -> str:
     size and the shipped preset made for it. Each figure is a bonus: the message survives without."""
     figures = ""
     try:  # lowmcgm.estimate traces these settings on fake CUDA tensors in a subprocess (~20 s)
-        from lowmcgm.estimate import estimate, required_card_bytes
+        from lowmcgm.memory.estimate import estimate, required_card_bytes
 
         est = estimate(cfg, cfg.model.base_model, timeout_s=OOM_ESTIMATE_TIMEOUT_S)
         figures = (f" By 'lowmcgm estimate', these settings peak at {est.peak_bytes / 2**30:.1f} GiB and need a "
@@ -336,7 +336,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     import shlex
 
-    from lowmcgm.demo import demo_run_arguments, describe_base, write_demo_inputs
+    from lowmcgm.toy.demo import demo_run_arguments, describe_base, write_demo_inputs
     from lowmcgm.output import check_output_dir
 
     size_px, note = describe_base(args.base_model)  # fails here when the toy model is not bundled
@@ -355,7 +355,7 @@ def _export_hint(fmt: str, handles: list[str], bundled: bool) -> str:
                  if bundled else "add the handles with --format embeddings")
         return f"Put the file in models/Lora (A1111) or models/loras (ComfyUI) and prompt with {words} ({where})."
     if fmt == "embeddings":
-        from lowmcgm.export import embedding_file_stem
+        from lowmcgm.interop.export import embedding_file_stem
 
         stems = [embedding_file_stem(h) for h in handles]
         return (f"A1111: put the files in embeddings/ and prompt with {', '.join(stems)}; ComfyUI (models/embeddings): "
@@ -365,7 +365,7 @@ def _export_hint(fmt: str, handles: list[str], bundled: bool) -> str:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from lowmcgm.export import MASK_ENCODER_NOTE, export_artifact
+    from lowmcgm.interop.export import MASK_ENCODER_NOTE, export_artifact
 
     result = export_artifact(Path(args.artifact), args.format, Path(args.out),
                              bundle_embeddings=not args.no_bundle_embeddings, dtype=args.dtype)
@@ -379,7 +379,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_import_lora(args: argparse.Namespace) -> int:
     import shlex
 
-    from lowmcgm.export import summarize_lora
+    from lowmcgm.interop.lora_import import summarize_lora
 
     summary = summarize_lora(Path(args.file))
     if args.json:
@@ -406,7 +406,7 @@ def _cmd_import_lora(args: argparse.Namespace) -> int:
 
 def _cmd_estimate(args: argparse.Namespace) -> int:
     from lowmcgm.config import parse_set, resolve_config
-    from lowmcgm.estimate import check_and_suggest, estimate_to_json, format_estimate
+    from lowmcgm.memory.estimate import check_and_suggest, estimate_to_json, format_estimate
 
     cfg = resolve_config(args.preset, args.config, parse_set(args.set))
     if args.resolution is not None and (args.resolution <= 0 or args.resolution % 8):

@@ -24,7 +24,7 @@ from lowmcgm.errors import UserError
 from lowmcgm.tokenizer import build_clip_tokenizer
 
 TINY_NAMES = ("tiny", "tiny-v")
-TOY_NAME = "toy"  # the toy-world model bundled in lowmcgm/weights/toy (lowmcgm/toy.py)
+TOY_NAME = "toy"  # the toy-world model bundled in lowmcgm/toy/weights (lowmcgm/toy.py)
 
 # Words of the tiny tokenizer: enough for the prompts the method and the tests write.
 TINY_WORDS = (
@@ -154,7 +154,7 @@ def load_base_model(spec: str, single_file_config: str = "auto") -> BaseModel:
     if spec in TINY_NAMES:
         return build_tiny_base(spec)
     if spec == TOY_NAME:
-        from lowmcgm.toy import load_toy_base
+        from lowmcgm.toy.bundled import load_toy_base
 
         return load_toy_base()
     path = Path(spec).expanduser()

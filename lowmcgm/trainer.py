@@ -116,7 +116,7 @@ def train(cfg: Config, on_progress: ProgressFn | None = None, resume: bool = Fal
 
     base = base or load_base_model(cfg.model.base_model, cfg.model.single_file_config)
     if cfg.lora.init_lora:  # its shapes against this base, before any step rather than at phase 2
-        from lowmcgm.export import check_init_lora, check_lora_fits
+        from lowmcgm.interop.lora_import import check_init_lora, check_lora_fits
 
         check_lora_fits(check_init_lora(Path(cfg.lora.init_lora), cfg.lora), base.unet,
                         base.text_encoder if cfg.lora.use_text_encoder_lora else None)
@@ -169,7 +169,7 @@ def check_inputs(cfg: Config, resume: bool = False) -> tuple[Path, list[str], li
     # Inputs are checked at a small size: a bad mask fails in a second.
     _, warnings = load_concept_image(cfg.data.image, list(cfg.data.masks), 64)
     if cfg.lora.init_lora:
-        from lowmcgm.export import check_init_lora
+        from lowmcgm.interop.lora_import import check_init_lora
 
         check_init_lora(Path(cfg.lora.init_lora), cfg.lora)
     out = check_output_dir(cfg.output.out, resume=resume)
@@ -308,7 +308,7 @@ def add_phase2_adapters(setup: Setup) -> None:
     for param in setup.lora_params + setup.te_lora_params:
         param.data = param.data.to(setup.device)
     if cfg.lora.init_lora:
-        from lowmcgm.export import load_init_lora
+        from lowmcgm.interop.lora_import import load_init_lora
 
         load_init_lora(setup, Path(cfg.lora.init_lora))
 

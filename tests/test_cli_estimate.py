@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from lowmcgm import memory_trace as mt
+from lowmcgm.memory import trace as mt
 from lowmcgm.cli import main
 
 PARTS = {"frozen_weights", "trainable_weights", "optimizer_state", "other_resident", "gradients", "activations",

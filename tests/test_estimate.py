@@ -1,4 +1,4 @@
-"""lowmcgm.estimate: the traced figures against the same counter on a real CPU run (the self-check),
+"""lowmcgm.memory.estimate: the traced figures against the same counter on a real CPU run (the self-check),
 their parts, the card margin, base-model folders, and the presets' memory targets.
 
 Fake-CUDA traces run in subprocesses (the shim must load before torch); tiny models take seconds,
@@ -12,8 +12,8 @@ import os
 
 import pytest
 
-from lowmcgm import estimate as E
-from lowmcgm import memory_trace as mt
+from lowmcgm.memory import estimate as E
+from lowmcgm.memory import trace as mt
 from lowmcgm.config import resolve_config
 from lowmcgm.errors import UserError
 
@@ -83,7 +83,7 @@ def tiny_fake(shim, tmp_path_factory):
 @pytest.mark.parametrize("name", list(SELF_CHECK))
 def test_estimate_matches_a_real_cpu_run_within_5_percent(tiny_fake, name):
     job = _tiny_job(name)
-    real = mt.measure_real_cpu("lowmcgm.estimate:trace_job", {k: v for k, v in job.items() if k != "label"})
+    real = mt.measure_real_cpu("lowmcgm.memory.estimate:trace_job", {k: v for k, v in job.items() if k != "label"})
     fake = tiny_fake[name]
     assert [p.phase for p in fake.phases] == [1, 2]
     for phase, real_phase in zip(fake.phases, real["result"]["phases"]):

@@ -27,8 +27,8 @@ from lowmcgm.adapters import add_lora, load_lora_state_dict, lora_state_dict
 from lowmcgm.artifact import Artifact, load_artifact, save_artifact
 from lowmcgm.config import LoraConfig, resolve_config
 from lowmcgm.errors import UserError
-from lowmcgm.export import (build_kohya_metadata, embedding_file_stem, export_artifact, export_kohya,
-                            load_init_lora, read_lora_file, summarize_lora)
+from lowmcgm.interop.export import build_kohya_metadata, embedding_file_stem, export_artifact, export_kohya
+from lowmcgm.interop.lora_import import load_init_lora, read_lora_file, summarize_lora
 from lowmcgm.handles import add_handle_tokens
 from lowmcgm.models import build_tiny_base, save_base_model
 from lowmcgm.trainer import train

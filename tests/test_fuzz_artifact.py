@@ -27,12 +27,12 @@ from safetensors.torch import save_file
 
 import lowmcgm
 from lowmcgm import artifact as artifact_mod
-from lowmcgm import export as export_mod
+from lowmcgm.interop import lora_import as export_mod
 from lowmcgm.artifact import load_artifact, save_artifact
 from lowmcgm.cli import EXIT_USER_ERROR, main
 from lowmcgm.config import LoraConfig
 from lowmcgm.errors import UserError
-from lowmcgm.export import check_init_lora, read_lora_file, summarize_lora
+from lowmcgm.interop.lora_import import check_init_lora, read_lora_file, summarize_lora
 
 FUZZ = settings(derandomize=True, deadline=None, max_examples=120, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,

@@ -278,7 +278,7 @@ def test_cuda_out_of_memory_is_a_user_error_with_advice(photo, tmp_path, monkeyp
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(trainer, "train_step", oom)
-    monkeypatch.setattr("lowmcgm.estimate.estimate", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr("lowmcgm.memory.estimate.estimate", lambda *a, **k: 1 / 0)
     image, a, b = photo
     code = main(["train", "--preset", "tiny-cpu", "--image", image, "--mask", a, "--out", str(tmp_path / "o")])
     stderr = capsys.readouterr().err
@@ -288,7 +288,7 @@ def test_cuda_out_of_memory_is_a_user_error_with_advice(photo, tmp_path, monkeyp
 
 
 def test_out_of_memory_advice_gives_the_estimate_and_the_preset_for_the_card(monkeypatch, photo, tmp_path):
-    from lowmcgm import estimate as estimate_mod
+    from lowmcgm.memory import estimate as estimate_mod
 
     class Card:
         total_memory = 8 * 2**30 - 300 * 2**20  # an "8 GB" card as CUDA reports it

@@ -1,4 +1,4 @@
-"""Tests of lowmcgm.memory_trace (fake-CUDA tracing) and of the shipped model configs.
+"""Tests of lowmcgm.memory.trace (fake-CUDA tracing) and of the shipped model configs.
 
 The fake-CUDA runs happen in subprocesses (the shim must be loaded before torch); the shim is
 compiled once per session (and cached across sessions in ~/.cache/lowmcgm).
@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from lowmcgm import memory_trace as mt
+from lowmcgm.memory import trace as mt
 from lowmcgm.model_configs import SHIPPED_CONFIGS, config_folder
 
 GiB = 2**30
@@ -290,7 +290,7 @@ def test_sd15_lora_step_reproduces_the_probe(shim):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a real GPU")
 def test_fake_estimate_against_real_cuda():  # pragma: no cover - no GPU where this was written
     kwargs = {"steps": 2, "latent_size": 32, "lora_rank": 4, "dtype": "fp16"}
-    real = mt.run_traced("lowmcgm.memory_trace:tiny_unet_step", kwargs, 300, mode="cuda")
-    fake = mt.run_traced("lowmcgm.memory_trace:tiny_unet_step", kwargs, 300, mode="fake")
+    real = mt.run_traced("lowmcgm.memory.trace:tiny_unet_step", kwargs, 300, mode="cuda")
+    fake = mt.run_traced("lowmcgm.memory.trace:tiny_unet_step", kwargs, 300, mode="fake")
     assert real["mode"] == "cuda" and real["peak_reserved_bytes"] >= real["peak_bytes"]
     assert abs(fake["peak_bytes"] - real["peak_bytes"]) <= 0.10 * real["peak_bytes"]

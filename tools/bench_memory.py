@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from lowmcgm.config import resolve_config
-from lowmcgm.estimate import (GiB, build_job, margin_note, required_card_bytes, run_jobs)
+from lowmcgm.memory.estimate import (GiB, build_job, margin_note, required_card_bytes, run_jobs)
 
 # (label, preset, overrides, attention layout)
 ROWS = [

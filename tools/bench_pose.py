@@ -16,7 +16,7 @@ For 1, 2 and 3 subjects (``--subjects``), ``--photos`` photos each:
 - Sampling, ``--images`` seeds per target, the same seeds everywhere: MCGM with the pose masks,
   MCGM with blank masks, Break-a-scene.
 
-Measured on every image with the toy world's segmentation (``lowmcgm.toyworld.metrics``):
+Measured on every image with the toy world's segmentation (``lowmcgm.toy.metrics``):
 
 - pose adherence: IoU of each subject's silhouette (``kind_mask`` on ``foreground_mask``) with its
   target mask; a subject that is not drawn (no blob of its colours holding most of them, or an
@@ -48,8 +48,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lowmcgm.toyworld import metrics  # noqa: E402
-from lowmcgm.toyworld.scenes import (  # noqa: E402
+from lowmcgm.toy import metrics  # noqa: E402
+from lowmcgm.toy.scenes import (  # noqa: E402
     BACKDROPS,
     BACKGROUNDS,
     HELDOUT_COMBOS,
@@ -391,7 +391,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def _model_info(model: str):
     from lowmcgm.models import TOY_NAME
-    from lowmcgm.toy import read_toy_info, require_toy_model
+    from lowmcgm.toy.bundled import read_toy_info, require_toy_model
 
     return read_toy_info(require_toy_model() if model == TOY_NAME else Path(model))
 

@@ -32,8 +32,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lowmcgm.toyworld import metrics  # noqa: E402
-from lowmcgm.toyworld.scenes import (  # noqa: E402
+from lowmcgm.toy import metrics  # noqa: E402
+from lowmcgm.toy.scenes import (  # noqa: E402
     BACKGROUNDS,
     HELDOUT_COMBOS,
     KINDS,

@@ -17,7 +17,7 @@ Three ways to run the same function (the *mode* of a :class:`TraceSession`):
 
 Writing a traceable function::
 
-    from lowmcgm import memory_trace as mt
+    from lowmcgm.memory import trace as mt
 
     def my_step(resolution: int = 512) -> dict:
         s = mt.session()                                  # mode, device, counter
@@ -49,7 +49,7 @@ higher). Attention takes the kernel a real GPU would pick (flash for fp16/bf16 a
 not run under fake tensors: account for them analytically.
 
 This module imports torch at import time, except when it runs as a script or with
-``python -m lowmcgm.memory_trace``: then it loads the shim first and hands over to the imported
+``python -m lowmcgm.memory.trace``: then it loads the shim first and hands over to the imported
 module (so traced functions and the session share one module instance).
 """
 
@@ -89,7 +89,7 @@ __all__ = [
 ]
 
 SHIM_SOURCE = Path(__file__).resolve().with_name("fake_cuda_guard.cpp")
-_PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+_PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 _SHIM_LOADED: str | None = None  # path of the loaded shim, in the process that loaded it
 
 MODES = ("auto", "fake", "cuda", "cpu")
@@ -232,7 +232,7 @@ def load_shim(path: str | os.PathLike | None = None) -> str:
         raise RuntimeError(
             "the fake-CUDA shim must be loaded before torch is imported; run the traced code "
             "through run_traced() (a fresh subprocess). If this is `python -m "
-            "lowmcgm.memory_trace`, something imported torch first (lowmcgm/__init__.py?)"
+            "lowmcgm.memory.trace`, something imported torch first (lowmcgm/__init__.py?)"
         )
     ctypes.CDLL(path, mode=os.RTLD_GLOBAL | os.RTLD_NOW)
     _SHIM_LOADED = path
@@ -363,7 +363,7 @@ def _preload_for_child(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     _preload_for_child(sys.argv[1:])
-    import lowmcgm.memory_trace as _real_module  # noqa: E402  (imports torch, after the shim)
+    import lowmcgm.memory.trace as _real_module  # noqa: E402  (imports torch, after the shim)
 
     _real_module._SHIM_LOADED = _SHIM_LOADED
     sys.exit(_real_module._child_main(sys.argv[1:]))
@@ -969,7 +969,7 @@ def _child_main(argv: list[str]) -> int:
     import argparse
     import traceback
 
-    ap = argparse.ArgumentParser(prog="python -m lowmcgm.memory_trace",
+    ap = argparse.ArgumentParser(prog="python -m lowmcgm.memory.trace",
                                  description="Run a function inside a memory trace session.")
     ap.add_argument("--fn", required=True, help="module:function")
     ap.add_argument("--kwargs", help="JSON file of keyword arguments (or inline JSON)")
@@ -1119,7 +1119,7 @@ def trace_unet_lora_step(config_name: str = "sd15", resolution: int = 512, rank:
     Returns:
         :func:`run_traced`'s dict; ``["peak_bytes"]`` is the peak.
     """
-    return run_traced("lowmcgm.memory_trace:unet_lora_step",
+    return run_traced("lowmcgm.memory.trace:unet_lora_step",
                       dict(config_name=config_name, resolution=resolution, rank=rank,
                            gradient_checkpointing=gradient_checkpointing, dtype=dtype,
                            steps=steps, batch_size=batch_size,

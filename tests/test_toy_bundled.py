@@ -2,7 +2,7 @@
 
 The plumbing tests use a toy model folder built here from ``tools/train_toy_base.py``'s own
 builders ("tiny" preset, random weights, saved in fp16 like the real export) and point
-``lowmcgm.toy.toy_model_dir`` at it, so they need no trained weights and no file outside the
+``lowmcgm.toy.bundled.toy_model_dir`` at it, so they need no trained weights and no file outside the
 repository. The one test that judges the weights runs only once the bundled model has passed its
 gate (``tools/eval_toy_base.py --record`` writes that into its ``toyworld.json``).
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import lowmcgm.toy as toy
+import lowmcgm.toy.bundled as toy
 from lowmcgm.errors import UserError
 from lowmcgm.models import load_base_model
 
@@ -131,8 +131,8 @@ def test_eval_records_the_gate_into_toyworld_json(tmp_path):
 
 def test_bundled_weights_ship_as_package_data():
     data = tomllib.loads((REPO / "pyproject.toml").read_text())
-    assert "weights/**/*" in data["tool"]["setuptools"]["package-data"]["lowmcgm"]
-    folder = REPO / "lowmcgm" / "weights"
+    assert "toy/weights/**/*" in data["tool"]["setuptools"]["package-data"]["lowmcgm"]
+    folder = REPO / "lowmcgm" / "toy" / "weights"
     if folder.is_dir():
         assert sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) <= MAX_BUNDLED_BYTES
 

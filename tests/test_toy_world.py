@@ -13,8 +13,8 @@ import pytest
 from scipy import ndimage
 
 from lowmcgm.tokenizer import build_clip_tokenizer
-from lowmcgm.toyworld import metrics
-from lowmcgm.toyworld.scenes import (
+from lowmcgm.toy import metrics
+from lowmcgm.toy.scenes import (
     BACKDROPS,
     BACKGROUNDS,
     FAR_SHADE,
@@ -89,7 +89,7 @@ def test_caption_wordings():
 
 
 def test_caption_variants_cover_every_wording_at_their_rates():
-    from lowmcgm.toyworld.scenes import PLACE_RATES, POSE_WORD_RATE, caption_variant
+    from lowmcgm.toy.scenes import PLACE_RATES, POSE_WORD_RATE, caption_variant
 
     rng = np.random.default_rng(3)
     scene = Scene("beach", [Subject("bird", "jumping")])

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from test_toy import bundled_toy, toy_model_folder  # noqa: F401 (fixtures)
+from test_toy_bundled import bundled_toy, toy_model_folder  # noqa: F401 (fixtures)
 
-import lowmcgm.demo as demo
-import lowmcgm.toy as toy
+import lowmcgm.toy.demo as demo
+import lowmcgm.toy.bundled as toy
 from lowmcgm.cli import EXIT_USER_ERROR, main
 from lowmcgm.sampler import load_prompts_file
-from lowmcgm.toyworld.scenes import HELDOUT_COMBOS, render_scene, scene_combos
+from lowmcgm.toy.scenes import HELDOUT_COMBOS, render_scene, scene_combos
 
 # The test trains and samples for a moment, not the preset's minutes.
 SHORT = ["--set", "train.phase1_steps=2", "--set", "train.phase2_steps=2", "--set", "train.checkpoint_every=0",

@@ -1,8 +1,8 @@
 """The toy base model bundled with lowmcgm: where it lives, loading it, what it is known to do.
 
 ``--base-model toy`` is a tiny Stable Diffusion (the same diffusers and transformers classes)
-trained from scratch on the toy world (``lowmcgm/toyworld``) by ``tools/train_toy_base.py``. Its
-diffusers folder ships inside the package at ``lowmcgm/weights/toy/``, saved in fp16 to stay
+trained from scratch on the toy world (``lowmcgm/toy/scenes.py``) by ``tools/train_toy_base.py``. Its
+diffusers folder ships inside the package at ``lowmcgm/toy/weights/``, saved in fp16 to stay
 small, with ``toyworld.json`` beside it: the image size, training steps, held-out combinations and,
 once ``tools/eval_toy_base.py --record`` has measured it, the gate figures and whether the model
 passed its gate (issue 7: background and kind right >= 90%, VAE PSNR >= 30 dB).
@@ -34,7 +34,7 @@ DEFAULT_IMAGE_SIZE_PX = 64
 
 def toy_model_dir() -> Path:
     """The folder of the bundled toy model (it may be absent: see ``load_toy_base``)."""
-    return Path(__file__).resolve().parent / "weights" / TOY_NAME
+    return Path(__file__).resolve().parent / "weights"
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,8 @@ import numpy as np
 from PIL import Image
 
 from lowmcgm.models import TINY_NAMES, TOY_NAME
-from lowmcgm.toy import read_toy_info, require_toy_model
-from lowmcgm.toyworld.scenes import BACKDROPS, Scene, Subject, render_pose_mask, render_scene
+from lowmcgm.toy.bundled import read_toy_info, require_toy_model
+from lowmcgm.toy.scenes import BACKDROPS, Scene, Subject, render_pose_mask, render_scene
 
 DEMO_PRESET = "toy-cpu"
 DEFAULT_SIZE_PX = 256  # bases without a toyworld.json: a sharp render, resized by the trainer

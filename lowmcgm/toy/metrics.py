@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from lowmcgm.toyworld.scenes import (
+from lowmcgm.toy.scenes import (
     BACKDROPS,
     BACKGROUNDS,
     DISTINCTIVE_ROLES,

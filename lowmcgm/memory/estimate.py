@@ -1,7 +1,7 @@
 """GPU-free estimate of the peak GPU memory of training, per phase and itemised (``lowmcgm estimate``).
 
 The figures are traced, not modelled: :func:`trace_jobs` runs in a subprocess under fake CUDA tensors
-(:mod:`lowmcgm.memory_trace`). It builds the base model's UNet, text encoder and VAE from their config
+(:mod:`lowmcgm.memory.trace`). It builds the base model's UNet, text encoder and VAE from their config
 files on the meta device, hands them to the trainer's own ``prepare_setup`` (handles with a stand-in
 tokenizer, mask encoder, capture processors, checkpointing, casts and moves, the photo encode, the VAE
 offload), then runs the trainer's ``new_state`` and ``train_step`` twice per phase (the second step has
@@ -34,7 +34,7 @@ from diffusers.models.attention_processor import AttnProcessor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from lowmcgm import memory_trace as mt
+from lowmcgm.memory import trace as mt
 from lowmcgm.attention_capture import CapturingCrossAttnProcessor, CrossAttentionStore
 from lowmcgm.config import Config, apply_overrides, config_from_dict, config_to_dict
 from lowmcgm.data import ConceptImage
@@ -230,7 +230,7 @@ def run_jobs(jobs: list[dict[str, Any]], *, mode: str = "fake", stop_below_bytes
         One :class:`Estimate` per job, None for skipped ones.
     """
     try:
-        out = mt.run_traced("lowmcgm.estimate:trace_jobs", {"jobs": jobs, "stop_below_bytes": stop_below_bytes},
+        out = mt.run_traced("lowmcgm.memory.estimate:trace_jobs", {"jobs": jobs, "stop_below_bytes": stop_below_bytes},
                             timeout_s, mode=mode, env=env)
     except mt.ShimBuildError as exc:  # no C++ compiler: the user can install one
         raise UserError(f"lowmcgm estimate cannot trace on this machine: {str(exc).splitlines()[0]}.") from exc
