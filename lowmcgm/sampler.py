@@ -30,18 +30,16 @@ import numpy as np
 import torch
 from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
                        StableDiffusionPipeline)
-from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image
 
 from lowmcgm import __version__
-from lowmcgm.adapters import add_lora, load_lora_state_dict, lora_module_names
 from lowmcgm.artifact import Artifact, file_sha256, load_artifact
-from lowmcgm.attention_capture import (CapturingCrossAttnProcessor, CrossAttentionStore, install_capture,
-                                       loss_layer_names, remove_capture)
+from lowmcgm.attention_capture import CrossAttentionStore, install_capture, loss_layer_names, remove_capture
 from lowmcgm.data import build_prompt, load_mask
 from lowmcgm.errors import UserError
-from lowmcgm.handles import HANDLE_PATTERN, HandleEmbedding, add_handle_tokens, remove_handle_wrapper
+from lowmcgm.handles import HANDLE_PATTERN
 from lowmcgm.mask_encoder import MaskEncoder, append_mask_tokens, zero_mask_tokens
+from lowmcgm.mcgm import MCGMState
 from lowmcgm.models import BaseModel, load_base_model
 from lowmcgm.output import check_output_dir
 from lowmcgm.previews import (SheetRow, mask_to_image, render_attention_picture, render_contact_sheet, save_json,
@@ -443,60 +441,15 @@ def check_base_matches(artifact: Artifact, base: BaseModel, artifact_path: Path)
 
 
 def apply_artifact(base: BaseModel, artifact: Artifact) -> MaskEncoder | None:
-    """Write the artifact's handles and adapters into ``base``; return its mask encoder (or None).
+    """Install the artifact on ``base`` for sampling; return its mask encoder (or None).
 
-    Works on a freshly loaded base (``lowmcgm sample``) and on the base ``train()`` just used
-    (``lowmcgm run``), where the handle wrapper, the adapters and the capture processors are still
-    in place. There the wrapper is folded back into a plain embedding table and the adapters are
-    kept, and the artifact's values overwrite the in-memory ones: they may be rounded to the
-    artifact's save dtype, and overwriting makes ``run`` draw exactly what ``sample`` draws later
-    from the same file. This is why ``run`` needs no second copy of the base model.
+    ``base`` may be freshly loaded (``lowmcgm sample``) or the one ``train()`` just used and left as
+    it came (``lowmcgm run``): either way the images are the ones ``sample`` draws from the file.
     """
-    text_encoder, tokenizer = base.text_encoder, base.tokenizer
-    embedding = text_encoder.get_input_embeddings()
-    if isinstance(embedding, HandleEmbedding):
-        remove_handle_wrapper(text_encoder, embedding)
-    if not all(h in tokenizer.get_vocab() for h in artifact.handles):  # a fresh base
-        add_handle_tokens(tokenizer, text_encoder, artifact.handles)
-    table = text_encoder.get_input_embeddings().weight
-    with torch.no_grad():
-        table[tokenizer.convert_tokens_to_ids(artifact.handles)] = artifact.handle_vectors.to(table.device, table.dtype)
-    lora = artifact.meta.get("lora", {})
-    _apply_adapter(base.unet, artifact.unet_lora, lora, "unet_targets")
-    _apply_adapter(text_encoder, artifact.text_encoder_lora, lora, "text_encoder_targets")
-    # Training's capture processors may still hold the last step's key columns; sampling needs SDPA.
-    processors = {name: AttnProcessor2_0() if isinstance(proc, CapturingCrossAttnProcessor) else proc
-                  for name, proc in base.unet.attn_processors.items()}
-    base.unet.set_attn_processor(processors)
-    for module in (base.unet, text_encoder, base.vae):
-        module.requires_grad_(False)
+    state = MCGMState.from_artifact(base, artifact)
+    for module in (base.unet, base.text_encoder, base.vae):
         module.eval()
-    if not artifact.uses_mask_tokens:
-        return None
-    with torch.random.fork_rng(devices=[]):  # nn.Linear's init draws from the global generator
-        encoder = MaskEncoder(artifact.text_width, int(artifact.meta["mask_size"]))
-    encoder.load_state_dict(artifact.mask_encoder)
-    return encoder.requires_grad_(False).eval()
-
-
-def _apply_adapter(module: torch.nn.Module, state: dict[str, torch.Tensor], lora: dict[str, Any],
-                   targets_key: str) -> None:
-    if not state:
-        return
-    if lora.get("mode") == "full":  # whole weights, handle rows excluded (they live in handles.vectors)
-        try:
-            result = module.load_state_dict(state, strict=False)
-        except RuntimeError as exc:  # "size mismatch": weights of another architecture
-            raise UserError(f"The artifact's weights do not fit this model: "
-                            f"{str(exc).strip().splitlines()[-1].strip()}") from exc
-        if result.unexpected_keys:
-            raise UserError(f"The artifact's weights do not fit this model: unexpected {result.unexpected_keys[0]}.")
-        return
-    if not lora_module_names(module):
-        # Artifacts name their targets; without the list, the adapted modules' own paths match exactly.
-        targets = lora.get(targets_key) or sorted({k.rsplit(".lora_", 1)[0] for k in state})
-        add_lora(module, tuple(targets), int(lora["rank"]), float(lora["alpha"]))
-    load_lora_state_dict(module, state)
+    return state.mask_encoder
 
 
 def resolve_dtype(settings: SampleSettings) -> str:
@@ -673,7 +626,7 @@ class TrainingPreviews:
         precision = setup.accelerator.mixed_precision
         settings = dataclasses.replace(self.settings, height=size, width=size, num_images=1,
                                        dtype="fp32" if precision == "no" else precision)
-        sampler = PoseSampler(build_pipeline(base, settings.scheduler), setup.mask_encoder,
+        sampler = PoseSampler(build_pipeline(base, settings.scheduler), setup.mcgm.mask_encoder,
                               autocast=setup.accelerator.autocast, store=setup.store)
         # The trainer may have moved the VAE (photo encoded) and the text encoder (phase 2 trains
         # nothing in it) off the GPU; sampling needs both there for a moment.

@@ -23,23 +23,23 @@ import torch
 from accelerate import Accelerator
 
 from lowmcgm import config as config_mod
-from lowmcgm.adapters import add_lora, cast_frozen, lora_state_dict, load_lora_state_dict
-from lowmcgm.artifact import (Artifact, load_checkpoint, read_header, remove_stale_temporaries, save_artifact,
-                              save_checkpoint)
-from lowmcgm.attention_capture import CrossAttentionStore, install_capture, loss_layer_names
+from lowmcgm.adapters import cast_frozen
+from lowmcgm.artifact import save_artifact
+from lowmcgm.attention_capture import CrossAttentionStore, install_capture, loss_layer_names, remove_capture
 from lowmcgm.config import Config
 from lowmcgm.data import (ConceptImage, build_prompt, load_concept_image, resize_masks, sample_concepts,
                           sample_num_concepts, solid_background)
 from lowmcgm.errors import UserError
-from lowmcgm.handles import HandleEmbedding, check_handle_names, handle_positions, install_handles
+from lowmcgm.handles import check_handle_names, handle_positions
 from lowmcgm.losses import LossParts, compute_attention_loss, compute_masked_diffusion_loss, compute_total_loss
-from lowmcgm.mask_encoder import MaskEncoder, append_mask_tokens, zero_mask_tokens
+from lowmcgm.mask_encoder import append_mask_tokens, zero_mask_tokens
+from lowmcgm.mcgm import MCGMState
 from lowmcgm.models import BaseModel, load_base_model
 from lowmcgm.output import check_output_dir, write_effective_config
+from lowmcgm.resume import check_finite, check_resume, nan_message, resume_state, save_train_checkpoint
 
 ProgressFn = Callable[[dict[str, Any]], None]
 PreviewFn = Callable[["Setup", "TrainState"], None]
-CHECKPOINT_NAME = "checkpoints/last.safetensors"
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -50,9 +50,7 @@ class Setup:
     cfg: Config
     base: BaseModel
     concept: ConceptImage
-    handle_names: list[str]
-    handles: HandleEmbedding
-    mask_encoder: MaskEncoder | None
+    mcgm: MCGMState  # handles, mask encoder and (from phase 2) adapters: what trains
     store: CrossAttentionStore | None  # None when loss.use_attention_loss is off (no capture)
     accelerator: Accelerator
     latent_mean: torch.Tensor  # (2, C, h, w): the photo and its mirror image, encoded once
@@ -61,11 +59,10 @@ class Setup:
     report: ProgressFn
     said: set[str] = field(default_factory=set)
     on_preview: PreviewFn | None = None
+    capture: dict | None = None  # the processors capture replaced (to put back at the end)
     stop_requested: bool = False  # set by Ctrl-C; the loop stops before its next step
     # Text-encoder outputs by token ids, when the text encoder has nothing left to train.
     text_cache: dict[tuple[int, ...], torch.Tensor] | None = None
-    lora_params: list[torch.nn.Parameter] = field(default_factory=list)
-    te_lora_params: list[torch.nn.Parameter] = field(default_factory=list)
 
     @property
     def device(self) -> torch.device:
@@ -131,8 +128,11 @@ def train(cfg: Config, on_progress: ProgressFn | None = None, resume: bool = Fal
         with _stop_between_steps(setup):
             if state.phase == 1:
                 run_phase(setup, state, report, out)
+                # LoRA arrives only now: phase 1 fits the handles and mask encoder to the unchanged
+                # model first, as Break-a-scene does (a resume inside phase 2 added it already).
+                add_phase2_adapters(setup)
                 state = new_state(setup, phase=2, generator=state.generator, history=state.history)
-            run_phase(setup, state, report, out)  # phase 2 (a resume inside it has its adapters already)
+            run_phase(setup, state, report, out)
     except _StopNow:
         report({"kind": "message", "level": "warning", "text": "Stopped mid-step: no checkpoint written; "
                 "--resume continues from the last one."})
@@ -144,13 +144,17 @@ def train(cfg: Config, on_progress: ProgressFn | None = None, resume: bool = Fal
         raise
     path = out / cfg.output.artifact_name
     if setup.accelerator.is_main_process:
-        artifact = build_artifact(setup)
-        _check_finite(setup, state, {"handles.vectors": artifact.handle_vectors, **artifact.mask_encoder,
-                                     **artifact.unet_lora, **artifact.text_encoder_lora})
+        artifact = setup.mcgm.to_artifact(base, run_meta(setup))
+        check_finite(setup, state, {"handles.vectors": artifact.handle_vectors, **artifact.mask_encoder,
+                                    **artifact.unet_lora, **artifact.text_encoder_lora})
         save_artifact(artifact, path, dtype=cfg.output.save_dtype)
         (out / "loss_history.json").write_text(json.dumps(state.history))
         report({"kind": "saved", "what": "artifact", "path": str(path)})
     setup.accelerator.wait_for_everyone()
+    # Leave the base as it came (``lowmcgm run`` samples from the artifact on the same base next).
+    setup.mcgm.remove(base)
+    if setup.capture is not None:
+        remove_capture(base.unet, setup.capture)
     return path
 
 
@@ -233,22 +237,18 @@ def prepare_setup(cfg: Config, base: BaseModel, concept: ConceptImage, handle_na
     device = accelerator.device
     weight_dtype = WEIGHT_DTYPES[accelerator.mixed_precision]
     resolution = concept.image.shape[-1]
-    init_gen = torch.Generator().manual_seed(cfg.train.seed)
-    for module in (base.unet, base.text_encoder, base.vae):
-        module.requires_grad_(False)
-    handles = install_handles(base.tokenizer, base.text_encoder, handle_names, list(cfg.data.init_words), init_gen)
-    mask_encoder = None
-    if cfg.loss.use_mask_tokens:
-        torch.manual_seed(cfg.train.seed)  # nn.Linear's init draws from the global generator
-        mask_encoder = MaskEncoder(base.text_width).to(device)
+    mcgm = MCGMState.install(base, handle_names, list(cfg.data.init_words), cfg.loss.use_mask_tokens,
+                             cfg.train.seed, device)
 
     if cfg.model.use_xformers:
         _enable_xformers(base, report)
     store = CrossAttentionStore() if cfg.loss.use_attention_loss else None
+    capture = None
     # Capture goes in before checkpointing is switched on, so recomputation runs the same processors.
     if store is not None:
         latent_px = resolution // base.vae_scale_factor
-        install_capture(base.unet, loss_layer_names(base.unet, cfg.loss.attn_loss_downscale, latent_px), store)
+        capture = install_capture(base.unet, loss_layer_names(base.unet, cfg.loss.attn_loss_downscale, latent_px),
+                                  store)
     if cfg.model.use_gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
     base.unet.train()
@@ -266,21 +266,18 @@ def prepare_setup(cfg: Config, base: BaseModel, concept: ConceptImage, handle_na
     for module in (base.unet, base.text_encoder):
         cast_frozen(module, weight_dtype)
         module.to(device)
-    handles.to(device)
+    mcgm.to(device)
     prior = load_prior(device) if cfg.train.use_prior_preservation else None
     if cfg.model.use_vae_offload and cfg.data.background == "keep":
         base.vae.to("cpu")  # the photo is encoded: the VAE's memory is free for activations
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return Setup(cfg, base, concept, handle_names, handles, mask_encoder, store, accelerator,
-                 mean, std, prior, report)
+    return Setup(cfg, base, concept, mcgm, store, accelerator, mean, std, prior, report, capture=capture)
 
 
 def new_state(setup: Setup, phase: int, generator: torch.Generator | None = None,
               history: list | None = None) -> TrainState:
-    """A fresh optimizer for ``phase``; phase 2 first adds the adapters (they do not exist before)."""
-    if phase == 2 and not setup.lora_params and setup.cfg.train.phase2_steps:
-        add_phase2_adapters(setup)
+    """A fresh optimizer for ``phase`` (phase 2's adapters must have been added)."""
     if phase == 2:
         maybe_offload_text_encoder(setup)
     if generator is None:
@@ -290,23 +287,12 @@ def new_state(setup: Setup, phase: int, generator: torch.Generator | None = None
 
 
 def add_phase2_adapters(setup: Setup) -> None:
-    cfg, base = setup.cfg, setup.base
-    if cfg.lora.phase2_mode == "full":
-        base.unet.requires_grad_(True)
-        setup.lora_params = list(base.unet.parameters())
-        for name, param in base.text_encoder.named_parameters():
-            if "token_embedding" not in name:  # handle rows train through the wrapper only
-                param.requires_grad_(True)
-                setup.te_lora_params.append(param)
+    """Phase 2's trainables on the base (LoRA, or every weight in ``full`` mode), optionally
+    started from ``lora.init_lora``; nothing when phase 2 has no steps."""
+    cfg = setup.cfg
+    if not cfg.train.phase2_steps:
         return
-    setup.lora_params = add_lora(base.unet, cfg.lora.unet_targets, cfg.lora.rank, cfg.lora.alpha)
-    if cfg.lora.use_text_encoder_lora:
-        setup.te_lora_params = add_lora(base.text_encoder, cfg.lora.text_encoder_targets, cfg.lora.rank,
-                                        cfg.lora.alpha)
-        # peft freezes every non-LoRA parameter of the model it injects into: the handles too.
-        setup.handles.vectors.requires_grad_(True)
-    for param in setup.lora_params + setup.te_lora_params:
-        param.data = param.data.to(setup.device)
+    setup.mcgm.add_adapters(setup.base, cfg.lora, setup.device)
     if cfg.lora.init_lora:
         from lowmcgm.interop.lora_import import load_init_lora
 
@@ -329,7 +315,7 @@ def maybe_offload_text_encoder(setup: Setup) -> None:
     if not text_encoder_is_frozen(setup.cfg, 2) or setup.text_cache is not None:
         return
     n = setup.concept.num_concepts
-    prompts = [build_prompt([setup.handle_names[i] for i in order])
+    prompts = [build_prompt([setup.mcgm.handle_names[i] for i in order])
                for k in range(1, n + 1) for order in itertools.permutations(range(n), k)]
     if setup.cfg.train.use_prior_preservation:
         prompts.append(setup.cfg.train.class_prompt)
@@ -350,16 +336,7 @@ def encode_text(setup: Setup, input_ids: torch.Tensor) -> torch.Tensor:
 
 def build_optimizer(setup: Setup, phase: int) -> torch.optim.Optimizer:
     t = setup.cfg.train
-    groups = []
-    if not (phase == 2 and t.phase2_handle_lr == 0):
-        groups.append({"params": [setup.handles.vectors], "lr": t.handle_lr if phase == 1 else t.phase2_handle_lr})
-    if setup.mask_encoder is not None:
-        groups.append({"params": list(setup.mask_encoder.parameters()),
-                       "lr": t.mask_encoder_lr if phase == 1 else t.phase2_mask_encoder_lr})
-    if phase == 2 and setup.lora_params:
-        groups.append({"params": setup.lora_params, "lr": t.lora_lr})
-    if phase == 2 and setup.te_lora_params:
-        groups.append({"params": setup.te_lora_params, "lr": t.text_encoder_lr})
+    groups = setup.mcgm.parameter_groups(phase, t)
     kwargs = dict(betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.adam_weight_decay, eps=t.adam_epsilon)
     optimizer_cls = torch.optim.AdamW
     if t.optimizer == "adamw8bit":
@@ -416,7 +393,7 @@ def train_step(setup: Setup, state: TrainState) -> dict[str, float]:
     with acc.autocast():
         loss, parts = compute_step_loss(setup, batch)
     if not torch.isfinite(loss):
-        raise UserError(_nan_message(setup, state))
+        raise UserError(nan_message(setup, state))
     acc.backward(loss)
     _average_gradients(acc, params)
     acc.clip_grad_norm_(params, setup.cfg.train.max_grad_norm)
@@ -438,8 +415,8 @@ def build_batch(setup: Setup, generator: torch.Generator) -> Batch:
         image = concept.image
         if flip:
             sample_masks, image = sample_masks.flip(-1), image.flip(-1)
-        prompts.append(build_prompt([setup.handle_names[i] for i in chosen]))
-        handle_ids.append([setup.handles.handle_ids[i].item() for i in chosen])
+        prompts.append(build_prompt([setup.mcgm.handle_names[i] for i in chosen]))
+        handle_ids.append([setup.mcgm.handles.handle_ids[i].item() for i in chosen])
         masks.append(sample_masks)
         if cfg.data.background == "solid":
             image = solid_background(image, sample_masks.amax(0), generator)
@@ -470,7 +447,8 @@ def compute_step_loss(setup: Setup, batch: Batch) -> tuple[torch.Tensor, LossPar
     input_ids = batch.input_ids.to(device)
     masks = batch.masks.to(device)
     text = encode_text(setup, batch.input_ids)  # (B, 77, d); the CPU ids: a cache lookup needs no sync
-    mask_tokens = setup.mask_encoder(masks) if setup.mask_encoder is not None else None  # (B, k, d)
+    encoder = setup.mcgm.mask_encoder
+    mask_tokens = encoder(masks) if encoder is not None else None  # (B, k, d)
     context = append_mask_tokens(text, mask_tokens)
     # Keys the losses read: each handle's position, then each mask token's (77 + i).
     key_index = handle_positions(input_ids, batch.handle_ids.to(device))
@@ -531,131 +509,13 @@ def encode_photo(base: BaseModel, image: torch.Tensor, device: torch.device,
     return dist.mean.float().cpu(), dist.std.float().cpu()
 
 
-def trainable_state(setup: Setup) -> dict[str, torch.Tensor]:
-    """fp32 copies of every trained weight, for checkpoints."""
-    state = {"handles.vectors": setup.handles.vectors.detach().float().cpu()}
-    if setup.mask_encoder is not None:
-        state |= {f"mask_encoder.{k}": v.float().cpu() for k, v in setup.mask_encoder.state_dict().items()}
-    state |= {f"unet.{k}": v.float().cpu() for k, v in _adapter_state(setup, setup.base.unet).items()}
-    if setup.te_lora_params:
-        state |= {f"text_encoder.{k}": v.float().cpu()
-                  for k, v in _adapter_state(setup, setup.base.text_encoder).items()}
-    return state
-
-
-def _adapter_state(setup: Setup, module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    if not setup.lora_params:
-        return {}
-    if setup.cfg.lora.phase2_mode == "full":
-        return {k: v for k, v in module.state_dict().items() if "token_embedding" not in k}
-    return lora_state_dict(module)
-
-
-def save_train_checkpoint(setup: Setup, state: TrainState, out: Path) -> Path:
-    path = out / CHECKPOINT_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    info = {"phase": state.phase, "step": state.step, "generator": state.generator.get_state().tolist(),
-            "history": state.history, "config": config_mod.config_to_dict(setup.cfg)}
-    weights = trainable_state(setup)
-    _check_finite(setup, state, weights)  # a NaN weight must never replace the last good checkpoint
-    save_checkpoint(path, weights, state.optimizer.state_dict(), info)
-    return path
-
-
-def _check_finite(setup: Setup, state: TrainState, tensors: dict[str, torch.Tensor]) -> None:
-    bad = next((name for name, value in tensors.items() if not torch.isfinite(value).all()), None)
-    if bad is not None:
-        raise UserError(_nan_message(setup, state, f"the weight {bad} became NaN/inf after step {state.step}"))
-
-
-def resume_state(setup: Setup, out: Path) -> TrainState:
-    """Rebuild the TrainState from the last checkpoint (weights, optimizer, generator, history)."""
-    path = check_resume(setup.cfg, out)
-    for folder in (out, path.parent):  # half-written files of the run that was killed
-        remove_stale_temporaries(folder)
-    weights, optimizer_state, info = load_checkpoint(path)
-    phase, step = info["phase"], info["step"]
-    if phase == 1 and step >= setup.cfg.train.phase1_steps:
-        phase, step = 2, 0
-    if phase == 2:
-        add_phase2_adapters(setup)
-        maybe_offload_text_encoder(setup)
-    with torch.no_grad():
-        setup.handles.vectors.copy_(weights["handles.vectors"])
-        if setup.mask_encoder is not None:
-            setup.mask_encoder.load_state_dict({k[len("mask_encoder."):]: v for k, v in weights.items()
-                                                if k.startswith("mask_encoder.")})
-    for prefix, module in (("unet.", setup.base.unet), ("text_encoder.", setup.base.text_encoder)):
-        part = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
-        if part and setup.cfg.lora.phase2_mode == "full":
-            module.load_state_dict(part, strict=False)
-        elif part:
-            load_lora_state_dict(module, part)
-    generator = torch.Generator()
-    generator.set_state(torch.tensor(info["generator"], dtype=torch.uint8))
-    state = TrainState(phase, step, build_optimizer(setup, phase), generator, info["history"])
-    if step > 0 or info["phase"] == phase:
-        rates = [group["lr"] for group in state.optimizer.param_groups]
-        state.optimizer.load_state_dict(optimizer_state)
-        for group, lr in zip(state.optimizer.param_groups, rates):  # the stored ones would win otherwise
-            group["lr"] = lr
-    return state
-
-
-# What may change on --resume besides paths: step counts (to extend a run), the checkpoint interval,
-# and the two fixes a NaN/inf loss asks for (precision, learning rates), so the last good checkpoint
-# continues with them. Trainable weights and optimizer states are fp32 whatever the precision.
-_RESUME_MAY_CHANGE = {"model": ("base_model", "mixed_precision"),
-                      "train": ("phase1_steps", "phase2_steps", "checkpoint_every", "handle_lr", "mask_encoder_lr",
-                                "phase2_handle_lr", "phase2_mask_encoder_lr", "lora_lr", "text_encoder_lr")}
-
-
-def _training_identity(cfg: Config) -> dict[str, Any]:
-    """Settings that must match for a resume to continue the same run (see ``_RESUME_MAY_CHANGE``)."""
-    data = config_mod.config_to_dict(cfg)
-    data.pop("output")
-    for section, keys in _RESUME_MAY_CHANGE.items():
-        for key in keys:
-            data[section].pop(key)
-    return data
-
-
-def check_resume(cfg: Config, out: Path) -> Path:
-    """The checkpoint ``--resume`` continues from, refused unless its settings match (header only)."""
-    path = out / CHECKPOINT_NAME
-    if not path.is_file():
-        raise UserError(f"--resume: no checkpoint at {path}; start without --resume.")
-    _, meta = read_header(path)
-    try:
-        stored = config_mod.config_from_dict(json.loads(meta["info"])["config"])
-    except (KeyError, TypeError, ValueError, UserError) as exc:
-        raise UserError(f"--resume: {path} is not a lowmcgm checkpoint this version can read.") from exc
-    if _training_identity(stored) != _training_identity(cfg):
-        raise UserError(f"--resume: the checkpoint in {out} was made with other settings; resume with the "
-                        f"same settings (see {out / 'config.toml'}) or use a new --out.")
-    return path
-
-
-def build_artifact(setup: Setup) -> Artifact:
+def run_meta(setup: Setup) -> dict[str, Any]:
+    """What the artifact records about the run besides the trained state (``MCGMState.to_artifact``)."""
     cfg, base = setup.cfg, setup.base
-    mask_encoder = {k: v.float().cpu() for k, v in setup.mask_encoder.state_dict().items()} \
-        if setup.mask_encoder is not None else {}
-    return Artifact(
-        handles=setup.handle_names, handle_vectors=setup.handles.vectors.detach().float().cpu(),
-        mask_encoder=mask_encoder, unet_lora=_adapter_state(setup, base.unet),
-        text_encoder_lora=_adapter_state(setup, base.text_encoder) if setup.te_lora_params else {},
-        meta={
-            "base_model": base.name, "base_model_hash": base.config_hash, "base_model_version": base.version_tag,
+    return {"base_model": base.name, "base_model_hash": base.config_hash, "base_model_version": base.version_tag,
             "text_width": base.text_width, "prediction_type": base.prediction_type,
-            "resolution": cfg.model.resolution or base.resolution, "mask_size": setup.mask_encoder.mask_size
-            if setup.mask_encoder is not None else 0,
-            "init_words": list(cfg.data.init_words),
-            "lora": {"mode": cfg.lora.phase2_mode, "rank": cfg.lora.rank, "alpha": cfg.lora.alpha,
-                     "unet_targets": list(cfg.lora.unet_targets),
-                     "text_encoder_targets": list(cfg.lora.text_encoder_targets) if setup.te_lora_params else []},
-            "training_config": config_mod.config_to_dict(cfg),
-        },
-    )
+            "resolution": cfg.model.resolution or base.resolution, "init_words": list(cfg.data.init_words),
+            "training_config": config_mod.config_to_dict(cfg)}
 
 
 def _tokenize(base: BaseModel, prompts: list[str]) -> torch.Tensor:
@@ -701,15 +561,3 @@ def _peak_memory(device: torch.device) -> int:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _nan_message(setup: Setup, state: TrainState, what: str = "") -> str:
-    what = what or f"the loss became NaN/inf at step {state.step + 1}"
-    checkpoint = Path(setup.cfg.output.out) / CHECKPOINT_NAME
-    kept = (f"the last good checkpoint is kept in {checkpoint} (--resume continues from it with the same "
-            "settings; a changed setting needs a new --out)" if checkpoint.is_file() else
-            "no checkpoint had been written yet")
-    return (f"Training stopped: {what} of phase {state.phase} (mixed precision: "
-            f"{setup.accelerator.mixed_precision}). Likely an fp16 overflow (in the UNet or the VAE) or too "
-            "high a learning rate: use --set model.mixed_precision=bf16 (or no, for fp32 weights and VAE), "
-            f"or lower train.lora_lr / train.handle_lr; {kept}.")

@@ -21,12 +21,13 @@ import pytest
 import torch
 from conftest import make_photo
 
-from lowmcgm import trainer
+from lowmcgm import resume, trainer
 from lowmcgm.artifact import load_checkpoint, read_header
 from lowmcgm.cli import EXIT_INTERRUPTED, EXIT_USER_ERROR, _training_oom_message, main
 from lowmcgm.config import resolve_config
 from lowmcgm.errors import UserError
-from lowmcgm.trainer import CHECKPOINT_NAME, train
+from lowmcgm.resume import CHECKPOINT_NAME
+from lowmcgm.trainer import train
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 STEPS = ["--set", "train.phase1_steps=8", "--set", "train.phase2_steps=8", "--set", "train.checkpoint_every=2"]
@@ -209,13 +210,13 @@ def test_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(photo, tm
                                                                        reference):
     """NaN at step 5 (checkpoints every 2 steps): exit 2 naming step, cause and fix; step 4's checkpoint intact."""
     saved = []
-    real_save = trainer.save_checkpoint
+    real_save = resume.save_checkpoint
 
     def spy(path, *args):
         real_save(path, *args)
         saved.append(_sha(Path(path)))
 
-    monkeypatch.setattr(trainer, "save_checkpoint", spy)
+    monkeypatch.setattr(resume, "save_checkpoint", spy)
     _on_call(monkeypatch, 5, lambda loss: loss * float("nan"))
     image, a, b = photo
     out = tmp_path / "b"

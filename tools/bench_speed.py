@@ -43,8 +43,11 @@ def build(preset: str, attention_loss: bool, out: Path):
 
 
 def time_phase(setups: dict, phase: int, steps: int, warmup: int) -> dict[str, list[float]]:
-    from lowmcgm.trainer import new_state, train_step
+    from lowmcgm.trainer import add_phase2_adapters, new_state, train_step
 
+    if phase == 2:
+        for setup in setups.values():
+            add_phase2_adapters(setup)
     states = {name: new_state(setup, phase) for name, setup in setups.items()}
     times: dict[str, list[float]] = {name: [] for name in setups}
     for i in range(warmup + steps):

@@ -447,7 +447,7 @@ def trace_job(config: dict[str, Any], model: str, attention: str = "sdpa", num_c
 
 
 def _trace_phases(s: mt.TraceSession, cfg: Config, setup: Any, baseline: int) -> list[dict[str, Any]]:
-    from lowmcgm.trainer import new_state
+    from lowmcgm.trainer import add_phase2_adapters, new_state
 
     phases, state, setup_peak = [], None, s.counter.peak - baseline
     for phase in (1, 2):
@@ -455,7 +455,10 @@ def _trace_phases(s: mt.TraceSession, cfg: Config, setup: Any, baseline: int) ->
             continue
         if phase == 2:
             s.reset_peak()
-        # As train(): the phase-2 state is built while the phase-1 one is still referenced.
+        # As train(): adapters arrive for phase 2, whose state is built while the phase-1 one is
+        # still referenced.
+        if phase == 2:
+            add_phase2_adapters(setup)
         new = new_state(setup, phase, generator=state.generator if state else None)
         state = new
         del new
@@ -678,8 +681,8 @@ def _optimizer_state_bytes(optimizer: torch.optim.Optimizer, device_type: str) -
 
 def _device_modules(setup: Any) -> list[torch.nn.Module]:
     base = setup.base
-    mods = [base.unet, base.text_encoder, base.vae, setup.handles]
-    return mods + ([setup.mask_encoder] if setup.mask_encoder is not None else [])
+    mods = [base.unet, base.text_encoder, base.vae, setup.mcgm.handles]
+    return mods + ([setup.mcgm.mask_encoder] if setup.mcgm.mask_encoder is not None else [])
 
 
 # ------------------------------------------------------------------- attention layouts (benchmarks)

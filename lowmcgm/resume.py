@@ -1,0 +1,116 @@
+"""Resume checkpoints: writing them during training, checking and restoring them on ``--resume``.
+
+A checkpoint holds everything ``TrainState`` holds (phase, step, optimizer moments, the batch
+generator's state, the loss history) plus the trained weights (``MCGMState.state_dict``) and the
+run's configuration, in one safetensors file (``artifact.save_checkpoint``). It is written under a
+temporary name and renamed, never with a NaN weight, so the last good one survives any crash.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from lowmcgm import config as config_mod
+from lowmcgm.artifact import load_checkpoint, read_header, remove_stale_temporaries, save_checkpoint
+from lowmcgm.config import Config
+from lowmcgm.errors import UserError
+
+if TYPE_CHECKING:
+    from lowmcgm.trainer import Setup, TrainState
+
+CHECKPOINT_NAME = "checkpoints/last.safetensors"
+
+# What may change on --resume besides paths: step counts (to extend a run), the checkpoint interval,
+# and the two fixes a NaN/inf loss asks for (precision, learning rates), so the last good checkpoint
+# continues with them. Trainable weights and optimizer states are fp32 whatever the precision.
+_RESUME_MAY_CHANGE = {"model": ("base_model", "mixed_precision"),
+                      "train": ("phase1_steps", "phase2_steps", "checkpoint_every", "handle_lr", "mask_encoder_lr",
+                                "phase2_handle_lr", "phase2_mask_encoder_lr", "lora_lr", "text_encoder_lr")}
+
+
+def save_train_checkpoint(setup: Setup, state: TrainState, out: Path) -> Path:
+    """Write ``<out>/checkpoints/last.safetensors`` (refused if a weight is NaN/inf)."""
+    path = out / CHECKPOINT_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = {"phase": state.phase, "step": state.step, "generator": state.generator.get_state().tolist(),
+            "history": state.history, "config": config_mod.config_to_dict(setup.cfg)}
+    weights = setup.mcgm.state_dict(setup.base)
+    check_finite(setup, state, weights)  # a NaN weight must never replace the last good checkpoint
+    save_checkpoint(path, weights, state.optimizer.state_dict(), info)
+    return path
+
+
+def resume_state(setup: Setup, out: Path) -> TrainState:
+    """Rebuild the TrainState from the last checkpoint (weights, optimizer, generator, history)."""
+    from lowmcgm.trainer import TrainState, add_phase2_adapters, build_optimizer, maybe_offload_text_encoder
+
+    path = check_resume(setup.cfg, out)
+    for folder in (out, path.parent):  # half-written files of the run that was killed
+        remove_stale_temporaries(folder)
+    weights, optimizer_state, info = load_checkpoint(path)
+    phase, step = info["phase"], info["step"]
+    if phase == 1 and step >= setup.cfg.train.phase1_steps:
+        phase, step = 2, 0
+    if phase == 2:
+        add_phase2_adapters(setup)
+        maybe_offload_text_encoder(setup)
+    setup.mcgm.load_state_dict(setup.base, weights)
+    generator = torch.Generator()
+    generator.set_state(torch.tensor(info["generator"], dtype=torch.uint8))
+    state = TrainState(phase, step, build_optimizer(setup, phase), generator, info["history"])
+    if step > 0 or info["phase"] == phase:
+        rates = [group["lr"] for group in state.optimizer.param_groups]
+        state.optimizer.load_state_dict(optimizer_state)
+        for group, lr in zip(state.optimizer.param_groups, rates):  # the stored ones would win otherwise
+            group["lr"] = lr
+    return state
+
+
+def training_identity(cfg: Config) -> dict[str, Any]:
+    """Settings that must match for a resume to continue the same run (see ``_RESUME_MAY_CHANGE``)."""
+    data = config_mod.config_to_dict(cfg)
+    data.pop("output")
+    for section, keys in _RESUME_MAY_CHANGE.items():
+        for key in keys:
+            data[section].pop(key)
+    return data
+
+
+def check_resume(cfg: Config, out: Path) -> Path:
+    """The checkpoint ``--resume`` continues from, refused unless its settings match (header only)."""
+    path = out / CHECKPOINT_NAME
+    if not path.is_file():
+        raise UserError(f"--resume: no checkpoint at {path}; start without --resume.")
+    _, meta = read_header(path)
+    try:
+        stored = config_mod.config_from_dict(json.loads(meta["info"])["config"])
+    except (KeyError, TypeError, ValueError, UserError) as exc:
+        raise UserError(f"--resume: {path} is not a lowmcgm checkpoint this version can read.") from exc
+    if training_identity(stored) != training_identity(cfg):
+        raise UserError(f"--resume: the checkpoint in {out} was made with other settings; resume with the "
+                        f"same settings (see {out / 'config.toml'}) or use a new --out.")
+    return path
+
+
+def check_finite(setup: Setup, state: TrainState, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse NaN/inf weights with the advice of ``nan_message``."""
+    bad = next((name for name, value in tensors.items() if not torch.isfinite(value).all()), None)
+    if bad is not None:
+        raise UserError(nan_message(setup, state, f"the weight {bad} became NaN/inf after step {state.step}"))
+
+
+def nan_message(setup: Setup, state: TrainState, what: str = "") -> str:
+    """One line on a NaN/inf: where, the likely cause, the fix, and what the last checkpoint keeps."""
+    what = what or f"the loss became NaN/inf at step {state.step + 1}"
+    checkpoint = Path(setup.cfg.output.out) / CHECKPOINT_NAME
+    kept = (f"the last good checkpoint is kept in {checkpoint} (--resume continues from it with the same "
+            "settings; a changed setting needs a new --out)" if checkpoint.is_file() else
+            "no checkpoint had been written yet")
+    return (f"Training stopped: {what} of phase {state.phase} (mixed precision: "
+            f"{setup.accelerator.mixed_precision}). Likely an fp16 overflow (in the UNet or the VAE) or too "
+            "high a learning rate: use --set model.mixed_precision=bf16 (or no, for fp32 weights and VAE), "
+            f"or lower train.lora_lr / train.handle_lr; {kept}.")
