@@ -1,8 +1,9 @@
 """Single-file SD checkpoints (``model.safetensors`` as A1111/ComfyUI users keep them).
 
-The architecture is read from the configs shipped in ``lowmcgm/model_configs`` (no download); the
-tokenizer vocabulary cannot ship, so it is taken from a ``tokenizer/`` folder beside the file or
-from the local Hugging Face cache, and its absence is a clear error.
+The architecture is read from the configs shipped in ``lowmcgm/model_configs`` and the tokenizer is
+built from the CLIP vocabulary shipped in ``lowmcgm/vocab`` (``tokenizer.build_sd_tokenizer``), so
+the file needs nothing else: no download, no hub cache. A ``tokenizer/`` folder beside the file,
+when there is one, is used instead (a model whose vocabulary was changed).
 """
 
 from __future__ import annotations
@@ -16,12 +17,6 @@ from lowmcgm.errors import UserError
 UNET_KEY = "model.diffusion_model.input_blocks.0.0.weight"
 SD1_TEXT_KEY = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
 SD2_TEXT_KEY = "cond_stage_model.model.token_embedding.weight"
-# Where the tokenizer of each family lives in a Hugging Face cache, tried in order.
-TOKENIZER_SOURCES = {
-    "sd15": [("openai/clip-vit-large-patch14", None), ("runwayml/stable-diffusion-v1-5", "tokenizer"),
-             ("stable-diffusion-v1-5/stable-diffusion-v1-5", "tokenizer")],
-    "sd21": [("stabilityai/stable-diffusion-2-1", "tokenizer"), ("stabilityai/stable-diffusion-2-1-base", "tokenizer")],
-}
 # CLIP's vocabulary has 49,408 entries; anything this small is a placeholder, not a tokenizer.
 MIN_VOCAB = 1000
 # A large single-file checkpoint may hold ~2,000 tensors; 64 MiB of header is far beyond any real one.
@@ -41,23 +36,24 @@ def detect_family(path: Path) -> str:
     raise UserError(f"{path} has a UNet but no SD 1.x or 2.x text encoder; lowmcgm supports SD 1.x and 2.x.")
 
 
-def _find_tokenizer(path: Path, family: str):
+def _load_tokenizer(path: Path, config_name: str):
     from transformers import CLIPTokenizer
 
+    from lowmcgm.tokenizer import build_sd_tokenizer
+
     beside = path.parent / "tokenizer"
-    if (beside / "vocab.json").is_file():
-        return CLIPTokenizer.from_pretrained(beside)
-    for repo, sub in TOKENIZER_SOURCES[family]:
-        try:
-            tokenizer = CLIPTokenizer.from_pretrained(repo, subfolder=sub or "", local_files_only=True)
-        except (OSError, ValueError):
-            continue
-        # transformers 5 returns an empty tokenizer (2 specials) when the files are absent.
-        if len(tokenizer) >= MIN_VOCAB:
-            return tokenizer
-    names = ", ".join(r for r, _ in TOKENIZER_SOURCES[family])
-    raise UserError(f"The tokenizer for {path.name} was not found: put a 'tokenizer/' folder (vocab.json, "
-                    f"merges.txt) beside it, or have one of {names} in the local Hugging Face cache.")
+    if not beside.is_dir():
+        return build_sd_tokenizer(config_name)
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(beside)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"Could not read the tokenizer folder {beside} ({exc}); remove it to use the built-in "
+                        "SD tokenizer.") from exc
+    # transformers 5 builds an empty tokenizer (2 specials) when vocab.json/merges.txt are absent.
+    if len(tokenizer) < MIN_VOCAB:
+        raise UserError(f"The tokenizer folder {beside} holds no vocabulary (vocab.json and merges.txt, or "
+                        "tokenizer.json); remove it to use the built-in SD tokenizer.")
+    return tokenizer
 
 
 def load_single_file(path: Path, config_name: str = "auto"):
@@ -79,7 +75,7 @@ def load_single_file(path: Path, config_name: str = "auto"):
         raise UserError(f"{path.name} is an {'SD 1.x' if family == 'sd15' else 'SD 2.x'} checkpoint, "
                         f"but model.single_file_config is '{name}'.")
     folder = config_folder(name)
-    tokenizer = _find_tokenizer(path, family)
+    tokenizer = _load_tokenizer(path, name)
     try:
         pipe = StableDiffusionPipeline.from_single_file(
             str(path), config=str(folder), tokenizer=tokenizer, safety_checker=None, feature_extractor=None,
