@@ -481,7 +481,7 @@ def run_unet(cfg: ToyConfig, args, out: Path) -> dict:
         unet.load_state_dict(_unprefixed("unet", tensors))
         text_encoder.load_state_dict(_unprefixed("text_encoder", tensors))
         if cfg.ema_decay > 0 and any(k.startswith("ema.") for k in tensors):
-            ema = {k[4:]: v.to(args.device) for k, v in tensors.items() if k.startswith("ema.")}
+            ema = {k[4:]: v.float().to(args.device) for k, v in tensors.items() if k.startswith("ema.")}
         start = int(meta["step"])
     unet.to(args.device).train()
     text_encoder.to(args.device).train()
