@@ -15,6 +15,7 @@ order), but must not store a second copy: the store records only between ``begin
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -69,7 +70,7 @@ class CrossAttentionStore:
 
 
 def compute_selected_probs(query: torch.Tensor, key: torch.Tensor, key_index: torch.Tensor,
-                           scale: float) -> torch.Tensor:
+                           scale: float, bias: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T * scale) restricted to the columns ``key_index`` names.
 
     The normaliser needs every key's logit; at the loss layers that is (B, H, N, 77 + K), tiny
@@ -77,11 +78,14 @@ def compute_selected_probs(query: torch.Tensor, key: torch.Tensor, key_index: to
 
     Args:
         query: (B, H, N, D). key: (B, H, L, D). key_index: (B, S) long.
+        bias: (B, 1, N, L) added to the logits (pose guidance), or None.
 
     Returns:
         (B, H, N, S) float32 probabilities.
     """
     logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale  # (B, H, N, L)
+    if bias is not None:
+        logits = logits + bias.float()
     lse = torch.logsumexp(logits, dim=-1, keepdim=True)
     b, h, n, _ = logits.shape
     index = key_index.to(logits.device)[:, None, None, :].expand(b, h, n, key_index.shape[1])
@@ -89,11 +93,19 @@ def compute_selected_probs(query: torch.Tensor, key: torch.Tensor, key_index: to
 
 
 class CapturingCrossAttnProcessor:
-    """diffusers' ``AttnProcessor2_0`` for cross-attention, plus capture of selected key columns."""
+    """diffusers' ``AttnProcessor2_0`` for cross-attention, plus capture of selected key columns.
 
-    def __init__(self, store: CrossAttentionStore, layer: str):
+    Args:
+        store: where captured probabilities go, or None (no capture: a guided layer only).
+        layer: the layer's name, for the store and messages.
+        guide: adds a bias to the attention logits (``pose_guidance.PoseGuide``), or None. The
+            captured probabilities include it, so attention pictures show the guided maps.
+    """
+
+    def __init__(self, store: CrossAttentionStore | None, layer: str, guide: Any = None):
         self.store = store
         self.layer = layer
+        self.guide = guide
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor,
                  encoder_hidden_states: torch.Tensor | None = None,
@@ -125,8 +137,12 @@ class CapturingCrossAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        if self.store.key_index is not None:
-            self.store.record(self.layer, compute_selected_probs(query, key, self.store.key_index, attn.scale))
+        bias = self.guide.bias(batch, query.shape[2], key.shape[2], query) if self.guide is not None else None
+        if self.store is not None and self.store.key_index is not None:
+            self.store.record(self.layer, compute_selected_probs(query, key, self.store.key_index, attn.scale, bias))
+        if bias is not None:
+            bias = bias.to(query.dtype)
+            attention_mask = bias if attention_mask is None else attention_mask + bias
 
         hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
                                                        dropout_p=0.0, is_causal=False)

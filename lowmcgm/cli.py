@@ -46,6 +46,14 @@ def _add_sample_args(p: argparse.ArgumentParser) -> None:
                    help="pose mask for a handle (asset0=run.png; all=FILE for every handle of a prompt); "
                         "a handle without a pose gets the blank mask (repeat)")
     p.add_argument("--no-mask", action="store_true", help="append no mask tokens (plain Break-a-scene sampling)")
+    p.add_argument("--guidance", choices=("none", "attention", "latent"),
+                   help="pose guidance: pull each posed handle into its pose mask through cross-attention; "
+                        "attention biases its logits (almost free), latent steps the latent along an "
+                        "attention energy (a UNet backward per guided step) (default none)")
+    p.add_argument("--guidance-strength", type=float,
+                   help="pose guidance strength; 0 takes the mode's default (default 0)")
+    p.add_argument("--guidance-steps", type=int,
+                   help="denoising steps guided, fading out; 0: the first half (default 0)")
     p.add_argument("--num-images", type=int, help="images per prompt (default 4)")
     p.add_argument("--seed", type=int, help="image i of each prompt uses seed + i (default 0)")
     p.add_argument("--steps", type=int, help="denoising steps (default 30)")
@@ -278,7 +286,8 @@ def _sample_inputs(args: argparse.Namespace) -> tuple[list[Any], dict[str, str],
     flags = {"num_images": args.num_images, "seed": args.seed, "steps": args.steps,
              "guidance_scale": args.guidance_scale, "scheduler": args.scheduler,
              "negative_prompt": args.negative_prompt, "height": args.height, "width": args.width,
-             "batch_size": args.batch_size, "dtype": args.dtype}
+             "batch_size": args.batch_size, "dtype": args.dtype, "pose_guidance": args.guidance,
+             "pose_guidance_strength": args.guidance_strength, "pose_guidance_steps": args.guidance_steps}
     settings = SampleSettings(**{k: v for k, v in flags.items() if v is not None},
                               use_mask_tokens=not args.no_mask, use_vae_slicing=args.vae_slicing,
                               use_vae_tiling=args.vae_tiling, use_cpu_offload=args.cpu_offload)
@@ -315,7 +324,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if not specs:  # the training prompt, each handle posed by its own training mask
         specs = [training_prompt_spec(handles, [] if reason else list(cfg.data.masks))]
     # Prompts and poses are checked against the handles to be trained before any weights load.
-    plans = plan_prompts(specs, poses, handles, reason)
+    plans = plan_prompts(specs, poses, handles, reason, guided=settings.pose_guidance != "none")
     check_inputs(cfg, args.resume)  # photo, masks and output folder, before the weights load (train repeats it)
     out = Path(cfg.output.out).expanduser()
     previews = TrainingPreviews(out / "previews", plans[0], settings, cfg.train.phase1_steps)

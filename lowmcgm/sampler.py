@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -30,11 +31,13 @@ import numpy as np
 import torch
 from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
                        StableDiffusionPipeline)
+from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from lowmcgm import __version__
 from lowmcgm.artifact import Artifact, file_sha256, load_artifact
-from lowmcgm.attention_capture import CrossAttentionStore, install_capture, loss_layer_names, remove_capture
+from lowmcgm.attention_capture import (CapturingCrossAttnProcessor, CrossAttentionStore, install_capture,
+                                       loss_layer_names, remove_capture)
 from lowmcgm.data import build_prompt, load_mask
 from lowmcgm.errors import UserError
 from lowmcgm.handles import HANDLE_PATTERN
@@ -42,6 +45,8 @@ from lowmcgm.mask_encoder import MaskEncoder, append_mask_tokens, zero_mask_toke
 from lowmcgm.mcgm import MCGMState
 from lowmcgm.models import BaseModel, load_base_model
 from lowmcgm.output import check_output_dir
+from lowmcgm.pose_guidance import (DEFAULT_STRENGTH, GUIDANCE_MODES, LatentGuidance, PoseGuide, guided_attention,
+                                   guided_columns)
 from lowmcgm.previews import (SheetRow, mask_to_image, render_attention_picture, render_contact_sheet, save_json,
                               save_png)
 
@@ -77,6 +82,9 @@ class SampleSettings:
     batch_size: int = 1  # images per pipeline call
     dtype: str = ""  # "": fp16 on a CUDA GPU, fp32 on the CPU (half precision is ~100x slower there)
     use_mask_tokens: bool = True  # False: --no-mask, plain Break-a-scene sampling
+    pose_guidance: str = "none"  # none | attention | latent (pose_guidance.GUIDANCE_MODES)
+    pose_guidance_strength: float = 0.0  # 0: the mode's default (pose_guidance.DEFAULT_STRENGTH)
+    pose_guidance_steps: int = 0  # steps guided, fading out; 0: the first half of the steps
     use_vae_slicing: bool = False
     use_vae_tiling: bool = False
     use_cpu_offload: bool = False
@@ -117,8 +125,8 @@ class PlannedPrompt:
     @property
     def poses(self) -> dict[str, str]:
         """handle -> mask file or ``blank``, as recorded in PNGs and samples.json ({} without tokens)."""
-        if not self.use_mask_tokens:
-            return {}
+        if not self.use_mask_tokens and not any(f is not None for f in self.pose_files):
+            return {}  # no mask tokens and no guidance: poses play no part
         return {h: f if f is not None else "blank" for h, f in zip(self.handles, self.pose_files)}
 
 
@@ -138,6 +146,13 @@ def check_settings(settings: SampleSettings) -> None:
         problems.append(f"--scheduler must be one of {', '.join(SCHEDULERS)} (got '{settings.scheduler}')")
     if settings.dtype and settings.dtype not in SAMPLE_DTYPES:
         problems.append(f"--dtype must be one of {', '.join(SAMPLE_DTYPES)} (got '{settings.dtype}')")
+    if settings.pose_guidance not in GUIDANCE_MODES:
+        problems.append(f"--guidance must be one of {', '.join(GUIDANCE_MODES)} (got '{settings.pose_guidance}')")
+    if not math.isfinite(settings.pose_guidance_strength) or settings.pose_guidance_strength < 0:
+        problems.append(f"--guidance-strength must be a finite number >= 0 (got {settings.pose_guidance_strength})")
+    if settings.pose_guidance_steps < 0 or settings.pose_guidance_steps > settings.steps:
+        problems.append(f"--guidance-steps must be between 0 and --steps ({settings.steps}) "
+                        f"(got {settings.pose_guidance_steps})")
     if settings.use_cpu_offload and not torch.cuda.is_available():
         problems.append("--cpu-offload moves models between the CPU and a CUDA GPU, and there is no CUDA GPU here")
     if problems:
@@ -227,7 +242,7 @@ def no_mask_reason(settings: SampleSettings, artifact: Artifact | None = None,
 
 
 def plan_prompts(specs: list[PromptSpec], poses: dict[str, str], handles: list[str],
-                 no_masks_because: str | None) -> list[PlannedPrompt]:
+                 no_masks_because: str | None, guided: bool = False) -> list[PlannedPrompt]:
     """Check prompts and poses against the artifact's handles and pair each pose with its handle.
 
     A handle takes, in order: its own pose on the prompt's line, the line's ``all``, its
@@ -238,7 +253,8 @@ def plan_prompts(specs: list[PromptSpec], poses: dict[str, str], handles: list[s
         specs: the prompts, each with the poses of its own line.
         poses: the ``--pose`` items, for every prompt.
         handles: the artifact's handles.
-        no_masks_because: from ``no_mask_reason``; poses are refused when set.
+        no_masks_because: from ``no_mask_reason``; poses are refused when set, unless ``guided``.
+        guided: pose guidance is on (``--guidance``), which uses poses without mask tokens too.
 
     Raises:
         UserError: a handle the artifact lacks, in a prompt or a pose; a pose no prompt can use;
@@ -252,9 +268,9 @@ def plan_prompts(specs: list[PromptSpec], poses: dict[str, str], handles: list[s
             if handle != ALL_HANDLES and handle not in handles:
                 raise UserError(f"{where}: a pose for {handle}, but this artifact has no such handle "
                                 f"(it has {known}).")
-            if no_masks_because:
+            if no_masks_because and not guided:
                 raise UserError(f"{no_masks_because}, so the pose {handle}={file} ({where}) would have no "
-                                "effect: drop the pose.")
+                                "effect: drop the pose, or guide by it with --guidance attention or latent.")
     named_anywhere: set[str] = set()
     cache: dict[str, np.ndarray] = {}
     plans = []
@@ -349,17 +365,73 @@ class PoseSampler:
     @torch.no_grad()
     def generate(self, plan: PlannedPrompt, seeds: list[int], settings: SampleSettings,
                  on_step: Callable[..., dict] | None = None) -> list[Image.Image]:
-        """One image per seed, each from its own CPU generator (the same on any device and batch)."""
+        """One image per seed, each from its own CPU generator (the same on any device and batch).
+
+        With ``settings.pose_guidance`` on, each posed handle is pulled into its pose mask while
+        diffusers' pipeline samples (``pose_guidance``); ``on_step`` runs after the guidance.
+        """
         height, width = settings.height, settings.width
-        with self.autocast():
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        with self.autocast(), contextlib.ExitStack() as stack:
             cond, uncond = self.encode(plan, len(seeds), settings.negative_prompt, height, width)
+            callbacks, extra = [], {}
+            guide = self.pose_guide(plan, settings, len(seeds))
+            if guide is not None and settings.pose_guidance == "attention":
+                stack.enter_context(guided_attention(self.pipe.unet, guide))
+                callbacks.append(guide.on_step_end)
+            elif guide is not None and settings.pose_guidance == "latent":
+                latent = LatentGuidance(self.pipe.unet, self._energy_store(stack), cond, guide)
+                extra["latents"] = self._guided_first_latents(latent, generators, settings, cond)
+                callbacks.append(latent.on_step_end)
+            if on_step is not None:
+                callbacks.append(on_step)
             result = self.pipe(
                 prompt_embeds=cond, negative_prompt_embeds=uncond, height=height, width=width,
                 num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale,
-                generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="pil",
-                callback_on_step_end=on_step,
+                generator=generators, output_type="pil",
+                callback_on_step_end=_chain(callbacks) if callbacks else None, **extra,
             )
         return result.images
+
+    def pose_guide(self, plan: PlannedPrompt, settings: SampleSettings, num: int) -> PoseGuide | None:
+        """The guide of ``plan``'s posed handles, or None (guidance off, or every pose blank)."""
+        if settings.pose_guidance == "none" or not any(m is not None for m in plan.pose_masks):
+            return None
+        tokenizer = self.pipe.tokenizer
+        text_ids = tokenizer(self.pipe.maybe_convert_prompt(plan.text, tokenizer), padding="max_length",
+                             max_length=tokenizer.model_max_length, truncation=True).input_ids
+        start = tokenizer.model_max_length if plan.use_mask_tokens and self.mask_encoder is not None else None
+        columns, masks = guided_columns(text_ids, tokenizer.convert_tokens_to_ids(plan.handles),
+                                        fit_pose_masks(plan, settings.height, settings.width), start)
+        if not columns:
+            return None
+        strength = settings.pose_guidance_strength or DEFAULT_STRENGTH[settings.pose_guidance]
+        steps = settings.pose_guidance_steps or max(1, settings.steps // 2)
+        return PoseGuide(columns, masks, strength, steps, uncond_rows=num if settings.guidance_scale > 1 else 0)
+
+    def _energy_store(self, stack: contextlib.ExitStack) -> CrossAttentionStore:
+        """The capture store latent guidance reads: the one already installed (attention pictures,
+        previews), else a new one on the attention loss's layers for this call."""
+        unet = self.pipe.unet
+        for proc in unet.attn_processors.values():
+            if isinstance(proc, CapturingCrossAttnProcessor) and proc.store is not None:
+                return _SavedStore(proc.store)
+        store = CrossAttentionStore()
+        installed = install_capture(unet, loss_layer_names(unet, ATTN_PICTURE_DOWNSCALE), store)
+        stack.callback(remove_capture, unet, installed)
+        return store
+
+    def _guided_first_latents(self, latent: LatentGuidance, generators: list[torch.Generator],
+                              settings: SampleSettings, like: torch.Tensor) -> torch.Tensor:
+        """The initial noise the pipeline would draw from ``generators``, guided once for step 0."""
+        pipe = self.pipe
+        scale = pipe.vae_scale_factor
+        shape = (len(generators), pipe.unet.config.in_channels, settings.height // scale, settings.width // scale)
+        noise = randn_tensor(shape, generator=generators, device=pipe._execution_device, dtype=like.dtype)
+        pipe.scheduler.set_timesteps(settings.steps, device=pipe._execution_device)
+        sigma = pipe.scheduler.init_noise_sigma
+        guided = latent.step(noise * sigma, pipe.scheduler.timesteps[0], pipe.scheduler.scale_model_input)
+        return guided / sigma  # the pipeline multiplies by init_noise_sigma again
 
     def generate_with_attention(self, plan: PlannedPrompt, seed: int, settings: SampleSettings
                                 ) -> tuple[Image.Image, list[tuple[str, torch.Tensor]]]:
@@ -409,6 +481,43 @@ class PoseSampler:
                 remove_capture(unet, installed)
         maps = torch.stack(collected).mean(0)  # (S, h, w)
         return image, list(zip(labels, maps))
+
+
+def _chain(callbacks: list[Callable[..., dict]]) -> Callable[..., dict]:
+    """One ``callback_on_step_end`` running several in order, each seeing the last one's tensors."""
+    def run(pipe: Any, step: int, timestep: Any, kwargs: dict) -> dict:
+        for callback in callbacks:
+            kwargs = callback(pipe, step, timestep, kwargs)
+        return kwargs
+    return run
+
+
+class _SavedStore:
+    """A capture store borrowed for latent guidance's extra UNet pass, and left as it was found
+    (the attention picture being collected reads the pipeline's own passes from it)."""
+
+    def __init__(self, store: CrossAttentionStore):
+        self._store = store
+
+    def begin(self, key_index: torch.Tensor) -> None:
+        self._saved = (self._store.key_index, self._store.maps, self._store.recording)
+        self._store.begin(key_index)
+
+    def end(self) -> None:
+        self._store.end()
+
+    def mean_maps(self) -> torch.Tensor:
+        maps = self._store.mean_maps()
+        self._store.key_index, self._store.maps, self._store.recording = self._saved
+        return maps
+
+    @property
+    def maps(self) -> dict:
+        return self._store.maps
+
+    @maps.setter
+    def maps(self, value: dict) -> None:
+        pass  # the saved maps are back already
 
 
 def build_pipeline(base: BaseModel, scheduler: str) -> StableDiffusionPipeline:
@@ -487,7 +596,9 @@ def png_parameters(plan: PlannedPrompt, settings: SampleSettings, seed: int, inf
         "steps": str(settings.steps), "guidance_scale": repr(float(settings.guidance_scale)),
         "scheduler": settings.scheduler, "width": str(settings.width), "height": str(settings.height),
         "dtype": settings.dtype, "mask_tokens": "on" if plan.use_mask_tokens else "off",
-        "poses": json.dumps(plan.poses), "lowmcgm_version": __version__, **info,
+        "poses": json.dumps(plan.poses), "pose_guidance": settings.pose_guidance,
+        "pose_guidance_strength": repr(float(settings.pose_guidance_strength)),
+        "pose_guidance_steps": str(settings.pose_guidance_steps), "lowmcgm_version": __version__, **info,
     }
     # A1111's layout, which image viewers and web UIs read.
     text["parameters"] = (f"{plan.text}\nNegative prompt: {settings.negative_prompt}\nSteps: {settings.steps}, "
@@ -497,7 +608,7 @@ def png_parameters(plan: PlannedPrompt, settings: SampleSettings, seed: int, inf
     return text
 
 
-_INT_CHUNKS = ("seed", "steps", "width", "height")
+_INT_CHUNKS = ("seed", "steps", "width", "height", "pose_guidance_steps")
 
 
 def read_png_parameters(path: str | Path) -> dict[str, Any]:
@@ -511,8 +622,9 @@ def read_png_parameters(path: str | Path) -> dict[str, Any]:
     for key in _INT_CHUNKS:
         if key in out:
             out[key] = int(out[key])
-    if "guidance_scale" in out:
-        out["guidance_scale"] = float(out["guidance_scale"])
+    for key in ("guidance_scale", "pose_guidance_strength"):
+        if key in out:
+            out[key] = float(out[key])
     if "poses" in out:
         out["poses"] = json.loads(out["poses"])
     return out
@@ -534,7 +646,7 @@ def write_samples(sampler: PoseSampler, plans: list[PlannedPrompt], settings: Sa
     rows, entries = [], []
     for p, plan in enumerate(plans):
         row = SheetRow(title=plan.text + ("" if plan.use_mask_tokens else "  (no mask tokens)"))
-        if plan.use_mask_tokens and sampler.mask_encoder is not None:
+        if (plan.use_mask_tokens and sampler.mask_encoder is not None) or plan.poses:
             fitted = fit_pose_masks(plan, settings.height, settings.width).numpy()
             row.poses = [(f"{h}: {Path(f).name if f else 'blank'}", mask_to_image(m, (settings.width, settings.height)))
                          for h, f, m in zip(plan.handles, plan.pose_files, fitted)]
@@ -586,7 +698,8 @@ def sample_artifact(artifact_path: str | Path, specs: list[PromptSpec], poses: d
     artifact_path = Path(artifact_path)
     artifact = load_artifact(artifact_path)
     check_settings(settings)
-    plans = plan_prompts(specs, poses, artifact.handles, no_mask_reason(settings, artifact))
+    plans = plan_prompts(specs, poses, artifact.handles, no_mask_reason(settings, artifact),
+                         guided=settings.pose_guidance != "none")
     out_dir = check_output_dir(str(out))
     base = base if base is not None else load_base_for(artifact, base_model)
     check_base_matches(artifact, base, artifact_path)

@@ -118,3 +118,35 @@ def test_help_defaults_match_sample_settings():
             continue
         assert found.group(1) == str(getattr(defaults, field)), field
     assert "(default dpmpp_2m)" in next(a.help for a in sub._actions if a.dest == "scheduler")
+
+
+@pytest.mark.parametrize("mode", ["attention", "latent"])
+def test_pose_guidance_flags_reach_the_png_and_the_index(trained, tmp_path, mode):
+    rc = main(sample_args(trained, tmp_path / "out", "--prompt", "a photo of <asset0>", "--pose",
+                          f"asset0={trained['a']}", "--guidance", mode, "--guidance-strength", "2.5",
+                          "--guidance-steps", "1"))
+    assert rc == 0
+    meta = read_png_parameters(tmp_path / "out" / "p00-000-seed0.png")
+    assert (meta["pose_guidance"], meta["pose_guidance_strength"], meta["pose_guidance_steps"]) == (mode, 2.5, 1)
+    settings = json.loads((tmp_path / "out" / "samples.json").read_text())["settings"]
+    assert (settings["pose_guidance"], settings["pose_guidance_strength"]) == (mode, 2.5)
+
+
+GUIDANCE_ERRORS = {
+    "unknown mode": (["--guidance", "strong"], "invalid choice"),
+    "nan strength": (["--guidance", "attention", "--guidance-strength", "nan"], "--guidance-strength must be"),
+    "negative strength": (["--guidance", "latent", "--guidance-strength", "-1"], "--guidance-strength must be"),
+    "more steps than sampled": (["--guidance", "attention", "--guidance-steps", "9"], "--guidance-steps must be"),
+}
+
+
+@pytest.mark.parametrize("case", GUIDANCE_ERRORS.values(), ids=GUIDANCE_ERRORS.keys())
+def test_bad_guidance_values_get_one_line_and_exit_2(trained, tmp_path, capsys, case):
+    flags, fragment = case
+    try:
+        rc = main(sample_args(trained, tmp_path / "out", "--prompt", "a photo of <asset0>", *flags))
+    except SystemExit as exc:  # argparse refuses an unknown choice itself, with exit 2
+        rc = exc.code
+    err = capsys.readouterr().err
+    assert rc == EXIT_USER_ERROR and fragment in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
