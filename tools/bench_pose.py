@@ -11,10 +11,13 @@ For 1, 2 and 3 subjects (``--subjects``), ``--photos`` photos each:
 - Targets (``--targets`` per photo): every subject gets a new pose, drawn as a mask where it
   stands (same place, size and facing, new pose and joint jitter); the prompt names a background
   other than the photo's, so that following it is not copying the photo.
-- Training, same seed, steps and preset (``toy-cpu``): (a) MCGM, mask tokens and mask-attention
-  loss; (b) Break-a-scene, ``loss.use_mask_tokens=false``.
-- Sampling, ``--images`` seeds per target, the same seeds everywhere: MCGM with the pose masks,
-  MCGM with blank masks, Break-a-scene.
+- Training, same seed, steps and preset (``toy-cpu``), one run per variant in ``TRAININGS``:
+  Break-a-scene (``loss.use_mask_tokens=false``), MCGM as in the paper, and MCGM with mask-aware
+  training (``MASK_AWARE``, when this lowmcgm has it).
+- Sampling, ``--images`` seeds per target, the same seeds everywhere, one column per condition in
+  ``CONDITIONS``: each variant without guidance, with the pose masks (Break-a-scene gets none, MCGM
+  also with blank masks), and each variant with pose guidance (``--guidance-modes``), which needs
+  the pose masks in every variant. Sampling time per image is recorded per condition.
 
 Measured on every image with the toy world's segmentation (``lowmcgm.toy.metrics``):
 
@@ -50,22 +53,55 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lowmcgm.toy import metrics  # noqa: E402
 from lowmcgm.toy.scenes import (  # noqa: E402
-    BACKDROPS,
     BACKGROUNDS,
     HELDOUT_COMBOS,
     PALETTES,
     POSES,
     Scene,
+    handle_prompt,
     render_pose_mask,
     render_scene,
     sample_offsets,
     sample_scene,
+    save_mask,
     scene_combos,
 )
 
 BENCH_SEED = 9_100_003  # photo streams: [BENCH_SEED, --seed, subjects]; no training stream uses it
-CONDITIONS = ("mcgm_pose", "mcgm_blank", "break_a_scene")
-SHORT_LABELS = {"mcgm_pose": "MCGM pose", "mcgm_blank": "MCGM blank", "break_a_scene": "BaS"}
+# Training variants: config overrides on top of the preset.
+TRAININGS = {"break_a_scene": {"loss.use_mask_tokens": False}, "mcgm": {}}
+# Mask-aware training (issue 12): the config keys that switch it on, once lowmcgm has them.
+MASK_AWARE: dict[str, object] = {}
+if MASK_AWARE:
+    TRAININGS["mcgm_aware"] = {**TRAININGS["mcgm"], **MASK_AWARE}
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One column of the tables: a training variant sampled one way."""
+
+    name: str
+    training: str  # a key of TRAININGS
+    poses: bool  # the target pose masks are given (else every handle gets the blank mask)
+    guidance: str = "none"  # pose guidance mode at sampling
+    label: str = ""
+
+
+def conditions_for(guidance_modes: list[str]) -> list[Condition]:
+    """The ablation's conditions, Break-a-scene first (every "beats" share is against it)."""
+    labels = {"break_a_scene": "BaS", "mcgm": "MCGM", "mcgm_aware": "MCGM+aware"}
+    out = [Condition("break_a_scene", "break_a_scene", False, label="BaS"),
+           Condition("mcgm_blank", "mcgm", False, label="MCGM blank")]
+    for training in TRAININGS:
+        if training != "break_a_scene":
+            out.append(Condition(training, training, True, label=labels[training]))
+    for mode in guidance_modes:
+        for training in TRAININGS:
+            out.append(Condition(f"{training}+{mode}", training, True, mode, f"{labels[training]}+{mode}"))
+    return out
+
+
+CONDITIONS = conditions_for(["attention", "latent"])  # the default --guidance-modes; main() rebuilds it
 # A subject hidden behind others for more than this share of its silhouette is redrawn elsewhere:
 # its mask would teach too few pixels and its IoU would measure occlusion.
 MAX_HIDDEN_FRACTION = 0.3
@@ -137,11 +173,6 @@ def make_photos(n_subjects: int, count: int, targets: int, size_px: int, seed: i
     return photos
 
 
-def prompt_text(handles: list[str], background: str) -> str:
-    """``a photo of <asset0> and <asset1> in the snow``: the toy captions' wording."""
-    return f"a photo of {' and '.join(handles)} {BACKDROPS[background].preposition} the {background}"
-
-
 def measure(image: np.ndarray, photo: BenchPhoto, target: Target) -> dict:
     """Pose adherence, identity and prompt following of one generated image.
 
@@ -171,17 +202,13 @@ def measure(image: np.ndarray, photo: BenchPhoto, target: Target) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Training and sampling: lowmcgm's own trainer and sampler, as `lowmcgm run` uses them.
 
-def _save_mask(mask: np.ndarray, path: Path) -> str:
-    Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(path)
-    return str(path)
-
-
-def train_and_sample(photo: BenchPhoto, method: str, folder: Path, args: argparse.Namespace,
-                     files: dict) -> dict[str, list[list[np.ndarray]]]:
-    """Train ``method`` ("mcgm" or "break_a_scene") on the photo; sample every target.
+def train_and_sample(photo: BenchPhoto, training: str, conditions: list[Condition], folder: Path,
+                     args: argparse.Namespace, files: dict) -> tuple[dict, dict]:
+    """Train the ``training`` variant on the photo; sample every target under each of ``conditions``.
 
     Returns:
-        condition -> per target, the images (one per seed), (S, S, 3) uint8.
+        condition -> per target, the images (one per seed, (S, S, 3) uint8); and condition ->
+        sampling seconds per image.
     """
     from lowmcgm.artifact import load_artifact
     from lowmcgm.config import resolve_config
@@ -191,32 +218,33 @@ def train_and_sample(photo: BenchPhoto, method: str, folder: Path, args: argpars
 
     overrides = {
         "model.base_model": args.model, "data.image": files["photo"], "data.masks": files["masks"],
-        "data.init_words": photo.kinds, "output.out": str(folder / method), "train.seed": args.seed,
-        "train.checkpoint_every": 0, "loss.use_mask_tokens": method == "mcgm",
+        "data.init_words": photo.kinds, "output.out": str(folder / training), "train.seed": args.seed,
+        "train.checkpoint_every": 0, **TRAININGS[training],
     }
     if args.steps is not None:
         overrides |= {"train.phase1_steps": args.steps, "train.phase2_steps": args.steps}
     cfg = resolve_config(args.preset, None, overrides)
-    base = load_base_model(args.model)  # fresh: train() adds handles and adapters to it
-    artifact_path = train(cfg, base=base)
+    base = load_base_model(args.model)
+    artifact_path = train(cfg, base=base)  # leaves the base as it came: sampling installs the artifact
     artifact = load_artifact(artifact_path)
     size = int(photo.image.shape[0])
-    settings = SampleSettings(num_images=args.images, seed=0, steps=args.sample_steps,
-                              guidance_scale=args.guidance, scheduler="ddim", height=size, width=size,
-                              dtype="fp32")
-    sampler = build_sampler(base, artifact, settings)  # the base train() used, as `lowmcgm run` does
+    plain = SampleSettings(num_images=args.images, seed=0, steps=args.sample_steps, guidance_scale=args.guidance,
+                           scheduler="ddim", height=size, width=size, dtype="fp32")
+    sampler = build_sampler(base, artifact, plain)
     handles = artifact.handles
-    conditions = ("mcgm_pose", "mcgm_blank") if method == "mcgm" else ("break_a_scene",)
-    out: dict[str, list[list[np.ndarray]]] = {c: [] for c in conditions}
-    for t, target in enumerate(photo.targets):
-        text = prompt_text(handles, target.background)
-        for condition in conditions:
-            poses = dict(zip(handles, files["targets"][t])) if condition == "mcgm_pose" else {}
-            plan = plan_prompts([PromptSpec(text, poses, where=f"target {t}")], {}, handles,
-                                no_mask_reason(settings, artifact))[0]
-            images = sampler.generate(plan, list(range(args.images)), settings)
-            out[condition].append([np.asarray(im.convert("RGB")) for im in images])
-    return out
+    images: dict[str, list[list[np.ndarray]]] = {c.name: [] for c in conditions}
+    seconds: dict[str, float] = {}
+    for condition in conditions:
+        settings = dataclasses.replace(plain, pose_guidance=condition.guidance)
+        started = time.perf_counter()
+        for t, target in enumerate(photo.targets):
+            poses = dict(zip(handles, files["targets"][t])) if condition.poses else {}
+            plan = plan_prompts([PromptSpec(handle_prompt(handles, target.background), poses, where=f"target {t}")],
+                                {}, handles, no_mask_reason(settings, artifact), guided=condition.guidance != "none")[0]
+            generated = sampler.generate(plan, list(range(args.images)), settings)
+            images[condition.name].append([np.asarray(im.convert("RGB")) for im in generated])
+        seconds[condition.name] = (time.perf_counter() - started) / (len(photo.targets) * args.images)
+    return images, seconds
 
 
 def run_photo(photo: BenchPhoto, folder: Path, args: argparse.Namespace, settings_key: dict) -> dict:
@@ -229,14 +257,17 @@ def run_photo(photo: BenchPhoto, folder: Path, args: argparse.Namespace, setting
     folder.mkdir(parents=True, exist_ok=True)
     Image.fromarray(photo.image).save(folder / "photo.png")
     files = {"photo": str(folder / "photo.png"),
-             "masks": [_save_mask(m, folder / f"mask{j}.png") for j, m in enumerate(photo.masks)],
-             "targets": [[_save_mask(m, folder / f"target{t}-{j}.png") for j, m in enumerate(target.masks)]
+             "masks": [save_mask(m, folder / f"mask{j}.png") for j, m in enumerate(photo.masks)],
+             "targets": [[save_mask(m, folder / f"target{t}-{j}.png") for j, m in enumerate(target.masks)]
                          for t, target in enumerate(photo.targets)]}
-    images = {}
-    for method in ("mcgm", "break_a_scene"):
+    images, seconds = {}, {}
+    for training in TRAININGS:
         started = time.perf_counter()
-        images |= train_and_sample(photo, method, folder, args, files)
-        print(f"  {photo.key} {method}: {time.perf_counter() - started:.0f} s", flush=True)
+        wanted = [c for c in CONDITIONS if c.training == training]
+        got, took = train_and_sample(photo, training, wanted, folder, args, files)
+        images |= got
+        seconds |= took
+        print(f"  {photo.key} {training}: {time.perf_counter() - started:.0f} s", flush=True)
     rows = []
     for condition, per_target in images.items():
         for t, target in enumerate(photo.targets):
@@ -252,7 +283,7 @@ def run_photo(photo: BenchPhoto, folder: Path, args: argparse.Namespace, setting
         "targets": [{"poses": t.poses, "background": t.background,
                      "copy_iou": [metrics.iou(m, g) for m, g in zip(photo.masks, t.masks)]}
                     for t in photo.targets],
-        "images": rows,
+        "images": rows, "sample_seconds_per_image": seconds,
     }
     record_path.write_text(json.dumps(record, indent=1) + "\n")
     return record
@@ -267,13 +298,14 @@ def _mean(values) -> float | None:
 
 
 def summarise(records: list[dict]) -> dict:
-    """Per number of subjects (and ``all``): the table's figures."""
+    """Per number of subjects (and ``all``): the tables' figures, per condition."""
+    names = [c.name for c in CONDITIONS]
     groups: dict[str, list[dict]] = {}
     for record in records:
         groups.setdefault(str(record["subjects"]), []).append(record)
     groups["all"] = records
     summary = {}
-    for name, recs in groups.items():
+    for group, recs in groups.items():
         by_pair: dict[tuple, dict[str, dict]] = {}
         copy = []
         for rec in recs:
@@ -281,21 +313,21 @@ def summarise(records: list[dict]) -> dict:
                 by_pair.setdefault((rec["key"], row["target"], row["seed"]), {})[row["condition"]] = row
             for t in rec["targets"]:
                 copy.append(float(np.mean(t["copy_iou"])))
-        pairs = [p for p in by_pair.values() if set(p) == set(CONDITIONS)]
-        iou = {c: [float(np.mean(p[c]["iou"])) for p in pairs] for c in CONDITIONS}
+        pairs = [p for p in by_pair.values() if set(names) <= set(p)]
+        iou = {c: np.array([float(np.mean(p[c]["iou"])) for p in pairs]) for c in names}
         entry = {"photos": len(recs), "pairs": len(pairs), "copy_iou": _mean(copy)}
-        for c in CONDITIONS:
+        for c in names:
             rows = [p[c] for p in pairs]
             entry[c] = {
-                "iou": _mean(iou[c]),
+                "iou": _mean(iou[c].tolist()),
                 "drawn": _mean([float(d) for r in rows for d in r["drawn"]]),
                 "colour_distance": _mean([d for r in rows for d in r["colour_distance"]]),
                 "background_ok": _mean([float(r["background_ok"]) for r in rows]),
+                "beats_bas": float(np.mean(iou[c] > iou["break_a_scene"])) if pairs else None,
+                "ties_bas": float(np.mean(iou[c] == iou["break_a_scene"])) if pairs else None,
+                "seconds_per_image": _mean([r.get("sample_seconds_per_image", {}).get(c) for r in recs]),
             }
-        pose, bas = np.array(iou["mcgm_pose"]), np.array(iou["break_a_scene"])
-        entry["mcgm_beats_bas"] = float(np.mean(pose > bas)) if pairs else None
-        entry["ties"] = float(np.mean(pose == bas)) if pairs else None
-        summary[name] = entry
+        summary[group] = entry
     return summary
 
 
@@ -306,23 +338,25 @@ def _fmt(value, percent: bool = False) -> str:
 
 
 def markdown_tables(summary: dict) -> str:
-    names = [n for n in ("1", "2", "3") if n in summary] + ["all"]
-    lines = ["| subjects | photos | pairs | IoU MCGM, pose mask | IoU MCGM, blank mask | IoU Break-a-scene "
-             "| IoU if the source pose is copied | MCGM beats Break-a-scene (ties) |",
-             "|---|---|---|---|---|---|---|---|"]
-    for n in names:
-        e = summary[n]
-        lines.append(f"| {n} | {e['photos']} | {e['pairs']} | {_fmt(e['mcgm_pose']['iou'])} | "
-                     f"{_fmt(e['mcgm_blank']['iou'])} | {_fmt(e['break_a_scene']['iou'])} | "
-                     f"{_fmt(e['copy_iou'])} | {_fmt(e['mcgm_beats_bas'], True)} ({_fmt(e['ties'], True)}) |")
-    lines += ["", "| subjects | subjects drawn: MCGM pose / blank / BaS | colour distance to the source "
-              "(RGB, lower is better): MCGM pose / blank / BaS | background as prompted: MCGM pose / blank / BaS |",
-              "|---|---|---|---|"]
-    for n in names:
-        e = summary[n]
-        cells = [" / ".join(_fmt(e[c][key], pct) for c in CONDITIONS)
-                 for key, pct in (("drawn", True), ("colour_distance", False), ("background_ok", True))]
-        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    groups = [n for n in ("1", "2", "3") if n in summary] + ["all"]
+    lines = []
+    for group in groups:
+        e = summary[group]
+        unguided = {c.training: e[c.name]["seconds_per_image"] for c in CONDITIONS if c.guidance == "none"}
+        lines += [f"Subjects: {group} ({e['photos']} photos, {e['pairs']} pairs; IoU if the source pose is "
+                  f"copied: {_fmt(e['copy_iou'])})", "",
+                  "| condition | pose IoU | beats BaS (ties) | subjects drawn | colour distance | "
+                  "background as prompted | s per image (x unguided) |", "|---|---|---|---|---|---|---|"]
+        for c in CONDITIONS:
+            f = e[c.name]
+            base_time = unguided.get(c.training)
+            ratio = (f" (x{f['seconds_per_image'] / base_time:.2f})" if c.guidance != "none" and base_time
+                     and f["seconds_per_image"] else "")
+            beats = "-" if c.name == "break_a_scene" else f"{_fmt(f['beats_bas'], True)} ({_fmt(f['ties_bas'], True)})"
+            lines.append(f"| {c.label} | {_fmt(f['iou'])} | {beats} | {_fmt(f['drawn'], True)} | "
+                         f"{_fmt(f['colour_distance'])} | {_fmt(f['background_ok'], True)} | "
+                         f"{_fmt(f['seconds_per_image'])}{ratio} |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -351,8 +385,8 @@ def render_figure(records: list[dict], out_dir: Path, max_rows: int) -> Image.Im
                            poses=[("source", Image.open(folder / "photo.png")),
                                   ("target masks", _composite(rec["kinds"], masks))])
             for c in CONDITIONS:
-                r = by_condition[c]
-                row.images.append((f"{SHORT_LABELS[c]} {np.mean(r['iou']):.2f}", Image.open(folder / r["file"])))
+                r = by_condition[c.name]
+                row.images.append((f"{c.label} {np.mean(r['iou']):.2f}", Image.open(folder / r["file"])))
             rows.append(row)
     return render_contact_sheet(rows)
 
@@ -363,8 +397,10 @@ def write_report(out_dir: Path, summary: dict, command: str, args: argparse.Name
         markdown_tables(summary), "",
         f"Settings: preset {args.preset}, {args.steps or 'preset'} steps per phase, seed {args.seed}; "
         f"{args.targets} target(s) per photo, {args.images} image(s) per target and condition, DDIM "
-        f"{args.sample_steps} steps, guidance {args.guidance}. Pairs: (photo, target, seed). IoU: mean over "
-        "subjects; a subject not drawn scores 0. BaS: Break-a-scene. Figure: figure.png (IoU under each image).",
+        f"{args.sample_steps} steps, guidance {args.guidance}, pose guidance at its default strength and steps. "
+        "Pairs: (photo, target, seed). IoU: mean over subjects; a subject not drawn scores 0. BaS: "
+        "Break-a-scene (no pose masks); MCGM blank: blank masks; +attention/+latent: pose guidance with "
+        "the target masks. Figure: figure.png (IoU under each image).",
         ""])
     path = out_dir / "results.md"
     path.write_text(text)
@@ -381,7 +417,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--preset", default="toy-cpu")
     p.add_argument("--model", default="toy", help="'toy' (bundled) or a toy model folder")
     p.add_argument("--sample-steps", type=int, default=30)
-    p.add_argument("--guidance", type=float, default=5.0, help="as tools/eval_toy_base.py samples")
+    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale, as "
+                   "tools/eval_toy_base.py samples")
+    p.add_argument("--guidance-modes", default="attention,latent",
+                   help="pose guidance modes to ablate, comma separated ('' for none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("runs/bench_pose"))
     p.add_argument("--figure-rows", type=int, default=12)
@@ -404,6 +443,8 @@ def main(argv=None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     command = shlex.join(["python", "tools/bench_pose.py", *argv])
+    global CONDITIONS
+    CONDITIONS = conditions_for([m for m in args.guidance_modes.split(",") if m])
     if args.threads:
         torch.set_num_threads(args.threads)
     diffusers.utils.logging.set_verbosity_error()
@@ -418,6 +459,7 @@ def main(argv=None) -> dict:
     settings_key = {k: v for k, v in vars(args).items()
                     if k not in ("out", "figure_rows", "threads", "photos", "subjects")}
     settings_key["model_steps"] = [info.vae_steps, info.unet_steps] if info else None
+    settings_key["trainings"] = TRAININGS
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"{command}\n{note}", flush=True)
     records = []

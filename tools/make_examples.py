@@ -20,21 +20,16 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lowmcgm.toy.demo import DEMO_SCENE, POSES  # noqa: E402
-from lowmcgm.toy.scenes import caption, render_pose_mask, render_scene  # noqa: E402
+from lowmcgm.toy.scenes import caption, render_pose_mask, render_scene, save_mask  # noqa: E402
 
 # The demo's scene (fixed subjects, so the example does not move if sampling changes).
 SCENE = DEMO_SCENE
 POSE_MASKS = {"pose_sit.png": POSES["dog_sitting"], "pose_run.png": POSES["cat_running"]}
-
-
-def _save_mask(mask: np.ndarray, path: Path) -> None:
-    Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(path, optimize=True)
 
 
 def main(argv=None) -> None:
@@ -46,9 +41,9 @@ def main(argv=None) -> None:
     image, masks = render_scene(SCENE, args.size)
     Image.fromarray(image).save(args.out / "photo.png", optimize=True)
     for subject, mask in zip(SCENE.subjects, masks):
-        _save_mask(mask, args.out / f"{subject.kind}.png")
+        save_mask(mask, args.out / f"{subject.kind}.png")
     for name, spec in POSE_MASKS.items():
-        _save_mask(render_pose_mask(size_px=args.size, **spec), args.out / name)
+        save_mask(render_pose_mask(size_px=args.size, **spec), args.out / name)
     meta = {"caption": caption(SCENE), "size_px": args.size, "scene": dataclasses.asdict(SCENE),
             "pose_masks": POSE_MASKS}
     (args.out / "scene.json").write_text(json.dumps(meta, indent=1) + "\n")

@@ -22,12 +22,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 from lowmcgm.models import TINY_NAMES, TOY_NAME
 from lowmcgm.toy.bundled import read_toy_info, require_toy_model
-from lowmcgm.toy.scenes import BACKDROPS, Scene, Subject, render_pose_mask, render_scene
+from lowmcgm.toy.scenes import Scene, Subject, handle_prompt, render_pose_mask, render_scene, save_mask
 
 DEMO_PRESET = "toy-cpu"
 DEFAULT_SIZE_PX = 256  # bases without a toyworld.json: a sharp render, resized by the trainer
@@ -73,16 +72,6 @@ class DemoInputs:
     prompts: Path
 
 
-def prompt_text(background: str, handles: list[str]) -> str:
-    """``a photo of <dog> and <cat> in the snow``: the toy captions' wording, handles for subjects."""
-    return f"a photo of {' and '.join(handles)} {BACKDROPS[background].preposition} the {background}"
-
-
-def _save_mask(mask: np.ndarray, path: Path) -> Path:
-    Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(path)
-    return path
-
-
 def write_demo_inputs(folder: Path, size_px: int) -> DemoInputs:
     """Render the demo's photo, subject masks, pose masks and prompts file into ``folder``.
 
@@ -98,12 +87,12 @@ def write_demo_inputs(folder: Path, size_px: int) -> DemoInputs:
     image, masks = render_scene(DEMO_SCENE, size_px)
     photo = folder / "photo.png"
     Image.fromarray(image).save(photo)
-    mask_paths = tuple(_save_mask(m, folder / f"{s.kind}.png") for s, m in zip(DEMO_SCENE.subjects, masks))
-    pose_paths = tuple(_save_mask(render_pose_mask(size_px=size_px, **spec), folder / f"{name}.png")
+    mask_paths = tuple(Path(save_mask(m, folder / f"{s.kind}.png")) for s, m in zip(DEMO_SCENE.subjects, masks))
+    pose_paths = tuple(Path(save_mask(render_pose_mask(size_px=size_px, **spec), folder / f"{name}.png"))
                        for name, spec in POSES.items())
     lines = ["# The demo's prompts: each handle posed by a mask in this folder (lowmcgm run --prompts)."]
     for background, poses in PROMPTS:
-        text = prompt_text(background, list(poses))
+        text = handle_prompt(list(poses), background)
         lines.append(" | ".join([text] + [f"{h[1:-1]}={stem}.png" for h, stem in poses.items()]))
     prompts = folder / "prompts.txt"
     prompts.write_text("\n".join(lines) + "\n")

@@ -720,3 +720,14 @@ def caption_variant(scene: Scene, rng: np.random.Generator) -> str:
 def scene_combos(scene: Scene) -> set[tuple[str, str, str]]:
     """The (kind, pose, background) triples a scene shows."""
     return {(s.kind, s.pose, scene.background) for s in scene.subjects}
+
+
+def handle_prompt(handles: list[str], background: str) -> str:
+    """``a photo of <asset0> and <asset1> in the snow``: the captions' wording, handles for subjects."""
+    return f"a photo of {' and '.join(handles)} {BACKDROPS[background].preposition} the {background}"
+
+
+def save_mask(mask: np.ndarray, path) -> str:
+    """Write a (H, W) bool mask as an 8-bit white-on-black PNG (how lowmcgm reads masks); return the path."""
+    Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(path, optimize=True)
+    return str(path)
