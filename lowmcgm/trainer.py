@@ -23,6 +23,7 @@ import torch
 from accelerate import Accelerator
 
 from lowmcgm import config as config_mod
+from lowmcgm.accelerator import AcceleratorLike
 from lowmcgm.adapters import cast_frozen
 from lowmcgm.artifact import save_artifact
 from lowmcgm.attention_capture import CrossAttentionStore, install_capture, loss_layer_names, remove_capture
@@ -52,7 +53,7 @@ class Setup:
     concept: ConceptImage
     mcgm: MCGMState  # handles, mask encoder and (from phase 2) adapters: what trains
     store: CrossAttentionStore | None  # None when loss.use_attention_loss is off (no capture)
-    accelerator: Accelerator
+    accelerator: AcceleratorLike  # accelerate's Accelerator, or the estimator's stand-in
     latent_mean: torch.Tensor  # (2, C, h, w): the photo and its mirror image, encoded once
     latent_std: torch.Tensor
     prior_latents: torch.Tensor | None  # (M, C, h, w) class images, or None
@@ -227,7 +228,7 @@ def build_setup(cfg: Config, base: BaseModel, handle_names: list[str], report: P
 
 
 def prepare_setup(cfg: Config, base: BaseModel, concept: ConceptImage, handle_names: list[str],
-                  accelerator: Accelerator, report: ProgressFn,
+                  accelerator: AcceleratorLike, report: ProgressFn,
                   load_prior: Callable[[torch.device], torch.Tensor]) -> Setup:
     """Freeze the base, add handles and mask encoder, install capture, encode the photo once.
 
@@ -545,7 +546,7 @@ def _say_once(setup: Setup, text: str) -> None:
         setup.report({"kind": "message", "level": "info", "text": text})
 
 
-def _average_gradients(acc: Accelerator, params: list[torch.nn.Parameter]) -> None:
+def _average_gradients(acc: AcceleratorLike, params: list[torch.nn.Parameter]) -> None:
     # Several processes (accelerate launch): average gradients by hand, since the trainables span
     # the UNet, the text encoder and the mask encoder and no single module could be DDP-wrapped.
     if acc.num_processes == 1:

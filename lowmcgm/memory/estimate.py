@@ -408,7 +408,7 @@ def trace_job(config: dict[str, Any], model: str, attention: str = "sdpa", num_c
 
     s = mt.session()
     started = time.perf_counter()
-    _let_fake_checks_pass()
+    _let_fake_checks_pass(s)
     cfg = config_from_dict(config)
     notes = []
     if cfg.model.use_xformers:
@@ -430,7 +430,7 @@ def trace_job(config: dict[str, Any], model: str, attention: str = "sdpa", num_c
     latent = resolution // base.vae_scale_factor
     prior = torch.randn(2, base.vae.config.latent_channels, latent, latent) \
         if cfg.train.use_prior_preservation else None  # stands for the encoded class images
-    acc = _TraceAccelerator(s.device, "no" if s.device.type == "cpu" else cfg.model.mixed_precision)
+    acc = TraceAccelerator(s.device, "no" if s.device.type == "cpu" else cfg.model.mixed_precision)
     setup = prepare_setup(cfg, base, _random_concept(resolution, n), default_handles(n), acc,
                           lambda event: None, lambda device: prior)
     _install_attention_layout(setup, attention)
@@ -471,14 +471,10 @@ def _trace_phases(s: mt.TraceSession, cfg: Config, setup: Any, baseline: int) ->
     return phases
 
 
-def _let_fake_checks_pass() -> None:
+def _let_fake_checks_pass(s: mt.TraceSession) -> None:
     """Fake tensors have no values: make ``.item()`` of one read 1, not 0, so that the trainer's
     checks (``torch.isfinite(loss)``, every handle present in its prompt) pass as they do for real."""
-    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
-
-    for mode in _get_current_dispatch_mode_stack():
-        if isinstance(mode, mt._CpuStaysReal):
-            mode.item_value = 1
+    s.set_item_value(1)
 
 
 def _build_base(model: str, s: mt.TraceSession) -> Any:
@@ -518,7 +514,7 @@ def _random_concept(resolution: int, n: int) -> ConceptImage:
     return ConceptImage(image, masks)
 
 
-class _TraceAccelerator:
+class TraceAccelerator:
     """What the trainer uses of ``accelerate.Accelerator``, for traced runs.
 
     Inside a fake-CUDA session ``torch.cuda.is_available()`` stays False, so a real Accelerator puts

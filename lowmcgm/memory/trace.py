@@ -723,10 +723,18 @@ class TraceSession:
             CudaMemoryCounter() if mode == "cuda" else LiveBytes(self.device.type))
         self.fake_mode: FakeTensorMode | None = None
         self.item_value = item_value
+        self._cpu_mode: _CpuStaysReal | None = None
 
     @property
     def is_fake(self) -> bool:
         return self.mode == "fake"
+
+    def set_item_value(self, value: float) -> None:
+        """What ``.item()`` of a fake tensor returns from now on (fake tensors hold no data: a
+        check like ``torch.isfinite(loss)`` reads this value)."""
+        self.item_value = value
+        if self._cpu_mode is not None:
+            self._cpu_mode.item_value = value
 
     def snapshot(self, label: str) -> dict:
         """Label the bytes live now (see :meth:`LiveBytes.snapshot`)."""
@@ -771,12 +779,13 @@ class TraceSession:
                     self.fake_mode = stack.enter_context(
                         FakeTensorMode(allow_non_fake_inputs=True))
                     stack.enter_context(fake_cuda_patches(self.counter))  # type: ignore[arg-type]
-                    stack.enter_context(_CpuStaysReal(self.item_value))
+                    self._cpu_mode = stack.enter_context(_CpuStaysReal(self.item_value))
                 stack.enter_context(self.counter)  # type: ignore[arg-type]
                 yield self
         finally:
             _CURRENT = None
             self.fake_mode = None
+            self._cpu_mode = None
 
     def report(self) -> dict:
         out = {"mode": self.mode, "device": self.device.type}
