@@ -197,11 +197,13 @@ class LatentGuidance:
             self.unet(scale_input(x, timestep), timestep, self.context)
             self.store.end()
             maps = self.store.mean_maps().float()  # (B, S, h, w)
-            self.store.maps = {}
+            self.store.clear()  # the pipeline's own passes record nothing (or what they did before)
             energy = sum(attention_energy(m, self.guide.masks) for m in maps)
             (grad,) = torch.autograd.grad(energy, x)
-        rms = grad.float().pow(2).mean().sqrt().clamp_min(1e-12)
-        size = w * LATENT_STEP_FRACTION * latents.float().pow(2).mean().sqrt()
+        # Per image: a batch of seeds must give each image what it gets alone.
+        shape = (-1,) + (1,) * (latents.dim() - 1)
+        rms = grad.float().flatten(1).pow(2).mean(1).sqrt().clamp_min(1e-12).view(shape)
+        size = w * LATENT_STEP_FRACTION * latents.float().flatten(1).pow(2).mean(1).sqrt().view(shape)
         return (latents.float() - size * grad.float() / rms).to(latents.dtype)
 
     def on_step_end(self, pipe: Any, step: int, timestep: Any, kwargs: dict) -> dict:

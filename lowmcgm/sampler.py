@@ -507,17 +507,10 @@ class _SavedStore:
         self._store.end()
 
     def mean_maps(self) -> torch.Tensor:
-        maps = self._store.mean_maps()
+        return self._store.mean_maps()
+
+    def clear(self) -> None:
         self._store.key_index, self._store.maps, self._store.recording = self._saved
-        return maps
-
-    @property
-    def maps(self) -> dict:
-        return self._store.maps
-
-    @maps.setter
-    def maps(self, value: dict) -> None:
-        pass  # the saved maps are back already
 
 
 def build_pipeline(base: BaseModel, scheduler: str) -> StableDiffusionPipeline:

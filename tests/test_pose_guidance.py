@@ -117,3 +117,12 @@ def test_guidance_without_mask_tokens_uses_the_poses(files):
     assert guide is not None and all(c < 77 for c in guide.columns)  # the handle's own column only
     unguided = np.asarray(plain_sampler.generate(plan, [5], SETTINGS)[0]).astype(int)
     assert np.abs(np.asarray(plain_sampler.generate(plan, [5], guided)[0]).astype(int) - unguided).max() > 0
+
+
+def test_latent_guidance_batches_with_classifier_free_guidance(files, sampler):
+    """Several seeds in one call (the pipeline then runs a batch of 2 x seeds): each image as alone."""
+    guided = dataclasses.replace(SETTINGS, pose_guidance="latent", pose_guidance_strength=30.0)
+    plan = _plan(files)
+    together = [np.asarray(im).astype(int) for im in sampler.generate(plan, [3, 4], guided)]
+    alone = np.asarray(sampler.generate(plan, [4], guided)[0]).astype(int)
+    assert np.abs(together[1] - alone).max() <= 2
