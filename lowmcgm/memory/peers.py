@@ -36,14 +36,15 @@ network at its end; none of that can run on fake tensors):
   the CPU; this one says CUDA and autocasts to fp16 as accelerate does. fp16 loss scaling is not
   modelled (an in-place unscale: no memory), as in ``estimate.py``.
 
-Import shims for libraries newer than kohya pins (``requirements.txt``: transformers 4.54, no
-torchvision-free path): ``transformers.CLIPFeatureExtractor`` (removed in transformers 5) is aliased
+Import shims for libraries newer than the ones kohya pins (its ``requirements.txt``: transformers
+4.54.1, diffusers 0.32.1, and torchvision through its install guide): ``transformers.CLIPFeatureExtractor`` (removed in transformers 5) is aliased
 to ``CLIPImageProcessor`` for kohya's ``lpw_stable_diffusion`` import; when torchvision is missing
 (no CPU build of it on the package index for this torch), a stub stands for
 ``torchvision.transforms``, which kohya uses only to load images, never in the traced step.
 transformers 5 also flattened ``CLIPTextModel`` (no ``.text_model``): the model is given a plain
 attribute ``text_model`` pointing to itself, for kohya's checkpointing workaround
-(``text_model.embeddings.requires_grad_(True)``). kohya's other import-time needs (toml, voluptuous, opencv, imagesize, einops) must be installed.
+(``text_model.embeddings.requires_grad_(True)``). kohya's other import-time needs (toml, voluptuous,
+opencv, imagesize, einops) must be installed.
 
 This module imports torch; the traced functions run inside :func:`lowmcgm.memory.trace.run_traced`.
 """
@@ -72,8 +73,8 @@ GiB = 2**30
 #   --sdpa --mixed_precision="fp16" --gradient_checkpointing
 # - docs/train_README-ja.md, "--full_fp16" section: "To minimise memory use, give the xformers,
 #   use_8bit_adam, cache_latents and gradient_checkpointing options and set train_batch_size to 1"
-#   (メモリ使用量を最小化するためには、xformers、use_8bit_adam、cache_latents、gradient_checkpointing
-#   の各オプションを指定し、train_batch_sizeを1としてください). SDPA stands for xformers: the same
+#   (メモリ使用量を最小化するためには、xformers、use_8bit_adam、cache_latents、
+#   gradient_checkpointingの各オプションを指定し、train_batch_sizeを1としてください). SDPA stands for xformers: the same
 #   memory-efficient kernel family, and xformers has no CPU build to import here.
 # - docs/train_network_README-ja.md's example adds --cache_latents and says it runs "just barely
 #   even with 8GB VRAM" (8GB VRAMでもぎりぎり動作するようです).
@@ -226,7 +227,7 @@ def _import_kohya(root: str) -> dict[str, Any]:
     mods = {name: importlib.import_module(name) for name in
             ("train_network", "library.train_util", "library.original_unet", "library.strategy_sd",
              "networks.lora")}
-    mods["notes"] = notes
+    mods["notes"] = list(notes)
     return mods
 
 
@@ -271,6 +272,7 @@ def kohya_step(kohya: str, rank: int = 8, resolution: int = 512, steps: int = ST
     text_encoder = mt.build_from_config(CLIPTextModel, folder / "text_encoder")
     if not hasattr(text_encoder, "text_model"):  # transformers 5 flattened CLIPTextModel.text_model
         object.__setattr__(text_encoder, "text_model", text_encoder)  # a plain attribute, not a child
+        mods["notes"].append("CLIPTextModel.text_model set to the model itself (flattened in transformers 5)")
     vae = mt.build_from_config(AutoencoderKL, folder / "vae")
     train_util.replace_unet_modules(unet, args.mem_eff_attn, args.xformers, args.sdpa)
 
