@@ -235,7 +235,8 @@ def train_and_sample(photo: BenchPhoto, training: str, conditions: list[Conditio
     images: dict[str, list[list[np.ndarray]]] = {c.name: [] for c in conditions}
     seconds: dict[str, float] = {}
     for condition in conditions:
-        settings = dataclasses.replace(plain, pose_guidance=condition.guidance)
+        settings = dataclasses.replace(plain, pose_guidance=condition.guidance,
+                                       pose_guidance_strength=args.guidance_strength)
         started = time.perf_counter()
         for t, target in enumerate(photo.targets):
             poses = dict(zip(handles, files["targets"][t])) if condition.poses else {}
@@ -397,7 +398,8 @@ def write_report(out_dir: Path, summary: dict, command: str, args: argparse.Name
         markdown_tables(summary), "",
         f"Settings: preset {args.preset}, {args.steps or 'preset'} steps per phase, seed {args.seed}; "
         f"{args.targets} target(s) per photo, {args.images} image(s) per target and condition, DDIM "
-        f"{args.sample_steps} steps, guidance {args.guidance}, pose guidance at its default strength and steps. "
+        f"{args.sample_steps} steps, guidance {args.guidance}, pose guidance strength "
+        f"{args.guidance_strength or 'default'} over the first half of the steps. "
         "Pairs: (photo, target, seed). IoU: mean over subjects; a subject not drawn scores 0. BaS: "
         "Break-a-scene (no pose masks); MCGM blank: blank masks; +attention/+latent: pose guidance with "
         "the target masks. Figure: figure.png (IoU under each image).",
@@ -421,6 +423,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "tools/eval_toy_base.py samples")
     p.add_argument("--guidance-modes", default="attention,latent",
                    help="pose guidance modes to ablate, comma separated ('' for none)")
+    p.add_argument("--guidance-strength", type=float, default=0.0,
+                   help="pose guidance strength of the guided conditions (0: each mode's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("runs/bench_pose"))
     p.add_argument("--figure-rows", type=int, default=12)
