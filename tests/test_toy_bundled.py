@@ -165,6 +165,9 @@ def test_pose_benchmark_writes_table_figure_and_reuses_records(toy_model_folder,
     assert "python tools/bench_pose.py" in capsys.readouterr().out
     bench.main(args)  # same settings: the photo's record is reused, nothing is trained again
     assert artifact.stat().st_mtime_ns == stamp
+    record_stamp = (photo / "record.json").stat().st_mtime_ns
+    bench.main(args + ["--guidance-strength", "5"])  # sampled anew from the same trained artifacts
+    assert artifact.stat().st_mtime_ns == stamp and (photo / "record.json").stat().st_mtime_ns != record_stamp
 
 
 def test_photos_are_held_out_and_deterministic():

@@ -41,6 +41,7 @@ import argparse
 import dataclasses
 import json
 import shlex
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -211,7 +212,7 @@ def train_and_sample(photo: BenchPhoto, training: str, conditions: list[Conditio
         sampling seconds per image.
     """
     from lowmcgm.artifact import load_artifact
-    from lowmcgm.config import resolve_config
+    from lowmcgm.config import config_from_dict, resolve_config
     from lowmcgm.models import load_base_model
     from lowmcgm.sampler import PromptSpec, SampleSettings, build_sampler, no_mask_reason, plan_prompts
     from lowmcgm.trainer import train
@@ -225,7 +226,12 @@ def train_and_sample(photo: BenchPhoto, training: str, conditions: list[Conditio
         overrides |= {"train.phase1_steps": args.steps, "train.phase2_steps": args.steps}
     cfg = resolve_config(args.preset, None, overrides)
     base = load_base_model(args.model)
-    artifact_path = train(cfg, base=base)  # leaves the base as it came: sampling installs the artifact
+    artifact_path = Path(cfg.output.out) / cfg.output.artifact_name
+    # An artifact trained with these very settings (an earlier run that sampled otherwise) is reused.
+    if not (artifact_path.is_file()
+            and config_from_dict(load_artifact(artifact_path).meta.get("training_config", {})) == cfg):
+        shutil.rmtree(cfg.output.out, ignore_errors=True)
+        artifact_path = train(cfg, base=base)  # leaves the base as it came: sampling installs the artifact
     artifact = load_artifact(artifact_path)
     size = int(photo.image.shape[0])
     plain = SampleSettings(num_images=args.images, seed=0, steps=args.sample_steps, guidance_scale=args.guidance,
