@@ -24,7 +24,14 @@ from lowmcgm import __version__
 from lowmcgm.errors import UserError
 
 FORMAT_NAME = "lowmcgm"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this lowmcgm writes and reads
+# 2: the mask encoder may carry options (metadata ``mask_encoder_input``, ``mask_token_norm``) and
+# a LayerNorm (``mask_encoder.norm.*``). An artifact without them is still written as format 1, so
+# the paper's recipe stays readable by older lowmcgm; an older reader refuses a format-2 file
+# rather than sampling with the wrong encoder.
+READ_FORMAT_VERSIONS = ("1", "2")
+ENCODER_OPTION_META = {"mask_encoder_input": ("binary", "area_normalized"), "mask_token_norm": ("none", "layernorm")}
+CHECKPOINT_FORMAT_VERSION = 1
 # A rank-128 SD artifact has a few thousand tensors; its header stays well under 1 MiB.
 MAX_HEADER_BYTES = 16 * 2**20
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
@@ -200,7 +207,8 @@ def save_artifact(artifact: Artifact, path: Path, dtype: str = "fp16") -> None:
     tensors.update({f"mask_encoder.{k}": v.to(cast) for k, v in artifact.mask_encoder.items()})
     tensors.update({f"unet.{k}": v.to(cast) for k, v in artifact.unet_lora.items()})
     tensors.update({f"text_encoder.{k}": v.to(cast) for k, v in artifact.text_encoder_lora.items()})
-    meta = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "lowmcgm_version": __version__,
+    version = FORMAT_VERSION if any(k in artifact.meta for k in ENCODER_OPTION_META) else 1
+    meta = {"format": FORMAT_NAME, "format_version": str(version), "lowmcgm_version": __version__,
             "handles": artifact.handles}
     meta.update(artifact.meta)
     meta["handles"] = artifact.handles
@@ -215,13 +223,14 @@ def load_artifact(path: Path) -> Artifact:
     if meta.get("format") != FORMAT_NAME:
         raise UserError(f"{path} is not a lowmcgm artifact (no 'format: lowmcgm' in its metadata).")
     version = meta.get("format_version", "?")
-    if version != str(FORMAT_VERSION):
+    if version not in READ_FORMAT_VERSIONS:
         raise UserError(f"{path} has artifact format {version} (written by lowmcgm "
-                        f"{meta.get('lowmcgm_version', '?')}); this lowmcgm reads format {FORMAT_VERSION}: "
-                        "upgrade lowmcgm.")
+                        f"{meta.get('lowmcgm_version', '?')}); this lowmcgm reads formats "
+                        f"{' and '.join(READ_FORMAT_VERSIONS)}: upgrade lowmcgm.")
     parsed = _parse_meta(path, meta, header)
     handles, lora = parsed["handles"], parsed.get("lora", {})
-    _check_shapes(path, header, handles, int(parsed["text_width"]), int(parsed.get("mask_size", 0)), lora)
+    _check_shapes(path, header, handles, int(parsed["text_width"]), int(parsed.get("mask_size", 0)), lora,
+                  parsed.get("mask_token_norm", "none"))
     try:
         tensors = load_file(str(path))
     except Exception as exc:  # read_header let through a file safetensors refuses: still the user's file
@@ -279,6 +288,9 @@ def _parse_meta(path: Path, meta: dict[str, str], header: dict[str, Any]) -> dic
     for key in _STR_LIST_META:
         if key in parsed and not (isinstance(parsed[key], list) and all(isinstance(v, str) for v in parsed[key])):
             raise bad(f"'{key}' is not a list of words")
+    for key, choices in ENCODER_OPTION_META.items():
+        if key in parsed and parsed[key] not in choices:
+            raise bad(f"'{key}' must be one of {', '.join(choices)}")
     if "training_config" in parsed and not isinstance(parsed["training_config"], dict):
         raise bad("'training_config' is not a table")
     lora = parsed.get("lora", {})
@@ -296,7 +308,7 @@ def _parse_meta(path: Path, meta: dict[str, str], header: dict[str, Any]) -> dic
 
 
 def _check_shapes(path: Path, header: dict[str, Any], handles: list[str], text_width: int,
-                  mask_size: int, lora: dict[str, Any]) -> None:
+                  mask_size: int, lora: dict[str, Any], mask_token_norm: str = "none") -> None:
     def bad(why: str) -> UserError:
         return UserError(f"{path} is not a valid lowmcgm artifact: {why}.")
 
@@ -309,8 +321,13 @@ def _check_shapes(path: Path, header: dict[str, Any], handles: list[str], text_w
         raise bad(f"handles.vectors must be {len(handles)}x{text_width}")
     enc = {k for k in header if k.startswith("mask_encoder.")}
     if enc:
-        if enc != {"mask_encoder.proj.weight", "mask_encoder.proj.bias"} or mask_size <= 0:
+        expected = {"mask_encoder.proj.weight", "mask_encoder.proj.bias"}
+        if mask_token_norm == "layernorm":
+            expected |= {"mask_encoder.norm.weight", "mask_encoder.norm.bias"}
+        if enc != expected or mask_size <= 0:
             raise bad("mask encoder tensors are incomplete")
+        if any(header[k]["shape"] != [text_width] for k in expected if ".norm." in k):
+            raise bad(f"mask encoder norm must have {text_width} values")
         if header["mask_encoder.proj.weight"]["shape"] != [text_width, mask_size * mask_size] or \
                 header["mask_encoder.proj.bias"]["shape"] != [text_width]:
             raise bad(f"mask encoder must map {mask_size}x{mask_size} masks to {text_width} values")
@@ -351,7 +368,7 @@ def save_checkpoint(path: Path, weights: dict[str, torch.Tensor], optimizer_stat
     opt_tensors, opt_info = _flatten_optimizer(optimizer_state)
     tensors = {f"weights.{k}": v for k, v in weights.items()}
     tensors.update(opt_tensors)
-    meta = {"format": "lowmcgm-checkpoint", "format_version": str(FORMAT_VERSION),
+    meta = {"format": "lowmcgm-checkpoint", "format_version": str(CHECKPOINT_FORMAT_VERSION),
             "info": json.dumps(info), "optimizer": json.dumps(opt_info)}
     atomic_save(tensors, meta, path)
 
@@ -359,8 +376,8 @@ def save_checkpoint(path: Path, weights: dict[str, torch.Tensor], optimizer_stat
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
     """Inverse of ``save_checkpoint``: (weights, optimizer state dict, info)."""
     _, meta = read_header(path)
-    if meta.get("format") != "lowmcgm-checkpoint" or meta.get("format_version") != str(FORMAT_VERSION):
-        raise UserError(f"{path} is not a lowmcgm checkpoint of format {FORMAT_VERSION}.")
+    if meta.get("format") != "lowmcgm-checkpoint" or meta.get("format_version") != str(CHECKPOINT_FORMAT_VERSION):
+        raise UserError(f"{path} is not a lowmcgm checkpoint of format {CHECKPOINT_FORMAT_VERSION}.")
     tensors = load_file(str(path))
     weights = {k[len("weights."):]: v for k, v in tensors.items() if k.startswith("weights.")}
     opt = {k: v for k, v in tensors.items() if k.startswith("optimizer.")}

@@ -44,6 +44,25 @@ class DataConfig:
     background: str = _f("keep", "'keep' the photo's background, or 'solid': random colour outside the masks")
     flip_p: float = _f(0.5, "probability of flipping image and masks together")
     max_concepts: int = _f(4, "most concepts a run accepts (the paper reports failures past 3)")
+    # Mask-aware training (issue 12; off = the paper's recipe). METHOD.md, "Why the mask alone does
+    # not set the pose": the encoder only ever sees the source masks and their flips.
+    use_affine_augmentation: bool = _f(
+        False, "move photo and masks together by a random shift, scale and rotation each step, subjects "
+               "kept in frame, so handles and mask encoder see the subjects at many places and sizes")
+    affine_shift: float = _f(0.15, "largest random shift, as a fraction of the image side (before the "
+                                   "shift is clamped to keep the selected subjects in frame)")
+    affine_scale_min: float = _f(0.8, "smallest random scale of the affine augmentation (1 = unchanged)")
+    affine_scale_max: float = _f(1.2, "largest random scale of the affine augmentation (lowered when the "
+                                      "selected subjects would not fit in frame)")
+    affine_rotate_deg: float = _f(10.0, "largest random rotation of the affine augmentation, in degrees")
+    mask_dropout: float = _f(0.0, "probability that a selected concept's mask token is made from the blank "
+                                  "(all-zero) mask, so a blank mask comes to mean 'no pose given' (issue: "
+                                  "~0.15); the losses still use the real mask")
+    use_mask_perturbation: bool = _f(
+        False, "feed the mask encoder a roughened mask (random dilate/erode, then a coarse blocky redraw) "
+               "so a rough hand-drawn pose reads like the training masks; the losses use the real mask")
+    mask_perturbation: float = _f(0.05, "strength of the mask perturbation: the largest boundary move, as a "
+                                        "fraction of the mask side")
 
 
 @dataclass(frozen=True)
@@ -55,6 +74,14 @@ class LossConfig:
         0, "attention maps are read at latent side / this (paper: 4); 0 derives it from the model: "
            "the cross-attention level whose maps are closest to 16x16, which is 4 for SD at 512 and 768 px")
     use_mask_tokens: bool = _f(True, "append mask tokens to the text tokens (MCGM); off = Break-a-scene")
+    mask_encoder_input: str = _f(
+        "binary", "what the mask encoder's Linear reads: 'binary' (the paper: the 0/1 mask) or "
+                  "'area_normalized' (the mask divided by its pixel count, so AdamW moves a mask token "
+                  "about lr per step, like a handle, instead of lr times the mask's area)")
+    mask_token_norm: str = _f(
+        "none", "'none' (the paper) or 'layernorm': a LayerNorm on each mask token with a learned gain "
+                "initialised to the RMS of the handles' text-encoder states, so mask tokens start on the "
+                "text tokens' scale and cannot grow past it by step size alone")
     use_attention_loss: bool = _f(
         True, "the cross-attention and mask-attention terms; off = no capture processors (plain SDPA "
               "everywhere) and a diffusion-only loss, as a baseline for speed and memory")
@@ -237,6 +264,8 @@ _CHOICES = {
     "model.mixed_precision": ("no", "fp16", "bf16"),
     "model.single_file_config": ("auto", "sd15", "sd21-base", "sd21-768"),
     "data.background": ("keep", "solid"),
+    "loss.mask_encoder_input": ("binary", "area_normalized"),
+    "loss.mask_token_norm": ("none", "layernorm"),
     "lora.phase2_mode": ("lora", "full"),
     "train.optimizer": ("adamw8bit", "adamw"),
     "output.save_dtype": ("fp16", "bf16", "fp32"),
@@ -261,6 +290,16 @@ def validate(cfg: Config) -> Config:
             problems.append(f"{key} must be {'positive' if key in positive else '>= 0'} (got {value})")
     if not 0.0 <= cfg.data.flip_p <= 1.0:
         problems.append(f"data.flip_p must be between 0 and 1 (got {cfg.data.flip_p})")
+    d = cfg.data
+    for key, value, lo, hi in (("data.affine_shift", d.affine_shift, 0.0, 0.5),
+                               ("data.affine_rotate_deg", d.affine_rotate_deg, 0.0, 45.0),
+                               ("data.mask_dropout", d.mask_dropout, 0.0, 1.0),
+                               ("data.mask_perturbation", d.mask_perturbation, 0.0, 0.25)):
+        if not lo <= value <= hi:
+            problems.append(f"{key} must be between {lo:g} and {hi:g} (got {value})")
+    if not 0.0 < d.affine_scale_min <= 1.0 <= d.affine_scale_max <= 2.0:
+        problems.append(f"data.affine_scale_min and data.affine_scale_max must satisfy 0 < min <= 1 <= max <= 2 "
+                        f"(got {d.affine_scale_min} and {d.affine_scale_max})")
     if cfg.model.resolution % 8:
         problems.append(f"model.resolution must be a multiple of 8 (got {cfg.model.resolution})")
     if cfg.lora.init_lora and cfg.lora.phase2_mode == "full":

@@ -8,6 +8,7 @@ it marked.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,3 +190,101 @@ def solid_background(image: torch.Tensor, union: torch.Tensor, generator: torch.
     """Replace everything outside ``union`` (R, R) with one random colour (the paper's sec. 3)."""
     colour = torch.rand(3, 1, 1, generator=generator) * 2 - 1
     return image * union + colour * (1 - union)
+
+
+# ------------------------------------------------------------------------------------------------
+# Mask-aware training (issue 12): joint affine augmentation, and what the mask encoder reads.
+
+def draw_affine(masks: torch.Tensor, generator: torch.Generator, shift: float, scale_min: float,
+                scale_max: float, rotate_deg: float) -> torch.Tensor:
+    """A random shift, scale and rotation that keeps every pixel of ``masks`` in frame.
+
+    Four numbers are drawn from ``generator`` whatever the masks, so the draws of the steps after
+    this one (and a resumed run's) do not depend on the content. A scale too large for the subjects
+    to fit is lowered, and the shift is clamped so their bounding box stays inside the image.
+
+    Args:
+        masks: (k, R, R) the selected masks; their union must not be empty.
+        shift: largest shift as a fraction of the side; scale_min, scale_max: scale range;
+            rotate_deg: largest rotation either way.
+
+    Returns:
+        (2, 3) float64 ``theta`` for ``apply_affine``: it maps output to input coordinates in
+        ``F.affine_grid``'s normalised frame (pixel edges at -1 and 1), which is the same at every
+        resolution, so one ``theta`` moves a 512 px photo, its 64 px latent and 16 px masks alike.
+    """
+    u = torch.rand(4, generator=generator, dtype=torch.float64)
+    scale = scale_min + float(u[0]) * (scale_max - scale_min)
+    angle = math.radians((2 * float(u[1]) - 1) * rotate_deg)
+    rot = torch.tensor([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]], dtype=torch.float64)
+    union = masks.amax(0) > 0.5
+    rows, cols = torch.nonzero(union.any(1)).flatten(), torch.nonzero(union.any(0)).flatten()
+    h, w = union.shape
+    x0, x1 = 2 * int(cols[0]) / w - 1, 2 * (int(cols[-1]) + 1) / w - 1
+    y0, y1 = 2 * int(rows[0]) / h - 1, 2 * (int(rows[-1]) + 1) / h - 1
+    corners = torch.tensor([[x0, y0], [x1, y0], [x0, y1], [x1, y1]], dtype=torch.float64).T  # (2, 4)
+    turned = rot @ corners
+    extent = float((turned.amax(1) - turned.amin(1)).max())
+    scale = min(scale, 2.0 / extent)  # the subjects' box must fit in the frame (side 2)
+    moved = scale * turned
+    lo, hi = moved.amin(1), moved.amax(1)
+    wanted = (2 * u[2:] - 1) * 2 * shift
+    offset = torch.minimum(torch.maximum(wanted, -1 - lo), 1 - hi)  # (2,) kept in frame
+    inverse = rot.T / scale
+    return torch.cat([inverse, (-inverse @ offset)[:, None]], 1)
+
+
+def apply_affine(x: torch.Tensor, theta: torch.Tensor, padding: str = "border") -> torch.Tensor:
+    """Resample (..., H, W) ``x`` by ``theta`` from ``draw_affine`` (bilinear).
+
+    ``padding``: 'border' repeats the edge for photos and latents (no duplicated subject, unlike
+    reflection), 'zeros' for masks. Binarise masks afterwards (``> 0.5``).
+    """
+    lead = x.shape[:-2]
+    flat = x.reshape(-1, 1, *x.shape[-2:]).float()
+    grid = F.affine_grid(theta.to(torch.float32)[None].expand(flat.shape[0], 2, 3), list(flat.shape),
+                         align_corners=False)
+    out = F.grid_sample(flat, grid, mode="bilinear", padding_mode=padding, align_corners=False)
+    return out.reshape(*lead, *x.shape[-2:]).to(x.dtype)
+
+
+def perturb_mask(mask: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
+    """A rough version of a binary (H, W) mask, like one drawn by hand.
+
+    A random dilation or erosion (square element) moves the boundary by up to ``strength`` x side,
+    then a coarse redraw (average over blocks of up to 2 x ``strength`` x side, bilinear back,
+    threshold) rounds and blocks its outline. A step that would empty the mask is skipped. Two
+    numbers are drawn from ``generator`` whatever the mask.
+    """
+    u = torch.rand(2, generator=generator, dtype=torch.float64)
+    side = mask.shape[-1]
+    m = mask.float()[None, None]
+    radius = round(abs(2 * float(u[0]) - 1) * strength * side)
+    if radius:
+        pooled = F.max_pool2d(m if u[0] >= 0.5 else 1 - m, 2 * radius + 1, stride=1, padding=radius)
+        moved = pooled if u[0] >= 0.5 else 1 - pooled
+        m = moved if moved.any() else m
+    block = 1 + round(float(u[1]) * 2 * strength * side)
+    if block > 1:
+        coarse = F.adaptive_avg_pool2d(m, (math.ceil(mask.shape[-2] / block), math.ceil(side / block)))
+        redrawn = (F.interpolate(coarse, size=mask.shape[-2:], mode="bilinear", align_corners=False) > 0.5).float()
+        m = redrawn if redrawn.any() else m
+    return m[0, 0].to(mask.dtype)
+
+
+def build_encoder_masks(masks: torch.Tensor, size_px: int, dropout: float, perturbation: float,
+                        generator: torch.Generator) -> torch.Tensor:
+    """What the mask encoder reads for (k, R, R) selected masks: resized to ``size_px`` (nearest, as
+    the encoder does), perturbed when ``perturbation`` > 0 (``perturb_mask``), and the blank mask
+    with probability ``dropout`` each. The losses keep the real masks.
+
+    Returns:
+        (k, size_px, size_px) float32 in {0, 1}.
+    """
+    small = resize_masks(masks, size_px)
+    if perturbation > 0:
+        small = torch.stack([perturb_mask(m, perturbation, generator) for m in small])
+    if dropout > 0:
+        blank = torch.rand(small.shape[0], generator=generator) < dropout
+        small = small * (~blank).float()[:, None, None]
+    return small

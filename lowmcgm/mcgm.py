@@ -60,10 +60,14 @@ class MCGMState:
 
     @classmethod
     def install(cls, base: BaseModel, handle_names: list[str], init_words: list[str],
-                use_mask_tokens: bool, seed: int, device: torch.device | str = "cpu") -> MCGMState:
+                use_mask_tokens: bool, seed: int, device: torch.device | str = "cpu",
+                mask_encoder_input: str = "binary", mask_token_norm: str = "none") -> MCGMState:
         """Add the handles (initialised from their words) and a fresh mask encoder to ``base``.
 
         The base's own weights are frozen first: only what this state adds will train.
+        ``mask_encoder_input`` and ``mask_token_norm`` are ``MaskEncoder``'s ``input_mode`` and
+        ``output_norm`` (config ``loss.*``); a LayerNorm's gain is set by the trainer
+        (``MaskEncoder.init_output_scale``), which runs the text encoder.
         """
         for module in (base.unet, base.text_encoder, base.vae):
             module.requires_grad_(False)
@@ -72,7 +76,8 @@ class MCGMState:
         mask_encoder = None
         if use_mask_tokens:
             torch.manual_seed(seed)  # nn.Linear's init draws from the global generator
-            mask_encoder = MaskEncoder(base.text_width).to(device)
+            mask_encoder = MaskEncoder(base.text_width, input_mode=mask_encoder_input,
+                                       output_norm=mask_token_norm).to(device)
         return cls(list(handle_names), handles, mask_encoder)
 
     def add_adapters(self, base: BaseModel, lora: LoraConfig, device: torch.device | str) -> None:
@@ -174,7 +179,7 @@ class MCGMState:
             unet_lora=self._adapter_state(base.unet),
             text_encoder_lora=self._adapter_state(base.text_encoder) if self._adapts_text_encoder() else {},
             meta={**run_meta, "mask_size": self.mask_encoder.mask_size if self.mask_encoder is not None else 0,
-                  "lora": dict(self.lora)},
+                  "lora": dict(self.lora), **_encoder_options(self.mask_encoder)},
         )
 
     @classmethod
@@ -199,7 +204,9 @@ class MCGMState:
         mask_encoder = None
         if artifact.uses_mask_tokens:
             with torch.random.fork_rng(devices=[]):  # nn.Linear's init draws from the global generator
-                mask_encoder = MaskEncoder(artifact.text_width, int(artifact.meta["mask_size"]))
+                mask_encoder = MaskEncoder(artifact.text_width, int(artifact.meta["mask_size"]),
+                                           input_mode=artifact.meta.get("mask_encoder_input", "binary"),
+                                           output_norm=artifact.meta.get("mask_token_norm", "none"))
             mask_encoder.load_state_dict(artifact.mask_encoder)
         state = cls(list(artifact.handles), handles, mask_encoder, lora=dict(artifact.meta.get("lora") or {}))
         for component, module, tensors in (("unet", base.unet, artifact.unet_lora),
@@ -223,6 +230,20 @@ class MCGMState:
 
     def _adapts_text_encoder(self) -> bool:
         return self.lora.get("mode") == "full" or bool(self.lora.get("text_encoder_targets"))
+
+
+def _encoder_options(encoder: MaskEncoder | None) -> dict[str, str]:
+    """The encoder's options for the artifact's metadata, only where they differ from the paper's:
+    an artifact of the paper's recipe stays format 1, readable by every lowmcgm (``save_artifact``
+    stamps format 2 when these keys are present, since an older reader would silently ignore them)."""
+    if encoder is None:
+        return {}
+    options = {}
+    if encoder.input_mode != "binary":
+        options["mask_encoder_input"] = encoder.input_mode
+    if encoder.output_norm != "none":
+        options["mask_token_norm"] = encoder.output_norm
+    return options
 
 
 def _sub(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -28,12 +28,12 @@ from lowmcgm.adapters import cast_frozen
 from lowmcgm.artifact import save_artifact
 from lowmcgm.attention_capture import CrossAttentionStore, install_capture, loss_layer_names, remove_capture
 from lowmcgm.config import Config
-from lowmcgm.data import (ConceptImage, build_prompt, load_concept_image, resize_masks, sample_concepts,
-                          sample_num_concepts, solid_background)
+from lowmcgm.data import (ConceptImage, apply_affine, build_encoder_masks, build_prompt, draw_affine,
+                          load_concept_image, resize_masks, sample_concepts, sample_num_concepts, solid_background)
 from lowmcgm.errors import UserError
 from lowmcgm.handles import check_handle_names, handle_positions
 from lowmcgm.losses import LossParts, compute_attention_loss, compute_masked_diffusion_loss, compute_total_loss
-from lowmcgm.mask_encoder import append_mask_tokens, zero_mask_tokens
+from lowmcgm.mask_encoder import append_mask_tokens, compute_token_rms, zero_mask_tokens
 from lowmcgm.mcgm import MCGMState
 from lowmcgm.models import BaseModel, load_base_model
 from lowmcgm.output import check_output_dir, write_effective_config
@@ -85,13 +85,18 @@ class TrainState:
 class Batch:
     input_ids: torch.Tensor  # (B, 77)
     handle_ids: torch.Tensor  # (B, k) token id of each selected handle, in prompt order
-    masks: torch.Tensor  # (B, k, R, R) selected masks, flipped with the photo
+    masks: torch.Tensor  # (B, k, R, R) selected masks, flipped (and moved) with the photo
     latents: torch.Tensor  # (B, C, h, w) scaled latents
     noise: torch.Tensor
     timesteps: torch.Tensor  # (B,)
     prior_latents: torch.Tensor | None = None  # (B, C, h, w)
     prior_noise: torch.Tensor | None = None
     prior_timesteps: torch.Tensor | None = None
+    # (B, k, m, m) what the mask encoder reads when it differs from ``masks`` (mask dropout or
+    # perturbation: data.mask_dropout, data.use_mask_perturbation); None: ``masks`` themselves.
+    encoder_masks: torch.Tensor | None = None
+    # Filled by compute_step_loss: RMS of the mask tokens and of the handles' text states.
+    token_rms: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def train(cfg: Config, on_progress: ProgressFn | None = None, resume: bool = False,
@@ -239,7 +244,7 @@ def prepare_setup(cfg: Config, base: BaseModel, concept: ConceptImage, handle_na
     weight_dtype = WEIGHT_DTYPES[accelerator.mixed_precision]
     resolution = concept.image.shape[-1]
     mcgm = MCGMState.install(base, handle_names, list(cfg.data.init_words), cfg.loss.use_mask_tokens,
-                             cfg.train.seed, device)
+                             cfg.train.seed, device, cfg.loss.mask_encoder_input, cfg.loss.mask_token_norm)
 
     if cfg.model.use_xformers:
         _enable_xformers(base, report)
@@ -268,12 +273,24 @@ def prepare_setup(cfg: Config, base: BaseModel, concept: ConceptImage, handle_na
         cast_frozen(module, weight_dtype)
         module.to(device)
     mcgm.to(device)
+    if mcgm.mask_encoder is not None and cfg.loss.mask_token_norm == "layernorm":
+        mcgm.mask_encoder.init_output_scale(measure_handle_rms(base, mcgm, device))
     prior = load_prior(device) if cfg.train.use_prior_preservation else None
     if cfg.model.use_vae_offload and cfg.data.background == "keep":
         base.vae.to("cpu")  # the photo is encoded: the VAE's memory is free for activations
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return Setup(cfg, base, concept, mcgm, store, accelerator, mean, std, prior, report, capture=capture)
+
+
+@torch.no_grad()
+def measure_handle_rms(base: BaseModel, mcgm: MCGMState, device: torch.device) -> torch.Tensor:
+    """RMS of the text-encoder states at the handles' positions in the prompt naming them all: the
+    scale of the context rows the mask tokens sit beside (0-d tensor, kept on ``device``)."""
+    ids = _tokenize(base, [build_prompt(mcgm.handle_names)]).to(device)
+    states = base.text_encoder(ids)[0]  # (1, 77, d)
+    where = handle_positions(ids, mcgm.handles.handle_ids.to(device)[None])  # (1, K)
+    return compute_token_rms(states.gather(1, where[..., None].expand(-1, -1, states.shape[-1])))
 
 
 def new_state(setup: Setup, phase: int, generator: torch.Generator | None = None,
@@ -400,7 +417,7 @@ def train_step(setup: Setup, state: TrainState) -> dict[str, float]:
     acc.clip_grad_norm_(params, setup.cfg.train.max_grad_norm)
     state.optimizer.step()
     state.optimizer.zero_grad(set_to_none=True)
-    return parts.as_floats() | {"total": float(loss.detach())}
+    return parts.as_floats() | {"total": float(loss.detach())} | {k: float(v) for k, v in batch.token_rms.items()}
 
 
 def build_batch(setup: Setup, generator: torch.Generator) -> Batch:
@@ -408,29 +425,48 @@ def build_batch(setup: Setup, generator: torch.Generator) -> Batch:
     cfg, base, concept = setup.cfg, setup.base, setup.concept
     size = cfg.train.batch_size
     k = sample_num_concepts(concept.num_concepts, generator)
-    prompts, handle_ids, masks, latents = [], [], [], []
+    d, encoder = cfg.data, setup.mcgm.mask_encoder
+    perturbation = d.mask_perturbation if d.use_mask_perturbation else 0.0
+    own_encoder_input = encoder is not None and (d.mask_dropout > 0 or perturbation > 0)
+    prompts, handle_ids, masks, latents, encoder_masks = [], [], [], [], []
     for _ in range(size):
         chosen = sample_concepts(concept.num_concepts, k, generator)
-        flip = bool(torch.rand(1, generator=generator) < cfg.data.flip_p)
+        flip = bool(torch.rand(1, generator=generator) < d.flip_p)
         sample_masks = concept.masks[chosen]  # (k, R, R)
         image = concept.image
         if flip:
             sample_masks, image = sample_masks.flip(-1), image.flip(-1)
+        mean, std = setup.latent_mean[int(flip)], setup.latent_std[int(flip)]
+        if d.use_affine_augmentation:
+            # One draw moves photo and masks alike (normalised coordinates: any resolution). With a
+            # kept background the photo is encoded once, so its latents move, not its pixels:
+            # encoding every moved photo would keep the VAE on the GPU (no use_vae_offload) and add
+            # an encoder pass per sample. SD latents are local (one per 8x8 pixels), so a moved
+            # latent decodes to the moved photo, blurred slightly where the move is not a whole
+            # latent pixel. A solid background encodes each sample anyway: there the pixels move.
+            theta = draw_affine(sample_masks, generator, d.affine_shift, d.affine_scale_min,
+                                d.affine_scale_max, d.affine_rotate_deg)
+            sample_masks = (apply_affine(sample_masks, theta, padding="zeros") > 0.5).float()
+            if d.background == "solid":
+                image = apply_affine(image, theta)
+            else:
+                mean, std = apply_affine(mean, theta), apply_affine(std, theta)
         prompts.append(build_prompt([setup.mcgm.handle_names[i] for i in chosen]))
         handle_ids.append([setup.mcgm.handles.handle_ids[i].item() for i in chosen])
         masks.append(sample_masks)
-        if cfg.data.background == "solid":
+        if d.background == "solid":
             image = solid_background(image, sample_masks.amax(0), generator)
-            mean, std = encode_photo(base, image, setup.device, both_flips=False)
-            latents.append((mean[0] + std[0] * torch.randn(mean[0].shape, generator=generator)))
-        else:
-            mean, std = setup.latent_mean[int(flip)], setup.latent_std[int(flip)]
-            latents.append(mean + std * torch.randn(mean.shape, generator=generator))
+            mean, std = (t[0] for t in encode_photo(base, image, setup.device, both_flips=False))
+        latents.append(mean + std * torch.randn(mean.shape, generator=generator))
+        if own_encoder_input:
+            encoder_masks.append(build_encoder_masks(sample_masks, encoder.mask_size, d.mask_dropout,
+                                                     perturbation, generator))
     scaled = torch.stack(latents) * base.vae.config.scaling_factor
     batch = Batch(
         input_ids=_tokenize(base, prompts), handle_ids=torch.tensor(handle_ids), masks=torch.stack(masks),
         latents=scaled, noise=torch.randn(scaled.shape, generator=generator),
         timesteps=torch.randint(0, base.noise_scheduler.config.num_train_timesteps, (size,), generator=generator),
+        encoder_masks=torch.stack(encoder_masks) if encoder_masks else None,
     )
     if setup.prior_latents is not None:
         pick = torch.randint(0, setup.prior_latents.shape[0], (size,), generator=generator)
@@ -449,10 +485,16 @@ def compute_step_loss(setup: Setup, batch: Batch) -> tuple[torch.Tensor, LossPar
     masks = batch.masks.to(device)
     text = encode_text(setup, batch.input_ids)  # (B, 77, d); the CPU ids: a cache lookup needs no sync
     encoder = setup.mcgm.mask_encoder
-    mask_tokens = encoder(masks) if encoder is not None else None  # (B, k, d)
+    encoder_input = masks if batch.encoder_masks is None else batch.encoder_masks.to(device)
+    mask_tokens = encoder(encoder_input) if encoder is not None else None  # (B, k, d)
     context = append_mask_tokens(text, mask_tokens)
     # Keys the losses read: each handle's position, then each mask token's (77 + i).
     key_index = handle_positions(input_ids, batch.handle_ids.to(device))
+    # Token norms over training (docs/method.md): the mask tokens against the handles' states.
+    batch.token_rms = {"handle_rms": compute_token_rms(
+        text.gather(1, key_index[..., None].expand(-1, -1, text.shape[-1])))}
+    if mask_tokens is not None:
+        batch.token_rms["mask_token_rms"] = compute_token_rms(mask_tokens)
     if mask_tokens is not None:
         key_index = torch.cat([key_index, text.shape[1] + torch.arange(k, device=device).expand(size, k)], 1)
     latents, noise, timesteps = batch.latents.to(device), batch.noise.to(device), batch.timesteps.to(device)
