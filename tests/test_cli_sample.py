@@ -150,3 +150,20 @@ def test_bad_guidance_values_get_one_line_and_exit_2(trained, tmp_path, capsys, 
     err = capsys.readouterr().err
     assert rc == EXIT_USER_ERROR and fragment in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("option", [
+    ["data.use_affine_augmentation=true"], ["data.mask_dropout=0.5"], ["data.use_mask_perturbation=true"],
+    ["loss.mask_encoder_input=area_normalized"], ["loss.mask_token_norm=layernorm"],
+], ids=["affine", "mask-dropout", "perturbation", "area-normalized", "layernorm"])
+def test_artifact_of_each_mask_aware_option_loads_and_samples(tmp_path, option):
+    paths = draw_inputs(tmp_path)
+    sets = [arg for item in option + ["train.phase1_steps=2", "train.phase2_steps=2", "train.checkpoint_every=0"]
+            for arg in ("--set", item)]
+    assert main(["train", "--preset", "tiny-cpu", "--base-model", "tiny", "--image", str(paths["photo"]),
+                 "--mask", str(paths["a"]), "--mask", str(paths["b"]), *sets, "--out", str(tmp_path / "run")]) == 0
+    rc = main(["sample", "--artifact", str(tmp_path / "run" / "lowmcgm.safetensors"), "--steps", "2",
+               "--num-images", "1", "--out", str(tmp_path / "out"), "--prompt", "a photo of <asset0>",
+               "--pose", f"asset0={paths['b']}"])
+    assert rc == 0
+    assert len(list((tmp_path / "out").glob("p*.png"))) == 1

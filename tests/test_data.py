@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from lowmcgm.data import build_prompt, load_concept_image, load_mask, resize_masks, sample_concepts, \
-    sample_num_concepts
+from lowmcgm.data import apply_affine, build_encoder_masks, build_prompt, draw_affine, load_concept_image, \
+    load_mask, perturb_mask, resize_masks, sample_concepts, sample_num_concepts
 from lowmcgm.errors import UserError
 
 
@@ -117,3 +117,101 @@ def test_prompt_and_nearest_resize():
     m[0, 0, :2, :2] = 1
     small = resize_masks(m, 2)
     assert small.shape == (1, 2, 2, 2) and small[0, 0].tolist() == [[1, 0], [0, 0]]
+
+
+# ------------------------------------------------------------------------------------------------
+# Mask-aware training: affine augmentation, mask dropout, mask perturbation
+# ------------------------------------------------------------------------------------------------
+
+WIDE_AFFINE = dict(shift=0.3, scale_min=0.6, scale_max=1.5, rotate_deg=30.0)
+
+
+def _orange(image):
+    """Where the photo shows conftest's orange block (180, 120, 40), at any resampling."""
+    target = torch.tensor([180, 120, 40]).view(3, 1, 1) / 127.5 - 1
+    return (image - target).abs().amax(0) < 0.25
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_affine_moves_photo_and_masks_together(photo, seed):
+    """Pixel check: after the same random move the orange pixels are still exactly mask a, and no
+    subject left the frame (its area scaled by the move's scale squared, nothing cut off)."""
+    image, a, b = photo
+    concept, _ = load_concept_image(image, [a, b], 64)
+    assert (_orange(concept.image) == (concept.masks[0] > 0.5)).float().mean() > 0.98  # bicubic edges
+    g = torch.Generator().manual_seed(seed)
+    theta = draw_affine(concept.masks, g, **WIDE_AFFINE)
+    moved_image = apply_affine(concept.image, theta)
+    moved_masks = apply_affine(concept.masks, theta, padding="zeros") > 0.5
+    assert not torch.equal(moved_masks, concept.masks > 0.5)  # it did move
+    agree = (_orange(moved_image) == moved_masks[0]).float()
+    assert agree.mean() > 0.97  # disagreement only along the resampled boundary
+    scale_sq = 1 / float(torch.linalg.det(theta[:, :2]))  # theta maps output to input: det = 1 / s^2
+    for before, after in zip(concept.masks, moved_masks):
+        assert float(after.sum()) == pytest.approx(float(before.sum()) * scale_sq, rel=0.03)
+
+
+def test_affine_moves_latents_like_masks():
+    """The latent path: a move of a latent-sized map (here the mask averaged over 8x8 blocks, as a
+    latent sees the photo) is the averaged moved mask: one theta, any resolution."""
+    masks = torch.zeros(1, 128, 128)
+    masks[0, 30:90, 20:70] = 1
+    theta = draw_affine(masks, torch.Generator().manual_seed(3), **WIDE_AFFINE)
+    latent = torch.nn.functional.avg_pool2d(masks, 8)  # (1, 16, 16)
+    moved_latent = apply_affine(latent, theta)
+    moved_mask = (apply_affine(masks, theta, padding="zeros") > 0.5).float()
+    assert (moved_latent - torch.nn.functional.avg_pool2d(moved_mask, 8)).abs().mean() < 0.05
+
+
+def test_affine_draws_are_deterministic_and_content_independent():
+    small, big = torch.zeros(1, 32, 32), torch.zeros(1, 32, 32)
+    small[0, 10:12, 10:12] = 1
+    big[0, 2:30, 1:31] = 1  # too big for any zoom-in: the scale is lowered, the draws stay four
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    assert torch.equal(draw_affine(small, g1, **WIDE_AFFINE), draw_affine(small, g2, **WIDE_AFFINE))
+    draw_affine(big, g1, **WIDE_AFFINE)
+    draw_affine(small, g2, **WIDE_AFFINE)
+    assert torch.equal(g1.get_state(), g2.get_state())
+    no_move = draw_affine(small, g1, shift=0.0, scale_min=1.0, scale_max=1.0, rotate_deg=0.0)
+    torch.testing.assert_close(no_move, torch.tensor([[1.0, 0, 0], [0, 1, 0]], dtype=torch.float64))
+
+
+def test_mask_dropout_blanks_masks_at_the_configured_rate():
+    masks = torch.zeros(2, 96, 96)
+    masks[0, 10:50, 10:40] = 1
+    masks[1, 40:80, 50:90] = 1
+    g = torch.Generator().manual_seed(0)
+    blank = kept = 0
+    for _ in range(2000):
+        out = build_encoder_masks(masks, 64, dropout=0.15, perturbation=0.0, generator=g)
+        assert out.shape == (2, 64, 64)
+        for got, real in zip(out, resize_masks(masks, 64)):
+            if not got.any():
+                blank += 1
+            else:
+                assert torch.equal(got, real)  # a kept mask is the real one
+                kept += 1
+    assert blank / (blank + kept) == pytest.approx(0.15, abs=0.015)  # 4000 draws: ~0.006 std
+    never = build_encoder_masks(masks, 64, dropout=0.0, perturbation=0.0, generator=g)
+    assert torch.equal(never, resize_masks(masks, 64))
+
+
+def _iou(a, b):
+    a, b = a > 0.5, b > 0.5
+    return float((a & b).sum()) / float((a | b).sum())
+
+
+def test_perturbation_roughens_the_mask_but_keeps_it_on_the_subject():
+    mask = torch.zeros(64, 64)
+    mask[14:40, 8:28] = 1
+    mask[20:30, 28:40] = 1  # an L-shaped subject
+    g = torch.Generator().manual_seed(0)
+    ious = [_iou(perturb_mask(mask, 0.05, g), mask) for _ in range(300)]
+    # Boundary moves of at most 3 px: an erosion keeps ~40% of this L (its arm is 10 px thick).
+    assert min(ious) > 0.35 and sorted(ious)[len(ious) // 2] > 0.6
+    assert sum(iou < 0.999 for iou in ious) > 0.8 * len(ious)  # almost always changed
+    assert set(perturb_mask(mask, 0.05, g).unique().tolist()) <= {0.0, 1.0}
+    dot = torch.zeros(64, 64)
+    dot[30, 30] = 1  # erosion or a coarse redraw would empty it: those steps are skipped
+    assert all(perturb_mask(dot, 0.1, g).any() for _ in range(50))
+    assert torch.equal(perturb_mask(mask, 0.0, g), mask)

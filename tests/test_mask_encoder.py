@@ -2,7 +2,9 @@
 
 import torch
 
-from lowmcgm.mask_encoder import MaskEncoder, append_mask_tokens, zero_mask_tokens
+import pytest
+
+from lowmcgm.mask_encoder import MaskEncoder, append_mask_tokens, compute_token_rms, zero_mask_tokens
 
 
 def test_one_token_per_mask_with_the_text_width():
@@ -39,3 +41,47 @@ def test_zero_tokens_and_appending():
     ctx = append_mask_tokens(text, zeros)
     assert ctx.shape == (2, 80, 8) and torch.equal(ctx[:, :77], text) and not ctx[:, 77:].any()
     assert append_mask_tokens(text, None) is text
+
+
+def _block(side_px):
+    m = torch.zeros(1, 1, 64, 64)
+    m[..., :side_px, :side_px] = 1
+    return m
+
+
+def test_area_normalized_input_sums_to_one_and_blank_is_the_bias():
+    torch.manual_seed(0)
+    enc = MaskEncoder(text_width=8, input_mode="area_normalized")
+    m = _block(10)
+    expected = enc.proj(m.flatten(-2) / 100)
+    torch.testing.assert_close(enc(m), expected)
+    torch.testing.assert_close(enc(torch.zeros(1, 1, 64, 64))[0, 0], enc.proj.bias)
+
+
+def test_area_normalized_token_step_does_not_grow_with_the_area():
+    """METHOD.md's step-size analysis: one AdamW step moves a binary token by about area x lr, an
+    area-normalised one by about lr, whatever the area."""
+    def moved(mode, side_px):
+        torch.manual_seed(0)
+        enc = MaskEncoder(text_width=16, input_mode=mode)
+        opt = torch.optim.AdamW(enc.parameters(), lr=1e-3, weight_decay=0.0)
+        before = enc(_block(side_px)).detach()
+        enc(_block(side_px)).sum().backward()
+        opt.step()
+        return float((enc(_block(side_px)).detach() - before).pow(2).mean().sqrt())
+
+    assert moved("binary", 40) == pytest.approx(1601e-3, rel=0.05)  # 1600 pixel rows + the bias
+    assert moved("binary", 40) > 50 * moved("binary", 5)
+    assert moved("area_normalized", 40) == pytest.approx(2e-3, rel=0.05)  # weights + bias: 2 lr
+    assert moved("area_normalized", 5) == pytest.approx(moved("area_normalized", 40), rel=0.05)
+
+
+def test_layernorm_tokens_start_at_the_scale_they_are_given():
+    torch.manual_seed(0)
+    enc = MaskEncoder(text_width=32, input_mode="area_normalized", output_norm="layernorm")
+    enc.init_output_scale(torch.tensor(2.5))
+    for side in (3, 20, 60):
+        assert float(compute_token_rms(enc(_block(side)))) == pytest.approx(2.5, rel=0.1)
+    assert set(enc.state_dict()) == {"proj.weight", "proj.bias", "norm.weight", "norm.bias"}
+    with pytest.raises(ValueError):
+        MaskEncoder(text_width=4, output_norm="batchnorm")

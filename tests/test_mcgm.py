@@ -96,3 +96,27 @@ def test_artifact_round_trip_on_a_fresh_base_and_on_the_same_base():
     for a, b in zip(_outputs(base), live):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert not any(p.requires_grad for p in again.mask_encoder.parameters())
+
+
+def test_encoder_options_round_trip_through_the_artifact_file(tmp_path):
+    """The LayerNorm and the input mode travel as format 2; the paper's encoder stays format 1."""
+    from lowmcgm.artifact import load_artifact, read_header, save_artifact
+
+    masks = torch.zeros(1, 2, 64, 64)
+    masks[:, 0, 10:30, 10:40] = 1
+    for options, version in (({}, "1"), ({"mask_encoder_input": "area_normalized"}, "2"),
+                             ({"mask_encoder_input": "area_normalized", "mask_token_norm": "layernorm"}, "2")):
+        base = build_tiny_base("tiny")
+        state = MCGMState.install(base, HANDLES, ["dog", "cat"], use_mask_tokens=True, seed=0, **options)
+        with torch.no_grad():
+            for param in state.mask_encoder.parameters():
+                param.add_(0.05 * torch.randn(param.shape, generator=torch.Generator().manual_seed(1)))
+        path = tmp_path / f"v{len(options)}.safetensors"
+        save_artifact(state.to_artifact(base, {"base_model": "tiny", "text_width": 32}), path, dtype="fp32")
+        _, meta = read_header(path)
+        assert meta["format_version"] == version
+        assert {k: meta[k] for k in options if k in meta} == options
+        artifact = load_artifact(path)
+        state.remove(base)
+        loaded = MCGMState.from_artifact(build_tiny_base("tiny"), artifact)
+        torch.testing.assert_close(loaded.mask_encoder(masks), state.mask_encoder(masks), rtol=0, atol=0)

@@ -74,7 +74,10 @@ def test_v_prediction_model_trains(photo, tmp_path):
     {"data.background": "solid"},
     {"loss.use_mask_tokens": False},
     {"model.use_gradient_checkpointing": True},
-], ids=["batch2", "solid-background", "break-a-scene", "checkpointing"])
+    {"data.use_affine_augmentation": True, "data.background": "solid", "train.batch_size": 2},
+    {"data.mask_dropout": 1.0, "data.use_mask_perturbation": True, "loss.use_mask_tokens": False},
+], ids=["batch2", "solid-background", "break-a-scene", "checkpointing", "affine-in-pixels",
+        "dropout-without-encoder"])
 def test_recipe_variants_run(photo, tmp_path, overrides):
     path = train(_cfg(photo, tmp_path / "run", **{"train.phase1_steps": 3, "train.phase2_steps": 2} | overrides))
     art = load_artifact(path)
@@ -192,3 +195,49 @@ def test_prior_preservation_generates_class_images_once(photo, tmp_path):
     events.clear()
     train(_cfg(photo, tmp_path / "run", **over), on_progress=events.append)  # cached: not generated again
     assert not any("Generating" in e.get("text", "") for e in events)
+
+
+MASK_AWARE = {"data.use_affine_augmentation": True, "data.mask_dropout": 0.3, "data.use_mask_perturbation": True,
+              "loss.mask_encoder_input": "area_normalized", "loss.mask_token_norm": "layernorm"}
+
+
+def test_interrupt_and_resume_with_mask_aware_training_gives_the_same_artifact(photo, tmp_path):
+    straight = load_file(train(_cfg(photo, tmp_path / "a", **MASK_AWARE)))
+    cfg = _cfg(photo, tmp_path / "b", **MASK_AWARE)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, on_progress=_stop_at(1, 3))
+    resumed = load_file(train(cfg, resume=True))
+    assert straight.keys() == resumed.keys() and "mask_encoder.norm.weight" in straight
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+    histories = [json.loads((tmp_path / run / "loss_history.json").read_text()) for run in ("a", "b")]
+    assert histories[0] == histories[1]
+
+
+def test_token_norms_are_recorded_and_layernorm_starts_on_the_handles_scale(photo, tmp_path):
+    """The paper's encoder starts at its init's scale; the LayerNorm one at the handles' text states'."""
+    first = {}
+    for name, overrides in (("paper", {}), ("layernorm", {"loss.mask_token_norm": "layernorm",
+                                                          "loss.mask_encoder_input": "area_normalized"})):
+        out = tmp_path / name
+        train(_cfg(photo, out, **{"train.phase1_steps": 2, "train.phase2_steps": 0} | overrides))
+        history = json.loads((out / "loss_history.json").read_text())
+        assert all(h["handle_rms"] > 0 and h["mask_token_rms"] > 0 for h in history)
+        first[name] = history[0]["mask_token_rms"] / history[0]["handle_rms"]
+    assert 0.7 < first["layernorm"] < 1.3
+    assert not 0.7 < first["paper"] < 1.3
+    train(_cfg(photo, tmp_path / "bas", **{"train.phase1_steps": 1, "train.phase2_steps": 0,
+                                             "loss.use_mask_tokens": False}))
+    entry = json.loads((tmp_path / "bas" / "loss_history.json").read_text())[0]
+    assert "handle_rms" in entry and "mask_token_rms" not in entry
+
+
+def test_mask_aware_options_off_by_default_and_validated():
+    cfg = Config()
+    assert (cfg.data.use_affine_augmentation, cfg.data.mask_dropout, cfg.data.use_mask_perturbation,
+            cfg.loss.mask_encoder_input, cfg.loss.mask_token_norm) == (False, 0.0, False, "binary", "none")
+    with pytest.raises(UserError) as info:
+        resolve_config(None, None, {"data.mask_dropout": 1.5, "data.affine_scale_min": 1.1,
+                                    "loss.mask_token_norm": "batchnorm", "data.affine_rotate_deg": -1})
+    for key in ("data.mask_dropout", "data.affine_scale_min", "loss.mask_token_norm", "data.affine_rotate_deg"):
+        assert key in str(info.value)
