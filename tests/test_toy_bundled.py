@@ -148,7 +148,8 @@ def test_pose_benchmark_writes_table_figure_and_reuses_records(toy_model_folder,
     summary = bench.main(args)
     assert {"1", "all"} <= set(summary) and summary["1"]["pairs"] == 1
     names = [c.name for c in bench.CONDITIONS]
-    assert names[0] == "break_a_scene" and {"mcgm+attention", "mcgm+latent", "break_a_scene+attention"} <= set(names)
+    assert names[0] == "break_a_scene" and {"mcgm+attention", "mcgm+latent", "break_a_scene+attention", "mcgm_aware",
+                                                "mcgm_aware+attention"} <= set(names)
     for condition in names:  # numbers exist; what they are says nothing about random weights
         assert 0.0 <= summary["1"][condition]["iou"] <= 1.0
         assert summary["1"][condition]["seconds_per_image"] > 0

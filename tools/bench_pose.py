@@ -13,7 +13,7 @@ For 1, 2 and 3 subjects (``--subjects``), ``--photos`` photos each:
   other than the photo's, so that following it is not copying the photo.
 - Training, same seed, steps and preset (``toy-cpu``), one run per variant in ``TRAININGS``:
   Break-a-scene (``loss.use_mask_tokens=false``), MCGM as in the paper, and MCGM with mask-aware
-  training (``MASK_AWARE``, when this lowmcgm has it).
+  training (``MASK_AWARE``).
 - Sampling, ``--images`` seeds per target, the same seeds everywhere, one column per condition in
   ``CONDITIONS``: each variant without guidance, with the pose masks (Break-a-scene gets none, MCGM
   also with blank masks), and each variant with pose guidance (``--guidance-modes``), which needs
@@ -71,10 +71,12 @@ from lowmcgm.toy.scenes import (  # noqa: E402
 BENCH_SEED = 9_100_003  # photo streams: [BENCH_SEED, --seed, subjects]; no training stream uses it
 # Training variants: config overrides on top of the preset.
 TRAININGS = {"break_a_scene": {"loss.use_mask_tokens": False}, "mcgm": {}}
-# Mask-aware training (issue 12): the config keys that switch it on, once lowmcgm has them.
-MASK_AWARE: dict[str, object] = {}
-if MASK_AWARE:
-    TRAININGS["mcgm_aware"] = {**TRAININGS["mcgm"], **MASK_AWARE}
+# Mask-aware training: every option on (augmentation, dropout to the blank mask, perturbed encoder
+# input, encoder on the handles' scale); see docs/method.md.
+MASK_AWARE: dict[str, object] = {"data.use_affine_augmentation": True, "data.mask_dropout": 0.15,
+                                  "data.use_mask_perturbation": True, "loss.mask_encoder_input": "area_normalized",
+                                  "loss.mask_token_norm": "layernorm"}
+TRAININGS["mcgm_aware"] = {**TRAININGS["mcgm"], **MASK_AWARE}
 
 
 @dataclass(frozen=True)
