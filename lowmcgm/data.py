@@ -1,7 +1,8 @@
 """The training photo and its concept masks: reading, checking, joint resize/crop/flip, union sampling.
 
 Masks of any mode are accepted (L, RGB, RGBA, LA, palette, 16-bit): alpha is used when present,
-else luminance (for palette images the brightest channel); values are binarised at 0.5. Image and
+else luminance (for palette images the brightest channel); values are binarised at 0.5. Every file
+is opened upright, its EXIF orientation applied (``images.open_image``), as image viewers show it. Image and
 masks are resized and center-cropped together, so a pixel of a mask stays on the pixel of the photo
 it marked.
 """
@@ -15,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from lowmcgm.errors import UserError
+from lowmcgm.images import open_image
 
 # The reference warns about nothing; heavily overlapping masks teach two handles the same pixels.
 OVERLAP_WARN_FRACTION = 0.5
@@ -42,26 +44,9 @@ class ConceptImage:
         return self.masks.shape[0]
 
 
-def _open(path: Path, what: str) -> Image.Image:
-    if not path.exists():
-        raise UserError(f"{what} not found: {path}.")
-    if path.is_dir():
-        raise UserError(f"{what} {path} is a folder, not an image file.")
-    try:
-        img = Image.open(path)
-        img.load()  # decode now: a truncated file fails here, not halfway through training
-    except UnidentifiedImageError as exc:
-        raise UserError(f"{what} {path} is not an image PIL can read (PNG or JPEG expected).") from exc
-    except PermissionError as exc:
-        raise UserError(f"{what} {path} cannot be read (permission denied): check its permissions.") from exc
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise UserError(f"{what} {path} could not be decoded ({exc}); the file may be truncated.") from exc
-    return img
-
-
 def load_image(path: str | Path) -> Image.Image:
     """Read the training photo as RGB."""
-    img = _open(Path(path), "Image")
+    img = open_image(Path(path), "Image")
     if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
         # Composite on white: transparent pixels carry arbitrary colours underneath.
         rgba = img.convert("RGBA")
@@ -76,7 +61,7 @@ def load_mask(path: str | Path) -> np.ndarray:
     Returns:
         (H, W) float32.
     """
-    img = _open(Path(path), "Mask")
+    img = open_image(Path(path), "Mask")
     if img.mode == "P":
         if "transparency" not in img.info:
             # Label-map palettes (segmentation tools) colour subjects red, green, ...; their luminance

@@ -388,3 +388,94 @@ def test_export_of_an_artifact_without_lora_leaves_no_folder(files, tmp_path, ca
     capsys.readouterr()
     _refused(capsys, ["export", str(out / "lowmcgm.safetensors"), "--format", "kohya", "--out",
                       str(tmp_path / "new" / "lora.safetensors")], ("has no LoRA", "--format embeddings"), tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Images as viewers show them (issue 13, classes 5 and 6): EXIF orientation, bombs, several frames
+# ------------------------------------------------------------------------------------------------
+
+EXIF_ORIENTATION = 0x0112
+
+
+def _save_sideways(upright: Image.Image, path: Path) -> Path:
+    """Store ``upright`` rotated, with the EXIF tag (6: rotate 90 CW to show) that puts it upright again,
+    as a phone camera does."""
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = 6
+    upright.transpose(Image.Transpose.ROTATE_90).save(path, exif=exif)
+    return path
+
+
+def test_exif_rotated_square_photo_and_masks_are_read_upright(files, tmp_path, capsys):
+    from lowmcgm.data import load_concept_image
+
+    photo = _save_sideways(Image.open(files["photo"]), tmp_path / "photo.png")
+    mask = _save_sideways(Image.open(files["a"]), tmp_path / "a.png")
+    assert Image.open(photo).size == (SIZE, SIZE) and not np.array_equal(np.asarray(Image.open(photo)),
+                                                                        np.asarray(Image.open(files["photo"])))
+    upright, _ = load_concept_image(str(files["photo"]), [str(files["a"]), str(files["b"])], 64)
+    tagged, _ = load_concept_image(str(photo), [str(mask), str(files["b"])], 64)
+    assert torch.equal(upright.image, tagged.image) and torch.equal(upright.masks, tagged.masks)
+    out = tmp_path / "out"
+    code = main(_train_args(files, out, image=str(photo), masks=(str(mask), "b"), extra=tuple(ONE_STEP_EACH)))
+    assert code == 0, capsys.readouterr().err
+    assert (out / "lowmcgm.safetensors").is_file()
+
+
+def test_exif_rotated_wide_photo_matches_masks_drawn_on_what_the_viewer_shows(files, tmp_path, capsys):
+    """Stored 64 x 96 with a rotation tag, shown 96 x 64: masks drawn on the shown photo (96 x 64) fit."""
+    shown = Image.open(files["photo"]).crop((0, 16, SIZE, 80))  # 96 x 64, both blocks still inside
+    photo = _save_sideways(shown, tmp_path / "wide.png")
+    masks = []
+    for name in ("a", "b"):
+        masks.append(tmp_path / f"{name}-wide.png")
+        Image.open(files[name]).crop((0, 16, SIZE, 80)).save(masks[-1])
+    assert Image.open(photo).size == (64, SIZE)  # as stored: the old reading refused "aspect ratio differs"
+    out = tmp_path / "out"
+    code = main(_train_args(files, out, image=str(photo), masks=tuple(map(str, masks)), extra=tuple(ONE_STEP_EACH)))
+    assert code == 0, capsys.readouterr().err
+    assert (out / "lowmcgm.safetensors").is_file()
+
+
+def test_exif_rotated_pose_mask_is_read_upright(files, tmp_path):
+    pose = _save_sideways(Image.open(files["a"]).crop((0, 16, SIZE, 80)), tmp_path / "pose.png")
+    assert load_mask(pose).shape == (64, SIZE)
+    assert np.array_equal(load_mask(pose) > 0.5, load_mask(files["a"])[16:80] > 0.5)
+
+
+@pytest.fixture(scope="module")
+def odd_images(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("odd")
+    paths = {"bomb": folder / "bomb.png", "huge": folder / "huge.png"}
+    Image.new("1", (20000, 20000)).save(paths["bomb"])  # 48 kB on disk, 400 megapixels declared
+    Image.new("1", (9000, 9000)).save(paths["huge"])  # 81 megapixels: under Pillow's bomb limit, over ours
+    frames = [Image.new("L", (SIZE, SIZE), v) for v in (0, 255, 0)]
+    for name, ext in (("gif", "gif"), ("apng", "png"), ("tiff", "tif")):
+        paths[name] = folder / f"animated.{ext}"
+        frames[0].save(paths[name], save_all=True, append_images=frames[1:])
+    return paths
+
+
+ODD_IMAGE_CASES = {
+    "photo decompression bomb": ("image", "bomb", ("declares more pixels than lowmcgm reads", "downscale it")),
+    "mask decompression bomb": ("mask", "bomb", ("Mask", "decompression bomb")),
+    "photo over 64 megapixels": ("image", "huge", ("declares 9000x9000 pixels", "downscale it first")),
+    "animated GIF mask": ("mask", "gif", ("has 3 frames", "animated or multi-page")),
+    "animated PNG mask": ("mask", "apng", ("has 3 frames",)),
+    "multi-page TIFF photo": ("image", "tiff", ("Image", "has 3 frames")),
+}
+
+
+@pytest.mark.parametrize("case", ODD_IMAGE_CASES.values(), ids=ODD_IMAGE_CASES.keys())
+def test_bombs_and_animations_are_refused(files, odd_images, tmp_path, capsys, case, no_weights_load):
+    role, name, fragments = case
+    path = str(odd_images[name])
+    args = _train_args(files, tmp_path / "out", image=path if role == "image" else "photo",
+                       masks=("a", path) if role == "mask" else ("a", "b"))
+    _refused(capsys, args, fragments, tmp_path)
+
+
+def test_animated_pose_mask_is_refused(files, artifacts, odd_images, tmp_path, capsys):
+    args = _sample_args(artifacts["tiny"], tmp_path / "out", "--prompt", "a photo of <asset0>",
+                        "--pose", f"asset0={odd_images['gif']}")
+    _refused(capsys, args, ("Pose for <asset0>", "has 3 frames"), tmp_path)

@@ -1,0 +1,21 @@
+"""Bounds on every size that comes from outside (config, flags, image headers, artifact metadata).
+
+Each is checked before anything is allocated from it, so a typo or a stranger's file fails in a
+second with one line instead of growing to many GB first.
+"""
+
+# SD 1.x trains at 512 px, SD 2.x at 768; 2048 is twice the largest size any SD 1.x/2.x UNet was
+# tuned for, far past what a 4-12 GB card trains, and still a bounded allocation (a 2048 px latent
+# batch is ~64 MiB).
+MAX_RESOLUTION_PX = 2048
+# Photos and masks: 64 megapixels (a 9248 x 6936 phone photo is 64 MP). Pillow's own bomb guard
+# only warns up to 89 MP and refuses at 179 MP; we refuse with a message well before either.
+MAX_IMAGE_PIXELS = 64 * 2**20
+# Artifact metadata: text widths of SD 1.x/2.x are 768 and 1024 (SDXL's concatenated width is 2048).
+MAX_TEXT_WIDTH = 8192
+# The mask encoder reads masks at 16 x 16 (mask_encoder.MASK_SIZE); 1024 keeps its weight bounded.
+MAX_MASK_SIZE = 1024
+# LoRA ranks past the text width are meaningless; the largest shipped preset uses 64.
+MAX_LORA_RANK = 4096
+# Seeds: torch.Generator.manual_seed takes 64 bits; sample adds the image index, train the process index.
+MAX_SEED = 2**63 - 1
