@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from lowmcgm import __version__
 from lowmcgm.errors import UserError
+from lowmcgm.limits import MAX_LORA_RANK, MAX_MASK_SIZE, MAX_RESOLUTION_PX, MAX_TEXT_WIDTH
 
 FORMAT_NAME = "lowmcgm"
 FORMAT_VERSION = 2  # the newest this lowmcgm writes and reads
@@ -247,7 +248,10 @@ def load_artifact(path: Path) -> Artifact:
 
 # Metadata the readers (sampler, export, inspect) use, and the type each must have; a value of the
 # wrong type is refused here so no reader meets it (an artifact may come from a stranger).
-_INT_META = ("text_width", "mask_size", "resolution")
+# Every whole number a reader allocates from, with its range (an artifact may come from a stranger:
+# 'resolution' 2**20 would make sample allocate until it dies). Resolution 0 means the base model's.
+_INT_META = {"text_width": (1, MAX_TEXT_WIDTH, 1), "mask_size": (0, MAX_MASK_SIZE, 1),
+             "resolution": (0, MAX_RESOLUTION_PX, 8)}  # (lowest, highest, multiple of)
 _STR_LIST_META = ("init_words",)
 _LORA_MODES = ("lora", "full")
 
@@ -265,14 +269,22 @@ def _parse_meta(path: Path, meta: dict[str, str], header: dict[str, Any]) -> dic
             parsed[key] = json.loads(value) if key in _JSON_META else value
         except (json.JSONDecodeError, RecursionError) as exc:
             raise bad(f"'{key}' is not JSON") from exc
-    for key in _INT_META:  # checked here, kept as the strings they are (readers call int())
+    for key, (low, high, multiple) in _INT_META.items():  # checked here, kept as strings (readers call int())
         if key in parsed:
             try:
                 number = int(parsed[key])
             except ValueError as exc:
                 raise bad(f"'{key}' is not a whole number") from exc
-            if not 0 <= number <= 2**20:
-                raise bad(f"'{key}' is out of range")
+            if not low <= number <= high or number % multiple:
+                raise bad(f"'{key}' is {number}, outside {low}-{high}" + (f" or not a multiple of {multiple}"
+                                                                          if multiple > 1 else ""))
+    for key in _JSON_META:
+        try:
+            in_range = key not in parsed or _numbers_in_range(parsed[key])
+        except RecursionError:  # nested as deep as the JSON reader allowed
+            in_range = False
+        if not in_range:
+            raise bad(f"'{key}' holds a number that is not finite or beyond 64 bits")
     if "text_width" not in parsed or int(parsed["text_width"]) <= 0:
         raise bad("no text_width")
     handles = parsed.get("handles")
@@ -299,12 +311,29 @@ def _parse_meta(path: Path, meta: dict[str, str], header: dict[str, Any]) -> dic
         raise bad("'lora' is not a table")
     if has_adapter or lora:
         targets = [lora.get("unet_targets", []), lora.get("text_encoder_targets", [])]
-        ok = (lora.get("mode", "lora") in _LORA_MODES and type(lora.get("rank")) is int and lora["rank"] > 0
+        ok = (lora.get("mode", "lora") in _LORA_MODES and type(lora.get("rank")) is int
+              and 0 < lora["rank"] <= MAX_LORA_RANK
               and type(lora.get("alpha")) in (int, float) and math.isfinite(lora["alpha"])
               and all(isinstance(t, list) and all(isinstance(n, str) for n in t) for t in targets))
         if not ok:
             raise bad("'lora' needs a positive whole rank, a finite alpha, and lists of target names")
     return parsed
+
+
+def _numbers_in_range(value: Any) -> bool:
+    """Every number inside a decoded JSON value is finite and fits 64 bits (Python's JSON reads NaN,
+    Infinity and integers of any length)."""
+    if isinstance(value, bool):
+        return True
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, int):
+        return -2**63 <= value < 2**64
+    if isinstance(value, dict):
+        return all(_numbers_in_range(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_numbers_in_range(v) for v in value)
+    return True
 
 
 def _check_shapes(path: Path, header: dict[str, Any], handles: list[str], text_width: int,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lowmcgm.errors import UserError
+from lowmcgm.limits import MAX_LORA_RANK, MAX_RESOLUTION_PX, MAX_SEED
 
 
 def _f(default: Any, help: str) -> Any:
@@ -245,6 +247,12 @@ def load_toml(path: Path) -> dict[str, Any]:
             return flatten_toml(tomllib.load(fh), str(path))
     except FileNotFoundError as exc:
         raise UserError(f"Config file not found: {path}.") from exc
+    except IsADirectoryError as exc:
+        raise UserError(f"Config file {path} is a folder; pass a TOML file (e.g. a run's config.toml).") from exc
+    except OSError as exc:
+        raise UserError(f"Config file {path} cannot be read ({exc.strerror}).") from exc
+    except UnicodeDecodeError as exc:  # a binary file: tomllib decodes it as UTF-8 first
+        raise UserError(f"Config file {path} is not a TOML text file (it is not UTF-8 text).") from exc
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"Config file {path} is not valid TOML: {exc}.") from exc
 
@@ -272,6 +280,23 @@ _CHOICES = {
 }
 
 
+_LEARNING_RATES = ("train.handle_lr", "train.mask_encoder_lr", "train.phase2_handle_lr",
+                   "train.phase2_mask_encoder_lr", "train.lora_lr", "train.text_encoder_lr")
+# Upper bounds of the numbers that size an allocation or a generator (see limits.py for the sources).
+_AT_MOST = {"model.resolution": MAX_RESOLUTION_PX, "lora.rank": MAX_LORA_RANK, "train.batch_size": 1024,
+            "train.num_class_images": 100_000, "train.seed": MAX_SEED}
+
+
+def _non_finite(cfg: Config) -> list[str]:
+    """Every float field must be a finite number (TOML and --set both accept nan and inf)."""
+    problems = []
+    for section, values in config_to_dict(cfg).items():
+        for name, value in values.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                problems.append(f"{section}.{name} must be a finite number (got {value})")
+    return problems
+
+
 def validate(cfg: Config) -> Config:
     """Check every value; raise one UserError listing all problems."""
     problems = []
@@ -280,14 +305,22 @@ def validate(cfg: Config) -> Config:
         value = getattr(getattr(cfg, section), name)
         if value not in choices:
             problems.append(f"{key} must be one of {', '.join(choices)} (got '{value}')")
+    problems += _non_finite(cfg)  # first: NaN compares false with every bound below
     positive = ["lora.rank", "train.batch_size", "data.max_concepts"]
     non_negative = ["loss.attn_loss_downscale", "train.phase1_steps", "train.phase2_steps", "train.checkpoint_every", "model.resolution",
-                    "train.max_grad_norm", "train.num_class_images", "output.preview_every"]
+                    "train.max_grad_norm", "train.num_class_images", "output.preview_every", "train.seed",
+                    *_LEARNING_RATES, "loss.attn_weight", "loss.mask_attn_weight", "loss.prior_weight",
+                    "train.adam_weight_decay", "train.adam_epsilon"]
     for key in positive + non_negative:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         if value < 0 or (key in positive and value == 0):
             problems.append(f"{key} must be {'positive' if key in positive else '>= 0'} (got {value})")
+    for key, limit in _AT_MOST.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value > limit:
+            problems.append(f"{key} must be at most {limit} (got {value})")
     if not 0.0 <= cfg.data.flip_p <= 1.0:
         problems.append(f"data.flip_p must be between 0 and 1 (got {cfg.data.flip_p})")
     d = cfg.data
@@ -302,6 +335,11 @@ def validate(cfg: Config) -> Config:
                         f"(got {d.affine_scale_min} and {d.affine_scale_max})")
     if cfg.model.resolution % 8:
         problems.append(f"model.resolution must be a multiple of 8 (got {cfg.model.resolution})")
+    name = cfg.output.artifact_name
+    if Path(name).name != name or "/" in name or "\\" in name or not name.endswith(".safetensors") or \
+            name.startswith("."):
+        problems.append(f"output.artifact_name must be a plain file name ending in .safetensors, written inside "
+                        f"--out (got {name!r})")
     if cfg.lora.init_lora and cfg.lora.phase2_mode == "full":
         problems.append("lora.init_lora needs lora.phase2_mode = 'lora' (a full fine-tune has no adapter to start)")
     if cfg.train.phase1_steps + cfg.train.phase2_steps == 0:

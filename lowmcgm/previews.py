@@ -70,7 +70,7 @@ def save_json(data: Any, path: Path) -> Path:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(json.dumps(data, indent=2))
+        tmp.write_text(json.dumps(data, indent=2, allow_nan=False))  # NaN is not JSON: never write it
         os.replace(tmp, path)
     finally:
         if tmp.exists():

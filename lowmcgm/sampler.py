@@ -41,6 +41,7 @@ from lowmcgm.attention_capture import (CapturingCrossAttnProcessor, CrossAttenti
 from lowmcgm.data import build_prompt, load_mask
 from lowmcgm.errors import UserError
 from lowmcgm.handles import HANDLE_PATTERN
+from lowmcgm.limits import MAX_RESOLUTION_PX, MAX_SEED
 from lowmcgm.mask_encoder import MaskEncoder, append_mask_tokens, zero_mask_tokens
 from lowmcgm.mcgm import MCGMState
 from lowmcgm.models import BaseModel, load_base_model
@@ -138,10 +139,12 @@ def check_settings(settings: SampleSettings) -> None:
             problems.append(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(settings, name)})")
     for name in ("height", "width"):
         value = getattr(settings, name)
-        if value < 0 or value % 8:
-            problems.append(f"--{name} must be a positive multiple of 8 (got {value})")
-    if settings.guidance_scale < 0:
-        problems.append(f"--guidance-scale must be >= 0 (got {settings.guidance_scale})")
+        if value < 0 or value % 8 or value > MAX_RESOLUTION_PX:
+            problems.append(f"--{name} must be a positive multiple of 8 up to {MAX_RESOLUTION_PX} (got {value})")
+    if not (math.isfinite(settings.guidance_scale) and settings.guidance_scale >= 0):
+        problems.append(f"--guidance-scale must be a finite number >= 0 (got {settings.guidance_scale})")
+    if not 0 <= settings.seed <= MAX_SEED - settings.num_images:  # image i uses seed + i
+        problems.append(f"--seed must be between 0 and {MAX_SEED - settings.num_images} (got {settings.seed})")
     if settings.scheduler not in SCHEDULERS:
         problems.append(f"--scheduler must be one of {', '.join(SCHEDULERS)} (got '{settings.scheduler}')")
     if settings.dtype and settings.dtype not in SAMPLE_DTYPES:

@@ -35,6 +35,7 @@ from lowmcgm.handles import check_handle_names, handle_positions
 from lowmcgm.losses import LossParts, compute_attention_loss, compute_masked_diffusion_loss, compute_total_loss
 from lowmcgm.mask_encoder import append_mask_tokens, compute_token_rms, zero_mask_tokens
 from lowmcgm.mcgm import MCGMState
+from lowmcgm.model_fit import check_settings_fit
 from lowmcgm.models import BaseModel, load_base_model
 from lowmcgm.output import check_output_dir, write_effective_config
 from lowmcgm.resume import check_finite, check_resume, nan_message, resume_state, save_train_checkpoint
@@ -118,6 +119,7 @@ def train(cfg: Config, on_progress: ProgressFn | None = None, resume: bool = Fal
         report({"kind": "message", "level": "warning", "text": warning})
 
     base = base or load_base_model(cfg.model.base_model, cfg.model.single_file_config)
+    check_settings_fit(cfg, base)  # resolution and LoRA targets, before anything is written
     if cfg.lora.init_lora:  # its shapes against this base, before any step rather than at phase 2
         from lowmcgm.interop.lora_import import check_init_lora, check_lora_fits
 

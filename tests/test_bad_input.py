@@ -479,3 +479,115 @@ def test_animated_pose_mask_is_refused(files, artifacts, odd_images, tmp_path, c
     args = _sample_args(artifacts["tiny"], tmp_path / "out", "--prompt", "a photo of <asset0>",
                         "--pose", f"asset0={odd_images['gif']}")
     _refused(capsys, args, ("Pose for <asset0>", "has 3 frames"), tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Everything validated before weights load or anything is written (issue 13, classes 7, 8, 10)
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def odd_configs(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("configs")
+    paths = {"config-folder": folder / "conf.d", "config-binary": folder / "model.toml",
+             "nan-lora": folder / "nan-lora.safetensors"}
+    paths["config-folder"].mkdir()
+    paths["config-binary"].write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe\x00")
+    down = torch.ones(4, 8)
+    down[0, 0] = float("nan")
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": down,
+               "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(8, 4),
+               "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": torch.tensor(4.0)}, str(paths["nan-lora"]))
+    return paths
+
+
+EARLY_CASES = {
+    "learning rate NaN": (("--set", "train.lora_lr=nan"), ("train.lora_lr must be a finite number",)),
+    "learning rate negative": (("--set", "train.handle_lr=-1"), ("train.handle_lr must be >= 0 (got -1.0)",)),
+    "loss weight infinite": (("--set", "loss.attn_weight=inf"), ("loss.attn_weight must be a finite number",)),
+    "artifact name empty": (("--set", "output.artifact_name="), ("output.artifact_name must be a plain file name",)),
+    "artifact name escapes --out": (("--set", "output.artifact_name=../x.safetensors"),
+                                    ("output.artifact_name must be a plain file name", "'../x.safetensors'")),
+    "resolution huge": (("--set", "model.resolution=100000"), ("model.resolution must be at most 2048",)),
+    "seed beyond 64 bits": (("--set", f"train.seed={2**70}"), ("train.seed must be at most",)),
+    "--config is a folder": (("--config", "{config-folder}"), ("is a folder; pass a TOML file",)),
+    "--config is a binary file": (("--config", "{config-binary}"), ("is not a TOML text file",)),
+    "init_lora with NaN": (("--set", "lora.init_lora={nan-lora}", "--set", "lora.alpha=4"),
+                           ("holds NaN/inf values", "lora_unet_down_blocks_0_attentions_0_proj_in")),
+}
+
+
+@pytest.mark.parametrize("case", EARLY_CASES.values(), ids=EARLY_CASES.keys())
+def test_settings_are_refused_before_weights_load(files, odd_configs, tmp_path, capsys, case, no_weights_load):
+    extra, fragments = case
+    extra = tuple(_fill(e, {**files, **odd_configs}) for e in extra)
+    _refused(capsys, _train_args(files, tmp_path / "out", extra=extra), fragments, tmp_path)
+    assert not no_weights_load
+
+
+FIT_CASES = {
+    "LoRA target typo": (("--set", "lora.unet_targets=to_q,to_kk"),
+                         ("lora.unet_targets names 'to_kk'", "did you mean 'to_k'")),
+    "text-encoder target typo": (("--set", "lora.use_text_encoder_lora=true", "--set", "lora.text_encoder_targets=qproj"),
+                                 ("lora.text_encoder_targets names 'qproj'", "'q_proj'")),
+    "resolution not a multiple of the UNet's step": (("--set", "model.resolution=24"), ("multiple of 16",)),
+    "resolution beyond the model family": (("--set", "model.resolution=512"), ("outside 16-128 px",)),
+}
+
+
+@pytest.mark.parametrize("case", FIT_CASES.values(), ids=FIT_CASES.keys())
+def test_settings_the_model_cannot_take_are_refused_before_anything_is_written(files, tmp_path, capsys, monkeypatch,
+                                                                             case):
+    """Only checkable once the model is loaded; still before config.toml, and before any training step."""
+    monkeypatch.setattr(trainer, "run_phase", lambda *a: pytest.fail("training started"))
+    extra, fragments = case
+    out = tmp_path / "mine"
+    out.mkdir()  # a folder the user made stays, and stays empty
+    _refused(capsys, _train_args(files, out, extra=extra), fragments, tmp_path)
+    assert list(out.iterdir()) == []
+
+
+def _forged(artifact: Path, folder: Path, **meta: str) -> Path:
+    """A copy of ``artifact`` whose metadata says what ``meta`` says (a downloaded, untrusted file)."""
+    from safetensors import safe_open
+
+    with safe_open(str(artifact), "pt") as fh:
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        metadata = dict(fh.metadata())
+    path = folder / f"forged-{len(list(folder.glob('forged-*')))}.safetensors"
+    save_file(tensors, str(path), metadata={**metadata, **meta})
+    return path
+
+
+def test_artifact_metadata_numbers_are_range_checked(files, artifacts, tmp_path, capsys, monkeypatch):
+    import json
+
+    monkeypatch.setattr("lowmcgm.sampler.load_base_for", lambda *a: pytest.fail("weights loaded"))
+    cases = [({"resolution": "8192"}, "'resolution' is 8192, outside 0-2048"),
+             ({"resolution": str(2**20)}, "'resolution' is 1048576"),
+             ({"resolution": "100"}, "not a multiple of 8"),
+             ({"mask_size": str(2**20)}, "'mask_size' is 1048576"),
+             ({"lora": json.dumps({"mode": "lora", "rank": 2**40, "alpha": 4.0, "unet_targets": []})}, "'lora' needs"),
+             ({"training_config": '{"train": {"lora_lr": NaN}}'}, "'training_config' holds a number that is not finite")]
+    inputs = tmp_path / "forged"
+    inputs.mkdir()
+    for meta, fragment in cases:
+        forged = _forged(artifacts["tiny"], inputs, **meta)
+        _refused(capsys, _sample_args(forged, tmp_path / "out", "--prompt", "a photo of <asset0>"), (fragment,),
+                 tmp_path)
+        _refused(capsys, ["inspect", str(forged)], (fragment,), tmp_path)
+
+
+SAMPLE_SETTING_CASES = {
+    "guidance scale NaN": (("--guidance-scale", "nan"), ("--guidance-scale must be a finite number",)),
+    "guidance scale infinite": (("--guidance-scale", "inf"), ("--guidance-scale must be a finite number",)),
+    "seed beyond 64 bits": (("--seed", str(2**70)), ("--seed must be between 0 and",)),
+    "height huge": (("--height", "65536"), ("--height must be a positive multiple of 8 up to 2048",)),
+}
+
+
+@pytest.mark.parametrize("case", SAMPLE_SETTING_CASES.values(), ids=SAMPLE_SETTING_CASES.keys())
+def test_sample_settings_are_refused_before_weights_load(artifacts, tmp_path, capsys, monkeypatch, case):
+    monkeypatch.setattr("lowmcgm.sampler.load_base_for", lambda *a: pytest.fail("weights loaded"))
+    extra, fragments = case
+    _refused(capsys, _sample_args(artifacts["tiny"], tmp_path / "out", "--prompt", "a photo of <asset0>", *extra),
+             fragments, tmp_path)

@@ -283,6 +283,11 @@ def check_init_lora(path: Path, lora_cfg: Any) -> LoraFile:
         The file, read.
     """
     lora = read_lora_file(path)
+    bad = next((name for name, m in {**lora.unet, **lora.text_encoder}.items()
+                if not (torch.isfinite(m.down).all() and torch.isfinite(m.up).all())), None)
+    if bad is not None:
+        raise UserError(f"lora.init_lora {lora.path} holds NaN/inf values (in {bad}): training cannot start "
+                        "from it; export it again from a healthy run, or train without lora.init_lora.")
     if len(lora.ranks) > 1 or len(lora.alphas) > 1:
         raise UserError(f"{lora.path} mixes ranks {lora.ranks} or alphas {lora.alphas}; lowmcgm trains one "
                         "rank and one alpha, so it cannot start from this file.")

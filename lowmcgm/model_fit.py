@@ -1,0 +1,61 @@
+"""Settings that can only be checked against the loaded base model: the training resolution and
+the LoRA target names.
+
+``train`` calls ``check_settings_fit`` once the weights are loaded and before it writes anything,
+so a typo in a target name fails in seconds, not when phase 2 starts, and leaves no config.toml.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+from torch import nn
+
+from lowmcgm.config import Config
+from lowmcgm.errors import UserError
+from lowmcgm.models import BaseModel
+
+# SD 1.x/2.x UNets are trained at one size; a quarter of it to twice it is the span where they still
+# draw (SD 1.5 at 256-1024 px, SD 2.1-768 at 192-1536); outside it the attention maps the losses read
+# are too small or the UNet has never seen the scale.
+RESOLUTION_SPAN = (0.25, 2.0)
+
+
+def check_settings_fit(cfg: Config, base: BaseModel) -> None:
+    """Refuse a resolution the model cannot take and LoRA targets it does not have (one UserError)."""
+    problems = []
+    if cfg.model.resolution:
+        problems += _resolution_problems(cfg.model.resolution, base)
+    if cfg.lora.phase2_mode == "lora" and cfg.train.phase2_steps:
+        problems += _target_problems("lora.unet_targets", cfg.lora.unet_targets, base.unet)
+        if cfg.lora.use_text_encoder_lora:
+            problems += _target_problems("lora.text_encoder_targets", cfg.lora.text_encoder_targets,
+                                         base.text_encoder)
+    if problems:
+        raise UserError(f"Settings that do not fit base model '{base.name}': " + "; ".join(problems) + ".")
+
+
+def _resolution_problems(resolution: int, base: BaseModel) -> list[str]:
+    # The UNet halves the latent once per down block but the last; the VAE divides the pixels first.
+    step = base.vae_scale_factor * 2 ** (len(base.unet.config.down_block_types) - 1)
+    low, high = (int(base.resolution * f) for f in RESOLUTION_SPAN)
+    problems = []
+    if resolution % step:
+        problems.append(f"model.resolution must be a multiple of {step} for this model (got {resolution})")
+    if not low <= resolution <= high:
+        problems.append(f"model.resolution {resolution} is outside {low}-{high} px, the span this model "
+                        f"(trained at {base.resolution} px) draws at; 0 takes {base.resolution}")
+    return problems
+
+
+def _target_problems(key: str, targets: tuple[str, ...], model: nn.Module) -> list[str]:
+    """Each target must name at least one module, as PEFT matches them (the whole name or its tail)."""
+    names = [name for name, _ in model.named_modules() if name]
+    tails = sorted({name.split(".")[-1] for name in names} | {".".join(name.split(".")[-2:]) for name in names})
+    problems = []
+    for target in targets:
+        if not any(name == target or name.endswith("." + target) for name in names):
+            close = difflib.get_close_matches(target, tails, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            problems.append(f"{key} names '{target}', which no module of the {type(model).__name__} has{hint}")
+    return problems
