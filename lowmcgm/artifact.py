@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from lowmcgm import __version__
 from lowmcgm.errors import UserError
 from lowmcgm.limits import MAX_LORA_RANK, MAX_MASK_SIZE, MAX_RESOLUTION_PX, MAX_TEXT_WIDTH
+from lowmcgm.write_guard import writing
 
 FORMAT_NAME = "lowmcgm"
 FORMAT_VERSION = 2  # the newest this lowmcgm writes and reads
@@ -45,14 +46,15 @@ def atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        with open(tmp, "rb+") as fh:
-            _sort_metadata(fh)
-            os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # the writer creates 0600; a shared artifact should be readable
-        os.replace(tmp, path)
+        with writing(path):  # a read-only folder or a full disk: one line naming the file
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+            with open(tmp, "rb+") as fh:
+                _sort_metadata(fh)
+                os.fsync(fh.fileno())
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # the writer creates 0600; a shared artifact should be readable
+            os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()

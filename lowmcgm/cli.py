@@ -11,6 +11,8 @@ from typing import Any, Iterator
 
 from lowmcgm import __version__
 from lowmcgm.errors import UserError
+from lowmcgm.run_folder import hold_folder, run_files
+from lowmcgm.write_guard import check_not_inputs
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -33,6 +35,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-model", help="diffusers folder, cached hub id, .safetensors file, 'tiny' or 'toy'")
     p.add_argument("--out", help="output folder")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/last.safetensors")
+    p.add_argument("--overwrite", action="store_true", help="replace the run that --out holds (its artifact, "
+                                                            "config, checkpoint, previews and samples)")
 
 
 def _add_sample_args(p: argparse.ArgumentParser) -> None:
@@ -89,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--artifact", required=True, help="the .safetensors file 'train' wrote")
     p.add_argument("--base-model", help="default: the base model recorded in the artifact")
     p.add_argument("--out", required=True, help="output folder for the PNGs, grid.png and samples.json")
+    p.add_argument("--overwrite", action="store_true", help="replace the earlier samples --out holds")
     _add_sample_args(p)
     p = sub.add_parser("run", help="train, then sample, in one process (previews during training)")
     _add_train_args(p)
@@ -102,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "photo, masks, pose masks and prompts it made")
     p.add_argument("--base-model", default="toy", help="the model to learn on (default toy, the bundled toy-world "
                                                        "model)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier demo run in --out")
     p = sub.add_parser("export", help="write the LoRA and handles for A1111, ComfyUI, kohya or diffusers")
     p.add_argument("artifact", help="the .safetensors file 'train' wrote")
     p.add_argument("--format", required=True, metavar="kohya|embeddings|diffusers",
@@ -112,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="kohya: leave the handles out of the LoRA file (diffusers' load_lora_weights "
                         "refuses files that bundle them)")
     p.add_argument("--dtype", default="fp16", metavar="fp16|bf16|fp32", help="precision of the LoRA weights")
+    p.add_argument("--force", action="store_true", help="replace files that exist (never the artifact itself)")
     p = sub.add_parser("import-lora", help="check a kohya or diffusers LoRA and print the settings that "
                                            "start phase 2 from it")
     p.add_argument("file", help="a kohya or diffusers LoRA .safetensors file, a diffusers LoRA folder, or a "
@@ -158,6 +165,9 @@ def _train_config(args: argparse.Namespace, extra: dict[str, Any] | None = None)
         raise UserError("No masks: pass one --mask per subject.")
     if not cfg.output.out:
         raise UserError("No output folder: pass --out DIR.")
+    # The run rewrites <out>/config.toml: never over the file its settings came from.
+    check_not_inputs(run_files(Path(cfg.output.out).expanduser(), cfg.output.artifact_name),
+                     [args.config or "", args.preset if args.preset and Path(args.preset).is_file() else ""])
     return cfg
 
 
@@ -221,8 +231,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from lowmcgm.trainer import train
 
     cfg = _train_config(args)
-    with ProgressPrinter() as printer, _out_of_memory_advice(cfg, args.preset):
-        path = train(cfg, on_progress=printer, resume=args.resume)
+    with hold_folder(cfg.output.out), ProgressPrinter() as printer, _out_of_memory_advice(cfg, args.preset):
+        path = train(cfg, on_progress=printer, resume=args.resume, overwrite=args.overwrite)
     print(f"Artifact written: {path}")
     return 0
 
@@ -299,9 +309,9 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from lowmcgm.sampler import sample_artifact
 
     specs, poses, settings = _sample_inputs(args)
-    with ProgressPrinter() as printer, _out_of_memory_advice():
+    with hold_folder(args.out), ProgressPrinter() as printer, _out_of_memory_advice():
         grid = sample_artifact(args.artifact, specs, poses, settings, args.out, base_model=args.base_model or "",
-                               report=printer)
+                               report=printer, overwrite=args.overwrite)
     print(f"Samples written to {grid.parent} (contact sheet: {grid.name}, index: samples.json)")
     return 0
 
@@ -325,18 +335,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
         specs = [training_prompt_spec(handles, [] if reason else list(cfg.data.masks))]
     # Prompts and poses are checked against the handles to be trained before any weights load.
     plans = plan_prompts(specs, poses, handles, reason, guided=settings.pose_guidance != "none")
-    check_inputs(cfg, args.resume)  # photo, masks and output folder, before the weights load (train repeats it)
     out = Path(cfg.output.out).expanduser()
-    previews = TrainingPreviews(out / "previews", plans[0], settings, cfg.train.phase1_steps)
-    base = load_base_model(cfg.model.base_model, cfg.model.single_file_config)
-    with ProgressPrinter() as printer:
-        with _out_of_memory_advice(cfg, args.preset):
-            artifact = train(cfg, on_progress=printer, resume=args.resume, base=base, on_preview=previews)
-        save_loss_curve(out / "loss_history.json", out / "loss_curve.png")
-        # train() leaves its handles, adapters and capture processors in `base`; sampling writes the
-        # artifact's values over them (sampler.apply_artifact), so the base model is loaded once.
-        with _out_of_memory_advice():
-            grid = sample_artifact(artifact, specs, poses, settings, out / "samples", base=base, report=printer)
+    with hold_folder(out):
+        # Photo, masks and output folder, before the weights load (train repeats it).
+        check_inputs(cfg, args.resume, args.overwrite)
+        previews = TrainingPreviews(out / "previews", plans[0], settings, cfg.train.phase1_steps)
+        base = load_base_model(cfg.model.base_model, cfg.model.single_file_config)
+        with ProgressPrinter() as printer:
+            with _out_of_memory_advice(cfg, args.preset):
+                artifact = train(cfg, on_progress=printer, resume=args.resume, base=base, on_preview=previews,
+                                 overwrite=args.overwrite)
+            save_loss_curve(out / "loss_history.json", out / "loss_curve.png")
+            # train() leaves its handles, adapters and capture processors in `base`; sampling writes the
+            # artifact's values over them (sampler.apply_artifact), so the base model is loaded once.
+            # Samples of the run this one continues or replaces give way.
+            with _out_of_memory_advice():
+                grid = sample_artifact(artifact, specs, poses, settings, out / "samples", base=base, report=printer,
+                                       overwrite=True)
     print(f"Artifact: {artifact}\nPreviews: {out / 'previews'}\nLoss curve: {out / 'loss_curve.png'}\n"
           f"Samples: {grid.parent} (contact sheet: {grid})")
     return 0
@@ -353,6 +368,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         print(note)
     out = check_output_dir(args.out)
     argv = demo_run_arguments(write_demo_inputs(out / "inputs", size_px), out, args.base_model)
+    argv += ["--overwrite"] if args.overwrite else []
     print(f"The demo is: lowmcgm {shlex.join(argv)}")
     return _cmd_run(build_parser().parse_args(argv))
 
@@ -377,7 +393,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from lowmcgm.interop.export import MASK_ENCODER_NOTE, export_artifact
 
     result = export_artifact(Path(args.artifact), args.format, Path(args.out),
-                             bundle_embeddings=not args.no_bundle_embeddings, dtype=args.dtype)
+                             bundle_embeddings=not args.no_bundle_embeddings, dtype=args.dtype, force=args.force)
     for path in result.files:
         print(f"Wrote {path}")
     print(_export_hint(args.format, result.handles, not args.no_bundle_embeddings))

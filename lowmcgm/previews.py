@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
 from lowmcgm.errors import UserError
+from lowmcgm.write_guard import writing
 
 BACKGROUND = (255, 255, 255)
 INK = (20, 20, 20)
@@ -57,8 +58,9 @@ def save_png(image: Image.Image, path: Path, text: dict[str, str] | None = None)
         info.add_itxt(key, value)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        image.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
+        with writing(path):
+            image.save(tmp, format="PNG", pnginfo=info)
+            os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -69,9 +71,11 @@ def save_json(data: Any, path: Path) -> Path:
     """Write JSON atomically (temporary name, then rename)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    text = json.dumps(data, indent=2, allow_nan=False)  # NaN is not JSON: never write it
     try:
-        tmp.write_text(json.dumps(data, indent=2, allow_nan=False))  # NaN is not JSON: never write it
-        os.replace(tmp, path)
+        with writing(path):
+            tmp.write_text(text)
+            os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()

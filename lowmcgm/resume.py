@@ -18,11 +18,11 @@ from lowmcgm import config as config_mod
 from lowmcgm.artifact import load_checkpoint, read_header, remove_stale_temporaries, save_checkpoint
 from lowmcgm.config import Config
 from lowmcgm.errors import UserError
+from lowmcgm.run_folder import CHECKPOINT_NAME
 
 if TYPE_CHECKING:
     from lowmcgm.trainer import Setup, TrainState
 
-CHECKPOINT_NAME = "checkpoints/last.safetensors"
 
 # What may change on --resume besides paths: step counts (to extend a run), the checkpoint interval,
 # and the two fixes a NaN/inf loss asks for (precision, learning rates), so the last good checkpoint
@@ -84,7 +84,8 @@ def check_resume(cfg: Config, out: Path) -> Path:
     """The checkpoint ``--resume`` continues from, refused unless its settings match (header only)."""
     path = out / CHECKPOINT_NAME
     if not path.is_file():
-        raise UserError(f"--resume: no checkpoint at {path}; start without --resume.")
+        raise UserError(f"--resume: no checkpoint at {path} (the run stopped before writing one); start again "
+                        f"without --resume, adding --overwrite if {out} holds files of that run.")
     _, meta = read_header(path)
     try:
         stored = config_mod.config_from_dict(json.loads(meta["info"])["config"])

@@ -50,6 +50,8 @@ from lowmcgm.pose_guidance import (DEFAULT_STRENGTH, GUIDANCE_MODES, LatentGuida
                                    guided_columns)
 from lowmcgm.previews import (SheetRow, mask_to_image, render_attention_picture, render_contact_sheet, save_json,
                               save_png)
+from lowmcgm.run_folder import SAMPLE_FILES, check_sample_folder, clear_earlier_samples, earlier_samples
+from lowmcgm.write_guard import check_not_inputs
 
 if TYPE_CHECKING:
     from lowmcgm.trainer import Setup, TrainState
@@ -650,7 +652,7 @@ def write_samples(sampler: PoseSampler, plans: list[PlannedPrompt], settings: Sa
         for start in range(0, settings.num_images, settings.batch_size):
             seeds = [settings.seed + i for i in range(start, min(start + settings.batch_size, settings.num_images))]
             for seed, image in zip(seeds, sampler.generate(plan, seeds, settings)):
-                name = f"p{p:02d}-{seed - settings.seed:03d}-seed{seed}.png"
+                name = _image_name(p, seed, settings)
                 save_png(image, out / name, png_parameters(plan, settings, seed, info))
                 images.append({"file": name, "seed": seed})
                 row.images.append((f"seed {seed}", image))
@@ -664,6 +666,16 @@ def write_samples(sampler: PoseSampler, plans: list[PlannedPrompt], settings: Sa
                "grid": grid.name, "prompts": entries}, out / "samples.json")
     report({"kind": "saved", "what": "contact sheet", "path": str(grid)})
     return grid
+
+
+def _image_name(prompt_index: int, seed: int, settings: SampleSettings) -> str:
+    return f"p{prompt_index:02d}-{seed - settings.seed:03d}-seed{seed}.png"  # run_folder.SAMPLE_IMAGE_GLOB
+
+
+def sample_files(plans: list[PlannedPrompt], settings: SampleSettings, out: Path) -> list[Path]:
+    """Every file ``write_samples`` writes into ``out``."""
+    names = [_image_name(p, settings.seed + i, settings) for p in range(len(plans)) for i in range(settings.num_images)]
+    return [out / name for name in [*names, *SAMPLE_FILES]]
 
 
 def load_base_for(artifact: Artifact, base_model: str) -> BaseModel:
@@ -683,25 +695,32 @@ def load_base_for(artifact: Artifact, base_model: str) -> BaseModel:
 
 def sample_artifact(artifact_path: str | Path, specs: list[PromptSpec], poses: dict[str, str],
                     settings: SampleSettings, out: str | Path, base_model: str = "",
-                    base: BaseModel | None = None, report: ProgressFn | None = None) -> Path:
+                    base: BaseModel | None = None, report: ProgressFn | None = None, overwrite: bool = False) -> Path:
     """``lowmcgm sample``: check everything, load, sample, write; return the grid's path.
 
     Args:
         base_model: --base-model; empty takes the artifact's recorded base.
         base: an already loaded base, used instead of loading one (``lowmcgm run`` passes the base
             it trained with; see ``apply_artifact``).
+        overwrite: replace earlier samples in ``out`` (refused otherwise: see ``run_folder``).
     """
     artifact_path = Path(artifact_path)
     artifact = load_artifact(artifact_path)
     check_settings(settings)
     plans = plan_prompts(specs, poses, artifact.handles, no_mask_reason(settings, artifact),
                          guided=settings.pose_guidance != "none")
+    check_sample_folder(Path(out).expanduser(), overwrite)
+    inputs = [artifact_path] + [f for plan in plans for f in plan.pose_files if f]
+    check_not_inputs(sample_files(plans, settings, Path(out).expanduser()) + earlier_samples(Path(out).expanduser()),
+                     inputs)
     out_dir = check_output_dir(str(out))
     base = base if base is not None else load_base_for(artifact, base_model)
     check_base_matches(artifact, base, artifact_path)
     size = int(artifact.meta.get("resolution") or base.resolution)
     settings = dataclasses.replace(settings, height=settings.height or size, width=settings.width or size,
                                    dtype=resolve_dtype(settings))
+    if overwrite:  # every check passed: the earlier samples give way
+        clear_earlier_samples(out_dir)
     sampler = build_sampler(base, artifact, settings)
     info = {"artifact": str(artifact_path), "artifact_sha256": file_sha256(artifact_path), "base_model": base.name}
     return write_samples(sampler, plans, settings, out_dir, info, report)

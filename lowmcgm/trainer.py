@@ -39,6 +39,8 @@ from lowmcgm.model_fit import check_settings_fit
 from lowmcgm.models import BaseModel, load_base_model
 from lowmcgm.output import check_output_dir, write_effective_config
 from lowmcgm.resume import check_finite, check_resume, nan_message, resume_state, save_train_checkpoint
+from lowmcgm.run_folder import RUN_FOLDERS, check_run_folder, clear_earlier_run, run_files
+from lowmcgm.write_guard import check_not_inputs
 
 ProgressFn = Callable[[dict[str, Any]], None]
 PreviewFn = Callable[["Setup", "TrainState"], None]
@@ -101,7 +103,7 @@ class Batch:
 
 
 def train(cfg: Config, on_progress: ProgressFn | None = None, resume: bool = False,
-          base: BaseModel | None = None, on_preview: PreviewFn | None = None) -> Path:
+          base: BaseModel | None = None, on_preview: PreviewFn | None = None, overwrite: bool = False) -> Path:
     """Run both phases and write the artifact; return its path.
 
     Args:
@@ -112,9 +114,10 @@ def train(cfg: Config, on_progress: ProgressFn | None = None, resume: bool = Fal
         on_preview: called with the live setup and state before training and every
             ``output.preview_every`` steps (``lowmcgm run`` samples previews with it). It must leave
             the models as it found them (train mode, capture store cleared).
+        overwrite: replace another run found in the output folder (refused otherwise, see ``run_folder``).
     """
     report = on_progress or (lambda event: None)
-    out, handle_names, warnings = check_inputs(cfg, resume)
+    out, handle_names, warnings = check_inputs(cfg, resume, overwrite)
     for warning in warnings:
         report({"kind": "message", "level": "warning", "text": warning})
 
@@ -126,6 +129,8 @@ def train(cfg: Config, on_progress: ProgressFn | None = None, resume: bool = Fal
         check_lora_fits(check_init_lora(Path(cfg.lora.init_lora), cfg.lora), base.unet,
                         base.text_encoder if cfg.lora.use_text_encoder_lora else None)
     # Written once the base model loaded: a refused base leaves the output folder empty.
+    if overwrite:
+        clear_earlier_run(out, cfg.output.artifact_name)
     write_effective_config(cfg, out)
     setup = build_setup(cfg, base, handle_names, report)
     state = resume_state(setup, out) if resume else new_state(setup, phase=1)
@@ -166,7 +171,7 @@ def train(cfg: Config, on_progress: ProgressFn | None = None, resume: bool = Fal
     return path
 
 
-def check_inputs(cfg: Config, resume: bool = False) -> tuple[Path, list[str], list[str]]:
+def check_inputs(cfg: Config, resume: bool = False, overwrite: bool = False) -> tuple[Path, list[str], list[str]]:
     """Everything checkable before weights load; return (output folder, handle names, warnings).
 
     The output folder is checked (created, written to, measured for free space) last, so a run
@@ -184,10 +189,22 @@ def check_inputs(cfg: Config, resume: bool = False) -> tuple[Path, list[str], li
         from lowmcgm.interop.lora_import import check_init_lora
 
         check_init_lora(Path(cfg.lora.init_lora), cfg.lora)
+    out = Path(cfg.output.out).expanduser()
+    check_not_inputs(run_files(out, cfg.output.artifact_name), _input_files(cfg),
+                     folders=[out / name for name in RUN_FOLDERS])
+    check_run_folder(out, cfg.output.artifact_name, resume, overwrite)
     out = check_output_dir(cfg.output.out, resume=resume)
     if resume:
         check_resume(cfg, out)
     return out, handle_names, warnings
+
+
+def _input_files(cfg: Config) -> list[str]:
+    """Every file a run reads (none may be among the files it writes)."""
+    files = [cfg.data.image, *cfg.data.masks, cfg.lora.init_lora]
+    if cfg.train.class_images_dir and Path(cfg.train.class_images_dir).expanduser().is_dir():
+        files += [str(p) for p in Path(cfg.train.class_images_dir).expanduser().iterdir()]
+    return files
 
 
 class _StopNow(KeyboardInterrupt):

@@ -591,3 +591,141 @@ def test_sample_settings_are_refused_before_weights_load(artifacts, tmp_path, ca
     extra, fragments = case
     _refused(capsys, _sample_args(artifacts["tiny"], tmp_path / "out", "--prompt", "a photo of <asset0>", *extra),
              fragments, tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Nothing destroyed: no command writes over its input, no export replaces a file unasked, one run
+# per folder with a lock (issue 13, classes 1 and 2)
+# ------------------------------------------------------------------------------------------------
+
+def _sha(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def own_artifact(artifacts, tmp_path) -> Path:
+    """A copy of the tiny artifact that a test may try to destroy."""
+    path = tmp_path / "A.safetensors"
+    shutil.copy(artifacts["tiny"], path)
+    return path
+
+
+def test_export_never_writes_over_the_artifact_it_reads(own_artifact, tmp_path, capsys):
+    before = _sha(own_artifact)
+    os.link(own_artifact, tmp_path / "hardlink.safetensors")
+    (tmp_path / "symlink.safetensors").symlink_to(own_artifact)
+    for out in (own_artifact, tmp_path / "hardlink.safetensors", tmp_path / "symlink.safetensors",
+                tmp_path / "." / own_artifact.name):
+        for force in ((), ("--force",)):
+            _refused(capsys, ["export", str(own_artifact), "--format", "kohya", "--out", str(out), *force],
+                     ("is also an input of this command", "would destroy it"), tmp_path)
+    assert _sha(own_artifact) == before
+
+
+def test_export_replaces_an_existing_file_only_with_force(own_artifact, tmp_path, capsys):
+    out = tmp_path / "lora.safetensors"
+    out.write_bytes(b"someone's other LoRA")
+    _refused(capsys, ["export", str(own_artifact), "--format", "kohya", "--out", str(out)],
+             (f"{out} already exists", "pass --force"), tmp_path)
+    assert out.read_bytes() == b"someone's other LoRA"
+    emb = tmp_path / "emb"
+    emb.mkdir()
+    (emb / "asset1.safetensors").write_bytes(b"mine")
+    _refused(capsys, ["export", str(own_artifact), "--format", "embeddings", "--out", str(emb)],
+             ("asset1.safetensors already exists", "--force"), tmp_path)
+    assert sorted(p.name for p in emb.iterdir()) == ["asset1.safetensors"]
+    assert main(["export", str(own_artifact), "--format", "kohya", "--out", str(out), "--force"]) == 0
+    assert out.read_bytes().startswith(b"\x00") is False and len(out.read_bytes()) > 100
+
+
+@pytest.mark.skipif(not Path("/sys/kernel").is_dir(), reason="no sysfs")
+def test_export_into_a_folder_that_refuses_writes(own_artifact, tmp_path, capsys):
+    """sysfs exists and passes os.access for root, yet takes no new file: a real refusal, no simulation."""
+    _refused(capsys, ["export", str(own_artifact), "--format", "kohya", "--out", "/sys/kernel/lora.safetensors"],
+             ("/sys/kernel is not writable",), tmp_path)
+    _refused(capsys, ["export", str(own_artifact), "--format", "embeddings", "--out", "/sys/kernel"],
+             ("/sys/kernel is not writable",), tmp_path)
+
+
+def test_train_never_writes_over_its_config_or_inputs(files, tmp_path, capsys, no_weights_load):
+    out = tmp_path / "run"
+    out.mkdir()
+    config = out / "config.toml"
+    config.write_text("# mine\n[train]\nphase1_steps = 1\n")
+    _refused(capsys, _train_args(files, out, extra=("--config", str(config))),
+             ("config.toml is also an input of this command",), tmp_path)
+    photo = out / "previews" / "photo.png"
+    photo.parent.mkdir()
+    shutil.copy(files["photo"], photo)
+    _refused(capsys, _train_args(files, tmp_path / "run", image=str(photo)), ("lies in", "previews"), tmp_path)
+    assert config.read_text() == "# mine\n[train]\nphase1_steps = 1\n"
+
+
+def test_sample_never_removes_a_pose_it_reads(artifacts, files, tmp_path, capsys):
+    out = tmp_path / "samples"
+    args = _sample_args(artifacts["tiny"], out, "--prompt", "a photo of <asset0>")
+    assert main(args) == 0
+    capsys.readouterr()
+    pose = out / "p00-000-seed0.png"
+    shutil.copy(files["a"], pose)
+    before = _sha(pose)
+    _refused(capsys, args + ["--pose", f"asset0={pose}", "--overwrite"], ("is also an input of this command",),
+             tmp_path)
+    assert _sha(pose) == before
+
+
+def _one_step(files, out: Path, *extra: str) -> list[str]:
+    return _train_args(files, out, extra=(*ONE_STEP_EACH, *extra))
+
+
+def test_a_folder_holding_another_run_is_refused_unless_resume_or_overwrite(files, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_one_step(files, out, "--set", "train.checkpoint_every=1", "--set", "train.phase2_steps=2")) == 0
+    capsys.readouterr()
+    kept = {p: _sha(p) for p in out.rglob("*") if p.is_file()}
+    assert out / "checkpoints" / "last.safetensors" in kept and out / "lowmcgm.safetensors" in kept
+    _refused(capsys, _one_step(files, out, "--set", "train.seed=7"),
+             (f"Output folder {out} holds another run", "lowmcgm.safetensors", "--resume", "--overwrite"), tmp_path)
+    _refused(capsys, _one_step(files, out, "--resume", "--overwrite"), ("pass one",), tmp_path)
+    assert {p: _sha(p) for p in out.rglob("*") if p.is_file()} == kept
+    # --overwrite: the other run's checkpoint does not survive to be resumed by mistake
+    assert main(_one_step(files, out, "--set", "train.seed=7", "--overwrite")) == 0
+    assert not (out / "checkpoints").exists()
+    assert _sha(out / "lowmcgm.safetensors") != kept[out / "lowmcgm.safetensors"]
+    assert 'seed = 7' in (out / "config.toml").read_text()
+    assert not list(out.rglob(".lowmcgm.lock"))
+
+
+def test_a_second_command_on_a_folder_in_use_gets_one_line(files, artifacts, tmp_path, capsys):
+    """Another process holds the folder's lock (as a running training does): refused, nothing touched."""
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from lowmcgm.run_folder import hold_folder\n"
+         f"with hold_folder({str(out)!r}):\n    print('held', flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True, env=ENV)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for args in (_one_step(files, out), ["run", *_one_step(files, out)[1:]],
+                     _sample_args(artifacts["tiny"], out, "--prompt", "a photo of <asset0>")):
+            _refused(capsys, args, (f"Output folder {out} is in use by another lowmcgm command (process "
+                                    f"{holder.pid})",), tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sorted(p.name for p in out.iterdir()) == [".lowmcgm.lock"]  # the killed holder's, not ours
+    assert main(_one_step(files, out)) == 0  # the kernel released the dead holder's lock
+
+
+def test_sample_into_a_folder_with_earlier_samples(artifacts, tmp_path, capsys):
+    out = tmp_path / "samples"
+    assert main(_sample_args(artifacts["tiny"], out, "--prompt", "a photo of <asset0>") + ["--num-images", "2"]) == 0
+    capsys.readouterr()
+    before = {p.name: _sha(p) for p in out.iterdir()}
+    assert "p00-001-seed1.png" in before
+    _refused(capsys, _sample_args(artifacts["tiny"], out, "--prompt", "a photo of <asset1>"),
+             ("holds earlier samples", "--overwrite"), tmp_path)
+    assert {p.name: _sha(p) for p in out.iterdir()} == before
+    assert main(_sample_args(artifacts["tiny"], out, "--prompt", "a photo of <asset1>", "--overwrite")) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["grid.png", "p00-000-seed0.png", "samples.json"]

@@ -27,6 +27,7 @@ import torch
 from lowmcgm import __version__
 from lowmcgm.artifact import SAVE_DTYPES, Artifact, atomic_save, load_artifact
 from lowmcgm.errors import UserError
+from lowmcgm.write_guard import check_new_files, check_not_inputs, check_writable_folder, writing
 from lowmcgm.interop.formats import (A1111_EMBEDDING_KEY, BUNDLE_PREFIX, DIFFUSERS_EMBEDS_NAME, DIFFUSERS_LORA_NAME,
                                      KOHYA_TE_PREFIX, KOHYA_UNET_PREFIX, peft_modules, strip_text_model)
 
@@ -56,7 +57,7 @@ class ExportResult:
 
 
 def export_artifact(artifact_path: Path, fmt: str, out: Path, bundle_embeddings: bool = True,
-                    dtype: str = "fp16") -> ExportResult:
+                    dtype: str = "fp16", force: bool = False) -> ExportResult:
     """Export a lowmcgm artifact for other tools.
 
     Args:
@@ -67,13 +68,15 @@ def export_artifact(artifact_path: Path, fmt: str, out: Path, bundle_embeddings:
         bundle_embeddings: kohya only: also store the handles as ``bundle_emb.*`` (A1111 loads
             them with the LoRA; diffusers' ``load_lora_weights`` refuses such files).
         dtype: ``fp16``, ``bf16`` or ``fp32`` for the LoRA weights (alphas and embeddings stay fp32).
+        force: replace files that exist (``--force``); the artifact itself is never replaced.
 
     Returns:
         The files written (each under a temporary name first, then renamed) and the handles.
 
     Raises:
-        UserError: unknown format or dtype, bad output path, or an artifact without LoRA
-            (phase 2 skipped or ``full`` mode) for ``kohya``/``diffusers``.
+        UserError: unknown format or dtype, bad output path, an output that is the artifact or
+            exists (without ``force``), or an artifact without LoRA (phase 2 skipped or ``full``
+            mode) for ``kohya``/``diffusers``.
     """
     if fmt not in FORMATS:
         raise UserError(f"Unknown export format '{fmt}': use one of {', '.join(FORMATS)}.")
@@ -81,6 +84,9 @@ def export_artifact(artifact_path: Path, fmt: str, out: Path, bundle_embeddings:
         raise UserError(f"Unknown export dtype '{dtype}': use one of {', '.join(SAVE_DTYPES)}.")
     artifact = load_artifact(Path(artifact_path))
     out = Path(out).expanduser()
+    files = _export_files(artifact, fmt, out)
+    check_not_inputs(files, [artifact_path])
+    check_new_files(files, force)
     if fmt == "kohya":
         files = [export_kohya(artifact, out, bundle_embeddings=bundle_embeddings, dtype=dtype)]
     elif fmt == "embeddings":
@@ -88,6 +94,15 @@ def export_artifact(artifact_path: Path, fmt: str, out: Path, bundle_embeddings:
     else:
         files = export_diffusers(artifact, out, dtype=dtype)
     return ExportResult(files, list(artifact.handles))
+
+
+def _export_files(artifact: Artifact, fmt: str, out: Path) -> list[Path]:
+    """The files an export writes, known before it writes any."""
+    if fmt == "kohya":
+        return [out]
+    if fmt == "embeddings":
+        return [out / f"{embedding_file_stem(handle)}.safetensors" for handle in artifact.handles]
+    return [out / DIFFUSERS_LORA_NAME, out / DIFFUSERS_EMBEDS_NAME]
 
 
 def export_kohya(artifact: Artifact, out: Path, bundle_embeddings: bool = True, dtype: str = "fp16") -> Path:
@@ -226,8 +241,9 @@ def export_diffusers(artifact: Artifact, out_dir: Path, dtype: str = "fp16") -> 
     lora_path = out_dir / DIFFUSERS_LORA_NAME
     tmp_name = f".{DIFFUSERS_LORA_NAME}.tmp-{os.getpid()}"
     try:
-        StableDiffusionPipeline.save_lora_weights(out_dir, weight_name=tmp_name, **layers)
-        _publish(out_dir / tmp_name, lora_path)
+        with writing(lora_path):
+            StableDiffusionPipeline.save_lora_weights(out_dir, weight_name=tmp_name, **layers)
+            _publish(out_dir / tmp_name, lora_path)
     finally:
         (out_dir / tmp_name).unlink(missing_ok=True)
     embeds_path = out_dir / DIFFUSERS_EMBEDS_NAME
@@ -258,8 +274,7 @@ def _prepare_folder(folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"Cannot create the output folder {folder} ({exc.strerror}); choose another --out.") from exc
-    if not os.access(folder, os.W_OK):
-        raise UserError(f"Output folder {folder} is not writable; choose another --out.")
+    check_writable_folder(folder)  # by writing: root passes os.access on read-only file systems
 
 
 def _publish(tmp: Path, path: Path) -> None:
