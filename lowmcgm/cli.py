@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Iterator
@@ -12,10 +14,12 @@ from typing import Any, Iterator
 from lowmcgm import __version__
 from lowmcgm.errors import UserError
 from lowmcgm.run_folder import hold_folder, run_files
+from lowmcgm.signals import exit_code, route_stop_signals, signal_name
 from lowmcgm.write_guard import check_not_inputs
 
 EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # 128 + SIGINT; SIGTERM gives 143, SIGHUP 129 (signals.exit_code)
+EXIT_BROKEN_PIPE = 128 + 13  # 128 + SIGPIPE, as a shell reports a writer whose reader closed the pipe
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -483,7 +487,11 @@ def main(argv: list[str] | None = None) -> int:
     created = first_missing_folder(_output_arg(args))
     try:
         try:
-            return COMMANDS[args.command](args)
+            # SIGTERM and SIGHUP stop a command as Ctrl-C does (checkpoint, message, exit code 128 + signal).
+            with route_stop_signals():
+                code = COMMANDS[args.command](args)
+                sys.stdout.flush()  # a closed pipe (lowmcgm config-keys | head) shows here, not at exit
+                return code
         except BaseException:
             remove_empty_folders(created)
             raise
@@ -491,12 +499,34 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         # One line, whatever a message quotes (file names and metadata may hold line breaks).
-        print("error: " + " ".join(str(exc).splitlines()), file=sys.stderr)
+        _say("error: " + " ".join(str(exc).splitlines()))
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("Interrupted; continue with --resume from the last checkpoint, if training had written one.",
-              file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as exc:
+        _say(f"Interrupted ({signal_name(getattr(exc, 'signum', signal.SIGINT))}); "
+             + INTERRUPTED_HINTS.get(args.command, "nothing is left half-written."))
+        return exit_code(exc)
+    except BrokenPipeError:
+        # The reader went away (head, a closed pager): say nothing more, exit as a shell would report it.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+
+
+# What an interrupted command has left, and how to go on: only train and run can --resume.
+INTERRUPTED_HINTS = {
+    "train": "continue with --resume (the same command) from the last checkpoint, if training had written one.",
+    "run": "continue with --resume (the same command) from the last checkpoint, if training had written one.",
+    "demo": "continue with 'lowmcgm demo --overwrite' to start over.",
+    "sample": "sampling cannot resume: the images written so far stay in --out; run the same command with "
+              "--overwrite to draw them all again.",
+}
+
+
+def _say(line: str) -> None:
+    """One line on stderr; a terminal that is gone (SIGHUP, a closed ssh session) is not an error."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except OSError:
+        pass
 
 
 if __name__ == "__main__":

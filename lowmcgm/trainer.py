@@ -12,8 +12,6 @@ import contextlib
 import itertools
 import json
 import math
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +38,7 @@ from lowmcgm.models import BaseModel, load_base_model
 from lowmcgm.output import check_output_dir, write_effective_config
 from lowmcgm.resume import check_finite, check_resume, nan_message, resume_state, save_train_checkpoint
 from lowmcgm.run_folder import RUN_FOLDERS, check_run_folder, clear_earlier_run, run_files
+from lowmcgm.signals import Interrupted, route_stop_signals, signal_name
 from lowmcgm.write_guard import check_not_inputs
 
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -64,7 +63,7 @@ class Setup:
     said: set[str] = field(default_factory=set)
     on_preview: PreviewFn | None = None
     capture: dict | None = None  # the processors capture replaced (to put back at the end)
-    stop_requested: bool = False  # set by Ctrl-C; the loop stops before its next step
+    stop_requested: int = 0  # the stop signal received (SIGINT, SIGTERM, SIGHUP); the loop stops before its next step
     # Text-encoder outputs by token ids, when the text encoder has nothing left to train.
     text_cache: dict[tuple[int, ...], torch.Tensor] | None = None
 
@@ -207,35 +206,29 @@ def _input_files(cfg: Config) -> list[str]:
     return files
 
 
-class _StopNow(KeyboardInterrupt):
-    """A second Ctrl-C: stop at once, mid-step, without writing a (half-updated) checkpoint."""
+class _StopNow(Interrupted):
+    """A second stop signal: stop at once, mid-step, without writing a (half-updated) checkpoint."""
 
 
 @contextlib.contextmanager
 def _stop_between_steps(setup: Setup) -> Iterator[None]:
-    """Turn Ctrl-C (SIGINT) into a stop at the end of the current step.
+    """Turn Ctrl-C, SIGTERM and SIGHUP (``signals.STOP_SIGNALS``) into a stop at the end of the current step.
 
     A KeyboardInterrupt raised mid-step would leave the random generator advanced by a batch that
     was never trained on, or an optimizer step half applied: the checkpoint saved then would not
-    resume to the run it interrupted. So the first Ctrl-C only sets ``setup.stop_requested`` and
-    ``run_phase`` raises KeyboardInterrupt between steps; a second one stops at once.
+    resume to the run it interrupted. So the first signal only sets ``setup.stop_requested`` and
+    ``run_phase`` raises ``Interrupted`` between steps; a second one stops at once.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers belong to the main thread; elsewhere Ctrl-C is not ours to route
-        return
-
-    def on_sigint(signum: int, frame: Any) -> None:
+    def on_stop(signum: int, frame: Any) -> None:
         if setup.stop_requested:
-            raise _StopNow()
-        setup.stop_requested = True
+            raise _StopNow(signum)
+        setup.stop_requested = signum
         setup.report({"kind": "message", "level": "info",
-                      "text": "Stopping after this step to save a checkpoint (Ctrl-C again: stop now, without one)."})
+                      "text": f"{signal_name(signum)}: stopping after this step to save a checkpoint (Ctrl-C again: "
+                              "stop now, without one)."})
 
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    try:
+    with route_stop_signals(on_stop):
         yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def build_setup(cfg: Config, base: BaseModel, handle_names: list[str], report: ProgressFn) -> Setup:
@@ -401,8 +394,8 @@ def run_phase(setup: Setup, state: TrainState, report: ProgressFn, out: Path) ->
     report({"kind": "phase", "phase": state.phase, "total": total, "start": state.step})
     started, start_step = time.perf_counter(), state.step
     while state.step < total:
-        if setup.stop_requested:  # Ctrl-C: stop here, between steps, where the state is whole
-            raise KeyboardInterrupt
+        if setup.stop_requested:  # a stop signal: stop here, between steps, where the state is whole
+            raise Interrupted(setup.stop_requested)
         losses = train_step(setup, state)
         state.step += 1
         state.history.append({"phase": state.phase, "step": state.step, **losses})

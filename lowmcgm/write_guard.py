@@ -16,7 +16,6 @@ Three rules, one place:
 from __future__ import annotations
 
 import contextlib
-import os
 import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator

@@ -729,3 +729,13 @@ def test_sample_into_a_folder_with_earlier_samples(artifacts, tmp_path, capsys):
     assert {p.name: _sha(p) for p in out.iterdir()} == before
     assert main(_sample_args(artifacts["tiny"], out, "--prompt", "a photo of <asset1>", "--overwrite")) == 0
     assert sorted(p.name for p in out.iterdir()) == ["grid.png", "p00-000-seed0.png", "samples.json"]
+
+
+def test_closed_pipe_ends_quietly(tmp_path):
+    """``lowmcgm config-keys | head``: the reader leaves early; no traceback, the shell's code for SIGPIPE."""
+    proc = subprocess.Popen([sys.executable, "-m", "lowmcgm.cli", "config-keys"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=ENV)
+    proc.stdout.close()  # before the command prints its first line (imports take longer)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 128 + 13, err
+    assert err == ""

@@ -310,3 +310,77 @@ def test_out_of_memory_advice_gives_the_estimate_and_the_preset_for_the_card(mon
     monkeypatch.setattr(estimate_mod, "estimate", lambda *a, **k: 1 / 0)
     text = _training_oom_message(cfg, "8gb")
     assert text.startswith("CUDA ran out of memory during training") and "GiB" not in text  # no figures
+
+
+# ------------------------------------------------------------------------------------------------
+# SIGTERM and SIGHUP stop like Ctrl-C (issue 13, class 3); sample has no --resume (class 11)
+# ------------------------------------------------------------------------------------------------
+
+def test_sigterm_then_resume_gives_the_uninterrupted_artifact(inputs, straight, tmp_path):
+    """docker stop / a preemption: SIGTERM in phase 2 saves a checkpoint, says how to resume, exits 143."""
+    checkpoint = tmp_path / "run" / CHECKPOINT_NAME
+    proc = _start(inputs, tmp_path)
+    seen = _wait_for_checkpoint(proc, checkpoint, phase=2)
+    proc.send_signal(signal.SIGTERM)
+    code, err = _finish(proc)
+    assert code == 128 + signal.SIGTERM, err
+    assert "SIGTERM: stopping after this step" in err and "saved checkpoint" in err
+    assert "Interrupted (SIGTERM); continue with --resume" in err and "Traceback" not in err
+    stopped = _checkpoint_info(checkpoint)
+    assert stopped["phase"] == 2 and stopped["step"] >= seen["step"]
+    assert not (tmp_path / "run" / "lowmcgm.safetensors").exists()
+    assert not (tmp_path / "run" / ".lowmcgm.lock").exists()  # released on the way out
+
+    code, err = _finish(_start(inputs + ["--resume"], tmp_path))
+    assert code == 0, err
+    _assert_same_run(tmp_path / "run", straight)
+
+
+def test_sighup_mid_step_checkpoints_and_exits_129(photo, tmp_path, monkeypatch, capsys, reference):
+    """A closed ssh session: SIGHUP inside step 3 finishes the step, checkpoints, exits 128 + 1."""
+    _on_call(monkeypatch, 3, lambda loss: os.kill(os.getpid(), signal.SIGHUP) or loss)
+    image, a, b = photo
+    out = tmp_path / "b"
+    args = ["train", "--preset", "tiny-cpu", "--image", image, "--mask", a, "--mask", b, "--out", str(out),
+            "--set", "train.phase1_steps=6", "--set", "train.phase2_steps=4", "--set", "train.checkpoint_every=2"]
+    assert main(args) == 128 + signal.SIGHUP
+    err = capsys.readouterr().err
+    assert "Interrupted (SIGHUP); continue with --resume" in err and "Traceback" not in err
+    _, _, info = load_checkpoint(out / CHECKPOINT_NAME)
+    assert (info["phase"], info["step"]) == (1, 3)
+    assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL  # every handler is handed back
+    monkeypatch.undo()
+    assert main(args + ["--resume"]) == 0
+    _same_artifacts(out / "lowmcgm.safetensors", reference)
+
+
+def test_interrupted_sample_points_to_overwrite_not_resume(photo, tmp_path, monkeypatch, capsys):
+    from lowmcgm import sampler
+
+    image, a, b = photo
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "tiny-cpu", "--image", image, "--mask", a, "--mask", b, "--out", str(run),
+                 "--set", "train.phase1_steps=1", "--set", "train.phase2_steps=1"]) == 0
+    real = sampler.PoseSampler.generate
+    calls = []
+
+    def stop_on_second(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(sampler.PoseSampler, "generate", stop_on_second)
+    out = tmp_path / "samples"
+    args = ["sample", "--artifact", str(run / "lowmcgm.safetensors"), "--prompt", "a photo of <asset0>",
+            "--steps", "1", "--num-images", "3", "--out", str(out)]
+    capsys.readouterr()
+    assert main(args) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("Interrupted (SIGTERM); sampling cannot resume") and "--overwrite" in err
+    assert "--resume" not in err
+    assert sorted(p.name for p in out.iterdir()) == ["p00-000-seed0.png"]  # whole files only
+    monkeypatch.undo()
+    assert main(args) == EXIT_USER_ERROR  # the earlier, partial samples are not mixed in silently
+    assert main(args + ["--overwrite"]) == 0
+    assert len(list(out.glob("p00-*.png"))) == 3
