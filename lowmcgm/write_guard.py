@@ -64,10 +64,10 @@ def check_not_inputs(outputs: Iterable[str | Path], inputs: Iterable[str | Path]
 
 
 def check_new_files(paths: Iterable[Path], force: bool) -> None:
-    """Refuse to replace existing files unless ``force`` (``--force``)."""
+    """Refuse to replace existing files unless ``force`` (``--force``); folders are the caller's to refuse."""
     if force:
         return
-    existing = [Path(p) for p in paths if Path(p).exists() or Path(p).is_symlink()]
+    existing = [Path(p) for p in paths if (Path(p).exists() or Path(p).is_symlink()) and not Path(p).is_dir()]
     if existing:
         more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
         raise UserError(f"{existing[0]} already exists{more}: pass --force to replace it, or choose another --out.")
