@@ -19,6 +19,7 @@ from lowmcgm.artifact import load_checkpoint, read_header, remove_stale_temporar
 from lowmcgm.config import Config
 from lowmcgm.errors import UserError
 from lowmcgm.run_folder import CHECKPOINT_NAME
+from lowmcgm.run_identity import check_same_base, describe, input_fingerprints, resume_differences
 
 if TYPE_CHECKING:
     from lowmcgm.trainer import Setup, TrainState
@@ -37,7 +38,8 @@ def save_train_checkpoint(setup: Setup, state: TrainState, out: Path) -> Path:
     path = out / CHECKPOINT_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
     info = {"phase": state.phase, "step": state.step, "generator": state.generator.get_state().tolist(),
-            "history": state.history, "config": config_mod.config_to_dict(setup.cfg)}
+            "history": state.history, "config": config_mod.config_to_dict(setup.cfg), "inputs": setup.inputs,
+            "base_model": setup.base.name, "base_model_hash": setup.base.config_hash}
     weights = setup.mcgm.state_dict(setup.base)
     check_finite(setup, state, weights)  # a NaN weight must never replace the last good checkpoint
     save_checkpoint(path, weights, state.optimizer.state_dict(), info)
@@ -88,13 +90,25 @@ def check_resume(cfg: Config, out: Path) -> Path:
                         f"without --resume, adding --overwrite if {out} holds files of that run.")
     _, meta = read_header(path)
     try:
-        stored = config_mod.config_from_dict(json.loads(meta["info"])["config"])
+        info = json.loads(meta["info"])
+        stored = config_mod.config_from_dict(info["config"])
     except (KeyError, TypeError, ValueError, UserError) as exc:
         raise UserError(f"--resume: {path} is not a lowmcgm checkpoint this version can read.") from exc
-    if training_identity(stored) != training_identity(cfg):
-        raise UserError(f"--resume: the checkpoint in {out} was made with other settings; resume with the "
-                        f"same settings (see {out / 'config.toml'}) or use a new --out.")
+    differences = resume_differences(training_identity(stored), training_identity(cfg), info.get("inputs"),
+                                     input_fingerprints(cfg), cfg)
+    if differences:
+        raise UserError(f"--resume: the checkpoint in {out} was made with other settings or inputs: "
+                        f"{describe(differences)}; resume with the same ones (see {out / 'config.toml'}) or start "
+                        "a new run with --overwrite or another --out.")
     return path
+
+
+def check_resume_base(out: Path, base: Any) -> None:
+    """Refuse, once the base model is loaded and before anything is written, a base of another
+    architecture than the checkpoint's run (its weights would not load)."""
+    path = out / CHECKPOINT_NAME
+    _, meta = read_header(path)
+    check_same_base(json.loads(meta["info"]), base, path)
 
 
 def check_finite(setup: Setup, state: TrainState, tensors: dict[str, torch.Tensor]) -> None:

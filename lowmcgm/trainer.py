@@ -36,8 +36,10 @@ from lowmcgm.mcgm import MCGMState
 from lowmcgm.model_fit import check_settings_fit
 from lowmcgm.models import BaseModel, load_base_model
 from lowmcgm.output import check_output_dir, write_effective_config
-from lowmcgm.resume import check_finite, check_resume, nan_message, resume_state, save_train_checkpoint
+from lowmcgm.resume import (check_finite, check_resume, check_resume_base, nan_message, resume_state,
+                            save_train_checkpoint)
 from lowmcgm.run_folder import RUN_FOLDERS, check_run_folder, clear_earlier_run, run_files
+from lowmcgm.run_identity import input_fingerprints
 from lowmcgm.signals import Interrupted, route_stop_signals, signal_name
 from lowmcgm.write_guard import check_not_inputs
 
@@ -66,6 +68,7 @@ class Setup:
     stop_requested: int = 0  # the stop signal received (SIGINT, SIGTERM, SIGHUP); the loop stops before its next step
     # Text-encoder outputs by token ids, when the text encoder has nothing left to train.
     text_cache: dict[tuple[int, ...], torch.Tensor] | None = None
+    inputs: dict[str, Any] = field(default_factory=dict)  # run_identity.input_fingerprints, kept in checkpoints
 
     @property
     def device(self) -> torch.device:
@@ -117,11 +120,14 @@ def train(cfg: Config, on_progress: ProgressFn | None = None, resume: bool = Fal
     """
     report = on_progress or (lambda event: None)
     out, handle_names, warnings = check_inputs(cfg, resume, overwrite)
+    inputs = input_fingerprints(cfg)  # as read now: a checkpoint records what this run trains on
     for warning in warnings:
         report({"kind": "message", "level": "warning", "text": warning})
 
     base = base or load_base_model(cfg.model.base_model, cfg.model.single_file_config)
     check_settings_fit(cfg, base)  # resolution and LoRA targets, before anything is written
+    if resume:  # a checkpoint of another architecture would fail to load after config.toml was rewritten
+        check_resume_base(out, base)
     if cfg.lora.init_lora:  # its shapes against this base, before any step rather than at phase 2
         from lowmcgm.interop.lora_import import check_init_lora, check_lora_fits
 
@@ -132,6 +138,7 @@ def train(cfg: Config, on_progress: ProgressFn | None = None, resume: bool = Fal
         clear_earlier_run(out, cfg.output.artifact_name)
     write_effective_config(cfg, out)
     setup = build_setup(cfg, base, handle_names, report)
+    setup.inputs = inputs
     state = resume_state(setup, out) if resume else new_state(setup, phase=1)
     setup.on_preview = on_preview
     if on_preview is not None and not resume:

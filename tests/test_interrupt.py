@@ -384,3 +384,71 @@ def test_interrupted_sample_points_to_overwrite_not_resume(photo, tmp_path, monk
     assert main(args) == EXIT_USER_ERROR  # the earlier, partial samples are not mixed in silently
     assert main(args + ["--overwrite"]) == 0
     assert len(list(out.glob("p00-*.png"))) == 3
+
+
+# ------------------------------------------------------------------------------------------------
+# --resume compares contents, names what differs, refuses another base model before writing (class 4)
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def checkpointed(tmp_path, capsys) -> tuple[list[str], Path]:
+    """A run in tmp_path/run with a checkpoint (phase 2, step 1), its photo and masks in tmp_path/in."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    photo, a, b = make_photo(folder)
+    args = ["train", "--preset", "tiny-cpu", "--image", photo, "--mask", a, "--mask", b, "--out", str(tmp_path / "run"),
+            "--set", "train.phase1_steps=2", "--set", "train.phase2_steps=2", "--set", "train.checkpoint_every=1"]
+    assert main(args) == 0
+    capsys.readouterr()
+    return args, tmp_path / "run"
+
+
+def _files_of(run: Path) -> dict[Path, str]:
+    return {p: _sha(p) for p in run.rglob("*") if p.is_file()}
+
+
+def _resume_refused(capsys, args: list[str], run: Path, *fragments: str) -> None:
+    before = _files_of(run)
+    assert main(args + ["--resume"]) == EXIT_USER_ERROR
+    err = _error_line(capsys.readouterr().err)
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+    assert _files_of(run) == before  # config.toml, artifact and checkpoint untouched
+
+
+def test_resume_refuses_swapped_masks_under_the_same_paths(checkpointed, capsys):
+    args, run = checkpointed
+    a, b = Path(args[args.index("--mask") + 1]), Path(args[args.index("--mask") + 3])
+    a_bytes, b_bytes = a.read_bytes(), b.read_bytes()
+    a.write_bytes(b_bytes)
+    b.write_bytes(a_bytes)
+    _resume_refused(capsys, args, run, "data.masks: mask 1", "masks swapped?", "mask 2")
+
+
+def test_resume_refuses_a_rotated_photo_under_the_same_path(checkpointed, capsys):
+    from PIL import Image
+
+    args, run = checkpointed
+    photo = Path(args[args.index("--image") + 1])
+    Image.open(photo).transpose(Image.Transpose.ROTATE_90).save(photo)
+    _resume_refused(capsys, args, run, f"data.image {photo} has other contents than the checkpoint's photo")
+
+
+def test_resume_names_the_setting_that_differs(checkpointed, capsys):
+    args, run = checkpointed
+    _resume_refused(capsys, args + ["--set", "train.seed=7", "--set", "loss.attn_weight=0.5"], run,
+                    "loss.attn_weight is 0.5, the checkpoint's 0.01", "train.seed is 7, the checkpoint's 0")
+
+
+def test_resume_takes_the_same_files_under_another_spelling(checkpointed, tmp_path, capsys):
+    args, run = checkpointed
+    (tmp_path / "elsewhere").symlink_to(tmp_path / "in")
+    respelled = [a.replace(str(tmp_path / "in"), str(tmp_path / "elsewhere" / "." )) for a in args]
+    assert respelled != args
+    assert main(respelled + ["--resume"]) == 0, capsys.readouterr().err
+
+
+def test_resume_refuses_another_base_model_before_writing(checkpointed, capsys):
+    args, run = checkpointed
+    _resume_refused(capsys, args + ["--base-model", "tiny-v"], run, "was trained on base model 'tiny'",
+                    "'tiny-v' is another model")
