@@ -325,8 +325,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from lowmcgm.models import load_base_model
     from lowmcgm.previews import save_loss_curve
     from lowmcgm.progress import ProgressPrinter
-    from lowmcgm.sampler import (TrainingPreviews, check_settings, no_mask_reason, plan_prompts, sample_artifact,
-                                 training_prompt_spec)
+    from lowmcgm.sampler import (TrainingPreviews, check_plans_fit, check_settings, no_mask_reason, plan_prompts,
+                                 sample_artifact, training_prompt_spec)
     from lowmcgm.trainer import check_inputs, train
 
     extra = {} if args.preview_every is None else {"output.preview_every": args.preview_every}
@@ -345,6 +345,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         check_inputs(cfg, args.resume, args.overwrite)
         previews = TrainingPreviews(out / "previews", plans[0], settings, cfg.train.phase1_steps)
         base = load_base_model(cfg.model.base_model, cfg.model.single_file_config)
+        check_plans_fit(plans, base)  # handles past the token window fail now, not after training
         with ProgressPrinter() as printer:
             with _out_of_memory_advice(cfg, args.preset):
                 artifact = train(cfg, on_progress=printer, resume=args.resume, base=base, on_preview=previews,

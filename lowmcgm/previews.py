@@ -105,11 +105,23 @@ def _cell_px(images: list[Image.Image]) -> int:
 
 
 def _clip_text(draw: ImageDraw.ImageDraw, text: str, width_px: int, font: ImageFont.ImageFont) -> str:
+    """``text`` cut to fit ``width_px`` with "..." appended, in time linear in its length.
+
+    Every glyph is at least a pixel wide, so no more than ``width_px`` characters can fit: the rest
+    is dropped unmeasured, and the longest prefix that fits is found by bisection (measuring one
+    character fewer at a time took minutes for a 2000-word prompt).
+    """
     if draw.textlength(text, font=font) <= width_px:
         return text
-    while text and draw.textlength(text + "...", font=font) > width_px:
-        text = text[:-1]
-    return text + "..."
+    text = text[:max(width_px, 0)]
+    low, high = 0, len(text)  # text[:low] + "..." fits (or low == 0); text[:high + 1] + "..." does not
+    while low < high:
+        mid = (low + high + 1) // 2
+        if draw.textlength(text[:mid] + "...", font=font) <= width_px:
+            low = mid
+        else:
+            high = mid - 1
+    return text[:low] + "..."
 
 
 @dataclass

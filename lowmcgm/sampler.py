@@ -50,6 +50,7 @@ from lowmcgm.pose_guidance import (DEFAULT_STRENGTH, GUIDANCE_MODES, LatentGuida
                                    guided_columns)
 from lowmcgm.previews import (SheetRow, mask_to_image, render_attention_picture, render_contact_sheet, save_json,
                               save_png)
+from lowmcgm.prompt_length import check_handles_fit
 from lowmcgm.run_folder import SAMPLE_FILES, check_sample_folder, clear_earlier_samples, earlier_samples
 from lowmcgm.write_guard import check_not_inputs
 
@@ -124,6 +125,7 @@ class PlannedPrompt:
     pose_files: list[str | None]
     pose_masks: list[np.ndarray | None]
     use_mask_tokens: bool
+    where: str = ""  # where the prompt came from, for messages (``--prompt 2``)
 
     @property
     def poses(self) -> dict[str, str]:
@@ -292,7 +294,8 @@ def plan_prompts(specs: list[PromptSpec], poses: dict[str, str], handles: list[s
         files = [spec.poses.get(h, spec.poses.get(ALL_HANDLES, poses.get(h, poses.get(ALL_HANDLES))))
                  for h in named]
         masks = [_read_pose(f, h, cache) if f is not None else None for h, f in zip(named, files)]
-        plans.append(PlannedPrompt(spec.text, named, files, masks, use_mask_tokens=no_masks_because is None))
+        plans.append(PlannedPrompt(spec.text, named, files, masks, use_mask_tokens=no_masks_because is None,
+                                   where=spec.where))
     for handle, file in poses.items():
         if handle != ALL_HANDLES and handle not in named_anywhere:
             raise UserError(f"--pose {handle}={file}: no prompt names {handle}.")
@@ -668,6 +671,15 @@ def write_samples(sampler: PoseSampler, plans: list[PlannedPrompt], settings: Sa
     return grid
 
 
+def check_plans_fit(plans: list[PlannedPrompt], base: BaseModel, report: ProgressFn | None = None) -> None:
+    """Refuse handles past the text encoder's token window (see ``prompt_length``); warn about cut prompts."""
+    def warn(text: str) -> None:
+        if report is not None:
+            report({"kind": "message", "level": "warning", "text": text})
+
+    check_handles_fit([(plan.where or "the prompt", plan.text, plan.handles) for plan in plans], base.tokenizer, warn)
+
+
 def _image_name(prompt_index: int, seed: int, settings: SampleSettings) -> str:
     return f"p{prompt_index:02d}-{seed - settings.seed:03d}-seed{seed}.png"  # run_folder.SAMPLE_IMAGE_GLOB
 
@@ -716,6 +728,7 @@ def sample_artifact(artifact_path: str | Path, specs: list[PromptSpec], poses: d
     out_dir = check_output_dir(str(out))
     base = base if base is not None else load_base_for(artifact, base_model)
     check_base_matches(artifact, base, artifact_path)
+    check_plans_fit(plans, base, report)
     size = int(artifact.meta.get("resolution") or base.resolution)
     settings = dataclasses.replace(settings, height=settings.height or size, width=settings.width or size,
                                    dtype=resolve_dtype(settings))

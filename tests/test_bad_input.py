@@ -739,3 +739,51 @@ def test_closed_pipe_ends_quietly(tmp_path):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=300) == 128 + 13, err
     assert err == ""
+
+
+# ------------------------------------------------------------------------------------------------
+# The 77-token window and long captions (issue 13, class 9)
+# ------------------------------------------------------------------------------------------------
+
+LONG = " ".join(["a dog on the beach with a cat"] * 12)  # 96 words, each one token of the tiny tokenizer
+
+
+def test_handle_past_the_token_window_is_refused(artifacts, tmp_path, capsys):
+    _refused(capsys, _sample_args(artifacts["tiny"], tmp_path / "out", "--prompt", "a photo of <asset1>",
+                                  "--prompt", f"{LONG} and <asset0>"),
+             ("--prompt 2: <asset0> is token 98 of the prompt", "past the text encoder's 75-token window",
+              "move it earlier"), tmp_path)
+
+
+def test_run_refuses_a_late_handle_before_training(files, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(trainer, "run_phase", lambda *a: pytest.fail("training started"))
+    args = ["run", *_one_step(files, tmp_path / "out")[1:], "--prompt", f"{LONG} <asset1>", "--steps", "1",
+            "--num-images", "1"]
+    _refused(capsys, args, ("--prompt 1: <asset1> is token 97",), tmp_path)
+
+
+def test_long_prompt_with_an_early_handle_warns_and_its_caption_is_clipped(artifacts, tmp_path, capsys):
+    words = " ".join(["dog cat bird person"] * 500)  # 2000 words
+    out = tmp_path / "out"
+    assert main(_sample_args(artifacts["tiny"], out, "--prompt", f"a photo of <asset0> {words}")) == 0
+    err = capsys.readouterr().err
+    assert "warning: --prompt 1 is 2004 tokens long; the text encoder reads the first 75" in err
+    assert (out / "grid.png").is_file()
+
+
+def test_caption_clipping_measures_logarithmically_often(monkeypatch):
+    from PIL import Image, ImageDraw
+
+    from lowmcgm import previews
+
+    draw = ImageDraw.Draw(Image.new("RGB", (10, 10)))
+    measured = []
+    real = ImageDraw.ImageDraw.textlength
+    monkeypatch.setattr(ImageDraw.ImageDraw, "textlength",
+                        lambda self, text, *a, **k: measured.append(len(text)) or real(self, text, *a, **k))
+    font = previews._font()
+    text = "a photo of <asset0> " + "dog " * 20000
+    clipped = previews._clip_text(draw, text, 300, font)
+    assert clipped.endswith("...") and text.startswith(clipped[:-3])
+    assert real(draw, clipped, font=font) <= 300 < real(draw, text[:len(clipped) - 2] + "...", font=font)
+    assert len(measured) <= 12 and max(measured[1:]) <= 303  # one full measure, then bisection over 300 chars
