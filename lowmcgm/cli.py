@@ -325,8 +325,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from lowmcgm.models import load_base_model
     from lowmcgm.previews import save_loss_curve
     from lowmcgm.progress import ProgressPrinter
-    from lowmcgm.sampler import (TrainingPreviews, check_plans_fit, check_settings, no_mask_reason, plan_prompts,
-                                 sample_artifact, training_prompt_spec)
+    from lowmcgm.sampler import (TrainingPreviews, check_plans_fit, check_pose_crops, check_settings, no_mask_reason,
+                                 plan_prompts, sample_artifact, training_prompt_spec)
     from lowmcgm.trainer import check_inputs, train
 
     extra = {} if args.preview_every is None else {"output.preview_every": args.preview_every}
@@ -346,6 +346,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         previews = TrainingPreviews(out / "previews", plans[0], settings, cfg.train.phase1_steps)
         base = load_base_model(cfg.model.base_model, cfg.model.single_file_config)
         check_plans_fit(plans, base)  # handles past the token window fail now, not after training
+        size = cfg.model.resolution or base.resolution  # what sampling draws at unless --height/--width
+        check_pose_crops(plans, settings.height or size, settings.width or size)
         with ProgressPrinter() as printer:
             with _out_of_memory_advice(cfg, args.preset):
                 artifact = train(cfg, on_progress=printer, resume=args.resume, base=base, on_preview=previews,

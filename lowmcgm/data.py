@@ -25,6 +25,9 @@ from lowmcgm.images import open_image
 OVERLAP_WARN_FRACTION = 0.5
 # A mask that covers (almost) everything leaves no background to separate concepts from.
 FULL_MASK_FRACTION = 0.99
+# A mask the centre crop cuts down to less than this share of its pixels has lost its subject (a
+# sliver at the edge teaches the handle nothing, and poses it nowhere): refused in training and sampling.
+MIN_KEPT_BY_CROP = 0.1
 
 
 @dataclass
@@ -125,6 +128,35 @@ def resize_crop(img: Image.Image, size_px: int, resample: int) -> Image.Image:
     return img.crop((left, top, left + size_px, top + size_px))
 
 
+def kept_by_center_crop(mask: np.ndarray, width: int, height: int) -> float:
+    """The share of ``mask``'s pixels inside the centre crop that covering ``width`` x ``height`` keeps.
+
+    Args:
+        mask: (H, W) bool, at its own size (the crop is scaled to it: no resize needed).
+    """
+    h, w = mask.shape
+    scale = max(width / w, height / h)
+    crop_w, crop_h = width / scale, height / scale  # the crop window in the mask's own pixels
+    left, top = round((w - crop_w) / 2), round((h - crop_h) / 2)
+    total = int(mask.sum())
+    inside = int(mask[top:top + round(crop_h), left:left + round(crop_w)].sum())
+    return inside / total if total else 0.0
+
+
+def check_center_crop_keeps(mask: np.ndarray, width: int, height: int, what: str) -> None:
+    """Refuse a mask whose subject the centre crop cuts (almost) away: training and sampling alike.
+
+    Args:
+        what: the message's subject, e.g. ``Mask cat.png`` or ``Pose run.png for <asset0>``.
+    """
+    kept = kept_by_center_crop(mask, width, height)
+    if kept < MIN_KEPT_BY_CROP:
+        h, w = mask.shape
+        raise UserError(f"{what} keeps only {kept:.0%} of its pixels in the central {width}x{height} crop of its "
+                        f"{w}x{h} picture (at least {MIN_KEPT_BY_CROP:.0%} needed): its subject lies outside the "
+                        "central square of the photo; crop the photo (or draw the mask) around it.")
+
+
 def load_concept_image(image_path: str, mask_paths: list[str], size_px: int) -> tuple[ConceptImage, list[str]]:
     """Read, check, and jointly resize/crop the photo and its masks.
 
@@ -140,11 +172,13 @@ def load_concept_image(image_path: str, mask_paths: list[str], size_px: int) -> 
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
     resized = []
     for mask, path in zip(binary, mask_paths):
+        check_center_crop_keeps(mask, size_px, size_px, f"Mask {path}")
         m = resize_crop(Image.fromarray(mask.astype(np.uint8) * 255), size_px, Image.Resampling.NEAREST)
         m = torch.from_numpy(np.asarray(m, dtype=np.float32) / 255.0 > 0.5).float()
-        if m.sum() == 0:
-            raise UserError(f"Mask {path} is empty after center-cropping to a square: its subject "
-                            "lies outside the central square of the photo; crop the photo first.")
+        if m.sum() == 0:  # inside the crop, but too thin to survive the resize
+            raise UserError(f"Mask {path} is empty after center-cropping to a square and resizing to {size_px} px: "
+                            "its subject lies outside the central square of the photo or is too thin; crop the "
+                            "photo first.")
         resized.append(m)
     return ConceptImage(image=pixels.contiguous(), masks=torch.stack(resized)), warnings
 

@@ -38,7 +38,7 @@ from lowmcgm import __version__
 from lowmcgm.artifact import Artifact, file_sha256, load_artifact
 from lowmcgm.attention_capture import (CapturingCrossAttnProcessor, CrossAttentionStore, install_capture,
                                        loss_layer_names, remove_capture)
-from lowmcgm.data import build_prompt, load_mask
+from lowmcgm.data import build_prompt, check_center_crop_keeps, load_mask
 from lowmcgm.errors import UserError
 from lowmcgm.handles import HANDLE_PATTERN
 from lowmcgm.limits import MAX_RESOLUTION_PX, MAX_SEED
@@ -671,6 +671,14 @@ def write_samples(sampler: PoseSampler, plans: list[PlannedPrompt], settings: Sa
     return grid
 
 
+def check_pose_crops(plans: list[PlannedPrompt], height: int, width: int) -> None:
+    """Refuse a pose whose subject the centre crop to (height, width) cuts away, as training refuses a mask."""
+    for plan in plans:
+        for handle, file, mask in zip(plan.handles, plan.pose_files, plan.pose_masks):
+            if mask is not None and plan.use_mask_tokens:
+                check_center_crop_keeps(mask, width, height, f"Pose {file} for {handle}")
+
+
 def check_plans_fit(plans: list[PlannedPrompt], base: BaseModel, report: ProgressFn | None = None) -> None:
     """Refuse handles past the text encoder's token window (see ``prompt_length``); warn about cut prompts."""
     def warn(text: str) -> None:
@@ -732,6 +740,7 @@ def sample_artifact(artifact_path: str | Path, specs: list[PromptSpec], poses: d
     size = int(artifact.meta.get("resolution") or base.resolution)
     settings = dataclasses.replace(settings, height=settings.height or size, width=settings.width or size,
                                    dtype=resolve_dtype(settings))
+    check_pose_crops(plans, settings.height, settings.width)
     if overwrite:  # every check passed: the earlier samples give way
         clear_earlier_samples(out_dir)
     sampler = build_sampler(base, artifact, settings)

@@ -787,3 +787,31 @@ def test_caption_clipping_measures_logarithmically_often(monkeypatch):
     assert clipped.endswith("...") and text.startswith(clipped[:-3])
     assert real(draw, clipped, font=font) <= 300 < real(draw, text[:len(clipped) - 2] + "...", font=font)
     assert len(measured) <= 12 and max(measured[1:]) <= 303  # one full measure, then bisection over 300 chars
+
+
+# ------------------------------------------------------------------------------------------------
+# A mask the centre crop cuts away: refused by training and sampling alike (issue 13, class 11)
+# ------------------------------------------------------------------------------------------------
+
+def test_mask_cut_away_by_the_centre_crop_is_refused_by_train_and_sample(files, artifacts, tmp_path, capsys):
+    wide = tmp_path / "wide"
+    wide.mkdir()
+    Image.new("RGB", (3 * SIZE, SIZE), (40, 160, 60)).save(wide / "photo.png")
+    edge = np.zeros((SIZE, 3 * SIZE), np.uint8)
+    edge[20:80, 2:30] = 255  # a subject at the left edge, outside the central square
+    Image.fromarray(edge).save(wide / "edge.png")
+    inside = np.zeros((SIZE, 3 * SIZE), np.uint8)
+    inside[20:80, 130:170] = 255
+    Image.fromarray(inside).save(wide / "inside.png")
+    fragment = "keeps only 0% of its pixels in the central"
+    _refused(capsys, _train_args(files, tmp_path / "out", image=str(wide / "photo.png"),
+                                 masks=(str(wide / "inside.png"), str(wide / "edge.png"))),
+             (f"Mask {wide / 'edge.png'} {fragment}",), tmp_path)
+    _refused(capsys, _sample_args(artifacts["tiny"], tmp_path / "out", "--prompt", "a photo of <asset0>",
+                                  "--pose", f"asset0={wide / 'edge.png'}"),
+             (f"Pose {wide / 'edge.png'} for <asset0> {fragment} 64x64 crop",), tmp_path)
+    _refused(capsys, ["run", *_one_step(files, tmp_path / "out")[1:], "--prompt", "a photo of <asset0>",
+                      "--pose", f"asset0={wide / 'edge.png'}", "--steps", "1", "--num-images", "1"],
+             (f"Pose {wide / 'edge.png'} for <asset0> {fragment}",), tmp_path)
+    assert main(_sample_args(artifacts["tiny"], tmp_path / "ok", "--prompt", "a photo of <asset0>",
+                             "--pose", f"asset0={wide / 'inside.png'}")) == 0
