@@ -439,10 +439,11 @@ def _cmd_import_lora(args: argparse.Namespace) -> int:
 def _cmd_estimate(args: argparse.Namespace) -> int:
     from lowmcgm.config import parse_set, resolve_config
     from lowmcgm.memory.estimate import check_and_suggest, estimate_to_json, format_estimate
+    from lowmcgm.limits import MAX_RESOLUTION_PX
 
     cfg = resolve_config(args.preset, args.config, parse_set(args.set))
-    if args.resolution is not None and (args.resolution <= 0 or args.resolution % 8):
-        raise UserError(f"--resolution must be a positive multiple of 8 (got {args.resolution}).")
+    if args.resolution is not None and not (0 < args.resolution <= MAX_RESOLUTION_PX and args.resolution % 8 == 0):
+        raise UserError(f"--resolution must be a positive multiple of 8 up to {MAX_RESOLUTION_PX} (got {args.resolution}).")
     est, card, suggestions = check_and_suggest(cfg, args.base_model, args.resolution, args.card, args.preset)
     print(estimate_to_json(est, suggestions, card) if args.json else format_estimate(est, card, suggestions))
     return 0

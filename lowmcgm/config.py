@@ -284,7 +284,9 @@ _LEARNING_RATES = ("train.handle_lr", "train.mask_encoder_lr", "train.phase2_han
                    "train.phase2_mask_encoder_lr", "train.lora_lr", "train.text_encoder_lr")
 # Upper bounds of the numbers that size an allocation or a generator (see limits.py for the sources).
 _AT_MOST = {"model.resolution": MAX_RESOLUTION_PX, "lora.rank": MAX_LORA_RANK, "train.batch_size": 1024,
-            "train.num_class_images": 100_000, "train.seed": MAX_SEED}
+            "train.num_class_images": 100_000, "train.seed": MAX_SEED,
+            # Phase 2 may encode every ordered subset of the concepts once: 109,600 prompts for 8.
+            "data.max_concepts": 8}
 
 
 def _non_finite(cfg: Config) -> list[str]:

@@ -67,6 +67,9 @@ SCHEDULERS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "dpmpp_2m": ("DPM++ 2M", lambda config: DPMSolverMultistepScheduler.from_config(
         config, algorithm_type="dpmsolver++", solver_order=2)),
 }
+# Counts bounded before anything is allocated: a batch is allocated at once; steps past the
+# schedulers' 1000 training timesteps repeat timesteps; 10000 images fill a disk with PNGs.
+SAMPLE_COUNT_LIMITS = {"num_images": 10_000, "steps": 1000, "batch_size": 256}
 SAMPLE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 ATTN_PICTURE_DOWNSCALE = 0  # attention pictures read the layers the default attention loss trains (auto)
 
@@ -102,11 +105,13 @@ class PromptSpec:
         text: the prompt, e.g. ``a photo of <asset0> on the beach``.
         poses: handle (``<asset0>`` or ``all``) -> mask file.
         where: where it came from, for messages (``--prompt 1``, ``prompts.txt line 3``).
+        file: the prompts file it was read from, or '' (an input no output may replace).
     """
 
     text: str
     poses: dict[str, str] = field(default_factory=dict)
     where: str = "--prompt"
+    file: str = ""
 
 
 @dataclass
@@ -138,9 +143,9 @@ class PlannedPrompt:
 def check_settings(settings: SampleSettings) -> None:
     """Refuse impossible sampling settings with one UserError listing all problems."""
     problems = []
-    for name in ("num_images", "steps", "batch_size"):
-        if getattr(settings, name) < 1:
-            problems.append(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(settings, name)})")
+    for name, most in SAMPLE_COUNT_LIMITS.items():
+        if not 1 <= getattr(settings, name) <= most:
+            problems.append(f"--{name.replace('_', '-')} must be between 1 and {most} (got {getattr(settings, name)})")
     for name in ("height", "width"):
         value = getattr(settings, name)
         if value < 0 or value % 8 or value > MAX_RESOLUTION_PX:
@@ -222,7 +227,8 @@ def load_prompts_file(path: str | Path) -> list[PromptSpec]:
         where = f"{path.name} line {number}"
         if not text.strip():
             raise UserError(f"{where} has poses but no prompt before the first '|'.")
-        specs.append(PromptSpec(text.strip(), parse_poses(pose_items, where, relative_to=path.parent), where))
+        specs.append(PromptSpec(text.strip(), parse_poses(pose_items, where, relative_to=path.parent), where,
+                                file=str(path)))
     if not specs:
         raise UserError(f"Prompts file {path} has no prompts (one per line).")
     return specs
@@ -730,7 +736,7 @@ def sample_artifact(artifact_path: str | Path, specs: list[PromptSpec], poses: d
     plans = plan_prompts(specs, poses, artifact.handles, no_mask_reason(settings, artifact),
                          guided=settings.pose_guidance != "none")
     check_sample_folder(Path(out).expanduser(), overwrite)
-    inputs = [artifact_path] + [f for plan in plans for f in plan.pose_files if f]
+    inputs = [artifact_path, *(s.file for s in specs)] + [f for plan in plans for f in plan.pose_files if f]
     check_not_inputs(sample_files(plans, settings, Path(out).expanduser()) + earlier_samples(Path(out).expanduser()),
                      inputs)
     out_dir = check_output_dir(str(out))

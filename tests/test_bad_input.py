@@ -582,6 +582,7 @@ SAMPLE_SETTING_CASES = {
     "guidance scale infinite": (("--guidance-scale", "inf"), ("--guidance-scale must be a finite number",)),
     "seed beyond 64 bits": (("--seed", str(2**70)), ("--seed must be between 0 and",)),
     "height huge": (("--height", "65536"), ("--height must be a positive multiple of 8 up to 2048",)),
+    "batch huge": (("--batch-size", "1000000"), ("--batch-size must be between 1 and 256",)),
 }
 
 
@@ -674,6 +675,11 @@ def test_sample_never_removes_a_pose_it_reads(artifacts, files, tmp_path, capsys
     _refused(capsys, args + ["--pose", f"asset0={pose}", "--overwrite"], ("is also an input of this command",),
              tmp_path)
     assert _sha(pose) == before
+    prompts = out / "samples.json"
+    prompts.write_text("a photo of <asset0>\n")  # a prompts file under the name of the index
+    _refused(capsys, _sample_args(artifacts["tiny"], out, "--prompts", str(prompts), "--overwrite"),
+             ("samples.json is also an input of this command",), tmp_path)
+    assert prompts.read_text() == "a photo of <asset0>\n"
 
 
 def _one_step(files, out: Path, *extra: str) -> list[str]:
