@@ -193,7 +193,8 @@ def test_prior_preservation_generates_class_images_once(photo, tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == ["class_00000.png", "class_00001.png"]
     assert sum("Generating 2 class images" in e.get("text", "") for e in events) == 1
     events.clear()
-    train(_cfg(photo, tmp_path / "run", **over), on_progress=events.append)  # cached: not generated again
+    # A second run in the folder replaces the first (--overwrite) and keeps its class images: not generated again.
+    train(_cfg(photo, tmp_path / "run", **over), on_progress=events.append, overwrite=True)
     assert not any("Generating" in e.get("text", "") for e in events)
 
 
