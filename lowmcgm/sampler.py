@@ -681,7 +681,7 @@ def check_pose_crops(plans: list[PlannedPrompt], height: int, width: int) -> Non
     """Refuse a pose whose subject the centre crop to (height, width) cuts away, as training refuses a mask."""
     for plan in plans:
         for handle, file, mask in zip(plan.handles, plan.pose_files, plan.pose_masks):
-            if mask is not None and plan.use_mask_tokens:
+            if mask is not None:  # used by a mask token or by pose guidance alike
                 check_center_crop_keeps(mask, width, height, f"Pose {file} for {handle}")
 
 
