@@ -530,7 +530,7 @@ FIT_CASES = {
     "text-encoder target typo": (("--set", "lora.use_text_encoder_lora=true", "--set", "lora.text_encoder_targets=qproj"),
                                  ("lora.text_encoder_targets names 'qproj'", "'q_proj'")),
     "resolution not a multiple of the UNet's step": (("--set", "model.resolution=24"), ("multiple of 16",)),
-    "resolution beyond the model family": (("--set", "model.resolution=512"), ("outside 16-128 px",)),
+    "resolution beyond the model family": (("--set", "model.resolution=512"), ("is past 128 px, twice the size",)),
 }
 
 
