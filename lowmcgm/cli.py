@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-model", default="toy", help="the model to learn on (default toy, the bundled toy-world "
                                                        "model)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo run in --out")
+    p.add_argument("--guidance", choices=("none", "attention", "latent"),
+                   help="pose guidance while sampling, as for run and sample (default none)")
     p = sub.add_parser("export", help="write the LoRA and handles for A1111, ComfyUI, kohya or diffusers")
     p.add_argument("artifact", help="the .safetensors file 'train' wrote")
     p.add_argument("--format", required=True, metavar="kohya|embeddings|diffusers",
@@ -321,46 +323,21 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from lowmcgm.handles import check_handle_names
-    from lowmcgm.models import load_base_model
-    from lowmcgm.previews import save_loss_curve
     from lowmcgm.progress import ProgressPrinter
-    from lowmcgm.sampler import (TrainingPreviews, check_plans_fit, check_pose_crops, check_settings, no_mask_reason,
-                                 plan_prompts, sample_artifact, training_prompt_spec)
-    from lowmcgm.trainer import check_inputs, train
+    from lowmcgm.run import train_then_sample
 
     extra = {} if args.preview_every is None else {"output.preview_every": args.preview_every}
     cfg = _train_config(args, extra)
     specs, poses, settings = _sample_inputs(args)
-    check_settings(settings)
-    handles = check_handle_names(list(cfg.data.handles), len(cfg.data.masks))
-    reason = no_mask_reason(settings, trained_with_mask_tokens=cfg.loss.use_mask_tokens)
-    if not specs:  # the training prompt, each handle posed by its own training mask
-        specs = [training_prompt_spec(handles, [] if reason else list(cfg.data.masks))]
-    # Prompts and poses are checked against the handles to be trained before any weights load.
-    plans = plan_prompts(specs, poses, handles, reason, guided=settings.pose_guidance != "none")
-    out = Path(cfg.output.out).expanduser()
-    with hold_folder(out):
-        # Photo, masks and output folder, before the weights load (train repeats it).
-        check_inputs(cfg, args.resume, args.overwrite)
-        previews = TrainingPreviews(out / "previews", plans[0], settings, cfg.train.phase1_steps)
-        base = load_base_model(cfg.model.base_model, cfg.model.single_file_config)
-        check_plans_fit(plans, base)  # handles past the token window fail now, not after training
-        size = cfg.model.resolution or base.resolution  # what sampling draws at unless --height/--width
-        check_pose_crops(plans, settings.height or size, settings.width or size)
-        with ProgressPrinter() as printer:
-            with _out_of_memory_advice(cfg, args.preset):
-                artifact = train(cfg, on_progress=printer, resume=args.resume, base=base, on_preview=previews,
-                                 overwrite=args.overwrite)
-            save_loss_curve(out / "loss_history.json", out / "loss_curve.png")
-            # train() leaves its handles, adapters and capture processors in `base`; sampling writes the
-            # artifact's values over them (sampler.apply_artifact), so the base model is loaded once.
-            # Samples of the run this one continues or replaces give way.
-            with _out_of_memory_advice():
-                grid = sample_artifact(artifact, specs, poses, settings, out / "samples", base=base, report=printer,
-                                       overwrite=True)
-    print(f"Artifact: {artifact}\nPreviews: {out / 'previews'}\nLoss curve: {out / 'loss_curve.png'}\n"
-          f"Samples: {grid.parent} (contact sheet: {grid})")
+
+    def guard(stage: str) -> Any:
+        return _out_of_memory_advice(cfg, args.preset) if stage == "train" else _out_of_memory_advice()
+
+    with ProgressPrinter() as printer:
+        result = train_then_sample(cfg, specs, poses, settings, resume=args.resume, overwrite=args.overwrite,
+                                   on_progress=printer, guard=guard)
+    print(f"Artifact: {result.artifact}\nPreviews: {result.previews}\nLoss curve: {result.loss_curve}\n"
+          f"Samples: {result.grid.parent} (contact sheet: {result.grid})")
     return 0
 
 
@@ -376,6 +353,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     out = check_output_dir(args.out)
     argv = demo_run_arguments(write_demo_inputs(out / "inputs", size_px), out, args.base_model)
     argv += ["--overwrite"] if args.overwrite else []
+    argv += ["--guidance", args.guidance] if args.guidance else []
     print(f"The demo is: lowmcgm {shlex.join(argv)}")
     return _cmd_run(build_parser().parse_args(argv))
 
