@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ContextManager
 
+from lowmcgm import models  # the module, not its function: a test replaces the loader
 from lowmcgm.config import Config
 from lowmcgm.handles import check_handle_names
-from lowmcgm.models import load_base_model
 from lowmcgm.previews import save_loss_curve
 from lowmcgm.run_folder import hold_folder
 from lowmcgm.sampler import (PromptSpec, SampleSettings, TrainingPreviews, check_plans_fit, check_pose_crops,
@@ -65,7 +65,7 @@ def train_then_sample(cfg: Config, specs: list[PromptSpec], poses: dict[str, str
     with hold_folder(out):
         check_inputs(cfg, resume, overwrite)  # photo, masks, output folder (train repeats it)
         previews = TrainingPreviews(out / "previews", plans[0], settings, cfg.train.phase1_steps)
-        base = load_base_model(cfg.model.base_model, cfg.model.single_file_config)
+        base = models.load_base_model(cfg.model.base_model, cfg.model.single_file_config)
         check_plans_fit(plans, base)  # handles past the token window fail now, not after training
         size = cfg.model.resolution or base.resolution  # what sampling draws at unless --height/--width
         check_pose_crops(plans, settings.height or size, settings.width or size)
