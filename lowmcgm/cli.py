@@ -57,7 +57,7 @@ def _add_sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", choices=("none", "attention", "latent"),
                    help="pose guidance: pull each posed handle into its pose mask through cross-attention; "
                         "attention biases its logits (almost free), latent steps the latent along an "
-                        "attention energy (a UNet backward per guided step) (default none)")
+                        "attention energy (a UNet backward per guided step); none turns it off (default latent)")
     p.add_argument("--guidance-strength", type=float,
                    help="pose guidance strength; 0 takes the mode's default (default 0)")
     p.add_argument("--guidance-steps", type=int,
@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "model)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo run in --out")
     p.add_argument("--guidance", choices=("none", "attention", "latent"),
-                   help="pose guidance while sampling, as for run and sample (default none)")
+                   help="pose guidance while sampling, as for run and sample (default latent)")
     p = sub.add_parser("export", help="write the LoRA and handles for A1111, ComfyUI, kohya or diffusers")
     p.add_argument("artifact", help="the .safetensors file 'train' wrote")
     p.add_argument("--format", required=True, metavar="kohya|embeddings|diffusers",

@@ -89,7 +89,9 @@ class SampleSettings:
     batch_size: int = 1  # images per pipeline call
     dtype: str = ""  # "": fp16 on a CUDA GPU, fp32 on the CPU (half precision is ~100x slower there)
     use_mask_tokens: bool = True  # False: --no-mask, plain Break-a-scene sampling
-    pose_guidance: str = "none"  # none | attention | latent (pose_guidance.GUIDANCE_MODES)
+    # none | attention | latent (pose_guidance.GUIDANCE_MODES); latent drew the target poses best in
+    # the pose benchmark (docs/benchmarks.md). It changes nothing where no pose is given.
+    pose_guidance: str = "latent"
     pose_guidance_strength: float = 0.0  # 0: the mode's default (pose_guidance.DEFAULT_STRENGTH)
     pose_guidance_steps: int = 0  # steps guided, fading out; 0: the first half of the steps
     use_vae_slicing: bool = False

@@ -156,7 +156,7 @@ def test_pose_benchmark_writes_table_figure_and_reuses_records(toy_model_folder,
     text = (tmp_path / "results.md").read_text()
     assert "python tools/bench_pose.py --model" in text and "Subjects: 1 (1 photos, 1 pairs" in text
     assert "| MCGM+latent |" in text and "(x" in text  # guided rows give their time against unguided
-    assert (tmp_path / "figure.png").stat().st_size > 0
+    assert (tmp_path / "figure.png").stat().st_size > 0 and (tmp_path / "before_after.png").stat().st_size > 0
     record = json.loads((tmp_path / "results.json").read_text())["records"][0]
     photo = tmp_path / "photos" / record["key"]
     assert {r["condition"] for r in record["images"]} == set(names)

@@ -30,7 +30,8 @@ Measured on every image with the toy world's segmentation (``lowmcgm.toy.metrics
 - prompt following: the background class is the prompt's.
 
 Writes ``results.md`` (tables and the command), ``results.json`` (every image's figures),
-``figure.png`` (source, target masks, outputs side by side) and every image under ``photos/``.
+``figure.png`` (source, target masks, outputs side by side), ``before_after.png`` (MCGM without and
+with the default pose guidance, same seeds) and every image under ``photos/``.
 Each photo's figures are kept in ``photos/<id>/record.json``: a rerun with the same settings and
 ``--out`` reuses them, so a long run that was stopped continues where it was.
 """
@@ -377,8 +378,9 @@ def _composite(photo_kinds: list[str], masks: list[np.ndarray]) -> Image.Image:
     return Image.fromarray(out)
 
 
-def render_figure(records: list[dict], out_dir: Path, max_rows: int) -> Image.Image:
-    """Rows of source photo, target masks, then seed 0 of each condition."""
+def render_figure(records: list[dict], out_dir: Path, max_rows: int,
+                  conditions: list[Condition] | None = None) -> Image.Image:
+    """Rows of source photo, target masks, then seed 0 of each condition (default: all)."""
     from lowmcgm.previews import SheetRow, render_contact_sheet
 
     rows = []
@@ -393,7 +395,7 @@ def render_figure(records: list[dict], out_dir: Path, max_rows: int) -> Image.Im
             row = SheetRow(title=f"{rec['key']}: {subjects}; {rec['background']} -> {target['background']}",
                            poses=[("source", Image.open(folder / "photo.png")),
                                   ("target masks", _composite(rec["kinds"], masks))])
-            for c in CONDITIONS:
+            for c in conditions or CONDITIONS:
                 r = by_condition[c.name]
                 row.images.append((f"{c.label} {np.mean(r['iou']):.2f}", Image.open(folder / r["file"])))
             rows.append(row)
@@ -452,6 +454,8 @@ def main(argv=None) -> dict:
     import torch
     import transformers.utils.logging
 
+    from lowmcgm.sampler import SampleSettings
+
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     command = shlex.join(["python", "tools/bench_pose.py", *argv])
@@ -482,6 +486,10 @@ def main(argv=None) -> dict:
     (args.out / "results.json").write_text(json.dumps({"command": command, "summary": summary,
                                                        "records": records}, indent=1) + "\n")
     render_figure(records, args.out, args.figure_rows).save(args.out / "figure.png")
+    # The same seeds with and without the default pose guidance (the README's before/after).
+    pair = [c for c in CONDITIONS if c.name in ("mcgm", f"mcgm+{SampleSettings.pose_guidance}")]
+    if len(pair) == 2:
+        render_figure(records, args.out, args.figure_rows, pair).save(args.out / "before_after.png")
     report = write_report(args.out, summary, command, args, note)
     print(markdown_tables(summary))
     print(f"Wrote {report}, {args.out / 'results.json'}, {args.out / 'figure.png'}")
