@@ -2,7 +2,7 @@
 
 Phase 1 trains only the handle embeddings and the mask encoder against the frozen model; phase 2
 adds LoRA adapters to the UNet (optionally the text encoder) while the handles and the encoder keep
-training. The recipe, and where it deviates from the reference code, is in ``shared/METHOD.md``.
+training. The recipe, and where it deviates from the reference code, is in docs/method.md.
 Reading order: ``train`` -> ``run_phase`` -> ``compute_step_loss``.
 """
 

@@ -44,7 +44,8 @@ GiB = 2**30
 MiB = 2**20
 # Card sizes a user picks between. Cards are sold by binary gigabytes: an "8 GB" card has 8192 MiB.
 CARD_TIERS_GIB = (4, 6, 8, 10, 12, 16, 24)
-# What a real card needs beyond the traced peak (max_memory_allocated), from shared/memory/README.md:
+# What a real card needs beyond the traced peak (max_memory_allocated); typical ranges, quoted, as
+# docs/benchmarks.md (Memory) states them:
 CUDA_CONTEXT_BYTES = 512 * MiB  # "CUDA context 0.3-0.6 GiB": toward the top of the range
 WORKSPACE_BYTES = 100 * MiB  # "cuBLAS/cuDNN workspaces up to about 100 MiB"
 ALLOCATOR_SLACK = 0.10  # "caching-allocator slack 5-20 %" (max_memory_reserved over allocated): mid-range
