@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lowmcgm import __version__
+from lowmcgm.dtypes import torch_dtype
 from lowmcgm.errors import UserError
 from lowmcgm.limits import MAX_LORA_RANK, MAX_MASK_SIZE, MAX_RESOLUTION_PX, MAX_TEXT_WIDTH
 from lowmcgm.write_guard import writing
@@ -38,7 +39,6 @@ CHECKPOINT_FORMAT_VERSION = 1
 MAX_HEADER_BYTES = 16 * 2**20
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 _FLOAT_DTYPES = {"F32", "F16", "BF16"}
-SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
@@ -205,7 +205,7 @@ _JSON_META = ("handles", "init_words", "lora", "training_config")
 
 def save_artifact(artifact: Artifact, path: Path, dtype: str = "fp16") -> None:
     """Write the artifact (weights in ``dtype``) atomically, with its metadata."""
-    cast = SAVE_DTYPES[dtype]
+    cast = torch_dtype(dtype)
     tensors = {"handles.vectors": artifact.handle_vectors.to(cast)}
     tensors.update({f"mask_encoder.{k}": v.to(cast) for k, v in artifact.mask_encoder.items()})
     tensors.update({f"unet.{k}": v.to(cast) for k, v in artifact.unet_lora.items()})

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from lowmcgm import __version__
+from lowmcgm.dtypes import DTYPE_NAMES
 from lowmcgm.errors import UserError
 from lowmcgm.run_folder import hold_folder, run_files
 from lowmcgm.signals import exit_code, route_stop_signals, signal_name
@@ -71,7 +72,7 @@ def _add_sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--height", type=int, help="pixels (default: the artifact's training resolution)")
     p.add_argument("--width", type=int, help="pixels (default: the artifact's training resolution)")
     p.add_argument("--batch-size", type=int, help="images per denoising batch (default 1)")
-    p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), help="(default fp16 on a GPU, fp32 on the CPU)")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, help="(default fp16 on a GPU, fp32 on the CPU)")
     p.add_argument("--vae-slicing", action="store_true", help="decode a batch one image at a time (less memory)")
     p.add_argument("--vae-tiling", action="store_true", help="decode in tiles (large images, less memory)")
     p.add_argument("--cpu-offload", action="store_true",

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lowmcgm.dtypes import DTYPE_NAMES
 from lowmcgm.errors import UserError
 from lowmcgm.limits import MAX_LORA_RANK, MAX_RESOLUTION_PX, MAX_SEED
 
@@ -276,7 +277,7 @@ _CHOICES = {
     "loss.mask_token_norm": ("none", "layernorm"),
     "lora.phase2_mode": ("lora", "full"),
     "train.optimizer": ("adamw8bit", "adamw"),
-    "output.save_dtype": ("fp16", "bf16", "fp32"),
+    "output.save_dtype": DTYPE_NAMES,
 }
 
 

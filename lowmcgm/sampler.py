@@ -39,6 +39,7 @@ from lowmcgm.artifact import Artifact, file_sha256, load_artifact
 from lowmcgm.attention_capture import (CapturingCrossAttnProcessor, CrossAttentionStore, install_capture,
                                        loss_layer_names, remove_capture)
 from lowmcgm.data import build_prompt, check_center_crop_keeps, load_mask
+from lowmcgm.dtypes import DTYPE_NAMES, torch_dtype
 from lowmcgm.errors import UserError
 from lowmcgm.handles import HANDLE_PATTERN
 from lowmcgm.limits import MAX_RESOLUTION_PX, MAX_SEED
@@ -70,7 +71,6 @@ SCHEDULERS: dict[str, tuple[str, Callable[[Any], Any]]] = {
 # Counts bounded before anything is allocated: a batch is allocated at once; steps past the
 # schedulers' 1000 training timesteps repeat timesteps; 10000 images fill a disk with PNGs.
 SAMPLE_COUNT_LIMITS = {"num_images": 10_000, "steps": 1000, "batch_size": 256}
-SAMPLE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 ATTN_PICTURE_DOWNSCALE = 0  # attention pictures read the layers the default attention loss trains (auto)
 
 
@@ -158,8 +158,8 @@ def check_settings(settings: SampleSettings) -> None:
         problems.append(f"--seed must be between 0 and {MAX_SEED - settings.num_images} (got {settings.seed})")
     if settings.scheduler not in SCHEDULERS:
         problems.append(f"--scheduler must be one of {', '.join(SCHEDULERS)} (got '{settings.scheduler}')")
-    if settings.dtype and settings.dtype not in SAMPLE_DTYPES:
-        problems.append(f"--dtype must be one of {', '.join(SAMPLE_DTYPES)} (got '{settings.dtype}')")
+    if settings.dtype and settings.dtype not in DTYPE_NAMES:
+        problems.append(f"--dtype must be one of {', '.join(DTYPE_NAMES)} (got '{settings.dtype}')")
     if settings.pose_guidance not in GUIDANCE_MODES:
         problems.append(f"--guidance must be one of {', '.join(GUIDANCE_MODES)} (got '{settings.pose_guidance}')")
     if not math.isfinite(settings.pose_guidance_strength) or settings.pose_guidance_strength < 0:
@@ -578,7 +578,7 @@ def build_sampler(base: BaseModel, artifact: Artifact, settings: SampleSettings)
     """Apply the artifact to ``base`` and place everything for sampling (device, dtype, VAE options)."""
     encoder = apply_artifact(base, artifact)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = SAMPLE_DTYPES[resolve_dtype(settings)]
+    dtype = torch_dtype(resolve_dtype(settings))
     pipe = build_pipeline(base, settings.scheduler)
     for module in (base.unet, base.text_encoder, base.vae):
         if module.dtype != dtype:  # diffusers warns about every cast, even to the same dtype

@@ -28,6 +28,7 @@ from lowmcgm.attention_capture import CrossAttentionStore, install_capture, loss
 from lowmcgm.config import Config
 from lowmcgm.data import (ConceptImage, apply_affine, build_encoder_masks, build_prompt, draw_affine,
                           load_concept_image, resize_masks, sample_concepts, sample_num_concepts, solid_background)
+from lowmcgm.dtypes import precision_dtype
 from lowmcgm.errors import UserError
 from lowmcgm.handles import check_handle_names, handle_positions
 from lowmcgm.losses import LossParts, compute_attention_loss, compute_masked_diffusion_loss, compute_total_loss
@@ -45,7 +46,6 @@ from lowmcgm.write_guard import check_not_inputs
 
 ProgressFn = Callable[[dict[str, Any]], None]
 PreviewFn = Callable[["Setup", "TrainState"], None]
-WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -260,7 +260,7 @@ def prepare_setup(cfg: Config, base: BaseModel, concept: ConceptImage, handle_na
     (a random photo, a stand-in accelerator, random class latents): the memory it reports is this code's.
     """
     device = accelerator.device
-    weight_dtype = WEIGHT_DTYPES[accelerator.mixed_precision]
+    weight_dtype = precision_dtype(accelerator.mixed_precision)
     resolution = concept.image.shape[-1]
     mcgm = MCGMState.install(base, handle_names, list(cfg.data.init_words), cfg.loss.use_mask_tokens,
                              cfg.train.seed, device, cfg.loss.mask_encoder_input, cfg.loss.mask_token_norm)

@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from lowmcgm import __version__
-from lowmcgm.artifact import SAVE_DTYPES, Artifact, atomic_save, load_artifact
+from lowmcgm.artifact import Artifact, atomic_save, load_artifact
+from lowmcgm.dtypes import DTYPE_NAMES, torch_dtype
 from lowmcgm.errors import UserError
 from lowmcgm.write_guard import check_new_files, check_not_inputs, check_writable_folder, writing
 from lowmcgm.interop.formats import (A1111_EMBEDDING_KEY, BUNDLE_PREFIX, DIFFUSERS_EMBEDS_NAME, DIFFUSERS_LORA_NAME,
@@ -80,8 +81,8 @@ def export_artifact(artifact_path: Path, fmt: str, out: Path, bundle_embeddings:
     """
     if fmt not in FORMATS:
         raise UserError(f"Unknown export format '{fmt}': use one of {', '.join(FORMATS)}.")
-    if dtype not in SAVE_DTYPES:
-        raise UserError(f"Unknown export dtype '{dtype}': use one of {', '.join(SAVE_DTYPES)}.")
+    if dtype not in DTYPE_NAMES:
+        raise UserError(f"Unknown export dtype '{dtype}': use one of {', '.join(DTYPE_NAMES)}.")
     artifact = load_artifact(Path(artifact_path))
     out = Path(out).expanduser()
     files = _export_files(artifact, fmt, out)
@@ -132,7 +133,7 @@ def build_kohya_state_dict(artifact: Artifact, dtype: str = "fp16") -> dict[str,
     ``.alpha`` is the trained alpha, stored as an fp32 scalar.
     """
     rank, alpha = _lora_rank_alpha(artifact)
-    cast = SAVE_DTYPES[dtype]
+    cast = torch_dtype(dtype)
     tensors: dict[str, torch.Tensor] = {}
     parts = ((artifact.unet_lora, KOHYA_UNET_PREFIX), (artifact.text_encoder_lora, KOHYA_TE_PREFIX))
     for state, prefix in parts:
@@ -219,7 +220,7 @@ def export_diffusers(artifact: Artifact, out_dir: Path, dtype: str = "fp16") -> 
     rank, alpha = _lora_rank_alpha(artifact)
     out_dir = Path(out_dir)
     _prepare_folder(out_dir)
-    cast = SAVE_DTYPES[dtype]
+    cast = torch_dtype(dtype)
     layers: dict[str, Any] = {}
     for component, state in (("unet", artifact.unet_lora), ("text_encoder", artifact.text_encoder_lora)):
         modules = peft_modules(state, rank)

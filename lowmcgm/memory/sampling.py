@@ -34,12 +34,13 @@ def sampling_step(model: str, resolution: int, mode: str, dtype: str) -> dict[st
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     from lowmcgm.attention_capture import CrossAttentionStore, install_capture, loss_layer_names
+    from lowmcgm.dtypes import torch_dtype
     from lowmcgm.model_configs import SHIPPED_CONFIGS
     from lowmcgm.pose_guidance import DEFAULT_STRENGTH, LatentGuidance, PoseGuide, guided_attention
 
     s = mt.session()
     s.set_item_value(1)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    weight_dtype = torch_dtype(dtype)
     folder = SHIPPED_CONFIGS[model]
     unet = mt.build_from_config(UNet2DConditionModel, folder / "unet")
     vae = mt.build_from_config(AutoencoderKL, folder / "vae")

@@ -379,6 +379,8 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_leaves  # noqa: E402
 
+from lowmcgm.dtypes import torch_dtype  # noqa: E402
+
 _ORIG_SDPA = F.scaled_dot_product_attention
 _ORIG_SWAP = torch.utils.swap_tensors
 
@@ -1023,7 +1025,6 @@ def _child_main(argv: list[str]) -> int:
 # Part 3: traceable functions shipped with the module (smoke test and self-check).
 # ----------------------------------------------------------------------------------------------
 
-_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
@@ -1074,7 +1075,7 @@ def unet_lora_step(config_name: str = "sd15", resolution: int = 512, rank: int =
     from transformers import CLIPTextModel
 
     s = session()
-    weight_dtype = _DTYPES[dtype]
+    weight_dtype = torch_dtype(dtype)
     folder = _config_folder(config_name)
     encoder_bytes = 0
     if resident_encoders:
@@ -1157,7 +1158,7 @@ def tiny_unet_step(latent_size: int = 16, steps: int = 2, lora_rank: int = 0,
     from diffusers import UNet2DConditionModel
 
     s = session()
-    weight_dtype = _DTYPES[dtype]
+    weight_dtype = torch_dtype(dtype)
     cfg = dict(TINY_UNET_CONFIG, **(config or {}))
     cfg["sample_size"] = latent_size
     unet = build_from_config(UNet2DConditionModel, cfg)
