@@ -46,14 +46,17 @@ def _raise_interrupted(signum: int, frame: Any) -> None:
 @contextlib.contextmanager
 def route_stop_signals(handler: Callable[[int, Any], None] = _raise_interrupted) -> Iterator[None]:
     """While the block runs, every stop signal calls ``handler(signum, frame)``; the previous handlers
-    come back afterwards. The default handler raises ``Interrupted``.
+    come back afterwards. The default handler raises ``Interrupted``. Ignored signals stay ignored.
 
     Signal handlers belong to the main thread; elsewhere this does nothing.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
+    # A signal ignored when the command started stays ignored: that is what ``nohup`` (SIGHUP) or a
+    # shell's background job (SIGINT) asked for, and Python itself keeps an ignored SIGINT ignored.
+    previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS
+                if signal.getsignal(signum) is not signal.SIG_IGN}
     try:
         yield
     finally:

@@ -336,7 +336,16 @@ def test_sigterm_then_resume_gives_the_uninterrupted_artifact(inputs, straight, 
     _assert_same_run(tmp_path / "run", straight)
 
 
-def test_sighup_mid_step_checkpoints_and_exits_129(photo, tmp_path, monkeypatch, capsys, reference):
+@pytest.fixture
+def sighup_as_in_a_terminal():
+    """SIGHUP at its default, as a terminal leaves it (a runner started under nohup has it ignored)."""
+    previous = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    yield
+    signal.signal(signal.SIGHUP, previous)
+
+
+def test_sighup_mid_step_checkpoints_and_exits_129(photo, tmp_path, monkeypatch, capsys, reference,
+                                                  sighup_as_in_a_terminal):
     """A closed ssh session: SIGHUP inside step 3 finishes the step, checkpoints, exits 128 + 1."""
     _on_call(monkeypatch, 3, lambda loss: os.kill(os.getpid(), signal.SIGHUP) or loss)
     image, a, b = photo
@@ -351,6 +360,21 @@ def test_sighup_mid_step_checkpoints_and_exits_129(photo, tmp_path, monkeypatch,
     assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL  # every handler is handed back
     monkeypatch.undo()
     assert main(args + ["--resume"]) == 0
+    _same_artifacts(out / "lowmcgm.safetensors", reference)
+
+
+def test_under_nohup_sighup_stays_ignored(photo, tmp_path, monkeypatch, capsys, reference):
+    """``nohup lowmcgm train ...``: a closed terminal must not stop the run it was asked to survive."""
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        _on_call(monkeypatch, 3, lambda loss: os.kill(os.getpid(), signal.SIGHUP) or loss)
+        image, a, b = photo
+        out = tmp_path / "b"
+        assert main(["train", "--preset", "tiny-cpu", "--image", image, "--mask", a, "--mask", b, "--out", str(out),
+                     "--set", "train.phase1_steps=6", "--set", "train.phase2_steps=4"]) == 0
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)
     _same_artifacts(out / "lowmcgm.safetensors", reference)
 
 
