@@ -7,7 +7,8 @@
 #
 # Here, once per session that has a lease (downloads the wheels the device lacks into .whl/ and
 # puts the checkpoints to continue from in runs/toy_gpu/):
-#     bash tools/gpu_session.sh --prepare [CHECKPOINT_FOLDER]   # default ../shared/toy-checkpoints
+#     bash tools/gpu_session.sh --prepare [UNET_CHECKPOINT] [VAE_CHECKPOINT]
+#     (defaults: tools/toy_checkpoints/unet.safetensors, ../shared/toy-checkpoints/vae.safetensors)
 # Then one device call, carrying .whl and runs/toy_gpu, with a timeout that leaves room to rerun:
 #     bash tools/gpu_session.sh                                  # MINUTES=7 BATCH=256 by default
 # Back here: tar xf model.tar into a run folder, compare eval.json with docs/benchmarks.md's
@@ -19,13 +20,15 @@ cd "$(dirname "$0")/.."
 
 RUN=${RUN:-runs/toy_gpu}
 if [[ "${1:-}" == "--prepare" ]]; then
-    source=${2:-../shared/toy-checkpoints}
+    unet=${2:-tools/toy_checkpoints/unet.safetensors}
+    vae=${3:-../shared/toy-checkpoints/vae.safetensors}
     mkdir -p .whl "$RUN/checkpoints"
     grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
         diffusers==0.42.1 importlib_metadata
-    cp "$source"/unet.safetensors "$source"/vae.safetensors "$RUN/checkpoints/"
+    cp "$unet" "$RUN/checkpoints/unet.safetensors"
+    cp "$vae" "$RUN/checkpoints/vae.safetensors"
     du -sh .whl "$RUN"
     exit 0
 fi
