@@ -570,6 +570,15 @@ def apply_artifact(base: BaseModel, artifact: Artifact) -> MaskEncoder | None:
     return state.mask_encoder
 
 
+def resolve_guidance(settings: SampleSettings) -> SampleSettings:
+    """Settings with the guidance strength and steps a 0 stands for written out (for the records)."""
+    if settings.pose_guidance == "none":
+        return settings
+    return dataclasses.replace(
+        settings, pose_guidance_strength=settings.pose_guidance_strength or DEFAULT_STRENGTH[settings.pose_guidance],
+        pose_guidance_steps=settings.pose_guidance_steps or max(1, settings.steps // 2))
+
+
 def resolve_dtype(settings: SampleSettings) -> str:
     return settings.dtype or ("fp16" if torch.cuda.is_available() else "fp32")
 
@@ -748,6 +757,7 @@ def sample_artifact(artifact_path: str | Path, specs: list[PromptSpec], poses: d
     size = int(artifact.meta.get("resolution") or base.resolution)
     settings = dataclasses.replace(settings, height=settings.height or size, width=settings.width or size,
                                    dtype=resolve_dtype(settings))
+    settings = resolve_guidance(settings)
     check_pose_crops(plans, settings.height, settings.width)
     if overwrite:  # every check passed: the earlier samples give way
         clear_earlier_samples(out_dir)

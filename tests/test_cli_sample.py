@@ -133,6 +133,13 @@ def test_pose_guidance_flags_reach_the_png_and_the_index(trained, tmp_path, mode
     assert (settings["pose_guidance"], settings["pose_guidance_strength"]) == (mode, 2.5)
 
 
+def test_default_guidance_is_recorded_with_its_strength_and_steps(trained, tmp_path):
+    assert main(sample_args(trained, tmp_path / "out", "--prompt", "a photo of <asset0>", "--pose",
+                            f"asset0={trained['a']}")) == 0
+    meta = read_png_parameters(tmp_path / "out" / "p00-000-seed0.png")
+    assert (meta["pose_guidance"], meta["pose_guidance_strength"], meta["pose_guidance_steps"]) == ("latent", 3.0, 1)
+
+
 GUIDANCE_ERRORS = {
     "unknown mode": (["--guidance", "strong"], "invalid choice"),
     "nan strength": (["--guidance", "attention", "--guidance-strength", "nan"], "--guidance-strength must be"),
