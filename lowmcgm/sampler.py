@@ -421,9 +421,9 @@ class PoseSampler:
                                         fit_pose_masks(plan, settings.height, settings.width), start)
         if not columns:
             return None
-        strength = settings.pose_guidance_strength or DEFAULT_STRENGTH[settings.pose_guidance]
-        steps = settings.pose_guidance_steps or max(1, settings.steps // 2)
-        return PoseGuide(columns, masks, strength, steps, uncond_rows=num if settings.guidance_scale > 1 else 0)
+        settings = resolve_guidance(settings)  # one place says what a 0 strength or step count means
+        return PoseGuide(columns, masks, settings.pose_guidance_strength, settings.pose_guidance_steps,
+                         uncond_rows=num if settings.guidance_scale > 1 else 0)
 
     def _energy_store(self, stack: contextlib.ExitStack) -> CrossAttentionStore:
         """The capture store latent guidance reads: the one already installed (attention pictures,
