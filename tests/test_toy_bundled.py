@@ -48,7 +48,7 @@ def make_toy_model(folder: Path, info: dict | None = None) -> Path:
         tokenizer = ttb.build_tokenizer()
         pipe = StableDiffusionPipeline(
             vae=ttb.build_vae(cfg, 0.5), text_encoder=ttb.build_text_encoder(cfg, tokenizer),
-            tokenizer=tokenizer, unet=ttb.build_unet(cfg), scheduler=ttb.build_scheduler(),
+            tokenizer=tokenizer, unet=ttb.build_unet(cfg), scheduler=ttb.build_scheduler(cfg),
             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.to(torch.float16)
     pipe.save_pretrained(folder, safe_serialization=True)

@@ -259,6 +259,35 @@ def test_trainer_stages_resume_and_export(tmp_path):
         assert all(f.get_tensor(k).dtype == torch.float16 for k in f.keys())
 
 
+def test_trainer_switches_to_zero_terminal_snr_and_saves_the_schedule_it_trained(tmp_path, capsys):
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    train = _load_tool("train_toy_base")
+    common = ["--preset", "tiny", "--out", str(tmp_path), "--device", "cpu", "--log-every", "1"]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        train.main(["--stage", "vae", "--steps", "1", *common])
+        train.main(["--stage", "unet", "--steps", "2", "--leaky-schedule", *common])
+        leaky = StableDiffusionPipeline.from_pretrained(tmp_path / "model").scheduler.config
+        assert (leaky.prediction_type, leaky.rescale_betas_zero_snr) == ("epsilon", False)
+        capsys.readouterr()
+        train.main(["--stage", "unet", "--steps", "3", *common])  # the default: zero terminal SNR
+        assert "switching the noise schedule at step 2" in capsys.readouterr().out
+        # Re-exporting with the old recipe's flag still writes the schedule the weights were trained on.
+        train.main(["--stage", "export", "--leaky-schedule", *common])
+    finally:
+        torch.set_num_threads(threads)
+    config = StableDiffusionPipeline.from_pretrained(tmp_path / "model").scheduler.config
+    assert config.prediction_type == "v_prediction" and config.rescale_betas_zero_snr
+    assert config.timestep_spacing == "trailing"
+    scheduler = train.build_scheduler(train.ToyConfig(**train.PRESETS["tiny"]))
+    assert float(scheduler.alphas_cumprod[-1]) == 0.0  # no signal left at t = 999
+    weights = train.compute_snr_weights(scheduler, torch.tensor([0, 500, 999]), gamma=5.0)
+    assert torch.isfinite(weights).all() and weights[-1] == 1.0  # v: min(SNR + 1, 5) / (SNR + 1)
+
+
 def test_trainer_batches_depend_only_on_seed_and_step():
     train = _load_tool("train_toy_base")
     cfg = train.ToyConfig(**train.PRESETS["tiny"])

@@ -9,8 +9,11 @@ Stages, run one after the other into the same ``--out`` folder::
 - ``vae``: AutoencoderKL on rendered scenes (L1 + MSE, foreground pixels weighted 5x, tiny KL).
   At the end (and at every checkpoint) the latent scaling factor is measured (1 / latent std).
 - ``unet``: CLIPTextModel and UNet2DConditionModel trained jointly on captions, VAE frozen;
-  epsilon prediction on a DDPM schedule (``steps_offset=1``), 10% caption dropout, min-SNR-5 loss
-  weighting (faster convergence on small latents), optional EMA.
+  v-prediction on a scaled-linear DDPM schedule rescaled to zero terminal SNR (sampled with
+  ``timestep_spacing="trailing"``; ``--leaky-schedule``: epsilon on the plain schedule, as runs up
+  to step 8249 were), 10% caption dropout, min-SNR-5 loss weighting (faster convergence on small
+  latents), optional EMA. Without zero terminal SNR the background followed the seed, not the
+  caption (``tools/probe_noise_leak.py``; docs/benchmarks.md).
 - ``export``: rewrite ``<out>/model`` from the checkpoints (each stage also does it at the end).
 
 Resolution choice: 64x64 images, a 2x VAE (two blocks) to 32x32x4 latents, and a three-level
@@ -114,6 +117,13 @@ class ToyConfig:
     # lowmcgm's prompts ("a photo of <asset0> on the beach") are in distribution.
     caption_variants: bool = True
     snr_gamma: float = 5.0
+    # Zero terminal SNR (Lin et al. 2024) with v-prediction. The scaled-linear schedule leaves
+    # sqrt(alpha_bar) = 0.068 at t = 999: on 32x32 latents the image's low frequencies (the
+    # background) survive the noise, the model learns to read them off its input at every t, and at
+    # sampling the seed's low frequencies pick the background instead of the caption (measured:
+    # the x0 prediction at t = 999 followed the noised image's background 38 times in 64, the
+    # caption's twice). Epsilon cannot be predicted at zero SNR, hence v.
+    zero_terminal_snr: bool = True
     ema_decay: float = 0.999
     use_holdout: bool = True
     seed: int = 0
@@ -189,11 +199,17 @@ def latent_size_px(cfg: ToyConfig) -> int:
     return cfg.image_size_px // 2 ** (len(cfg.vae_channels) - 1)
 
 
-def build_scheduler():
+def build_scheduler(cfg: ToyConfig):
+    """The model's noise schedule; saved with it, so every sampler of the model follows it."""
     from diffusers import DDPMScheduler
 
+    zero_snr = cfg.zero_terminal_snr
     return DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
-                         beta_start=0.00085, beta_end=0.012, prediction_type="epsilon",
+                         beta_start=0.00085, beta_end=0.012,
+                         prediction_type="v_prediction" if zero_snr else "epsilon",
+                         rescale_betas_zero_snr=zero_snr,
+                         # With zero SNR the first sampling step must be t = 999 (no signal).
+                         timestep_spacing="trailing" if zero_snr else "leading",
                          steps_offset=1, clip_sample=False)
 
 
@@ -308,6 +324,8 @@ def config_from_meta(meta: dict) -> ToyConfig:
     fields = {f.name for f in dataclasses.fields(ToyConfig)}
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()
               if k in fields}
+    # Checkpoints from before the field existed were trained on the leaky schedule.
+    values.setdefault("zero_terminal_snr", False)
     return ToyConfig(**values)
 
 
@@ -406,9 +424,13 @@ def measure_psnr(vae, cfg: ToyConfig, device: str, n: int = 64) -> float:
 
 
 def compute_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Min-SNR-gamma weights for epsilon prediction: min(SNR, gamma) / SNR (Hang et al. 2023)."""
+    """Min-SNR-gamma weights (Hang et al. 2023): min(SNR, gamma) / SNR for epsilon prediction;
+    for v-prediction SNR + 1 takes SNR's place (as diffusers' training scripts do), which also
+    keeps the weight finite and non-zero at zero terminal SNR."""
     alpha_bar = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
     snr = alpha_bar / (1 - alpha_bar)
+    if scheduler.config.prediction_type == "v_prediction":
+        snr = snr + 1
     return torch.clamp(snr, max=gamma) / snr
 
 
@@ -480,17 +502,25 @@ def run_unet(cfg: ToyConfig, args, out: Path) -> dict:
 
     tokenizer = build_tokenizer()
     text_encoder, unet = build_text_encoder(cfg, tokenizer), build_unet(cfg)
-    scheduler = build_scheduler()
+    scheduler = build_scheduler(cfg)
     path = checkpoint_path(out, "unet")
-    start, ema = 0, None
+    start, ema, ema_start = 0, None, 0
     if path.exists():
         tensors, meta = load_checkpoint(path)
-        check_architecture(cfg, config_from_meta(meta), path)
+        saved = config_from_meta(meta)
+        check_architecture(cfg, saved, path)
         unet.load_state_dict(_unprefixed("unet", tensors))
         text_encoder.load_state_dict(_unprefixed("text_encoder", tensors))
-        if cfg.ema_decay > 0 and any(k.startswith("ema.") for k in tensors):
-            ema = {k[4:]: v.float().to(args.device) for k, v in tensors.items() if k.startswith("ema.")}
         start = int(meta["step"])
+        # An average of weights that predicted another target would drag the export back.
+        same_target = saved.zero_terminal_snr == cfg.zero_terminal_snr
+        if cfg.ema_decay > 0 and same_target and any(k.startswith("ema.") for k in tensors):
+            ema = {k[4:]: v.float().to(args.device) for k, v in tensors.items() if k.startswith("ema.")}
+        elif not same_target:
+            ema_start = start
+            print(f"unet: switching the noise schedule at step {start} "
+                  f"(zero terminal SNR {saved.zero_terminal_snr} -> {cfg.zero_terminal_snr}); "
+                  "EMA restarts", flush=True)
     unet.to(args.device).train()
     text_encoder.to(args.device).train()
     params = list(unet.parameters()) + list(text_encoder.parameters())
@@ -522,10 +552,12 @@ def run_unet(cfg: ToyConfig, args, out: Path) -> dict:
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(texts),), generator=gen)
         t = t.to(args.device)
         noisy = scheduler.add_noise(latents, noise, t)
+        target = (scheduler.get_velocity(latents, noise, t)
+                  if scheduler.config.prediction_type == "v_prediction" else noise)
         with _autocast(args.device):
             context = encode_prompts(tokenizer, text_encoder, texts, args.device)
             pred = unet(noisy, t, context).sample
-        per_sample = F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3))
+        per_sample = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
         loss = (per_sample * compute_snr_weights(scheduler, t, cfg.snr_gamma)).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -535,7 +567,7 @@ def run_unet(cfg: ToyConfig, args, out: Path) -> dict:
         opt.zero_grad(set_to_none=True)
         if ema is not None:
             # Short runs would otherwise export weights still close to the random start.
-            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+            decay = min(cfg.ema_decay, (1 + step - ema_start) / (10 + step - ema_start))
             with torch.no_grad():
                 live = live_weights()
                 for k, v in ema.items():
@@ -615,7 +647,8 @@ def export_model(cfg: ToyConfig, out: Path) -> Path:
         text_encoder.load_state_dict(_unprefixed("text_encoder", weights))
         pipe = StableDiffusionPipeline(
             vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-            scheduler=build_scheduler(), safety_checker=None, feature_extractor=None,
+            # The schedule the weights were trained on, whatever --preset says now.
+            scheduler=build_scheduler(config_from_meta(meta)), safety_checker=None, feature_extractor=None,
             requires_safety_checker=False,
         )
         pipe.to(torch.float16)
@@ -651,6 +684,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--canonical-captions", action="store_true",
                    help="train on the canonical caption only (every pose word, place after the "
                         "first subject), as runs before caption variants did")
+    p.add_argument("--leaky-schedule", action="store_true",
+                   help="epsilon prediction on the plain scaled-linear schedule, as runs before "
+                        "step 8249 did (its last step keeps 7%% of the image)")
     p.add_argument("--no-holdout", action="store_true",
                    help="also train on HELDOUT_COMBOS (the pose benchmark then has none unseen)")
     p.add_argument("--max-minutes", type=float, default=None,
@@ -680,6 +716,8 @@ def make_config(args: argparse.Namespace) -> ToyConfig:
         changes["use_holdout"] = False
     if args.canonical_captions:
         changes["caption_variants"] = False
+    if args.leaky_schedule:
+        changes["zero_terminal_snr"] = False
     return dataclasses.replace(cfg, **changes)
 
 
