@@ -42,6 +42,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/last.safetensors")
     p.add_argument("--overwrite", action="store_true", help="replace the run that --out holds (its artifact, "
                                                             "config, checkpoint, previews and samples)")
+    p.add_argument("--events", metavar="FILE", help="also append progress events to FILE as JSON lines (for "
+                                                    "scripts; the web page reads them)")
 
 
 def _add_sample_args(p: argparse.ArgumentParser) -> None:
@@ -115,6 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo run in --out")
     p.add_argument("--guidance", choices=("none", "attention", "latent"),
                    help="pose guidance while sampling, as for run and sample (default latent)")
+    p = sub.add_parser("ui", help="start the local web page: paint masks, train, draw poses and sample (needs "
+                                  "the optional extra: pip install -e '.[ui]')")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
+                                                       "only; reach a remote GPU box through an SSH tunnel)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--root", default="runs/ui", help="folder of the page's runs, the only server-side folder it "
+                                                     "reads or writes (default runs/ui)")
+    p.add_argument("--base-model", default="toy", help="the page's default base model (default toy)")
+    p.add_argument("--preset", default="toy-cpu", help="the page's default preset (default toy-cpu)")
     p = sub.add_parser("export", help="write the LoRA and handles for A1111, ComfyUI, kohya or diffusers")
     p.add_argument("artifact", help="the .safetensors file 'train' wrote")
     p.add_argument("--format", required=True, metavar="kohya|embeddings|diffusers",
@@ -233,12 +244,25 @@ def _out_of_memory_advice(cfg: Any = None, preset: str | None = None) -> Iterato
         raise UserError(_training_oom_message(cfg, preset) if cfg is not None else SAMPLING_OOM) from exc
 
 
+@contextlib.contextmanager
+def _progress(args: argparse.Namespace) -> Iterator[Any]:
+    """The progress callback of a command: the terminal display, plus --events' log if given."""
+    from lowmcgm.progress import EventLog, ProgressPrinter, tee
+
+    log = EventLog(args.events) if getattr(args, "events", None) else None
+    try:
+        with ProgressPrinter() as printer:
+            yield tee(printer, log)
+    finally:
+        if log is not None:
+            log.close()
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
-    from lowmcgm.progress import ProgressPrinter
     from lowmcgm.trainer import train
 
     cfg = _train_config(args)
-    with hold_folder(cfg.output.out), ProgressPrinter() as printer, _out_of_memory_advice(cfg, args.preset):
+    with hold_folder(cfg.output.out), _progress(args) as printer, _out_of_memory_advice(cfg, args.preset):
         path = train(cfg, on_progress=printer, resume=args.resume, overwrite=args.overwrite)
     print(f"Artifact written: {path}")
     return 0
@@ -324,7 +348,6 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from lowmcgm.progress import ProgressPrinter
     from lowmcgm.run import train_then_sample
 
     extra = {} if args.preview_every is None else {"output.preview_every": args.preview_every}
@@ -334,7 +357,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     def guard(stage: str) -> Any:
         return _out_of_memory_advice(cfg, args.preset) if stage == "train" else _out_of_memory_advice()
 
-    with ProgressPrinter() as printer:
+    with _progress(args) as printer:
         result = train_then_sample(cfg, specs, poses, settings, resume=args.resume, overwrite=args.overwrite,
                                    on_progress=printer, guard=guard)
     print(f"Artifact: {result.artifact}\nPreviews: {result.previews}\nLoss curve: {result.loss_curve}\n"
@@ -373,6 +396,19 @@ def _export_hint(fmt: str, handles: list[str], bundled: bool) -> str:
                 f"embedding:{stems[0]}; diffusers: load_textual_inversion(file, token=\"{handles[0]}\").")
     return (f"diffusers: pipe.load_lora_weights(folder), then load_textual_inversion with the vectors of "
             f"learned_embeds.safetensors; prompt with {words}.")
+
+
+def _cmd_ui(args: argparse.Namespace) -> int:
+    from lowmcgm.ui import require_gradio
+
+    require_gradio()
+    from lowmcgm.ui.app import launch
+
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port {args.port} is not a port number (1-65535).")
+    page = launch(Path(args.root), host=args.host, port=args.port, base_model=args.base_model, preset=args.preset)
+    page.lowmcgm_state.jobs.stop()  # the page is closing: a running job checkpoints and stops too
+    return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -430,7 +466,7 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
 
 COMMANDS = {"train": _cmd_train, "presets": _cmd_presets, "config-keys": _cmd_config_keys, "inspect": _cmd_inspect,
             "sample": _cmd_sample, "run": _cmd_run, "demo": _cmd_demo, "export": _cmd_export,
-            "import-lora": _cmd_import_lora, "estimate": _cmd_estimate}
+            "import-lora": _cmd_import_lora, "estimate": _cmd_estimate, "ui": _cmd_ui}
 
 
 def _quiet_libraries() -> None:

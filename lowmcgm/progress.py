@@ -1,9 +1,12 @@
-"""Showing the trainer's progress events: a rich display on a terminal, plain lines otherwise."""
+"""Showing the trainer's progress events: a rich display on a terminal, plain lines otherwise, and
+an optional JSON-lines log of the same events for programs (the web page reads it)."""
 
 from __future__ import annotations
 
+import json
 import sys
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -62,3 +65,48 @@ class ProgressPrinter:
                       file=sys.stderr, flush=True)
         elif kind == "saved":
             self.console.print(f"saved {event['what']}: {event['path']}", markup=False, highlight=False)
+
+
+class EventLog:
+    """Append each progress event to a file as one JSON line, flushed at once (a reader polls it).
+
+    Values JSON cannot hold (paths) are written as strings.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path).expanduser()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path, "a", encoding="utf-8")
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        self.file.write(json.dumps(event, default=str) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def read_events(path: str | Path) -> list[dict[str, Any]]:
+    """The events of an ``EventLog`` so far; a line still being written is left for the next read."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    events = []
+    for line in text.split("\n")[:-1]:  # the last piece has no newline yet (or is empty)
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return events
+
+
+def tee(*callbacks: Callable[[dict[str, Any]], None] | None) -> Callable[[dict[str, Any]], None]:
+    """One progress callback that calls each given one (None entries are skipped)."""
+    chosen = [c for c in callbacks if c is not None]
+
+    def call(event: dict[str, Any]) -> None:
+        for callback in chosen:
+            callback(event)
+
+    return call

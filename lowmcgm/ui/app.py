@@ -1,0 +1,462 @@
+"""The gradio page: three tabs (photo and subjects, train, pose and sample) over the library.
+
+Callbacks only translate between widgets and library calls; every ``UserError`` becomes the
+message line of its tab (the CLI's one line, without a traceback). State that outlives a click
+(the training job, the loaded base model) lives in ``PageState``, one per page process: the page
+is for one person on one GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from lowmcgm.errors import UserError
+from lowmcgm.ui import require_gradio
+from lowmcgm.ui.editor import (SUBJECT_COLOURS, blank_sheet, editor_value, fit_mask, overlay, painted_mask,
+                               pose_on_canvas, save_mask, sheet_with)
+from lowmcgm.ui.jobs import JobSlot
+from lowmcgm.ui.poses import pose_mask, pose_names
+from lowmcgm.ui.workspace import (ARTIFACT_NAME, Subject, TrainRequest, default_run_name, list_runs, prepare_run,
+                                  resume_command, run_folder)
+
+MAX_SUBJECTS = 4
+# A brush a 24th of the photo's short side: a subject's outline in a few strokes, its edge still precise.
+BRUSH_FRACTION = 24
+POLL_S = 1.0
+EXPORT_FORMATS = ("kohya", "embeddings", "diffusers")
+
+
+@dataclasses.dataclass
+class PageState:
+    """What the page keeps between clicks."""
+
+    root: Path
+    jobs: JobSlot = dataclasses.field(default_factory=JobSlot)
+    bases: dict[str, Any] = dataclasses.field(default_factory=dict)  # base model name -> loaded BaseModel
+    sampling: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+    def base_for(self, artifact_path: Path, base_model: str):
+        """The artifact's base model (or ``base_model``), loaded once per page."""
+        from lowmcgm.artifact import load_artifact
+        from lowmcgm.sampler import load_base_for
+
+        key = base_model or load_artifact(artifact_path).meta.get("base_model", "")
+        if key not in self.bases:
+            self.bases.clear()  # one base in memory at a time
+            self.bases[key] = load_base_for(load_artifact(artifact_path), base_model)
+        return self.bases[key]
+
+
+def error_text(exc: UserError) -> str:
+    """The CLI's line for ``exc``, as the page shows it (see ``shown``)."""
+    return shown("error: " + " ".join(str(exc).splitlines()))
+
+
+def shown(text: str) -> str:
+    """``text`` for a Markdown box, verbatim: handles such as <asset0> would otherwise be taken for
+    HTML tags and vanish."""
+    return html.escape(text, quote=False)
+
+
+def _photo_array(path: str) -> np.ndarray:
+    from lowmcgm.data import load_image
+
+    return np.asarray(load_image(path))
+
+
+# ------------------------------------------------------------------------------------------------
+# Tab 1: photo and subjects.
+
+def brush(subject: int, size: int):
+    """Subject ``subject``'s brush: its own colour (to tell canvases apart), ``size`` pixels wide."""
+    gr = require_gradio()
+    return gr.Brush(default_size=size, colors=["#%02x%02x%02x" % SUBJECT_COLOURS[subject]], color_mode="fixed")
+
+
+def on_photo(path: str | None):
+    """Show an uploaded photo on every subject's canvas, or say why it cannot be used.
+
+    Returns the photo box's value (a refused file is taken out, so another can be uploaded), the
+    message and the canvases.
+    """
+    gr = require_gradio()
+    if not path:  # cleared (by the user, or after a refused file): keep the message
+        return [None, gr.update(), *[None] * MAX_SUBJECTS]
+    try:
+        photo = _photo_array(path)
+    except UserError as exc:
+        return [None, error_text(exc), *[None] * MAX_SUBJECTS]
+    h, w = photo.shape[:2]
+    # The brush is sized to the photo (gradio's "auto" is a fixed 25 px); the editor can change it.
+    size = max(2, round(min(h, w) / BRUSH_FRACTION))
+    editors = [gr.update(value=editor_value(photo, colour=SUBJECT_COLOURS[i]), brush=brush(i, size))
+               for i in range(MAX_SUBJECTS)]
+    return [gr.update(), shown(f"Photo {Path(path).name}: {w} x {h} px. Paint each subject on its canvas (or upload "
+            "its mask)."), *editors]
+
+
+def subject_masks(photo: str | None, count: int, editors: list[Any], uploads: list[str | None]) -> list[np.ndarray]:
+    """Each subject's mask at the photo's size: an uploaded mask file wins over painting.
+
+    Uploaded masks get the CLI's checks (``data.check_masks``), with the CLI's messages.
+    """
+    from lowmcgm.data import check_masks, load_mask
+
+    if not photo:
+        raise UserError("No photo: upload one first.")
+    h, w = _photo_array(photo).shape[:2]
+    masks = []
+    for i in range(count):
+        if uploads[i]:
+            mask = load_mask(uploads[i]) > 0.5
+            check_masks([mask], [uploads[i]], (w, h))
+        else:
+            mask = painted_mask(editors[i])
+            if mask is None:
+                raise UserError(f"Subject {i + 1} has no mask: paint it over the photo, or upload a mask file.")
+            mask = fit_mask(mask, h, w)
+        masks.append(mask)
+    return masks
+
+
+def on_show_masks(photo, count, *rest):
+    editors, uploads = rest[:MAX_SUBJECTS], rest[MAX_SUBJECTS:]
+    try:
+        masks = subject_masks(photo, int(count), list(editors), list(uploads))
+    except UserError as exc:
+        return error_text(exc), None
+    return f"{len(masks)} subject mask(s) ready.", overlay(_photo_array(photo), masks)
+
+
+# ------------------------------------------------------------------------------------------------
+# Tab 2: train.
+
+def on_estimate(preset: str, base_model: str):
+    """The memory estimator's figures for a preset and base model (not a guess)."""
+    from lowmcgm.config import resolve_config
+    from lowmcgm.memory.estimate import estimate, required_card_bytes
+
+    try:
+        cfg = resolve_config(preset, None, {"model.base_model": base_model})
+        est = estimate(cfg, base_model, timeout_s=300)
+    except UserError as exc:
+        return error_text(exc)
+    lines = [f"**Estimated peak GPU memory** ({est.model}, {est.resolution} px, traced on fake CUDA tensors):"]
+    lines += [f"- phase {p.phase}: {p.peak_bytes / 2**30:.2f} GiB" for p in est.phases]
+    lines.append(f"- card needed: {required_card_bytes(est.peak_bytes) / 2**30:.1f} GiB")
+    return "\n".join(lines)
+
+
+def start_training(state: PageState, photo, count, run_name, preset, base_model, preview_every, *rest) -> str:
+    editors = rest[:MAX_SUBJECTS]
+    uploads = rest[MAX_SUBJECTS:2 * MAX_SUBJECTS]
+    handles = rest[2 * MAX_SUBJECTS:3 * MAX_SUBJECTS]
+    words = rest[3 * MAX_SUBJECTS:4 * MAX_SUBJECTS]
+    count = int(count)
+    try:
+        masks = subject_masks(photo, count, list(editors), list(uploads))
+        subjects = tuple(Subject(handles[i] or f"<asset{i}>", words[i] or "", masks[i]) for i in range(count))
+        request = TrainRequest(run_name, photo, subjects, preset, base_model, int(preview_every or 0))
+        argv = prepare_run(state.root, request)
+        state.jobs.start(argv, run_folder(state.root, run_name))
+    except UserError as exc:
+        return error_text(exc)
+    return shown(f"Started run '{run_name}'.")
+
+
+def resume_training(state: PageState, run_name: str) -> str:
+    try:
+        argv = resume_command(state.root, run_name)
+        state.jobs.start(argv, run_folder(state.root, run_name))
+    except UserError as exc:
+        return error_text(exc)
+    return shown(f"Resuming run '{run_name}'.")
+
+
+def poll_training(state: PageState):
+    """The job's line, newest preview and attention picture, and the loss curve so far."""
+    from lowmcgm.previews import render_loss_curve
+
+    job = state.jobs.job
+    if job is None:
+        return "No training job yet.", None, None, None
+    status = job.status()
+    previews = [str(p) for p in status.previews]
+    curve = np.asarray(render_loss_curve(status.history)) if status.history else None
+    return (f"**{status.state}**: {shown(status.text)}", previews[0] if previews else None,
+            previews[1] if len(previews) > 1 else None, curve)
+
+
+# ------------------------------------------------------------------------------------------------
+# Tab 3: pose and sample.
+
+def run_artifact(state: PageState, run_name: str) -> Path:
+    if not run_name:
+        raise UserError("No run chosen: pick one under 'Run', or train one first.")
+    path = run_folder(state.root, run_name) / ARTIFACT_NAME
+    if not path.is_file():
+        raise UserError(f"Run '{run_name}' has no artifact yet: finish (or resume) its training first.")
+    return path
+
+
+def on_open_run(state: PageState, run_name: str):
+    """The run's handles on the pose canvases, and its training prompt as the prompt.
+
+    Returns the message, the prompt, then per canvas slot: whether it shows, and its label.
+    """
+    from lowmcgm.artifact import load_artifact
+
+    try:
+        handles = list(load_artifact(run_artifact(state, run_name)).handles)
+    except UserError as exc:
+        return [error_text(exc), "", *[False] * MAX_SUBJECTS, *[""] * MAX_SUBJECTS]
+    labels = [f"Pose of {handles[i]} (blank: no pose)" if i < len(handles) else "" for i in range(MAX_SUBJECTS)]
+    return [shown(f"Run '{run_name}': handles {', '.join(handles)}."), "a photo of " + " and ".join(handles),
+            *[i < len(handles) for i in range(MAX_SUBJECTS)], *labels]
+
+
+def on_upload_artifact(state: PageState, path: str | None):
+    """Put an uploaded artifact into a run folder of its own, so it can be opened like a run."""
+    from lowmcgm.artifact import load_artifact
+
+    if not path:
+        return "", None
+    try:
+        load_artifact(Path(path))
+        name = "uploaded-" + time.strftime("%Y%m%d-%H%M%S")
+        folder = run_folder(state.root, name)
+        folder.mkdir(parents=True, exist_ok=False)
+        shutil.copyfile(path, folder / ARTIFACT_NAME)
+    except UserError as exc:
+        return error_text(exc), None
+    return shown(f"Artifact uploaded as run '{name}'."), name
+
+
+def sample(state: PageState, run_name, prompt, base_model, num_images, seed, steps, guidance_scale, pose_guidance,
+           *poses):
+    """Draw the prompt with each handle's pose (uploaded, painted, or none); returns images and poses shown."""
+    from lowmcgm.artifact import load_artifact
+    from lowmcgm.sampler import PromptSpec, SampleSettings, normalize_handle, sample_artifact
+
+    try:
+        artifact_path = run_artifact(state, run_name)
+        handles = list(load_artifact(artifact_path).handles)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        folder = artifact_path.parent
+        pose_dir, out = folder / "ui-poses" / stamp, folder / "ui-samples" / stamp
+        pose_files, used = {}, []
+        drawn, uploaded = poses[:MAX_SUBJECTS], poses[MAX_SUBJECTS:]
+        for handle, value, upload in zip(handles, drawn, uploaded):
+            mask = pose_on_canvas(value)
+            if upload:  # checked by the sampler, as --pose files are
+                pose_files[normalize_handle(handle)] = upload
+                used.append((upload, f"pose of {handle}"))
+            elif mask is not None:
+                pose_dir.mkdir(parents=True, exist_ok=True)
+                pose_files[normalize_handle(handle)] = str(save_mask(mask, pose_dir / f"{handle.strip('<>')}.png"))
+                used.append((pose_files[normalize_handle(handle)], f"pose of {handle}"))
+        settings = SampleSettings(num_images=int(num_images), seed=int(seed), steps=int(steps),
+                                  guidance_scale=float(guidance_scale), pose_guidance=pose_guidance)
+        with state.sampling:
+            base = state.base_for(artifact_path, base_model or "")
+            grid = sample_artifact(artifact_path, [PromptSpec(prompt, where="the prompt")], pose_files, settings,
+                                   out, base=base)
+    except UserError as exc:
+        return error_text(exc), [], []
+    index = json.loads((grid.parent / "samples.json").read_text())
+    images = [(str(grid.parent / im["file"]), f"seed {im['seed']}") for p in index["prompts"] for im in p["images"]]
+    return shown(f"{len(images)} image(s) in {out}."), images, used
+
+
+def export(state: PageState, run_name: str, fmt: str):
+    """The artifact in another tool's format, as one downloadable file (folders are zipped)."""
+    from lowmcgm.interop.export import export_artifact
+
+    try:
+        artifact_path = run_artifact(state, run_name)
+        exports = artifact_path.parent / "exports"
+        target = exports / (f"{run_name}-kohya.safetensors" if fmt == "kohya" else fmt)
+        result = export_artifact(artifact_path, fmt, target, force=True)
+    except UserError as exc:
+        return error_text(exc), None
+    if fmt == "kohya":
+        return shown(f"kohya LoRA for {', '.join(result.handles)}."), str(result.files[0])
+    archive = shutil.make_archive(str(exports / f"{run_name}-{fmt}"), "zip", target)
+    return f"{fmt} export ({len(result.files)} files, zipped).", archive
+
+
+def on_pose_library(name: str | None):
+    """A fresh canvas showing the library's pose (a blank one for none); strokes may be added."""
+    return editor_value(sheet_with(pose_mask(name)) if name else blank_sheet())
+
+
+# ------------------------------------------------------------------------------------------------
+# Layout.
+
+def build_app(root: Path, base_model: str = "toy", preset: str = "toy-cpu"):
+    """The page's ``gr.Blocks``; ``launch`` serves it."""
+    gr = require_gradio()
+    from lowmcgm.presets import list_presets
+
+    state = PageState(Path(root))
+    bound = lambda fn: (lambda *args: fn(state, *args))  # noqa: E731  (callbacks see the page's state)
+
+    with gr.Blocks(title="lowmcgm") as page:
+        gr.Markdown("# lowmcgm\nTeach a model several subjects from one photo, then draw them in new poses.")
+        with gr.Tab("1 · Photo and subjects", id="tab-photo"):
+            photo = gr.File(label="Photo (PNG or JPEG)", type="filepath", elem_id="photo")
+            count = gr.Slider(1, MAX_SUBJECTS, value=2, step=1, label="Subjects", elem_id="count")
+            photo_msg = gr.Markdown(elem_id="photo-message")
+            editors, uploads, handles, words, groups = [], [], [], [], []
+            with gr.Row():
+                for i in range(MAX_SUBJECTS):
+                    with gr.Column(visible=i < 2, min_width=240) as group:
+                        gr.Markdown(f"**Subject {i + 1}**")
+                        handles.append(gr.Textbox(value=f"<asset{i}>", label="Handle", elem_id=f"handle{i}"))
+                        words.append(gr.Textbox(label="Initializer word (optional, e.g. dog)",
+                                                elem_id=f"word{i}"))
+                        editors.append(gr.ImageEditor(type="numpy", label="Paint the subject", elem_id=f"editor{i}",
+                                                      brush=brush(i, 12), layers=False, transforms=(),
+                                                      sources=()))
+                        uploads.append(gr.File(label="...or upload its mask", type="filepath",
+                                               elem_id=f"mask-upload{i}"))
+                    groups.append(group)
+            show = gr.Button("Show masks over the photo", elem_id="show-masks")
+            preview = gr.Image(label="Masks over the photo", interactive=False, elem_id="mask-overlay")
+
+        with gr.Tab("2 · Train", id="tab-train"):
+            with gr.Row():
+                run_name = gr.Textbox(value=default_run_name(), label="Run name (a folder under the page's root)",
+                                      elem_id="run-name")
+                preset_box = gr.Dropdown(sorted(list_presets()), value=preset, label="Preset", elem_id="preset")
+                base_box = gr.Textbox(value=base_model, label="Base model", elem_id="base-model")
+                preview_every = gr.Number(value=10, precision=0, label="Preview every N steps")
+            with gr.Row():
+                estimate_btn = gr.Button("Estimate GPU memory", elem_id="estimate")
+                start_btn = gr.Button("Start training", variant="primary", elem_id="start")
+                stop_btn = gr.Button("Stop", elem_id="stop")
+                resume_btn = gr.Button("Resume this run", elem_id="resume")
+            train_msg = gr.Markdown(elem_id="train-message")
+            estimate_md = gr.Markdown(elem_id="estimate-result")
+            train_status = gr.Markdown(elem_id="train-status")
+            with gr.Row():
+                preview_img = gr.Image(label="Latest preview", interactive=False, elem_id="preview")
+                attention_img = gr.Image(label="Its attention maps", interactive=False, elem_id="attention")
+            curve = gr.Image(label="Loss curve", interactive=False, elem_id="loss-curve")
+            gr.Timer(POLL_S).tick(bound(poll_training), None, [train_status, preview_img, attention_img, curve])
+
+        with gr.Tab("3 · Pose and sample", id="tab-sample"):
+            with gr.Row():
+                runs = gr.Dropdown(list_runs(state.root), value=None, label="Run", elem_id="runs",
+                                   allow_custom_value=False)
+                refresh = gr.Button("Refresh runs", elem_id="refresh-runs")
+                artifact_upload = gr.File(label="...or upload an artifact (.safetensors)", type="filepath",
+                                          elem_id="artifact-upload")
+            sample_msg = gr.Markdown(elem_id="sample-message")
+            prompt = gr.Textbox(label="Prompt (name the handles)", elem_id="prompt")
+            pose_editors, pose_pickers, pose_uploads, pose_cols = [], [], [], []
+            with gr.Row():
+                for i in range(MAX_SUBJECTS):
+                    # The first two show from the start: a canvas laid out while hidden draws off-centre.
+                    with gr.Column(visible=i < 2, min_width=240) as col:
+                        pose_pickers.append(gr.Dropdown([""] + pose_names(), value="", label="From the pose library",
+                                                        elem_id=f"pose-pick{i}"))
+                        pose_editors.append(gr.ImageEditor(value=editor_value(blank_sheet()), type="numpy",
+                                                           label="Draw the pose (blank: no pose)",
+                                                           elem_id=f"pose{i}", brush=brush(i, 10), layers=False,
+                                                           transforms=(), sources=()))
+                        pose_uploads.append(gr.File(label="...or upload a pose mask", type="filepath",
+                                                    elem_id=f"pose-upload{i}"))
+                    pose_cols.append(col)
+            with gr.Row():
+                num_images = gr.Number(value=2, precision=0, label="Images", elem_id="num-images")
+                seed = gr.Number(value=0, precision=0, label="First seed", elem_id="seed")
+                steps = gr.Number(value=20, precision=0, label="Steps", elem_id="steps")
+                cfg_scale = gr.Number(value=7.5, label="Guidance scale", elem_id="guidance-scale")
+                pose_guidance = gr.Radio(["latent", "attention", "none"], value="latent", label="Pose guidance",
+                                         elem_id="pose-guidance")
+                sample_base = gr.Textbox(label="Base model (blank: the one the run used)", elem_id="sample-base")
+            sample_btn = gr.Button("Sample", variant="primary", elem_id="sample")
+            with gr.Row():
+                gallery = gr.Gallery(label="Images", elem_id="gallery", columns=4)
+                pose_gallery = gr.Gallery(label="Poses used", elem_id="pose-gallery", columns=4)
+            with gr.Row():
+                fmt = gr.Radio(list(EXPORT_FORMATS), value="kohya", label="Export for other tools", elem_id="format")
+                export_btn = gr.Button("Export", elem_id="export")
+                download_artifact = gr.Button("Artifact file", elem_id="artifact-file")
+            download = gr.File(label="Download", interactive=False, elem_id="download")
+
+        # Wiring.
+        photo.upload(on_photo, photo, [photo, photo_msg, *editors])
+        photo.clear(on_photo, photo, [photo, photo_msg, *editors])
+        count.change(lambda n: [gr.update(visible=i < int(n)) for i in range(MAX_SUBJECTS)], count, groups)
+        show.click(on_show_masks, [photo, count, *editors, *uploads], [photo_msg, preview])
+        estimate_btn.click(on_estimate, [preset_box, base_box], estimate_md)
+        start_btn.click(bound(start_training),
+                        [photo, count, run_name, preset_box, base_box, preview_every, *editors, *uploads, *handles,
+                         *words], train_msg)
+        stop_btn.click(lambda: (state.jobs.stop(), "Stopping: a checkpoint is being written.")[1], None, train_msg)
+        resume_btn.click(bound(resume_training), run_name, train_msg)
+
+        def refreshed(current: str | None = None):
+            names = list_runs(state.root)
+            return gr.update(choices=names, value=current if current in names else None)
+
+        refresh.click(refreshed, runs, runs)
+
+        def opened(name):
+            msg, text, *rest = on_open_run(state, name)
+            visible, labels = rest[:MAX_SUBJECTS], rest[MAX_SUBJECTS:]
+            return [msg, text, *[gr.update(visible=v) for v in visible], *[gr.update(label=t) for t in labels]]
+
+        runs.change(opened, runs, [sample_msg, prompt, *pose_cols, *pose_editors])
+        artifact_upload.upload(lambda p: _then_refresh(on_upload_artifact(state, p), refreshed), artifact_upload,
+                               [sample_msg, runs])
+        for picker, editor in zip(pose_pickers, pose_editors):
+            picker.change(on_pose_library, picker, editor)
+        sample_btn.click(bound(sample), [runs, prompt, sample_base, num_images, seed, steps, cfg_scale, pose_guidance,
+                                         *pose_editors, *pose_uploads], [sample_msg, gallery, pose_gallery])
+        export_btn.click(bound(export), [runs, fmt], [sample_msg, download])
+        download_artifact.click(lambda name: _artifact_download(state, name), runs, [sample_msg, download])
+    page.lowmcgm_state = state  # tests and the launcher reach the job through it
+    return page
+
+
+def _then_refresh(result: tuple[str, str | None], refreshed: Callable[[str | None], Any]):
+    message, name = result
+    return message, refreshed(name)
+
+
+def _artifact_download(state: PageState, name: str):
+    try:
+        return shown(f"Artifact of run '{name}'."), str(run_artifact(state, name))
+    except UserError as exc:
+        return error_text(exc), None
+
+
+# Uploads larger than this are refused by the server (a photo or an artifact is far smaller).
+MAX_UPLOAD = "200mb"
+
+
+def launch(root: Path, host: str = "127.0.0.1", port: int = 7860, base_model: str = "toy",
+           preset: str = "toy-cpu", block: bool = True):
+    """Serve the page on ``host:port``: never a public share link; files served only from ``root``."""
+    import os
+
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # the page makes no calls outside
+    root = Path(root).expanduser().resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    page = build_app(root, base_model=base_model, preset=preset)
+    page.queue(default_concurrency_limit=1)
+    page.launch(server_name=host, server_port=port, share=False, allowed_paths=[str(root)],
+                max_file_size=MAX_UPLOAD, prevent_thread_lock=not block, quiet=False, footer_links=[])
+    return page

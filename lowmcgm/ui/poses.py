@@ -1,0 +1,31 @@
+"""A pose library: one mask per toy-world kind and pose, for a pose without painting one.
+
+The masks are the toy world's own silhouettes (``toy.scenes``), a subject standing in the middle
+of the picture; on a real model they are still useful rough shapes (a sitting or lying outline).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+
+from lowmcgm.toy.scenes import KINDS, POSES, Scene, Subject, render_scene
+
+LIBRARY_PX = 128
+
+
+def pose_names() -> list[str]:
+    """``"dog sitting"``, ``"dog standing"``, ...: every kind in every pose."""
+    return [f"{kind} {pose}" for kind in KINDS for pose in POSES]
+
+
+@lru_cache(maxsize=None)
+def pose_mask(name: str) -> np.ndarray:
+    """The mask of ``name`` (one of ``pose_names()``), (LIBRARY_PX, LIBRARY_PX) bool."""
+    kind, _, pose = name.partition(" ")
+    if kind not in KINDS or pose not in POSES:
+        raise KeyError(name)
+    scene = Scene(background="grass", subjects=[Subject(kind=kind, pose=pose, x=0.5, y=0.8, scale=0.55)])
+    _, masks = render_scene(scene, LIBRARY_PX)
+    return np.asarray(masks[0]) > 0

@@ -1,0 +1,156 @@
+"""Run folders under the page's root, the inputs written into them, and the command that trains.
+
+The page never takes a server-side path from the browser: uploads arrive as files, and a run is
+named by a plain folder name that must lie directly under the root given on the command line
+(``lowmcgm ui --root``). A run folder holds what ``lowmcgm run`` writes plus:
+
+- ``inputs/``: the photo and one mask per subject, as uploaded or painted;
+- ``ui-run.json``: the training command's arguments, so the page can resume the run later;
+- ``events.jsonl`` and ``ui-train.log``: the job's progress events and its terminal output.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lowmcgm.config import Config, resolve_config
+from lowmcgm.errors import UserError
+from lowmcgm.run_folder import CHECKPOINT_NAME
+from lowmcgm.ui.editor import save_mask
+
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+COMMAND_FILE = "ui-run.json"
+EVENTS_FILE = "events.jsonl"
+LOG_FILE = "ui-train.log"
+ARTIFACT_NAME = Config().output.artifact_name
+
+
+@dataclass(frozen=True)
+class Subject:
+    """One subject as the page gives it: a handle, its initializer word and its mask."""
+
+    handle: str
+    init_word: str
+    mask: np.ndarray  # (H, W) bool, the photo's size
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    """What the page's training tab asks for."""
+
+    run_name: str
+    photo: str  # the uploaded file
+    subjects: tuple[Subject, ...]
+    preset: str
+    base_model: str
+    preview_every: int = 10
+
+
+def default_run_name() -> str:
+    return time.strftime("run-%Y%m%d-%H%M%S")
+
+
+def run_folder(root: Path, name: str) -> Path:
+    """``root / name`` for a plain folder name; anything else (a path, '..') is refused."""
+    name = (name or "").strip()
+    if not RUN_NAME.fullmatch(name) or name in (".", ".."):
+        raise UserError(f"Run name '{name}' is not a plain folder name: use letters, digits, '.', '_' and '-' "
+                        "(at most 64, starting with a letter or digit).")
+    folder = (Path(root) / name).resolve()
+    if folder.parent != Path(root).resolve():
+        raise UserError(f"Run name '{name}' leads outside the page's root folder {root}.")
+    return folder
+
+
+def list_runs(root: Path) -> list[str]:
+    """Run folders under ``root`` that hold an artifact or a checkpoint, newest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    runs = [p for p in root.iterdir() if p.is_dir() and RUN_NAME.fullmatch(p.name)
+            and ((p / ARTIFACT_NAME).is_file() or (p / CHECKPOINT_NAME).is_file())]
+    return [p.name for p in sorted(runs, key=lambda p: p.stat().st_mtime, reverse=True)]
+
+
+def write_inputs(folder: Path, photo: str, subjects: tuple[Subject, ...]) -> tuple[Path, list[Path]]:
+    """Copy the photo and write each subject's mask into ``folder/inputs``; return their paths."""
+    inputs = folder / "inputs"
+    inputs.mkdir(parents=True, exist_ok=True)
+    suffix = Path(photo).suffix.lower() or ".png"
+    photo_path = inputs / f"photo{suffix}"
+    shutil.copyfile(photo, photo_path)
+    masks = [save_mask(s.mask, inputs / f"mask{i}.png") for i, s in enumerate(subjects)]
+    return photo_path, masks
+
+
+def init_words(subjects: tuple[Subject, ...]) -> list[str]:
+    """Every subject's initializer word, or none at all (the words are optional, but all or none)."""
+    words = [s.init_word.strip() for s in subjects]
+    if any(words) and not all(words):
+        raise UserError("Give an initializer word for every subject, or for none.")
+    return words if any(words) else []
+
+
+def training_command(request: TrainRequest, folder: Path, photo: Path, masks: list[Path]) -> list[str]:
+    """The ``lowmcgm run`` arguments of a request (without --resume / --overwrite)."""
+    argv = ["run", "--preset", request.preset, "--base-model", request.base_model, "--image", str(photo)]
+    for subject, mask in zip(request.subjects, masks):
+        argv += ["--mask", str(mask), "--handle", subject.handle.strip()]
+    for word in init_words(request.subjects):
+        argv += ["--init-word", word]
+    argv += ["--out", str(folder), "--events", str(folder / EVENTS_FILE),
+             "--preview-every", str(request.preview_every)]
+    return argv
+
+
+def prepare_run(root: Path, request: TrainRequest) -> list[str]:
+    """Check a request as ``lowmcgm run`` would, write its inputs, and return its command.
+
+    Raises:
+        UserError: the same one-line messages as the CLI (a bad photo or mask, a handle name, a
+            preset or base model that does not exist, a run name taken).
+    """
+    from lowmcgm.data import load_image
+    from lowmcgm.trainer import check_inputs
+
+    if not request.subjects:
+        raise UserError("No subjects: paint (or upload) one mask per subject.")
+    init_words(request.subjects)
+    load_image(request.photo)  # a bad upload is refused before anything is written
+    folder = run_folder(root, request.run_name)
+    if folder.exists() and any(folder.iterdir()):
+        raise UserError(f"Run '{request.run_name}' exists already: choose another name, or open it to resume "
+                        "or sample.")
+    photo, masks = write_inputs(folder, request.photo, request.subjects)
+    argv = training_command(request, folder, photo, masks)
+    try:
+        cfg = resolve_config(request.preset, None, {
+            "model.base_model": request.base_model, "data.image": str(photo), "data.masks": [str(m) for m in masks],
+            "data.handles": [s.handle.strip() for s in request.subjects],
+            "data.init_words": init_words(request.subjects), "output.out": str(folder)})
+        check_inputs(cfg)
+    except UserError:
+        shutil.rmtree(folder, ignore_errors=True)  # a refused run leaves nothing behind, as in the CLI
+        raise
+    (folder / COMMAND_FILE).write_text(json.dumps(argv, indent=1) + "\n")
+    return argv
+
+
+def resume_command(root: Path, name: str) -> list[str]:
+    """The command that continues a run the page started, from its last checkpoint."""
+    folder = run_folder(root, name)
+    try:
+        argv = json.loads((folder / COMMAND_FILE).read_text())
+    except (FileNotFoundError, json.JSONDecodeError) as exc:
+        raise UserError(f"Run '{name}' was not started from the page (no {COMMAND_FILE}): resume it with "
+                        "'lowmcgm run --resume' and its own arguments.") from exc
+    if not (folder / CHECKPOINT_NAME).is_file():
+        raise UserError(f"Run '{name}' has no checkpoint to resume from.")
+    return [*argv, "--resume"]

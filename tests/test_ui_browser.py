@@ -1,0 +1,189 @@
+"""The web page end to end in a real browser: paint, train, pose, sample, export, bad uploads.
+
+One page process (this test module's) and one headless Chromium drive the whole flow on the tiny
+model, and every file the page writes is compared with what the CLI writes from the same inputs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_photo
+from PIL import Image
+from safetensors.torch import load_file
+from ui_browser import (CHROMIUM_ARGS, chromium_path, free_port, paint_rect, set_textbox, text_of, upload,
+                        wait_for_text)
+
+from lowmcgm.cli import main
+from lowmcgm.data import check_masks, load_image, load_mask
+from lowmcgm.errors import UserError
+
+pytest.importorskip("gradio", reason="the [ui] extra is not installed")
+playwright = pytest.importorskip("playwright.sync_api")
+
+pytestmark = pytest.mark.slow
+
+# The conftest photo: 96 x 96, subject a at x 10-40 / y 20-60, subject b at x 55-90 / y 40-80.
+SIZE = (96, 96)
+RECT_A = (12, 22, 37, 57)
+RECT_B = (57, 42, 87, 77)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("ui_inputs")
+    photo, a, b = make_photo(folder)
+    (folder / "notes.txt").write_text("not an image\n")
+    Image.fromarray(np.full((50, 40), 255, np.uint8)).save(folder / "small_mask.png")
+    return {"photo": Path(photo), "a": Path(a), "b": Path(b), "text": folder / "notes.txt",
+            "small_mask": folder / "small_mask.png"}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from lowmcgm.ui.app import launch
+
+    root = tmp_path_factory.mktemp("ui_root")
+    port = free_port()
+    page = launch(root, port=port, base_model="tiny", preset="tiny-cpu", block=False)
+    yield {"url": f"http://127.0.0.1:{port}", "root": root, "state": page.lowmcgm_state}
+    page.lowmcgm_state.jobs.stop()
+    page.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    executable = chromium_path()
+    with playwright.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    context = browser.new_context(viewport={"width": 1400, "height": 1100})
+    pg = context.new_page()
+    pg.goto(server["url"], wait_until="networkidle", timeout=60_000)
+    yield pg
+    context.close()
+
+
+def cli_error(fn, *args) -> str:
+    """The line the CLI prints for the UserError ``fn(*args)`` raises."""
+    with pytest.raises(UserError) as info:
+        fn(*args)
+    return "error: " + " ".join(str(info.value).splitlines())
+
+
+def test_bad_uploads_show_the_clis_one_line_message(page, inputs):
+    upload(page, "photo", inputs["text"])
+    shown = wait_for_text(page, "photo-message", "error", 30)
+    uploaded = shown.split("Image ", 1)[1].split(" is not", 1)[0]  # the page's copy of the upload
+    assert shown.strip() == cli_error(load_image, uploaded)
+    assert "is not an image PIL can read" in shown
+
+    upload(page, "photo", inputs["photo"])
+    wait_for_text(page, "photo-message", "96 x 96", 30)
+    upload(page, "mask-upload0", inputs["small_mask"])
+    page.wait_for_timeout(500)
+    page.locator("#show-masks").click()
+    shown = wait_for_text(page, "photo-message", "error", 30).strip()
+    uploaded = shown.split("Mask ", 1)[1].split(" is 40x50", 1)[0]
+    assert shown == cli_error(check_masks, [load_mask(uploaded) > 0.5], [uploaded], SIZE)
+    assert "is 40x50 but the image is 96x96" in shown
+
+
+def test_paint_train_pose_sample_and_export(page, inputs, server, tmp_path):
+    root = Path(server["root"])
+    # 1. Photo and subjects: paint each subject over the photo.
+    upload(page, "photo", inputs["photo"])
+    wait_for_text(page, "photo-message", "96 x 96", 30)
+    set_textbox(page, "word0", "block")
+    set_textbox(page, "word1", "box")
+    paint_rect(page, "editor0", SIZE, RECT_A)
+    paint_rect(page, "editor1", SIZE, RECT_B)
+    page.locator("#show-masks").click()
+    wait_for_text(page, "photo-message", "2 subject mask", 30)
+    page.locator("#mask-overlay img").wait_for(timeout=30_000)
+
+    # 2. Train with the tiny-cpu preset, in a child process, until the page says it finished.
+    page.get_by_role("tab", name="2 · Train").click()
+    set_textbox(page, "run-name", "browser-run")
+    page.locator("#start").click()
+    wait_for_text(page, "train-message", "Started run 'browser-run'", 30)
+    wait_for_text(page, "train-status", "finished|failed", 600)
+    assert "finished" in text_of(page, "train-status"), text_of(page, "train-status")
+    page.locator("#preview img").wait_for(timeout=30_000)
+    page.locator("#loss-curve img").wait_for(timeout=30_000)
+
+    run = root / "browser-run"
+    truth = [load_mask(inputs[k]) > 0.5 for k in ("a", "b")]
+    painted = [load_mask(run / "inputs" / f"mask{i}.png") > 0.5 for i in range(2)]
+    for mask, rect, other in zip(painted, (RECT_A, RECT_B), truth[::-1]):
+        x0, y0, x1, y1 = rect
+        assert mask[y0:y1 + 1, x0:x1 + 1].mean() > 0.95  # the strokes' rectangle is painted,
+        assert mask.sum() < 3 * (x1 - x0 + 1) * (y1 - y0 + 1)  # the brush's width spills over a little,
+        assert not (mask & other).any()  # but never onto the other subject
+
+    # The page ran the CLI's own command: the CLI given the same inputs trains the same artifact.
+    argv = json.loads((run / "ui-run.json").read_text())
+    assert argv[:1] == ["run"] and "--init-word" in argv
+    cli_out = tmp_path / "cli-run"
+    cli_argv = [a if a != str(run) else str(cli_out) for a in argv if not a.endswith("events.jsonl")]
+    cli_argv.remove("--events")
+    assert main(cli_argv) == 0
+    ours, theirs = load_file(run / "lowmcgm.safetensors"), load_file(cli_out / "lowmcgm.safetensors")
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        np.testing.assert_array_equal(ours[key].numpy(), theirs[key].numpy(), err_msg=key)
+    page_files = {p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file()}
+    cli_files = {p.relative_to(cli_out).as_posix() for p in cli_out.rglob("*") if p.is_file()}
+    assert cli_files <= page_files
+    assert page_files - cli_files == {"ui-run.json", "events.jsonl", "ui-train.log", "inputs/photo.png",
+                                      "inputs/mask0.png", "inputs/mask1.png"}
+
+    # 3. Pose and sample: a drawn pose for <asset0>, the pose library's for <asset1>.
+    page.get_by_role("tab", name="3 · Pose and sample").click()
+    page.locator("#refresh-runs").click()
+    page.locator("#runs input").click()
+    page.get_by_role("option", name="browser-run").click()
+    wait_for_text(page, "sample-message", "handles <asset0>, <asset1>", 30)
+    paint_rect(page, "pose0", (256, 256), (20, 120, 110, 230), step=6)
+    page.locator("#pose-pick1 input").click()
+    page.get_by_role("option", name="cat lying").click()
+    page.wait_for_timeout(1000)
+    set_textbox(page, "prompt", "a photo of <asset0> and <asset1> in the snow")
+    set_textbox(page, "num-images", "1")
+    set_textbox(page, "steps", "4")
+    page.locator("#sample").click()
+    shown = wait_for_text(page, "sample-message", "image\\(s\\) in|error", 300)
+    assert "1 image(s)" in shown, shown
+    page.locator("#gallery img").first.wait_for(timeout=30_000)
+
+    samples = sorted((run / "ui-samples").iterdir())[-1]
+    poses = sorted((run / "ui-poses").iterdir())[-1]
+    drawn = load_mask(poses / "asset0.png") > 0.5
+    assert drawn.shape == (256, 256) and 0.05 < drawn.mean() < 0.3
+    index = json.loads((samples / "samples.json").read_text())
+    image = samples / index["prompts"][0]["images"][0]["file"]
+    # `lowmcgm sample` with the same pose files draws the same pixels.
+    again = tmp_path / "cli-samples"
+    assert main(["sample", "--artifact", str(run / "lowmcgm.safetensors"), "--out", str(again),
+                 "--prompt", "a photo of <asset0> and <asset1> in the snow", "--num-images", "1", "--steps", "4",
+                 "--guidance-scale", "7.5", "--pose", f"asset0={poses / 'asset0.png'}",
+                 "--pose", f"asset1={poses / 'asset1.png'}"]) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(image)), np.asarray(Image.open(again / image.name)))
+
+    # Exports download as files.
+    page.locator("#export").click()
+    wait_for_text(page, "sample-message", "kohya LoRA", 60)
+    kohya = run / "exports" / "browser-run-kohya.safetensors"
+    assert any(k.startswith("lora_unet_") for k in load_file(kohya))
+    page.locator("#format label", has_text="embeddings").click()
+    page.locator("#export").click()
+    wait_for_text(page, "sample-message", "embeddings export", 60)
+    assert (run / "exports" / "browser-run-embeddings.zip").is_file()

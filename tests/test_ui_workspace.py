@@ -1,0 +1,198 @@
+"""The web page's pieces without a browser: canvases to masks, run folders, the training job."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_photo
+
+from lowmcgm.data import load_mask
+from lowmcgm.errors import UserError
+from lowmcgm.progress import EventLog, read_events
+from lowmcgm.ui.editor import blank_sheet, editor_value, overlay, painted_mask
+from lowmcgm.ui.jobs import JobSlot, TrainingJob, last_error
+from lowmcgm.ui.poses import pose_mask, pose_names
+from lowmcgm.ui.workspace import (Subject, TrainRequest, list_runs, prepare_run, resume_command, run_folder)
+
+
+def test_painted_mask_is_any_opaque_pixel_of_any_layer():
+    assert painted_mask(None) is None
+    assert painted_mask(editor_value(blank_sheet(32))) is None  # an empty layer paints nothing
+    a, b = np.zeros((32, 32, 4), np.uint8), np.zeros((32, 32, 4), np.uint8)
+    a[2:5, 3:9, 3] = 255
+    b[20, 20] = (0, 0, 0, 1)  # a black, barely opaque pixel still counts
+    mask = painted_mask({"background": blank_sheet(32), "layers": [a, b], "composite": None})
+    assert mask.sum() == 3 * 6 + 1 and mask[20, 20] and mask[2, 3] and not mask[0, 0]
+
+
+def test_editor_value_round_trips_a_mask_at_the_canvas_size():
+    mask = np.zeros((16, 16), bool)
+    mask[4:12, 2:6] = True
+    value = editor_value(blank_sheet(64), mask)
+    back = painted_mask(value)
+    assert back.shape == (64, 64) and back[16:48, 8:24].all() and back.sum() == 32 * 16
+
+
+def test_overlay_tints_only_the_masked_pixels():
+    photo = np.full((8, 8, 3), 100, np.uint8)
+    mask = np.zeros((8, 8), bool)
+    mask[0, 0] = True
+    out = overlay(photo, [mask, None])
+    assert (out[0, 0] != 100).any() and (out[1:, :] == 100).all()
+
+
+def test_pose_library_has_every_kind_and_pose_with_distinct_shapes():
+    names = pose_names()
+    assert "dog sitting" in names and "person lying" in names and len(names) == len(set(names))
+    lying, standing = pose_mask("person lying"), pose_mask("person standing")
+    assert lying.any() and standing.any()
+
+    def aspect(m):  # height over width of the silhouette's box
+        ys, xs = np.nonzero(m)
+        return (np.ptp(ys) + 1) / (np.ptp(xs) + 1)
+
+    assert aspect(lying) < 1 < aspect(standing)
+    with pytest.raises(KeyError):
+        pose_mask("dragon flying")
+
+
+@pytest.mark.parametrize("name", ["../evil", "a/b", "/abs", "", ".", "..", " x y", "-dash", "x" * 65])
+def test_run_names_are_plain_folders_under_the_root(tmp_path, name):
+    with pytest.raises(UserError, match="plain folder name"):
+        run_folder(tmp_path, name)
+
+
+def test_run_folder_is_directly_under_the_root(tmp_path):
+    assert run_folder(tmp_path, "run-1.a_b") == (tmp_path / "run-1.a_b").resolve()
+
+
+def _request(tmp_path: Path, name: str = "r1", words=("dog", "cat"), preset: str = "tiny-cpu",
+             preview_every: int = 10) -> TrainRequest:
+    photo, a, b = make_photo(tmp_path)
+    masks = [load_mask(p) > 0.5 for p in (a, b)]
+    subjects = tuple(Subject(f"<asset{i}>", w, m) for i, (w, m) in enumerate(zip(words, masks)))
+    return TrainRequest(name, photo, subjects, preset, "tiny", preview_every=preview_every)
+
+
+def test_prepare_run_writes_inputs_and_the_clis_command(tmp_path):
+    root = tmp_path / "root"
+    argv = prepare_run(root, _request(tmp_path))
+    folder = root / "r1"
+    assert json.loads((folder / "ui-run.json").read_text()) == argv
+    assert argv[:5] == ["run", "--preset", "tiny-cpu", "--base-model", "tiny"]
+    assert argv.count("--mask") == 2 and argv.count("--init-word") == 2 and "--events" in argv
+    assert (load_mask(folder / "inputs" / "mask1.png") > 0.5).sum() > 0
+    with pytest.raises(UserError, match="exists already"):
+        prepare_run(root, _request(tmp_path))
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(words=("dog", "")), "every subject, or for none"),
+    (dict(preset="no-such-preset"), "no-such-preset"),
+    (dict(name="../x"), "plain folder name"),
+])
+def test_a_refused_run_leaves_nothing_behind(tmp_path, change, message):
+    root = tmp_path / "root"
+    root.mkdir()
+    with pytest.raises(UserError, match=message):
+        prepare_run(root, _request(tmp_path, **change))
+    assert list(root.iterdir()) == []
+
+
+def test_no_initializer_words_pass_none(tmp_path):
+    argv = prepare_run(tmp_path / "root", _request(tmp_path, words=("", "")))
+    assert "--init-word" not in argv
+
+
+def test_resume_needs_a_page_run_with_a_checkpoint(tmp_path):
+    root = tmp_path / "root"
+    prepare_run(root, _request(tmp_path))
+    with pytest.raises(UserError, match="no checkpoint"):
+        resume_command(root, "r1")
+    (root / "r1" / "checkpoints").mkdir()
+    (root / "r1" / "checkpoints" / "last.safetensors").write_bytes(b"x")
+    assert resume_command(root, "r1")[-1] == "--resume"
+    assert list_runs(root) == ["r1"]
+    (root / "other").mkdir()
+    with pytest.raises(UserError, match="not started from the page"):
+        resume_command(root, "other")
+
+
+def test_event_log_round_trips_and_skips_a_half_written_line(tmp_path):
+    log = EventLog(tmp_path / "e" / "events.jsonl")
+    log({"kind": "saved", "path": tmp_path, "eta_s": float("inf")})
+    log.close()
+    with open(tmp_path / "e" / "events.jsonl", "a") as f:
+        f.write('{"kind": "st')
+    events = read_events(tmp_path / "e" / "events.jsonl")
+    assert events == [{"kind": "saved", "path": str(tmp_path), "eta_s": float("inf")}]
+    assert read_events(tmp_path / "missing.jsonl") == []
+
+
+def test_job_reports_the_clis_error_line(tmp_path):
+    # A real child process of the real CLI, refused at once: the page shows the CLI's error line.
+    job = TrainingJob(["run", "--preset", "no-such-preset", "--image", "x.png", "--mask", "m.png",
+                       "--out", str(tmp_path / "out")], tmp_path / "out")
+    job.start()
+    assert job.wait(120) == 2
+    status = job.status()
+    assert status.state == "failed" and "no-such-preset" in status.text
+    assert status.text == last_error(tmp_path / "out" / "ui-train.log")
+
+
+def test_job_slot_refuses_a_second_job_while_one_runs(tmp_path):
+    slot = JobSlot()
+    # A child that just sleeps stands in for training: the slot's rule is what is tested.
+    job = slot.job = TrainingJob([], tmp_path / "a")
+    job.process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        with pytest.raises(UserError, match="is running"):
+            slot.start(["run"], tmp_path / "b")
+    finally:
+        job.process.kill()
+        job.process.wait()
+
+
+def test_stop_writes_a_checkpoint_and_resume_finishes_the_run(tmp_path):
+    root = tmp_path / "root"
+    argv = prepare_run(root, _request(tmp_path, preview_every=0))
+    # Longer than tiny-cpu's 20 steps, so the stop lands mid-phase; the same settings on resume.
+    longer = ["--set", "train.phase1_steps=200", "--set", "train.phase2_steps=4", "--set", "train.checkpoint_every=0"]
+    (root / "r1" / "ui-run.json").write_text(json.dumps(argv + longer))
+    slot = JobSlot()
+    job = slot.start(argv + longer, root / "r1")
+    deadline = time.monotonic() + 300
+    while not any(e.get("kind") == "step" for e in read_events(root / "r1" / "events.jsonl")):
+        assert job.running() and time.monotonic() < deadline, job.status().text
+        time.sleep(0.2)
+    assert job.status().state == "running" and job.status().text.startswith("Phase 1: step")
+    slot.stop()
+    job.wait(120)
+    assert job.status().state == "stopped"
+    assert (root / "r1" / "checkpoints" / "last.safetensors").is_file()
+    assert not (root / "r1" / "lowmcgm.safetensors").exists()
+
+    resumed = slot.start(resume_command(root, "r1"), root / "r1")
+    assert resumed.wait(600) == 0, resumed.status().text
+    assert resumed.status().state == "finished" and (root / "r1" / "lowmcgm.safetensors").is_file()
+    first = [e for e in read_events(root / "r1" / "events.jsonl") if e.get("kind") == "step"][0]
+    assert first["step"] > 1  # it went on from the checkpoint, not from step 1
+
+
+def test_a_pose_canvas_reads_strokes_and_a_dark_sheet():
+    from lowmcgm.ui.editor import pose_on_canvas, sheet_with
+
+    assert pose_on_canvas(editor_value(blank_sheet(32))) is None
+    lying = pose_mask("cat lying")
+    from_library = pose_on_canvas(editor_value(sheet_with(lying, 128)))
+    np.testing.assert_array_equal(from_library, lying)
+    stroke = np.zeros((128, 128), bool)
+    stroke[:4, :4] = True
+    both = pose_on_canvas(editor_value(sheet_with(lying, 128), stroke))
+    assert both.sum() == lying.sum() + 16 and both[:4, :4].all()

@@ -1,0 +1,90 @@
+"""Driving the web page in headless Chromium (Debian's package) through playwright's Python API."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+# Flags that keep Chromium from calling out (this machine's network is closed) and let it run as root.
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def chromium_path() -> str:
+    """The browser the tests drive; outside CI a machine without it skips them, in CI that fails."""
+    path = os.environ.get("LOWMCGM_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if not path:
+        if os.environ.get("CI"):
+            pytest.fail("Chromium is not installed: .ci/run installs Debian's chromium package.")
+        pytest.skip("no Chromium here (apt-get install chromium); CI runs these tests")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def canvas_point(page, elem: str, size: tuple[int, int], x: float, y: float) -> tuple[float, float]:
+    """Screen position of image pixel (x, y) on an ImageEditor showing a ``size`` (w, h) image.
+
+    The editor draws the image centred on its canvas at the zoom it shows (e.g. "300%").
+    """
+    box = page.locator(f"#{elem} canvas").first.bounding_box()
+    zoom = float(re.search(r"(\d+)\s*%", page.locator(f"#{elem}").inner_text()).group(1)) / 100
+    cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    return cx + (x - size[0] / 2) * zoom, cy + (y - size[1] / 2) * zoom
+
+
+def paint_rect(page, elem: str, size: tuple[int, int], rect: tuple[int, int, int, int], step: int = 3) -> None:
+    """Paint a rectangle (x0, y0, x1, y1 in image pixels) with horizontal brush strokes."""
+    page.locator(f"#{elem} button[aria-label='Brush']").click()
+    x0, y0, x1, y1 = rect
+    for y in range(y0, y1 + 1, step):
+        page.mouse.move(*canvas_point(page, elem, size, x0, y))
+        page.mouse.down()
+        page.mouse.move(*canvas_point(page, elem, size, x1, y), steps=8)
+        page.mouse.up()
+
+
+def text_of(page, elem: str) -> str:
+    return page.locator(f"#{elem}").inner_text()
+
+
+def wait_for_text(page, elem: str, pattern: str, timeout_s: float) -> str:
+    """Wait until element ``elem``'s text matches ``pattern`` (a regex); return the text."""
+    page.wait_for_function(
+        "([sel, pat]) => { const e = document.querySelector(sel); return e && new RegExp(pat).test(e.innerText); }",
+        arg=[f"#{elem}", pattern], timeout=timeout_s * 1000, polling=250)
+    return text_of(page, elem)
+
+
+def set_textbox(page, elem: str, value: str) -> None:
+    box = page.locator(f"#{elem} textarea, #{elem} input").first
+    box.fill(value)
+    box.blur()  # gradio takes a textbox's value on blur
+
+
+def upload(page, elem: str, path: Path) -> None:
+    page.locator(f"#{elem} input[type=file]").set_input_files(str(path))
+
+
+def paint_mask(page, elem: str, mask, step: int = 2) -> None:
+    """Paint a bool mask (image pixels) as brush strokes along its rows' runs, every ``step`` rows."""
+    import numpy as np
+
+    page.locator(f"#{elem} button[aria-label='Brush']").click()
+    size = (mask.shape[1], mask.shape[0])
+    for y in range(0, mask.shape[0], step):
+        row = np.flatnonzero(np.diff(np.concatenate([[0], mask[y].astype(np.int8), [0]])))
+        for x0, x1 in zip(row[::2], row[1::2] - 1):
+            page.mouse.move(*canvas_point(page, elem, size, x0 + 0.5, y + 0.5))
+            page.mouse.down()
+            page.mouse.move(*canvas_point(page, elem, size, x1 + 0.5, y + 0.5), steps=4)
+            page.mouse.up()
