@@ -1,7 +1,9 @@
 """Configuration: dataclasses, TOML loading, dotted overrides, validation, the effective config.
 
-Flow: dataclass defaults -> preset TOML -> user TOML -> CLI overrides -> ``validate()`` -> frozen
-``Config``. Defaults live only here; help texts sit on the fields so CLI help and docs share them.
+Flow: dataclass defaults -> preset TOML -> user TOML -> ``--set`` -> flags -> ``validate()`` -> frozen
+``Config``. Each field declares itself once: its default, help text, choices, bounds and, where a
+command offers one, the flag that sets it; CLI flags, ``lowmcgm config-keys`` and ``validate()``
+read them from the field.
 """
 
 from __future__ import annotations
@@ -14,25 +16,37 @@ import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Collection
 
 from lowmcgm.dtypes import DTYPE_NAMES
 from lowmcgm.errors import UserError
 from lowmcgm.limits import MAX_LORA_RANK, MAX_RESOLUTION_PX, MAX_SEED
 
 
-def _f(default: Any, help: str) -> Any:
+def _f(default: Any, help: str, *, choices: tuple[str, ...] = (), flag: str = "",
+       bounds: tuple[int, int] | None = None) -> Any:
+    """A config field with its metadata.
+
+    Args:
+        choices: the values allowed; '' among them means "unset" (the help says what it stands for).
+        flag: the CLI flag that sets this field, where a command offers one (``--steps``).
+        bounds: inclusive (lowest, highest) of a number.
+    """
     if isinstance(default, (list, dict, set)):
         raise TypeError("use tuples for sequence defaults: configs are frozen")
-    return field(default=default, metadata={"help": help})
+    metadata = {"help": help, "choices": tuple(choices), "flag": flag, "bounds": bounds}
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    base_model: str = _f("tiny", "diffusers folder, cached hub id, single .safetensors file, or 'tiny'")
-    single_file_config: str = _f("auto", "config for single-file checkpoints: auto, sd15, sd21-base or sd21-768")
-    mixed_precision: str = _f("fp16", "dtype of frozen weights and autocast: 'no' (fp32), 'fp16' or 'bf16'")
-    resolution: int = _f(0, "training resolution in pixels; 0 takes the model's own")
+    base_model: str = _f("tiny", "diffusers folder, cached hub id, single .safetensors file, 'tiny' or 'toy'",
+                         flag="--base-model")
+    single_file_config: str = _f("auto", "config for single-file checkpoints: auto, sd15, sd21-base or sd21-768",
+                                 choices=("auto", "sd15", "sd21-base", "sd21-768"))
+    mixed_precision: str = _f("fp16", "dtype of frozen weights and autocast: 'no' (fp32), 'fp16' or 'bf16'",
+                              choices=("no", "fp16", "bf16"))
+    resolution: int = _f(0, "training resolution in pixels; 0 takes the model's own", flag="--resolution")
     use_xformers: bool = _f(False, "use xformers for self-attention when installed (else SDPA)")
     use_gradient_checkpointing: bool = _f(True, "recompute UNet activations in backward to save memory")
     use_vae_offload: bool = _f(True, "move the VAE off the GPU once the photo is encoded")
@@ -40,11 +54,12 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    image: str = _f("", "the photo")
-    masks: tuple[str, ...] = _f((), "one mask file per concept, in handle order")
-    handles: tuple[str, ...] = _f((), "handle names; default <asset0>, <asset1>, ...")
-    init_words: tuple[str, ...] = _f((), "one initializer word per concept (optional)")
-    background: str = _f("keep", "'keep' the photo's background, or 'solid': random colour outside the masks")
+    image: str = _f("", "the photo (PNG or JPEG)", flag="--image")
+    masks: tuple[str, ...] = _f((), "one mask file per concept, in handle order", flag="--mask")
+    handles: tuple[str, ...] = _f((), "handle names, e.g. '<mydog>'; default <asset0>, <asset1>, ...", flag="--handle")
+    init_words: tuple[str, ...] = _f((), "one initializer word per concept (optional)", flag="--init-word")
+    background: str = _f("keep", "'keep' the photo's background, or 'solid': random colour outside the masks",
+                         choices=("keep", "solid"))
     flip_p: float = _f(0.5, "probability of flipping image and masks together")
     max_concepts: int = _f(4, "most concepts a run accepts (the paper reports failures past 3)")
     # Mask-aware training (issue 12; off = the paper's recipe). METHOD.md, "Why the mask alone does
@@ -80,11 +95,13 @@ class LossConfig:
     mask_encoder_input: str = _f(
         "binary", "what the mask encoder's Linear reads: 'binary' (the paper: the 0/1 mask) or "
                   "'area_normalized' (the mask divided by its pixel count, so AdamW moves a mask token "
-                  "about lr per step, like a handle, instead of lr times the mask's area)")
+                  "about lr per step, like a handle, instead of lr times the mask's area)",
+        choices=("binary", "area_normalized"))
     mask_token_norm: str = _f(
         "none", "'none' (the paper) or 'layernorm': a LayerNorm on each mask token with a learned gain "
                 "initialised to the RMS of the handles' text-encoder states, so mask tokens start on the "
-                "text tokens' scale and cannot grow past it by step size alone")
+                "text tokens' scale and cannot grow past it by step size alone",
+        choices=("none", "layernorm"))
     use_attention_loss: bool = _f(
         True, "the cross-attention and mask-attention terms; off = no capture processors (plain SDPA "
               "everywhere) and a diffusion-only loss, as a baseline for speed and memory")
@@ -92,7 +109,8 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class LoraConfig:
-    phase2_mode: str = _f("lora", "'lora' (LoRA adapters) or 'full' (fine-tune all UNet and text-encoder weights)")
+    phase2_mode: str = _f("lora", "'lora' (LoRA adapters) or 'full' (fine-tune all UNet and text-encoder weights)",
+                          choices=("lora", "full"))
     rank: int = _f(4, "LoRA rank")
     alpha: float = _f(4.0, "LoRA alpha (strength = alpha / rank)")
     unet_targets: tuple[str, ...] = _f(
@@ -118,7 +136,7 @@ class TrainConfig:
     phase2_mask_encoder_lr: float = _f(1e-5, "phase 2 learning rate of the mask encoder")
     lora_lr: float = _f(1e-4, "phase 2 learning rate of the UNet LoRA (or of all UNet weights in 'full' mode)")
     text_encoder_lr: float = _f(1e-5, "phase 2 learning rate of the text-encoder LoRA (or weights in 'full' mode)")
-    optimizer: str = _f("adamw8bit", "'adamw8bit' (bitsandbytes) or 'adamw' (torch)")
+    optimizer: str = _f("adamw8bit", "'adamw8bit' (bitsandbytes) or 'adamw' (torch)", choices=("adamw8bit", "adamw"))
     adam_beta1: float = _f(0.9, "AdamW beta1")
     adam_beta2: float = _f(0.999, "AdamW beta2")
     adam_weight_decay: float = _f(1e-2, "AdamW weight decay")
@@ -133,10 +151,53 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class OutputConfig:
-    out: str = _f("", "output folder")
+    out: str = _f("", "output folder", flag="--out")
     artifact_name: str = _f("lowmcgm.safetensors", "file name of the artifact inside the output folder")
-    save_dtype: str = _f("fp16", "dtype of the weights in the artifact: 'fp16', 'bf16' or 'fp32'")
-    preview_every: int = _f(100, "lowmcgm run: sample previews every N steps of each phase (0: only before training)")
+    save_dtype: str = _f("fp16", "dtype of the weights in the artifact: 'fp16', 'bf16' or 'fp32'", choices=DTYPE_NAMES)
+    preview_every: int = _f(100, "lowmcgm run: a preview sample and attention picture before training and every N "
+                                 "steps of each phase (0: only before training)", flag="--preview-every")
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """How to sample (``lowmcgm sample``, ``run``, training previews): the ``[sample]`` section.
+
+    Named as the sampler named it before it became a section: library callers build it directly,
+    and ``samples.json`` stores it as the ``settings`` the images were drawn with.
+    """
+
+    # Bounds are checked before anything is allocated: a batch is allocated at once; steps past the
+    # schedulers' 1000 training timesteps repeat timesteps; 10000 images fill a disk with PNGs.
+    num_images: int = _f(4, "images per prompt", flag="--num-images", bounds=(1, 10_000))
+    seed: int = _f(0, "image i of each prompt uses seed + i", flag="--seed")
+    steps: int = _f(30, "denoising steps", flag="--steps", bounds=(1, 1000))
+    guidance_scale: float = _f(7.5, "classifier-free guidance scale", flag="--guidance-scale")
+    # The names of sampler.SCHEDULERS (a test holds them equal: the factories need diffusers).
+    scheduler: str = _f("dpmpp_2m", "denoising scheduler", choices=("ddim", "euler_a", "dpmpp_2m"),
+                        flag="--scheduler")
+    negative_prompt: str = _f("", "what to steer away from (empty: nothing)", flag="--negative-prompt")
+    height: int = _f(0, "image height in pixels; 0: the resolution the artifact was trained at", flag="--height")
+    width: int = _f(0, "image width in pixels; 0: the resolution the artifact was trained at", flag="--width")
+    batch_size: int = _f(1, "images per denoising batch", flag="--batch-size", bounds=(1, 256))
+    dtype: str = _f("", "dtype of the sampling weights; empty (the default): fp16 on a CUDA GPU, fp32 on the CPU "
+                        "(half precision is ~100x slower there)", choices=("", *DTYPE_NAMES), flag="--dtype")
+    use_mask_tokens: bool = _f(True, "append mask tokens after the text tokens (MCGM); false, or --no-mask: "
+                                     "append none (plain Break-a-scene sampling)", flag="--no-mask")
+    # latent drew the target poses best in the pose benchmark (docs/benchmarks.md); it changes
+    # nothing where no pose is given. The modes are pose_guidance.py's.
+    pose_guidance: str = _f(
+        "latent", "pose guidance: pull each posed handle into its pose mask through cross-attention; attention "
+                  "biases its logits (almost free), latent steps the latent along an attention energy (a UNet "
+                  "backward per guided step); none turns it off", choices=("none", "attention", "latent"),
+        flag="--guidance")
+    # 0 stands for pose_guidance.DEFAULT_STRENGTH[mode] (sampler.resolve_guidance writes it out).
+    pose_guidance_strength: float = _f(0.0, "pose guidance strength; 0 takes the mode's default",
+                                       flag="--guidance-strength")
+    pose_guidance_steps: int = _f(0, "denoising steps guided, fading out; 0: the first half", flag="--guidance-steps")
+    use_vae_slicing: bool = _f(False, "decode a batch one image at a time (less memory)", flag="--vae-slicing")
+    use_vae_tiling: bool = _f(False, "decode in tiles (large images, less memory)", flag="--vae-tiling")
+    use_cpu_offload: bool = _f(False, "keep models on the CPU and move each to the GPU while it runs (4-6 GB "
+                                      "cards)", flag="--cpu-offload")
 
 
 @dataclass(frozen=True)
@@ -147,6 +208,7 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    sample: SampleSettings = field(default_factory=SampleSettings)
 
 
 def _section_types() -> dict[str, type]:
@@ -161,10 +223,20 @@ def all_keys() -> list[str]:
     return keys
 
 
-def field_help(key: str) -> str:
+def config_field(key: str) -> tuple[dataclasses.Field, Any]:
+    """The field of a dotted key and its type (a real type: annotations here are strings)."""
     section, name = key.split(".", 1)
     cls = _section_types()[section]
-    return next(f.metadata.get("help", "") for f in dataclasses.fields(cls) if f.name == name)
+    return next(f for f in dataclasses.fields(cls) if f.name == name), typing.get_type_hints(cls)[name]
+
+
+def field_help(key: str) -> str:
+    return config_field(key)[0].metadata["help"]
+
+
+def field_flag(key: str) -> str:
+    """The CLI flag that sets ``key`` (``--steps`` for ``sample.steps``), or ''."""
+    return config_field(key)[0].metadata["flag"]
 
 
 def _unknown_key(key: str, where: str) -> UserError:
@@ -269,16 +341,8 @@ def parse_set(items: list[str]) -> dict[str, str]:
     return out
 
 
-_CHOICES = {
-    "model.mixed_precision": ("no", "fp16", "bf16"),
-    "model.single_file_config": ("auto", "sd15", "sd21-base", "sd21-768"),
-    "data.background": ("keep", "solid"),
-    "loss.mask_encoder_input": ("binary", "area_normalized"),
-    "loss.mask_token_norm": ("none", "layernorm"),
-    "lora.phase2_mode": ("lora", "full"),
-    "train.optimizer": ("adamw8bit", "adamw"),
-    "output.save_dtype": DTYPE_NAMES,
-}
+# Every key with choices, as its field declares them (read, never declared, here).
+_CHOICES = {key: choices for key in all_keys() if (choices := config_field(key)[0].metadata["choices"])}
 
 
 _LEARNING_RATES = ("train.handle_lr", "train.mask_encoder_lr", "train.phase2_handle_lr",
@@ -290,40 +354,74 @@ _AT_MOST = {"model.resolution": MAX_RESOLUTION_PX, "lora.rank": MAX_LORA_RANK, "
             "data.max_concepts": 8}
 
 
-def _non_finite(cfg: Config) -> list[str]:
-    """Every float field must be a finite number (TOML and --set both accept nan and inf)."""
+Namer = Callable[[str], str]
+
+
+def _declared_problems(values: Any, section: str, name: Namer) -> list[str]:
+    """What the fields of one section declare: choices, bounds, and finite floats (TOML and --set
+    both accept nan and inf)."""
     problems = []
-    for section, values in config_to_dict(cfg).items():
-        for name, value in values.items():
-            if isinstance(value, float) and not math.isfinite(value):
-                problems.append(f"{section}.{name} must be a finite number (got {value})")
+    for f in dataclasses.fields(values):
+        key, value = f"{section}.{f.name}", getattr(values, f.name)
+        choices, bounds = f.metadata["choices"], f.metadata["bounds"]
+        if choices and value not in choices:
+            named = ", ".join(c for c in choices if c) + (" or empty" if "" in choices else "")
+            problems.append(f"{name(key)} must be one of {named} (got '{value}')")
+        if isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"{name(key)} must be a finite number (got {value})")
+        elif bounds and not bounds[0] <= value <= bounds[1]:  # NaN would fail every bound too: said once
+            problems.append(f"{name(key)} must be between {bounds[0]} and {bounds[1]} (got {value})")
     return problems
 
 
-def validate(cfg: Config) -> Config:
-    """Check every value; raise one UserError listing all problems."""
+def sample_problems(s: SampleSettings, name: Namer = lambda key: key) -> list[str]:
+    """Every problem of sampling settings (the ``[sample]`` section), each named by ``name(key)``."""
+    return _declared_problems(s, "sample", name) + _sample_checks(s, name)
+
+
+def _sample_checks(s: SampleSettings, name: Namer) -> list[str]:
+    """The sampling checks no single field declares: sizes, signs, and bounds set by other fields."""
     problems = []
-    for key, choices in _CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value not in choices:
-            problems.append(f"{key} must be one of {', '.join(choices)} (got '{value}')")
-    problems += _non_finite(cfg)  # first: NaN compares false with every bound below
+    for key, value in (("sample.height", s.height), ("sample.width", s.width)):
+        if value < 0 or value % 8 or value > MAX_RESOLUTION_PX:
+            problems.append(f"{name(key)} must be a positive multiple of 8 up to {MAX_RESOLUTION_PX} (got {value})")
+    for key, value in (("sample.guidance_scale", s.guidance_scale),
+                       ("sample.pose_guidance_strength", s.pose_guidance_strength)):
+        if value < 0:
+            problems.append(f"{name(key)} must be a finite number >= 0 (got {value})")
+    if not 0 <= s.seed <= MAX_SEED - s.num_images:  # image i uses seed + i
+        problems.append(f"{name('sample.seed')} must be between 0 and {MAX_SEED - s.num_images} (got {s.seed})")
+    if s.pose_guidance_steps < 0 or s.pose_guidance_steps > s.steps:
+        problems.append(f"{name('sample.pose_guidance_steps')} must be between 0 and {name('sample.steps')} "
+                        f"({s.steps}) (got {s.pose_guidance_steps})")
+    return problems
+
+
+def validate(cfg: Config, by_flag: Collection[str] = ()) -> Config:
+    """Check every value; raise one UserError listing all problems.
+
+    Args:
+        by_flag: keys a CLI flag set: their problems name the flag (``--steps``), the others the key.
+    """
+    def name(key: str) -> str:
+        return field_flag(key) if key in by_flag else key
+
+    problems = []
+    for section in _section_types():
+        problems += _declared_problems(getattr(cfg, section), section, name)
     positive = ["lora.rank", "train.batch_size", "data.max_concepts"]
     non_negative = ["loss.attn_loss_downscale", "train.phase1_steps", "train.phase2_steps", "train.checkpoint_every", "model.resolution",
                     "train.max_grad_norm", "train.num_class_images", "output.preview_every", "train.seed",
                     *_LEARNING_RATES, "loss.attn_weight", "loss.mask_attn_weight", "loss.prior_weight",
                     "train.adam_weight_decay", "train.adam_epsilon"]
     for key in positive + non_negative:
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
+        value = _value(cfg, key)
         if value < 0 or (key in positive and value == 0):
-            problems.append(f"{key} must be {'positive' if key in positive else '>= 0'} (got {value})")
+            problems.append(f"{name(key)} must be {'positive' if key in positive else '>= 0'} (got {value})")
     for key, limit in _AT_MOST.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
+        value = _value(cfg, key)
         if value > limit:
-            problems.append(f"{key} must be at most {limit} (got {value})")
+            problems.append(f"{name(key)} must be at most {limit} (got {value})")
     if not 0.0 <= cfg.data.flip_p <= 1.0:
         problems.append(f"data.flip_p must be between 0 and 1 (got {cfg.data.flip_p})")
     d = cfg.data
@@ -337,19 +435,25 @@ def validate(cfg: Config) -> Config:
         problems.append(f"data.affine_scale_min and data.affine_scale_max must satisfy 0 < min <= 1 <= max <= 2 "
                         f"(got {d.affine_scale_min} and {d.affine_scale_max})")
     if cfg.model.resolution % 8:
-        problems.append(f"model.resolution must be a multiple of 8 (got {cfg.model.resolution})")
-    name = cfg.output.artifact_name
-    if Path(name).name != name or "/" in name or "\\" in name or not name.endswith(".safetensors") or \
-            name.startswith("."):
+        problems.append(f"{name('model.resolution')} must be a multiple of 8 (got {cfg.model.resolution})")
+    artifact = cfg.output.artifact_name
+    if Path(artifact).name != artifact or "/" in artifact or "\\" in artifact or \
+            not artifact.endswith(".safetensors") or artifact.startswith("."):
         problems.append(f"output.artifact_name must be a plain file name ending in .safetensors, written inside "
-                        f"--out (got {name!r})")
+                        f"--out (got {artifact!r})")
     if cfg.lora.init_lora and cfg.lora.phase2_mode == "full":
         problems.append("lora.init_lora needs lora.phase2_mode = 'lora' (a full fine-tune has no adapter to start)")
     if cfg.train.phase1_steps + cfg.train.phase2_steps == 0:
         problems.append("train.phase1_steps and train.phase2_steps are both 0: nothing to train")
+    problems += _sample_checks(cfg.sample, name)
     if problems:
         raise UserError("Invalid configuration: " + "; ".join(problems) + ".")
     return cfg
+
+
+def _value(cfg: Config, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
@@ -382,8 +486,15 @@ def _toml_value(value: Any) -> str:
     return json.dumps(value)  # a JSON string is a valid TOML basic string
 
 
-def resolve_config(preset: str | None, config_file: str | None, overrides: dict[str, Any]) -> Config:
-    """Defaults -> preset -> user TOML -> CLI overrides -> validate."""
+def resolve_config(preset: str | None, config_file: str | None, overrides: dict[str, Any],
+                   flags: dict[str, Any] | None = None) -> Config:
+    """Defaults -> preset -> user TOML -> ``--set`` overrides -> flags -> validate.
+
+    Args:
+        overrides: ``--set`` items, dotted key -> value.
+        flags: values the command's own flags gave (``--steps 20`` as ``{"sample.steps": 20}``):
+            a flag typed out beats every file and ``--set``, and problems name the flag.
+    """
     from lowmcgm.presets import preset_path
 
     cfg = Config()
@@ -393,4 +504,5 @@ def resolve_config(preset: str | None, config_file: str | None, overrides: dict[
     if config_file:
         cfg = apply_overrides(cfg, load_toml(Path(config_file)), config_file)
     cfg = apply_overrides(cfg, overrides, "the command line")
-    return validate(cfg)
+    cfg = apply_overrides(cfg, flags or {}, "the command line")
+    return validate(cfg, by_flag=(flags or {}).keys())

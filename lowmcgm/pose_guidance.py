@@ -15,7 +15,7 @@ pose"). These training-free mechanisms act where position lives, on the cross-at
 
 Both run inside diffusers' own pipeline: a cross-attention processor (``attention``), and the
 pipeline's step-end callback plus prepared initial latents (``latent``); no copy of its loop.
-A handle with the blank pose is not guided.
+A handle with the blank pose is not guided. The mode is ``sample.pose_guidance`` (config.py).
 
 Example::
 
@@ -35,9 +35,6 @@ import torch
 import torch.nn.functional as F
 
 from lowmcgm.attention_capture import CapturingCrossAttnProcessor
-
-GUIDANCE_MODES = ("none", "attention", "latent")
-
 
 @dataclass
 class PoseGuide:

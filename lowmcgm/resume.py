@@ -76,6 +76,7 @@ def training_identity(cfg: Config) -> dict[str, Any]:
     """Settings that must match for a resume to continue the same run (see ``_RESUME_MAY_CHANGE``)."""
     data = config_mod.config_to_dict(cfg)
     data.pop("output")
+    data.pop("sample")  # how `run` samples afterwards changes nothing trained
     for section, keys in _RESUME_MAY_CHANGE.items():
         for key in keys:
             data[section].pop(key)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -38,17 +37,16 @@ from lowmcgm import __version__
 from lowmcgm.artifact import Artifact, file_sha256, load_artifact
 from lowmcgm.attention_capture import (CapturingCrossAttnProcessor, CrossAttentionStore, install_capture,
                                        loss_layer_names, remove_capture)
+from lowmcgm.config import SampleSettings, field_flag, sample_problems
 from lowmcgm.data import build_prompt, check_center_crop_keeps, load_mask
-from lowmcgm.dtypes import DTYPE_NAMES, torch_dtype
+from lowmcgm.dtypes import torch_dtype
 from lowmcgm.errors import UserError
 from lowmcgm.handles import HANDLE_PATTERN
-from lowmcgm.limits import MAX_RESOLUTION_PX, MAX_SEED
 from lowmcgm.mask_encoder import MaskEncoder, append_mask_tokens, zero_mask_tokens
 from lowmcgm.mcgm import MCGMState
 from lowmcgm.models import BaseModel, load_base_model
 from lowmcgm.output import check_output_dir
-from lowmcgm.pose_guidance import (DEFAULT_STRENGTH, GUIDANCE_MODES, LatentGuidance, PoseGuide, guided_attention,
-                                   guided_columns)
+from lowmcgm.pose_guidance import DEFAULT_STRENGTH, LatentGuidance, PoseGuide, guided_attention, guided_columns
 from lowmcgm.previews import (SheetRow, mask_to_image, render_attention_picture, render_contact_sheet, save_json,
                               save_png)
 from lowmcgm.prompt_length import check_handles_fit
@@ -61,6 +59,7 @@ if TYPE_CHECKING:
 ProgressFn = Callable[[dict[str, Any]], None]
 ALL_HANDLES = "all"  # --pose all=FILE: one mask for every handle of the prompt (the paper's fig. 6)
 HANDLE_IN_TEXT = re.compile(r"<[A-Za-z0-9_\-]{1,32}>")  # the names handles.HANDLE_PATTERN allows
+# One entry per choice of sample.scheduler (config.SampleSettings declares the names).
 SCHEDULERS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     # name: (A1111's label, for the "parameters" chunk other tools read; factory from a scheduler config)
     "ddim": ("DDIM", lambda config: DDIMScheduler.from_config(config)),
@@ -68,35 +67,7 @@ SCHEDULERS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "dpmpp_2m": ("DPM++ 2M", lambda config: DPMSolverMultistepScheduler.from_config(
         config, algorithm_type="dpmsolver++", solver_order=2)),
 }
-# Counts bounded before anything is allocated: a batch is allocated at once; steps past the
-# schedulers' 1000 training timesteps repeat timesteps; 10000 images fill a disk with PNGs.
-SAMPLE_COUNT_LIMITS = {"num_images": 10_000, "steps": 1000, "batch_size": 256}
 ATTN_PICTURE_DOWNSCALE = 0  # attention pictures read the layers the default attention loss trains (auto)
-
-
-@dataclass(frozen=True)
-class SampleSettings:
-    """How to sample; the CLI's sampling flags map one to one onto these fields."""
-
-    num_images: int = 4  # per prompt
-    seed: int = 0  # image i of every prompt uses seed + i
-    steps: int = 30
-    guidance_scale: float = 7.5
-    scheduler: str = "dpmpp_2m"
-    negative_prompt: str = ""
-    height: int = 0  # 0: the resolution the artifact was trained at
-    width: int = 0
-    batch_size: int = 1  # images per pipeline call
-    dtype: str = ""  # "": fp16 on a CUDA GPU, fp32 on the CPU (half precision is ~100x slower there)
-    use_mask_tokens: bool = True  # False: --no-mask, plain Break-a-scene sampling
-    # none | attention | latent (pose_guidance.GUIDANCE_MODES); latent drew the target poses best in
-    # the pose benchmark (docs/benchmarks.md). It changes nothing where no pose is given.
-    pose_guidance: str = "latent"
-    pose_guidance_strength: float = 0.0  # 0: the mode's default (pose_guidance.DEFAULT_STRENGTH)
-    pose_guidance_steps: int = 0  # steps guided, fading out; 0: the first half of the steps
-    use_vae_slicing: bool = False
-    use_vae_tiling: bool = False
-    use_cpu_offload: bool = False
 
 
 @dataclass(frozen=True)
@@ -143,30 +114,12 @@ class PlannedPrompt:
 
 
 def check_settings(settings: SampleSettings) -> None:
-    """Refuse impossible sampling settings with one UserError listing all problems."""
-    problems = []
-    for name, most in SAMPLE_COUNT_LIMITS.items():
-        if not 1 <= getattr(settings, name) <= most:
-            problems.append(f"--{name.replace('_', '-')} must be between 1 and {most} (got {getattr(settings, name)})")
-    for name in ("height", "width"):
-        value = getattr(settings, name)
-        if value < 0 or value % 8 or value > MAX_RESOLUTION_PX:
-            problems.append(f"--{name} must be a positive multiple of 8 up to {MAX_RESOLUTION_PX} (got {value})")
-    if not (math.isfinite(settings.guidance_scale) and settings.guidance_scale >= 0):
-        problems.append(f"--guidance-scale must be a finite number >= 0 (got {settings.guidance_scale})")
-    if not 0 <= settings.seed <= MAX_SEED - settings.num_images:  # image i uses seed + i
-        problems.append(f"--seed must be between 0 and {MAX_SEED - settings.num_images} (got {settings.seed})")
-    if settings.scheduler not in SCHEDULERS:
-        problems.append(f"--scheduler must be one of {', '.join(SCHEDULERS)} (got '{settings.scheduler}')")
-    if settings.dtype and settings.dtype not in DTYPE_NAMES:
-        problems.append(f"--dtype must be one of {', '.join(DTYPE_NAMES)} (got '{settings.dtype}')")
-    if settings.pose_guidance not in GUIDANCE_MODES:
-        problems.append(f"--guidance must be one of {', '.join(GUIDANCE_MODES)} (got '{settings.pose_guidance}')")
-    if not math.isfinite(settings.pose_guidance_strength) or settings.pose_guidance_strength < 0:
-        problems.append(f"--guidance-strength must be a finite number >= 0 (got {settings.pose_guidance_strength})")
-    if settings.pose_guidance_steps < 0 or settings.pose_guidance_steps > settings.steps:
-        problems.append(f"--guidance-steps must be between 0 and --steps ({settings.steps}) "
-                        f"(got {settings.pose_guidance_steps})")
+    """Refuse impossible sampling settings with one UserError listing all problems, each named by its flag.
+
+    The CLI has checked them with its configuration already (``config.validate``); this is for
+    library callers, and for what depends on the machine.
+    """
+    problems = sample_problems(settings, field_flag)
     if settings.use_cpu_offload and not torch.cuda.is_available():
         problems.append("--cpu-offload moves models between the CPU and a CUDA GPU, and there is no CUDA GPU here")
     if problems:

@@ -73,3 +73,57 @@ def test_bad_toml_files(tmp_path):
 def test_every_key_is_listed():
     keys = all_keys()
     assert "train.lora_lr" in keys and "loss.mask_attn_weight" in keys and len(keys) == len(set(keys))
+
+
+# ------------------------------------------------------------------------------------------------
+# [sample]: sampling settings come from the same files, --set and flags as every other section
+# ------------------------------------------------------------------------------------------------
+
+def test_sample_section_from_a_preset_file_round_trips(tmp_path):
+    preset = tmp_path / "fast-sampling.toml"
+    preset.write_text('# sampling in a hurry\n[sample]\nsteps = 12\nscheduler = "ddim"\nuse_vae_slicing = true\n')
+    cfg = resolve_config(str(preset), None, {})
+    assert (cfg.sample.steps, cfg.sample.scheduler, cfg.sample.use_vae_slicing) == (12, "ddim", True)
+    assert cfg.sample.guidance_scale == 7.5  # what the file leaves out keeps its default
+    assert "[sample]" in to_toml(cfg) and config_from_dict(config_to_dict(cfg)) == cfg
+
+
+def test_set_reaches_sample_keys_typed_by_the_field():
+    cfg = resolve_config(None, None, {"sample.steps": "7", "sample.use_cpu_offload": "true",
+                                      "sample.guidance_scale": "3"})
+    assert (cfg.sample.steps, cfg.sample.use_cpu_offload, cfg.sample.guidance_scale) == (7, True, 3.0)
+
+
+def test_a_flag_beats_set_which_beats_the_files(tmp_path):
+    preset, user = tmp_path / "preset.toml", tmp_path / "user.toml"
+    preset.write_text("[sample]\nsteps = 12\nseed = 1\nnum_images = 2\n")
+    user.write_text("[sample]\nsteps = 13\nseed = 2\n")
+    cfg = resolve_config(str(preset), str(user), {"sample.steps": "14"}, {"sample.steps": 5})
+    assert (cfg.sample.steps, cfg.sample.seed, cfg.sample.num_images) == (5, 2, 2)
+    assert resolve_config(str(preset), str(user), {"sample.steps": "14"}).sample.steps == 14
+
+
+@pytest.mark.parametrize("overrides,flags,fragment", [
+    ({"sample.steps": "0"}, {}, "sample.steps must be between 1 and 1000 (got 0)"),
+    ({}, {"sample.steps": 0}, "--steps must be between 1 and 1000 (got 0)"),
+    ({"sample.scheduler": "fast"}, {}, "sample.scheduler must be one of ddim, euler_a, dpmpp_2m (got 'fast')"),
+    ({"sample.dtype": "fp8"}, {}, "sample.dtype must be one of fp16, bf16, fp32 or empty (got 'fp8')"),
+    ({"sample.steps": "4"}, {"sample.pose_guidance_steps": 9}, "--guidance-steps must be between 0 and sample.steps"),
+    ({}, {"model.resolution": 100}, "--resolution must be a multiple of 8 (got 100)"),
+], ids=["key-out-of-bounds", "flag-out-of-bounds", "bad-choice", "bad-choice-with-empty", "bound-by-another-key",
+        "train-flag"])
+def test_problems_name_the_flag_typed_out_else_the_key(overrides, flags, fragment):
+    with pytest.raises(UserError, match="Invalid configuration: ") as info:
+        resolve_config(None, None, overrides, flags)
+    assert fragment in str(info.value)
+
+
+def test_choices_live_on_their_fields_and_every_default_is_one():
+    from lowmcgm.config import _CHOICES, config_field
+
+    defaults = config_to_dict(Config())
+    for key in all_keys():
+        field, _ = config_field(key)
+        choices, section, name = field.metadata["choices"], *key.split(".")
+        assert not choices or defaults[section][name] in choices, key
+        assert _CHOICES.get(key, ()) == choices, key

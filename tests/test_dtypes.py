@@ -19,3 +19,9 @@ def test_config_and_sample_flag_take_the_same_names():
     sample = build_parser()._subparsers._group_actions[0].choices["sample"]
     dtype = next(a for a in sample._actions if a.dest == "dtype")
     assert tuple(dtype.choices) == DTYPE_NAMES
+
+
+def test_sample_dtype_takes_the_same_names_or_empty_for_automatic():
+    from lowmcgm.config import config_field
+
+    assert config_field("sample.dtype")[0].metadata["choices"] == ("", *DTYPE_NAMES)

@@ -476,3 +476,11 @@ def test_resume_refuses_another_base_model_before_writing(checkpointed, capsys):
     args, run = checkpointed
     _resume_refused(capsys, args + ["--base-model", "tiny-v"], run, "was trained on base model 'tiny'",
                     "'tiny-v' is another model")
+
+
+def test_resume_ignores_how_the_run_samples_afterwards(photo, tmp_path):
+    """The [sample] section changes no trained weight: `run --resume` may sample another way."""
+    cfg = _cfg(photo, tmp_path / "run")
+    other = _cfg(photo, tmp_path / "run", **{"sample.steps": "3", "sample.scheduler": "ddim"})
+    assert other.sample != cfg.sample
+    assert resume.training_identity(other) == resume.training_identity(cfg)

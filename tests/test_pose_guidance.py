@@ -126,3 +126,11 @@ def test_latent_guidance_batches_with_classifier_free_guidance(files, sampler):
     together = [np.asarray(im).astype(int) for im in sampler.generate(plan, [3, 4], guided)]
     alone = np.asarray(sampler.generate(plan, [4], guided)[0]).astype(int)
     assert np.abs(together[1] - alone).max() <= 2
+
+
+def test_every_guided_mode_has_a_default_strength():
+    from lowmcgm.config import config_field
+    from lowmcgm.pose_guidance import DEFAULT_STRENGTH
+
+    modes = config_field("sample.pose_guidance")[0].metadata["choices"]
+    assert set(DEFAULT_STRENGTH) == set(modes) - {"none"}

@@ -247,3 +247,18 @@ def test_loss_curve_draws_every_nonzero_term(tmp_path):
     assert Image.open(save_loss_curve(tmp_path / "h.json", tmp_path / "c.png")).size == image.size
     with pytest.raises(UserError, match="No loss history"):
         save_loss_curve(tmp_path / "missing.json", tmp_path / "c.png")
+
+
+def test_every_scheduler_choice_has_its_factory():
+    from lowmcgm.config import config_field
+    from lowmcgm.sampler import SCHEDULERS
+
+    assert tuple(SCHEDULERS) == config_field("sample.scheduler")[0].metadata["choices"]
+
+
+def test_library_settings_are_checked_with_flag_names():
+    from lowmcgm.sampler import check_settings
+
+    with pytest.raises(UserError, match=r"Invalid sampling settings: --steps must be between 1 and 1000 \(got 0\); "
+                                        r"--scheduler must be one of"):
+        check_settings(SampleSettings(steps=0, scheduler="fast"))
