@@ -23,22 +23,55 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT; SIGTERM gives 143, SIGHUP 129 (signals.e
 EXIT_BROKEN_PIPE = 128 + 13  # 128 + SIGPIPE, as a shell reports a writer whose reader closed the pipe
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", help="a shipped preset (see 'lowmcgm presets') or a TOML file")
+def _add_config_args(p: argparse.ArgumentParser, example: str = "train.lora_lr=1e-4") -> None:
+    p.add_argument("--preset", help="a shipped preset (see 'lowmcgm presets') or a TOML file; its values replace "
+                                    "the defaults the flags show")
     p.add_argument("--config", help="a TOML file of overrides, applied after the preset")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config field, e.g. --set train.lora_lr=1e-4 (repeatable; "
-                        "'lowmcgm config-keys' lists them)")
+                   help=f"override any config field, e.g. --set {example} (repeatable; a flag typed out beats "
+                        "it; 'lowmcgm config-keys' lists them)")
+
+
+def _default_text(value: Any) -> str:
+    """' (default 30)'; nothing for a switch, or for '' and () whose meaning the field's help gives."""
+    if isinstance(value, bool) or value in ("", ()):
+        return ""
+    return f" (default {value:g})" if isinstance(value, float) else f" (default {value})"
+
+
+def _add_field_flags(p: argparse.ArgumentParser, *keys: str, help: str | None = None) -> None:
+    """Add the flags of config fields as the fields declare them: name, type, choices, help, default.
+
+    A flag left out reads None, so it leaves the value of the preset, --config and --set alone
+    (``_flag_values``); ``help`` replaces the field's help where a command says it its own way.
+    """
+    from lowmcgm.config import config_field
+
+    dests = dict(p.get_default("config_flags") or {})
+    for key in keys:
+        f, typ = config_field(key)
+        text = (help or f.metadata["help"]) + _default_text(f.default)
+        if typ is bool:  # a switch turns its field away from the default: --vae-slicing on, --no-mask off
+            action = p.add_argument(f.metadata["flag"], action="store_const", const=not f.default, help=text)
+        elif isinstance(f.default, tuple):
+            action = p.add_argument(f.metadata["flag"], action="append", help=text + " (repeat)")
+        else:  # '' among the choices is the flag left out, not a value to type
+            choices = [c for c in f.metadata["choices"] if c] or None
+            action = p.add_argument(f.metadata["flag"], type=typ, choices=choices, help=text)
+        dests[key] = action.dest
+    p.set_defaults(config_flags=dests)
+
+
+def _flag_values(args: argparse.Namespace) -> dict[str, Any]:
+    """Config key -> value of each field flag the command line typed out."""
+    dests = getattr(args, "config_flags", {})
+    return {key: getattr(args, dest) for key, dest in dests.items() if getattr(args, dest) is not None}
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     _add_config_args(p)
-    p.add_argument("--image", help="the photo (PNG or JPEG)")
-    p.add_argument("--mask", action="append", default=[], help="one mask per subject, in handle order (repeat)")
-    p.add_argument("--init-word", action="append", default=[], help="initializer word per subject (repeat)")
-    p.add_argument("--handle", action="append", default=[], help="handle name per subject, e.g. '<mydog>' (repeat)")
-    p.add_argument("--base-model", help="diffusers folder, cached hub id, .safetensors file, 'tiny' or 'toy'")
-    p.add_argument("--out", help="output folder")
+    _add_field_flags(p, "data.image", "data.masks", "data.init_words", "data.handles", "model.base_model",
+                     "output.out")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/last.safetensors")
     p.add_argument("--overwrite", action="store_true", help="replace the run that --out holds (its artifact, "
                                                             "config, checkpoint, previews and samples)")
@@ -47,8 +80,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_sample_args(p: argparse.ArgumentParser) -> None:
-    # Defaults are None here and live in sampler.SampleSettings (importing it here would load
-    # diffusers for every command); the "(default ...)" texts are checked against it by a test.
+    from lowmcgm.config import all_keys
+
     p.add_argument("--prompt", action="append", default=[], help="a prompt naming handles, e.g. "
                    "'a photo of <asset0> on the beach' (repeat for several)")
     p.add_argument("--prompts", metavar="FILE", help="one prompt a line, optionally with its own poses: "
@@ -56,29 +89,7 @@ def _add_sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pose", action="append", default=[], metavar="HANDLE=FILE",
                    help="pose mask for a handle (asset0=run.png; all=FILE for every handle of a prompt); "
                         "a handle without a pose gets the blank mask (repeat)")
-    p.add_argument("--no-mask", action="store_true", help="append no mask tokens (plain Break-a-scene sampling)")
-    p.add_argument("--guidance", choices=("none", "attention", "latent"),
-                   help="pose guidance: pull each posed handle into its pose mask through cross-attention; "
-                        "attention biases its logits (almost free), latent steps the latent along an "
-                        "attention energy (a UNet backward per guided step); none turns it off (default latent)")
-    p.add_argument("--guidance-strength", type=float,
-                   help="pose guidance strength; 0 takes the mode's default (default 0)")
-    p.add_argument("--guidance-steps", type=int,
-                   help="denoising steps guided, fading out; 0: the first half (default 0)")
-    p.add_argument("--num-images", type=int, help="images per prompt (default 4)")
-    p.add_argument("--seed", type=int, help="image i of each prompt uses seed + i (default 0)")
-    p.add_argument("--steps", type=int, help="denoising steps (default 30)")
-    p.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (default 7.5)")
-    p.add_argument("--scheduler", choices=("ddim", "euler_a", "dpmpp_2m"), help="(default dpmpp_2m)")
-    p.add_argument("--negative-prompt", help="what to steer away from (default none)")
-    p.add_argument("--height", type=int, help="pixels (default: the artifact's training resolution)")
-    p.add_argument("--width", type=int, help="pixels (default: the artifact's training resolution)")
-    p.add_argument("--batch-size", type=int, help="images per denoising batch (default 1)")
-    p.add_argument("--dtype", choices=DTYPE_NAMES, help="(default fp16 on a GPU, fp32 on the CPU)")
-    p.add_argument("--vae-slicing", action="store_true", help="decode a batch one image at a time (less memory)")
-    p.add_argument("--vae-tiling", action="store_true", help="decode in tiles (large images, less memory)")
-    p.add_argument("--cpu-offload", action="store_true",
-                   help="keep models on the CPU and move each to the GPU while it runs (4-6 GB cards)")
+    _add_field_flags(p, *(key for key in all_keys() if key.startswith("sample.")))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,13 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-model", help="default: the base model recorded in the artifact")
     p.add_argument("--out", required=True, help="output folder for the PNGs, grid.png and samples.json")
     p.add_argument("--overwrite", action="store_true", help="replace the earlier samples --out holds")
+    _add_config_args(p, example="sample.steps=20")
     _add_sample_args(p)
     p = sub.add_parser("run", help="train, then sample, in one process (previews during training)")
     _add_train_args(p)
     _add_sample_args(p)
-    p.add_argument("--preview-every", type=int, metavar="N",
-                   help="a preview sample and attention picture before training and every N steps of each "
-                        "phase (sets output.preview_every; 0: only before training)")
+    _add_field_flags(p, "output.preview_every")
     p = sub.add_parser("demo", help="learn a dog and a cat from a bundled toy photo, draw them in new poses "
                                     "(lowmcgm run on the toy model: a few minutes on a CPU)")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo); inputs/ holds the "
@@ -115,8 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-model", default="toy", help="the model to learn on (default toy, the bundled toy-world "
                                                        "model)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo run in --out")
-    p.add_argument("--guidance", choices=("none", "attention", "latent"),
-                   help="pose guidance while sampling, as for run and sample (default latent)")
+    _add_field_flags(p, "sample.pose_guidance", help="pose guidance while sampling, as for run and sample")
     p = sub.add_parser("ui", help="start the local web page: paint masks, train, draw poses and sample (needs "
                                   "the optional extra: pip install -e '.[ui]')")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
@@ -135,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-bundle-embeddings", action="store_true",
                    help="kohya: leave the handles out of the LoRA file (diffusers' load_lora_weights "
                         "refuses files that bundle them)")
-    p.add_argument("--dtype", default="fp16", metavar="fp16|bf16|fp32", help="precision of the LoRA weights")
+    p.add_argument("--dtype", default="fp16", metavar="|".join(DTYPE_NAMES), help="precision of the LoRA weights")
     p.add_argument("--force", action="store_true", help="replace files that exist (never the artifact itself)")
     p = sub.add_parser("import-lora", help="check a kohya or diffusers LoRA and print the settings that "
                                            "start phase 2 from it")
@@ -147,8 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--base-model", default="sd15", help="sd15 (default), sd21-base, sd21-768, tiny, or a local "
                                                         "diffusers folder (only its config files are read)")
-    p.add_argument("--resolution", type=int, help="training resolution in pixels (default: the preset's, else "
-                                                   "the model's)")
+    _add_field_flags(p, "model.resolution")
     p.add_argument("--card", type=float, metavar="GB", help="the card to fit (default: the one the preset is "
                                                             "named for, e.g. 8 for 8gb); settings that would fit "
                                                             "are searched when it does not")
@@ -156,27 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _train_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    from lowmcgm.config import parse_set
+def _train_config(args: argparse.Namespace):
+    """The run's Config from preset, --config, --set and flags; refuses a run with nothing to train on."""
+    from lowmcgm.config import parse_set, resolve_config
 
-    overrides: dict[str, Any] = {}
-    direct = {"image": "data.image", "base_model": "model.base_model", "out": "output.out"}
-    for attr, key in direct.items():
-        if getattr(args, attr, None):
-            overrides[key] = getattr(args, attr)
-    repeated = {"mask": "data.masks", "init_word": "data.init_words", "handle": "data.handles"}
-    for attr, key in repeated.items():
-        if getattr(args, attr, None):
-            overrides[key] = list(getattr(args, attr))
-    overrides.update(parse_set(args.set))
-    return overrides
-
-
-def _train_config(args: argparse.Namespace, extra: dict[str, Any] | None = None):
-    """The run's Config from preset, --config, flags and --set; refuses a run with nothing to train on."""
-    from lowmcgm.config import resolve_config
-
-    cfg = resolve_config(args.preset, args.config, _train_overrides(args) | (extra or {}))
+    cfg = resolve_config(args.preset, args.config, parse_set(args.set), _flag_values(args))
     if not cfg.data.image:
         raise UserError("No photo: pass --image PHOTO.")
     if not cfg.data.masks:
@@ -317,29 +309,38 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sample_inputs(args: argparse.Namespace) -> tuple[list[Any], dict[str, str], Any]:
-    """Prompts, --pose items and sampling settings from the flags (nothing heavy is loaded)."""
-    from lowmcgm.sampler import PromptSpec, SampleSettings, load_prompts_file, parse_poses
+def _sample_inputs(args: argparse.Namespace) -> tuple[list[Any], dict[str, str]]:
+    """Prompts and --pose items from the flags (nothing heavy is loaded)."""
+    from lowmcgm.sampler import PromptSpec, load_prompts_file, parse_poses
 
     specs = [PromptSpec(text, where=f"--prompt {i}") for i, text in enumerate(args.prompt, 1)]
     if args.prompts:
         specs += load_prompts_file(args.prompts)
-    flags = {"num_images": args.num_images, "seed": args.seed, "steps": args.steps,
-             "guidance_scale": args.guidance_scale, "scheduler": args.scheduler,
-             "negative_prompt": args.negative_prompt, "height": args.height, "width": args.width,
-             "batch_size": args.batch_size, "dtype": args.dtype, "pose_guidance": args.guidance,
-             "pose_guidance_strength": args.guidance_strength, "pose_guidance_steps": args.guidance_steps}
-    settings = SampleSettings(**{k: v for k, v in flags.items() if v is not None},
-                              use_mask_tokens=not args.no_mask, use_vae_slicing=args.vae_slicing,
-                              use_vae_tiling=args.vae_tiling, use_cpu_offload=args.cpu_offload)
-    return specs, parse_poses(args.pose), settings
+    return specs, parse_poses(args.pose)
+
+
+def _sample_settings(args: argparse.Namespace) -> Any:
+    """``lowmcgm sample``'s [sample] section from preset, --config, --set and flags.
+
+    A preset or --config may hold every section (a run's config.toml does); a --set of another
+    section is refused, as it would change nothing.
+    """
+    from lowmcgm.config import parse_set, resolve_config
+
+    overrides = parse_set(args.set)
+    settings = resolve_config(args.preset, args.config, overrides, _flag_values(args)).sample
+    stray = [key for key in overrides if not key.startswith("sample.")]
+    if stray:
+        raise UserError(f"--set {stray[0]} has no effect on lowmcgm sample, which reads only sample.* keys.")
+    return settings
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
     from lowmcgm.progress import ProgressPrinter
     from lowmcgm.sampler import sample_artifact
 
-    specs, poses, settings = _sample_inputs(args)
+    settings = _sample_settings(args)
+    specs, poses = _sample_inputs(args)
     with hold_folder(args.out), ProgressPrinter() as printer, _out_of_memory_advice():
         grid = sample_artifact(args.artifact, specs, poses, settings, args.out, base_model=args.base_model or "",
                                report=printer, overwrite=args.overwrite)
@@ -350,15 +351,14 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from lowmcgm.run import train_then_sample
 
-    extra = {} if args.preview_every is None else {"output.preview_every": args.preview_every}
-    cfg = _train_config(args, extra)
-    specs, poses, settings = _sample_inputs(args)
+    cfg = _train_config(args)
+    specs, poses = _sample_inputs(args)
 
     def guard(stage: str) -> Any:
         return _out_of_memory_advice(cfg, args.preset) if stage == "train" else _out_of_memory_advice()
 
     with _progress(args) as printer:
-        result = train_then_sample(cfg, specs, poses, settings, resume=args.resume, overwrite=args.overwrite,
+        result = train_then_sample(cfg, specs, poses, cfg.sample, resume=args.resume, overwrite=args.overwrite,
                                    on_progress=printer, guard=guard)
     print(f"Artifact: {result.artifact}\nPreviews: {result.previews}\nLoss curve: {result.loss_curve}\n"
           f"Samples: {result.grid.parent} (contact sheet: {result.grid})")
@@ -454,11 +454,8 @@ def _cmd_import_lora(args: argparse.Namespace) -> int:
 def _cmd_estimate(args: argparse.Namespace) -> int:
     from lowmcgm.config import parse_set, resolve_config
     from lowmcgm.memory.estimate import check_and_suggest, estimate_to_json, format_estimate
-    from lowmcgm.limits import MAX_RESOLUTION_PX
 
-    cfg = resolve_config(args.preset, args.config, parse_set(args.set))
-    if args.resolution is not None and not (0 < args.resolution <= MAX_RESOLUTION_PX and args.resolution % 8 == 0):
-        raise UserError(f"--resolution must be a positive multiple of 8 up to {MAX_RESOLUTION_PX} (got {args.resolution}).")
+    cfg = resolve_config(args.preset, args.config, parse_set(args.set), _flag_values(args))
     est, card, suggestions = check_and_suggest(cfg, args.base_model, args.resolution, args.card, args.preset)
     print(estimate_to_json(est, suggestions, card) if args.json else format_estimate(est, card, suggestions))
     return 0

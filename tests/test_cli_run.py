@@ -74,3 +74,28 @@ def test_run_refuses_a_bad_pose_before_training(inputs, tmp_path, capsys):
     assert rc == EXIT_USER_ERROR
     assert "no such handle" in capsys.readouterr().err
     assert not (tmp_path / "bad" / "lowmcgm.safetensors").exists()
+
+
+def test_run_writes_its_sample_section_with_the_effective_config(inputs, tmp_path):
+    import tomllib
+
+    out, prompt = tmp_path / "run", ["--prompt", "a photo of <asset0> in the snow"]
+    short = ["--set", "train.phase1_steps=2", "--set", "train.phase2_steps=2", "--set", "train.checkpoint_every=0",
+             "--preview-every", "0"]
+    assert main(run_args(inputs, out, *short, *prompt, "--set", "sample.scheduler=ddim", "--set", "sample.steps=5",
+                         "--steps", "2", "--num-images", "1", "--guidance", "none")) == 0
+    written = tomllib.loads((out / "config.toml").read_text())["sample"]
+    assert (written["scheduler"], written["steps"], written["num_images"], written["pose_guidance"]) == \
+        ("ddim", 2, 1, "none")
+    used = json.loads((out / "samples" / "samples.json").read_text())
+    automatic = ("dtype", "height", "width")  # '' and 0 in the config, resolved when sampling
+    assert {k: v for k, v in written.items() if k not in automatic} == \
+        {k: v for k, v in used["settings"].items() if k not in automatic}
+
+    # The run's config.toml gives `sample` the same settings, and so the same images.
+    again = tmp_path / "again"
+    assert main(["sample", "--artifact", str(out / "lowmcgm.safetensors"), "--out", str(again), *prompt,
+                 "--config", str(out / "config.toml")]) == 0
+    assert json.loads((again / "samples.json").read_text())["settings"] == used["settings"]
+    name = used["prompts"][0]["images"][0]["file"]
+    np.testing.assert_array_equal(pixels(out / "samples" / name), pixels(again / name))

@@ -175,3 +175,53 @@ def test_artifact_of_each_mask_aware_option_loads_and_samples(tmp_path, option):
                "--pose", f"asset0={paths['b']}"])
     assert rc == 0
     assert len(list((tmp_path / "out").glob("p*.png"))) == 1
+
+
+def test_sample_section_from_preset_and_set_with_flags_beating_both(trained, tmp_path):
+    preset = tmp_path / "sampling.toml"
+    preset.write_text('# sampling settings\n[sample]\nscheduler = "ddim"\nsteps = 3\nseed = 9\n')
+    # sample_args types --steps 2 and --num-images 2: they beat the file's steps = 3.
+    assert main(sample_args(trained, tmp_path / "out", "--prompt", "a photo of <asset0>", "--preset", str(preset),
+                            "--set", "sample.seed=4", "--set", "sample.guidance_scale=5")) == 0
+    settings = json.loads((tmp_path / "out" / "samples.json").read_text())["settings"]
+    assert (settings["scheduler"], settings["steps"], settings["seed"], settings["num_images"],
+            settings["guidance_scale"]) == ("ddim", 2, 4, 2, 5.0)
+    assert read_png_parameters(tmp_path / "out" / "p00-001-seed5.png")["scheduler"] == "ddim"
+
+
+def test_set_sample_steps_without_a_flag(trained, tmp_path):
+    assert main(["sample", "--artifact", str(trained["artifact"]), "--out", str(tmp_path / "out"), "--prompt",
+                 "a photo of <asset0>", "--set", "sample.steps=3", "--set", "sample.num_images=1"]) == 0
+    meta = read_png_parameters(tmp_path / "out" / "p00-000-seed0.png")
+    assert meta["steps"] == 3 and len(list((tmp_path / "out").glob("p*.png"))) == 1
+
+
+CONFIG_ERRORS = {
+    "sample --set bad choice": (["sample", "--artifact", "{artifact}", "--out", "{out}", "--prompt", "a photo",
+                                 "--set", "sample.scheduler=fast"],
+                                "sample.scheduler must be one of ddim, euler_a, dpmpp_2m (got 'fast')"),
+    "sample preset bad choice": (["sample", "--artifact", "{artifact}", "--out", "{out}", "--prompt", "a photo",
+                                  "--preset", "{bad_preset}"], "sample.pose_guidance must be one of none, attention"),
+    "run --set bad choice": (["run", "--preset", "tiny-cpu", "--set", "sample.dtype=fp8"],
+                             "sample.dtype must be one of fp16, bf16, fp32 or empty (got 'fp8')"),
+    "train --set bad choice (for comparison)": (["train", "--set", "model.mixed_precision=fp8"],
+                                                "model.mixed_precision must be one of no, fp16, bf16 (got 'fp8')"),
+    "sample --set of another section": (["sample", "--artifact", "{artifact}", "--out", "{out}", "--prompt",
+                                         "a photo", "--set", "train.seed=3"],
+                                        "--set train.seed has no effect on lowmcgm sample"),
+}
+
+
+@pytest.mark.parametrize("case", CONFIG_ERRORS.values(), ids=CONFIG_ERRORS.keys())
+def test_bad_sample_settings_are_config_errors_one_line_exit_2(trained, tmp_path, capsys, monkeypatch, case):
+    monkeypatch.setattr("lowmcgm.sampler.load_base_for", lambda *a: pytest.fail("weights loaded"))
+    bad_preset = tmp_path / "bad.toml"
+    bad_preset.write_text('[sample]\npose_guidance = "strong"\n')
+    argv, fragment = case
+    argv = [a.format(artifact=trained["artifact"], out=tmp_path / "out", bad_preset=bad_preset) for a in argv]
+    assert main(argv) == EXIT_USER_ERROR
+    err = capsys.readouterr().err.strip()
+    assert fragment in err and "\n" not in err
+    if "Invalid" in err:  # the same shape as every other config error
+        assert err.startswith("error: Invalid configuration: ") and err.endswith(").")
+    assert not (tmp_path / "out").exists()
