@@ -134,6 +134,12 @@ def test_resolve_model_refuses_what_it_cannot_read(tmp_path):
         E.resolve_model(str(tmp_path))
 
 
+def test_resolve_model_reads_the_bundled_toy_model_as_a_folder():
+    from lowmcgm.toy.bundled import toy_model_dir
+
+    assert E.resolve_model("toy") == str(toy_model_dir().resolve())
+
+
 def test_format_names_every_part_the_cards_and_the_suggestions(tiny_fake):
     est = tiny_fake["tiny-cpu"]
     text = E.format_estimate(est, card_gib=8.0)

@@ -183,10 +183,14 @@ def resolve_model(spec: str) -> str:
         UserError: anything else (single files, hub ids: pass the matching shipped name).
     """
     from lowmcgm.model_configs import SHIPPED_CONFIGS
-    from lowmcgm.models import TINY_NAMES
+    from lowmcgm.models import TINY_NAMES, TOY_NAME
 
     if spec in SHIPPED_CONFIGS or spec in TINY_NAMES:
         return spec
+    if spec == TOY_NAME:  # the bundled toy model: a diffusers folder like any other
+        from lowmcgm.toy.bundled import require_toy_model
+
+        return str(require_toy_model().resolve())
     folder = Path(spec).expanduser()
     if folder.is_dir():
         missing = [p for p in ("unet/config.json", "text_encoder/config.json", "vae/config.json",
@@ -195,7 +199,7 @@ def resolve_model(spec: str) -> str:
             raise UserError(f"'{folder}' is not a diffusers model folder: {', '.join(missing)} missing.")
         return str(folder.resolve())
     known = ", ".join(sorted(SHIPPED_CONFIGS))
-    raise UserError(f"--base-model '{spec}' for an estimate must be {known}, tiny, or a local diffusers "
+    raise UserError(f"--base-model '{spec}' for an estimate must be {known}, tiny, toy, or a local diffusers "
                     "folder (only its config files are read); for a single .safetensors file pass the "
                     "shipped name of its architecture.")
 

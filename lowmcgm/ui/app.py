@@ -163,6 +163,7 @@ def start_training(state: PageState, photo, count, run_name, preset, base_model,
     words = rest[3 * MAX_SUBJECTS:4 * MAX_SUBJECTS]
     count = int(count)
     try:
+        state.jobs.check_free()  # before the run's folder is written: a refused start leaves none
         masks = subject_masks(photo, count, list(editors), list(uploads))
         subjects = tuple(Subject(handles[i] or f"<asset{i}>", words[i] or "", masks[i]) for i in range(count))
         request = TrainRequest(run_name, photo, subjects, preset, base_model, int(preview_every or 0))

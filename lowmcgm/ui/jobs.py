@@ -125,10 +125,14 @@ class JobSlot:
         self.job: TrainingJob | None = None
         self.lock = threading.Lock()
 
+    def check_free(self) -> None:
+        """Refuse while a job runs (checked before a new run's folder is written, and at start)."""
+        if self.job is not None and self.job.running():
+            raise UserError(f"A training job is running ({self.job.folder.name}): stop it first.")
+
     def start(self, argv: list[str], folder: Path) -> TrainingJob:
         with self.lock:
-            if self.job is not None and self.job.running():
-                raise UserError(f"A training job is running ({self.job.folder.name}): stop it first.")
+            self.check_free()
             self.job = TrainingJob(argv, folder)
             self.job.start()
             return self.job
