@@ -105,12 +105,6 @@ def test_a_refused_run_leaves_nothing_behind(tmp_path, change, message):
     assert list(root.iterdir()) == []
 
 
-def test_previews_follow_the_preset_unless_the_page_sets_them(tmp_path):
-    assert "--preview-every" not in prepare_run(tmp_path / "a", _request(tmp_path, preview_every=None))
-    argv = prepare_run(tmp_path / "b", _request(tmp_path, preview_every=0))
-    assert argv[argv.index("--preview-every") + 1] == "0"
-
-
 def test_no_initializer_words_pass_none(tmp_path):
     argv = prepare_run(tmp_path / "root", _request(tmp_path, words=("", "")))
     assert "--init-word" not in argv

@@ -166,8 +166,7 @@ def start_training(state: PageState, photo, count, run_name, preset, base_model,
         state.jobs.check_free()  # before the run's folder is written: a refused start leaves none
         masks = subject_masks(photo, count, list(editors), list(uploads))
         subjects = tuple(Subject(handles[i] or f"<asset{i}>", words[i] or "", masks[i]) for i in range(count))
-        every = None if preview_every in (None, "") else int(preview_every)
-        request = TrainRequest(run_name, photo, subjects, preset, base_model, every)
+        request = TrainRequest(run_name, photo, subjects, preset, base_model, int(preview_every or 0))
         argv = prepare_run(state.root, request)
         state.jobs.start(argv, run_folder(state.root, run_name))
     except UserError as exc:
@@ -341,8 +340,7 @@ def build_app(root: Path, base_model: str = "toy", preset: str = "toy-cpu"):
                                       elem_id="run-name")
                 preset_box = gr.Dropdown(sorted(list_presets()), value=preset, label="Preset", elem_id="preset")
                 base_box = gr.Textbox(value=base_model, label="Base model", elem_id="base-model")
-                preview_every = gr.Number(value=None, precision=0,
-                                          label="Preview every N steps (blank: the preset's)")
+                preview_every = gr.Number(value=10, precision=0, label="Preview every N steps")
             with gr.Row():
                 estimate_btn = gr.Button("Estimate GPU memory", elem_id="estimate")
                 start_btn = gr.Button("Start training", variant="primary", elem_id="start")

@@ -50,7 +50,7 @@ class TrainRequest:
     subjects: tuple[Subject, ...]
     preset: str
     base_model: str
-    preview_every: int | None = None  # None: the preset's output.preview_every
+    preview_every: int = 10
 
 
 def default_run_name() -> str:
@@ -105,9 +105,8 @@ def training_command(request: TrainRequest, folder: Path, photo: Path, masks: li
         argv += ["--mask", str(mask), "--handle", subject.handle.strip()]
     for word in init_words(request.subjects):
         argv += ["--init-word", word]
-    argv += ["--out", str(folder), "--events", str(folder / EVENTS_FILE)]
-    if request.preview_every is not None:
-        argv += ["--preview-every", str(request.preview_every)]
+    argv += ["--out", str(folder), "--events", str(folder / EVENTS_FILE),
+             "--preview-every", str(request.preview_every)]
     return argv
 
 
