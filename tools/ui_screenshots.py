@@ -77,6 +77,9 @@ def main(argv=None) -> None:
             for i, pose in enumerate(("dog sitting", "cat jumping")):
                 page.locator(f"#pose-pick{i} input").click()
                 page.get_by_role("option", name=pose, exact=True).click()
+                # The pick fills the canvas through a server round trip: sampling before it returns
+                # would draw without the pose (it did once: the shot showed unposed images).
+                page.wait_for_timeout(3000)
             set_textbox(page, "prompt", "a photo of <asset0> and <asset1> on the beach")
             set_textbox(page, "num-images", "4")
             set_textbox(page, "steps", "30")
