@@ -19,10 +19,12 @@ from typing import Any, Callable
 
 import numpy as np
 
+from lowmcgm.data import build_prompt
 from lowmcgm.errors import UserError
+from lowmcgm.toy.scenes import save_mask
 from lowmcgm.ui import require_gradio
 from lowmcgm.ui.editor import (SUBJECT_COLOURS, blank_sheet, editor_value, fit_mask, overlay, painted_mask,
-                               pose_on_canvas, save_mask, sheet_with)
+                               pose_on_canvas, sheet_with)
 from lowmcgm.ui.jobs import JobSlot
 from lowmcgm.ui.poses import pose_mask, pose_names
 from lowmcgm.ui.workspace import (ARTIFACT_NAME, Subject, TrainRequest, default_run_name, list_runs, prepare_run,
@@ -49,10 +51,11 @@ class PageState:
         from lowmcgm.artifact import load_artifact
         from lowmcgm.sampler import load_base_for
 
-        key = base_model or load_artifact(artifact_path).meta.get("base_model", "")
+        artifact = load_artifact(artifact_path)
+        key = base_model or artifact.meta.get("base_model", "")
         if key not in self.bases:
             self.bases.clear()  # one base in memory at a time
-            self.bases[key] = load_base_for(load_artifact(artifact_path), base_model)
+            self.bases[key] = load_base_for(artifact, base_model)
         return self.bases[key]
 
 
@@ -221,7 +224,7 @@ def on_open_run(state: PageState, run_name: str):
     except UserError as exc:
         return [error_text(exc), "", *[False] * MAX_SUBJECTS, *[""] * MAX_SUBJECTS]
     labels = [f"Pose of {handles[i]} (blank: no pose)" if i < len(handles) else "" for i in range(MAX_SUBJECTS)]
-    return [shown(f"Run '{run_name}': handles {', '.join(handles)}."), "a photo of " + " and ".join(handles),
+    return [shown(f"Run '{run_name}': handles {', '.join(handles)}."), build_prompt(handles),
             *[i < len(handles) for i in range(MAX_SUBJECTS)], *labels]
 
 
@@ -263,7 +266,7 @@ def sample(state: PageState, run_name, prompt, base_model, num_images, seed, ste
                 used.append((upload, f"pose of {handle}"))
             elif mask is not None:
                 pose_dir.mkdir(parents=True, exist_ok=True)
-                pose_files[normalize_handle(handle)] = str(save_mask(mask, pose_dir / f"{handle.strip('<>')}.png"))
+                pose_files[normalize_handle(handle)] = save_mask(mask, pose_dir / f"{handle.strip('<>')}.png")
                 used.append((pose_files[normalize_handle(handle)], f"pose of {handle}"))
         settings = SampleSettings(num_images=int(num_images), seed=int(seed), steps=int(steps),
                                   guidance_scale=float(guidance_scale), pose_guidance=pose_guidance)

@@ -7,7 +7,6 @@ zero, whatever the brush colour: the page offers one colour per subject only to 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -80,13 +79,6 @@ def fit_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
         return mask.astype(bool)
     img = Image.fromarray(mask.astype(np.uint8) * 255).resize((width, height), Image.Resampling.NEAREST)
     return np.asarray(img) > 127
-
-
-def save_mask(mask: np.ndarray, path: str | Path) -> Path:
-    """Write a bool mask as a black-and-white PNG (what ``--mask`` and ``--pose`` read)."""
-    path = Path(path)
-    Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(path)
-    return path
 
 
 def overlay(photo: np.ndarray, masks: list[np.ndarray | None], alpha: float = 0.5) -> np.ndarray:

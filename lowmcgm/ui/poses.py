@@ -10,7 +10,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from lowmcgm.toy.scenes import KINDS, POSES, Scene, Subject, render_scene
+from lowmcgm.toy.scenes import KINDS, POSES, render_pose_mask
 
 LIBRARY_PX = 128
 
@@ -26,6 +26,4 @@ def pose_mask(name: str) -> np.ndarray:
     kind, _, pose = name.partition(" ")
     if kind not in KINDS or pose not in POSES:
         raise KeyError(name)
-    scene = Scene(background="grass", subjects=[Subject(kind=kind, pose=pose, x=0.5, y=0.8, scale=0.55)])
-    _, masks = render_scene(scene, LIBRARY_PX)
-    return np.asarray(masks[0]) > 0
+    return render_pose_mask(kind, pose, LIBRARY_PX, x=0.5, y=0.8, scale=0.55)

@@ -23,7 +23,7 @@ import numpy as np
 from lowmcgm.config import Config, resolve_config
 from lowmcgm.errors import UserError
 from lowmcgm.run_folder import CHECKPOINT_NAME
-from lowmcgm.ui.editor import save_mask
+from lowmcgm.toy.scenes import save_mask  # the one mask writer (white on black, 8-bit)
 
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 COMMAND_FILE = "ui-run.json"
@@ -86,7 +86,7 @@ def write_inputs(folder: Path, photo: str, subjects: tuple[Subject, ...]) -> tup
     suffix = Path(photo).suffix.lower() or ".png"
     photo_path = inputs / f"photo{suffix}"
     shutil.copyfile(photo, photo_path)
-    masks = [save_mask(s.mask, inputs / f"mask{i}.png") for i, s in enumerate(subjects)]
+    masks = [Path(save_mask(s.mask, inputs / f"mask{i}.png")) for i, s in enumerate(subjects)]
     return photo_path, masks
 
 
