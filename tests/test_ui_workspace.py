@@ -196,3 +196,31 @@ def test_a_pose_canvas_reads_strokes_and_a_dark_sheet():
     stroke[:4, :4] = True
     both = pose_on_canvas(editor_value(sheet_with(lying, 128), stroke))
     assert both.sum() == lying.sum() + 16 and both[:4, :4].all()
+
+
+def test_a_pose_library_pick_counts_before_its_canvas_is_redrawn():
+    from lowmcgm.ui.app import on_pose_library, with_library_pose
+    from lowmcgm.ui.editor import pose_on_canvas
+
+    redrawn = pose_on_canvas(on_pose_library("dog sitting"))
+    # Sample clicked before the canvas showed the pick: the pick alone is the pose.
+    np.testing.assert_array_equal(with_library_pose(pose_on_canvas(editor_value(blank_sheet())), "dog sitting"),
+                                  redrawn)
+    # Clicked after: the same pose, not a second copy of it.
+    np.testing.assert_array_equal(with_library_pose(redrawn, "dog sitting"), redrawn)
+    stroke = np.zeros((64, 64), bool)
+    stroke[:2, :2] = True
+    joined = with_library_pose(stroke, "dog sitting")  # strokes on a smaller canvas keep their place
+    assert joined.shape == (64, 64) and joined[:2, :2].all() and joined.sum() > 4
+    assert with_library_pose(stroke, "") is stroke and with_library_pose(None, None) is None
+
+
+def test_preview_box_shows_each_presets_own_figure():
+    from lowmcgm.config import load_toml
+    from lowmcgm.presets import presets_dir
+    from lowmcgm.ui.app import preset_preview_every
+
+    for name in ("tiny-cpu", "toy-cpu"):
+        declared = load_toml(presets_dir() / f"{name}.toml")["output.preview_every"]
+        assert preset_preview_every(name) == declared
+    assert preset_preview_every("tiny-cpu") != preset_preview_every("toy-cpu")

@@ -19,8 +19,10 @@ from typing import Any, Callable
 
 import numpy as np
 
+from lowmcgm.config import config_field
 from lowmcgm.data import build_prompt
 from lowmcgm.errors import UserError
+from lowmcgm.interop.export import FORMATS
 from lowmcgm.toy.scenes import save_mask
 from lowmcgm.ui import require_gradio
 from lowmcgm.ui.editor import (SUBJECT_COLOURS, blank_sheet, editor_value, fit_mask, overlay, painted_mask,
@@ -34,7 +36,6 @@ MAX_SUBJECTS = 4
 # A brush a 24th of the photo's short side: a subject's outline in a few strokes, its edge still precise.
 BRUSH_FRACTION = 24
 POLL_S = 1.0
-EXPORT_FORMATS = ("kohya", "embeddings", "diffusers")
 
 
 @dataclasses.dataclass
@@ -177,6 +178,16 @@ def start_training(state: PageState, photo, count, run_name, preset, base_model,
     return shown(f"Started run '{run_name}'.")
 
 
+def preset_preview_every(preset: str) -> int:
+    """The preset's ``output.preview_every``: what the page's box shows until the user changes it."""
+    from lowmcgm.config import resolve_config
+
+    try:
+        return resolve_config(preset, None, {}).output.preview_every
+    except UserError:  # an unreadable preset: Start says why
+        return config_field("output.preview_every")[0].default
+
+
 def resume_training(state: PageState, run_name: str) -> str:
     try:
         argv = resume_command(state.root, run_name)
@@ -247,7 +258,12 @@ def on_upload_artifact(state: PageState, path: str | None):
 
 def sample(state: PageState, run_name, prompt, base_model, num_images, seed, steps, guidance_scale, pose_guidance,
            *poses):
-    """Draw the prompt with each handle's pose (uploaded, painted, or none); returns images and poses shown."""
+    """Draw the prompt with each handle's pose (uploaded, painted, or none); returns images and poses shown.
+
+    ``poses``: per canvas slot the canvas, then per slot the upload, then per slot the pose library's pick.
+    A pick is part of the pose even if its canvas has not been redrawn yet (a Sample click right after
+    a pick may carry the canvas from before it).
+    """
     from lowmcgm.artifact import load_artifact
     from lowmcgm.sampler import PromptSpec, SampleSettings, normalize_handle, sample_artifact
 
@@ -258,9 +274,9 @@ def sample(state: PageState, run_name, prompt, base_model, num_images, seed, ste
         folder = artifact_path.parent
         pose_dir, out = folder / "ui-poses" / stamp, folder / "ui-samples" / stamp
         pose_files, used = {}, []
-        drawn, uploaded = poses[:MAX_SUBJECTS], poses[MAX_SUBJECTS:]
-        for handle, value, upload in zip(handles, drawn, uploaded):
-            mask = pose_on_canvas(value)
+        drawn, uploaded, picked = poses[:MAX_SUBJECTS], poses[MAX_SUBJECTS:2 * MAX_SUBJECTS], poses[2 * MAX_SUBJECTS:]
+        for handle, value, upload, pick in zip(handles, drawn, uploaded, picked):
+            mask = with_library_pose(pose_on_canvas(value), pick)
             if upload:  # checked by the sampler, as --pose files are
                 pose_files[normalize_handle(handle)] = upload
                 used.append((upload, f"pose of {handle}"))
@@ -296,6 +312,14 @@ def export(state: PageState, run_name: str, fmt: str):
         return shown(f"kohya LoRA for {', '.join(result.handles)}."), str(result.files[0])
     archive = shutil.make_archive(str(exports / f"{run_name}-{fmt}"), "zip", target)
     return f"{fmt} export ({len(result.files)} files, zipped).", archive
+
+
+def with_library_pose(mask: np.ndarray | None, pick: str | None) -> np.ndarray | None:
+    """A canvas's mask joined with the pose library's pick (as the canvas shows it, once redrawn)."""
+    if not pick:
+        return mask
+    library = pose_on_canvas(on_pose_library(pick))
+    return library if mask is None else mask | fit_mask(library, *mask.shape)
 
 
 def on_pose_library(name: str | None):
@@ -343,7 +367,9 @@ def build_app(root: Path, base_model: str = "toy", preset: str = "toy-cpu"):
                                       elem_id="run-name")
                 preset_box = gr.Dropdown(sorted(list_presets()), value=preset, label="Preset", elem_id="preset")
                 base_box = gr.Textbox(value=base_model, label="Base model", elem_id="base-model")
-                preview_every = gr.Number(value=10, precision=0, label="Preview every N steps")
+                preview_every = gr.Number(value=preset_preview_every(preset), precision=0,
+                                          label="Preview every N steps (0: only before training)",
+                                          elem_id="preview-every")
             with gr.Row():
                 estimate_btn = gr.Button("Estimate GPU memory", elem_id="estimate")
                 start_btn = gr.Button("Start training", variant="primary", elem_id="start")
@@ -386,15 +412,16 @@ def build_app(root: Path, base_model: str = "toy", preset: str = "toy-cpu"):
                 seed = gr.Number(value=0, precision=0, label="First seed", elem_id="seed")
                 steps = gr.Number(value=20, precision=0, label="Steps", elem_id="steps")
                 cfg_scale = gr.Number(value=7.5, label="Guidance scale", elem_id="guidance-scale")
-                pose_guidance = gr.Radio(["latent", "attention", "none"], value="latent", label="Pose guidance",
-                                         elem_id="pose-guidance")
+                guidance_field = config_field("sample.pose_guidance")[0]
+                pose_guidance = gr.Radio(list(guidance_field.metadata["choices"]), value=guidance_field.default,
+                                         label="Pose guidance", elem_id="pose-guidance")
                 sample_base = gr.Textbox(label="Base model (blank: the one the run used)", elem_id="sample-base")
             sample_btn = gr.Button("Sample", variant="primary", elem_id="sample")
             with gr.Row():
                 gallery = gr.Gallery(label="Images", elem_id="gallery", columns=4)
                 pose_gallery = gr.Gallery(label="Poses used", elem_id="pose-gallery", columns=4)
             with gr.Row():
-                fmt = gr.Radio(list(EXPORT_FORMATS), value="kohya", label="Export for other tools", elem_id="format")
+                fmt = gr.Radio(list(FORMATS), value=FORMATS[0], label="Export for other tools", elem_id="format")
                 export_btn = gr.Button("Export", elem_id="export")
                 download_artifact = gr.Button("Artifact file", elem_id="artifact-file")
             download = gr.File(label="Download", interactive=False, elem_id="download")
@@ -404,6 +431,7 @@ def build_app(root: Path, base_model: str = "toy", preset: str = "toy-cpu"):
         photo.clear(on_photo, photo, [photo, photo_msg, *editors])
         count.change(lambda n: [gr.update(visible=i < int(n)) for i in range(MAX_SUBJECTS)], count, groups)
         show.click(on_show_masks, [photo, count, *editors, *uploads], [photo_msg, preview])
+        preset_box.change(preset_preview_every, preset_box, preview_every)
         estimate_btn.click(on_estimate, [preset_box, base_box], estimate_md)
         start_btn.click(bound(start_training),
                         [photo, count, run_name, preset_box, base_box, preview_every, *editors, *uploads, *handles,
@@ -428,7 +456,8 @@ def build_app(root: Path, base_model: str = "toy", preset: str = "toy-cpu"):
         for picker, editor in zip(pose_pickers, pose_editors):
             picker.change(on_pose_library, picker, editor)
         sample_btn.click(bound(sample), [runs, prompt, sample_base, num_images, seed, steps, cfg_scale, pose_guidance,
-                                         *pose_editors, *pose_uploads], [sample_msg, gallery, pose_gallery])
+                                         *pose_editors, *pose_uploads, *pose_pickers],
+                         [sample_msg, gallery, pose_gallery])
         export_btn.click(bound(export), [runs, fmt], [sample_msg, download])
         download_artifact.click(lambda name: _artifact_download(state, name), runs, [sample_msg, download])
     page.lowmcgm_state = state  # tests and the launcher reach the job through it
