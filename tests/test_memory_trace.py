@@ -1,4 +1,4 @@
-"""Tests of lowmcgm.memory.trace (fake-CUDA tracing) and of the shipped model configs.
+"""Tests of lowmcgm.memory.trace (fake-CUDA tracing: shim, session, counters) and of the shipped model configs.
 
 The fake-CUDA runs happen in subprocesses (the shim must be loaded before torch); the shim is
 compiled once per session (and cached across sessions in ~/.cache/lowmcgm).
@@ -10,6 +10,7 @@ import json
 import os
 import time
 
+import memory_fixtures
 import pytest
 import torch
 
@@ -38,7 +39,7 @@ def _traced(fn: str, kwargs: dict | None = None, mode: str = "fake", timeout_s: 
 def test_shim_compiles_once_and_is_cached(shim):
     assert shim.exists() and shim.suffix == ".so"
     assert shim.name.startswith("fake_cuda_guard-torch")
-    assert f"torch{mt._torch_version()}" in shim.name
+    assert f"torch{mt.torch_version()}" in shim.name
     start = time.perf_counter()
     assert mt.ensure_shim() == shim  # cached: no second compilation
     assert time.perf_counter() - start < 1.0
@@ -69,7 +70,7 @@ def _trace_variants(variants: dict) -> dict:
         s.reset_peak()
         first = len(s.counter.snapshots)
         baseline = s.counter.current
-        res = mt.tiny_unet_step(**kwargs)
+        res = memory_fixtures.tiny_unet_step(**kwargs)
         out[name] = {"baseline_bytes": baseline, "peak_bytes": s.counter.peak, "result": res,
                      "snapshots": s.counter.snapshots[first:]}
     return out
@@ -103,7 +104,7 @@ def test_fake_tiny_unet_forward_backward_has_positive_peak(fake_tiny_runs):
 def test_fake_peak_matches_real_cpu_counter(fake_tiny_runs, variant):
     fake = fake_tiny_runs[variant]
     torch.manual_seed(0)
-    real = mt.measure_real_cpu(mt.tiny_unet_step, TINY_VARIANTS[variant])
+    real = mt.measure_real_cpu(memory_fixtures.tiny_unet_step, TINY_VARIANTS[variant])
     assert real["mode"] == "cpu" and real["device"] == "cpu"
     assert abs(fake["peak_bytes"] - real["peak_bytes"]) <= 0.05 * real["peak_bytes"], (
         fake["peak_bytes"], real["peak_bytes"])
@@ -276,8 +277,8 @@ def test_config_folder_unknown_name():
 
 @pytest.mark.slow
 def test_sd15_lora_step_reproduces_the_probe(shim):
-    out = mt.trace_unet_lora_step("sd15", 512, rank=4, gradient_checkpointing=True, dtype="fp16",
-                                  mode="fake", timeout_s=280)
+    out = memory_fixtures.trace_unet_lora_step("sd15", 512, rank=4, gradient_checkpointing=True, dtype="fp16",
+                                               mode="fake", timeout_s=280)
     res = out["result"]
     assert res["params"] == 859_520_964 + res["trainable_params"]
     assert res["trainable_params"] == 797_184
@@ -290,7 +291,7 @@ def test_sd15_lora_step_reproduces_the_probe(shim):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a real GPU")
 def test_fake_estimate_against_real_cuda():  # pragma: no cover - no GPU where this was written
     kwargs = {"steps": 2, "latent_size": 32, "lora_rank": 4, "dtype": "fp16"}
-    real = mt.run_traced("lowmcgm.memory.trace:tiny_unet_step", kwargs, 300, mode="cuda")
-    fake = mt.run_traced("lowmcgm.memory.trace:tiny_unet_step", kwargs, 300, mode="fake")
+    real = mt.run_traced("memory_fixtures:tiny_unet_step", kwargs, 300, mode="cuda")
+    fake = mt.run_traced("memory_fixtures:tiny_unet_step", kwargs, 300, mode="fake")
     assert real["mode"] == "cuda" and real["peak_reserved_bytes"] >= real["peak_bytes"]
     assert abs(fake["peak_bytes"] - real["peak_bytes"]) <= 0.10 * real["peak_bytes"]

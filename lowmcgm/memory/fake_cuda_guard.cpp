@@ -1,4 +1,4 @@
-// lowmcgm.memory_trace compiles this file once per torch version (see ensure_shim()) and loads it
+// lowmcgm.memory.shim compiles this file once per torch version (see ensure_shim()) and loads it
 // with ctypes BEFORE `import torch`, in a subprocess of its own: it changes the process for good.
 //
 // Makes a CPU-only PyTorch build pretend that CUDA exists, so that FakeTensors
