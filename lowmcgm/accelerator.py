@@ -1,7 +1,7 @@
 """The part of ``accelerate.Accelerator`` the trainer uses, written down as a contract.
 
 ``lowmcgm estimate`` drives the real trainer on fake CUDA tensors through a stand-in accelerator
-(``memory.estimate``), because a real ``Accelerator`` puts itself on the CPU there. Both must
+(``memory.training_trace``), because a real ``Accelerator`` puts itself on the CPU there. Both must
 satisfy ``AcceleratorLike``; a test checks that they do, so a new accelerator call in the trainer
 fails a test rather than a user's estimate.
 """

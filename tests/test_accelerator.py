@@ -10,7 +10,7 @@ import torch
 from accelerate import Accelerator
 
 from lowmcgm.accelerator import ACCELERATOR_MEMBERS, AcceleratorLike
-from lowmcgm.memory.estimate import TraceAccelerator
+from lowmcgm.memory.training_trace import TraceAccelerator
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lowmcgm"
 # Modules that receive the trainer's accelerator (Setup.accelerator), and the names they give it.

@@ -83,7 +83,7 @@ def tiny_fake(shim, tmp_path_factory):
 @pytest.mark.parametrize("name", list(SELF_CHECK))
 def test_estimate_matches_a_real_cpu_run_within_5_percent(tiny_fake, name):
     job = _tiny_job(name)
-    real = mt.measure_real_cpu("lowmcgm.memory.estimate:trace_job", {k: v for k, v in job.items() if k != "label"})
+    real = mt.measure_real_cpu("lowmcgm.memory.training_trace:trace_job", {k: v for k, v in job.items() if k != "label"})
     fake = tiny_fake[name]
     assert [p.phase for p in fake.phases] == [1, 2]
     for phase, real_phase in zip(fake.phases, real["result"]["phases"]):

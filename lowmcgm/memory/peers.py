@@ -8,7 +8,7 @@ scheduler, text encoding, ``process_batch``: the forward pass and the loss), its
 (``library/original_unet.py``) with its SDPA attention switch (``replace_unet_modules``) and
 gradient checkpointing, its LoRA network (``networks/lora.py``: ``create_network``, ``apply_to``,
 ``prepare_optimizer_params``) and its optimizer factory (``train_util.get_optimizer``, which builds
-bitsandbytes' ``AdamW8bit``; it runs under the trace as in ``estimate.py``, so its state is counted,
+bitsandbytes' ``AdamW8bit``; it runs under the trace as in ``training_trace.py``, so its state is counted,
 not computed by formula).
 
 What is re-created here, and why (``train()`` is one 1,400-line function that needs image files, a
@@ -34,7 +34,7 @@ network at its end; none of that can run on fake tensors):
   loss weight 1), on the device.
 - The accelerator (:class:`_KohyaAccelerator`): under fake CUDA ``accelerate`` would put itself on
   the CPU; this one says CUDA and autocasts to fp16 as accelerate does. fp16 loss scaling is not
-  modelled (an in-place unscale: no memory), as in ``estimate.py``.
+  modelled (an in-place unscale: no memory), as in ``training_trace.py``.
 
 Import shims for libraries newer than the ones kohya pins (its ``requirements.txt``: transformers
 4.54.1, diffusers 0.32.1, and torchvision through its install guide): ``transformers.CLIPFeatureExtractor`` (removed in transformers 5) is aliased
@@ -95,7 +95,7 @@ _KOHYA_REQUIRED = ("--pretrained_model_name_or_path=unused.safetensors", "--outp
 # SD 1.5's U-Net arguments as kohya's _load_target_model passes them from a diffusers config.
 SD15_KOHYA_UNET = dict(sample_size=64, attention_head_dim=8, cross_attention_dim=768,
                        use_linear_projection=False, upcast_attention=False)
-STEPS = 2  # as estimate.py: the first step creates the optimizer state, the second runs with it
+STEPS = 2  # as training_trace.py: the first step creates the optimizer state, the second runs with it
 CAPTION = "a photo of sks dog"
 
 
