@@ -42,8 +42,8 @@ def _f(default: Any, help: str, *, choices: tuple[str, ...] = (), flag: str = ""
 class ModelConfig:
     base_model: str = _f("tiny", "diffusers folder, cached hub id, single .safetensors file, 'tiny' or 'toy'",
                          flag="--base-model")
-    single_file_config: str = _f("auto", "config for single-file checkpoints: auto, sd15, sd21-base or sd21-768",
-                                 choices=("auto", "sd15", "sd21-base", "sd21-768"))
+    single_file_config: str = _f("auto", "config for single-file checkpoints: auto, sd15, sd21-base, sd21-768 or "
+                                         "sdxl-base", choices=("auto", "sd15", "sd21-base", "sd21-768", "sdxl-base"))
     mixed_precision: str = _f("fp16", "dtype of frozen weights and autocast: 'no' (fp32), 'fp16' or 'bf16'",
                               choices=("no", "fp16", "bf16"))
     resolution: int = _f(0, "training resolution in pixels; 0 takes the model's own", flag="--resolution")

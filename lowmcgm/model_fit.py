@@ -13,7 +13,7 @@ from torch import nn
 
 from lowmcgm.config import Config
 from lowmcgm.errors import UserError
-from lowmcgm.models import BaseModel
+from lowmcgm.models import BaseModel, require_sd_family
 
 # SD 1.x/2.x UNets are trained at one size and still draw at twice it (SD 1.5 at 1024 px, SD 2.1-768
 # at 1536), past which they tile and repeat subjects. Smaller sizes down to one UNet step work (tests
@@ -23,6 +23,7 @@ MAX_RESOLUTION_FACTOR = 2
 
 def check_settings_fit(cfg: Config, base: BaseModel) -> None:
     """Refuse a resolution the model cannot take and LoRA targets it does not have (one UserError)."""
+    require_sd_family(base, "train on it")
     problems = []
     if cfg.model.resolution:
         problems += _resolution_problems(cfg.model.resolution, base)

@@ -2,10 +2,15 @@
 
 A base model is whatever ``--base-model`` names: a diffusers folder, a hub id already in the local
 Hugging Face cache, a single ``.safetensors`` checkpoint (read with configs shipped in
-``lowmcgm/model_configs``), ``tiny``/``tiny-v`` (built here from a seed, no download) or ``toy``
-(the toy-world model shipped in the package, see ``toy.py``). Everything
+``lowmcgm/model_configs``), ``tiny``/``tiny-v``/``tiny-xl`` (built here from a seed, no download)
+or ``toy`` (the toy-world model shipped in the package, see ``toy/bundled.py``). Everything
 downstream reads text width, prediction type and resolution from the loaded configs, never from
 constants.
+
+SDXL models (a second tokenizer and text encoder, pooled text embeddings and size conditioning)
+load into the same ``BaseModel`` with ``tokenizer_2``/``text_encoder_2`` set; training, sampling,
+estimates and exports on them are not built yet and refuse them in one line
+(``require_sd_family``).
 """
 
 from __future__ import annotations
@@ -18,12 +23,12 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from lowmcgm.errors import UserError
 from lowmcgm.tokenizer import build_clip_tokenizer
 
-TINY_NAMES = ("tiny", "tiny-v")
+TINY_NAMES = ("tiny", "tiny-v", "tiny-xl")
 TOY_NAME = "toy"  # the toy-world model bundled in lowmcgm/toy/weights (lowmcgm/toy.py)
 
 # Words of the tiny tokenizer: enough for the prompts the method and the tests write.
@@ -43,6 +48,17 @@ class BaseModel:
     unet: UNet2DConditionModel
     noise_scheduler: DDPMScheduler
     name: str
+    # SDXL's second (OpenCLIP ViT-bigG) tokenizer and text encoder; None for SD 1.x/2.x.
+    tokenizer_2: CLIPTokenizer | None = None
+    text_encoder_2: CLIPTextModelWithProjection | None = None
+
+    @property
+    def family(self) -> str:
+        """``sd1``, ``sd2`` or ``sdxl``: SD 2.x UNets are the ones with linear transformer
+        projections (the tiny models follow suit); SDXL the one with a second text encoder."""
+        if self.text_encoder_2 is not None:
+            return "sdxl"
+        return "sd2" if self.unet.config.use_linear_projection else "sd1"
 
     @property
     def prediction_type(self) -> str:
@@ -63,27 +79,47 @@ class BaseModel:
 
     @property
     def config_hash(self) -> str:
-        return compute_config_hash(self.unet.config, self.text_encoder.config.to_dict())
+        second = self.text_encoder_2.config.to_dict() if self.text_encoder_2 is not None else None
+        return compute_config_hash(self.unet.config, self.text_encoder.config.to_dict(), second)
 
     @property
     def version_tag(self) -> str:
-        """kohya's ``ss_base_model_version``: sd_v1, sd_v2 or sd_v2_v.
-
-        SD 2.x UNets are the ones with linear transformer projections; the tiny models follow suit.
-        """
-        if not self.unet.config.use_linear_projection:
+        """kohya's ``ss_base_model_version``: sd_v1, sd_v2, sd_v2_v or sdxl_base_v1-0."""
+        if self.family == "sdxl":
+            return "sdxl_base_v1-0"
+        if self.family == "sd1":
             return "sd_v1"
         return "sd_v2_v" if self.prediction_type == "v_prediction" else "sd_v2"
 
 
-def compute_config_hash(unet_config: Any, text_config: dict[str, Any]) -> str:
-    """A short hash of the architecture (not the weights), to refuse mismatched artifacts."""
+TEXT_HASH_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "projection_dim",
+                  "hidden_act")
+
+
+def compute_config_hash(unet_config: Any, text_config: dict[str, Any],
+                        text_config_2: dict[str, Any] | None = None) -> str:
+    """A short hash of the architecture (not the weights), to refuse mismatched artifacts.
+
+    ``text_config_2`` (SDXL's second text encoder) enters only when given, so SD 1.x/2.x hashes,
+    and the artifacts that store them, stay as they were.
+    """
     keep = {k: v for k, v in dict(unet_config).items() if not k.startswith("_")}
-    text_keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                 "projection_dim", "hidden_act")
-    keep["text_encoder"] = {k: text_config.get(k) for k in text_keys}
+    keep["text_encoder"] = {k: text_config.get(k) for k in TEXT_HASH_KEYS}
+    if text_config_2 is not None:
+        keep["text_encoder_2"] = {k: text_config_2.get(k) for k in TEXT_HASH_KEYS}
     blob = json.dumps(keep, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def require_sd_family(base: BaseModel, what: str) -> None:
+    """Refuse an SDXL base model where lowmcgm cannot use one yet, in one line.
+
+    Args:
+        what: the work refused, as a verb phrase ("train on it", "sample with it").
+    """
+    if base.family == "sdxl":
+        raise UserError(f"Base model '{base.name}' is an SDXL model: lowmcgm loads SDXL models but cannot "
+                        f"{what} yet (SD 1.x and 2.x only for now); pass an SD 1.5 or 2.1 model.")
 
 
 def build_tiny_base(name: str = "tiny", seed: int = 0) -> BaseModel:
@@ -92,10 +128,12 @@ def build_tiny_base(name: str = "tiny", seed: int = 0) -> BaseModel:
     ``tiny`` is SD 1.x-like (conv projections, epsilon); ``tiny-v`` is SD 2.x-like (linear
     projections, v-prediction, another text width). 64 px images, a 2x VAE and a four-level UNet,
     so the cross-attention layers at latent side / 4 sit where SD's do (``down_blocks.2``,
-    ``up_blocks.1``) with 8x8 maps.
+    ``up_blocks.1``) with 8x8 maps. ``tiny-xl`` is SDXL-shaped: see ``build_tiny_xl``.
     """
     if name not in TINY_NAMES:
         raise ValueError(name)
+    if name == "tiny-xl":
+        return build_tiny_xl(seed)
     sd2 = name == "tiny-v"
     text_width = 48 if sd2 else 32
     tokenizer = build_clip_tokenizer(list(TINY_WORDS))
@@ -130,10 +168,70 @@ def build_tiny_base(name: str = "tiny", seed: int = 0) -> BaseModel:
     return BaseModel(tokenizer, text_encoder, vae, unet, scheduler, name=name)
 
 
-def save_base_model(model: BaseModel, folder: Path) -> None:
-    """Write a diffusers folder that ``StableDiffusionPipeline.from_pretrained`` and lowmcgm load."""
-    from diffusers import StableDiffusionPipeline
+# SDXL's size conditioning: six numbers (original size, crop corner, target size), each embedded
+# with addition_time_embed_dim sinusoids, beside the second text encoder's pooled embedding.
+SDXL_TIME_IDS = 6
 
+
+def build_tiny_xl(seed: int = 0) -> BaseModel:
+    """A small SDXL-shaped model with random weights, deterministic from ``seed``.
+
+    As SDXL: two CLIP text encoders (the second with a projection, whose pooled output and six
+    size numbers condition the UNet through ``text_time`` embeddings), their hidden states
+    concatenated as the context (32 + 32 = 64 wide), linear projections, epsilon prediction, and
+    three UNet levels of which the first has no cross-attention. 64 px images and a 2x VAE give
+    32x32 latents, so the cross-attention levels have 16x16 and 8x8 maps (SDXL at 1024 px: 64 and 32).
+    """
+    tokenizer = build_clip_tokenizer(list(TINY_WORDS))
+    tokenizer_2 = build_clip_tokenizer(list(TINY_WORDS))
+    tokenizer_2.pad_token_id = 0  # SDXL's second tokenizer pads with "!" (id 0), as OpenCLIP does
+    width, time_dim = 32, 8
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        encoders = []
+        for cls, act in ((CLIPTextModel, "quick_gelu"), (CLIPTextModelWithProjection, "gelu")):
+            encoders.append(cls(CLIPTextConfig(
+                vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+                num_attention_heads=2, max_position_embeddings=77, hidden_act=act, projection_dim=width,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )))
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+            layers_per_block=1, norm_num_groups=8, sample_size=64, scaling_factor=0.13025,
+        )
+        unet = UNet2DConditionModel(
+            sample_size=32, in_channels=4, out_channels=4, layers_per_block=1,
+            block_out_channels=(16, 32, 32), norm_num_groups=8,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 1, 2), cross_attention_dim=2 * width, attention_head_dim=(2, 4, 4),
+            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+            projection_class_embeddings_input_dim=width + SDXL_TIME_IDS * time_dim,
+        )
+    finally:
+        torch.random.set_rng_state(gen_state)
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+        prediction_type="epsilon", steps_offset=1, clip_sample=False,
+    )
+    return BaseModel(tokenizer, encoders[0], vae, unet, scheduler, name="tiny-xl", tokenizer_2=tokenizer_2,
+                     text_encoder_2=encoders[1])
+
+
+def save_base_model(model: BaseModel, folder: Path) -> None:
+    """Write a diffusers folder that diffusers' SD or SDXL pipeline and lowmcgm load."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if model.family == "sdxl":
+        StableDiffusionXLPipeline(
+            vae=model.vae, text_encoder=model.text_encoder, text_encoder_2=model.text_encoder_2,
+            tokenizer=model.tokenizer, tokenizer_2=model.tokenizer_2, unet=model.unet,
+            scheduler=model.noise_scheduler, add_watermarker=False,
+        ).save_pretrained(folder)
+        return
     pipe = StableDiffusionPipeline(
         vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.unet,
         scheduler=model.noise_scheduler, safety_checker=None, feature_extractor=None,
@@ -185,15 +283,27 @@ def _load_folder(folder: Path, name: str) -> BaseModel:
         raise UserError(f"'{folder}' is not a Stable Diffusion model folder: {', '.join(missing)} "
                         "missing (expected the diffusers layout of model_index.json, unet/, vae/, "
                         "text_encoder/, tokenizer/, scheduler/).")
+    # SDXL: the second pair sits beside the first (model_index.json names text_encoder_2).
+    xl = (folder / "text_encoder_2").is_dir() or (folder / "tokenizer_2").is_dir()
+    if xl:
+        missing = [p for p in ("text_encoder_2/config.json",) if not (folder / p).is_file()]
+        if not any((folder / "tokenizer_2" / f).is_file() for f in ("vocab.json", "tokenizer.json")):
+            missing.append("tokenizer_2/vocab.json")
+        if missing:
+            raise UserError(f"'{folder}' looks like an SDXL model folder but {', '.join(missing)} is missing.")
     try:
         tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
         text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")
         vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
         scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+        second = {}
+        if xl:
+            second = {"tokenizer_2": CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2"),
+                      "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2")}
     except (OSError, ValueError, EnvironmentError) as exc:
         raise UserError(f"Could not load the Stable Diffusion model in '{folder}': {exc}".rstrip(".") + ".") from exc
-    return BaseModel(tokenizer, text_encoder, vae, unet, scheduler, name=name)
+    return BaseModel(tokenizer, text_encoder, vae, unet, scheduler, name=name, **second)
 
 
 def _load_cached_hub_id(repo_id: str) -> BaseModel:

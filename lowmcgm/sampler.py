@@ -44,7 +44,7 @@ from lowmcgm.errors import UserError
 from lowmcgm.handles import HANDLE_PATTERN
 from lowmcgm.mask_encoder import MaskEncoder, append_mask_tokens, zero_mask_tokens
 from lowmcgm.mcgm import MCGMState
-from lowmcgm.models import BaseModel, load_base_model
+from lowmcgm.models import BaseModel, load_base_model, require_sd_family
 from lowmcgm.output import check_output_dir
 from lowmcgm.pose_guidance import DEFAULT_STRENGTH, LatentGuidance, PoseGuide, guided_attention, guided_columns
 from lowmcgm.previews import (SheetRow, mask_to_image, render_attention_picture, render_contact_sheet, save_json,
@@ -671,7 +671,9 @@ def sample_files(plans: list[PlannedPrompt], settings: SampleSettings, out: Path
 def load_base_for(artifact: Artifact, base_model: str) -> BaseModel:
     """The base named by --base-model, else the one the artifact records (read as training read it)."""
     if base_model:
-        return load_base_model(base_model)
+        base = load_base_model(base_model)
+        require_sd_family(base, "sample with it")
+        return base
     recorded = artifact.meta.get("base_model", "")
     model_config = artifact.meta.get("training_config", {}).get("model", {})
     if not isinstance(model_config, dict):  # the artifact's metadata is data from its author

@@ -17,6 +17,9 @@ from lowmcgm.errors import UserError
 UNET_KEY = "model.diffusion_model.input_blocks.0.0.weight"
 SD1_TEXT_KEY = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
 SD2_TEXT_KEY = "cond_stage_model.model.token_embedding.weight"
+# SDXL's two text encoders (CLIP ViT-L, OpenCLIP ViT-bigG) under its "conditioner".
+SDXL_TEXT_KEYS = ("conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight",
+                  "conditioner.embedders.1.model.token_embedding.weight")
 # CLIP's vocabulary has 49,408 entries; anything this small is a placeholder, not a tokenizer.
 MIN_VOCAB = 1000
 # A large single-file checkpoint may hold ~2,000 tensors; 64 MiB of header is far beyond any real one.
@@ -24,16 +27,19 @@ MAX_CHECKPOINT_HEADER = 64 * 2**20
 
 
 def detect_family(path: Path) -> str:
-    """``sd15`` or ``sd21`` from the checkpoint's key names; UserError for anything else."""
+    """``sd15``, ``sd21`` or ``sdxl`` from the checkpoint's key names; UserError for anything else."""
     header, _ = read_header(path, max_header_bytes=MAX_CHECKPOINT_HEADER)
     if UNET_KEY not in header:
         raise UserError(f"{path} is not a Stable Diffusion checkpoint (no UNet weights under "
-                        "'model.diffusion_model.'); SDXL, LoRA and embedding files are not base models.")
+                        "'model.diffusion_model.'); LoRA and embedding files are not base models.")
     if SD1_TEXT_KEY in header:
         return "sd15"
     if SD2_TEXT_KEY in header:
         return "sd21"
-    raise UserError(f"{path} has a UNet but no SD 1.x or 2.x text encoder; lowmcgm supports SD 1.x and 2.x.")
+    if all(key in header for key in SDXL_TEXT_KEYS):
+        return "sdxl"
+    raise UserError(f"{path} has a UNet but no SD 1.x, 2.x or SDXL text encoder (an SDXL refiner, or another "
+                    "model family); lowmcgm supports SD 1.x, 2.x and SDXL base models.")
 
 
 def _load_tokenizer(path: Path, config_name: str):
@@ -57,30 +63,45 @@ def _load_tokenizer(path: Path, config_name: str):
 
 
 def load_single_file(path: Path, config_name: str = "auto"):
-    """Load a single-file SD 1.x/2.x checkpoint into a BaseModel.
+    """Load a single-file SD 1.x/2.x or SDXL checkpoint into a BaseModel.
 
     Args:
         path: the ``.safetensors`` file.
-        config_name: ``auto`` (SD 1.x -> sd15, SD 2.x -> sd21-768, as diffusers infers), or one of
-            ``sd15``, ``sd21-base``, ``sd21-768`` to choose the resolution and prediction type.
+        config_name: ``auto`` (SD 1.x -> sd15, SD 2.x -> sd21-768, as diffusers infers, SDXL ->
+            sdxl-base), or one of ``sd15``, ``sd21-base``, ``sd21-768``, ``sdxl-base`` to choose the
+            resolution and prediction type.
     """
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
+    from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from lowmcgm.model_configs import config_folder
     from lowmcgm.models import BaseModel
 
     family = detect_family(path)
-    name = config_name if config_name != "auto" else ("sd15" if family == "sd15" else "sd21-768")
-    if (name == "sd15") != (family == "sd15"):
-        raise UserError(f"{path.name} is an {'SD 1.x' if family == 'sd15' else 'SD 2.x'} checkpoint, "
-                        f"but model.single_file_config is '{name}'.")
+    name = config_name if config_name != "auto" else AUTO_CONFIG[family]
+    if name not in CONFIGS_OF[family]:
+        raise UserError(f"{path.name} is an {FAMILY_NAMES[family]} checkpoint, but model.single_file_config is "
+                        f"'{name}' (use auto or {' or '.join(CONFIGS_OF[family])}).")
     folder = config_folder(name)
     tokenizer = _load_tokenizer(path, name)
     try:
-        pipe = StableDiffusionPipeline.from_single_file(
-            str(path), config=str(folder), tokenizer=tokenizer, safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False, local_files_only=True)
+        if family == "sdxl":
+            from lowmcgm.tokenizer import build_sd_tokenizer
+
+            pipe = StableDiffusionXLPipeline.from_single_file(
+                str(path), config=str(folder), tokenizer=tokenizer, tokenizer_2=build_sd_tokenizer(name, "tokenizer_2"),
+                local_files_only=True)
+        else:
+            pipe = StableDiffusionPipeline.from_single_file(
+                str(path), config=str(folder), tokenizer=tokenizer, safety_checker=None, feature_extractor=None,
+                requires_safety_checker=False, local_files_only=True)
     except Exception as exc:  # diffusers raises SingleFileComponentError, OSError, ValueError, ...
-        raise UserError(f"Could not read {path} as an SD checkpoint ({exc}).") from exc
+        raise UserError(f"Could not read {path} as an {'SDXL' if family == 'sdxl' else 'SD'} checkpoint ({exc}).") from exc
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    return BaseModel(pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet, scheduler, name=path.name)
+    second = {"tokenizer_2": pipe.tokenizer_2, "text_encoder_2": pipe.text_encoder_2} if family == "sdxl" else {}
+    return BaseModel(pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet, scheduler, name=path.name, **second)
+
+
+# detect_family's names: what users call them, the shipped configs that fit, and what auto picks.
+FAMILY_NAMES = {"sd15": "SD 1.x", "sd21": "SD 2.x", "sdxl": "SDXL"}
+CONFIGS_OF = {"sd15": ("sd15",), "sd21": ("sd21-base", "sd21-768"), "sdxl": ("sdxl-base",)}
+AUTO_CONFIG = {"sd15": "sd15", "sd21": "sd21-768", "sdxl": "sdxl-base"}

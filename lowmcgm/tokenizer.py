@@ -110,21 +110,22 @@ def load_clip_bpe(path: Path = CLIP_VOCAB_FILE) -> tuple[dict[str, int], list[tu
     return vocab, merges
 
 
-def build_sd_tokenizer(config_name: str) -> CLIPTokenizer:
+def build_sd_tokenizer(config_name: str, subfolder: str = "tokenizer") -> CLIPTokenizer:
     """The tokenizer of a Stable Diffusion family, built offline from the shipped vocabulary.
 
     Args:
-        config_name: a shipped model config (``sd15``, ``sd21-base``, ``sd21-768``); its
-            ``tokenizer/tokenizer_config.json``, copied from the hub, sets the special tokens, the
-            pad token (SD 1.x pads with ``<|endoftext|>``, SD 2.x with ``!``, id 0, as OpenCLIP's
+        config_name: a shipped model config (``sd15``, ``sd21-base``, ``sd21-768``, ``sdxl-base``);
+            its ``tokenizer_config.json``, copied from the hub, sets the special tokens, the pad
+            token (SD 1.x pads with ``<|endoftext|>``, SD 2.x with ``!``, id 0, as OpenCLIP's
             ``tokenize`` pads with zeros) and the length (77).
+        subfolder: ``tokenizer``, or ``tokenizer_2`` for SDXL's second (OpenCLIP, pads with ``!``).
 
     Returns:
         A ``CLIPTokenizer`` with CLIP's 49,408 entries.
     """
     from lowmcgm.model_configs import config_folder
 
-    config = json.loads((config_folder(config_name) / "tokenizer" / "tokenizer_config.json").read_text())
+    config = json.loads((config_folder(config_name) / subfolder / "tokenizer_config.json").read_text())
     # The hub config writes special tokens either as strings or as AddedToken dicts.
     special = {key: config[key]["content"] if isinstance(config[key], dict) else config[key]
                for key in ("bos_token", "eos_token", "unk_token", "pad_token")}

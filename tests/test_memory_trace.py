@@ -217,6 +217,7 @@ KNOWN_PARAMS = {
     "sd15": {"unet": 859.52, "text_encoder": 123.06, "vae": 83.65},
     "sd21-base": {"unet": 865.91, "text_encoder": 340.39, "vae": 83.65},
     "sd21-768": {"unet": 865.91, "text_encoder": 340.39, "vae": 83.65},
+    "sdxl-base": {"unet": 2567.46, "text_encoder": 123.06, "vae": 83.65},  # text_encoder_2: test_sdxl.py
 }
 
 

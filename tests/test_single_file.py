@@ -33,7 +33,7 @@ def test_family_detection(tmp_path):
     assert detect_family(_fake(tmp_path / "b.safetensors", UNET_KEY, SD2_TEXT_KEY)) == "sd21"
     with pytest.raises(UserError, match="not a Stable Diffusion checkpoint"):
         detect_family(_fake(tmp_path / "c.safetensors", "lora_unet_x.lora_down.weight"))
-    with pytest.raises(UserError, match="no SD 1.x or 2.x text encoder"):
+    with pytest.raises(UserError, match="no SD 1.x, 2.x or SDXL text encoder"):
         detect_family(_fake(tmp_path / "d.safetensors", UNET_KEY))
 
 

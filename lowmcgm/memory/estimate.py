@@ -168,13 +168,16 @@ def resolve_model(spec: str) -> str:
     from lowmcgm.model_configs import SHIPPED_CONFIGS
     from lowmcgm.models import TINY_NAMES, TOY_NAME
 
+    folder = Path(spec).expanduser()
+    if spec in ("sdxl-base", "tiny-xl") or (folder / "text_encoder_2").is_dir():  # before a child is started
+        raise UserError(f"--base-model '{spec}' is an SDXL model: lowmcgm loads SDXL models but cannot estimate "
+                        "training on them yet (SD 1.x and 2.x only for now).")
     if spec in SHIPPED_CONFIGS or spec in TINY_NAMES:
         return spec
     if spec == TOY_NAME:  # the bundled toy model: a diffusers folder like any other
         from lowmcgm.toy.bundled import require_toy_model
 
         return str(require_toy_model().resolve())
-    folder = Path(spec).expanduser()
     if folder.is_dir():
         missing = [p for p in ("unet/config.json", "text_encoder/config.json", "vae/config.json",
                                "scheduler/scheduler_config.json") if not (folder / p).is_file()]

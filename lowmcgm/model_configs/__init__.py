@@ -9,6 +9,8 @@ architectures on the meta device (memory estimates). The tokenizer vocabulary is
 - ``sd15``: runwayml/stable-diffusion-v1-5 (CLIP ViT-L/14 text encoder, epsilon, 512 px).
 - ``sd21-base``: stabilityai/stable-diffusion-2-1-base (OpenCLIP ViT-H text, epsilon, 512 px).
 - ``sd21-768``: stabilityai/stable-diffusion-2-1 (OpenCLIP ViT-H text, v_prediction, 768 px).
+- ``sdxl-base``: stabilityai/stable-diffusion-xl-base-1.0 (CLIP ViT-L and OpenCLIP ViT-bigG text
+  encoders, ``text_encoder_2`` and ``tokenizer_2`` beside the first pair; epsilon, 1024 px).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ SHIPPED_CONFIGS: dict[str, Path] = {
     "sd15": _HERE / "sd15",
     "sd21-base": _HERE / "sd21-base",
     "sd21-768": _HERE / "sd21-768",
+    "sdxl-base": _HERE / "sdxl-base",
 }
 
 # The Hugging Face repositories the shipped configs were taken from (for messages and caches).
@@ -28,6 +31,7 @@ HUB_IDS: dict[str, str] = {
     "sd15": "runwayml/stable-diffusion-v1-5",
     "sd21-base": "stabilityai/stable-diffusion-2-1-base",
     "sd21-768": "stabilityai/stable-diffusion-2-1",
+    "sdxl-base": "stabilityai/stable-diffusion-xl-base-1.0",
 }
 
 
@@ -35,7 +39,7 @@ def config_folder(name: str) -> Path:
     """The folder of a shipped config by its short name.
 
     Args:
-        name: one of ``SHIPPED_CONFIGS`` (``sd15``, ``sd21-base``, ``sd21-768``).
+        name: one of ``SHIPPED_CONFIGS`` (``sd15``, ``sd21-base``, ``sd21-768``, ``sdxl-base``).
 
     Returns:
         The folder (diffusers layout, configs only).
