@@ -349,37 +349,43 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from lowmcgm.run import train_then_sample
-
     cfg = _train_config(args)
     specs, poses = _sample_inputs(args)
-
-    def guard(stage: str) -> Any:
-        return _out_of_memory_advice(cfg, args.preset) if stage == "train" else _out_of_memory_advice()
-
-    with _progress(args) as printer:
-        result = train_then_sample(cfg, specs, poses, cfg.sample, resume=args.resume, overwrite=args.overwrite,
-                                   on_progress=printer, guard=guard)
-    print(f"Artifact: {result.artifact}\nPreviews: {result.previews}\nLoss curve: {result.loss_curve}\n"
-          f"Samples: {result.grid.parent} (contact sheet: {result.grid})")
-    return 0
+    return _train_then_sample(args, cfg, args.preset, specs, poses, resume=args.resume, overwrite=args.overwrite)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     import shlex
 
-    from lowmcgm.toy.demo import demo_run_arguments, describe_base, write_demo_inputs
     from lowmcgm.output import check_output_dir
+    from lowmcgm.sampler import load_prompts_file
+    from lowmcgm.toy.demo import DEMO_PRESET, demo_run, describe_base, write_demo_inputs
 
     size_px, note = describe_base(args.base_model)  # fails here when the toy model is not bundled
     if note:
         print(note)
     out = check_output_dir(args.out)
-    argv = demo_run_arguments(write_demo_inputs(out / "inputs", size_px), out, args.base_model)
-    argv += ["--overwrite"] if args.overwrite else []
-    argv += ["--guidance", args.guidance] if args.guidance else []
-    print(f"The demo is: lowmcgm {shlex.join(argv)}")
-    return _cmd_run(build_parser().parse_args(argv))
+    run = demo_run(write_demo_inputs(out / "inputs", size_px), out, args.base_model, overwrite=args.overwrite,
+                   pose_guidance=args.guidance or "")
+    print(f"The demo is: lowmcgm {shlex.join(run.command())}")
+    return _train_then_sample(args, run.config(), DEMO_PRESET, load_prompts_file(run.prompts), {}, resume=False,
+                              overwrite=run.overwrite)
+
+
+def _train_then_sample(args: argparse.Namespace, cfg: Any, preset: str | None, specs: list[Any],
+                       poses: dict[str, str], resume: bool, overwrite: bool) -> int:
+    """``lowmcgm run``'s work, for run and demo: train, sample, say where the outputs are."""
+    from lowmcgm.run import train_then_sample
+
+    def guard(stage: str) -> Any:
+        return _out_of_memory_advice(cfg, preset) if stage == "train" else _out_of_memory_advice()
+
+    with _progress(args) as printer:
+        result = train_then_sample(cfg, specs, poses, cfg.sample, resume=resume, overwrite=overwrite,
+                                   on_progress=printer, guard=guard)
+    print(f"Artifact: {result.artifact}\nPreviews: {result.previews}\nLoss curve: {result.loss_curve}\n"
+          f"Samples: {result.grid.parent} (contact sheet: {result.grid})")
+    return 0
 
 
 def _export_hint(fmt: str, handles: list[str], bundled: bool) -> str:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +18,22 @@ from lowmcgm.sampler import load_prompts_file
 from lowmcgm.toy.scenes import HELDOUT_COMBOS, render_scene, scene_combos
 
 # The test trains and samples for a moment, not the preset's minutes.
-SHORT = ["--set", "train.phase1_steps=2", "--set", "train.phase2_steps=2", "--set", "train.checkpoint_every=0",
-         "--steps", "2", "--num-images", "1", "--preview-every", "0"]
+SHORT_SET = (("train.phase1_steps", "2"), ("train.phase2_steps", "2"), ("train.checkpoint_every", "0"))
+SHORT_FLAGS = (("sample.steps", 2), ("sample.num_images", 1), ("output.preview_every", 0))
+
+
+def shorten(monkeypatch, seen: dict | None = None) -> None:
+    """Make every demo run SHORT (recorded in ``seen["run"]``), as the demo's own flags and --set items."""
+    made = demo.demo_run
+
+    def short(*args, **kwargs):
+        run = made(*args, **kwargs)
+        run = dataclasses.replace(run, output_flags=run.output_flags + SHORT_FLAGS, overrides=SHORT_SET)
+        if seen is not None:
+            seen["run"] = run
+        return run
+
+    monkeypatch.setattr(demo, "demo_run", short)
 
 
 def test_demo_inputs_are_the_scene_its_masks_and_new_poses(tmp_path):
@@ -38,8 +54,7 @@ def test_demo_inputs_are_the_scene_its_masks_and_new_poses(tmp_path):
 
 
 def test_demo_trains_and_samples_the_toy_model(bundled_toy, tmp_path, monkeypatch, capsys):
-    made = demo.demo_run_arguments
-    monkeypatch.setattr(demo, "demo_run_arguments", lambda *args: made(*args) + SHORT)
+    shorten(monkeypatch)
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out)]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -72,13 +87,35 @@ def test_note_stays_until_the_gate_is_passed(tmp_path):
 
 
 def test_demo_on_another_base_model_uses_the_same_run(tmp_path, monkeypatch):
-    made = demo.demo_run_arguments
     seen = {}
-
-    def spy(*args):
-        seen["argv"] = made(*args) + SHORT
-        return seen["argv"]
-
-    monkeypatch.setattr(demo, "demo_run_arguments", spy)
+    shorten(monkeypatch, seen)
     assert main(["demo", "--out", str(tmp_path), "--base-model", "tiny"]) == 0
-    assert seen["argv"][:5] == ["run", "--preset", "toy-cpu", "--base-model", "tiny"]
+    assert seen["run"].command()[:5] == ["run", "--preset", "toy-cpu", "--base-model", "tiny"]
+
+
+def test_printed_command_runs_the_same_configuration(tmp_path, monkeypatch, capsys):
+    """The command line the demo prints, run through the CLI, writes the demo's own config.toml."""
+    shorten(monkeypatch)
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--base-model", "tiny", "--guidance", "attention"]) == 0
+    printed = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("The demo is: "))
+    demo_config = (out / "config.toml").read_text()
+    assert 'pose_guidance = "attention"' in demo_config and "phase1_steps = 2" in demo_config
+    argv = shlex.split(printed.removeprefix("The demo is: "))
+    assert argv[0] == "lowmcgm"
+    assert main(argv[1:] + ["--overwrite"]) == 0
+    assert (out / "config.toml").read_text() == demo_config
+
+
+def test_demo_run_config_is_its_flags_over_the_preset(tmp_path):
+    inputs = demo.write_demo_inputs(tmp_path / "inputs", size_px=64)
+    run = demo.demo_run(inputs, tmp_path, "tiny", overwrite=True, pose_guidance="none")
+    cfg = run.config()
+    assert cfg.model.base_model == "tiny" and cfg.train.phase1_steps == 400  # the toy-cpu preset's
+    assert cfg.data.masks == tuple(map(str, inputs.masks)) and cfg.data.handles == demo.HANDLES
+    assert cfg.data.init_words == demo.INIT_WORDS and cfg.output.out == str(tmp_path)
+    assert (cfg.sample.num_images, cfg.sample.steps, cfg.sample.guidance_scale) == (2, 25, 5.0)
+    assert cfg.sample.pose_guidance == "none"
+    argv = run.command()
+    assert argv[argv.index("--prompts") + 1] == str(inputs.prompts)
+    assert argv[-5:] == ["--out", str(tmp_path), "--guidance", "none", "--overwrite"]

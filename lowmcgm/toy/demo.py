@@ -2,8 +2,9 @@
 
 The demo is ``lowmcgm run`` with inputs made here: the photo, one mask per subject, pose masks
 and a prompts file are rendered from a fixed toy-world scene (a dog standing and a cat lying on
-grass, the scene of ``examples/dogcat``) into ``<out>/inputs``, and the run's arguments are built
-for the CLI to parse and run as any other ``run``. Rendering at run time rather than shipping
+grass, the scene of ``examples/dogcat``) into ``<out>/inputs``, and ``DemoRun`` holds the run's
+flag values, from which come both its configuration (what the CLI hands to ``run.train_then_sample``)
+and the ``lowmcgm run`` command line shown to the user. Rendering at run time rather than shipping
 PNGs keeps a fresh install self-contained (``examples/`` is not installed), costs milliseconds,
 and draws the photo at the base model's own resolution; the scene is fixed, so every demo trains
 on the same pixels.
@@ -14,16 +15,19 @@ toy weights can do; training and sampling are ``lowmcgm run``'s, unchanged.
 Example::
 
     inputs = write_demo_inputs(Path("runs/demo/inputs"), size_px=64)
-    argv = demo_run_arguments(inputs, Path("runs/demo"), base_model="toy")   # ["run", ...]
+    run = demo_run(inputs, Path("runs/demo"), base_model="toy")
+    cfg, argv = run.config(), run.command()   # a validated Config; ["run", "--preset", "toy-cpu", ...]
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
+from lowmcgm.config import Config, config_field, field_flag, resolve_config
 from lowmcgm.models import TINY_NAMES, TOY_NAME
 from lowmcgm.toy.bundled import read_toy_info, require_toy_model
 from lowmcgm.toy.scenes import Scene, Subject, handle_prompt, render_pose_mask, render_scene, save_mask
@@ -59,7 +63,7 @@ PROMPTS = (
     ("beach", {"<dog>": "dog_jumping"}),
 )
 # Sampling flags of the demo's run: the toy model's own evaluation samples at guidance 5.
-SAMPLE_ARGS = ("--num-images", "2", "--steps", "25", "--guidance-scale", "5")
+SAMPLE_FLAGS = (("sample.num_images", 2), ("sample.steps", 25), ("sample.guidance_scale", 5))
 
 
 @dataclass(frozen=True)
@@ -99,12 +103,73 @@ def write_demo_inputs(folder: Path, size_px: int) -> DemoInputs:
     return DemoInputs(photo, mask_paths, pose_paths, prompts)
 
 
-def demo_run_arguments(inputs: DemoInputs, out: Path, base_model: str) -> list[str]:
-    """The ``lowmcgm run`` command line of the demo (without the program name)."""
-    argv = ["run", "--preset", DEMO_PRESET, "--base-model", base_model, "--image", str(inputs.photo)]
+Flags = tuple[tuple[str, Any], ...]
+
+
+@dataclass(frozen=True)
+class DemoRun:
+    """The demo's ``lowmcgm run``: the values of its flags, its prompts file, and whether it replaces a run.
+
+    ``config()`` is what the demo trains and samples with; ``command()`` is the same run as the
+    command line a user would type (a test runs that line and compares the two configurations).
+
+    Attributes:
+        input_flags: (config key, value) of the flags before ``--prompts``, in command-line order;
+            the key of a list field repeats, once per value (``data.masks``). Switches (bool
+            fields) are not among them: each flag is written ``--flag VALUE``.
+        output_flags: the flags after ``--prompts``: sampling and the output folder.
+        prompts: the prompts file (each prompt with its poses, relative to the file).
+        overwrite: replace an earlier run in the output folder (``--overwrite``).
+        overrides: ``--set`` items, (config key, value); the demo itself has none.
+    """
+
+    input_flags: Flags
+    output_flags: Flags
+    prompts: Path
+    overwrite: bool = False
+    overrides: tuple[tuple[str, str], ...] = ()
+
+    def flag_values(self) -> dict[str, Any]:
+        """Config key -> value, as ``lowmcgm run`` reads these flags (a later flag wins; lists gather)."""
+        values: dict[str, Any] = {}
+        for key, value in self.input_flags + self.output_flags:
+            if isinstance(config_field(key)[0].default, tuple):
+                value = values.get(key, ()) + (value,)
+            values[key] = value
+        return values
+
+    def config(self) -> Config:
+        """The run's validated configuration: the demo preset, then ``overrides``, then the flags.
+
+        Raises:
+            UserError: a value the configuration refuses.
+        """
+        return resolve_config(DEMO_PRESET, None, dict(self.overrides), self.flag_values())
+
+    def command(self) -> list[str]:
+        """The ``lowmcgm run`` command line of this run (without the program name)."""
+        def flags(items: Flags) -> list[str]:
+            return [arg for key, value in items for arg in (field_flag(key), str(value))]
+
+        sets = [arg for key, value in self.overrides for arg in ("--set", f"{key}={value}")]
+        return ["run", "--preset", DEMO_PRESET, *flags(self.input_flags), "--prompts", str(self.prompts),
+                *flags(self.output_flags), *(["--overwrite"] if self.overwrite else []), *sets]
+
+
+def demo_run(inputs: DemoInputs, out: Path, base_model: str, overwrite: bool = False,
+             pose_guidance: str = "") -> DemoRun:
+    """The demo's run: learn the subjects of ``inputs`` on ``base_model``, sample its prompts into ``out``.
+
+    Args:
+        pose_guidance: the demo's ``--guidance``; empty leaves the preset's.
+    """
+    input_flags: list[tuple[str, Any]] = [("model.base_model", base_model), ("data.image", str(inputs.photo))]
     for mask, handle, word in zip(inputs.masks, HANDLES, INIT_WORDS):
-        argv += ["--mask", str(mask), "--handle", handle, "--init-word", word]
-    return argv + ["--prompts", str(inputs.prompts), *SAMPLE_ARGS, "--out", str(out)]
+        input_flags += [("data.masks", str(mask)), ("data.handles", handle), ("data.init_words", word)]
+    output_flags = [*SAMPLE_FLAGS, ("output.out", str(out))]
+    if pose_guidance:
+        output_flags.append(("sample.pose_guidance", pose_guidance))
+    return DemoRun(tuple(input_flags), tuple(output_flags), inputs.prompts, overwrite)
 
 
 def describe_base(base_model: str) -> tuple[int, str | None]:
