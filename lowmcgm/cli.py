@@ -311,7 +311,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 def _sample_inputs(args: argparse.Namespace) -> tuple[list[Any], dict[str, str]]:
     """Prompts and --pose items from the flags (nothing heavy is loaded)."""
-    from lowmcgm.sampler import PromptSpec, load_prompts_file, parse_poses
+    from lowmcgm.prompts import PromptSpec, load_prompts_file, parse_poses
 
     specs = [PromptSpec(text, where=f"--prompt {i}") for i, text in enumerate(args.prompt, 1)]
     if args.prompts:
@@ -358,7 +358,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     import shlex
 
     from lowmcgm.output import check_output_dir
-    from lowmcgm.sampler import load_prompts_file
+    from lowmcgm.prompts import load_prompts_file
     from lowmcgm.toy.demo import DEMO_PRESET, demo_run, describe_base, write_demo_inputs
 
     size_px, note = describe_base(args.base_model)  # fails here when the toy model is not bundled

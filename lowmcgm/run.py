@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any, Callable, ContextManager
 
 from lowmcgm import models  # the module, not its function: a test replaces the loader
-from lowmcgm.config import Config
+from lowmcgm.config import Config, SampleSettings
 from lowmcgm.handles import check_handle_names
 from lowmcgm.previews import save_loss_curve
 from lowmcgm.run_folder import hold_folder
-from lowmcgm.sampler import (PromptSpec, SampleSettings, TrainingPreviews, check_plans_fit, check_pose_crops,
-                             check_settings, no_mask_reason, plan_prompts, sample_artifact, training_prompt_spec)
+from lowmcgm.prompts import (PromptSpec, check_plans_fit, check_pose_crops, no_mask_reason, plan_prompts,
+                             training_prompt_spec)
+from lowmcgm.sampler import TrainingPreviews, check_settings, sample_artifact
 from lowmcgm.trainer import check_inputs, train
 
 ProgressFn = Callable[[dict[str, Any]], None]

@@ -1,10 +1,9 @@
 """Pose-mask sampling: an artifact's handles, LoRA and mask encoder on diffusers' Stable Diffusion pipeline.
 
-Owns reading prompts and poses, pairing each pose mask with its handle *by name* (MCGM-Styler
-pairs masks with concepts by an unsorted file listing), building the context the UNet sees (77
-text tokens, then one mask token per handle in the order the handles appear in the prompt; k
-all-zero tokens for the unconditional branch, paper sec. 3.2) and writing each image with its
-parameters. The denoising loop, schedulers, guidance and VAE decode stay diffusers' own: we only
+Owns building the context the UNet sees (77 text tokens, then one mask token per handle in the
+order the handles appear in the prompt; k all-zero tokens for the unconditional branch, paper
+sec. 3.2) and writing each image with its parameters. Reading prompts and poses and pairing each
+pose with its handle is ``prompts.py``'s. The denoising loop, schedulers, guidance and VAE decode stay diffusers' own: we only
 pass ``prompt_embeds`` and ``negative_prompt_embeds`` to a stock ``StableDiffusionPipeline``.
 Also the trainer's preview hook for ``lowmcgm run``. Drawing is left to ``previews.py``.
 
@@ -20,13 +19,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import re
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-import numpy as np
 import torch
 from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
                        StableDiffusionPipeline)
@@ -38,10 +34,8 @@ from lowmcgm.artifact import Artifact, file_sha256, load_artifact
 from lowmcgm.attention_capture import (CapturingCrossAttnProcessor, CrossAttentionStore, install_capture,
                                        loss_layer_names, remove_capture)
 from lowmcgm.config import SampleSettings, field_flag, sample_problems
-from lowmcgm.data import build_prompt, check_center_crop_keeps, load_mask
 from lowmcgm.dtypes import torch_dtype
 from lowmcgm.errors import UserError
-from lowmcgm.handles import HANDLE_PATTERN
 from lowmcgm.mask_encoder import MaskEncoder, append_mask_tokens, zero_mask_tokens
 from lowmcgm.mcgm import MCGMState
 from lowmcgm.models import BaseModel, load_base_model, require_sd_family
@@ -49,7 +43,9 @@ from lowmcgm.output import check_output_dir
 from lowmcgm.pose_guidance import DEFAULT_STRENGTH, LatentGuidance, PoseGuide, guided_attention, guided_columns
 from lowmcgm.previews import (SheetRow, mask_to_image, render_attention_picture, render_contact_sheet, save_json,
                               save_png)
-from lowmcgm.prompt_length import check_handles_fit
+from lowmcgm.prompts import (PlannedPrompt, PromptSpec, check_plans_fit, check_pose_crops, fit_pose_masks,
+                             no_mask_reason, plan_prompts)
+from lowmcgm.prompts import normalize_handle  # noqa: F401 (lowmcgm.ui.app imports it from here)
 from lowmcgm.run_folder import SAMPLE_FILES, check_sample_folder, clear_earlier_samples, earlier_samples
 from lowmcgm.write_guard import check_not_inputs
 
@@ -57,8 +53,6 @@ if TYPE_CHECKING:
     from lowmcgm.trainer import Setup, TrainState
 
 ProgressFn = Callable[[dict[str, Any]], None]
-ALL_HANDLES = "all"  # --pose all=FILE: one mask for every handle of the prompt (the paper's fig. 6)
-HANDLE_IN_TEXT = re.compile(r"<[A-Za-z0-9_\-]{1,32}>")  # the names handles.HANDLE_PATTERN allows
 # One entry per choice of sample.scheduler (config.SampleSettings declares the names).
 SCHEDULERS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     # name: (A1111's label, for the "parameters" chunk other tools read; factory from a scheduler config)
@@ -68,49 +62,6 @@ SCHEDULERS: dict[str, tuple[str, Callable[[Any], Any]]] = {
         config, algorithm_type="dpmsolver++", solver_order=2)),
 }
 ATTN_PICTURE_DOWNSCALE = 0  # attention pictures read the layers the default attention loss trains (auto)
-
-
-@dataclass(frozen=True)
-class PromptSpec:
-    """A prompt as the user wrote it, with the poses given on its own line (``--prompts FILE``).
-
-    Attributes:
-        text: the prompt, e.g. ``a photo of <asset0> on the beach``.
-        poses: handle (``<asset0>`` or ``all``) -> mask file.
-        where: where it came from, for messages (``--prompt 1``, ``prompts.txt line 3``).
-        file: the prompts file it was read from, or '' (an input no output may replace).
-    """
-
-    text: str
-    poses: dict[str, str] = field(default_factory=dict)
-    where: str = "--prompt"
-    file: str = ""
-
-
-@dataclass
-class PlannedPrompt:
-    """A checked prompt: its handles in token order and the pose paired with each, by name.
-
-    Attributes:
-        handles: distinct handles in order of first appearance: the order of the mask tokens.
-        pose_files: per handle, its mask file, or None for the blank (all-zero) mask.
-        pose_masks: per handle, the (H, W) bool mask as drawn, or None.
-        use_mask_tokens: False with --no-mask or an artifact trained without mask tokens.
-    """
-
-    text: str
-    handles: list[str]
-    pose_files: list[str | None]
-    pose_masks: list[np.ndarray | None]
-    use_mask_tokens: bool
-    where: str = ""  # where the prompt came from, for messages (``--prompt 2``)
-
-    @property
-    def poses(self) -> dict[str, str]:
-        """handle -> mask file or ``blank``, as recorded in PNGs and samples.json ({} without tokens)."""
-        if not self.use_mask_tokens and not any(f is not None for f in self.pose_files):
-            return {}  # no mask tokens and no guidance: poses play no part
-        return {h: f if f is not None else "blank" for h, f in zip(self.handles, self.pose_files)}
 
 
 def check_settings(settings: SampleSettings) -> None:
@@ -124,176 +75,6 @@ def check_settings(settings: SampleSettings) -> None:
         problems.append("--cpu-offload moves models between the CPU and a CUDA GPU, and there is no CUDA GPU here")
     if problems:
         raise UserError("Invalid sampling settings: " + "; ".join(problems) + ".")
-
-
-def normalize_handle(name: str) -> str:
-    """``asset0`` or ``<asset0>`` -> ``<asset0>``; ``all`` stays ``all``."""
-    name = name.strip()
-    if name == ALL_HANDLES or name.startswith("<"):
-        return name
-    return f"<{name}>"
-
-
-def parse_poses(items: list[str], where: str = "--pose", relative_to: Path | None = None) -> dict[str, str]:
-    """Parse ``HANDLE=FILE`` items into handle -> file.
-
-    Args:
-        items: e.g. ``["asset0=run.png", "<asset1>=sit.png", "all=jump.png"]``.
-        where: the flag or file line they came from, for messages.
-        relative_to: folder that relative file names are taken from (a prompts file's own).
-    """
-    poses: dict[str, str] = {}
-    for item in items:
-        raw, sep, path = item.partition("=")
-        handle, path = normalize_handle(raw), path.strip()
-        if not sep or not raw.strip() or not path:
-            raise UserError(f"{where} takes HANDLE=FILE, got '{item.strip()}' (e.g. asset0=running.png, "
-                            "or all=running.png for every handle).")
-        if handle != ALL_HANDLES and not HANDLE_PATTERN.match(handle):
-            raise UserError(f"{where}: '{raw.strip()}' is not a handle name (e.g. asset0 or <asset0>).")
-        if handle in poses:
-            raise UserError(f"{where} gives two poses for {handle}: keep one.")
-        if relative_to is not None and not Path(path).expanduser().is_absolute():
-            path = str(relative_to / path)
-        poses[handle] = path
-    return poses
-
-
-def load_prompts_file(path: str | Path) -> list[PromptSpec]:
-    """Read ``--prompts FILE``: one prompt a line, optionally ``| HANDLE=FILE`` poses after it.
-
-    Blank lines and lines starting with ``#`` are skipped. Pose files are taken relative to the
-    prompts file's folder, so a folder of prompts and masks can move as one.
-
-    Example line: ``a photo of <asset0> on the beach | asset0=run.png | asset1=sit.png``.
-    """
-    path = Path(path).expanduser()
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError as exc:
-        raise UserError(f"Prompts file not found: {path}.") from exc
-    except (IsADirectoryError, UnicodeDecodeError) as exc:
-        raise UserError(f"Prompts file {path} is not a UTF-8 text file.") from exc
-    specs = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        text, *pose_items = line.split("|")
-        where = f"{path.name} line {number}"
-        if not text.strip():
-            raise UserError(f"{where} has poses but no prompt before the first '|'.")
-        specs.append(PromptSpec(text.strip(), parse_poses(pose_items, where, relative_to=path.parent), where,
-                                file=str(path)))
-    if not specs:
-        raise UserError(f"Prompts file {path} has no prompts (one per line).")
-    return specs
-
-
-def training_prompt_spec(handles: list[str], mask_files: list[str]) -> PromptSpec:
-    """The training prompt with every handle, posed by its training mask (``run`` without --prompt)."""
-    return PromptSpec(build_prompt(handles), dict(zip(handles, mask_files)), where="the training prompt")
-
-
-def handles_in_text(text: str) -> list[str]:
-    """Distinct ``<...>`` names in order of first appearance."""
-    return list(dict.fromkeys(HANDLE_IN_TEXT.findall(text)))
-
-
-def no_mask_reason(settings: SampleSettings, artifact: Artifact | None = None,
-                   trained_with_mask_tokens: bool = True) -> str | None:
-    """Why no mask tokens are appended (a phrase for messages), or None when they are."""
-    if not settings.use_mask_tokens:
-        return "--no-mask drops the mask tokens"
-    if (artifact is not None and not artifact.uses_mask_tokens) or not trained_with_mask_tokens:
-        return "this artifact was trained without mask tokens (loss.use_mask_tokens off)"
-    return None
-
-
-def plan_prompts(specs: list[PromptSpec], poses: dict[str, str], handles: list[str],
-                 no_masks_because: str | None, guided: bool = False) -> list[PlannedPrompt]:
-    """Check prompts and poses against the artifact's handles and pair each pose with its handle.
-
-    A handle takes, in order: its own pose on the prompt's line, the line's ``all``, its
-    ``--pose``, ``--pose all=``, else the blank mask. Pose files are read here, before any
-    weights load, so a bad file fails in a second.
-
-    Args:
-        specs: the prompts, each with the poses of its own line.
-        poses: the ``--pose`` items, for every prompt.
-        handles: the artifact's handles.
-        no_masks_because: from ``no_mask_reason``; poses are refused when set, unless ``guided``.
-        guided: pose guidance is on (``--guidance``), which uses poses without mask tokens too.
-
-    Raises:
-        UserError: a handle the artifact lacks, in a prompt or a pose; a pose no prompt can use;
-            a pose file that is not a readable, non-empty mask.
-    """
-    if not specs:
-        raise UserError("No prompt: pass --prompt TEXT (repeatable) or --prompts FILE.")
-    known = ", ".join(handles)
-    for where, given in [("--pose", poses)] + [(s.where, s.poses) for s in specs]:
-        for handle, file in given.items():
-            if handle != ALL_HANDLES and handle not in handles:
-                raise UserError(f"{where}: a pose for {handle}, but this artifact has no such handle "
-                                f"(it has {known}).")
-            if no_masks_because and not guided:
-                raise UserError(f"{no_masks_because}, so the pose {handle}={file} ({where}) would have no "
-                                "effect: drop the pose, or guide by it with --guidance attention or latent.")
-    named_anywhere: set[str] = set()
-    cache: dict[str, np.ndarray] = {}
-    plans = []
-    for spec in specs:
-        named = handles_in_text(spec.text)
-        for handle in named:
-            if handle not in handles:
-                raise UserError(f"{spec.where} names {handle}, which this artifact does not have "
-                                f"(it has {known}).")
-        for handle in spec.poses:
-            if handle != ALL_HANDLES and handle not in named:
-                raise UserError(f"{spec.where} gives a pose for {handle}, but its prompt does not name it.")
-        named_anywhere.update(named)
-        files = [spec.poses.get(h, spec.poses.get(ALL_HANDLES, poses.get(h, poses.get(ALL_HANDLES))))
-                 for h in named]
-        masks = [_read_pose(f, h, cache) if f is not None else None for h, f in zip(named, files)]
-        plans.append(PlannedPrompt(spec.text, named, files, masks, use_mask_tokens=no_masks_because is None,
-                                   where=spec.where))
-    for handle, file in poses.items():
-        if handle != ALL_HANDLES and handle not in named_anywhere:
-            raise UserError(f"--pose {handle}={file}: no prompt names {handle}.")
-    return plans
-
-
-def _read_pose(path: str, handle: str, cache: dict[str, np.ndarray]) -> np.ndarray:
-    if path not in cache:
-        try:
-            mask = load_mask(Path(path).expanduser()) > 0.5
-        except UserError as exc:
-            raise UserError(f"Pose for {handle}: {exc}") from exc
-        if not mask.any():
-            raise UserError(f"Pose file {path} for {handle} is empty (no pixel above 0.5): draw the subject "
-                            "white on black, or give no pose for the blank mask.")
-        cache[path] = mask
-    return cache[path]
-
-
-def fit_pose_masks(plan: PlannedPrompt, height: int, width: int) -> torch.Tensor:
-    """Each handle's pose resized to cover (height, width) and center-cropped, as training crops.
-
-    Returns:
-        (k, height, width) float32 in {0, 1}; the blank mask is all zeros.
-    """
-    out = torch.zeros(len(plan.handles), height, width)
-    for i, mask in enumerate(plan.pose_masks):
-        if mask is None:
-            continue
-        h, w = mask.shape
-        scale = max(width / w, height / h)
-        size = (max(width, round(w * scale)), max(height, round(h * scale)))
-        big = Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.Resampling.NEAREST)
-        left, top = (size[0] - width) // 2, (size[1] - height) // 2
-        crop = big.crop((left, top, left + width, top + height))
-        out[i] = torch.from_numpy(np.asarray(crop) > 127).float()
-    return out
 
 
 class PoseSampler:
@@ -639,23 +420,6 @@ def write_samples(sampler: PoseSampler, plans: list[PlannedPrompt], settings: Sa
                "grid": grid.name, "prompts": entries}, out / "samples.json")
     report({"kind": "saved", "what": "contact sheet", "path": str(grid)})
     return grid
-
-
-def check_pose_crops(plans: list[PlannedPrompt], height: int, width: int) -> None:
-    """Refuse a pose whose subject the centre crop to (height, width) cuts away, as training refuses a mask."""
-    for plan in plans:
-        for handle, file, mask in zip(plan.handles, plan.pose_files, plan.pose_masks):
-            if mask is not None:  # used by a mask token or by pose guidance alike
-                check_center_crop_keeps(mask, width, height, f"Pose {file} for {handle}")
-
-
-def check_plans_fit(plans: list[PlannedPrompt], base: BaseModel, report: ProgressFn | None = None) -> None:
-    """Refuse handles past the text encoder's token window (see ``prompt_length``); warn about cut prompts."""
-    def warn(text: str) -> None:
-        if report is not None:
-            report({"kind": "message", "level": "warning", "text": text})
-
-    check_handles_fit([(plan.where or "the prompt", plan.text, plan.handles) for plan in plans], base.tokenizer, warn)
 
 
 def _image_name(prompt_index: int, seed: int, settings: SampleSettings) -> str:

@@ -12,7 +12,8 @@ from test_sampler import FAST, files, sampler  # noqa: F401 (fixtures)
 from lowmcgm.artifact import load_artifact
 from lowmcgm.models import build_tiny_base
 from lowmcgm.pose_guidance import PoseGuide, attention_energy, guided_columns
-from lowmcgm.sampler import PromptSpec, build_sampler, fit_pose_masks, plan_prompts
+from lowmcgm.prompts import PromptSpec, fit_pose_masks, plan_prompts
+from lowmcgm.sampler import build_sampler
 
 SETTINGS = dataclasses.replace(FAST, steps=8, guidance_scale=3.0)
 

@@ -1,4 +1,4 @@
-"""Pose-mask sampling on the tiny model: context layout, pairing by name, seeds, PNG metadata, pictures.
+"""Pose-mask sampling on the tiny model: context layout, seeds, PNG metadata, pictures.
 
 The artifact here is built by hand (random handles, encoder and a non-zero LoRA), so these tests
 need no training run; ``test_cli_sample.py`` and ``test_cli_run.py`` use trained ones.
@@ -22,8 +22,8 @@ from lowmcgm.errors import UserError
 from lowmcgm.mask_encoder import MaskEncoder
 from lowmcgm.models import build_tiny_base
 from lowmcgm.previews import render_loss_curve, save_loss_curve
-from lowmcgm.sampler import (PromptSpec, SampleSettings, build_sampler, check_base_matches, fit_pose_masks,
-                             load_prompts_file, parse_poses, plan_prompts, read_png_parameters, write_samples)
+from lowmcgm.prompts import PromptSpec, parse_poses, plan_prompts
+from lowmcgm.sampler import SampleSettings, build_sampler, check_base_matches, read_png_parameters, write_samples
 
 SIZE = 64  # the tiny model's resolution: pose files at this size reach the encoder unresized
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -195,41 +195,6 @@ def test_attention_picture_maps_cover_each_handle_and_mask_token(files, sampler)
     assert image.size == (SIZE, SIZE)
     # Capture was only borrowed: plain SDPA everywhere afterwards.
     assert not any(isinstance(p, CapturingCrossAttnProcessor) for p in sampler.pipe.unet.attn_processors.values())
-
-
-def test_pose_precedence_line_then_global_then_blank(files):
-    m = {i: str(files[f"m{i}"]) for i in range(3)}
-    spec = PromptSpec("<asset0> <asset1> <asset2>", {"<asset0>": m[0], "all": m[1]})
-    plan = plan_prompts([spec], {"<asset2>": m[2], "all": m[0]}, ["<asset0>", "<asset1>", "<asset2>"], None)[0]
-    assert plan.pose_files == [m[0], m[1], m[1]]  # the line's own all= beats a global pose
-    plan = plan_prompts([PromptSpec("<asset0> <asset1> <asset2>")], {"<asset2>": m[2]},
-                        ["<asset0>", "<asset1>", "<asset2>"], None)[0]
-    assert plan.pose_files == [None, None, m[2]]
-
-
-def test_fit_pose_masks_covers_and_center_crops(files):
-    tall = np.zeros((40, 20), bool)
-    tall[:, :10] = True  # left half
-    plan = plan_prompts([PromptSpec("<asset0>")], {}, ["<asset0>"], None)[0]
-    plan.pose_masks = [tall]
-    fitted = fit_pose_masks(plan, 16, 16)
-    assert fitted.shape == (1, 16, 16)
-    assert fitted[0, :, :8].all() and not fitted[0, :, 8:].any()
-
-
-def test_parse_poses_and_prompts_file(tmp_path):
-    assert parse_poses(["asset0=a.png", "<asset1>=b.png", "all=c.png"]) == {
-        "<asset0>": "a.png", "<asset1>": "b.png", "all": "c.png"}
-    for bad, fragment in [("asset0", "HANDLE=FILE"), ("=a.png", "HANDLE=FILE"), ("as set=a.png", "not a handle")]:
-        with pytest.raises(UserError, match=fragment):
-            parse_poses([bad])
-    (tmp_path / "p.txt").write_text("# poses relative to this file\n\na photo of <asset0> | asset0=run.png\n"
-                                    "a photo of <asset1> and <asset0>|all=/abs/sit.png | asset1 = x.png\n")
-    specs = load_prompts_file(tmp_path / "p.txt")
-    assert [s.text for s in specs] == ["a photo of <asset0>", "a photo of <asset1> and <asset0>"]
-    assert specs[0].poses == {"<asset0>": str(tmp_path / "run.png")}
-    assert specs[1].poses == {"all": "/abs/sit.png", "<asset1>": str(tmp_path / "x.png")}
-    assert specs[1].where == "p.txt line 4"
 
 
 def test_base_of_another_architecture_is_refused(files):

@@ -215,9 +215,10 @@ def train_and_sample(photo: BenchPhoto, training: str, conditions: list[Conditio
         sampling seconds per image.
     """
     from lowmcgm.artifact import load_artifact
-    from lowmcgm.config import config_from_dict, resolve_config
+    from lowmcgm.config import SampleSettings, config_from_dict, resolve_config
     from lowmcgm.models import load_base_model
-    from lowmcgm.sampler import PromptSpec, SampleSettings, build_sampler, no_mask_reason, plan_prompts
+    from lowmcgm.prompts import PromptSpec, no_mask_reason, plan_prompts
+    from lowmcgm.sampler import build_sampler
     from lowmcgm.trainer import train
 
     overrides = {

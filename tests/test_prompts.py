@@ -1,0 +1,59 @@
+"""Prompts and poses: parsing ``--pose`` and ``--prompts FILE``, pairing each pose with its handle by name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lowmcgm.errors import UserError
+from lowmcgm.prompts import PromptSpec, fit_pose_masks, load_prompts_file, parse_poses, plan_prompts
+
+
+@pytest.fixture
+def masks(tmp_path: Path) -> list[Path]:
+    """Three 64 px pose files, one rectangle each."""
+    paths = []
+    for i, (x0, y0, x1, y1) in enumerate([(4, 4, 24, 40), (30, 10, 60, 30), (10, 44, 54, 62)]):
+        mask = np.zeros((64, 64), np.uint8)
+        mask[y0:y1, x0:x1] = 255
+        Image.fromarray(mask).save(tmp_path / f"m{i}.png")
+        paths.append(tmp_path / f"m{i}.png")
+    return paths
+
+
+def test_pose_precedence_line_then_global_then_blank(masks):
+    m = {i: str(masks[i]) for i in range(3)}
+    spec = PromptSpec("<asset0> <asset1> <asset2>", {"<asset0>": m[0], "all": m[1]})
+    plan = plan_prompts([spec], {"<asset2>": m[2], "all": m[0]}, ["<asset0>", "<asset1>", "<asset2>"], None)[0]
+    assert plan.pose_files == [m[0], m[1], m[1]]  # the line's own all= beats a global pose
+    plan = plan_prompts([PromptSpec("<asset0> <asset1> <asset2>")], {"<asset2>": m[2]},
+                        ["<asset0>", "<asset1>", "<asset2>"], None)[0]
+    assert plan.pose_files == [None, None, m[2]]
+
+
+def test_fit_pose_masks_covers_and_center_crops():
+    tall = np.zeros((40, 20), bool)
+    tall[:, :10] = True  # left half
+    plan = plan_prompts([PromptSpec("<asset0>")], {}, ["<asset0>"], None)[0]
+    plan.pose_masks = [tall]
+    fitted = fit_pose_masks(plan, 16, 16)
+    assert fitted.shape == (1, 16, 16)
+    assert fitted[0, :, :8].all() and not fitted[0, :, 8:].any()
+
+
+def test_parse_poses_and_prompts_file(tmp_path):
+    assert parse_poses(["asset0=a.png", "<asset1>=b.png", "all=c.png"]) == {
+        "<asset0>": "a.png", "<asset1>": "b.png", "all": "c.png"}
+    for bad, fragment in [("asset0", "HANDLE=FILE"), ("=a.png", "HANDLE=FILE"), ("as set=a.png", "not a handle")]:
+        with pytest.raises(UserError, match=fragment):
+            parse_poses([bad])
+    (tmp_path / "p.txt").write_text("# poses relative to this file\n\na photo of <asset0> | asset0=run.png\n"
+                                    "a photo of <asset1> and <asset0>|all=/abs/sit.png | asset1 = x.png\n")
+    specs = load_prompts_file(tmp_path / "p.txt")
+    assert [s.text for s in specs] == ["a photo of <asset0>", "a photo of <asset1> and <asset0>"]
+    assert specs[0].poses == {"<asset0>": str(tmp_path / "run.png")}
+    assert specs[1].poses == {"all": "/abs/sit.png", "<asset1>": str(tmp_path / "x.png")}
+    assert specs[1].where == "p.txt line 4"
