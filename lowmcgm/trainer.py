@@ -3,7 +3,8 @@
 Phase 1 trains only the handle embeddings and the mask encoder against the frozen model; phase 2
 adds LoRA adapters to the UNet (optionally the text encoder) while the handles and the encoder keep
 training. The recipe, and where it deviates from the reference code, is in docs/method.md.
-Reading order: ``train`` -> ``run_phase`` -> ``compute_step_loss``.
+Reading order: ``train`` -> ``run_phase`` -> ``train_step`` -> ``compute_step_loss``; the batch a
+step draws is ``batches.py``'s.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ from lowmcgm.accelerator import AcceleratorLike
 from lowmcgm.adapters import cast_frozen
 from lowmcgm.artifact import save_artifact
 from lowmcgm.attention_capture import CrossAttentionStore, install_capture, loss_layer_names, remove_capture
+from lowmcgm.batches import Batch, build_batch, encode_photo, tokenize_prompts
 from lowmcgm.config import Config
-from lowmcgm.data import (ConceptImage, apply_affine, build_encoder_masks, build_prompt, draw_affine,
-                          load_concept_image, resize_masks, sample_concepts, sample_num_concepts, solid_background)
+from lowmcgm.data import ConceptImage, build_prompt, load_concept_image, resize_masks
 from lowmcgm.dtypes import precision_dtype
 from lowmcgm.errors import UserError
 from lowmcgm.handles import check_handle_names, handle_positions
@@ -84,24 +85,6 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     generator: torch.Generator
     history: list[dict[str, float]] = field(default_factory=list)
-
-
-@dataclass
-class Batch:
-    input_ids: torch.Tensor  # (B, 77)
-    handle_ids: torch.Tensor  # (B, k) token id of each selected handle, in prompt order
-    masks: torch.Tensor  # (B, k, R, R) selected masks, flipped (and moved) with the photo
-    latents: torch.Tensor  # (B, C, h, w) scaled latents
-    noise: torch.Tensor
-    timesteps: torch.Tensor  # (B,)
-    prior_latents: torch.Tensor | None = None  # (B, C, h, w)
-    prior_noise: torch.Tensor | None = None
-    prior_timesteps: torch.Tensor | None = None
-    # (B, k, m, m) what the mask encoder reads when it differs from ``masks`` (mask dropout or
-    # perturbation: data.mask_dropout, data.use_mask_perturbation); None: ``masks`` themselves.
-    encoder_masks: torch.Tensor | None = None
-    # Filled by compute_step_loss: RMS of the mask tokens and of the handles' text states.
-    token_rms: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def train(cfg: Config, on_progress: ProgressFn | None = None, resume: bool = False,
@@ -306,7 +289,7 @@ def prepare_setup(cfg: Config, base: BaseModel, concept: ConceptImage, handle_na
 def measure_handle_rms(base: BaseModel, mcgm: MCGMState, device: torch.device) -> torch.Tensor:
     """RMS of the text-encoder states at the handles' positions in the prompt naming them all: the
     scale of the context rows the mask tokens sit beside (0-d tensor, kept on ``device``)."""
-    ids = _tokenize(base, [build_prompt(mcgm.handle_names)]).to(device)
+    ids = tokenize_prompts(base, [build_prompt(mcgm.handle_names)]).to(device)
     states = base.text_encoder(ids)[0]  # (1, 77, d)
     where = handle_positions(ids, mcgm.handles.handle_ids.to(device)[None])  # (1, K)
     return compute_token_rms(states.gather(1, where[..., None].expand(-1, -1, states.shape[-1])))
@@ -356,7 +339,7 @@ def maybe_offload_text_encoder(setup: Setup) -> None:
                for k in range(1, n + 1) for order in itertools.permutations(range(n), k)]
     if setup.cfg.train.use_prior_preservation:
         prompts.append(setup.cfg.train.class_prompt)
-    ids = _tokenize(setup.base, prompts)
+    ids = tokenize_prompts(setup.base, prompts)
     states = setup.base.text_encoder(ids.to(setup.device))[0]
     setup.text_cache = {tuple(row.tolist()): state for row, state in zip(ids, states)}
     setup.base.text_encoder.to("cpu")
@@ -439,63 +422,6 @@ def train_step(setup: Setup, state: TrainState) -> dict[str, float]:
     return parts.as_floats() | {"total": float(loss.detach())} | {k: float(v) for k, v in batch.token_rms.items()}
 
 
-def build_batch(setup: Setup, generator: torch.Generator) -> Batch:
-    """Union sampling and flips for each sample; k is drawn once per step so batches stack."""
-    cfg, base, concept = setup.cfg, setup.base, setup.concept
-    size = cfg.train.batch_size
-    k = sample_num_concepts(concept.num_concepts, generator)
-    d, encoder = cfg.data, setup.mcgm.mask_encoder
-    perturbation = d.mask_perturbation if d.use_mask_perturbation else 0.0
-    own_encoder_input = encoder is not None and (d.mask_dropout > 0 or perturbation > 0)
-    prompts, handle_ids, masks, latents, encoder_masks = [], [], [], [], []
-    for _ in range(size):
-        chosen = sample_concepts(concept.num_concepts, k, generator)
-        flip = bool(torch.rand(1, generator=generator) < d.flip_p)
-        sample_masks = concept.masks[chosen]  # (k, R, R)
-        image = concept.image
-        if flip:
-            sample_masks, image = sample_masks.flip(-1), image.flip(-1)
-        mean, std = setup.latent_mean[int(flip)], setup.latent_std[int(flip)]
-        if d.use_affine_augmentation:
-            # One draw moves photo and masks alike (normalised coordinates: any resolution). With a
-            # kept background the photo is encoded once, so its latents move, not its pixels:
-            # encoding every moved photo would keep the VAE on the GPU (no use_vae_offload) and add
-            # an encoder pass per sample. SD latents are local (one per 8x8 pixels), so a moved
-            # latent decodes to the moved photo, blurred slightly where the move is not a whole
-            # latent pixel. A solid background encodes each sample anyway: there the pixels move.
-            theta = draw_affine(sample_masks, generator, d.affine_shift, d.affine_scale_min,
-                                d.affine_scale_max, d.affine_rotate_deg)
-            sample_masks = (apply_affine(sample_masks, theta, padding="zeros") > 0.5).float()
-            if d.background == "solid":
-                image = apply_affine(image, theta)
-            else:
-                mean, std = apply_affine(mean, theta), apply_affine(std, theta)
-        prompts.append(build_prompt([setup.mcgm.handle_names[i] for i in chosen]))
-        handle_ids.append([setup.mcgm.handles.handle_ids[i].item() for i in chosen])
-        masks.append(sample_masks)
-        if d.background == "solid":
-            image = solid_background(image, sample_masks.amax(0), generator)
-            mean, std = (t[0] for t in encode_photo(base, image, setup.device, both_flips=False))
-        latents.append(mean + std * torch.randn(mean.shape, generator=generator))
-        if own_encoder_input:
-            encoder_masks.append(build_encoder_masks(sample_masks, encoder.mask_size, d.mask_dropout,
-                                                     perturbation, generator))
-    scaled = torch.stack(latents) * base.vae.config.scaling_factor
-    batch = Batch(
-        input_ids=_tokenize(base, prompts), handle_ids=torch.tensor(handle_ids), masks=torch.stack(masks),
-        latents=scaled, noise=torch.randn(scaled.shape, generator=generator),
-        timesteps=torch.randint(0, base.noise_scheduler.config.num_train_timesteps, (size,), generator=generator),
-        encoder_masks=torch.stack(encoder_masks) if encoder_masks else None,
-    )
-    if setup.prior_latents is not None:
-        pick = torch.randint(0, setup.prior_latents.shape[0], (size,), generator=generator)
-        batch.prior_latents = setup.prior_latents[pick] * base.vae.config.scaling_factor
-        batch.prior_noise = torch.randn(batch.prior_latents.shape, generator=generator)
-        batch.prior_timesteps = torch.randint(0, base.noise_scheduler.config.num_train_timesteps, (size,),
-                                              generator=generator)
-    return batch
-
-
 def compute_step_loss(setup: Setup, batch: Batch) -> tuple[torch.Tensor, LossParts]:
     """One forward pass (instance and prior samples together, as the reference) and the loss terms."""
     cfg, base, device = setup.cfg, setup.base, setup.device
@@ -518,7 +444,7 @@ def compute_step_loss(setup: Setup, batch: Batch) -> tuple[torch.Tensor, LossPar
         key_index = torch.cat([key_index, text.shape[1] + torch.arange(k, device=device).expand(size, k)], 1)
     latents, noise, timesteps = batch.latents.to(device), batch.noise.to(device), batch.timesteps.to(device)
     if batch.prior_latents is not None:
-        prior_ids = _tokenize(base, [cfg.train.class_prompt] * size)
+        prior_ids = tokenize_prompts(base, [cfg.train.class_prompt] * size)
         prior_context = append_mask_tokens(
             encode_text(setup, prior_ids),
             zero_mask_tokens(size, k, base.text_width, text) if mask_tokens is not None else None)
@@ -557,20 +483,6 @@ def compute_step_loss(setup: Setup, batch: Batch) -> tuple[torch.Tensor, LossPar
     return compute_total_loss(parts, cfg.loss.attn_weight, cfg.loss.mask_attn_weight, cfg.loss.prior_weight), parts
 
 
-@torch.no_grad()
-def encode_photo(base: BaseModel, image: torch.Tensor, device: torch.device,
-                 both_flips: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior mean and std of the photo (and its mirror image), kept on the CPU.
-
-    Returns:
-        (F, C, h, w) mean and std, F = 2 with ``both_flips`` (index 1 = flipped), unscaled.
-    """
-    images = torch.stack([image, image.flip(-1)]) if both_flips else image[None]
-    vae = base.vae
-    dist = vae.encode(images.to(device, next(vae.parameters()).dtype)).latent_dist
-    return dist.mean.float().cpu(), dist.std.float().cpu()
-
-
 def run_meta(setup: Setup) -> dict[str, Any]:
     """What the artifact records about the run besides the trained state (``MCGMState.to_artifact``)."""
     cfg, base = setup.cfg, setup.base
@@ -578,12 +490,6 @@ def run_meta(setup: Setup) -> dict[str, Any]:
             "text_width": base.text_width, "prediction_type": base.prediction_type,
             "resolution": cfg.model.resolution or base.resolution, "init_words": list(cfg.data.init_words),
             "training_config": config_mod.config_to_dict(cfg)}
-
-
-def _tokenize(base: BaseModel, prompts: list[str]) -> torch.Tensor:
-    tok = base.tokenizer
-    return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-               return_tensors="pt").input_ids
 
 
 def _mixed_precision(cfg: Config, report: ProgressFn) -> str:
