@@ -45,7 +45,6 @@ from lowmcgm.previews import (SheetRow, mask_to_image, render_attention_picture,
                               save_png)
 from lowmcgm.prompts import (PlannedPrompt, PromptSpec, check_plans_fit, check_pose_crops, fit_pose_masks,
                              no_mask_reason, plan_prompts)
-from lowmcgm.prompts import normalize_handle  # noqa: F401 (lowmcgm.ui.app imports it from here)
 from lowmcgm.run_folder import SAMPLE_FILES, check_sample_folder, clear_earlier_samples, earlier_samples
 from lowmcgm.write_guard import check_not_inputs
 

@@ -455,7 +455,7 @@ def main(argv=None) -> dict:
     import torch
     import transformers.utils.logging
 
-    from lowmcgm.sampler import SampleSettings
+    from lowmcgm.config import SampleSettings
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)

@@ -265,7 +265,9 @@ def sample(state: PageState, run_name, prompt, base_model, num_images, seed, ste
     a pick may carry the canvas from before it).
     """
     from lowmcgm.artifact import load_artifact
-    from lowmcgm.sampler import PromptSpec, SampleSettings, normalize_handle, sample_artifact
+    from lowmcgm.config import SampleSettings
+    from lowmcgm.prompts import PromptSpec, normalize_handle
+    from lowmcgm.sampler import sample_artifact
 
     try:
         artifact_path = run_artifact(state, run_name)
