@@ -137,7 +137,7 @@ def test_default_guidance_is_recorded_with_its_strength_and_steps(trained, tmp_p
     assert main(sample_args(trained, tmp_path / "out", "--prompt", "a photo of <asset0>", "--pose",
                             f"asset0={trained['a']}")) == 0
     meta = read_png_parameters(tmp_path / "out" / "p00-000-seed0.png")
-    assert (meta["pose_guidance"], meta["pose_guidance_strength"], meta["pose_guidance_steps"]) == ("latent", 3.0, 1)
+    assert (meta["pose_guidance"], meta["pose_guidance_strength"], meta["pose_guidance_steps"]) == ("latent", 10.0, 1)
 
 
 GUIDANCE_ERRORS = {
