@@ -19,19 +19,15 @@ from lowmcgm.toy.scenes import (
     BACKGROUNDS,
     FAR_SHADE,
     HELDOUT_COMBOS,
-    KINDS,
     PALETTES,
-    POSES,
     VOCABULARY,
     Scene,
-    Subject,
     caption,
-    render_pose_mask,
     render_scene,
-    sample_offsets,
     sample_scene,
     scene_combos,
 )
+from lowmcgm.toy.silhouettes import KINDS, POSES, Subject, render_pose_mask, sample_offsets
 
 REPO = Path(__file__).resolve().parents[1]
 

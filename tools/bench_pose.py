@@ -58,16 +58,14 @@ from lowmcgm.toy.scenes import (  # noqa: E402
     BACKGROUNDS,
     HELDOUT_COMBOS,
     PALETTES,
-    POSES,
     Scene,
     handle_prompt,
-    render_pose_mask,
     render_scene,
-    sample_offsets,
     sample_scene,
     save_mask,
     scene_combos,
 )
+from lowmcgm.toy.silhouettes import POSES, render_pose_mask, sample_offsets  # noqa: E402
 
 BENCH_SEED = 9_100_003  # photo streams: [BENCH_SEED, --seed, subjects]; no training stream uses it
 # Training variants: config overrides on top of the preset.

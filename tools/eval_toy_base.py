@@ -36,12 +36,11 @@ from lowmcgm.toy import metrics  # noqa: E402
 from lowmcgm.toy.scenes import (  # noqa: E402
     BACKGROUNDS,
     HELDOUT_COMBOS,
-    KINDS,
-    POSES,
     caption,
     render_scene,
     sample_scene,
 )
+from lowmcgm.toy.silhouettes import KINDS, POSES  # noqa: E402
 
 EVAL_SEED = 7_000_001  # the training streams use [seed, 1 or 2, step]; this one never collides
 GATE = {"background_acc": 0.9, "kind_acc": 0.9, "plain_background_acc": 0.9,

@@ -25,7 +25,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lowmcgm.toy.demo import DEMO_SCENE, POSES  # noqa: E402
-from lowmcgm.toy.scenes import caption, render_pose_mask, render_scene, save_mask  # noqa: E402
+from lowmcgm.toy.scenes import caption, render_scene, save_mask  # noqa: E402
+from lowmcgm.toy.silhouettes import render_pose_mask  # noqa: E402
 
 # The demo's scene (fixed subjects, so the example does not move if sampling changes).
 SCENE = DEMO_SCENE

@@ -3,7 +3,10 @@
 Independent of the method; the method's code never imports it (only ``models`` loads the bundled
 model by name, ``--base-model toy``).
 
-- ``scenes``: procedural scenes (image, one mask per subject, caption) drawn from a seed.
+- ``silhouettes``: a subject (dog, cat, bird, person) in a pose: pose tables, shapes, placement,
+  and drawing it as a mask.
+- ``scenes``: procedural scenes (image, one mask per subject, caption) drawn from a seed:
+  backgrounds, palettes, rendering, sampling, captions.
 - ``metrics``: segments any image of this world, rendered or generated, back into background
   class, subject kind and silhouette.
 - ``bundled``: the toy base model shipped in ``weights/`` (a tiny Stable Diffusion trained on
@@ -14,18 +17,20 @@ model by name, ``--base-model toy``).
 from lowmcgm.toy.scenes import (
     BACKGROUNDS,
     HELDOUT_COMBOS,
-    KINDS,
-    POSES,
     VOCABULARY,
     Scene,
-    Subject,
     caption,
     caption_variant,
-    render_pose_mask,
     render_scene,
-    sample_offsets,
     sample_scene,
     scene_combos,
+)
+from lowmcgm.toy.silhouettes import (
+    KINDS,
+    POSES,
+    Subject,
+    render_pose_mask,
+    sample_offsets,
     subject_bbox,
 )
 

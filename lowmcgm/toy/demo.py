@@ -30,7 +30,8 @@ from PIL import Image
 from lowmcgm.config import Config, config_field, field_flag, resolve_config
 from lowmcgm.models import TINY_NAMES, TOY_NAME
 from lowmcgm.toy.bundled import read_toy_info, require_toy_model
-from lowmcgm.toy.scenes import Scene, Subject, handle_prompt, render_pose_mask, render_scene, save_mask
+from lowmcgm.toy.scenes import Scene, handle_prompt, render_scene, save_mask
+from lowmcgm.toy.silhouettes import Subject, render_pose_mask
 
 DEMO_PRESET = "toy-cpu"
 DEFAULT_SIZE_PX = 256  # bases without a toyworld.json: a sharp render, resized by the trainer

@@ -17,14 +17,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from lowmcgm.toy.scenes import (
-    BACKDROPS,
-    BACKGROUNDS,
-    DISTINCTIVE_ROLES,
-    FAR_SHADE,
-    KINDS,
-    PALETTES,
-)
+from lowmcgm.toy.scenes import BACKDROPS, BACKGROUNDS, DISTINCTIVE_ROLES, FAR_SHADE, PALETTES
+from lowmcgm.toy.silhouettes import KINDS
 
 NO_SUBJECT = "none"
 # Share of the image height read as sky (top) and ground (bottom): the horizon is drawn between

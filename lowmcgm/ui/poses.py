@@ -1,6 +1,6 @@
 """A pose library: one mask per toy-world kind and pose, for a pose without painting one.
 
-The masks are the toy world's own silhouettes (``toy.scenes``), a subject standing in the middle
+The masks are the toy world's own silhouettes (``toy.silhouettes``), a subject standing in the middle
 of the picture; on a real model they are still useful rough shapes (a sitting or lying outline).
 """
 
@@ -10,7 +10,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from lowmcgm.toy.scenes import KINDS, POSES, render_pose_mask
+from lowmcgm.toy.silhouettes import KINDS, POSES, render_pose_mask
 
 LIBRARY_PX = 128
 
