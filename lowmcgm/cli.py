@@ -189,9 +189,17 @@ SAMPLING_OOM = ("CUDA ran out of memory while sampling: try --vae-slicing (or --
 OOM_ESTIMATE_TIMEOUT_S = 120
 
 
-def _training_oom_message(cfg: Any, preset: str | None) -> str:
+def training_oom_message(cfg: Any, preset: str | None) -> str:
     """What to do when training ran out of CUDA memory: the estimate for these settings, the card's
-    size and the shipped preset made for it. Each figure is a bonus: the message survives without."""
+    size and the shipped preset made for it. Each figure is a bonus: the message survives without.
+
+    Args:
+        cfg: the training run's config (its model is traced for the estimate).
+        preset: the ``--preset`` the run used, if any; a smaller ``<n>gb`` preset is suggested.
+
+    Returns:
+        The error a training command (``train``, ``run``) stops with, as a ``UserError`` message.
+    """
     figures = ""
     try:  # lowmcgm.estimate traces these settings on fake CUDA tensors in a subprocess (~20 s)
         from lowmcgm.memory.estimate import estimate, required_card_bytes
@@ -233,7 +241,7 @@ def _out_of_memory_advice(cfg: Any = None, preset: str | None = None) -> Iterato
     try:
         yield
     except torch.cuda.OutOfMemoryError as exc:
-        raise UserError(_training_oom_message(cfg, preset) if cfg is not None else SAMPLING_OOM) from exc
+        raise UserError(training_oom_message(cfg, preset) if cfg is not None else SAMPLING_OOM) from exc
 
 
 @contextlib.contextmanager

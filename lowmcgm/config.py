@@ -341,8 +341,9 @@ def parse_set(items: list[str]) -> dict[str, str]:
     return out
 
 
-# Every key with choices, as its field declares them (read, never declared, here).
-_CHOICES = {key: choices for key in all_keys() if (choices := config_field(key)[0].metadata["choices"])}
+# Every key that takes one of fixed values -> those values, as its field declares them (read, never
+# declared, here): the one table for callers that list a key's choices.
+CHOICES = {key: choices for key in all_keys() if (choices := config_field(key)[0].metadata["choices"])}
 
 
 _LEARNING_RATES = ("train.handle_lr", "train.mask_encoder_lr", "train.phase2_handle_lr",

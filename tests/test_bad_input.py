@@ -778,21 +778,26 @@ def test_long_prompt_with_an_early_handle_warns_and_its_caption_is_clipped(artif
 
 
 def test_caption_clipping_measures_logarithmically_often(monkeypatch):
-    from PIL import Image, ImageDraw
+    from PIL import ImageDraw
 
     from lowmcgm import previews
 
-    draw = ImageDraw.Draw(Image.new("RGB", (10, 10)))
-    measured = []
+    measured, drawn = [], []
     real = ImageDraw.ImageDraw.textlength
+    real_text = ImageDraw.ImageDraw.text
     monkeypatch.setattr(ImageDraw.ImageDraw, "textlength",
                         lambda self, text, *a, **k: measured.append(len(text)) or real(self, text, *a, **k))
-    font = previews._font()
+    monkeypatch.setattr(ImageDraw.ImageDraw, "text", lambda self, xy, text, *a, **k:
+                        drawn.append((text, k["font"])) or real_text(self, xy, text, *a, **k))
     text = "a photo of <asset0> " + "dog " * 20000
-    clipped = previews._clip_text(draw, text, 300, font)
+    sheet = previews.render_contact_sheet([previews.SheetRow(title=text)])
+    width = sheet.width - 2 * previews.PAD_PX  # the room a title has
+    [(clipped, font)] = drawn
+    draw = ImageDraw.Draw(sheet)
     assert clipped.endswith("...") and text.startswith(clipped[:-3])
-    assert real(draw, clipped, font=font) <= 300 < real(draw, text[:len(clipped) - 2] + "...", font=font)
-    assert len(measured) <= 12 and max(measured[1:]) <= 303  # one full measure, then bisection over 300 chars
+    assert real(draw, clipped, font=font) <= width < real(draw, text[:len(clipped) - 2] + "...", font=font)
+    # One full measure, then bisection over at most `width` characters (a glyph is >= 1 px wide).
+    assert len(measured) <= 12 and max(measured[1:]) <= width + 3
 
 
 # ------------------------------------------------------------------------------------------------

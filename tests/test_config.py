@@ -119,11 +119,11 @@ def test_problems_name_the_flag_typed_out_else_the_key(overrides, flags, fragmen
 
 
 def test_choices_live_on_their_fields_and_every_default_is_one():
-    from lowmcgm.config import _CHOICES, config_field
+    from lowmcgm.config import CHOICES, config_field
 
     defaults = config_to_dict(Config())
     for key in all_keys():
         field, _ = config_field(key)
         choices, section, name = field.metadata["choices"], *key.split(".")
         assert not choices or defaults[section][name] in choices, key
-        assert _CHOICES.get(key, ()) == choices, key
+        assert CHOICES.get(key, ()) == choices, key

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from lowmcgm.cli import build_parser
-from lowmcgm.config import _CHOICES
+from lowmcgm.config import CHOICES
 from lowmcgm.dtypes import DTYPE_NAMES, precision_dtype, torch_dtype
 
 
@@ -15,7 +15,7 @@ def test_every_name_has_its_torch_dtype_and_no_means_fp32():
 
 
 def test_config_and_sample_flag_take_the_same_names():
-    assert tuple(_CHOICES["output.save_dtype"]) == DTYPE_NAMES
+    assert tuple(CHOICES["output.save_dtype"]) == DTYPE_NAMES
     sample = build_parser()._subparsers._group_actions[0].choices["sample"]
     dtype = next(a for a in sample._actions if a.dest == "dtype")
     assert tuple(dtype.choices) == DTYPE_NAMES

@@ -23,7 +23,7 @@ from conftest import make_photo
 
 from lowmcgm import resume, trainer
 from lowmcgm.artifact import load_checkpoint, read_header
-from lowmcgm.cli import EXIT_INTERRUPTED, EXIT_USER_ERROR, _training_oom_message, main
+from lowmcgm.cli import EXIT_INTERRUPTED, EXIT_USER_ERROR, training_oom_message, main
 from lowmcgm.config import resolve_config
 from lowmcgm.errors import UserError
 from lowmcgm.resume import CHECKPOINT_NAME
@@ -302,13 +302,13 @@ def test_out_of_memory_advice_gives_the_estimate_and_the_preset_for_the_card(mon
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: Card())
     cfg = _cfg(photo, tmp_path)
-    text = _training_oom_message(cfg, "8gb")
+    text = training_oom_message(cfg, "8gb")
     assert asked == ["tiny"] and "these settings peak at 7.0 GiB and need a card of 8.3 GiB" in text
     assert "This card has 7.7 GiB: try --preset 6gb." in text
-    assert "try --preset 8gb." in _training_oom_message(cfg, "12gb")
+    assert "try --preset 8gb." in training_oom_message(cfg, "12gb")
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: 1 / 0)
     monkeypatch.setattr(estimate_mod, "estimate", lambda *a, **k: 1 / 0)
-    text = _training_oom_message(cfg, "8gb")
+    text = training_oom_message(cfg, "8gb")
     assert text.startswith("CUDA ran out of memory during training") and "GiB" not in text  # no figures
 
 
