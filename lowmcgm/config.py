@@ -24,17 +24,21 @@ from lowmcgm.limits import MAX_LORA_RANK, MAX_RESOLUTION_PX, MAX_SEED
 
 
 def _f(default: Any, help: str, *, choices: tuple[str, ...] = (), flag: str = "",
-       bounds: tuple[int, int] | None = None) -> Any:
+       bounds: tuple[float, float] | None = None, at_least: float | None = None,
+       at_most: float | None = None) -> Any:
     """A config field with its metadata.
 
     Args:
         choices: the values allowed; '' among them means "unset" (the help says what it stands for).
         flag: the CLI flag that sets this field, where a command offers one (``--steps``).
-        bounds: inclusive (lowest, highest) of a number.
+        bounds: inclusive (lowest, highest) of a number, said as one range ("between 1 and 1000").
+        at_least, at_most: one-sided inclusive limits, each said on its own ("must be >= 0",
+            "must be positive" for at least 1, "must be at most 2048").
     """
     if isinstance(default, (list, dict, set)):
         raise TypeError("use tuples for sequence defaults: configs are frozen")
-    metadata = {"help": help, "choices": tuple(choices), "flag": flag, "bounds": bounds}
+    metadata = {"help": help, "choices": tuple(choices), "flag": flag, "bounds": bounds, "at_least": at_least,
+                "at_most": at_most}
     return field(default=default, metadata=metadata)
 
 
@@ -46,7 +50,9 @@ class ModelConfig:
                                          "sdxl-base", choices=("auto", "sd15", "sd21-base", "sd21-768", "sdxl-base"))
     mixed_precision: str = _f("fp16", "dtype of frozen weights and autocast: 'no' (fp32), 'fp16' or 'bf16'",
                               choices=("no", "fp16", "bf16"))
-    resolution: int = _f(0, "training resolution in pixels; 0 takes the model's own", flag="--resolution")
+    # Upper limits of numbers that size an allocation or a generator: limits.py says where they come from.
+    resolution: int = _f(0, "training resolution in pixels; 0 takes the model's own", flag="--resolution",
+                         at_least=0, at_most=MAX_RESOLUTION_PX)
     use_xformers: bool = _f(False, "use xformers for self-attention when installed (else SDPA)")
     use_gradient_checkpointing: bool = _f(True, "recompute UNet activations in backward to save memory")
     use_vae_offload: bool = _f(True, "move the VAE off the GPU once the photo is encoded")
@@ -60,37 +66,42 @@ class DataConfig:
     init_words: tuple[str, ...] = _f((), "one initializer word per concept (optional)", flag="--init-word")
     background: str = _f("keep", "'keep' the photo's background, or 'solid': random colour outside the masks",
                          choices=("keep", "solid"))
-    flip_p: float = _f(0.5, "probability of flipping image and masks together")
-    max_concepts: int = _f(4, "most concepts a run accepts (the paper reports failures past 3)")
-    # Mask-aware training (issue 12; off = the paper's recipe). METHOD.md, "Why the mask alone does
-    # not set the pose": the encoder only ever sees the source masks and their flips.
+    flip_p: float = _f(0.5, "probability of flipping image and masks together", bounds=(0.0, 1.0))
+    # At most 8: phase 2 may encode every ordered subset of the concepts once, 109,600 prompts for 8.
+    max_concepts: int = _f(4, "most concepts a run accepts (the paper reports failures past 3)", at_least=1,
+                           at_most=8)
+    # Mask-aware training (issue 12; off = the paper's recipe; docs/method.md, "Mask-aware training"):
+    # the encoder only ever sees the source masks and their flips.
     use_affine_augmentation: bool = _f(
         False, "move photo and masks together by a random shift, scale and rotation each step, subjects "
                "kept in frame, so handles and mask encoder see the subjects at many places and sizes")
     affine_shift: float = _f(0.15, "largest random shift, as a fraction of the image side (before the "
-                                   "shift is clamped to keep the selected subjects in frame)")
+                                   "shift is clamped to keep the selected subjects in frame)", bounds=(0.0, 0.5))
     affine_scale_min: float = _f(0.8, "smallest random scale of the affine augmentation (1 = unchanged)")
     affine_scale_max: float = _f(1.2, "largest random scale of the affine augmentation (lowered when the "
                                       "selected subjects would not fit in frame)")
-    affine_rotate_deg: float = _f(10.0, "largest random rotation of the affine augmentation, in degrees")
+    affine_rotate_deg: float = _f(10.0, "largest random rotation of the affine augmentation, in degrees",
+                                  bounds=(0.0, 45.0))
     mask_dropout: float = _f(0.0, "probability that a selected concept's mask token is made from the blank "
                                   "(all-zero) mask, so a blank mask comes to mean 'no pose given' (issue: "
-                                  "~0.15); the losses still use the real mask")
+                                  "~0.15); the losses still use the real mask", bounds=(0.0, 1.0))
     use_mask_perturbation: bool = _f(
         False, "feed the mask encoder a roughened mask (random dilate/erode, then a coarse blocky redraw) "
                "so a rough hand-drawn pose reads like the training masks; the losses use the real mask")
     mask_perturbation: float = _f(0.05, "strength of the mask perturbation: the largest boundary move, as a "
-                                        "fraction of the mask side")
+                                        "fraction of the mask side", bounds=(0.0, 0.25))
 
 
 @dataclass(frozen=True)
 class LossConfig:
-    attn_weight: float = _f(0.01, "weight of the cross-attention loss (Break-a-scene)")
-    mask_attn_weight: float = _f(0.3, "lambda_m: weight of the mask-token attention loss inside the attention term")
-    prior_weight: float = _f(1.0, "weight of the prior-preservation loss")
+    attn_weight: float = _f(0.01, "weight of the cross-attention loss (Break-a-scene)", at_least=0)
+    mask_attn_weight: float = _f(0.3, "lambda_m: weight of the mask-token attention loss inside the attention term",
+                                 at_least=0)
+    prior_weight: float = _f(1.0, "weight of the prior-preservation loss", at_least=0)
     attn_loss_downscale: int = _f(
         0, "attention maps are read at latent side / this (paper: 4); 0 derives it from the model: "
-           "the cross-attention level whose maps are closest to 16x16, which is 4 for SD at 512 and 768 px")
+           "the cross-attention level whose maps are closest to 16x16, which is 4 for SD at 512 and 768 px",
+        at_least=0)
     use_mask_tokens: bool = _f(True, "append mask tokens to the text tokens (MCGM); off = Break-a-scene")
     mask_encoder_input: str = _f(
         "binary", "what the mask encoder's Linear reads: 'binary' (the paper: the 0/1 mask) or "
@@ -111,7 +122,7 @@ class LossConfig:
 class LoraConfig:
     phase2_mode: str = _f("lora", "'lora' (LoRA adapters) or 'full' (fine-tune all UNet and text-encoder weights)",
                           choices=("lora", "full"))
-    rank: int = _f(4, "LoRA rank")
+    rank: int = _f(4, "LoRA rank", at_least=1, at_most=MAX_LORA_RANK)
     alpha: float = _f(4.0, "LoRA alpha (strength = alpha / rank)")
     unet_targets: tuple[str, ...] = _f(
         ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"),
@@ -126,27 +137,30 @@ class LoraConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    seed: int = _f(0, "seed of every random draw")
-    phase1_steps: int = _f(400, "steps of phase 1 (handles + mask encoder)")
-    phase2_steps: int = _f(400, "steps of phase 2 (adds LoRA)")
-    batch_size: int = _f(1, "samples per step")
-    handle_lr: float = _f(5e-4, "phase 1 learning rate of the handle embeddings")
-    mask_encoder_lr: float = _f(5e-4, "phase 1 learning rate of the mask encoder")
-    phase2_handle_lr: float = _f(2e-6, "phase 2 learning rate of the handle embeddings")
-    phase2_mask_encoder_lr: float = _f(1e-5, "phase 2 learning rate of the mask encoder")
-    lora_lr: float = _f(1e-4, "phase 2 learning rate of the UNet LoRA (or of all UNet weights in 'full' mode)")
-    text_encoder_lr: float = _f(1e-5, "phase 2 learning rate of the text-encoder LoRA (or weights in 'full' mode)")
+    seed: int = _f(0, "seed of every random draw", at_least=0, at_most=MAX_SEED)
+    phase1_steps: int = _f(400, "steps of phase 1 (handles + mask encoder)", at_least=0)
+    phase2_steps: int = _f(400, "steps of phase 2 (adds LoRA)", at_least=0)
+    batch_size: int = _f(1, "samples per step", at_least=1, at_most=1024)
+    handle_lr: float = _f(5e-4, "phase 1 learning rate of the handle embeddings", at_least=0)
+    mask_encoder_lr: float = _f(5e-4, "phase 1 learning rate of the mask encoder", at_least=0)
+    phase2_handle_lr: float = _f(2e-6, "phase 2 learning rate of the handle embeddings", at_least=0)
+    phase2_mask_encoder_lr: float = _f(1e-5, "phase 2 learning rate of the mask encoder", at_least=0)
+    lora_lr: float = _f(1e-4, "phase 2 learning rate of the UNet LoRA (or of all UNet weights in 'full' mode)",
+                        at_least=0)
+    text_encoder_lr: float = _f(1e-5, "phase 2 learning rate of the text-encoder LoRA (or weights in 'full' mode)",
+                                at_least=0)
     optimizer: str = _f("adamw8bit", "'adamw8bit' (bitsandbytes) or 'adamw' (torch)", choices=("adamw8bit", "adamw"))
     adam_beta1: float = _f(0.9, "AdamW beta1")
     adam_beta2: float = _f(0.999, "AdamW beta2")
-    adam_weight_decay: float = _f(1e-2, "AdamW weight decay")
-    adam_epsilon: float = _f(1e-8, "AdamW epsilon")
-    max_grad_norm: float = _f(1.0, "gradient clipping norm")
-    checkpoint_every: int = _f(100, "write a resume checkpoint every N steps (0: only at the end and on Ctrl-C)")
+    adam_weight_decay: float = _f(1e-2, "AdamW weight decay", at_least=0)
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon", at_least=0)
+    max_grad_norm: float = _f(1.0, "gradient clipping norm", at_least=0)
+    checkpoint_every: int = _f(100, "write a resume checkpoint every N steps (0: only at the end and on Ctrl-C)",
+                               at_least=0)
     use_prior_preservation: bool = _f(False, "add an unmasked loss on class images")
     class_prompt: str = _f("a photo at the beach", "prompt of the class images")
     class_images_dir: str = _f("", "folder of class images; empty: generate them with the base model")
-    num_class_images: int = _f(100, "class images to use or generate")
+    num_class_images: int = _f(100, "class images to use or generate", at_least=0, at_most=100_000)
 
 
 @dataclass(frozen=True)
@@ -155,7 +169,7 @@ class OutputConfig:
     artifact_name: str = _f("lowmcgm.safetensors", "file name of the artifact inside the output folder")
     save_dtype: str = _f("fp16", "dtype of the weights in the artifact: 'fp16', 'bf16' or 'fp32'", choices=DTYPE_NAMES)
     preview_every: int = _f(100, "lowmcgm run: a preview sample and attention picture before training and every N "
-                                 "steps of each phase (0: only before training)", flag="--preview-every")
+                                 "steps of each phase (0: only before training)", flag="--preview-every", at_least=0)
 
 
 @dataclass(frozen=True)
@@ -346,14 +360,6 @@ def parse_set(items: list[str]) -> dict[str, str]:
 CHOICES = {key: choices for key in all_keys() if (choices := config_field(key)[0].metadata["choices"])}
 
 
-_LEARNING_RATES = ("train.handle_lr", "train.mask_encoder_lr", "train.phase2_handle_lr",
-                   "train.phase2_mask_encoder_lr", "train.lora_lr", "train.text_encoder_lr")
-# Upper bounds of the numbers that size an allocation or a generator (see limits.py for the sources).
-_AT_MOST = {"model.resolution": MAX_RESOLUTION_PX, "lora.rank": MAX_LORA_RANK, "train.batch_size": 1024,
-            "train.num_class_images": 100_000, "train.seed": MAX_SEED,
-            # Phase 2 may encode every ordered subset of the concepts once: 109,600 prompts for 8.
-            "data.max_concepts": 8}
-
 
 Namer = Callable[[str], str]
 
@@ -368,11 +374,23 @@ def _declared_problems(values: Any, section: str, name: Namer) -> list[str]:
         if choices and value not in choices:
             named = ", ".join(c for c in choices if c) + (" or empty" if "" in choices else "")
             problems.append(f"{name(key)} must be one of {named} (got '{value}')")
-        if isinstance(value, float) and not math.isfinite(value):
+        low, high = f.metadata["at_least"], f.metadata["at_most"]
+        if isinstance(value, float) and not math.isfinite(value):  # NaN would fail every bound too: said once
             problems.append(f"{name(key)} must be a finite number (got {value})")
-        elif bounds and not bounds[0] <= value <= bounds[1]:  # NaN would fail every bound too: said once
-            problems.append(f"{name(key)} must be between {bounds[0]} and {bounds[1]} (got {value})")
+        elif bounds and not bounds[0] <= value <= bounds[1]:
+            problems.append(f"{name(key)} must be between {_number(bounds[0])} and {_number(bounds[1])} "
+                            f"(got {value})")
+        elif low is not None and value < low:
+            said = ">= 0" if low == 0 else "positive" if low == 1 else f">= {_number(low)}"
+            problems.append(f"{name(key)} must be {said} (got {value})")
+        elif high is not None and value > high:
+            problems.append(f"{name(key)} must be at most {_number(high)} (got {value})")
     return problems
+
+
+def _number(x: float) -> str:
+    """A limit as the messages write it: 1000, 0.25, 0 (not 0.0)."""
+    return f"{x:g}" if isinstance(x, float) else str(x)
 
 
 def sample_problems(s: SampleSettings, name: Namer = lambda key: key) -> list[str]:
@@ -410,28 +428,7 @@ def validate(cfg: Config, by_flag: Collection[str] = ()) -> Config:
     problems = []
     for section in _section_types():
         problems += _declared_problems(getattr(cfg, section), section, name)
-    positive = ["lora.rank", "train.batch_size", "data.max_concepts"]
-    non_negative = ["loss.attn_loss_downscale", "train.phase1_steps", "train.phase2_steps", "train.checkpoint_every", "model.resolution",
-                    "train.max_grad_norm", "train.num_class_images", "output.preview_every", "train.seed",
-                    *_LEARNING_RATES, "loss.attn_weight", "loss.mask_attn_weight", "loss.prior_weight",
-                    "train.adam_weight_decay", "train.adam_epsilon"]
-    for key in positive + non_negative:
-        value = _value(cfg, key)
-        if value < 0 or (key in positive and value == 0):
-            problems.append(f"{name(key)} must be {'positive' if key in positive else '>= 0'} (got {value})")
-    for key, limit in _AT_MOST.items():
-        value = _value(cfg, key)
-        if value > limit:
-            problems.append(f"{name(key)} must be at most {limit} (got {value})")
-    if not 0.0 <= cfg.data.flip_p <= 1.0:
-        problems.append(f"data.flip_p must be between 0 and 1 (got {cfg.data.flip_p})")
     d = cfg.data
-    for key, value, lo, hi in (("data.affine_shift", d.affine_shift, 0.0, 0.5),
-                               ("data.affine_rotate_deg", d.affine_rotate_deg, 0.0, 45.0),
-                               ("data.mask_dropout", d.mask_dropout, 0.0, 1.0),
-                               ("data.mask_perturbation", d.mask_perturbation, 0.0, 0.25)):
-        if not lo <= value <= hi:
-            problems.append(f"{key} must be between {lo:g} and {hi:g} (got {value})")
     if not 0.0 < d.affine_scale_min <= 1.0 <= d.affine_scale_max <= 2.0:
         problems.append(f"data.affine_scale_min and data.affine_scale_max must satisfy 0 < min <= 1 <= max <= 2 "
                         f"(got {d.affine_scale_min} and {d.affine_scale_max})")
@@ -450,11 +447,6 @@ def validate(cfg: Config, by_flag: Collection[str] = ()) -> Config:
     if problems:
         raise UserError("Invalid configuration: " + "; ".join(problems) + ".")
     return cfg
-
-
-def _value(cfg: Config, key: str) -> Any:
-    section, name = key.split(".")
-    return getattr(getattr(cfg, section), name)
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

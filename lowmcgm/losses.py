@@ -1,4 +1,4 @@
-"""The MCGM loss terms, as pure functions (METHOD.md, steps 4-7).
+"""The MCGM loss terms, as pure functions (docs/method.md, "One training step", steps 4-7).
 
     total = L_rec + attn_weight * (L_attn + lambda_m * L_mask_attn) + prior_weight * L_prior
 """

@@ -3,7 +3,7 @@
 ``Linear(64*64, d_text)`` with bias, as the paper's sec. 3.2. Unlike MCGM-Styler, it is trained,
 saved and reloaded, and every sample keeps its own masks (the reference maxes over the batch).
 
-Two options put the tokens on the handles' scale (issue 12; METHOD.md, "step size"): AdamW moves
+Two options put the tokens on the handles' scale (issue 12; docs/method.md, "Mask-aware training"): AdamW moves
 each weight row by about lr per step whatever its gradient's size, so with a 0/1 input a token
 moves by about (active pixels x lr) per step, hundreds of times a handle's step.
 - ``input_mode="area_normalized"`` divides the mask by its pixel count: the input sums to 1, and

@@ -127,3 +127,34 @@ def test_choices_live_on_their_fields_and_every_default_is_one():
         choices, section, name = field.metadata["choices"], *key.split(".")
         assert not choices or defaults[section][name] in choices, key
         assert CHOICES.get(key, ()) == choices, key
+
+
+def _limited_keys(kind: str) -> list[str]:
+    from lowmcgm.config import config_field
+
+    return [key for key in all_keys() if config_field(key)[0].metadata[kind] is not None]
+
+
+@pytest.mark.parametrize("key", _limited_keys("at_least"))
+def test_every_declared_lower_limit_is_enforced_with_its_fields_words(key):
+    from lowmcgm.config import config_field
+
+    field, typ = config_field(key)
+    low = field.metadata["at_least"]
+    below = typ(low - 1) if typ is int else low - 0.5
+    with pytest.raises(UserError) as info:
+        resolve_config(None, None, {key: str(below)})
+    said = ">= 0" if low == 0 else "positive"
+    assert f"{key} must be {said} (got {below})" in str(info.value)
+
+
+@pytest.mark.parametrize("key", _limited_keys("at_most"))
+def test_every_declared_upper_limit_is_enforced(key):
+    from lowmcgm.config import config_field
+
+    field, _ = config_field(key)
+    high = field.metadata["at_most"]
+    with pytest.raises(UserError) as info:
+        resolve_config(None, None, {key: str(high + 1)})
+    assert f"{key} must be at most {high} (got {high + 1})" in str(info.value)
+    resolve_config(None, None, {key: str(high)} if key != "model.resolution" else {key: str(high - high % 8)})

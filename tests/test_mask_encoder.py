@@ -59,7 +59,7 @@ def test_area_normalized_input_sums_to_one_and_blank_is_the_bias():
 
 
 def test_area_normalized_token_step_does_not_grow_with_the_area():
-    """METHOD.md's step-size analysis: one AdamW step moves a binary token by about area x lr, an
+    """docs/method.md's step-size analysis: one AdamW step moves a binary token by about area x lr, an
     area-normalised one by about lr, whatever the area."""
     def moved(mode, side_px):
         torch.manual_seed(0)

@@ -146,7 +146,8 @@ def build_kohya_state_dict(artifact: Artifact, dtype: str = "fp16") -> dict[str,
 
 
 def build_kohya_metadata(artifact: Artifact, output_name: str) -> dict[str, str]:
-    """The ``ss_*`` and ``modelspec.*`` strings A1111, ComfyUI and kohya read (see INTEROP.md)."""
+    """The ``ss_*`` and ``modelspec.*`` strings A1111, ComfyUI and kohya read (the README's section on
+    using your subjects in other tools says which)."""
     rank, alpha = _lora_rank_alpha(artifact)
     version = str(artifact.meta.get("base_model_version", ""))
     if version not in _VERSIONS:
