@@ -187,3 +187,30 @@ def test_paint_train_pose_sample_and_export(page, inputs, server, tmp_path):
     page.locator("#export").click()
     wait_for_text(page, "sample-message", "embeddings export", 60)
     assert (run / "exports" / "browser-run-embeddings.zip").is_file()
+
+
+def test_pose_canvases_stay_inside_their_columns_when_a_run_has_three_handles(page, inputs, server, tmp_path):
+    # Opening a run shows one canvas column per handle; the editors keep the size they were laid
+    # out at, so a column that changed width when the third appeared would leave its canvas
+    # overflowing (what fixed-width columns prevent).
+    third = tmp_path / "c.png"
+    mask = np.zeros((96, 96), np.uint8)
+    mask[82:94, 4:30] = 255
+    Image.fromarray(mask).save(third)
+    run = Path(server["root"]) / "three-handles"
+    assert main(["train", "--preset", "tiny-cpu", "--base-model", "tiny", "--image", str(inputs["photo"]),
+                 "--mask", str(inputs["a"]), "--mask", str(inputs["b"]), "--mask", str(third),
+                 "--set", "train.phase1_steps=2", "--set", "train.phase2_steps=2", "--out", str(run)]) == 0
+    page.get_by_role("tab", name="3 · Pose and sample").click()
+    page.locator("#refresh-runs").click()
+    page.locator("#runs input").click()
+    page.get_by_role("option", name="three-handles").click()
+    wait_for_text(page, "sample-message", "handles <asset0>, <asset1>, <asset2>", 30)
+    page.locator("#pose2 canvas").first.wait_for(timeout=30_000)
+    page.wait_for_timeout(1000)
+    for i in range(3):
+        block = page.locator(f"#pose{i}").bounding_box()
+        canvas = page.locator(f"#pose{i} canvas").first.bounding_box()
+        assert block["x"] <= canvas["x"] and canvas["x"] + canvas["width"] <= block["x"] + block["width"] + 1, (
+            i, block, canvas)
+    assert not page.locator("#pose3").is_visible()

@@ -36,6 +36,10 @@ MAX_SUBJECTS = 4
 # A brush a 24th of the photo's short side: a subject's outline in a few strokes, its edge still precise.
 BRUSH_FRACTION = 24
 POLL_S = 1.0
+# Canvas columns have this fixed width (scale 0): an ImageEditor keeps the canvas size it was laid
+# out at, so columns that widened or narrowed when another subject's column appeared would leave
+# their canvases off-centre and overflowing.
+CANVAS_COLUMN_PX = 300
 
 
 @dataclasses.dataclass
@@ -234,7 +238,7 @@ def on_open_run(state: PageState, run_name: str):
         handles = list(load_artifact(run_artifact(state, run_name)).handles)
     except UserError as exc:
         return [error_text(exc), "", *[False] * MAX_SUBJECTS, *[""] * MAX_SUBJECTS]
-    labels = [f"Pose of {handles[i]} (blank: no pose)" if i < len(handles) else "" for i in range(MAX_SUBJECTS)]
+    labels = [f"Pose of {handles[i]}" if i < len(handles) else "" for i in range(MAX_SUBJECTS)]
     return [shown(f"Run '{run_name}': handles {', '.join(handles)}."), build_prompt(handles),
             *[i < len(handles) for i in range(MAX_SUBJECTS)], *labels]
 
@@ -349,7 +353,7 @@ def build_app(root: Path, base_model: str = "toy", preset: str = "toy-cpu"):
             editors, uploads, handles, words, groups = [], [], [], [], []
             with gr.Row():
                 for i in range(MAX_SUBJECTS):
-                    with gr.Column(visible=i < 2, min_width=240) as group:
+                    with gr.Column(visible=i < 2, min_width=CANVAS_COLUMN_PX, scale=0) as group:
                         gr.Markdown(f"**Subject {i + 1}**")
                         handles.append(gr.Textbox(value=f"<asset{i}>", label="Handle", elem_id=f"handle{i}"))
                         words.append(gr.Textbox(label="Initializer word (optional, e.g. dog)",
@@ -395,15 +399,16 @@ def build_app(root: Path, base_model: str = "toy", preset: str = "toy-cpu"):
                                           elem_id="artifact-upload")
             sample_msg = gr.Markdown(elem_id="sample-message")
             prompt = gr.Textbox(label="Prompt (name the handles)", elem_id="prompt")
+            gr.Markdown("Each handle's pose: draw it on its canvas, pick one from the library, or upload a mask. "
+                        "A blank canvas means no pose for that handle.")
             pose_editors, pose_pickers, pose_uploads, pose_cols = [], [], [], []
             with gr.Row():
                 for i in range(MAX_SUBJECTS):
-                    # The first two show from the start: a canvas laid out while hidden draws off-centre.
-                    with gr.Column(visible=i < 2, min_width=240) as col:
+                    with gr.Column(visible=i < 2, min_width=CANVAS_COLUMN_PX, scale=0) as col:
                         pose_pickers.append(gr.Dropdown([""] + pose_names(), value="", label="From the pose library",
                                                         elem_id=f"pose-pick{i}"))
                         pose_editors.append(gr.ImageEditor(value=editor_value(blank_sheet()), type="numpy",
-                                                           label="Draw the pose (blank: no pose)",
+                                                           label="Draw the pose",
                                                            elem_id=f"pose{i}", brush=brush(i, 10), layers=False,
                                                            transforms=(), sources=()))
                         pose_uploads.append(gr.File(label="...or upload a pose mask", type="filepath",
