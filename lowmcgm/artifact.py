@@ -27,12 +27,14 @@ from lowmcgm.limits import MAX_LORA_RANK, MAX_MASK_SIZE, MAX_RESOLUTION_PX, MAX_
 from lowmcgm.write_guard import writing
 
 FORMAT_NAME = "lowmcgm"
-FORMAT_VERSION = 2  # the newest this lowmcgm writes and reads
+FORMAT_VERSION = 3  # the newest this lowmcgm writes and reads
 # 2: the mask encoder may carry options (metadata ``mask_encoder_input``, ``mask_token_norm``) and
 # a LayerNorm (``mask_encoder.norm.*``). An artifact without them is still written as format 1, so
 # the paper's recipe stays readable by older lowmcgm; an older reader refuses a format-2 file
 # rather than sampling with the wrong encoder.
-READ_FORMAT_VERSIONS = ("1", "2")
+# 3: SDXL: the handles' rows in the second text encoder (``handles.vectors_2``); ``text_width`` is
+# the UNet's context width, both rows' widths together. Only SDXL artifacts are written as 3.
+READ_FORMAT_VERSIONS = ("1", "2", "3")
 ENCODER_OPTION_META = {"mask_encoder_input": ("binary", "area_normalized"), "mask_token_norm": ("none", "layernorm")}
 CHECKPOINT_FORMAT_VERSION = 1
 # A rank-128 SD artifact has a few thousand tensors; its header stays well under 1 MiB.
@@ -185,15 +187,19 @@ class Artifact:
     """What a training run produces, in memory."""
 
     handles: list[str]
-    handle_vectors: torch.Tensor  # (K, d)
+    handle_vectors: torch.Tensor  # (K, d): the handles' rows in the (first) text encoder
     mask_encoder: dict[str, torch.Tensor]  # empty when trained without mask tokens
     unet_lora: dict[str, torch.Tensor]
     text_encoder_lora: dict[str, torch.Tensor]
     meta: dict[str, Any] = field(default_factory=dict)
+    handle_vectors_2: torch.Tensor | None = None  # (K, d2): SDXL's second text encoder; None for SD 1.x/2.x
 
     @property
     def text_width(self) -> int:
-        return int(self.handle_vectors.shape[1])
+        """The width of the UNet's context tokens (and of the mask tokens): SDXL concatenates both
+        encoders' states, so there it is both rows' widths together."""
+        second = 0 if self.handle_vectors_2 is None else int(self.handle_vectors_2.shape[1])
+        return int(self.handle_vectors.shape[1]) + second
 
     @property
     def uses_mask_tokens(self) -> bool:
@@ -207,10 +213,13 @@ def save_artifact(artifact: Artifact, path: Path, dtype: str = "fp16") -> None:
     """Write the artifact (weights in ``dtype``) atomically, with its metadata."""
     cast = torch_dtype(dtype)
     tensors = {"handles.vectors": artifact.handle_vectors.to(cast)}
+    if artifact.handle_vectors_2 is not None:
+        tensors["handles.vectors_2"] = artifact.handle_vectors_2.to(cast)
     tensors.update({f"mask_encoder.{k}": v.to(cast) for k, v in artifact.mask_encoder.items()})
     tensors.update({f"unet.{k}": v.to(cast) for k, v in artifact.unet_lora.items()})
     tensors.update({f"text_encoder.{k}": v.to(cast) for k, v in artifact.text_encoder_lora.items()})
-    version = FORMAT_VERSION if any(k in artifact.meta for k in ENCODER_OPTION_META) else 1
+    version = 3 if artifact.handle_vectors_2 is not None else (
+        2 if any(k in artifact.meta for k in ENCODER_OPTION_META) else 1)
     meta = {"format": FORMAT_NAME, "format_version": str(version), "lowmcgm_version": __version__,
             "handles": artifact.handles}
     meta.update(artifact.meta)
@@ -241,6 +250,7 @@ def load_artifact(path: Path) -> Artifact:
     sub = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
     return Artifact(
         handles=handles, handle_vectors=tensors["handles.vectors"].float(),
+        handle_vectors_2=tensors["handles.vectors_2"].float() if "handles.vectors_2" in tensors else None,
         mask_encoder={k: v.float() for k, v in sub("mask_encoder.").items()},
         unet_lora={k: v.float() for k, v in sub("unet.").items()},
         text_encoder_lora={k: v.float() for k, v in sub("text_encoder.").items()},
@@ -348,8 +358,15 @@ def _check_shapes(path: Path, header: dict[str, Any], handles: list[str], text_w
             raise bad(f"tensor {name} has dtype {entry['dtype']}")
         if not name.startswith(("handles.", "mask_encoder.", "unet.", "text_encoder.")):
             raise bad(f"unexpected tensor {name}")
-    if header.get("handles.vectors", {}).get("shape") != [len(handles), text_width]:
-        raise bad(f"handles.vectors must be {len(handles)}x{text_width}")
+    if "handles.vectors_2" in header:  # SDXL: the two encoders' rows make up the context width
+        second = header["handles.vectors_2"]["shape"]
+        if len(second) != 2 or second[0] != len(handles) or not 0 < second[1] < text_width:
+            raise bad(f"handles.vectors_2 must be {len(handles)} rows narrower than {text_width}")
+        first_width = text_width - second[1]
+    else:
+        first_width = text_width
+    if header.get("handles.vectors", {}).get("shape") != [len(handles), first_width]:
+        raise bad(f"handles.vectors must be {len(handles)}x{first_width}")
     enc = {k for k in header if k.startswith("mask_encoder.")}
     if enc:
         expected = {"mask_encoder.proj.weight", "mask_encoder.proj.bias"}

@@ -46,6 +46,8 @@ class MCGMState:
             ``unet_targets``, ``text_encoder_targets``); empty until ``add_adapters``.
         unet_params, text_encoder_params: the phase-2 trainables (LoRA weights, or every weight
             in ``full`` mode); empty before ``add_adapters``.
+        handles_2: SDXL's second text encoder's wrapper (its own rows of the same handles, trained
+            together with the first's); None for SD 1.x/2.x.
     """
 
     handle_names: list[str]
@@ -54,6 +56,7 @@ class MCGMState:
     lora: dict[str, Any] = field(default_factory=dict)
     unet_params: list[nn.Parameter] = field(default_factory=list)
     text_encoder_params: list[nn.Parameter] = field(default_factory=list)
+    handles_2: HandleEmbedding | None = None
 
     # ------------------------------------------------------------------------------------------
     # Installing and removing.
@@ -69,16 +72,20 @@ class MCGMState:
         ``output_norm`` (config ``loss.*``); a LayerNorm's gain is set by the trainer
         (``MaskEncoder.init_output_scale``), which runs the text encoder.
         """
-        for module in (base.unet, base.text_encoder, base.vae):
-            module.requires_grad_(False)
+        for module in (base.unet, base.text_encoder, base.text_encoder_2, base.vae):
+            if module is not None:
+                module.requires_grad_(False)
         init_gen = torch.Generator().manual_seed(seed)
         handles = install_handles(base.tokenizer, base.text_encoder, handle_names, init_words, init_gen)
+        handles_2 = None
+        if base.text_encoder_2 is not None:  # SDXL: the same handles, initialised from the second's own table
+            handles_2 = install_handles(base.tokenizer_2, base.text_encoder_2, handle_names, init_words, init_gen)
         mask_encoder = None
         if use_mask_tokens:
             torch.manual_seed(seed)  # nn.Linear's init draws from the global generator
             mask_encoder = MaskEncoder(base.text_width, input_mode=mask_encoder_input,
                                        output_norm=mask_token_norm).to(device)
-        return cls(list(handle_names), handles, mask_encoder)
+        return cls(list(handle_names), handles, mask_encoder, handles_2=handles_2)
 
     def add_adapters(self, base: BaseModel, lora: LoraConfig, device: torch.device | str) -> None:
         """Phase 2's trainables: LoRA on the UNet (and the text encoder), or every weight (``full``)."""
@@ -116,6 +123,8 @@ class MCGMState:
         """
         if isinstance(base.text_encoder.get_input_embeddings(), HandleEmbedding):
             base.text_encoder.set_input_embeddings(self.handles.base)
+        if self.handles_2 is not None and isinstance(base.text_encoder_2.get_input_embeddings(), HandleEmbedding):
+            base.text_encoder_2.set_input_embeddings(self.handles_2.base)
         for model in (base.unet, base.text_encoder):
             _remove_lora_layers(model)
             model.requires_grad_(False)
@@ -128,7 +137,7 @@ class MCGMState:
         """The optimizer's groups for ``phase``, each with its learning rate from ``t``."""
         groups = []
         if not (phase == 2 and t.phase2_handle_lr == 0):
-            groups.append({"params": [self.handles.vectors],
+            groups.append({"params": [h.vectors for h in self._handle_wrappers()],
                            "lr": t.handle_lr if phase == 1 else t.phase2_handle_lr})
         if self.mask_encoder is not None:
             groups.append({"params": list(self.mask_encoder.parameters()),
@@ -140,7 +149,8 @@ class MCGMState:
         return groups
 
     def to(self, device: torch.device | str) -> MCGMState:
-        self.handles.to(device)
+        for wrapper in self._handle_wrappers():
+            wrapper.to(device)
         if self.mask_encoder is not None:
             self.mask_encoder.to(device)
         return self
@@ -152,6 +162,8 @@ class MCGMState:
         """fp32 CPU copies of every trained weight: ``handles.vectors``, ``mask_encoder.*``,
         ``unet.*`` and ``text_encoder.*`` (adapter weights under peft's names)."""
         state = {"handles.vectors": self.handles.vectors.detach().float().cpu()}
+        if self.handles_2 is not None:
+            state["handles.vectors_2"] = self.handles_2.vectors.detach().float().cpu()
         if self.mask_encoder is not None:
             state |= {f"mask_encoder.{k}": v.float().cpu() for k, v in self.mask_encoder.state_dict().items()}
         state |= {f"unet.{k}": v.float().cpu() for k, v in self._adapter_state(base.unet).items()}
@@ -164,6 +176,8 @@ class MCGMState:
         """Load what ``state_dict`` returned (adapters must have been added when it has any)."""
         with torch.no_grad():
             self.handles.vectors.copy_(tensors["handles.vectors"])
+            if self.handles_2 is not None:
+                self.handles_2.vectors.copy_(tensors["handles.vectors_2"])
         if self.mask_encoder is not None:
             self.mask_encoder.load_state_dict(_sub(tensors, "mask_encoder."))
         for prefix, module in (("unet.", base.unet), ("text_encoder.", base.text_encoder)):
@@ -174,6 +188,7 @@ class MCGMState:
         model identity, resolution, training config)."""
         return Artifact(
             handles=list(self.handle_names), handle_vectors=self.handles.vectors.detach().float().cpu(),
+            handle_vectors_2=self.handles_2.vectors.detach().float().cpu() if self.handles_2 is not None else None,
             mask_encoder={k: v.float().cpu() for k, v in self.mask_encoder.state_dict().items()}
             if self.mask_encoder is not None else {},
             unet_lora=self._adapter_state(base.unet),
@@ -188,19 +203,17 @@ class MCGMState:
 
         ``base`` may be freshly loaded or one a removed state was on (its handle tokens are reused).
         """
-        tokenizer, text_encoder = base.tokenizer, base.text_encoder
+        text_encoder = base.text_encoder
         if isinstance(text_encoder.get_input_embeddings(), HandleEmbedding):
             raise RuntimeError("from_artifact on a base that still carries a state: remove() it first")
-        vocab = tokenizer.get_vocab()
-        if all(h in vocab for h in artifact.handles):
-            ids = tokenizer.convert_tokens_to_ids(artifact.handles)
-        else:
-            ids = add_handle_tokens(tokenizer, text_encoder, artifact.handles)
-        embedding = text_encoder.get_input_embeddings()
-        with torch.no_grad():  # the table's rows too, so whoever reads the table sees the handles
-            embedding.weight[ids] = artifact.handle_vectors.to(embedding.weight.device, embedding.weight.dtype)
-        handles = HandleEmbedding(embedding, ids, artifact.handle_vectors.to(embedding.weight.device))
-        text_encoder.set_input_embeddings(handles)
+        if (artifact.handle_vectors_2 is None) != (base.text_encoder_2 is None):
+            raise UserError("The artifact and the base model are of different families (one is SDXL, the other "
+                            "is not): pass the base model the artifact was trained on.")
+        handles = _install_trained(base.tokenizer, text_encoder, artifact.handles, artifact.handle_vectors)
+        handles_2 = None
+        if artifact.handle_vectors_2 is not None:
+            handles_2 = _install_trained(base.tokenizer_2, base.text_encoder_2, artifact.handles,
+                                         artifact.handle_vectors_2)
         mask_encoder = None
         if artifact.uses_mask_tokens:
             with torch.random.fork_rng(devices=[]):  # nn.Linear's init draws from the global generator
@@ -208,15 +221,17 @@ class MCGMState:
                                            input_mode=artifact.meta.get("mask_encoder_input", "binary"),
                                            output_norm=artifact.meta.get("mask_token_norm", "none"))
             mask_encoder.load_state_dict(artifact.mask_encoder)
-        state = cls(list(artifact.handles), handles, mask_encoder, lora=dict(artifact.meta.get("lora") or {}))
+        state = cls(list(artifact.handles), handles, mask_encoder, lora=dict(artifact.meta.get("lora") or {}),
+                    handles_2=handles_2)
         for component, module, tensors in (("unet", base.unet, artifact.unet_lora),
                                            ("text_encoder", text_encoder, artifact.text_encoder_lora)):
             if tensors and state.lora.get("mode") != "full":
                 targets = state.lora.get(f"{component}_targets") or sorted({k.rsplit(".lora_", 1)[0] for k in tensors})
                 add_lora(module, tuple(targets), int(state.lora["rank"]), float(state.lora["alpha"]))
             _load_adapter(module, tensors, state.lora)
-        for module in (base.unet, text_encoder, base.vae, handles):
-            module.requires_grad_(False)
+        for module in (base.unet, text_encoder, base.text_encoder_2, base.vae, handles):
+            if module is not None:
+                module.requires_grad_(False)
         if mask_encoder is not None:
             mask_encoder.requires_grad_(False).eval()
         return state
@@ -228,8 +243,27 @@ class MCGMState:
             return {k: v for k, v in module.state_dict().items() if "token_embedding" not in k}
         return lora_state_dict(module)
 
+    def _handle_wrappers(self) -> list[HandleEmbedding]:
+        return [self.handles] + ([self.handles_2] if self.handles_2 is not None else [])
+
     def _adapts_text_encoder(self) -> bool:
         return self.lora.get("mode") == "full" or bool(self.lora.get("text_encoder_targets"))
+
+
+def _install_trained(tokenizer, text_encoder: nn.Module, handles: list[str], vectors: torch.Tensor) -> HandleEmbedding:
+    """Trained handle rows on one text encoder: its tokens (reused if a removed state left them),
+    its table's rows (whoever reads the table sees the handles) and the wrapper."""
+    vocab = tokenizer.get_vocab()
+    if all(h in vocab for h in handles):
+        ids = tokenizer.convert_tokens_to_ids(handles)
+    else:
+        ids = add_handle_tokens(tokenizer, text_encoder, handles)
+    embedding = text_encoder.get_input_embeddings()
+    with torch.no_grad():
+        embedding.weight[ids] = vectors.to(embedding.weight.device, embedding.weight.dtype)
+    wrapper = HandleEmbedding(embedding, ids, vectors.to(embedding.weight.device))
+    text_encoder.set_input_embeddings(wrapper)
+    return wrapper
 
 
 def _encoder_options(encoder: MaskEncoder | None) -> dict[str, str]:

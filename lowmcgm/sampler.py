@@ -435,17 +435,18 @@ def load_base_for(artifact: Artifact, base_model: str) -> BaseModel:
     """The base named by --base-model, else the one the artifact records (read as training read it)."""
     if base_model:
         base = load_base_model(base_model)
-        require_sd_family(base, "sample with it")
-        return base
-    recorded = artifact.meta.get("base_model", "")
-    model_config = artifact.meta.get("training_config", {}).get("model", {})
-    if not isinstance(model_config, dict):  # the artifact's metadata is data from its author
-        model_config = {}
-    try:
-        return load_base_model(recorded, model_config.get("single_file_config", "auto"))
-    except UserError as exc:
-        raise UserError(f"The artifact was made for base model '{recorded}', which cannot be loaded from "
-                        f"here ({exc}); pass --base-model with its folder, file or hub id.") from exc
+    else:
+        recorded = artifact.meta.get("base_model", "")
+        model_config = artifact.meta.get("training_config", {}).get("model", {})
+        if not isinstance(model_config, dict):  # the artifact's metadata is data from its author
+            model_config = {}
+        try:
+            base = load_base_model(recorded, model_config.get("single_file_config", "auto"))
+        except UserError as exc:
+            raise UserError(f"The artifact was made for base model '{recorded}', which cannot be loaded from "
+                            f"here ({exc}); pass --base-model with its folder, file or hub id.") from exc
+    require_sd_family(base, "sample with it")
+    return base
 
 
 def sample_artifact(artifact_path: str | Path, specs: list[PromptSpec], poses: dict[str, str],

@@ -84,6 +84,9 @@ def export_artifact(artifact_path: Path, fmt: str, out: Path, bundle_embeddings:
     if dtype not in DTYPE_NAMES:
         raise UserError(f"Unknown export dtype '{dtype}': use one of {', '.join(DTYPE_NAMES)}.")
     artifact = load_artifact(Path(artifact_path))
+    if artifact.handle_vectors_2 is not None:  # interop/sdxl_names.py has kohya's names; not wired yet
+        raise UserError(f"{artifact_path} is an SDXL artifact: lowmcgm cannot export SDXL artifacts yet "
+                        "(SD 1.x and 2.x only for now).")
     out = Path(out).expanduser()
     files = _export_files(artifact, fmt, out)
     check_not_inputs(files, [artifact_path])
