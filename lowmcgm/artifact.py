@@ -218,7 +218,7 @@ def save_artifact(artifact: Artifact, path: Path, dtype: str = "fp16") -> None:
     tensors.update({f"mask_encoder.{k}": v.to(cast) for k, v in artifact.mask_encoder.items()})
     tensors.update({f"unet.{k}": v.to(cast) for k, v in artifact.unet_lora.items()})
     tensors.update({f"text_encoder.{k}": v.to(cast) for k, v in artifact.text_encoder_lora.items()})
-    version = 3 if artifact.handle_vectors_2 is not None else (
+    version = FORMAT_VERSION if artifact.handle_vectors_2 is not None else (
         2 if any(k in artifact.meta for k in ENCODER_OPTION_META) else 1)
     meta = {"format": FORMAT_NAME, "format_version": str(version), "lowmcgm_version": __version__,
             "handles": artifact.handles}

@@ -137,21 +137,10 @@ def build_tiny_base(name: str = "tiny", seed: int = 0) -> BaseModel:
     sd2 = name == "tiny-v"
     text_width = 48 if sd2 else 32
     tokenizer = build_clip_tokenizer(list(TINY_WORDS))
-    gen_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=text_width, intermediate_size=2 * text_width,
-            num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
-            hidden_act="gelu" if sd2 else "quick_gelu", projection_dim=text_width,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        ))
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
-            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-            layers_per_block=1, norm_num_groups=8, sample_size=64,
-        )
+    with torch.random.fork_rng(devices=[]):  # seeded weights, the caller's generator untouched
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(_tiny_text_config(tokenizer, text_width, "gelu" if sd2 else "quick_gelu"))
+        vae = _tiny_vae()
         unet = UNet2DConditionModel(
             sample_size=32, in_channels=4, out_channels=4, layers_per_block=1,
             block_out_channels=(16, 32, 32, 32), norm_num_groups=8,
@@ -159,13 +148,8 @@ def build_tiny_base(name: str = "tiny", seed: int = 0) -> BaseModel:
             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
             cross_attention_dim=text_width, attention_head_dim=2, use_linear_projection=sd2,
         )
-    finally:
-        torch.random.set_rng_state(gen_state)
-    scheduler = DDPMScheduler(
-        num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-        prediction_type="v_prediction" if sd2 else "epsilon", steps_offset=1, clip_sample=False,
-    )
-    return BaseModel(tokenizer, text_encoder, vae, unet, scheduler, name=name)
+    return BaseModel(tokenizer, text_encoder, vae, unet, _tiny_scheduler("v_prediction" if sd2 else "epsilon"),
+                     name=name)
 
 
 # SDXL's size conditioning: six numbers (original size, crop corner, target size), each embedded
@@ -186,22 +170,11 @@ def build_tiny_xl(seed: int = 0) -> BaseModel:
     tokenizer_2 = build_clip_tokenizer(list(TINY_WORDS))
     tokenizer_2.pad_token_id = 0  # SDXL's second tokenizer pads with "!" (id 0), as OpenCLIP does
     width, time_dim = 32, 8
-    gen_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        encoders = []
-        for cls, act in ((CLIPTextModel, "quick_gelu"), (CLIPTextModelWithProjection, "gelu")):
-            encoders.append(cls(CLIPTextConfig(
-                vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
-                num_attention_heads=2, max_position_embeddings=77, hidden_act=act, projection_dim=width,
-                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )))
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
-            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-            layers_per_block=1, norm_num_groups=8, sample_size=64, scaling_factor=0.13025,
-        )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(_tiny_text_config(tokenizer, width, "quick_gelu"))
+        text_encoder_2 = CLIPTextModelWithProjection(_tiny_text_config(tokenizer, width, "gelu"))
+        vae = _tiny_vae(scaling_factor=0.13025)  # SDXL's VAE scale
         unet = UNet2DConditionModel(
             sample_size=32, in_channels=4, out_channels=4, layers_per_block=1,
             block_out_channels=(16, 32, 32), norm_num_groups=8,
@@ -211,14 +184,34 @@ def build_tiny_xl(seed: int = 0) -> BaseModel:
             use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=time_dim,
             projection_class_embeddings_input_dim=width + SDXL_TIME_IDS * time_dim,
         )
-    finally:
-        torch.random.set_rng_state(gen_state)
-    scheduler = DDPMScheduler(
-        num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-        prediction_type="epsilon", steps_offset=1, clip_sample=False,
+    return BaseModel(tokenizer, text_encoder, vae, unet, _tiny_scheduler("epsilon"), name="tiny-xl",
+                     tokenizer_2=tokenizer_2, text_encoder_2=text_encoder_2)
+
+
+def _tiny_text_config(tokenizer: CLIPTokenizer, width: int, act: str) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=77, hidden_act=act, projection_dim=width,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
-    return BaseModel(tokenizer, encoders[0], vae, unet, scheduler, name="tiny-xl", tokenizer_2=tokenizer_2,
-                     text_encoder_2=encoders[1])
+
+
+def _tiny_vae(**overrides: Any) -> AutoencoderKL:
+    """The tiny models' 2x VAE (64 px images, 32x32 latents)."""
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1, norm_num_groups=8, sample_size=64, **overrides,
+    )
+
+
+def _tiny_scheduler(prediction_type: str) -> DDPMScheduler:
+    """SD's own training schedule (scaled linear, 1000 steps)."""
+    return DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+        prediction_type=prediction_type, steps_offset=1, clip_sample=False,
+    )
 
 
 def save_base_model(model: BaseModel, folder: Path) -> None:

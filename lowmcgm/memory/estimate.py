@@ -168,8 +168,9 @@ def resolve_model(spec: str) -> str:
     from lowmcgm.model_configs import SHIPPED_CONFIGS
     from lowmcgm.models import TINY_NAMES, TOY_NAME
 
-    folder = Path(spec).expanduser()
-    if spec in ("sdxl-base", "tiny-xl") or (folder / "text_encoder_2").is_dir():  # before a child is started
+    # SDXL (a shipped config, a folder or the tiny one) is refused before a child is started.
+    folder = SHIPPED_CONFIGS.get(spec) or Path(spec).expanduser()
+    if spec == "tiny-xl" or (folder / "text_encoder_2").is_dir():
         raise UserError(f"--base-model '{spec}' is an SDXL model: lowmcgm loads SDXL models but cannot estimate "
                         "training on them yet (SD 1.x and 2.x only for now).")
     if spec in SHIPPED_CONFIGS or spec in TINY_NAMES:

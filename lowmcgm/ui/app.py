@@ -25,8 +25,8 @@ from lowmcgm.errors import UserError
 from lowmcgm.interop.export import FORMATS
 from lowmcgm.toy.scenes import save_mask
 from lowmcgm.ui import require_gradio
-from lowmcgm.ui.editor import (SUBJECT_COLOURS, blank_sheet, editor_value, fit_mask, overlay, painted_mask,
-                               pose_on_canvas, sheet_with)
+from lowmcgm.ui.editor import (BLANK_SIDE, SUBJECT_COLOURS, blank_sheet, editor_value, fit_mask, overlay,
+                               painted_mask, pose_on_canvas, sheet_with)
 from lowmcgm.ui.jobs import JobSlot
 from lowmcgm.ui.poses import pose_mask, pose_names
 from lowmcgm.ui.workspace import (ARTIFACT_NAME, Subject, TrainRequest, default_run_name, list_runs, prepare_run,
@@ -324,8 +324,9 @@ def with_library_pose(mask: np.ndarray | None, pick: str | None) -> np.ndarray |
     """A canvas's mask joined with the pose library's pick (as the canvas shows it, once redrawn)."""
     if not pick:
         return mask
-    library = pose_on_canvas(on_pose_library(pick))
-    return library if mask is None else mask | fit_mask(library, *mask.shape)
+    height, width = mask.shape if mask is not None else (BLANK_SIDE, BLANK_SIDE)
+    library = fit_mask(pose_mask(pick), height, width)  # what sheet_with draws, read back
+    return library if mask is None else mask | library
 
 
 def on_pose_library(name: str | None):
