@@ -17,6 +17,7 @@ import torch
 from lowmcgm.data import (apply_affine, build_encoder_masks, build_prompt, draw_affine, sample_concepts,
                           sample_num_concepts, solid_background)
 from lowmcgm.models import BaseModel
+from lowmcgm.text_conditioning import PromptIds, tokenize_prompts
 
 if TYPE_CHECKING:
     from lowmcgm.trainer import Setup
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
 class Batch:
     """One step's inputs, drawn on the CPU; ``compute_step_loss`` moves them to the device."""
 
-    input_ids: torch.Tensor  # (B, 77)
+    prompt_ids: PromptIds  # (B, 77) from each tokenizer
     handle_ids: torch.Tensor  # (B, k) token id of each selected handle, in prompt order
     masks: torch.Tensor  # (B, k, R, R) selected masks, flipped (and moved) with the photo
     latents: torch.Tensor  # (B, C, h, w) scaled latents
@@ -85,7 +86,7 @@ def build_batch(setup: Setup, generator: torch.Generator) -> Batch:
                                                      perturbation, generator))
     scaled = torch.stack(latents) * base.vae.config.scaling_factor
     batch = Batch(
-        input_ids=tokenize_prompts(base, prompts), handle_ids=torch.tensor(handle_ids), masks=torch.stack(masks),
+        prompt_ids=tokenize_prompts(base, prompts), handle_ids=torch.tensor(handle_ids), masks=torch.stack(masks),
         latents=scaled, noise=torch.randn(scaled.shape, generator=generator),
         timesteps=torch.randint(0, base.noise_scheduler.config.num_train_timesteps, (size,), generator=generator),
         encoder_masks=torch.stack(encoder_masks) if encoder_masks else None,
@@ -112,9 +113,3 @@ def encode_photo(base: BaseModel, image: torch.Tensor, device: torch.device,
     dist = vae.encode(images.to(device, next(vae.parameters()).dtype)).latent_dist
     return dist.mean.float().cpu(), dist.std.float().cpu()
 
-
-def tokenize_prompts(base: BaseModel, prompts: list[str]) -> torch.Tensor:
-    """Token ids of ``prompts``, padded and cut to the tokenizer's window: (B, 77) int64 on the CPU."""
-    tok = base.tokenizer
-    return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-               return_tensors="pt").input_ids

@@ -37,10 +37,15 @@ class ConceptImage:
     Attributes:
         image: (3, R, R) float32 in [-1, 1].
         masks: (N, R, R) float32 in {0, 1}, one per concept, in handle order.
+        original_hw: the photo's (height, width) as read, before resize and crop.
+        crop_top_left: (top, left) of the crop in the resized photo. SDXL's UNet is conditioned on
+            both (``sdxl_conditioning.sdxl_time_ids``), as diffusers' and kohya's SDXL trainers do.
     """
 
     image: torch.Tensor
     masks: torch.Tensor
+    original_hw: tuple[int, int] | None = None  # None: the photo was (R, R) already
+    crop_top_left: tuple[int, int] = (0, 0)
 
     @property
     def num_concepts(self) -> int:
@@ -120,12 +125,18 @@ def check_masks(masks: list[np.ndarray], paths: list[str], image_size: tuple[int
 
 
 def resize_crop(img: Image.Image, size_px: int, resample: int) -> Image.Image:
-    w, h = img.size
+    """Resize the short side to ``size_px``, then take the central square."""
+    top, left, nh, nw = center_crop_box(img.size, size_px)
+    img = img.resize((nw, nh), resample=resample)
+    return img.crop((left, top, left + size_px, top + size_px))
+
+
+def center_crop_box(size: tuple[int, int], size_px: int) -> tuple[int, int, int, int]:
+    """(top, left, resized height, resized width) of ``resize_crop`` for a (width, height) picture."""
+    w, h = size
     scale = size_px / min(w, h)
     nw, nh = max(size_px, round(w * scale)), max(size_px, round(h * scale))
-    img = img.resize((nw, nh), resample=resample)
-    left, top = (nw - size_px) // 2, (nh - size_px) // 2
-    return img.crop((left, top, left + size_px, top + size_px))
+    return (nh - size_px) // 2, (nw - size_px) // 2, nh, nw
 
 
 def kept_by_center_crop(mask: np.ndarray, width: int, height: int) -> float:
@@ -168,6 +179,8 @@ def load_concept_image(image_path: str, mask_paths: list[str], size_px: int) -> 
     image = load_image(image_path)
     binary = [load_mask(p) > 0.5 for p in mask_paths]
     warnings = check_masks(binary, list(mask_paths), image.size)
+    top, left, _, _ = center_crop_box(image.size, size_px)
+    original_hw = (image.size[1], image.size[0])
     image = resize_crop(image, size_px, Image.Resampling.BICUBIC)
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
     resized = []
@@ -180,7 +193,7 @@ def load_concept_image(image_path: str, mask_paths: list[str], size_px: int) -> 
                             "its subject lies outside the central square of the photo or is too thin; crop the "
                             "photo first.")
         resized.append(m)
-    return ConceptImage(image=pixels.contiguous(), masks=torch.stack(resized)), warnings
+    return ConceptImage(pixels.contiguous(), torch.stack(resized), original_hw, (top, left)), warnings
 
 
 def resize_masks(masks: torch.Tensor, size: int) -> torch.Tensor:

@@ -1,5 +1,5 @@
-"""Settings that can only be checked against the loaded base model: the training resolution and
-the LoRA target names.
+"""Settings that can only be checked against the loaded base model: the training resolution, the
+LoRA target names, and what lowmcgm does not train on SDXL yet.
 
 ``train`` calls ``check_settings_fit`` once the weights are loaded and before it writes anything,
 so a typo in a target name fails in seconds, not when phase 2 starts, and leaves no config.toml.
@@ -13,18 +13,20 @@ from torch import nn
 
 from lowmcgm.config import Config
 from lowmcgm.errors import UserError
-from lowmcgm.models import BaseModel, require_sd_family
+from lowmcgm.models import BaseModel
 
 # SD 1.x/2.x UNets are trained at one size and still draw at twice it (SD 1.5 at 1024 px, SD 2.1-768
 # at 1536), past which they tile and repeat subjects. Smaller sizes down to one UNet step work (tests
 # train SD-shaped models at 64 px), so only the top is bounded.
 MAX_RESOLUTION_FACTOR = 2
+# SDXL was trained at 1024 px (after a 512 px stage it left behind) and draws poorly below about
+# 768 px, so its training resolution is bounded below too: 3/4 of the model's own.
+SDXL_MIN_RESOLUTION_FACTOR = 0.75
 
 
 def check_settings_fit(cfg: Config, base: BaseModel) -> None:
     """Refuse a resolution the model cannot take and LoRA targets it does not have (one UserError)."""
-    require_sd_family(base, "train on it")
-    problems = []
+    problems = _sdxl_problems(cfg) if base.family == "sdxl" else []
     if cfg.model.resolution:
         problems += _resolution_problems(cfg.model.resolution, base)
     if cfg.lora.phase2_mode == "lora" and cfg.train.phase2_steps:
@@ -46,6 +48,24 @@ def _resolution_problems(resolution: int, base: BaseModel) -> list[str]:
     if resolution > high:
         problems.append(f"model.resolution {resolution} is past {high} px, twice the size this model was trained "
                         f"at ({base.resolution} px); 0 takes {base.resolution}")
+    low = round(base.resolution * SDXL_MIN_RESOLUTION_FACTOR)
+    if base.family == "sdxl" and resolution < low:
+        problems.append(f"model.resolution {resolution} is below {low} px: SDXL models were made for "
+                        f"{base.resolution} px and draw poorly under 3/4 of it; 0 takes {base.resolution}")
+    return problems
+
+
+def _sdxl_problems(cfg: Config) -> list[str]:
+    """What lowmcgm does not train on SDXL yet (each needs the second text encoder, or an SDXL
+    class-image pipeline, wired through training, export and the memory estimate)."""
+    problems = []
+    if cfg.train.use_prior_preservation:
+        problems.append("train.use_prior_preservation is not supported on SDXL yet (set it to false)")
+    if cfg.lora.use_text_encoder_lora:
+        problems.append("lora.use_text_encoder_lora is not supported on SDXL yet (set it to false; the handles "
+                        "still train in both text encoders)")
+    if cfg.lora.phase2_mode == "full":
+        problems.append("lora.phase2_mode 'full' is not supported on SDXL (use 'lora')")
     return problems
 
 

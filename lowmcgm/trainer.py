@@ -26,7 +26,7 @@ from lowmcgm.accelerator import AcceleratorLike
 from lowmcgm.adapters import cast_frozen
 from lowmcgm.artifact import save_artifact
 from lowmcgm.attention_capture import CrossAttentionStore, install_capture, loss_layer_names, remove_capture
-from lowmcgm.batches import Batch, build_batch, encode_photo, tokenize_prompts
+from lowmcgm.batches import Batch, build_batch, encode_photo
 from lowmcgm.config import Config
 from lowmcgm.data import ConceptImage, build_prompt, load_concept_image, resize_masks
 from lowmcgm.dtypes import precision_dtype
@@ -42,7 +42,10 @@ from lowmcgm.resume import (check_finite, check_resume, check_resume_base, nan_m
                             save_train_checkpoint)
 from lowmcgm.run_folder import RUN_FOLDERS, check_run_folder, clear_earlier_run, run_files
 from lowmcgm.run_identity import input_fingerprints
+from lowmcgm.sdxl_conditioning import sdxl_time_ids
 from lowmcgm.signals import Interrupted, route_stop_signals, signal_name
+from lowmcgm.text_conditioning import (PromptIds, TextStates, encode_prompt_ids, tokenize_prompts,
+                                       unet_added_kwargs)
 from lowmcgm.write_guard import check_not_inputs
 
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -68,7 +71,9 @@ class Setup:
     capture: dict | None = None  # the processors capture replaced (to put back at the end)
     stop_requested: int = 0  # the stop signal received (SIGINT, SIGTERM, SIGHUP); the loop stops before its next step
     # Text-encoder outputs by token ids, when the text encoder has nothing left to train.
-    text_cache: dict[tuple[int, ...], torch.Tensor] | None = None
+    text_cache: dict[tuple[int, ...], TextStates] | None = None
+    # SDXL's six size numbers of the photo's crop (sdxl_conditioning.sdxl_time_ids); None for SD 1.x/2.x.
+    time_ids: torch.Tensor | None = None
     inputs: dict[str, Any] = field(default_factory=dict)  # run_identity.input_fingerprints, kept in checkpoints
 
     @property
@@ -266,14 +271,15 @@ def prepare_setup(cfg: Config, base: BaseModel, concept: ConceptImage, handle_na
     # The photo is encoded before the UNet and text encoder arrive, so the encoder's activations
     # (about 0.6 GiB at 512 px) never sit on top of them: `lowmcgm estimate` found this setup peak
     # above the training steps' own. The VAE is cast while it moves: no fp32 copy on the GPU.
-    if weight_dtype == torch.float32:
+    if weight_dtype == torch.float32 or _vae_needs_fp32(base):
         base.vae.to(device)  # diffusers warns whenever a dtype is passed
     else:
         base.vae.to(device, weight_dtype)
     mean, std = encode_photo(base, concept.image, device)
-    for module in (base.unet, base.text_encoder):
-        cast_frozen(module, weight_dtype)
-        module.to(device)
+    for module in (base.unet, base.text_encoder, base.text_encoder_2):
+        if module is not None:
+            cast_frozen(module, weight_dtype)
+            module.to(device)
     mcgm.to(device)
     if mcgm.mask_encoder is not None and cfg.loss.mask_token_norm == "layernorm":
         mcgm.mask_encoder.init_output_scale(measure_handle_rms(base, mcgm, device))
@@ -282,16 +288,32 @@ def prepare_setup(cfg: Config, base: BaseModel, concept: ConceptImage, handle_na
         base.vae.to("cpu")  # the photo is encoded: the VAE's memory is free for activations
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return Setup(cfg, base, concept, mcgm, store, accelerator, mean, std, prior, report, capture=capture)
+    return Setup(cfg, base, concept, mcgm, store, accelerator, mean, std, prior, report, capture=capture,
+                 time_ids=photo_time_ids(base, concept))
+
+
+def photo_time_ids(base: BaseModel, concept: ConceptImage) -> torch.Tensor | None:
+    """SDXL's size numbers for the training photo: its size as read and where the centre crop took
+    the square from, as diffusers' and kohya's SDXL trainers pass them; None for SD 1.x/2.x."""
+    if base.family != "sdxl":
+        return None
+    side = concept.image.shape[-1]
+    return sdxl_time_ids(base, concept.original_hw or (side, side), concept.crop_top_left, (side, side))[0]
+
+
+def _vae_needs_fp32(base: BaseModel) -> bool:
+    # SDXL's VAE overflows in fp16 (NaN latents); its config says so (force_upcast), and diffusers'
+    # SDXL pipeline and trainers keep it in fp32. SD 1.x/2.x VAEs are fine in half precision.
+    return base.family == "sdxl" and bool(base.vae.config.get("force_upcast", False))
 
 
 @torch.no_grad()
 def measure_handle_rms(base: BaseModel, mcgm: MCGMState, device: torch.device) -> torch.Tensor:
     """RMS of the text-encoder states at the handles' positions in the prompt naming them all: the
     scale of the context rows the mask tokens sit beside (0-d tensor, kept on ``device``)."""
-    ids = tokenize_prompts(base, [build_prompt(mcgm.handle_names)]).to(device)
-    states = base.text_encoder(ids)[0]  # (1, 77, d)
-    where = handle_positions(ids, mcgm.handles.handle_ids.to(device)[None])  # (1, K)
+    ids = tokenize_prompts(base, [build_prompt(mcgm.handle_names)])
+    states = encode_prompt_ids(base, ids, device).context  # (1, 77, d)
+    where = handle_positions(ids.ids.to(device), mcgm.handles.handle_ids.to(device)[None])  # (1, K)
     return compute_token_rms(states.gather(1, where[..., None].expand(-1, -1, states.shape[-1])))
 
 
@@ -340,18 +362,21 @@ def maybe_offload_text_encoder(setup: Setup) -> None:
     if setup.cfg.train.use_prior_preservation:
         prompts.append(setup.cfg.train.class_prompt)
     ids = tokenize_prompts(setup.base, prompts)
-    states = setup.base.text_encoder(ids.to(setup.device))[0]
-    setup.text_cache = {tuple(row.tolist()): state for row, state in zip(ids, states)}
-    setup.base.text_encoder.to("cpu")
+    states = encode_prompt_ids(setup.base, ids, setup.device).split()
+    setup.text_cache = {ids.key(row): state for row, state in enumerate(states)}
+    for encoder in (setup.base.text_encoder, setup.base.text_encoder_2):
+        if encoder is not None:
+            encoder.to("cpu")
     _say_once(setup, f"Phase 2 trains nothing in the text encoder: {len(prompts)} prompts encoded once, "
                      "text encoder moved off the GPU.")
 
 
-def encode_text(setup: Setup, input_ids: torch.Tensor) -> torch.Tensor:
-    """(B, 77) token ids -> (B, 77, d) text-encoder states (from the cache when there is one)."""
+def encode_text(setup: Setup, ids: PromptIds) -> TextStates:
+    """(B, 77) token ids -> (B, 77, d) text-encoder states, and SDXL's pooled ones (from the cache
+    when there is one)."""
     if setup.text_cache is None:
-        return setup.base.text_encoder(input_ids.to(setup.device))[0]
-    return torch.stack([setup.text_cache[tuple(row.tolist())] for row in input_ids.cpu()])
+        return encode_prompt_ids(setup.base, ids, setup.device)
+    return TextStates.stack([setup.text_cache[ids.key(row)] for row in range(len(ids))])
 
 
 def build_optimizer(setup: Setup, phase: int) -> torch.optim.Optimizer:
@@ -426,29 +451,31 @@ def compute_step_loss(setup: Setup, batch: Batch) -> tuple[torch.Tensor, LossPar
     """One forward pass (instance and prior samples together, as the reference) and the loss terms."""
     cfg, base, device = setup.cfg, setup.base, setup.device
     size, k = batch.handle_ids.shape
-    input_ids = batch.input_ids.to(device)
+    input_ids = batch.prompt_ids.ids.to(device)
     masks = batch.masks.to(device)
-    text = encode_text(setup, batch.input_ids)  # (B, 77, d); the CPU ids: a cache lookup needs no sync
+    text = encode_text(setup, batch.prompt_ids)  # (B, 77, d); the CPU ids: a cache lookup needs no sync
     encoder = setup.mcgm.mask_encoder
     encoder_input = masks if batch.encoder_masks is None else batch.encoder_masks.to(device)
     mask_tokens = encoder(encoder_input) if encoder is not None else None  # (B, k, d)
-    context = append_mask_tokens(text, mask_tokens)
+    context = append_mask_tokens(text.context, mask_tokens)
     # Keys the losses read: each handle's position, then each mask token's (77 + i).
     key_index = handle_positions(input_ids, batch.handle_ids.to(device))
     # Token norms over training (docs/method.md): the mask tokens against the handles' states.
     batch.token_rms = {"handle_rms": compute_token_rms(
-        text.gather(1, key_index[..., None].expand(-1, -1, text.shape[-1])))}
+        text.context.gather(1, key_index[..., None].expand(-1, -1, text.context.shape[-1])))}
     if mask_tokens is not None:
         batch.token_rms["mask_token_rms"] = compute_token_rms(mask_tokens)
     if mask_tokens is not None:
-        key_index = torch.cat([key_index, text.shape[1] + torch.arange(k, device=device).expand(size, k)], 1)
+        first = text.context.shape[1]  # the mask tokens come after the 77 text tokens
+        key_index = torch.cat([key_index, first + torch.arange(k, device=device).expand(size, k)], 1)
     latents, noise, timesteps = batch.latents.to(device), batch.noise.to(device), batch.timesteps.to(device)
     if batch.prior_latents is not None:
-        prior_ids = tokenize_prompts(base, [cfg.train.class_prompt] * size)
+        prior_text = encode_text(setup, tokenize_prompts(base, [cfg.train.class_prompt] * size))
         prior_context = append_mask_tokens(
-            encode_text(setup, prior_ids),
-            zero_mask_tokens(size, k, base.text_width, text) if mask_tokens is not None else None)
+            prior_text.context,
+            zero_mask_tokens(size, k, base.text_width, text.context) if mask_tokens is not None else None)
         context = torch.cat([context, prior_context])
+        text = TextStates.stack([text, prior_text])
         latents = torch.cat([latents, batch.prior_latents.to(device)])
         noise = torch.cat([noise, batch.prior_noise.to(device)])
         timesteps = torch.cat([timesteps, batch.prior_timesteps.to(device)])
@@ -458,7 +485,8 @@ def compute_step_loss(setup: Setup, batch: Batch) -> tuple[torch.Tensor, LossPar
     store = setup.store
     if store is not None:
         store.begin(key_index)
-    pred = base.unet(noisy.to(context.dtype), timesteps, context).sample
+    pred = base.unet(noisy.to(context.dtype), timesteps, context,
+                     added_cond_kwargs=unet_added_kwargs(text, setup.time_ids)).sample
     if store is not None:
         store.end()
     if base.prediction_type == "v_prediction":

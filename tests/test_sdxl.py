@@ -127,16 +127,6 @@ def test_sdxl_single_files_are_recognised_and_checked(tmp_path):
         load_base_model(str(xl))
 
 
-def test_training_on_sdxl_is_refused_in_one_line_before_anything_is_written(photo, tmp_path, capsys):
-    image, a, b = photo
-    out = tmp_path / "run"
-    assert main(["train", "--preset", "tiny-cpu", "--base-model", "tiny-xl", "--image", image, "--mask", a,
-                 "--mask", b, "--out", str(out)]) == 2
-    err = capsys.readouterr().err
-    assert "is an SDXL model" in err and "cannot train on it yet" in err and "Traceback" not in err
-    assert not (out / "config.toml").exists()
-
-
 def test_sampling_and_estimating_with_sdxl_are_refused_in_one_line(capsys):
     from lowmcgm.sampler import load_base_for
 

@@ -1,0 +1,86 @@
+"""What the UNet is conditioned on besides the noisy latents, built from prompts for every family.
+
+SD 1.x/2.x condition the UNet on one thing, the text encoder's last hidden states (the context).
+SDXL adds two, passed as ``added_cond_kwargs``: the second text encoder's pooled embedding and six
+size numbers (``sdxl_conditioning``). Training builds them from token ids, since its prompts hold
+handle tokens and its text-encoder outputs may be cached by ids; this module is the one place
+that knows which family needs what, so the trainer's forward pass reads the same for both.
+
+Example::
+
+    ids = tokenize_prompts(base, ["a photo of <asset0>"])
+    text = encode_prompt_ids(base, ids, device)
+    unet(noisy, t, text.context, added_cond_kwargs=unet_added_kwargs(text, time_ids))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lowmcgm.models import BaseModel
+from lowmcgm.sdxl_conditioning import encode_sdxl_text
+
+
+@dataclass
+class PromptIds:
+    """Token ids of a batch of prompts, from each tokenizer the model has."""
+
+    ids: torch.Tensor  # (B, 77) from base.tokenizer: where the handles sit (the losses read these)
+    ids_2: torch.Tensor | None = None  # (B, 77) from SDXL's base.tokenizer_2 (it pads otherwise)
+
+    def key(self, row: int) -> tuple[int, ...]:
+        """One prompt's identity, for caches: the first tokenizer's ids say which prompt it is."""
+        return tuple(self.ids[row].tolist())
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+
+@dataclass
+class TextStates:
+    """The text encoders' outputs for a batch of prompts."""
+
+    context: torch.Tensor  # (B, 77, d): the UNet's encoder_hidden_states (before mask tokens)
+    pooled: torch.Tensor | None = None  # (B, p): SDXL's text_embeds; None for SD 1.x/2.x
+
+    @classmethod
+    def stack(cls, rows: list[TextStates]) -> TextStates:
+        pooled = None if rows[0].pooled is None else torch.cat([r.pooled for r in rows])
+        return cls(torch.cat([r.context for r in rows]), pooled)
+
+    def split(self) -> list[TextStates]:
+        """One ``TextStates`` per prompt (a cache keeps them by prompt)."""
+        pooled = [None] * len(self.context) if self.pooled is None else self.pooled.split(1)
+        return [TextStates(c, p) for c, p in zip(self.context.split(1), pooled)]
+
+
+def tokenize_prompts(base: BaseModel, prompts: list[str]) -> PromptIds:
+    """Token ids of ``prompts``, padded and cut to each tokenizer's window, on the CPU."""
+    ids_2 = _tokenize(base.tokenizer_2, prompts) if base.tokenizer_2 is not None else None
+    return PromptIds(_tokenize(base.tokenizer, prompts), ids_2)
+
+
+def _tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+def encode_prompt_ids(base: BaseModel, ids: PromptIds, device: torch.device | str) -> TextStates:
+    """The text encoders' outputs as the family's pipeline builds them: SD's last hidden states,
+    or SDXL's two penultimate ones concatenated plus the pooled embedding."""
+    if base.text_encoder_2 is None:
+        return TextStates(base.text_encoder(ids.ids.to(device))[0])
+    text = encode_sdxl_text(base, ids.ids.to(device), ids.ids_2.to(device))
+    return TextStates(text.context, text.pooled)
+
+
+def unet_added_kwargs(text: TextStates, time_ids: torch.Tensor | None) -> dict[str, torch.Tensor] | None:
+    """The UNet's ``added_cond_kwargs`` for ``text``: None for SD 1.x/2.x, SDXL's pooled embedding
+    and size numbers (``time_ids``: (6,) for every row, or (B, 6)) otherwise."""
+    if text.pooled is None:
+        return None
+    rows = text.pooled.shape[0]
+    time_ids = time_ids.to(text.pooled.device, text.pooled.dtype)
+    return {"text_embeds": text.pooled, "time_ids": time_ids.expand(rows, -1) if time_ids.dim() == 1 else time_ids}

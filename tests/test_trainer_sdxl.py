@@ -1,0 +1,132 @@
+"""Training on SDXL (the tiny SDXL-shaped model): both encoders' handles, the pooled embedding and the
+photo's size numbers reach the UNet, the text cache, resume, and what is refused on SDXL."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from lowmcgm.artifact import load_artifact
+from lowmcgm.cli import main
+from lowmcgm.config import apply_overrides, resolve_config
+from lowmcgm.errors import UserError
+from lowmcgm.models import build_tiny_base
+from lowmcgm.trainer import train
+
+
+def _cfg(image, masks, out, **overrides):
+    base = {"model.base_model": "tiny-xl", "data.image": image, "data.masks": masks, "output.out": str(out),
+            "train.phase1_steps": 4, "train.phase2_steps": 4, "train.checkpoint_every": 0}
+    return resolve_config("tiny-cpu", None, base | overrides)
+
+
+@pytest.fixture
+def wide_photo(tmp_path):
+    """A 128x96 photo (wider than tall) with two subjects: the centre crop takes 16 px off each side."""
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)
+    a, b = np.zeros((96, 128), np.uint8), np.zeros((96, 128), np.uint8)
+    a[20:60, 30:60], b[40:80, 70:100] = 255, 255
+    paths = [tmp_path / name for name in ("photo.png", "a.png", "b.png")]
+    for path, array in zip(paths, (pixels, a, b)):
+        Image.fromarray(array).save(path)
+    return str(paths[0]), [str(paths[1]), str(paths[2])]
+
+
+def test_sdxl_trains_handles_in_both_encoders_and_a_unet_lora(wide_photo, tmp_path):
+    image, masks = wide_photo
+    base = build_tiny_base("tiny-xl")
+    init_2 = base.text_encoder_2.get_input_embeddings().weight[
+        base.tokenizer_2("dog", add_special_tokens=False).input_ids[0]].clone()
+    out = tmp_path / "run"
+    art = load_artifact(train(_cfg(image, masks, out, **{"data.init_words": ["dog", "cat"]}), base=base))
+    assert art.text_width == 64 and art.meta["base_model_version"] == "sdxl_base_v1-0"
+    assert art.handle_vectors.shape == art.handle_vectors_2.shape == (2, 32)
+    assert not torch.allclose(art.handle_vectors_2[0], init_2.float())  # the second encoder's rows trained
+    assert art.mask_encoder["proj.weight"].shape[0] == 64  # mask tokens as wide as the joint context
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in art.unet_lora.items())
+    history = json.loads((out / "loss_history.json").read_text())
+    assert len(history) == 8 and all(np.isfinite(h["total"]) for h in history)
+    # train() leaves the base as it came: no handle wrappers, no LoRA layers.
+    assert type(base.text_encoder_2.get_input_embeddings()).__name__ == "Embedding"
+
+
+def test_the_unet_sees_the_pooled_embedding_and_the_photos_size_and_crop(wide_photo, tmp_path):
+    image, masks = wide_photo
+    base = build_tiny_base("tiny-xl")
+    seen = []
+    base.unet.add_time_proj.register_forward_hook(lambda module, args, out: seen.append(args[0].clone()))
+    base.unet.add_embedding.register_forward_hook(lambda module, args, out: seen.append(args[0].clone()))
+    train(_cfg(image, masks, tmp_path / "run", **{"train.phase2_steps": 0, "train.phase1_steps": 1}), base=base)
+    time_ids, added = seen[0], seen[1]
+    # (original height, width, crop top, left, target height, width): 96x128 resized to 64x85, the
+    # central 64 px taken from 10 px in (diffusers' and kohya's SDXL trainers pass the same numbers).
+    assert time_ids.view(-1, 6)[0].tolist() == [96, 128, 0, 10, 64, 64]
+    pooled_width = base.text_encoder_2.config.projection_dim
+    assert added.shape[-1] == pooled_width + 6 * base.unet.config.addition_time_embed_dim
+    assert added[:, :pooled_width].abs().sum() > 0
+
+
+def test_text_cache_on_sdxl_gives_the_same_artifact(photo, tmp_path, monkeypatch):
+    import lowmcgm.trainer as trainer_mod
+
+    image, a, b = photo
+    events = []
+    cfg = _cfg(image, [a, b], tmp_path / "cached", **{"train.phase2_handle_lr": 0.0})
+    base = build_tiny_base("tiny-xl")
+    cached = load_file(train(cfg, on_progress=events.append, base=base))
+    assert any("text encoder moved off the GPU" in e.get("text", "") for e in events)
+    monkeypatch.setattr(trainer_mod, "text_encoder_is_frozen", lambda cfg, phase: False)
+    plain = load_file(train(apply_overrides(cfg, {"output.out": str(tmp_path / "plain")}, "t")))
+    assert "handles.vectors_2" in plain
+    for key in plain:  # the cache encodes all prompts in one batch: float noise of 1e-6 remains
+        torch.testing.assert_close(cached[key], plain[key], rtol=1e-4, atol=1e-5)
+
+
+def test_interrupt_and_resume_on_sdxl_gives_the_same_artifact(photo, tmp_path):
+    image, a, b = photo
+    straight = load_file(train(_cfg(image, [a, b], tmp_path / "a")))
+    cfg = _cfg(image, [a, b], tmp_path / "b")
+
+    def stop(event):
+        if event["kind"] == "step" and event["phase"] == 2 and event["step"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, on_progress=stop)
+    resumed = load_file(train(cfg, resume=True))
+    assert straight.keys() == resumed.keys() and "handles.vectors_2" in straight
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+
+
+@pytest.mark.parametrize("overrides,fragment", [
+    ({"train.use_prior_preservation": True, "train.class_prompt": "a dog"}, "use_prior_preservation is not supported"),
+    ({"lora.use_text_encoder_lora": True}, "use_text_encoder_lora is not supported on SDXL"),
+    ({"lora.phase2_mode": "full"}, "'full' is not supported on SDXL"),
+    ({"model.resolution": 32}, "below 48 px: SDXL models were made for 64 px"),
+])
+def test_what_sdxl_cannot_train_is_refused_before_anything_is_written(photo, tmp_path, overrides, fragment):
+    image, a, b = photo
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match=fragment):
+        train(_cfg(image, [a, b], out, **overrides))
+    assert not (out / "config.toml").exists()
+
+
+def test_lowmcgm_train_on_sdxl_through_the_cli(photo, tmp_path, capsys):
+    image, a, b = photo
+    out = tmp_path / "run"
+    assert main(["train", "--preset", "tiny-cpu", "--base-model", "tiny-xl", "--image", image, "--mask", a,
+                 "--mask", b, "--out", str(out), "--set", "train.phase1_steps=2", "--set",
+                 "train.phase2_steps=2"]) == 0
+    assert load_artifact(out / "lowmcgm.safetensors").handle_vectors_2 is not None
+    assert main(["train", "--preset", "tiny-cpu", "--base-model", "tiny-xl", "--image", image, "--mask", a,
+                 "--mask", b, "--out", str(tmp_path / "bad"), "--set", "model.resolution=40"]) == 2
+    err = capsys.readouterr().err
+    assert "below 48 px" in err and "Traceback" not in err
