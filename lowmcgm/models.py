@@ -8,9 +8,9 @@ downstream reads text width, prediction type and resolution from the loaded conf
 constants.
 
 SDXL models (a second tokenizer and text encoder, pooled text embeddings and size conditioning)
-load into the same ``BaseModel`` with ``tokenizer_2``/``text_encoder_2`` set; training, sampling,
-estimates and exports on them are not built yet and refuse them in one line
-(``require_sd_family``).
+load into the same ``BaseModel`` with ``tokenizer_2``/``text_encoder_2`` set. Sampling uses them
+(``sampler.py``); training, estimates and exports on them are not built yet and refuse them in
+one line (``require_sd_family``).
 """
 
 from __future__ import annotations

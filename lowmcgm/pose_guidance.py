@@ -179,10 +179,14 @@ class LatentGuidance:
         store: the capture store.
         context: (B, 77 + k, d) the conditional context of the B images.
         guide: columns, masks, strength and the fade.
+        added_cond_kwargs: SDXL's ``{"text_embeds": (B, p), "time_ids": (B, 6)}`` of the same
+            conditional rows (an SDXL UNet cannot run without them); None for SD 1.x/2.x.
     """
 
-    def __init__(self, unet: Any, store: Any, context: torch.Tensor, guide: PoseGuide):
+    def __init__(self, unet: Any, store: Any, context: torch.Tensor, guide: PoseGuide,
+                 added_cond_kwargs: dict[str, torch.Tensor] | None = None):
         self.unet, self.store, self.context, self.guide = unet, store, context, guide
+        self.added_cond_kwargs = added_cond_kwargs
 
     def step(self, latents: torch.Tensor, timestep: torch.Tensor, scale_input: Any) -> torch.Tensor:
         """The guided latent for one step (unchanged once the fade reaches 0)."""
@@ -193,7 +197,7 @@ class LatentGuidance:
         with torch.enable_grad():
             x = latents.detach().requires_grad_(True)
             self.store.begin(key_index)
-            self.unet(scale_input(x, timestep), timestep, self.context)
+            self.unet(scale_input(x, timestep), timestep, self.context, added_cond_kwargs=self.added_cond_kwargs)
             self.store.end()
             maps = self.store.mean_maps().float()  # (B, S, h, w)
             self.store.clear()  # the pipeline's own passes record nothing (or what they did before)

@@ -1,10 +1,12 @@
-"""Pose-mask sampling: an artifact's handles, LoRA and mask encoder on diffusers' Stable Diffusion pipeline.
+"""Pose-mask sampling: an artifact's handles, LoRA and mask encoder on diffusers' Stable Diffusion pipelines.
 
 Owns building the context the UNet sees (77 text tokens, then one mask token per handle in the
 order the handles appear in the prompt; k all-zero tokens for the unconditional branch, paper
 sec. 3.2) and writing each image with its parameters. Reading prompts and poses and pairing each
 pose with its handle is ``prompts.py``'s. The denoising loop, schedulers, guidance and VAE decode stay diffusers' own: we only
-pass ``prompt_embeds`` and ``negative_prompt_embeds`` to a stock ``StableDiffusionPipeline``.
+pass ``prompt_embeds`` and ``negative_prompt_embeds`` to a stock ``StableDiffusionPipeline``, or to a
+stock ``StableDiffusionXLPipeline`` with its pooled embeddings too (SDXL base models; the pipeline
+builds its size numbers itself).
 Also the trainer's preview hook for ``lowmcgm run``. Drawing is left to ``previews.py``.
 
 Example:
@@ -25,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                       StableDiffusionPipeline)
+                       StableDiffusionPipeline, StableDiffusionXLPipeline)
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
@@ -38,7 +40,7 @@ from lowmcgm.dtypes import torch_dtype
 from lowmcgm.errors import UserError
 from lowmcgm.mask_encoder import MaskEncoder, append_mask_tokens, zero_mask_tokens
 from lowmcgm.mcgm import MCGMState
-from lowmcgm.models import BaseModel, load_base_model, require_sd_family
+from lowmcgm.models import BaseModel, load_base_model
 from lowmcgm.output import check_output_dir
 from lowmcgm.pose_guidance import DEFAULT_STRENGTH, LatentGuidance, PoseGuide, guided_attention, guided_columns
 from lowmcgm.previews import (SheetRow, mask_to_image, render_attention_picture, render_contact_sheet, save_json,
@@ -61,6 +63,7 @@ SCHEDULERS: dict[str, tuple[str, Callable[[Any], Any]]] = {
         config, algorithm_type="dpmsolver++", solver_order=2)),
 }
 ATTN_PICTURE_DOWNSCALE = 0  # attention pictures read the layers the default attention loss trains (auto)
+Pipeline = StableDiffusionPipeline | StableDiffusionXLPipeline
 
 
 def check_settings(settings: SampleSettings) -> None:
@@ -76,11 +79,33 @@ def check_settings(settings: SampleSettings) -> None:
         raise UserError("Invalid sampling settings: " + "; ".join(problems) + ".")
 
 
+@dataclasses.dataclass
+class Conditioning:
+    """What the pipeline gets for one prompt's images: contexts, and SDXL's pooled embeddings.
+
+    Attributes:
+        cond, uncond: (num, 77 + k, d) contexts of the conditional and unconditional branches.
+        pooled, uncond_pooled: (num, p) the second text encoder's pooled embeddings (SDXL), or None.
+    """
+
+    cond: torch.Tensor
+    uncond: torch.Tensor
+    pooled: torch.Tensor | None = None
+    uncond_pooled: torch.Tensor | None = None
+
+    def pipe_kwargs(self) -> dict[str, torch.Tensor]:
+        """The pipeline's ``*_embeds`` arguments."""
+        kwargs = {"prompt_embeds": self.cond, "negative_prompt_embeds": self.uncond}
+        if self.pooled is not None:
+            kwargs |= {"pooled_prompt_embeds": self.pooled, "negative_pooled_prompt_embeds": self.uncond_pooled}
+        return kwargs
+
+
 class PoseSampler:
-    """A stock ``StableDiffusionPipeline`` plus the mask encoder: it builds the context, diffusers samples.
+    """A stock SD or SDXL pipeline plus the mask encoder: it builds the context, diffusers samples.
 
     Args:
-        pipe: the pipeline, its text encoder already holding the handles.
+        pipe: the pipeline (``build_pipeline``), its text encoders already holding the handles.
         mask_encoder: the trained encoder, or None (no mask tokens).
         autocast: a context-manager factory around sampling (the trainer's accelerator's during
             previews, where frozen weights are half precision and trainable ones fp32).
@@ -88,28 +113,58 @@ class PoseSampler:
             to install capture only while an attention picture is drawn.
     """
 
-    def __init__(self, pipe: StableDiffusionPipeline, mask_encoder: MaskEncoder | None,
+    def __init__(self, pipe: Pipeline, mask_encoder: MaskEncoder | None,
                  autocast: Callable[[], Any] = contextlib.nullcontext, store: CrossAttentionStore | None = None):
         self.pipe = pipe
         self.mask_encoder = mask_encoder
         self.autocast = autocast
         self.store = store
 
-    def encode(self, plan: PlannedPrompt, num: int, negative_prompt: str, height: int,
-               width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The conditional and unconditional contexts, each (num, 77 + k, d).
+    @property
+    def is_sdxl(self) -> bool:
+        return isinstance(self.pipe, StableDiffusionXLPipeline)
 
-        The conditional one ends with the k mask tokens in handle order; the unconditional one
+    def encode(self, plan: PlannedPrompt, num: int, negative_prompt: str, height: int, width: int) -> Conditioning:
+        """The contexts of both branches, each (num, 77 + k, d), and on SDXL the pooled embeddings.
+
+        The conditional context ends with the k mask tokens in handle order; the unconditional one
         with k zero tokens, as in training (paper sec. 3.2). Without mask tokens both are (num, 77, d).
+        The pooled embeddings are the text's alone: mask tokens enter only the context.
         """
         device = self.pipe._execution_device
-        text, uncond = self.pipe.encode_prompt(plan.text, device, num, True, negative_prompt or None)
+        text = self._encode_text(plan.text, num, negative_prompt or None, device)
         tokens = None
         if plan.use_mask_tokens and self.mask_encoder is not None and plan.handles:
             masks = fit_pose_masks(plan, height, width)[None].to(device)  # (1, k, H, W)
             tokens = self.mask_encoder(masks).expand(num, -1, -1)  # (num, k, d)
-        zeros = zero_mask_tokens(num, tokens.shape[1], tokens.shape[2], uncond) if tokens is not None else None
-        return append_mask_tokens(text, tokens), append_mask_tokens(uncond, zeros)
+        zeros = zero_mask_tokens(num, tokens.shape[1], tokens.shape[2], text.uncond) if tokens is not None else None
+        return dataclasses.replace(text, cond=append_mask_tokens(text.cond, tokens),
+                                   uncond=append_mask_tokens(text.uncond, zeros))
+
+    def _encode_text(self, prompt: str, num: int, negative_prompt: str | None, device: torch.device) -> Conditioning:
+        """The pipeline's own text encoding (handles included: they are tokens of every tokenizer)."""
+        if not self.is_sdxl:
+            return Conditioning(*self.pipe.encode_prompt(prompt, device, num, True, negative_prompt))
+        # Without a negative prompt, diffusers' SDXL pipeline makes the unconditional context and
+        # pooled embedding all zeros rather than encoding "" (force_zeros_for_empty_prompt: its
+        # default, and SDXL base's model_index.json). We keep diffusers' behaviour, so the images
+        # are the ones a stock SDXL pipeline draws; the k mask-token zeros follow as on SD.
+        return Conditioning(*self.pipe.encode_prompt(
+            prompt, device=device, num_images_per_prompt=num, do_classifier_free_guidance=True,
+            negative_prompt=negative_prompt))
+
+    def _added_cond(self, conditioning: Conditioning, height: int, width: int) -> dict[str, torch.Tensor] | None:
+        """SDXL's ``added_cond_kwargs`` of the conditional rows, for latent guidance's own UNet pass
+        (None on SD): the pooled embedding and the size numbers the pipeline gives its own passes,
+        from the pipeline's own builder so they cannot drift apart (original = target = the image
+        size, crop at (0, 0); ``sdxl_conditioning.sdxl_time_ids`` builds the same for training)."""
+        if conditioning.pooled is None:
+            return None
+        pipe = self.pipe
+        time_ids = pipe._get_add_time_ids((height, width), (0, 0), (height, width), dtype=conditioning.cond.dtype,
+                                          text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+        num = conditioning.pooled.shape[0]
+        return {"text_embeds": conditioning.pooled, "time_ids": time_ids.to(conditioning.pooled.device).repeat(num, 1)}
 
     @torch.no_grad()
     def generate(self, plan: PlannedPrompt, seeds: list[int], settings: SampleSettings,
@@ -122,20 +177,21 @@ class PoseSampler:
         height, width = settings.height, settings.width
         generators = [torch.Generator().manual_seed(s) for s in seeds]
         with self.autocast(), contextlib.ExitStack() as stack:
-            cond, uncond = self.encode(plan, len(seeds), settings.negative_prompt, height, width)
+            conditioning = self.encode(plan, len(seeds), settings.negative_prompt, height, width)
             callbacks, extra = [], {}
             guide = self.pose_guide(plan, settings, len(seeds))
             if guide is not None and settings.pose_guidance == "attention":
                 stack.enter_context(guided_attention(self.pipe.unet, guide))
                 callbacks.append(guide.on_step_end)
             elif guide is not None and settings.pose_guidance == "latent":
-                latent = LatentGuidance(self.pipe.unet, self._energy_store(stack), cond, guide)
-                extra["latents"] = self._guided_first_latents(latent, generators, settings, cond)
+                latent = LatentGuidance(self.pipe.unet, self._energy_store(stack), conditioning.cond, guide,
+                                        added_cond_kwargs=self._added_cond(conditioning, height, width))
+                extra["latents"] = self._guided_first_latents(latent, generators, settings, conditioning.cond)
                 callbacks.append(latent.on_step_end)
             if on_step is not None:
                 callbacks.append(on_step)
             result = self.pipe(
-                prompt_embeds=cond, negative_prompt_embeds=uncond, height=height, width=width,
+                **conditioning.pipe_kwargs(), height=height, width=width,
                 num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale,
                 generator=generators, output_type="pil",
                 callback_on_step_end=_chain(callbacks) if callbacks else None, **extra,
@@ -146,6 +202,8 @@ class PoseSampler:
         """The guide of ``plan``'s posed handles, or None (guidance off, or every pose blank)."""
         if settings.pose_guidance == "none" or not any(m is not None for m in plan.pose_masks):
             return None
+        # Key columns are token positions; SDXL's two tokenizers split a prompt alike (only their
+        # padding differs), so the first one's positions are the context's.
         tokenizer = self.pipe.tokenizer
         text_ids = tokenizer(self.pipe.maybe_convert_prompt(plan.text, tokenizer), padding="max_length",
                              max_length=tokenizer.model_max_length, truncation=True).input_ids
@@ -262,22 +320,42 @@ class _SavedStore:
         self._store.key_index, self._store.maps, self._store.recording = self._saved
 
 
-def build_pipeline(base: BaseModel, scheduler: str) -> StableDiffusionPipeline:
-    """A stock pipeline over the base's modules (no copies), with the named scheduler."""
-    with warnings.catch_warnings():
-        # diffusers warns about UNets with sample_size < 64 (old SD 1 configs); the tiny model is one.
-        warnings.simplefilter("ignore", FutureWarning)
-        pipe = StableDiffusionPipeline(
-            vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
-            scheduler=SCHEDULERS[scheduler][1](base.noise_scheduler.config), safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False)
+def build_pipeline(base: BaseModel, scheduler: str) -> Pipeline:
+    """A stock pipeline over the base's modules (no copies), with the named scheduler: diffusers'
+    SDXL pipeline (both tokenizers and text encoders) for an SDXL base, its SD pipeline otherwise."""
+    noise_scheduler = SCHEDULERS[scheduler][1](base.noise_scheduler.config)
+    if base.family == "sdxl":
+        # No invisible watermark (diffusers adds one only where that package is installed): the
+        # same artifact and seed draw the same pixels everywhere; the PNG chunks say how it was made.
+        pipe = StableDiffusionXLPipeline(
+            vae=base.vae, text_encoder=base.text_encoder, text_encoder_2=base.text_encoder_2,
+            tokenizer=base.tokenizer, tokenizer_2=base.tokenizer_2, unet=base.unet, scheduler=noise_scheduler,
+            add_watermarker=False)
+    else:
+        with warnings.catch_warnings():
+            # diffusers warns about UNets with sample_size < 64 (old SD 1 configs); the tiny model is one.
+            warnings.simplefilter("ignore", FutureWarning)
+            pipe = StableDiffusionPipeline(
+                vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
+                scheduler=noise_scheduler, safety_checker=None, feature_extractor=None,
+                requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)  # library code never prints; callers report per image
     return pipe
+
+
+def base_modules(base: BaseModel) -> list[torch.nn.Module]:
+    """The modules sampling runs: UNet, text encoder(s) (SDXL has two) and VAE."""
+    return [m for m in (base.unet, base.text_encoder, base.text_encoder_2, base.vae) if m is not None]
 
 
 def check_base_matches(artifact: Artifact, base: BaseModel, artifact_path: Path) -> None:
     """Refuse a base model of another architecture than the artifact was trained on."""
     made_for = artifact.meta.get("base_model", "?")
+    artifact_is_sdxl = artifact.handle_vectors_2 is not None  # SDXL artifacts carry the second encoder's rows
+    if artifact_is_sdxl != (base.family == "sdxl"):
+        kinds = ("an SDXL", "an SD 1.x/2.x") if artifact_is_sdxl else ("an SD 1.x/2.x", "an SDXL")
+        raise UserError(f"{artifact_path} is {kinds[0]} artifact, made for base model '{made_for}', but base model "
+                        f"'{base.name}' is {kinds[1]} model: pass --base-model {made_for} or a copy of it.")
     recorded_hash = artifact.meta.get("base_model_hash")
     if artifact.text_width != base.text_width or (recorded_hash and recorded_hash != base.config_hash):
         raise UserError(
@@ -298,7 +376,7 @@ def apply_artifact(base: BaseModel, artifact: Artifact) -> MaskEncoder | None:
     it came (``lowmcgm run``): either way the images are the ones ``sample`` draws from the file.
     """
     state = MCGMState.from_artifact(base, artifact)
-    for module in (base.unet, base.text_encoder, base.vae):
+    for module in base_modules(base):
         module.eval()
     return state.mask_encoder
 
@@ -322,13 +400,13 @@ def build_sampler(base: BaseModel, artifact: Artifact, settings: SampleSettings)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch_dtype(resolve_dtype(settings))
     pipe = build_pipeline(base, settings.scheduler)
-    for module in (base.unet, base.text_encoder, base.vae):
+    for module in base_modules(base):
         if module.dtype != dtype:  # diffusers warns about every cast, even to the same dtype
             module.to(dtype=dtype)
     if settings.use_cpu_offload:
         pipe.enable_model_cpu_offload()  # each model visits the GPU only while it runs
     else:
-        for module in (base.unet, base.text_encoder, base.vae):
+        for module in base_modules(base):
             module.to(device)
     if settings.use_vae_slicing:
         base.vae.enable_slicing()
@@ -445,7 +523,6 @@ def load_base_for(artifact: Artifact, base_model: str) -> BaseModel:
         except UserError as exc:
             raise UserError(f"The artifact was made for base model '{recorded}', which cannot be loaded from "
                             f"here ({exc}); pass --base-model with its folder, file or hub id.") from exc
-    require_sd_family(base, "sample with it")
     return base
 
 
@@ -515,9 +592,9 @@ class TrainingPreviews:
                                        dtype="fp32" if precision == "no" else precision)
         sampler = PoseSampler(build_pipeline(base, settings.scheduler), setup.mcgm.mask_encoder,
                               autocast=setup.accelerator.autocast, store=setup.store)
-        # The trainer may have moved the VAE (photo encoded) and the text encoder (phase 2 trains
-        # nothing in it) off the GPU; sampling needs both there for a moment.
-        places = [(m, next(m.parameters()).device, m.training) for m in (base.vae, base.text_encoder, base.unet)]
+        # The trainer may have moved the VAE (photo encoded) and the text encoder(s) (phase 2 trains
+        # nothing in them) off the GPU; sampling needs them there for a moment.
+        places = [(m, next(m.parameters()).device, m.training) for m in base_modules(base)]
         for module, _, _ in places:
             module.to(setup.device)
             module.eval()

@@ -97,16 +97,13 @@ def test_second_rows_that_do_not_add_up_to_the_context_width_are_refused(tmp_pat
             load_artifact(path)
 
 
-def test_sampling_and_exporting_an_sdxl_artifact_are_refused_in_one_line(tmp_path, capsys):
+def test_exporting_an_sdxl_artifact_is_refused_in_one_line(tmp_path, capsys):
     from lowmcgm.cli import main
 
     base = build_tiny_base("tiny-xl")
     state = MCGMState.install(base, HANDLES, [], use_mask_tokens=True, seed=0)
     path = tmp_path / "xl.safetensors"
     save_artifact(state.to_artifact(base, {"base_model": "tiny-xl", "text_width": base.text_width}), path)
-    assert main(["sample", "--artifact", str(path), "--prompt", "a photo of <asset0>", "--out",
-                 str(tmp_path / "out")]) == 2
-    assert "is an SDXL model" in capsys.readouterr().err
     assert main(["export", str(path), "--format", "embeddings", "--out", str(tmp_path / "emb")]) == 2
     assert "is an SDXL artifact" in capsys.readouterr().err
     assert not (tmp_path / "emb").exists()
