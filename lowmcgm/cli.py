@@ -396,20 +396,27 @@ def _train_then_sample(args: argparse.Namespace, cfg: Any, preset: str | None, s
     return 0
 
 
-def _export_hint(fmt: str, handles: list[str], bundled: bool) -> str:
+def _export_hint(fmt: str, handles: list[str], bundled: bool, sdxl: bool) -> str:
     words = ", ".join(handles)
     if fmt == "kohya":
         where = ("A1111 loads the bundled handles with it; ComfyUI also needs --format embeddings"
                  if bundled else "add the handles with --format embeddings")
         return f"Put the file in models/Lora (A1111) or models/loras (ComfyUI) and prompt with {words} ({where})."
+    # SDXL's embeddings hold a row per text encoder; diffusers loads them one encoder at a time.
+    per_encoder = ("clip_l with text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, then clip_g with "
+                   "text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2")
     if fmt == "embeddings":
         from lowmcgm.interop.export import embedding_file_stem
 
         stems = [embedding_file_stem(h) for h in handles]
+        diffusers = (f"load_textual_inversion(rows, token=\"{handles[0]}\", ...) for {per_encoder}" if sdxl
+                     else f"load_textual_inversion(file, token=\"{handles[0]}\")")
         return (f"A1111: put the files in embeddings/ and prompt with {', '.join(stems)}; ComfyUI (models/embeddings): "
-                f"embedding:{stems[0]}; diffusers: load_textual_inversion(file, token=\"{handles[0]}\").")
-    return (f"diffusers: pipe.load_lora_weights(folder), then load_textual_inversion with the vectors of "
-            f"learned_embeds.safetensors; prompt with {words}.")
+                f"embedding:{stems[0]}; diffusers: {diffusers}.")
+    embeddings = (f"learned_embeds.safetensors' rows, token=[{words}], for {per_encoder}" if sdxl
+                  else "the vectors of learned_embeds.safetensors")
+    return (f"diffusers: pipe.load_lora_weights(folder), then load_textual_inversion with {embeddings}; "
+            f"prompt with {words}.")
 
 
 def _cmd_ui(args: argparse.Namespace) -> int:
@@ -432,7 +439,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
                              bundle_embeddings=not args.no_bundle_embeddings, dtype=args.dtype, force=args.force)
     for path in result.files:
         print(f"Wrote {path}")
-    print(_export_hint(args.format, result.handles, not args.no_bundle_embeddings))
+    print(_export_hint(args.format, result.handles, not args.no_bundle_embeddings, result.sdxl))
     print(MASK_ENCODER_NOTE)
     return 0
 

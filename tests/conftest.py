@@ -32,3 +32,36 @@ def make_photo(folder, size=96):
 @pytest.fixture
 def photo(tmp_path):
     return make_photo(tmp_path)
+
+
+SDXL_HANDLES = ["<asset0>", "<asset1>"]
+LORA_B_STD = 0.3  # trained tiny LoRAs barely move (|B| ~ 0.02): scale up so alpha visibly matters
+
+
+def make_sdxl_artifact(path, use_text_encoder_lora=False, rank=4, alpha=8.0):
+    """An SDXL artifact of ``tiny-xl`` (two handles, mask encoder, UNet LoRA), made without training.
+
+    Both encoders' handle rows are moved apart (differently, so a swapped pair shows) and the LoRA
+    up weights drawn: at their zero init every LoRA check would pass whatever the export wrote.
+    """
+    from lowmcgm.artifact import save_artifact
+    from lowmcgm.config import LoraConfig
+    from lowmcgm.mcgm import MCGMState
+    from lowmcgm.models import build_tiny_base
+
+    base = build_tiny_base("tiny-xl")
+    state = MCGMState.install(base, SDXL_HANDLES, ["dog", "cat"], use_mask_tokens=True, seed=0)
+    state.add_adapters(base, LoraConfig(rank=rank, alpha=alpha, use_text_encoder_lora=use_text_encoder_lora), "cpu")
+    meta = {"base_model": base.name, "base_model_hash": base.config_hash, "base_model_version": base.version_tag,
+            "text_width": base.text_width, "prediction_type": base.prediction_type, "resolution": base.resolution,
+            "init_words": ["dog", "cat"]}
+    artifact = state.to_artifact(base, meta)
+    gen = torch.Generator().manual_seed(1)
+    artifact.handle_vectors += 0.3 * torch.randn(artifact.handle_vectors.shape, generator=gen)
+    artifact.handle_vectors_2 += 0.3 * torch.randn(artifact.handle_vectors_2.shape, generator=gen)
+    for lora in (artifact.unet_lora, artifact.text_encoder_lora):
+        for key in lora:
+            if ".lora_B." in key:
+                lora[key] = torch.randn(lora[key].shape, generator=gen) * LORA_B_STD
+    save_artifact(artifact, path, dtype="fp32")
+    return path

@@ -95,15 +95,3 @@ def test_second_rows_that_do_not_add_up_to_the_context_width_are_refused(tmp_pat
         atomic_save({"handles.vectors": torch.zeros(first), "handles.vectors_2": torch.zeros(second)}, meta, path)
         with pytest.raises(UserError, match=why):
             load_artifact(path)
-
-
-def test_exporting_an_sdxl_artifact_is_refused_in_one_line(tmp_path, capsys):
-    from lowmcgm.cli import main
-
-    base = build_tiny_base("tiny-xl")
-    state = MCGMState.install(base, HANDLES, [], use_mask_tokens=True, seed=0)
-    path = tmp_path / "xl.safetensors"
-    save_artifact(state.to_artifact(base, {"base_model": "tiny-xl", "text_width": base.text_width}), path)
-    assert main(["export", str(path), "--format", "embeddings", "--out", str(tmp_path / "emb")]) == 2
-    assert "is an SDXL artifact" in capsys.readouterr().err
-    assert not (tmp_path / "emb").exists()

@@ -9,6 +9,23 @@ Three exports, each a plain safetensors file set that the tool loads without con
 - ``diffusers``: ``pytorch_lora_weights.safetensors`` written by diffusers' own
   ``save_lora_weights`` with the adapter metadata (alpha), plus ``learned_embeds.safetensors``.
 
+SDXL artifacts export to the same three, in SDXL's layouts: kohya's UNet names are those of the
+SGM UNet (``lora_unet_input_blocks_4_1_...``, ``sdxl_names``) and its text-encoder names
+``lora_te1_text_model_*``; an embedding holds one row per text encoder, ``clip_l`` (1, d1) and
+``clip_g`` (1, d2), bundled as ``bundle_emb.<handle>.clip_l`` / ``.clip_g``; the diffusers
+folder's ``learned_embeds.safetensors`` holds ``clip_l`` (K, d1) and ``clip_g`` (K, d2), rows in
+handle order, which diffusers loads once per text encoder::
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(base)
+    pipe.load_lora_weights(folder)
+    embeds = load_file(f"{folder}/learned_embeds.safetensors")
+    pipe.load_textual_inversion(embeds["clip_l"], token=handles, text_encoder=pipe.text_encoder,
+                                tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(embeds["clip_g"], token=handles, text_encoder=pipe.text_encoder_2,
+                                tokenizer=pipe.tokenizer_2)
+
+(an ``embeddings`` file loads the same way, with its ``clip_l``/``clip_g`` and ``token=handle``).
+
 The mask encoder has no counterpart in those tools and is never exported (``MASK_ENCODER_NOTE``).
 Key names and layouts live in ``formats``; the reverse direction (reading kohya or diffusers LoRA
 files, starting phase 2 from one) is ``lora_import``'s job.
@@ -30,16 +47,25 @@ from lowmcgm.dtypes import DTYPE_NAMES, torch_dtype
 from lowmcgm.errors import UserError
 from lowmcgm.write_guard import check_new_files, check_not_inputs, check_writable_folder, writing
 from lowmcgm.interop.formats import (A1111_EMBEDDING_KEY, BUNDLE_PREFIX, DIFFUSERS_EMBEDS_NAME, DIFFUSERS_LORA_NAME,
-                                     KOHYA_TE_PREFIX, KOHYA_UNET_PREFIX, peft_modules, strip_text_model)
+                                     KOHYA_TE_PREFIX, KOHYA_UNET_PREFIX, SDXL_CLIP_G_KEY, SDXL_CLIP_L_KEY, peft_modules,
+                                     strip_text_model)
+from lowmcgm.interop.sdxl_names import (build_sgm_attention_blocks, collect_attention_blocks,
+                                        kohya_sdxl_text_encoder_stem, kohya_sdxl_unet_stem)
 
 FORMATS = ("kohya", "embeddings", "diffusers")
-# kohya's ss_base_model_version -> (ss_v2, modelspec.architecture, modelspec.prediction_type); the
-# architecture strings are those of kohya's sai_model_spec for SD 1.x/2.x LoRA.
+# kohya's ss_base_model_version -> (ss_v2, modelspec.architecture, modelspec.implementation,
+# modelspec.prediction_type), as kohya's sai_model_spec.build_metadata writes them for a LoRA: an
+# SDXL LoRA's keys name the SGM UNet, so kohya gives Stability's code as its implementation.
+_IMPL_DIFFUSERS = "diffusers"
+_IMPL_STABILITY_AI = "https://github.com/Stability-AI/generative-models"
 _VERSIONS = {
-    "sd_v1": (False, "stable-diffusion-v1/lora", "epsilon"),
-    "sd_v2": (True, "stable-diffusion-v2-512/lora", "epsilon"),
-    "sd_v2_v": (True, "stable-diffusion-v2-768-v/lora", "v"),
+    "sd_v1": (False, "stable-diffusion-v1/lora", _IMPL_DIFFUSERS, "epsilon"),
+    "sd_v2": (True, "stable-diffusion-v2-512/lora", _IMPL_DIFFUSERS, "epsilon"),
+    "sd_v2_v": (True, "stable-diffusion-v2-768-v/lora", _IMPL_DIFFUSERS, "v"),
+    "sdxl_base_v1-0": (False, "stable-diffusion-xl-v1-base/lora", _IMPL_STABILITY_AI, "epsilon"),
 }
+# The UNet layout of every SDXL model lowmcgm loads (base and fine-tunes alike), shipped in model_configs.
+_SDXL_CONFIG = "sdxl-base"
 MASK_ENCODER_NOTE = ("Not exported: the mask encoder, which has no counterpart in A1111, ComfyUI or diffusers; "
                      "pose control by masks is lost, the subjects are kept and answer to their handles in "
                      "plain prompts.")
@@ -55,6 +81,7 @@ class ExportResult:
 
     files: list[Path]
     handles: list[str]
+    sdxl: bool = False  # an SDXL artifact: its embeddings hold a clip_l and a clip_g row
 
 
 def export_artifact(artifact_path: Path, fmt: str, out: Path, bundle_embeddings: bool = True,
@@ -76,17 +103,14 @@ def export_artifact(artifact_path: Path, fmt: str, out: Path, bundle_embeddings:
 
     Raises:
         UserError: unknown format or dtype, bad output path, an output that is the artifact or
-            exists (without ``force``), or an artifact without LoRA (phase 2 skipped or ``full``
-            mode) for ``kohya``/``diffusers``.
+            exists (without ``force``), an artifact without LoRA (phase 2 skipped or ``full``
+            mode) for ``kohya``/``diffusers``, or for ``kohya`` an SDXL UNet of unknown layout.
     """
     if fmt not in FORMATS:
         raise UserError(f"Unknown export format '{fmt}': use one of {', '.join(FORMATS)}.")
     if dtype not in DTYPE_NAMES:
         raise UserError(f"Unknown export dtype '{dtype}': use one of {', '.join(DTYPE_NAMES)}.")
     artifact = load_artifact(Path(artifact_path))
-    if artifact.handle_vectors_2 is not None:  # interop/sdxl_names.py has kohya's names; not wired yet
-        raise UserError(f"{artifact_path} is an SDXL artifact: lowmcgm cannot export SDXL artifacts yet "
-                        "(SD 1.x and 2.x only for now).")
     out = Path(out).expanduser()
     files = _export_files(artifact, fmt, out)
     check_not_inputs(files, [artifact_path])
@@ -97,7 +121,7 @@ def export_artifact(artifact_path: Path, fmt: str, out: Path, bundle_embeddings:
         files = export_embeddings(artifact, out)
     else:
         files = export_diffusers(artifact, out, dtype=dtype)
-    return ExportResult(files, list(artifact.handles))
+    return ExportResult(files, list(artifact.handles), sdxl=artifact.handle_vectors_2 is not None)
 
 
 def _export_files(artifact: Artifact, fmt: str, out: Path) -> list[Path]:
@@ -120,8 +144,9 @@ def export_kohya(artifact: Artifact, out: Path, bundle_embeddings: bool = True, 
                         f"e.g. --out {out / 'lora.safetensors'}.")
     tensors = build_kohya_state_dict(artifact, dtype)
     if bundle_embeddings:
-        for handle, vector in zip(artifact.handles, artifact.handle_vectors):
-            tensors[f"{BUNDLE_PREFIX}{handle}.{A1111_EMBEDDING_KEY}"] = vector.float()[None]  # (1, d)
+        for index, handle in enumerate(artifact.handles):
+            for key, rows in build_embedding_tensors(artifact, index).items():
+                tensors[f"{BUNDLE_PREFIX}{handle}.{key}"] = rows
     metadata = build_kohya_metadata(artifact, out.stem)
     _prepare_folder(out.parent)  # only now: a refused export leaves no folder behind
     atomic_save(tensors, metadata, out)
@@ -138,14 +163,61 @@ def build_kohya_state_dict(artifact: Artifact, dtype: str = "fp16") -> dict[str,
     rank, alpha = _lora_rank_alpha(artifact)
     cast = torch_dtype(dtype)
     tensors: dict[str, torch.Tensor] = {}
-    parts = ((artifact.unet_lora, KOHYA_UNET_PREFIX), (artifact.text_encoder_lora, KOHYA_TE_PREFIX))
-    for state, prefix in parts:
-        for path, (down, up) in peft_modules(state, rank).items():
-            name = prefix + strip_text_model(path).replace(".", "_")
-            tensors[f"{name}.lora_down.weight"] = down.to(cast)
-            tensors[f"{name}.lora_up.weight"] = up.to(cast)
-            tensors[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
+    for part, state in (("unet", artifact.unet_lora), ("text_encoder", artifact.text_encoder_lora)):
+        modules = peft_modules(state, rank)
+        names = _kohya_module_names(artifact, part, list(modules))
+        for path, (down, up) in modules.items():
+            tensors[f"{names[path]}.lora_down.weight"] = down.to(cast)
+            tensors[f"{names[path]}.lora_up.weight"] = up.to(cast)
+            tensors[f"{names[path]}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
     return tensors
+
+
+def _kohya_module_names(artifact: Artifact, part: str, paths: list[str]) -> dict[str, str]:
+    """kohya's name (without ``.lora_down.weight`` etc.) of each LoRA module of the artifact.
+
+    Args:
+        part: ``unet`` or ``text_encoder``.
+        paths: the modules' diffusers/transformers paths, as PEFT names them.
+
+    Raises:
+        UserError: an SDXL UNet module kohya's SGM names do not cover, or an SDXL UNet whose
+            layout lowmcgm does not know (``_sdxl_unet_config``).
+    """
+    if artifact.handle_vectors_2 is None:  # SD 1.x/2.x: the diffusers path, dots as underscores
+        prefix = KOHYA_UNET_PREFIX if part == "unet" else KOHYA_TE_PREFIX
+        return {path: prefix + strip_text_model(path).replace(".", "_") for path in paths}
+    if part == "text_encoder":  # lowmcgm adapts SDXL's first text encoder only (MCGMState.add_adapters)
+        return {path: kohya_sdxl_text_encoder_stem(path, 1) for path in paths}
+    if not paths:
+        return {}
+    unet_config = _sdxl_unet_config(artifact, paths)
+    return {path: kohya_sdxl_unet_stem(path, unet_config) for path in paths}
+
+
+def _sdxl_unet_config(artifact: Artifact, paths: list[str]) -> dict[str, Any]:
+    """The UNet config whose SGM block numbers name the artifact's UNet LoRA modules ``paths``.
+
+    The artifact names its base model but does not carry its UNet config. Every SDXL model lowmcgm
+    loads (base or fine-tune; folder, hub id or single file) has SDXL base's UNet layout, shipped
+    in ``model_configs``; the tiny test model is rebuilt from its name. A layout is taken only when
+    its transformer blocks are exactly those the LoRA covers (lowmcgm's targets sit in every
+    transformer block), so a UNet laid out otherwise is refused rather than named wrongly.
+    """
+    from lowmcgm.model_configs import config_folder
+    from lowmcgm.models import TINY_NAMES, build_tiny_base
+
+    base_model = str(artifact.meta.get("base_model", ""))
+    layouts = [json.loads((config_folder(_SDXL_CONFIG) / "unet" / "config.json").read_text())]
+    if base_model in TINY_NAMES:
+        layouts.insert(0, dict(build_tiny_base(base_model).unet.config))
+    blocks = collect_attention_blocks(paths)
+    for unet_config in layouts:
+        if set(build_sgm_attention_blocks(unet_config)) == blocks:
+            return unet_config
+    raise UserError(f"Cannot give the artifact's UNet LoRA kohya's SDXL names: its base model '{base_model}' is not "
+                    f"laid out as SDXL base's UNet ({len(blocks)} transformer blocks), whose block numbers those names "
+                    "use; export --format diffusers or embeddings instead.")
 
 
 def build_kohya_metadata(artifact: Artifact, output_name: str) -> dict[str, str]:
@@ -156,7 +228,7 @@ def build_kohya_metadata(artifact: Artifact, output_name: str) -> dict[str, str]
     if version not in _VERSIONS:
         raise UserError(f"The artifact does not say which Stable Diffusion version it was trained on "
                         f"(base_model_version '{version}'); retrain it with this lowmcgm.")
-    is_v2, architecture, prediction = _VERSIONS[version]
+    is_v2, architecture, implementation, prediction = _VERSIONS[version]
     resolution = int(artifact.meta.get("resolution", 512))
     return {
         "ss_v2": str(is_v2),
@@ -173,7 +245,7 @@ def build_kohya_metadata(artifact: Artifact, output_name: str) -> dict[str, str]
         "ss_training_comment": f"lowmcgm {__version__}; handles {', '.join(artifact.handles)}",
         "modelspec.sai_model_spec": "1.0.1",
         "modelspec.architecture": architecture,
-        "modelspec.implementation": "diffusers",
+        "modelspec.implementation": implementation,
         "modelspec.title": output_name,
         "modelspec.resolution": f"{resolution}x{resolution}",
         "modelspec.trigger_phrase": ", ".join(artifact.handles),
@@ -193,11 +265,25 @@ def embedding_file_stem(handle: str) -> str:
     return handle.strip("<>")
 
 
+def build_embedding_tensors(artifact: Artifact, index: int) -> dict[str, torch.Tensor]:
+    """Handle ``index``'s textual-inversion tensors (fp32), as A1111 and ComfyUI read them.
+
+    Returns:
+        ``{"string_to_param.*": (1, d)}`` for SD 1.x/2.x; for SDXL one row per text encoder,
+        ``{"clip_l": (1, d1), "clip_g": (1, d2)}``.
+    """
+    first = artifact.handle_vectors[index].float()[None]
+    if artifact.handle_vectors_2 is None:
+        return {A1111_EMBEDDING_KEY: first}
+    return {SDXL_CLIP_L_KEY: first, SDXL_CLIP_G_KEY: artifact.handle_vectors_2[index].float()[None]}
+
+
 def export_embeddings(artifact: Artifact, out_dir: Path) -> list[Path]:
-    """One A1111-layout ``<stem>.safetensors`` per handle (``string_to_param.*``: (1, d) fp32).
+    """One ``<stem>.safetensors`` per handle, in A1111's layout (``build_embedding_tensors``).
 
     A1111 and ComfyUI use the file name as the trigger word (``asset0``, ComfyUI
-    ``embedding:asset0``); diffusers loads it with ``load_textual_inversion(file, token="<asset0>")``.
+    ``embedding:asset0``); diffusers loads it with ``load_textual_inversion(file, token="<asset0>")``,
+    or for SDXL each row into its encoder (the module docstring's lines).
     """
     out_dir = Path(out_dir)
     paths = [out_dir / f"{embedding_file_stem(handle)}.safetensors" for handle in artifact.handles]
@@ -206,8 +292,8 @@ def export_embeddings(artifact: Artifact, out_dir: Path) -> list[Path]:
             raise UserError(f"Handle {handle!r} cannot be a file name; handles are <name> with letters, "
                             "digits, _ or -.")
     _prepare_folder(out_dir)
-    for handle, vector, path in zip(artifact.handles, artifact.handle_vectors, paths):
-        atomic_save({A1111_EMBEDDING_KEY: vector.float()[None]},
+    for index, (handle, path) in enumerate(zip(artifact.handles, paths)):
+        atomic_save(build_embedding_tensors(artifact, index),
                     {"name": embedding_file_stem(handle), "lowmcgm_handle": handle, "lowmcgm_version": __version__},
                     path)
     return paths
@@ -217,9 +303,12 @@ def export_diffusers(artifact: Artifact, out_dir: Path, dtype: str = "fp16") -> 
     """``pytorch_lora_weights.safetensors`` (diffusers' own writer, with alpha) and ``learned_embeds.safetensors``.
 
     Text-encoder keys keep the ``text_model.`` level: diffusers strips it for transformers
-    versions without the wrapper and needs it for older ones, so one file serves both.
+    versions without the wrapper and needs it for older ones, so one file serves both. SDXL's
+    LoRA is written by the SDXL pipeline's writer (the same keys: ``unet.``, ``text_encoder.``).
     """
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    pipeline = StableDiffusionPipeline if artifact.handle_vectors_2 is None else StableDiffusionXLPipeline
 
     rank, alpha = _lora_rank_alpha(artifact)
     out_dir = Path(out_dir)
@@ -247,14 +336,28 @@ def export_diffusers(artifact: Artifact, out_dir: Path, dtype: str = "fp16") -> 
     tmp_name = f".{DIFFUSERS_LORA_NAME}.tmp-{os.getpid()}"
     try:
         with writing(lora_path):
-            StableDiffusionPipeline.save_lora_weights(out_dir, weight_name=tmp_name, **layers)
+            pipeline.save_lora_weights(out_dir, weight_name=tmp_name, **layers)
             _publish(out_dir / tmp_name, lora_path)
     finally:
         (out_dir / tmp_name).unlink(missing_ok=True)
     embeds_path = out_dir / DIFFUSERS_EMBEDS_NAME
-    atomic_save({h: v.float() for h, v in zip(artifact.handles, artifact.handle_vectors)},
-                {"lowmcgm_version": __version__}, embeds_path)
+    atomic_save(build_diffusers_embeddings(artifact), {"lowmcgm_version": __version__,
+                                                       "lowmcgm_handles": json.dumps(artifact.handles)}, embeds_path)
     return [lora_path, embeds_path]
+
+
+def build_diffusers_embeddings(artifact: Artifact) -> dict[str, torch.Tensor]:
+    """``learned_embeds.safetensors``'s tensors (fp32).
+
+    Returns:
+        ``{handle: (d,)}`` for SD 1.x/2.x, each entry one ``load_textual_inversion({token: vector})``;
+        for SDXL ``{"clip_l": (K, d1), "clip_g": (K, d2)}``, rows in handle order: one
+        ``load_textual_inversion(rows, token=handles, text_encoder=..., tokenizer=...)`` per encoder,
+        the way diffusers' documentation loads SDXL embeddings.
+    """
+    if artifact.handle_vectors_2 is None:
+        return {handle: vector.float() for handle, vector in zip(artifact.handles, artifact.handle_vectors)}
+    return {SDXL_CLIP_L_KEY: artifact.handle_vectors.float(), SDXL_CLIP_G_KEY: artifact.handle_vectors_2.float()}
 
 
 def _lora_rank_alpha(artifact: Artifact) -> tuple[int, float]:
@@ -266,10 +369,6 @@ def _lora_rank_alpha(artifact: Artifact) -> tuple[int, float]:
         raise UserError("This artifact has no LoRA (trained with train.phase2_steps=0): only "
                         "--format embeddings applies.")
     return int(lora["rank"]), float(lora["alpha"])
-
-
-
-
 
 
 def _prepare_folder(folder: Path) -> None:

@@ -18,6 +18,11 @@ KOHYA_UNET_PREFIX = "lora_unet_"
 KOHYA_TE_PREFIX = "lora_te_text_model_"
 BUNDLE_PREFIX = "bundle_emb."
 A1111_EMBEDDING_KEY = "string_to_param.*"
+# SDXL embeddings hold one row per text encoder under these keys: A1111 (textual_inversion.py,
+# create_embedding_from_data: "SDXL embedding"), ComfyUI (its SDXL tokenizers' embedding_key) and the
+# bundled ``bundle_emb.<name>.clip_l`` / ``.clip_g`` of a LoRA (A1111's networks.py) all read them.
+SDXL_CLIP_L_KEY = "clip_l"  # text_encoder: CLIP ViT-L
+SDXL_CLIP_G_KEY = "clip_g"  # text_encoder_2: OpenCLIP ViT-bigG
 DIFFUSERS_LORA_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
 DIFFUSERS_EMBEDS_NAME = "learned_embeds.safetensors"  # what diffusers' textual-inversion script writes
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY

@@ -36,7 +36,7 @@ files (tensors, metadata) stays with ``export``.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from lowmcgm.errors import UserError
@@ -83,6 +83,19 @@ def build_sgm_attention_blocks(unet_config: Mapping[str, Any]) -> dict[str, str]
                 blocks[f"up_blocks.{level}.attentions.{j}"] = f"output_blocks.{index}.1"
             index += 1
     return blocks
+
+
+def collect_attention_blocks(paths: Iterable[str]) -> set[str]:
+    """The transformer blocks that hold the UNet modules ``paths``.
+
+    Args:
+        paths: diffusers UNet module paths, e.g. ``down_blocks.1.attentions.0.proj_in``.
+
+    Returns:
+        e.g. ``{"down_blocks.1.attentions.0", "mid_block.attentions.0"}``; paths outside any
+        transformer block (a resnet, say) add nothing.
+    """
+    return {match.group(0) for match in map(_ATTENTION_BLOCK.match, paths) if match}
 
 
 def kohya_sdxl_unet_stem(path: str, unet_config: Mapping[str, Any]) -> str:
