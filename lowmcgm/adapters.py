@@ -63,6 +63,35 @@ def lora_module_names(model: nn.Module) -> list[str]:
     return sorted({name.rsplit(".lora_A", 1)[0] for name, _ in model.named_parameters() if ".lora_A." in name})
 
 
+class StoredInFp8(nn.Module):
+    """A frozen weight kept in float8_e4m3fn and read in ``compute_dtype`` (torch parametrization).
+
+    Each read makes a new tensor, so autograd saves the upcast copy, not the stored weight (which is
+    why diffusers' layerwise casting hooks, which cast the module back after its forward, serve
+    inference only). Under gradient checkpointing the copies live one block at a time.
+    """
+
+    def __init__(self, compute_dtype: torch.dtype):
+        super().__init__()
+        self.compute_dtype = compute_dtype
+
+    def forward(self, stored: torch.Tensor) -> torch.Tensor:
+        return stored.to(self.compute_dtype)
+
+
+def store_in_fp8(model: nn.Module, compute_dtype: torch.dtype) -> None:
+    """Frozen Linear and Conv2d weights of ``model`` stored in fp8 (``model.fp8_base``): a plain cast,
+    as kohya's and OneTrainer's fp8 base. Norms, embeddings (the handles' rows train in the token
+    table's wrapper) and biases keep ``compute_dtype``; LoRA added later keeps fp32 weights."""
+    from torch.nn.utils import parametrize
+
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)) and not module.weight.requires_grad:
+            # Cast first: a parametrization may not change the stored dtype itself.
+            module.weight.data = module.weight.data.to(torch.float8_e4m3fn)
+            parametrize.register_parametrization(module, "weight", StoredInFp8(compute_dtype), unsafe=True)
+
+
 def cast_frozen(model: nn.Module, dtype: torch.dtype) -> None:
     """Frozen parameters to ``dtype`` (fp16/bf16 halves their memory), trainable ones to fp32."""
     for param in model.parameters():

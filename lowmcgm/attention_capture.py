@@ -207,6 +207,18 @@ def loss_layer_names(unet: UNet2DConditionModel, downscale: int, latent_px: int 
     return names
 
 
+def describe_loss_layers(unet: UNet2DConditionModel, downscale: int, latent_px: int) -> str:
+    """Which maps the attention losses read, in one line: ``config.toml`` and ``lowmcgm estimate``
+    state it, since with ``downscale`` 0 it is derived from the model (SDXL at 1024 px: 32x32)."""
+    chosen = downscale or auto_downscale(unet, latent_px)
+    names = loss_layer_names(unet, chosen, latent_px)
+    blocks = sorted({name.split(".attentions.")[0] for name in names})
+    how = "derived from the model" if downscale == 0 else "as set"
+    side = latent_px // chosen
+    return (f"the attention losses read {side}x{side} maps (latent side / {chosen}, {how}) of "
+            f"{len(names)} cross-attention layers in {', '.join(blocks)}")
+
+
 def install_capture(unet: UNet2DConditionModel, layers: list[str], store: CrossAttentionStore) -> dict:
     """Put capturing processors on ``layers`` only; return the processors they replaced."""
     current = dict(unet.attn_processors)

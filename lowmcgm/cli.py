@@ -154,8 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("estimate", help="predict the peak GPU memory of training, per phase and itemised "
                                         "(no GPU, no weights: traced on fake tensors)")
     _add_config_args(p)
-    p.add_argument("--base-model", default="sd15", help="sd15 (default), sd21-base, sd21-768, tiny, or a local "
-                                                        "diffusers folder (only its config files are read)")
+    p.add_argument("--base-model", default="sd15", help="sd15 (default), sd21-base, sd21-768, sdxl-base, tiny, "
+                                                        "tiny-xl, or a local diffusers folder (only its config files "
+                                                        "are read)")
     _add_field_flags(p, "model.resolution")
     p.add_argument("--card", type=float, metavar="GB", help="the card to fit (default: the one the preset is "
                                                             "named for, e.g. 8 for 8gb); settings that would fit "

@@ -26,7 +26,7 @@ SDXL_MIN_RESOLUTION_FACTOR = 0.75
 
 def check_settings_fit(cfg: Config, base: BaseModel) -> None:
     """Refuse a resolution the model cannot take and LoRA targets it does not have (one UserError)."""
-    problems = _sdxl_problems(cfg) if base.family == "sdxl" else []
+    problems = sdxl_problems(cfg) if base.family == "sdxl" else []
     if cfg.model.resolution:
         problems += _resolution_problems(cfg.model.resolution, base)
     if cfg.lora.phase2_mode == "lora" and cfg.train.phase2_steps:
@@ -55,7 +55,7 @@ def _resolution_problems(resolution: int, base: BaseModel) -> list[str]:
     return problems
 
 
-def _sdxl_problems(cfg: Config) -> list[str]:
+def sdxl_problems(cfg: Config) -> list[str]:
     """What lowmcgm does not train on SDXL yet (each needs the second text encoder, or an SDXL
     class-image pipeline, wired through training, export and the memory estimate)."""
     problems = []

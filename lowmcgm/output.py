@@ -55,12 +55,18 @@ def remove_empty_folders(top: Path | None) -> None:
             pass
 
 
-def write_effective_config(cfg: Config, out: Path) -> Path:
-    """Write ``config.toml`` (every field, defaults included) atomically into ``out``."""
+def write_effective_config(cfg: Config, out: Path, notes: tuple[str, ...] = ()) -> Path:
+    """Write ``config.toml`` (every field, defaults included) atomically into ``out``.
+
+    Args:
+        notes: what the settings resolved to on the loaded model (e.g. which attention maps a
+            0 for "derive it" picked), written as comments at the top.
+    """
     path = out / "config.toml"
     tmp = path.with_name(f".config.toml.tmp-{os.getpid()}")
+    header = "# The effective configuration of this run (lowmcgm train --config this-file works).\n"
+    header += "".join(f"# On this model, {note}.\n" for note in notes)
     with writing(path):
-        tmp.write_text("# The effective configuration of this run (lowmcgm train --config this-file works).\n"
-                       + to_toml(cfg))
+        tmp.write_text(header + to_toml(cfg))
         os.replace(tmp, path)
     return path

@@ -23,9 +23,10 @@ from accelerate import Accelerator
 
 from lowmcgm import config as config_mod
 from lowmcgm.accelerator import AcceleratorLike
-from lowmcgm.adapters import cast_frozen
+from lowmcgm.adapters import cast_frozen, store_in_fp8
 from lowmcgm.artifact import save_artifact
-from lowmcgm.attention_capture import CrossAttentionStore, install_capture, loss_layer_names, remove_capture
+from lowmcgm.attention_capture import (CrossAttentionStore, describe_loss_layers, install_capture, loss_layer_names,
+                                       remove_capture)
 from lowmcgm.batches import Batch, build_batch, encode_photo
 from lowmcgm.config import Config
 from lowmcgm.data import ConceptImage, build_prompt, load_concept_image, resize_masks
@@ -124,7 +125,7 @@ def train(cfg: Config, on_progress: ProgressFn | None = None, resume: bool = Fal
     # Written once the base model loaded: a refused base leaves the output folder empty.
     if overwrite:
         clear_earlier_run(out, cfg.output.artifact_name)
-    write_effective_config(cfg, out)
+    write_effective_config(cfg, out, resolved_notes(cfg, base))
     setup = build_setup(cfg, base, handle_names, report)
     setup.inputs = inputs
     state = resume_state(setup, out) if resume else new_state(setup, phase=1)
@@ -163,6 +164,14 @@ def train(cfg: Config, on_progress: ProgressFn | None = None, resume: bool = Fal
     if setup.capture is not None:
         remove_capture(base.unet, setup.capture)
     return path
+
+
+def resolved_notes(cfg: Config, base: BaseModel) -> tuple[str, ...]:
+    """What settings left to the model resolve to on ``base`` (config.toml and the estimate say it)."""
+    if not cfg.loss.use_attention_loss:
+        return ()
+    latent_px = (cfg.model.resolution or base.resolution) // base.vae_scale_factor
+    return (describe_loss_layers(base.unet, cfg.loss.attn_loss_downscale, latent_px),)
 
 
 def check_inputs(cfg: Config, resume: bool = False, overwrite: bool = False) -> tuple[Path, list[str], list[str]]:
@@ -279,6 +288,8 @@ def prepare_setup(cfg: Config, base: BaseModel, concept: ConceptImage, handle_na
     for module in (base.unet, base.text_encoder, base.text_encoder_2):
         if module is not None:
             cast_frozen(module, weight_dtype)
+            if cfg.model.fp8_base:  # cast on the CPU: the GPU never holds the half-precision copy
+                store_in_fp8(module, weight_dtype)
             module.to(device)
     mcgm.to(device)
     if mcgm.mask_encoder is not None and cfg.loss.mask_token_norm == "layernorm":

@@ -76,8 +76,9 @@ def test_v_prediction_model_trains(photo, tmp_path):
     {"model.use_gradient_checkpointing": True},
     {"data.use_affine_augmentation": True, "data.background": "solid", "train.batch_size": 2},
     {"data.mask_dropout": 1.0, "data.use_mask_perturbation": True, "loss.use_mask_tokens": False},
+    {"model.fp8_base": True, "model.use_gradient_checkpointing": True},
 ], ids=["batch2", "solid-background", "break-a-scene", "checkpointing", "affine-in-pixels",
-        "dropout-without-encoder"])
+        "dropout-without-encoder", "fp8-base"])
 def test_recipe_variants_run(photo, tmp_path, overrides):
     path = train(_cfg(photo, tmp_path / "run", **{"train.phase1_steps": 3, "train.phase2_steps": 2} | overrides))
     art = load_artifact(path)

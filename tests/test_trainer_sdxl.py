@@ -50,6 +50,9 @@ def test_sdxl_trains_handles_in_both_encoders_and_a_unet_lora(wide_photo, tmp_pa
     assert not torch.allclose(art.handle_vectors_2[0], init_2.float())  # the second encoder's rows trained
     assert art.mask_encoder["proj.weight"].shape[0] == 64  # mask tokens as wide as the joint context
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in art.unet_lora.items())
+    # config.toml says which maps the attention losses read: SDXL has none at its highest level.
+    assert ("# On this model, the attention losses read 16x16 maps (latent side / 2, derived from the model) of "
+            "3 cross-attention layers in down_blocks.1, up_blocks.1.") in (out / "config.toml").read_text()
     history = json.loads((out / "loss_history.json").read_text())
     assert len(history) == 8 and all(np.isfinite(h["total"]) for h in history)
     # train() leaves the base as it came: no handle wrappers, no LoRA layers.

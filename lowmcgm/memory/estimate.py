@@ -168,11 +168,7 @@ def resolve_model(spec: str) -> str:
     from lowmcgm.model_configs import SHIPPED_CONFIGS
     from lowmcgm.models import TINY_NAMES, TOY_NAME
 
-    # SDXL (a shipped config, a folder or the tiny one) is refused before a child is started.
     folder = SHIPPED_CONFIGS.get(spec) or Path(spec).expanduser()
-    if spec == "tiny-xl" or (folder / "text_encoder_2").is_dir():
-        raise UserError(f"--base-model '{spec}' is an SDXL model: lowmcgm loads SDXL models but cannot estimate "
-                        "training on them yet (SD 1.x and 2.x only for now).")
     if spec in SHIPPED_CONFIGS or spec in TINY_NAMES:
         return spec
     if spec == TOY_NAME:  # the bundled toy model: a diffusers folder like any other
@@ -192,9 +188,33 @@ def resolve_model(spec: str) -> str:
 
 
 def card_of_preset(preset: str | None) -> float | None:
-    """The card a shipped preset is named for (``8gb`` -> 8.0), else None."""
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)gb", Path(preset).stem if preset else "")
+    """The card a shipped preset is named for (``8gb`` and ``sdxl-8gb`` -> 8.0), else None."""
+    m = re.fullmatch(r"(?:sdxl-)?(\d+(?:\.\d+)?)gb", Path(preset).stem if preset else "")
     return float(m.group(1)) if m else None
+
+
+def family_of_model(spec: str) -> str:
+    """``sdxl`` for an SDXL ``--base-model`` (tiny-xl, sdxl-base, a folder with a second text
+    encoder), else ``sd``: which card presets apply (``sdxl-8gb`` or ``8gb``)."""
+    from lowmcgm.model_configs import SHIPPED_CONFIGS
+
+    folder = SHIPPED_CONFIGS.get(spec) or Path(spec).expanduser()
+    return "sdxl" if spec == "tiny-xl" or (folder / "text_encoder_2").is_dir() else "sd"
+
+
+def family_of_preset(name: str) -> str:
+    return "sdxl" if Path(name).stem.startswith("sdxl-") else "sd"
+
+
+def check_family_settings(cfg: Config, spec: str) -> None:
+    """Refuse to estimate what training would refuse on an SDXL model (``model_fit.sdxl_problems``):
+    a figure for settings that cannot run says nothing."""
+    from lowmcgm.model_fit import sdxl_problems
+
+    problems = sdxl_problems(cfg) if family_of_model(spec) == "sdxl" else []
+    if problems:
+        raise UserError(f"--base-model {spec} is an SDXL model: " + "; ".join(problems)
+                        + " (the sdxl-8gb and sdxl-12gb presets are made for SDXL).")
 
 
 def build_job(cfg: Config, model: str, resolution: int | None = None, attention: str = "sdpa",
@@ -240,6 +260,7 @@ def estimate(cfg: Config, model: str, resolution: int | None = None, *, attentio
         >>> est = estimate(cfg, "sd15")            # about 20 s on 2 cores
         >>> est.phase(2).peak_bytes / 2**30, est.card_tiers()
     """
+    check_family_settings(cfg, model)
     return run_jobs([build_job(cfg, resolve_model(model), resolution, attention, num_concepts)],
                     mode=mode, timeout_s=timeout_s)[0]
 
@@ -254,7 +275,9 @@ def candidate_jobs(cfg: Config, model: str, card_gib: float, resolution: int | N
     from lowmcgm.presets import list_presets
 
     own = Path(own_preset).stem if own_preset else None
-    names = [n for n in list_presets() if n != own and card_of_preset(n) is not None and card_of_preset(n) <= card_gib]
+    family = family_of_model(model)
+    names = [n for n in list_presets() if n != own and family_of_preset(n) == family
+             and card_of_preset(n) is not None and card_of_preset(n) <= card_gib]
     out = []
     for name in sorted(names, key=lambda n: -card_of_preset(n)):
         job = build_job(resolve_config(name, None, {}), model, resolution) | {"group": "presets"}
@@ -281,6 +304,7 @@ def check_and_suggest(cfg: Config, model: str, resolution: int | None = None, ca
     The card is ``card_gib``, else the one the preset is named for, else (when no tier fits at
     all) the largest tier. Returns (estimate, card or None, suggestions or None when it fits).
     """
+    check_family_settings(cfg, model)
     model = resolve_model(model)
     target = card_gib or card_of_preset(preset) or float(CARD_TIERS_GIB[-1])
     candidates = candidate_jobs(cfg, model, target, resolution, preset)

@@ -60,7 +60,7 @@ def trace_job(config: dict[str, Any], model: str, attention: str = "sdpa", num_c
     """
     from lowmcgm.handles import default_handles
     from lowmcgm.models import TINY_WORDS
-    from lowmcgm.trainer import prepare_setup
+    from lowmcgm.trainer import prepare_setup, resolved_notes
 
     s = mt.session()
     started = time.perf_counter()
@@ -90,6 +90,7 @@ def trace_job(config: dict[str, Any], model: str, attention: str = "sdpa", num_c
     setup = prepare_setup(cfg, base, _random_concept(resolution, n), default_handles(n), acc,
                           lambda event: None, lambda device: prior)
     install_attention_layout(setup, attention)
+    notes += list(resolved_notes(cfg, base))
     # The models are built: freeze what the cyclic collector would otherwise rescan at every
     # gc.collect() below (about 1 s each for an SD-size model; milliseconds once frozen).
     gc.collect()
@@ -137,7 +138,7 @@ def _build_base(model: str, s: mt.TraceSession) -> Any:
     """The BaseModel for ``model``: the tiny ones for real (CPU, seeded), SD ones from configs on
     the meta device (fake runs) or with random weights on the CPU (real CUDA runs)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     from lowmcgm.model_configs import SHIPPED_CONFIGS
     from lowmcgm.models import TINY_NAMES, TINY_WORDS, BaseModel, build_tiny_base
@@ -146,17 +147,21 @@ def _build_base(model: str, s: mt.TraceSession) -> Any:
     if model in TINY_NAMES:
         return build_tiny_base(model)
     folder = SHIPPED_CONFIGS.get(model) or Path(model)
-    parts = [mt.build_from_config(cls, folder / sub) for cls, sub in
-             ((UNet2DConditionModel, "unet"), (CLIPTextModel, "text_encoder"), (AutoencoderKL, "vae"))]
+    kinds = [(UNet2DConditionModel, "unet"), (CLIPTextModel, "text_encoder"), (AutoencoderKL, "vae")]
+    xl = (folder / "text_encoder_2").is_dir()  # SDXL: its second text encoder beside the first
+    if xl:
+        kinds.append((CLIPTextModelWithProjection, "text_encoder_2"))
+    parts = [mt.build_from_config(cls, folder / sub) for cls, sub in kinds]
     if not s.is_fake:
         for module in parts:  # meta cannot be copied to a real device: random weights on the CPU
             mt.materialize(module, None, "cpu")
-    unet, text_encoder, vae = parts
+    unet, text_encoder, vae = parts[:3]
     scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
     # A stand-in tokenizer: install_handles only grows the embedding table, so a small vocabulary
     # with the real 77-token length gives the same shapes as the model's own tokenizer.
     tokenizer = build_clip_tokenizer(list(TINY_WORDS))
-    return BaseModel(tokenizer, text_encoder, vae, unet, scheduler, name=str(model))
+    second = {"tokenizer_2": build_clip_tokenizer(list(TINY_WORDS)), "text_encoder_2": parts[3]} if xl else {}
+    return BaseModel(tokenizer, text_encoder, vae, unet, scheduler, name=str(model), **second)
 
 
 def _random_concept(resolution: int, n: int) -> ConceptImage:
@@ -332,7 +337,8 @@ def _optimizer_state_bytes(optimizer: torch.optim.Optimizer, device_type: str) -
 
 
 def _device_modules(setup: Any) -> list[torch.nn.Module]:
-    base = setup.base
-    mods = [base.unet, base.text_encoder, base.vae, setup.mcgm.handles]
+    base, mcgm = setup.base, setup.mcgm
+    mods = [base.unet, base.text_encoder, base.text_encoder_2, base.vae, mcgm.handles, mcgm.handles_2]
+    mods = [m for m in mods if m is not None]
     return mods + ([setup.mcgm.mask_encoder] if setup.mcgm.mask_encoder is not None else [])
 
