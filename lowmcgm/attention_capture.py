@@ -32,7 +32,7 @@ class CrossAttentionStore:
         >>> store.begin(key_index)            # (B, S) key positions to expose
         >>> unet(latents, t, context)
         >>> store.end()                        # recomputation in backward records nothing
-        >>> maps = store.mean_maps()           # (B, S, h, w)
+        >>> maps = store.mean_maps((H, W))     # (B, S, h, w), h/w as H/W
     """
 
     def __init__(self) -> None:
@@ -60,13 +60,44 @@ class CrossAttentionStore:
             raise RuntimeError(f"layer {layer} captured twice in one forward pass")
         self.maps[layer] = probs.mean(1)  # (B, N, S): heads averaged now, to keep less
 
-    def mean_maps(self) -> torch.Tensor:
-        """Average over layers (and heads) -> (B, S, h, w)."""
+    def mean_maps(self, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Average over layers (and heads) -> (B, S, h, w).
+
+        Args:
+            size: (H, W) of the image or latent the UNet ran on, which sets the maps' aspect (see
+                ``compute_map_grid``); None for square maps (training crops are square).
+        """
         if not self.maps:
             raise RuntimeError("no attention maps captured: was the UNet called between begin() and end()?")
         mean = torch.stack(list(self.maps.values())).mean(0)  # (B, N, S)
-        side = math.isqrt(mean.shape[1])
-        return mean.transpose(1, 2).reshape(mean.shape[0], mean.shape[2], side, side)
+        rows, cols = compute_map_grid(mean.shape[1], size)
+        return mean.transpose(1, 2).reshape(mean.shape[0], mean.shape[2], rows, cols)
+
+
+def compute_map_grid(num_queries: int, size: tuple[int, int] | None = None) -> tuple[int, int]:
+    """(rows, cols) of a cross-attention map with ``num_queries`` positions.
+
+    The UNet halves its latent per level with stride-2 convolutions (kernel 3, padding 1), so a
+    side of n becomes ceil(n / 2); and the VAE divides the image's sides exactly (pipelines take
+    multiples of 8 px). A layer's map is therefore the halving of the image's or latent's
+    ``size`` that has ``num_queries`` positions: sizes shrink at each halving, so at most one can.
+    When none does (an image off the 8 px grid), the factor pair nearest ``size``'s aspect (for a
+    square size and count, the square map).
+
+    Args:
+        num_queries: the layer's query count, rows x cols.
+        size: (H, W) of the image or latent the UNet ran on; None for a square map.
+    """
+    if size is None:
+        side = math.isqrt(num_queries)
+        return side, side
+    rows, cols = int(size[0]), int(size[1])
+    while rows * cols > num_queries:
+        rows, cols = -(-rows // 2), -(-cols // 2)  # ceil halving, as the UNet's downsampling
+    if rows * cols == num_queries:
+        return rows, cols
+    pairs = [(r, num_queries // r) for r in range(1, num_queries + 1) if num_queries % r == 0]
+    return min(pairs, key=lambda pair: abs(math.log(pair[0] * int(size[1]) / (pair[1] * int(size[0])))))
 
 
 def compute_selected_probs(query: torch.Tensor, key: torch.Tensor, key_index: torch.Tensor,

@@ -27,14 +27,13 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
 
-from lowmcgm.attention_capture import CapturingCrossAttnProcessor
+from lowmcgm.attention_capture import CapturingCrossAttnProcessor, compute_map_grid
 
 @dataclass
 class PoseGuide:
@@ -42,7 +41,8 @@ class PoseGuide:
 
     Attributes:
         columns: key positions to guide: handle tokens (in the 77 text tokens) and mask tokens.
-        masks: (S, H, W) float in [0, 1], the pose mask of each column at image resolution.
+        masks: (S, H, W) float in [0, 1], the pose mask of each column at image resolution
+            (its aspect gives each layer's map shape).
         strength: the logit bias at the first step (``attention``) or the latent step size
             (``latent``).
         steps: how many denoising steps are guided; the weight fades to 0 over them.
@@ -65,10 +65,11 @@ class PoseGuide:
         return self.strength * (1.0 - self.step / self.steps)
 
     def masks_at(self, num_queries: int) -> torch.Tensor:
-        """(S, N) masks averaged down to a layer's square map of ``num_queries`` positions."""
+        """(S, N) masks averaged down to a layer's (h, w) map of ``num_queries`` positions, which
+        has the masks' (the image's) aspect (``compute_map_grid``)."""
         if num_queries not in self._resized:
-            side = math.isqrt(num_queries)
-            small = F.adaptive_avg_pool2d(self.masks[None].float(), (side, side))[0]  # (S, side, side)
+            grid = compute_map_grid(num_queries, self.masks.shape[-2:])
+            small = F.adaptive_avg_pool2d(self.masks[None].float(), grid)[0]  # (S, h, w)
             self._resized[num_queries] = small.flatten(1)
         return self._resized[num_queries]
 
@@ -199,7 +200,7 @@ class LatentGuidance:
             self.store.begin(key_index)
             self.unet(scale_input(x, timestep), timestep, self.context, added_cond_kwargs=self.added_cond_kwargs)
             self.store.end()
-            maps = self.store.mean_maps().float()  # (B, S, h, w)
+            maps = self.store.mean_maps(x.shape[-2:]).float()  # (B, S, h, w), the latent's aspect
             self.store.clear()  # the pipeline's own passes record nothing (or what they did before)
             energy = sum(attention_energy(m, self.guide.masks) for m in maps)
             (grad,) = torch.autograd.grad(energy, x)

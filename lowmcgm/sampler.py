@@ -275,7 +275,7 @@ class PoseSampler:
         def on_step(pipe: Any, step: int, timestep: Any, kwargs: dict) -> dict:
             # The store holds one UNet call; take it, then arm it for the next step. The last row
             # is the conditional sample (diffusers puts the unconditional batch first).
-            collected.append(store.mean_maps()[-1].float().cpu())
+            collected.append(store.mean_maps((settings.height, settings.width))[-1].float().cpu())
             store.begin(key_index)
             return kwargs
 
@@ -313,8 +313,8 @@ class _SavedStore:
     def end(self) -> None:
         self._store.end()
 
-    def mean_maps(self) -> torch.Tensor:
-        return self._store.mean_maps()
+    def mean_maps(self, size: tuple[int, int] | None = None) -> torch.Tensor:
+        return self._store.mean_maps(size)
 
     def clear(self) -> None:
         self._store.key_index, self._store.maps, self._store.recording = self._saved

@@ -7,8 +7,8 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-from lowmcgm.attention_capture import (CrossAttentionStore, compute_selected_probs, install_capture,
-                                       loss_layer_names, remove_capture)
+from lowmcgm.attention_capture import (CrossAttentionStore, compute_map_grid, compute_selected_probs,
+                                       install_capture, loss_layer_names, remove_capture)
 from lowmcgm.errors import UserError
 from lowmcgm.models import build_tiny_base
 
@@ -175,3 +175,41 @@ def test_auto_downscale_aims_for_16px_maps():
     assert auto_downscale(sd15, 96) == 4  # 768 px: 24x24 (the 12x12 level has no cross-attention)
     assert auto_downscale(_tiny_unet(), 32) == 2  # tiny: 16x16 rather than 8x8
     assert loss_layer_names(sd15, 0, 64) == loss_layer_names(sd15, 4)
+
+
+MAP_GRIDS = {
+    "square, no size (training)": (256, None, (16, 16)),
+    "landscape image": (16 * 24, (64, 96), (16, 24)),
+    "its latent": (16 * 24, (32, 48), (16, 24)),
+    "portrait, coarser layer": (6 * 4, (96, 64), (6, 4)),
+    "odd latent sides round up (520x776 px)": (33 * 49, (520, 776), (33, 49)),
+    "odd latent sides, two levels down": (17 * 25, (65, 97), (17, 25)),
+    "square image off the 8 px grid": (36, (100, 100), (6, 6)),
+    "image off the grid: nearest aspect": (54, (100, 150), (6, 9)),
+}
+
+
+@pytest.mark.parametrize("case", MAP_GRIDS.values(), ids=MAP_GRIDS.keys())
+def test_map_grid_follows_the_image_aspect(case):
+    num_queries, size, grid = case
+    assert compute_map_grid(num_queries, size) == grid
+
+
+def test_mean_maps_of_a_non_square_latent_have_its_aspect_and_layout():
+    """The tiny UNet on a 9x13 latent (odd sides: the UNet rounds up) captures 3x4 maps at its
+    latent / 4 layers; a probability recorded at one query lands at that query's row and column."""
+    unet = _tiny_unet()
+    store = CrossAttentionStore()
+    install_capture(unet, loss_layer_names(unet, 4), store)
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 4, 9, 13, generator=g)
+    context = torch.randn(1, 80, unet.config.cross_attention_dim, generator=g)
+    store.begin(torch.tensor([[4, 6]]))
+    with torch.no_grad():
+        unet(latents, torch.tensor([10]), context)
+    store.end()
+    assert store.mean_maps(latents.shape[-2:]).shape == (1, 2, 3, 4)
+    store.maps = {"x": torch.zeros(1, 12, 2)}
+    store.maps["x"][0, 1 * 4 + 3, 1] = 1.0  # row 1, column 3 of a 3x4 map, row-major as diffusers flattens
+    maps = store.mean_maps((9, 13))
+    assert maps[0, 1, 1, 3] == 1.0 and maps.sum() == 1.0

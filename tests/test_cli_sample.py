@@ -133,6 +133,16 @@ def test_pose_guidance_flags_reach_the_png_and_the_index(trained, tmp_path, mode
     assert (settings["pose_guidance"], settings["pose_guidance_strength"]) == (mode, 2.5)
 
 
+@pytest.mark.parametrize("mode", ["attention", "latent"])
+def test_posed_sample_of_another_aspect_has_the_asked_size(trained, tmp_path, mode):
+    rc = main(sample_args(trained, tmp_path / "out", "--prompt", "a photo of <asset0>", "--pose",
+                          f"asset0={trained['a']}", "--guidance", mode, "--width", "96", "--height", "64"))
+    assert rc == 0
+    image = tmp_path / "out" / "p00-000-seed0.png"
+    assert Image.open(image).size == (96, 64)
+    assert (read_png_parameters(image)["width"], read_png_parameters(image)["height"]) == (96, 64)
+
+
 def test_default_guidance_is_recorded_with_its_strength_and_steps(trained, tmp_path):
     assert main(sample_args(trained, tmp_path / "out", "--prompt", "a photo of <asset0>", "--pose",
                             f"asset0={trained['a']}")) == 0

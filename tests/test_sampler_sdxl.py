@@ -188,7 +188,7 @@ def _share_inside(sampler, plan, settings, label: str = "<asset0>") -> float:
     """The share of ``label``'s attention (on the pipeline's own passes) inside ``<asset0>``'s pose."""
     _, maps = sampler.generate_with_attention(plan, seed=3, settings=settings)
     attention = dict(maps)[label]
-    mask = fit_pose_masks(plan, SIZE, SIZE)[0][None, None]
+    mask = fit_pose_masks(plan, settings.height, settings.width)[0][None, None]
     small = torch.nn.functional.adaptive_avg_pool2d(mask, attention.shape)[0, 0]
     return float((attention * small).sum() / attention.sum())
 
@@ -231,6 +231,20 @@ def test_latent_guidance_conditions_its_pass_as_the_pipeline_and_pulls_attention
     assert shares[0] < shares[1] < shares[2] and shares[2] > shares[0] + 0.02, shares
 
 
+@pytest.mark.parametrize("mode", ["attention", "latent"])
+def test_guidance_on_a_tall_image_pulls_attention_into_the_pose(files, sampler, mode):
+    """64x96 px (32x48 latents): maps of the image's aspect, and the mask token's share inside the
+    pose rises (0.23 -> 0.86 with attention, -> 0.40 with latent guidance, when written)."""
+    tall = dataclasses.replace(GUIDED, height=96, width=64)
+    plan = _plan(files, {"asset0": 0})
+    guided = dataclasses.replace(tall, pose_guidance=mode, pose_guidance_strength=8.0 if mode == "attention" else 100.0,
+                                 pose_guidance_steps=4)
+    image, maps = sampler.generate_with_attention(plan, 3, guided)
+    assert image.size == (64, 96) and all(m.shape == (24, 16) for _, m in maps)
+    off, on = (_share_inside(sampler, plan, s, "mask <asset0>") for s in (tall, guided))
+    assert on > off + 0.1, (off, on)
+
+
 def test_training_preview_draws_on_sdxl_with_the_live_state(files, tmp_path):
     """The trainer's preview hook on an SDXL base carrying a live state and training's capture."""
     base = build_tiny_base("tiny-xl")
@@ -269,6 +283,11 @@ def test_cli_samples_an_sdxl_artifact_at_the_base_resolution(files, tmp_path, ba
     meta = read_png_parameters(image)
     assert (meta["pose_guidance"], meta["width"], meta["height"]) == ("latent", SIZE, SIZE)
     assert (tmp_path / "out" / "grid.png").is_file()
+
+
+def test_cli_samples_a_posed_sdxl_image_of_another_aspect(files, tmp_path):
+    assert _sample(files, tmp_path / "out", "--pose", f"asset0={files['m0']}", "--width", "64", "--height", "96") == 0
+    assert Image.open(tmp_path / "out" / "p00-000-seed0.png").size == (64, 96)  # latent guidance, the default
 
 
 MIXED = {
