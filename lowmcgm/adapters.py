@@ -82,14 +82,30 @@ class StoredInFp8(nn.Module):
 def store_in_fp8(model: nn.Module, compute_dtype: torch.dtype) -> None:
     """Frozen Linear and Conv2d weights of ``model`` stored in fp8 (``model.fp8_base``): a plain cast,
     as kohya's and OneTrainer's fp8 base. Norms, embeddings (the handles' rows train in the token
-    table's wrapper) and biases keep ``compute_dtype``; LoRA added later keeps fp32 weights."""
+    table's wrapper), biases and LoRA layers keep their dtype; LoRA added later keeps fp32 weights."""
     from torch.nn.utils import parametrize
 
-    for module in model.modules():
+    for name, module in model.named_modules():
+        if "lora_" in name or is_stored_in_fp8(module):  # PEFT's lora_A/lora_B; the frozen base_layer is cast
+            continue
         if isinstance(module, (nn.Linear, nn.Conv2d)) and not module.weight.requires_grad:
             # Cast first: a parametrization may not change the stored dtype itself.
             module.weight.data = module.weight.data.to(torch.float8_e4m3fn)
             parametrize.register_parametrization(module, "weight", StoredInFp8(compute_dtype), unsafe=True)
+
+
+def is_stored_in_fp8(model: nn.Module) -> bool:
+    return any(isinstance(m, StoredInFp8) for m in model.modules())
+
+
+def cast_keeping_fp8(model: nn.Module, dtype: torch.dtype) -> None:
+    """``model.to(dtype=dtype)``, except that weights stored in fp8 stay so and are read in ``dtype``."""
+    for module in model.modules():
+        if isinstance(module, StoredInFp8):
+            module.compute_dtype = dtype
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if tensor.is_floating_point() and tensor.dtype not in (dtype, torch.float8_e4m3fn):
+            tensor.data = tensor.data.to(dtype)
 
 
 def cast_frozen(model: nn.Module, dtype: torch.dtype) -> None:

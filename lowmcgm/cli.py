@@ -219,12 +219,15 @@ def training_oom_message(cfg: Any, preset: str | None) -> str:
         from lowmcgm.presets import list_presets
 
         card_gib = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
-        tiers = sorted(int(m.group(1)) for name in list_presets() if (m := re.fullmatch(r"(\d+)gb", name)))
+        # The card presets of the run's family: sdxl-<n>gb for an SDXL run, <n>gb otherwise.
+        family = "sdxl-" if (preset or "").startswith("sdxl-") else ""
+        pattern = re.escape(family) + r"(\d+)gb"
+        tiers = sorted(int(m.group(1)) for name in list_presets() if (m := re.fullmatch(pattern, name)))
         # A card sold as 8 GB reports a little under 8 GiB: allow half a GiB.
-        fitting = [t for t in tiers if t <= card_gib + 0.5 and f"{t}gb" != preset]
-        if preset and re.fullmatch(r"\d+gb", preset):
-            fitting = [t for t in fitting if t < int(preset[:-2])]
-        card = f" This card has {card_gib:.1f} GiB" + (f": try --preset {fitting[-1]}gb." if fitting else ".")
+        fitting = [t for t in tiers if t <= card_gib + 0.5 and f"{family}{t}gb" != preset]
+        if preset and (m := re.fullmatch(pattern, preset)):
+            fitting = [t for t in fitting if t < int(m.group(1))]
+        card = f" This card has {card_gib:.1f} GiB" + (f": try --preset {family}{fitting[-1]}gb." if fitting else ".")
     except Exception:  # no CUDA to ask (the error was raised elsewhere), or no presets folder
         card = ""
     return ("CUDA ran out of memory during training with these settings." + figures + card + " Memory drops "

@@ -66,6 +66,8 @@ def sdxl_problems(cfg: Config) -> list[str]:
                         "still train in both text encoders)")
     if cfg.lora.phase2_mode == "full":
         problems.append("lora.phase2_mode 'full' is not supported on SDXL (use 'lora')")
+    if cfg.lora.init_lora:
+        problems.append("lora.init_lora is not supported on SDXL yet (phase 2 starts from a fresh LoRA)")
     return problems
 
 
@@ -80,3 +82,18 @@ def _target_problems(key: str, targets: tuple[str, ...], model: nn.Module) -> li
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             problems.append(f"{key} names '{target}', which no module of the {type(model).__name__} has{hint}")
     return problems
+
+
+def check_sample_size(base: BaseModel, height: int, width: int) -> None:
+    """Refuse an image size an SDXL model draws poorly at (one UserError); SD 1.x/2.x take any.
+
+    SDXL was trained on many shapes of about its own area (1024x1024, 896x1152, 768x1344, ...), so
+    the area is bounded, not the sides: at least that of the smallest training resolution allowed.
+    """
+    if base.family != "sdxl":
+        return
+    low = round(base.resolution * SDXL_MIN_RESOLUTION_FACTOR)
+    if height * width < low * low:
+        raise UserError(f"{width}x{height} is too small for SDXL model '{base.name}': it was made for images of "
+                        f"about {base.resolution}x{base.resolution} pixels in area and draws poorly below "
+                        f"{low}x{low}; pass --width and --height with at least that area (any shape).")

@@ -8,9 +8,8 @@ downstream reads text width, prediction type and resolution from the loaded conf
 constants.
 
 SDXL models (a second tokenizer and text encoder, pooled text embeddings and size conditioning)
-load into the same ``BaseModel`` with ``tokenizer_2``/``text_encoder_2`` set. Sampling uses them
-(``sampler.py``); training, estimates and exports on them are not built yet and refuse them in
-one line (``require_sd_family``).
+load into the same ``BaseModel`` with ``tokenizer_2``/``text_encoder_2`` set; ``family`` tells them
+apart where the paths differ (``text_conditioning``, ``sampler``, ``interop.export``, ``model_fit``).
 """
 
 from __future__ import annotations
@@ -109,17 +108,6 @@ def compute_config_hash(unet_config: Any, text_config: dict[str, Any],
         keep["text_encoder_2"] = {k: text_config_2.get(k) for k in TEXT_HASH_KEYS}
     blob = json.dumps(keep, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def require_sd_family(base: BaseModel, what: str) -> None:
-    """Refuse an SDXL base model where lowmcgm cannot use one yet, in one line.
-
-    Args:
-        what: the work refused, as a verb phrase ("train on it", "sample with it").
-    """
-    if base.family == "sdxl":
-        raise UserError(f"Base model '{base.name}' is an SDXL model: lowmcgm loads SDXL models but cannot "
-                        f"{what} yet (SD 1.x and 2.x only for now); pass an SD 1.5 or 2.1 model.")
 
 
 def build_tiny_base(name: str = "tiny", seed: int = 0) -> BaseModel:

@@ -18,6 +18,7 @@ from typing import Any, Callable, ContextManager
 from lowmcgm import models  # the module, not its function: a test replaces the loader
 from lowmcgm.config import Config, SampleSettings
 from lowmcgm.handles import check_handle_names
+from lowmcgm.model_fit import check_sample_size
 from lowmcgm.previews import save_loss_curve
 from lowmcgm.run_folder import hold_folder
 from lowmcgm.prompts import (PromptSpec, check_plans_fit, check_pose_crops, no_mask_reason, plan_prompts,
@@ -69,6 +70,7 @@ def train_then_sample(cfg: Config, specs: list[PromptSpec], poses: dict[str, str
         base = models.load_base_model(cfg.model.base_model, cfg.model.single_file_config)
         check_plans_fit(plans, base)  # handles past the token window fail now, not after training
         size = cfg.model.resolution or base.resolution  # what sampling draws at unless --height/--width
+        check_sample_size(base, settings.height or size, settings.width or size)
         check_pose_crops(plans, settings.height or size, settings.width or size)
         with guard("train"):
             artifact = train(cfg, on_progress=on_progress, resume=resume, base=base, on_preview=previews,

@@ -32,6 +32,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from lowmcgm import __version__
+from lowmcgm.adapters import cast_keeping_fp8, is_stored_in_fp8, store_in_fp8
 from lowmcgm.artifact import Artifact, file_sha256, load_artifact
 from lowmcgm.attention_capture import (CapturingCrossAttnProcessor, CrossAttentionStore, install_capture,
                                        loss_layer_names, remove_capture)
@@ -40,6 +41,7 @@ from lowmcgm.dtypes import torch_dtype
 from lowmcgm.errors import UserError
 from lowmcgm.mask_encoder import MaskEncoder, append_mask_tokens, zero_mask_tokens
 from lowmcgm.mcgm import MCGMState
+from lowmcgm.model_fit import check_sample_size
 from lowmcgm.models import BaseModel, load_base_model
 from lowmcgm.output import check_output_dir
 from lowmcgm.pose_guidance import DEFAULT_STRENGTH, LatentGuidance, PoseGuide, guided_attention, guided_columns
@@ -343,6 +345,11 @@ def build_pipeline(base: BaseModel, scheduler: str) -> Pipeline:
     return pipe
 
 
+def trained_with_fp8(artifact: Artifact) -> bool:
+    """The artifact's run stored its frozen UNet in fp8 (``model.fp8_base``)."""
+    return bool(artifact.meta.get("training_config", {}).get("model", {}).get("fp8_base", False))
+
+
 def base_modules(base: BaseModel) -> list[torch.nn.Module]:
     """The modules sampling runs: UNet, text encoder(s) (SDXL has two) and VAE."""
     return [m for m in (base.unet, base.text_encoder, base.text_encoder_2, base.vae) if m is not None]
@@ -401,8 +408,11 @@ def build_sampler(base: BaseModel, artifact: Artifact, settings: SampleSettings)
     dtype = torch_dtype(resolve_dtype(settings))
     pipe = build_pipeline(base, settings.scheduler)
     for module in base_modules(base):
-        if module.dtype != dtype:  # diffusers warns about every cast, even to the same dtype
-            module.to(dtype=dtype)
+        cast_keeping_fp8(module, dtype)  # not module.to(): diffusers warns about every cast, even to the same dtype
+    # An artifact trained against a UNet stored in fp8 (model.fp8_base, e.g. preset sdxl-8gb) samples
+    # on one too: the weights it learned against, the images `lowmcgm run` drew, and half the UNet's memory.
+    if trained_with_fp8(artifact) and not is_stored_in_fp8(base.unet):
+        store_in_fp8(base.unet, dtype)
     if settings.use_cpu_offload:
         pipe.enable_model_cpu_offload()  # each model visits the GPU only while it runs
     else:
@@ -554,6 +564,7 @@ def sample_artifact(artifact_path: str | Path, specs: list[PromptSpec], poses: d
     settings = dataclasses.replace(settings, height=settings.height or size, width=settings.width or size,
                                    dtype=resolve_dtype(settings))
     settings = resolve_guidance(settings)
+    check_sample_size(base, settings.height, settings.width)
     check_pose_crops(plans, settings.height, settings.width)
     if overwrite:  # every check passed: the earlier samples give way
         clear_earlier_samples(out_dir)

@@ -42,6 +42,17 @@ def test_json_figures_and_settings_that_fit_a_small_card(single_threaded_childre
     assert all(f["required_card_bytes"] <= 0.61 * 2**30 for f in fixes)
 
 
+def test_sdxl_estimate_states_the_attention_maps_and_refuses_what_sdxl_does_not_train(single_threaded_children,
+                                                                                     capsys):
+    assert main(["estimate", "--preset", "tiny-cpu", "--base-model", "tiny-xl"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny-xl at 64 px" in out
+    assert "the attention losses read 16x16 maps (latent side / 2, derived from the model)" in out
+    assert main(["estimate", "--preset", "8gb", "--base-model", "sdxl-base"]) == 2
+    err = capsys.readouterr().err
+    assert "is an SDXL model: train.use_prior_preservation is not supported" in err and "sdxl-8gb" in err
+
+
 @pytest.mark.parametrize("args,fragment", [
     (["--base-model", "/no/such/folder"], "sd15"),
     (["--base-model", "tiny", "--resolution", "100"], "multiple of 8"),

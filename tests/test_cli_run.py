@@ -99,3 +99,21 @@ def test_run_writes_its_sample_section_with_the_effective_config(inputs, tmp_pat
     assert json.loads((again / "samples.json").read_text())["settings"] == used["settings"]
     name = used["prompts"][0]["images"][0]["file"]
     np.testing.assert_array_equal(pixels(out / "samples" / name), pixels(again / name))
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["fp16-or-fp32", "fp8-base"])
+def test_run_on_sdxl_trains_previews_and_draws_what_sample_draws(inputs, tmp_path, fp8):
+    out = tmp_path / "xl"
+    sampling = ["--prompt", "a photo of <asset0> and <asset1>", "--pose", f"asset0={inputs['b']}",
+                "--num-images", "1", "--steps", "4", "--seed", "5"]
+    # With model.fp8_base, `sample` stores the fresh UNet in fp8 as training did: the same images.
+    args = run_args(inputs, out, *sampling, "--set", "train.phase1_steps=3", "--set", "train.phase2_steps=3",
+                    "--preview-every", "3", "--set", f"model.fp8_base={str(fp8).lower()}")
+    args[args.index("tiny")] = "tiny-xl"
+    assert main(args) == 0
+    assert sorted(p.name for p in (out / "previews").glob("step*[0-9].png")) == [
+        "step00000.png", "step00003.png", "step00006.png"]
+    files = [im["file"] for im in json.loads((out / "samples" / "samples.json").read_text())["prompts"][0]["images"]]
+    again = tmp_path / "again"
+    assert main(["sample", "--artifact", str(out / "lowmcgm.safetensors"), "--out", str(again), *sampling]) == 0
+    np.testing.assert_array_equal(pixels(out / "samples" / files[0]), pixels(again / files[0]))

@@ -308,3 +308,13 @@ def test_user_errors_on_sdxl_exit_2_with_one_line(files, tmp_path, capsys, case)
     assert rc == EXIT_USER_ERROR and fragment in err, err
     assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
     assert not list((tmp_path / "out").glob("*.png"))
+
+
+def test_a_size_sdxl_draws_poorly_at_is_refused_in_one_line_and_other_shapes_of_its_area_pass(files, tmp_path, capsys):
+    # tiny-xl is made for 64x64; under 48x48 in area is refused, whatever the shape.
+    rc = main(["sample", "--artifact", str(files["artifact"]), "--steps", "2", "--out", str(tmp_path / "small"),
+               "--prompt", "a photo of <asset0>", "--width", "40", "--height", "40"])
+    err = capsys.readouterr().err.strip()
+    assert rc == EXIT_USER_ERROR and "40x40 is too small for SDXL model 'tiny-xl'" in err and "\n" not in err
+    assert main(["sample", "--artifact", str(files["artifact"]), "--steps", "2", "--out", str(tmp_path / "wide"),
+                 "--prompt", "a photo of <asset0>", "--width", "96", "--height", "32"]) == 0

@@ -9,7 +9,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lowmcgm.cli import main
 from lowmcgm.errors import UserError
 from lowmcgm.model_configs import config_folder
 from lowmcgm.models import build_tiny_base, compute_config_hash, load_base_model, save_base_model
@@ -124,10 +123,3 @@ def test_sdxl_single_files_are_recognised_and_checked(tmp_path):
     # The right names but no weights reach diffusers' SDXL loader, and come back as one line.
     with pytest.raises(UserError, match="Could not read .* as an SDXL checkpoint"):
         load_base_model(str(xl))
-
-
-def test_estimating_with_sdxl_is_refused_in_one_line(capsys):
-    # Sampling works on SDXL: tests/test_sampler_sdxl.py.
-    for model in ("tiny-xl", "sdxl-base"):
-        assert main(["estimate", "--base-model", model]) == 2
-        assert "cannot estimate training on them yet" in capsys.readouterr().err

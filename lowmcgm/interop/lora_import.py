@@ -100,7 +100,8 @@ def read_lora_file(path: Path) -> LoraFile:
         raise UserError(f"{path} is not a plain LoRA (it has {other}: DoRA or a LyCORIS type); only plain "
                         "kohya or diffusers LoRA files can start training.")
     if any(k.startswith(("lora_te2_", "text_encoder_2.")) for k in header):
-        raise UserError(f"{path} is an SDXL LoRA (it has a second text encoder); lowmcgm trains SD 1.x/2.x.")
+        raise UserError(f"{path} is an SDXL LoRA (it has a second text encoder); lowmcgm starts phase 2 from "
+                        "SD 1.x/2.x LoRAs only.")
     if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_")) for k in header):
         lora = _read_kohya(path, header, metadata)
     elif any(k.startswith(("unet.", "text_encoder.")) and ".lora_A." in k for k in header):
