@@ -224,3 +224,23 @@ def test_preview_box_shows_each_presets_own_figure():
         declared = load_toml(presets_dir() / f"{name}.toml")["output.preview_every"]
         assert preset_preview_every(name) == declared
     assert preset_preview_every("tiny-cpu") != preset_preview_every("toy-cpu")
+
+
+def test_the_page_loads_a_fresh_base_for_an_artifact_trained_on_an_fp8_unet(tmp_path):
+    # Sampling an fp8-trained artifact stores the UNet in fp8 for good: the page's cached base must
+    # not carry that to the next artifact.
+    from safetensors import safe_open
+
+    from lowmcgm.artifact import atomic_save
+    from lowmcgm.ui.app import PageState
+    from conftest import make_sdxl_artifact
+
+    plain = make_sdxl_artifact(tmp_path / "plain.safetensors")
+    with safe_open(plain, "pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    fp8 = tmp_path / "fp8.safetensors"
+    atomic_save(tensors, meta | {"training_config": json.dumps({"model": {"fp8_base": True}})}, fp8)
+    page = PageState(tmp_path / "root")
+    first = page.base_for(plain, "")
+    assert page.base_for(plain, "") is first  # loaded once
+    assert page.base_for(fp8, "") is not first and page.base_for(plain, "") is not first

@@ -48,16 +48,21 @@ class PageState:
 
     root: Path
     jobs: JobSlot = dataclasses.field(default_factory=JobSlot)
-    bases: dict[str, Any] = dataclasses.field(default_factory=dict)  # base model name -> loaded BaseModel
+    # (base model name, stored in fp8) -> loaded BaseModel
+    bases: dict[tuple[str, bool], Any] = dataclasses.field(default_factory=dict)
     sampling: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
     def base_for(self, artifact_path: Path, base_model: str):
-        """The artifact's base model (or ``base_model``), loaded once per page."""
+        """The artifact's base model (or ``base_model``), loaded once per page.
+
+        An artifact trained with ``model.fp8_base`` samples on a UNet stored in fp8 (``sampler.build_sampler``),
+        which cannot go back: another artifact gets a fresh load.
+        """
         from lowmcgm.artifact import load_artifact
-        from lowmcgm.sampler import load_base_for
+        from lowmcgm.sampler import load_base_for, trained_with_fp8
 
         artifact = load_artifact(artifact_path)
-        key = base_model or artifact.meta.get("base_model", "")
+        key = (base_model or artifact.meta.get("base_model", ""), trained_with_fp8(artifact))
         if key not in self.bases:
             self.bases.clear()  # one base in memory at a time
             self.bases[key] = load_base_for(artifact, base_model)
