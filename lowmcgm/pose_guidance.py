@@ -185,9 +185,10 @@ class LatentGuidance:
     """
 
     def __init__(self, unet: Any, store: Any, context: torch.Tensor, guide: PoseGuide,
-                 added_cond_kwargs: dict[str, torch.Tensor] | None = None):
+                 added_cond_kwargs: dict[str, torch.Tensor] | None = None, checkpointing: bool = True):
         self.unet, self.store, self.context, self.guide = unet, store, context, guide
         self.added_cond_kwargs = added_cond_kwargs
+        self.checkpointing = checkpointing
 
     def step(self, latents: torch.Tensor, timestep: torch.Tensor, scale_input: Any) -> torch.Tensor:
         """The guided latent for one step (unchanged once the fade reaches 0)."""
@@ -195,15 +196,18 @@ class LatentGuidance:
         if w == 0.0:
             return latents
         key_index = torch.tensor(self.guide.columns)[None].expand(latents.shape[0], -1)
-        with torch.enable_grad():
+        with torch.enable_grad(), _checkpointed(self.unet, self.checkpointing):
             x = latents.detach().requires_grad_(True)
             self.store.begin(key_index)
             self.unet(scale_input(x, timestep), timestep, self.context, added_cond_kwargs=self.added_cond_kwargs)
             self.store.end()
             maps = self.store.mean_maps(x.shape[-2:]).float()  # (B, S, h, w), the latent's aspect
-            self.store.clear()  # the pipeline's own passes record nothing (or what they did before)
             energy = sum(attention_energy(m, self.guide.masks) for m in maps)
             (grad,) = torch.autograd.grad(energy, x)
+            # Only now: a UNet with gradient checkpointing recomputes its blocks in the backward above,
+            # which must capture as the forward did. The pipeline's own passes record nothing (or
+            # what they did before).
+            self.store.clear()
         # Per image: a batch of seeds must give each image what it gets alone.
         shape = (-1,) + (1,) * (latents.dim() - 1)
         rms = grad.float().flatten(1).pow(2).mean(1).sqrt().clamp_min(1e-12).view(shape)
@@ -218,3 +222,19 @@ class LatentGuidance:
             t = timesteps[self.guide.step]
             kwargs["latents"] = self.step(kwargs["latents"], t, pipe.scheduler.scale_model_input)
         return kwargs
+
+
+@contextlib.contextmanager
+def _checkpointed(unet: Any, on: bool) -> Iterator[None]:
+    """Gradient checkpointing on for latent guidance's pass, unless the UNet has it already (training
+    previews). Its backward to the latent then keeps each block's input instead of every activation:
+    SDXL at 1024 px 0.6 GiB above the weights instead of 9.4, SD 1.5 at 512 px 0.2 instead of 0.7
+    (``lowmcgm.memory.sampling``), for one more UNet forward per guided step."""
+    if not on or getattr(unet, "is_gradient_checkpointing", True):
+        yield
+        return
+    unet.enable_gradient_checkpointing()
+    try:
+        yield
+    finally:
+        unet.disable_gradient_checkpointing()

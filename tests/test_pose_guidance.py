@@ -165,3 +165,24 @@ def test_every_guided_mode_has_a_default_strength():
 
     modes = config_field("sample.pose_guidance")[0].metadata["choices"]
     assert set(DEFAULT_STRENGTH) == set(modes) - {"none"}
+
+
+def test_latent_guidance_steps_alike_with_and_without_checkpointing():
+    # Checkpointing (the default) recomputes the blocks in the backward, captures included: the
+    # step must be the one the stored activations give, and the UNet is left as it was found.
+    from lowmcgm.attention_capture import CrossAttentionStore, install_capture, loss_layer_names
+    from lowmcgm.pose_guidance import LatentGuidance
+
+    unet = build_tiny_base("tiny").unet.requires_grad_(False).eval()
+    store = CrossAttentionStore()
+    install_capture(unet, loss_layer_names(unet, 0, 32), store)
+    gen = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 4, 32, 32, generator=gen)
+    context = torch.randn(1, 78, unet.config.cross_attention_dim, generator=gen)
+    masks = torch.zeros(2, 64, 64)
+    masks[:, 8:40, 16:48] = 1
+    steps = [LatentGuidance(unet, store, context, PoseGuide([5, 77], masks, 10.0, steps=4), checkpointing=on)
+             .step(latents, torch.tensor([500]), lambda x, _: x) for on in (False, True)]
+    assert not torch.equal(steps[0], latents)  # it guided
+    torch.testing.assert_close(steps[1], steps[0], rtol=1e-5, atol=1e-6)
+    assert not unet.is_gradient_checkpointing and store.key_index is None

@@ -1,7 +1,7 @@
 """Peak GPU memory of sampling per pose-guidance mode (SD 1.5 at 512 px by default), traced on fake
 CUDA tensors with lowmcgm's own guidance code (``lowmcgm.memory.sampling``): no GPU, no weights.
 
-    OMP_NUM_THREADS=1 python tools/bench_sampling_memory.py [--model sd15] [--resolution 512] [--dtype fp16]
+    OMP_NUM_THREADS=1 python tools/bench_sampling_memory.py [--model sd15] [--resolution 512] [--dtype fp16] [--fp8-unet]
 """
 
 from __future__ import annotations
@@ -19,11 +19,14 @@ GiB = 2**30
 
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="sd15", help="a shipped config name (sd15, sd21-base, sd21-768)")
+    p.add_argument("--model", default="sd15", help="a shipped config name (sd15, sd21-base, sd21-768, sdxl-base)")
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--dtype", default="fp16", choices=("fp16", "bf16", "fp32"))
+    p.add_argument("--fp8-unet", action="store_true", help="the UNet stored in fp8 (artifacts trained with "
+                                                           "model.fp8_base, e.g. preset sdxl-8gb)")
     args = p.parse_args(argv)
-    rows = [estimate_sampling(args.model, args.resolution, mode, args.dtype)["result"] for mode in MODES]
+    rows = [estimate_sampling(args.model, args.resolution, mode, args.dtype, fp8_unet=args.fp8_unet)["result"]
+            for mode in MODES]
     none = rows[0]["peak_bytes"]
     print("| pose guidance | weights | denoising step (above weights) | VAE decode (above weights) | peak | x none |")
     print("|---|---|---|---|---|---|")

@@ -6,6 +6,12 @@ cross-attention layer) or ``latent`` (a conditional UNet pass with attention cap
 layers and a backward to the latent, then the step), followed by the VAE decode of one image,
 which is where plain sampling usually peaks. Weights in ``dtype`` (fp16 as on a GPU), random.
 
+SDXL (``sdxl-base``) as its pipeline runs it: both text encoders resident (``lowmcgm sample`` keeps
+every model on the GPU unless ``--cpu-offload``), the pooled embedding and size numbers beside the
+context, and the VAE cast up to fp32 for the decode (diffusers does so for a VAE whose config says
+``force_upcast``: SDXL's overflows in fp16). ``fp8_unet`` stores the UNet's weights in fp8, as
+sampling an artifact trained with ``model.fp8_base`` does.
+
     from lowmcgm.memory.sampling import estimate_sampling
     figures = estimate_sampling("sd15", resolution=512, mode="latent")
 """
@@ -20,19 +26,24 @@ MODES = ("none", "attention", "latent")
 
 
 def estimate_sampling(model: str = "sd15", resolution: int = 512, mode: str = "none", dtype: str = "fp16",
-                      timeout_s: float = 600.0) -> dict[str, Any]:
+                      timeout_s: float = 600.0, fp8_unet: bool = False,
+                      guidance_checkpointing: bool = True) -> dict[str, Any]:
     """Trace one guided denoising step and one VAE decode; return their peaks in bytes."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
     return mt.run_traced("lowmcgm.memory.sampling:sampling_step",
-                         {"model": model, "resolution": resolution, "mode": mode, "dtype": dtype}, timeout_s)
+                         {"model": model, "resolution": resolution, "mode": mode, "dtype": dtype,
+                          "fp8_unet": fp8_unet, "guidance_checkpointing": guidance_checkpointing}, timeout_s)
 
 
-def sampling_step(model: str, resolution: int, mode: str, dtype: str) -> dict[str, Any]:
-    """Traced: build the UNet and VAE of ``model`` and run one step of ``mode`` and one decode."""
+def sampling_step(model: str, resolution: int, mode: str, dtype: str, fp8_unet: bool = False,
+                  guidance_checkpointing: bool = True) -> dict[str, Any]:
+    """Traced: build the UNet, VAE (and SDXL's text encoders) of ``model`` and run one step of
+    ``mode`` and one decode."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
+    from lowmcgm.adapters import store_in_fp8
     from lowmcgm.attention_capture import CrossAttentionStore, install_capture, loss_layer_names
     from lowmcgm.dtypes import torch_dtype
     from lowmcgm.model_configs import SHIPPED_CONFIGS
@@ -44,9 +55,12 @@ def sampling_step(model: str, resolution: int, mode: str, dtype: str) -> dict[st
     folder = SHIPPED_CONFIGS[model]
     unet = mt.build_from_config(UNet2DConditionModel, folder / "unet")
     vae = mt.build_from_config(AutoencoderKL, folder / "vae")
-    for module in (unet, vae):
+    modules = [unet, vae, *_resident_text_encoders(folder)]
+    for module in modules:
         module.requires_grad_(False).eval()
         s.materialize(module, lambda name, param: weight_dtype)
+    if fp8_unet:
+        store_in_fp8(unet, weight_dtype)
     weights = s.counter.current
     latent_px = resolution // 8
     width = unet.config.cross_attention_dim
@@ -54,6 +68,7 @@ def sampling_step(model: str, resolution: int, mode: str, dtype: str) -> dict[st
     latents = torch.randn(1, unet.config.in_channels, latent_px, latent_px, device=s.device, dtype=weight_dtype)
     cond = torch.randn(1, tokens, width, device=s.device, dtype=weight_dtype)
     context = torch.cat([torch.zeros_like(cond), cond])  # (2, 78, d): unconditional first
+    added, cond_added = _added_cond_kwargs(unet, resolution, s.device, weight_dtype)
     t = torch.tensor([500], device=s.device)
     masks = torch.zeros(2, resolution, resolution)
     masks[:, resolution // 4: 3 * resolution // 4, resolution // 4: 3 * resolution // 4] = 1
@@ -64,17 +79,45 @@ def sampling_step(model: str, resolution: int, mode: str, dtype: str) -> dict[st
         if mode == "latent":
             store = CrossAttentionStore()
             install_capture(unet, loss_layer_names(unet, 0, latent_px), store)
-            latents = LatentGuidance(unet, store, cond, guide).step(latents, t, lambda x, _: x)
+            guidance = LatentGuidance(unet, store, cond, guide, cond_added, checkpointing=guidance_checkpointing)
+            latents = guidance.step(latents, t, lambda x, _: x)
         if mode == "attention":
             with guided_attention(unet, guide):
-                unet(torch.cat([latents] * 2), t, context)
+                unet(torch.cat([latents] * 2), t, context, added_cond_kwargs=added)
         else:
-            unet(torch.cat([latents] * 2), t, context)
+            unet(torch.cat([latents] * 2), t, context, added_cond_kwargs=added)
     step_peak = s.counter.peak - weights
     s.reset_peak()
     with torch.no_grad():
+        if getattr(vae.config, "force_upcast", False) and added is not None:  # SDXL's pipeline: fp32 decode
+            vae.to(torch.float32)
+            latents = latents.float()
         vae.decode(latents / vae.config.scaling_factor)
     decode_peak = s.counter.peak - weights
-    return {"model": model, "resolution": resolution, "mode": mode, "dtype": dtype, "weights_bytes": weights,
-            "step_peak_bytes": step_peak, "decode_peak_bytes": decode_peak,
+    return {"model": model, "resolution": resolution, "mode": mode, "dtype": dtype, "fp8_unet": fp8_unet,
+            "weights_bytes": weights, "step_peak_bytes": step_peak, "decode_peak_bytes": decode_peak,
             "peak_bytes": weights + max(step_peak, decode_peak)}
+
+
+def _resident_text_encoders(folder: Any) -> list[Any]:
+    """SDXL's two text encoders, which stay on the GPU while it samples; none for SD 1.x/2.x, whose
+    text encoder the figures have always left out (0.25-0.7 GiB, off the GPU with ``--cpu-offload``)."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    if not (folder / "text_encoder_2").is_dir():
+        return []
+    return [mt.build_from_config(CLIPTextModel, folder / "text_encoder"),
+            mt.build_from_config(CLIPTextModelWithProjection, folder / "text_encoder_2")]
+
+
+def _added_cond_kwargs(unet: Any, resolution: int, device: Any, dtype: Any) -> tuple[dict | None, dict | None]:
+    """SDXL's pooled embedding and size numbers for both branches and for the conditional row alone;
+    (None, None) for a UNet without them."""
+    import torch
+
+    if unet.config.addition_embed_type != "text_time":
+        return None, None
+    pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+    time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * 2, device=device, dtype=dtype)
+    both = {"text_embeds": torch.randn(2, pooled, device=device, dtype=dtype), "time_ids": time_ids}
+    return both, {key: value[1:] for key, value in both.items()}
