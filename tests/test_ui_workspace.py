@@ -229,11 +229,11 @@ def test_preview_box_shows_each_presets_own_figure():
 def test_the_page_loads_a_fresh_base_for_an_artifact_trained_on_an_fp8_unet(tmp_path):
     # Sampling an fp8-trained artifact stores the UNet in fp8 for good: the page's cached base must
     # not carry that to the next artifact.
+    from conftest import make_sdxl_artifact
     from safetensors import safe_open
 
     from lowmcgm.artifact import atomic_save
     from lowmcgm.ui.app import PageState
-    from conftest import make_sdxl_artifact
 
     plain = make_sdxl_artifact(tmp_path / "plain.safetensors")
     with safe_open(plain, "pt") as f:
