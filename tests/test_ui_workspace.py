@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -244,3 +245,23 @@ def test_the_page_loads_a_fresh_base_for_an_artifact_trained_on_an_fp8_unet(tmp_
     first = page.base_for(plain, "")
     assert page.base_for(plain, "") is first  # loaded once
     assert page.base_for(fp8, "") is not first and page.base_for(plain, "") is not first
+
+
+def test_the_page_trains_samples_and_exports_an_sdxl_run(tmp_path):
+    # The page's own pieces, without a browser: the training job runs the CLI line it built, then
+    # Sample (a library pose for <asset0>) and Export go through the page's functions.
+    from lowmcgm.ui import app
+
+    root = tmp_path / "root"
+    request = dataclasses.replace(_request(tmp_path, preview_every=0), base_model="tiny-xl")
+    argv = prepare_run(root, request) + ["--set", "train.phase1_steps=3", "--set", "train.phase2_steps=3",
+                                         "--steps", "2", "--num-images", "1"]
+    job = JobSlot().start(argv, root / "r1")
+    assert job.wait(600) == 0, job.status().text
+    state = app.PageState(root)
+    picks = [pose_names()[0]] + [None] * (app.MAX_SUBJECTS - 1)
+    message, images, used = app.sample(state, "r1", "a photo of <asset0>", "", 1, 3, 2, 7.5, "latent",
+                                       *([None] * 2 * app.MAX_SUBJECTS), *picks)
+    assert "1 image(s)" in message and len(images) == 1 and used[0][1] == "pose of <asset0>"
+    message, file = app.export(state, "r1", "embeddings")
+    assert file.endswith(".zip"), message
