@@ -318,3 +318,17 @@ def test_an_sdxl_unet_of_unknown_layout_is_refused_for_kohya_only(artifacts, tmp
     assert not (tmp_path / "lora.safetensors").exists()
     assert len(export_artifact(tmp_path / "renamed.safetensors", "diffusers", tmp_path / "diff").files) == 2
     assert len(export_artifact(tmp_path / "renamed.safetensors", "embeddings", tmp_path / "emb").files) == 2
+
+
+@pytest.mark.parametrize("bundle", [True, False], ids=["bundled", "unet-only"])
+def test_import_lora_knows_an_sdxl_export_for_what_it_is(artifacts, tmp_path, bundle):
+    # A UNet-only SDXL kohya file has no second text encoder's keys: its SGM block names and its
+    # base version say SDXL, so phase 2 is not offered a start from it.
+    from lowmcgm.interop.lora_import import read_lora_file
+
+    out = tmp_path / "xl.safetensors"
+    export_kohya(load_artifact(next(iter(artifacts.values()))), out, bundle_embeddings=bundle)
+    with pytest.raises(UserError, match="is an SDXL LoRA; lowmcgm starts phase 2 from SD 1.x/2.x LoRAs only"):
+        read_lora_file(out)
+    with pytest.raises(UserError, match="is an SDXL LoRA"):  # the artifact itself, too
+        read_lora_file(next(iter(artifacts.values())))
