@@ -183,8 +183,7 @@ def _train_config(args: argparse.Namespace):
 
 
 SAMPLING_OOM = ("CUDA ran out of memory while sampling: try --vae-slicing (or --vae-tiling for large images), "
-                "--batch-size 1, smaller --height/--width, --dtype fp16, or --cpu-offload on a 4-6 GB card "
-                "(and for SDXL on an 8 GB card, whose VAE decodes in fp32).")
+                "--batch-size 1, smaller --height/--width, --dtype fp16, or --cpu-offload on a 4-6 GB card.")
 
 
 # An out-of-memory message waits at most this long for the estimate of the failed settings.

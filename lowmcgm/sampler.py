@@ -23,7 +23,7 @@ import dataclasses
 import json
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
@@ -113,14 +113,18 @@ class PoseSampler:
             previews, where frozen weights are half precision and trainable ones fp32).
         store: the store of capture processors already installed on the UNet (training), or None
             to install capture only while an attention picture is drawn.
+        text_encoders_home: where SDXL's text encoders wait between prompts ("cpu"), visiting the
+            pipeline's device only to encode; None keeps them where they are.
     """
 
     def __init__(self, pipe: Pipeline, mask_encoder: MaskEncoder | None,
-                 autocast: Callable[[], Any] = contextlib.nullcontext, store: CrossAttentionStore | None = None):
+                 autocast: Callable[[], Any] = contextlib.nullcontext, store: CrossAttentionStore | None = None,
+                 text_encoders_home: str | None = None):
         self.pipe = pipe
         self.mask_encoder = mask_encoder
         self.autocast = autocast
         self.store = store
+        self.text_encoders_home = text_encoders_home
 
     @property
     def is_sdxl(self) -> bool:
@@ -151,9 +155,25 @@ class PoseSampler:
         # pooled embedding all zeros rather than encoding "" (force_zeros_for_empty_prompt: its
         # default, and SDXL base's model_index.json). We keep diffusers' behaviour, so the images
         # are the ones a stock SDXL pipeline draws; the k mask-token zeros follow as on SD.
-        return Conditioning(*self.pipe.encode_prompt(
-            prompt, device=device, num_images_per_prompt=num, do_classifier_free_guidance=True,
-            negative_prompt=negative_prompt))
+        with self._text_encoders_on(device):
+            return Conditioning(*self.pipe.encode_prompt(
+                prompt, device=device, num_images_per_prompt=num, do_classifier_free_guidance=True,
+                negative_prompt=negative_prompt))
+
+    @contextlib.contextmanager
+    def _text_encoders_on(self, device: torch.device) -> Iterator[None]:
+        """SDXL's text encoders on ``device`` while they encode, back home after (if they have one)."""
+        if self.text_encoders_home is None:
+            yield
+            return
+        encoders = [self.pipe.text_encoder, self.pipe.text_encoder_2]
+        for encoder in encoders:
+            encoder.to(device)
+        try:
+            yield
+        finally:
+            for encoder in encoders:
+                encoder.to(self.text_encoders_home)
 
     def _added_cond(self, conditioning: Conditioning, height: int, width: int) -> dict[str, torch.Tensor] | None:
         """SDXL's ``added_cond_kwargs`` of the conditional rows, for latent guidance's own UNet pass
@@ -413,18 +433,23 @@ def build_sampler(base: BaseModel, artifact: Artifact, settings: SampleSettings)
     # on one too: the weights it learned against, the images `lowmcgm run` drew, and half the UNet's memory.
     if trained_with_fp8(artifact) and not is_stored_in_fp8(base.unet):
         store_in_fp8(base.unet, dtype)
+    # SDXL's text encoders (1.5 GiB in fp16) run once per prompt: between prompts they wait on the
+    # CPU, which keeps an sdxl-8gb artifact's sampling within 8 GB (its peak is the fp32 VAE decode:
+    # docs/benchmarks.md, "Sampling memory with pose guidance").
+    home = "cpu" if base.family == "sdxl" and device.type == "cuda" and not settings.use_cpu_offload else None
+    text_encoders = (base.text_encoder, base.text_encoder_2)
     if settings.use_cpu_offload:
         pipe.enable_model_cpu_offload()  # each model visits the GPU only while it runs
     else:
         for module in base_modules(base):
-            module.to(device)
+            module.to(home if home is not None and module in text_encoders else device)
     if settings.use_vae_slicing:
         base.vae.enable_slicing()
     if settings.use_vae_tiling:
         base.vae.enable_tiling()
     if encoder is not None:
         encoder.to(device, dtype)
-    return PoseSampler(pipe, encoder)
+    return PoseSampler(pipe, encoder, text_encoders_home=home)
 
 
 def png_parameters(plan: PlannedPrompt, settings: SampleSettings, seed: int, info: dict[str, str]) -> dict[str, str]:

@@ -18,13 +18,18 @@ def test_latent_guidance_costs_a_backward_which_checkpointing_keeps_small():
     assert latent["decode_peak_bytes"] == none["decode_peak_bytes"]
 
 
-def test_sdxl_counts_its_text_encoders_and_decodes_in_fp32():
+def test_sdxl_decodes_in_fp32_and_its_text_encoders_only_visit():
     plain, fp8 = (estimate_sampling("sdxl-base", 1024, "none", fp8_unet=on)["result"] for on in (False, True))
-    # fp16 UNet 4.78 GiB, text encoders 1.52, VAE 0.16; fp8 halves the UNet.
-    assert 6.3 * 2**30 < plain["weights_bytes"] < 6.6 * 2**30
+    # fp16 UNet 4.78 GiB and VAE 0.16 stay; the text encoders (1.52) come only to encode; fp8
+    # halves the UNet.
+    assert 4.8 * 2**30 < plain["weights_bytes"] < 5.1 * 2**30
+    assert 1.4 * 2**30 < plain["text_encoders_bytes"] == fp8["text_encoders_bytes"] < 1.6 * 2**30
     assert plain["weights_bytes"] - fp8["weights_bytes"] > 2.3 * 2**30
-    # The VAE's decode in fp32 at 1024 px (its config says force_upcast) is where sampling peaks.
-    assert fp8["decode_peak_bytes"] > 2 * 2**30 > fp8["step_peak_bytes"]
+    # The VAE's decode in fp32 at 1024 px (its config says force_upcast) is where sampling peaks,
+    # above the text encoders' visit: an sdxl-8gb artifact samples within 8 GB with the card margin.
+    assert fp8["decode_peak_bytes"] > fp8["text_encoders_bytes"] > fp8["step_peak_bytes"]
+    assert fp8["peak_bytes"] == fp8["weights_bytes"] + fp8["decode_peak_bytes"]
+    assert fp8["peak_bytes"] * 1.1 + 0.6 * 2**30 < 8 * 2**30
 
 
 def test_unknown_mode_is_refused():

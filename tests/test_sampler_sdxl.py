@@ -318,3 +318,24 @@ def test_a_size_sdxl_draws_poorly_at_is_refused_in_one_line_and_other_shapes_of_
     assert rc == EXIT_USER_ERROR and "40x40 is too small for SDXL model 'tiny-xl'" in err and "\n" not in err
     assert main(["sample", "--artifact", str(files["artifact"]), "--steps", "2", "--out", str(tmp_path / "wide"),
                  "--prompt", "a photo of <asset0>", "--width", "96", "--height", "32"]) == 0
+
+
+def test_text_encoders_wait_at_home_and_visit_only_to_encode(files):
+    # On a CUDA card build_sampler gives SDXL's text encoders the CPU as home (not testable here);
+    # the visit itself: moved to the pipeline's device for encode_prompt, back home after, same image.
+    base = build_tiny_base("tiny-xl")
+    sampler = build_sampler(base, load_artifact(files["artifact"]), FAST)
+    assert sampler.text_encoders_home is None  # no CUDA: everything stays on the CPU
+    plan = _plan(files, {"<asset0>": 0})
+    plain = np.asarray(sampler.generate(plan, [3], FAST)[0])
+    moves = []
+    for encoder in (base.text_encoder, base.text_encoder_2):
+        original = encoder.to
+        encoder.to = lambda *args, _to=original, _name=type(encoder).__name__, **kw: (
+            moves.append((_name, str(args[0]))), _to(*args, **kw))[1]
+    sampler.text_encoders_home = "cpu"
+    visited = np.asarray(sampler.generate(plan, [3], FAST)[0])
+    np.testing.assert_array_equal(visited, plain)
+    device = str(sampler.pipe._execution_device)
+    assert moves == [("CLIPTextModel", device), ("CLIPTextModelWithProjection", device),
+                     ("CLIPTextModel", "cpu"), ("CLIPTextModelWithProjection", "cpu")]

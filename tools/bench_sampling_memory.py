@@ -28,11 +28,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = [estimate_sampling(args.model, args.resolution, mode, args.dtype, fp8_unet=args.fp8_unet)["result"]
             for mode in MODES]
     none = rows[0]["peak_bytes"]
-    print("| pose guidance | weights | denoising step (above weights) | VAE decode (above weights) | peak | x none |")
-    print("|---|---|---|---|---|---|")
+    print("| pose guidance | weights | text encoders (while encoding) | denoising step (above weights) | "
+          "VAE decode (above weights) | peak | x none |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['mode']} | {r['weights_bytes'] / GiB:.2f} GiB | {r['step_peak_bytes'] / GiB:.2f} GiB | "
-              f"{r['decode_peak_bytes'] / GiB:.2f} GiB | {r['peak_bytes'] / GiB:.2f} GiB | {r['peak_bytes'] / none:.2f} |")
+        print(f"| {r['mode']} | {r['weights_bytes'] / GiB:.2f} GiB | {r['text_encoders_bytes'] / GiB:.2f} GiB | "
+              f"{r['step_peak_bytes'] / GiB:.2f} GiB | {r['decode_peak_bytes'] / GiB:.2f} GiB | "
+              f"{r['peak_bytes'] / GiB:.2f} GiB | {r['peak_bytes'] / none:.2f} |")
     return rows
 
 

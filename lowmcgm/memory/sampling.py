@@ -6,11 +6,12 @@ cross-attention layer) or ``latent`` (a conditional UNet pass with attention cap
 layers and a backward to the latent, then the step), followed by the VAE decode of one image,
 which is where plain sampling usually peaks. Weights in ``dtype`` (fp16 as on a GPU), random.
 
-SDXL (``sdxl-base``) as its pipeline runs it: both text encoders resident (``lowmcgm sample`` keeps
-every model on the GPU unless ``--cpu-offload``), the pooled embedding and size numbers beside the
-context, and the VAE cast up to fp32 for the decode (diffusers does so for a VAE whose config says
-``force_upcast``: SDXL's overflows in fp16). ``fp8_unet`` stores the UNet's weights in fp8, as
-sampling an artifact trained with ``model.fp8_base`` does.
+SDXL (``sdxl-base``) as lowmcgm runs it: both text encoders on the GPU only while they encode a
+prompt (``sampler.PoseSampler``; their bytes are the ``text_encoders_bytes`` figure, on top of the
+weights then), the pooled embedding and size numbers beside the context, and the VAE cast up to fp32
+for the decode (diffusers does so for a VAE whose config says ``force_upcast``: SDXL's overflows in
+fp16). ``fp8_unet`` stores the UNet's weights in fp8, as sampling an artifact trained with
+``model.fp8_base`` does.
 
     from lowmcgm.memory.sampling import estimate_sampling
     figures = estimate_sampling("sd15", resolution=512, mode="latent")
@@ -40,6 +41,8 @@ def sampling_step(model: str, resolution: int, mode: str, dtype: str, fp8_unet: 
                   guidance_checkpointing: bool = True) -> dict[str, Any]:
     """Traced: build the UNet, VAE (and SDXL's text encoders) of ``model`` and run one step of
     ``mode`` and one decode."""
+    import gc
+
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
@@ -55,13 +58,18 @@ def sampling_step(model: str, resolution: int, mode: str, dtype: str, fp8_unet: 
     folder = SHIPPED_CONFIGS[model]
     unet = mt.build_from_config(UNet2DConditionModel, folder / "unet")
     vae = mt.build_from_config(AutoencoderKL, folder / "vae")
-    modules = [unet, vae, *_resident_text_encoders(folder)]
-    for module in modules:
+    for module in (unet, vae):
         module.requires_grad_(False).eval()
         s.materialize(module, lambda name, param: weight_dtype)
     if fp8_unet:
         store_in_fp8(unet, weight_dtype)
     weights = s.counter.current
+    encoders = _visiting_text_encoders(folder)
+    for module in encoders:  # measured, then gone: they leave the GPU once the prompt is encoded
+        s.materialize(module, lambda name, param: weight_dtype)
+    text_encoders = s.counter.current - weights
+    del encoders, module
+    gc.collect()
     latent_px = resolution // 8
     width = unet.config.cross_attention_dim
     tokens = 77 + 1  # one handle with its mask token
@@ -95,13 +103,13 @@ def sampling_step(model: str, resolution: int, mode: str, dtype: str, fp8_unet: 
         vae.decode(latents / vae.config.scaling_factor)
     decode_peak = s.counter.peak - weights
     return {"model": model, "resolution": resolution, "mode": mode, "dtype": dtype, "fp8_unet": fp8_unet,
-            "weights_bytes": weights, "step_peak_bytes": step_peak, "decode_peak_bytes": decode_peak,
-            "peak_bytes": weights + max(step_peak, decode_peak)}
+            "weights_bytes": weights, "text_encoders_bytes": text_encoders, "step_peak_bytes": step_peak,
+            "decode_peak_bytes": decode_peak, "peak_bytes": weights + max(step_peak, decode_peak, text_encoders)}
 
 
-def _resident_text_encoders(folder: Any) -> list[Any]:
-    """SDXL's two text encoders, which stay on the GPU while it samples; none for SD 1.x/2.x, whose
-    text encoder the figures have always left out (0.25-0.7 GiB, off the GPU with ``--cpu-offload``)."""
+def _visiting_text_encoders(folder: Any) -> list[Any]:
+    """SDXL's two text encoders, on the GPU while they encode; none for SD 1.x/2.x, whose text
+    encoder the figures have always left out (0.25-0.7 GiB, off the GPU with ``--cpu-offload``)."""
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     if not (folder / "text_encoder_2").is_dir():
