@@ -86,7 +86,7 @@ def store_in_fp8(model: nn.Module, compute_dtype: torch.dtype) -> None:
     from torch.nn.utils import parametrize
 
     for name, module in model.named_modules():
-        if "lora_" in name or is_stored_in_fp8(module):  # PEFT's lora_A/lora_B; the frozen base_layer is cast
+        if "lora_" in name or parametrize.is_parametrized(module, "weight"):  # PEFT's lora_A/B; stored already
             continue
         if isinstance(module, (nn.Linear, nn.Conv2d)) and not module.weight.requires_grad:
             # Cast first: a parametrization may not change the stored dtype itself.

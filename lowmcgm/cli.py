@@ -212,22 +212,18 @@ def training_oom_message(cfg: Any, preset: str | None) -> str:
         figures = ""
     card = ""
     try:
-        import re
-
         import torch
 
+        from lowmcgm.memory.estimate import card_of_preset, family_of_preset
         from lowmcgm.presets import list_presets
 
         card_gib = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
-        # The card presets of the run's family: sdxl-<n>gb for an SDXL run, <n>gb otherwise.
-        family = "sdxl-" if (preset or "").startswith("sdxl-") else ""
-        pattern = re.escape(family) + r"(\d+)gb"
-        tiers = sorted(int(m.group(1)) for name in list_presets() if (m := re.fullmatch(pattern, name)))
-        # A card sold as 8 GB reports a little under 8 GiB: allow half a GiB.
-        fitting = [t for t in tiers if t <= card_gib + 0.5 and f"{family}{t}gb" != preset]
-        if preset and (m := re.fullmatch(pattern, preset)):
-            fitting = [t for t in fitting if t < int(m.group(1))]
-        card = f" This card has {card_gib:.1f} GiB" + (f": try --preset {family}{fitting[-1]}gb." if fitting else ".")
+        # The card presets of the run's family (sdxl-<n>gb for an SDXL run, <n>gb otherwise) below
+        # the run's own; a card sold as 8 GB reports a little under 8 GiB: allow half a GiB.
+        own, family = card_of_preset(preset) or float("inf"), family_of_preset(preset or "")
+        fitting = sorted((size, name) for name in list_presets() if family_of_preset(name) == family
+                         and (size := card_of_preset(name)) and size <= card_gib + 0.5 and size < own)
+        card = f" This card has {card_gib:.1f} GiB" + (f": try --preset {fitting[-1][1]}." if fitting else ".")
     except Exception:  # no CUDA to ask (the error was raised elsewhere), or no presets folder
         card = ""
     return ("CUDA ran out of memory during training with these settings." + figures + card + " Memory drops "

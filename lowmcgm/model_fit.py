@@ -48,11 +48,16 @@ def _resolution_problems(resolution: int, base: BaseModel) -> list[str]:
     if resolution > high:
         problems.append(f"model.resolution {resolution} is past {high} px, twice the size this model was trained "
                         f"at ({base.resolution} px); 0 takes {base.resolution}")
-    low = round(base.resolution * SDXL_MIN_RESOLUTION_FACTOR)
+    low = sdxl_min_side(base)
     if base.family == "sdxl" and resolution < low:
         problems.append(f"model.resolution {resolution} is below {low} px: SDXL models were made for "
                         f"{base.resolution} px and draw poorly under 3/4 of it; 0 takes {base.resolution}")
     return problems
+
+
+def sdxl_min_side(base: BaseModel) -> int:
+    """The smallest square side an SDXL model draws well at: 3/4 of its own (768 px for SDXL base)."""
+    return round(base.resolution * SDXL_MIN_RESOLUTION_FACTOR)
 
 
 def sdxl_problems(cfg: Config) -> list[str]:
@@ -92,7 +97,7 @@ def check_sample_size(base: BaseModel, height: int, width: int) -> None:
     """
     if base.family != "sdxl":
         return
-    low = round(base.resolution * SDXL_MIN_RESOLUTION_FACTOR)
+    low = sdxl_min_side(base)
     if height * width < low * low:
         raise UserError(f"{width}x{height} is too small for SDXL model '{base.name}': it was made for images of "
                         f"about {base.resolution}x{base.resolution} pixels in area and draws poorly below "

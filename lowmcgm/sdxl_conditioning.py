@@ -1,4 +1,4 @@
-"""SDXL's conditioning, built as diffusers' ``StableDiffusionXLPipeline`` builds it, from token ids.
+"""SDXL's conditioning, built as diffusers' ``StableDiffusionXLPipeline`` builds it.
 
 SDXL conditions its UNet on three things where SD 1.x/2.x has one:
 
@@ -11,43 +11,17 @@ SDXL conditions its UNet on three things where SD 1.x/2.x has one:
 
 The pipeline builds them from prompt strings (``encode_prompt``, ``_get_add_time_ids``); training
 needs them from token ids that hold handle tokens, and from the crop the data pipeline actually
-took, so this module builds them from those. tests/test_sdxl_conditioning.py holds the results
-equal to the pipeline's.
+took. The first two come from ``text_conditioning.encode_sdxl_text`` (the text side of every
+family lives there); this module builds the size numbers. tests/test_sdxl_conditioning.py holds the
+results equal to the pipeline's.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 
 from lowmcgm.errors import UserError
 from lowmcgm.models import SDXL_TIME_IDS, BaseModel
-
-
-@dataclass
-class SdxlText:
-    """One batch of SDXL text conditioning."""
-
-    context: torch.Tensor  # (B, 77, w1 + w2): the UNet's encoder_hidden_states (before mask tokens)
-    pooled: torch.Tensor  # (B, projection): added_cond_kwargs["text_embeds"]
-
-
-def encode_sdxl_text(base: BaseModel, input_ids: torch.Tensor, input_ids_2: torch.Tensor) -> SdxlText:
-    """Both encoders' penultimate hidden states, concatenated, and the second's pooled embedding.
-
-    Args:
-        input_ids, input_ids_2: (B, 77) ids of the same prompts from ``base.tokenizer`` and
-            ``base.tokenizer_2`` (they differ only in padding: ``<|endoftext|>`` and ``!``).
-    """
-    if base.text_encoder_2 is None:
-        raise ValueError(f"{base.name} is not an SDXL model")
-    first = base.text_encoder(input_ids, output_hidden_states=True)
-    second = base.text_encoder_2(input_ids_2, output_hidden_states=True)
-    # "penultimate": SDXL was trained on the layer before last of both encoders, without their
-    # final layer norm; the pooled embedding is the second's projection, which does use it.
-    context = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
-    return SdxlText(context=context, pooled=second.text_embeds)
 
 
 def sdxl_time_ids(base: BaseModel, original_hw: tuple[int, int], crop_top_left: tuple[int, int],

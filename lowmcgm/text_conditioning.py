@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import torch
 
 from lowmcgm.models import BaseModel
-from lowmcgm.sdxl_conditioning import encode_sdxl_text
 
 
 @dataclass
@@ -72,8 +71,24 @@ def encode_prompt_ids(base: BaseModel, ids: PromptIds, device: torch.device | st
     or SDXL's two penultimate ones concatenated plus the pooled embedding."""
     if base.text_encoder_2 is None:
         return TextStates(base.text_encoder(ids.ids.to(device))[0])
-    text = encode_sdxl_text(base, ids.ids.to(device), ids.ids_2.to(device))
-    return TextStates(text.context, text.pooled)
+    return encode_sdxl_text(base, ids.ids.to(device), ids.ids_2.to(device))
+
+
+def encode_sdxl_text(base: BaseModel, input_ids: torch.Tensor, input_ids_2: torch.Tensor) -> TextStates:
+    """Both encoders' penultimate hidden states, concatenated, and the second's pooled embedding.
+
+    Args:
+        input_ids, input_ids_2: (B, 77) ids of the same prompts from ``base.tokenizer`` and
+            ``base.tokenizer_2`` (they differ only in padding: ``<|endoftext|>`` and ``!``).
+    """
+    if base.text_encoder_2 is None:
+        raise ValueError(f"{base.name} is not an SDXL model")
+    first = base.text_encoder(input_ids, output_hidden_states=True)
+    second = base.text_encoder_2(input_ids_2, output_hidden_states=True)
+    # "penultimate": SDXL was trained on the layer before last of both encoders, without their
+    # final layer norm; the pooled embedding is the second's projection, which does use it.
+    context = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+    return TextStates(context, second.text_embeds)
 
 
 def unet_added_kwargs(text: TextStates, time_ids: torch.Tensor | None) -> dict[str, torch.Tensor] | None:

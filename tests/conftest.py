@@ -34,6 +34,17 @@ def photo(tmp_path):
     return make_photo(tmp_path)
 
 
+def write_box_masks(folder, boxes, size):
+    """One white rectangle per box (x0, y0, x1, y1) on black, as m0.png, m1.png, ...; returns {"m0": path, ...}."""
+    paths = {}
+    for i, (x0, y0, x1, y1) in enumerate(boxes):
+        mask = np.zeros((size, size), np.uint8)
+        mask[y0:y1, x0:x1] = 255
+        paths[f"m{i}"] = folder / f"m{i}.png"
+        Image.fromarray(mask).save(paths[f"m{i}"])
+    return paths
+
+
 SDXL_HANDLES = ["<asset0>", "<asset1>"]
 LORA_B_STD = 0.3  # trained tiny LoRAs barely move (|B| ~ 0.02): scale up so alpha visibly matters
 

@@ -32,7 +32,8 @@ from lowmcgm.interop.export import embedding_file_stem, export_artifact, export_
 from lowmcgm.mcgm import MCGMState
 from lowmcgm.model_configs import config_folder
 from lowmcgm.models import BaseModel, build_tiny_base, save_base_model
-from lowmcgm.sdxl_conditioning import encode_sdxl_text, sdxl_time_ids
+from lowmcgm.sdxl_conditioning import sdxl_time_ids
+from lowmcgm.text_conditioning import encode_sdxl_text
 
 PROMPT = "a photo of <asset0> and <asset1> on the beach"
 ATOL = 1e-5  # fp32 end to end, PEFT LoRA layers on both sides: rounding only

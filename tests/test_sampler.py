@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_box_masks
 from PIL import Image
 
 from lowmcgm.adapters import add_lora, lora_state_dict
@@ -63,12 +64,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("sampler")
     out = {"artifact": make_artifact(folder / "a.safetensors"),
            "plain": make_artifact(folder / "plain.safetensors", num_handles=2, mask_tokens=False)}
-    for i, (x0, y0, x1, y1) in enumerate(BOXES):
-        mask = np.zeros((SIZE, SIZE), np.uint8)
-        mask[y0:y1, x0:x1] = 255
-        Image.fromarray(mask).save(folder / f"m{i}.png")
-        out[f"m{i}"] = folder / f"m{i}.png"
-    return out
+    return out | write_box_masks(folder, BOXES, SIZE)
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_box_masks
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionXLPipeline
 from PIL import Image
 from test_sampler import make_artifact as make_sd_artifact
@@ -27,7 +28,8 @@ from lowmcgm.mcgm import MCGMState
 from lowmcgm.models import build_tiny_base, save_base_model
 from lowmcgm.prompts import PromptSpec, fit_pose_masks, parse_poses, plan_prompts
 from lowmcgm.sampler import TrainingPreviews, build_sampler, read_png_parameters
-from lowmcgm.sdxl_conditioning import encode_sdxl_text, sdxl_time_ids
+from lowmcgm.sdxl_conditioning import sdxl_time_ids
+from lowmcgm.text_conditioning import encode_sdxl_text
 
 SIZE = 64  # tiny-xl's resolution
 HANDLES = ["<asset0>", "<asset1>"]
@@ -62,12 +64,7 @@ def make_xl_artifact(path: Path) -> Path:
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("sampler_sdxl")
     out = {"artifact": make_xl_artifact(folder / "xl.safetensors"), "folder": folder}
-    for i, (x0, y0, x1, y1) in enumerate(BOXES):
-        mask = np.zeros((SIZE, SIZE), np.uint8)
-        mask[y0:y1, x0:x1] = 255
-        Image.fromarray(mask).save(folder / f"m{i}.png")
-        out[f"m{i}"] = folder / f"m{i}.png"
-    return out
+    return out | write_box_masks(folder, BOXES, SIZE)
 
 
 @pytest.fixture(scope="module")

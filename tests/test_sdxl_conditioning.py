@@ -9,7 +9,8 @@ import torch
 
 from lowmcgm.errors import UserError
 from lowmcgm.models import build_tiny_base
-from lowmcgm.sdxl_conditioning import encode_sdxl_text, sdxl_time_ids
+from lowmcgm.sdxl_conditioning import sdxl_time_ids
+from lowmcgm.text_conditioning import encode_sdxl_text
 
 
 @pytest.fixture(scope="module")

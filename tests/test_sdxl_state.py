@@ -10,7 +10,7 @@ from lowmcgm.config import TrainConfig
 from lowmcgm.errors import UserError
 from lowmcgm.mcgm import MCGMState
 from lowmcgm.models import build_tiny_base
-from lowmcgm.sdxl_conditioning import encode_sdxl_text
+from lowmcgm.text_conditioning import encode_sdxl_text
 
 HANDLES = ["<asset0>", "<asset1>"]
 PROMPT = "a photo of <asset0> and <asset1>"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from lowmcgm.models import build_tiny_base
-from lowmcgm.sdxl_conditioning import encode_sdxl_text
-from lowmcgm.text_conditioning import TextStates, encode_prompt_ids, tokenize_prompts, unet_added_kwargs
+from lowmcgm.text_conditioning import (TextStates, encode_prompt_ids, encode_sdxl_text, tokenize_prompts,
+                                       unet_added_kwargs)
 
 PROMPTS = ["a photo of a dog", "a cat on the grass"]
 
