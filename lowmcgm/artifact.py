@@ -36,6 +36,9 @@ FORMAT_VERSION = 3  # the newest this lowmcgm writes and reads
 # the UNet's context width, both rows' widths together. Only SDXL artifacts are written as 3.
 READ_FORMAT_VERSIONS = ("1", "2", "3")
 ENCODER_OPTION_META = {"mask_encoder_input": ("binary", "area_normalized"), "mask_token_norm": ("none", "layernorm")}
+# Where an SDXL artifact's pooled embedding was taken in training. Artifacts written before the
+# key existed pooled at the highest token id, a handle's (text_conditioning.pool_at_end_of_text).
+SDXL_POOLING_KEY, SDXL_POOLING = "sdxl_pooling", "end_of_text"
 CHECKPOINT_FORMAT_VERSION = 1
 # A rank-128 SD artifact has a few thousand tensors; its header stays well under 1 MiB.
 MAX_HEADER_BYTES = 16 * 2**20
@@ -209,6 +212,16 @@ class Artifact:
 _JSON_META = ("handles", "init_words", "lora", "training_config")
 
 
+def stale_pooling_warning(artifact: Artifact, path: Path) -> str | None:
+    """One line for an SDXL artifact trained with the pooled embedding taken at the handle token
+    (lowmcgm before the pooling fix); None for every other artifact."""
+    if artifact.handle_vectors_2 is None or artifact.meta.get(SDXL_POOLING_KEY) == SDXL_POOLING:
+        return None
+    return (f"{path} was trained with SDXL's pooled embedding taken at the handle token (an older lowmcgm); "
+            "it now gets the pooled embedding of the whole prompt, as other SDXL tools give it: retrain it "
+            "for the right pooled embedding.")
+
+
 def save_artifact(artifact: Artifact, path: Path, dtype: str = "fp16") -> None:
     """Write the artifact (weights in ``dtype``) atomically, with its metadata."""
     cast = torch_dtype(dtype)
@@ -315,6 +328,8 @@ def _parse_meta(path: Path, meta: dict[str, str], header: dict[str, Any]) -> dic
     for key, choices in ENCODER_OPTION_META.items():
         if key in parsed and parsed[key] not in choices:
             raise bad(f"'{key}' must be one of {', '.join(choices)}")
+    if SDXL_POOLING_KEY in parsed and parsed[SDXL_POOLING_KEY] != SDXL_POOLING:
+        raise bad(f"'{SDXL_POOLING_KEY}' must be {SDXL_POOLING}")
     if "training_config" in parsed and not isinstance(parsed["training_config"], dict):
         raise bad("'training_config' is not a table")
     lora = parsed.get("lora", {})

@@ -437,6 +437,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     result = export_artifact(Path(args.artifact), args.format, Path(args.out),
                              bundle_embeddings=not args.no_bundle_embeddings, dtype=args.dtype, force=args.force)
+    for line in result.warnings:
+        _say(f"warning: {line}")
     for path in result.files:
         print(f"Wrote {path}")
     print(_export_hint(args.format, result.handles, not args.no_bundle_embeddings, result.sdxl))

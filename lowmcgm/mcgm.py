@@ -27,7 +27,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from lowmcgm.adapters import add_lora, load_lora_state_dict, lora_state_dict
-from lowmcgm.artifact import Artifact
+from lowmcgm.artifact import SDXL_POOLING, SDXL_POOLING_KEY, Artifact
 from lowmcgm.config import LoraConfig, TrainConfig
 from lowmcgm.errors import UserError
 from lowmcgm.handles import HandleEmbedding, add_handle_tokens, install_handles
@@ -194,7 +194,8 @@ class MCGMState:
             unet_lora=self._adapter_state(base.unet),
             text_encoder_lora=self._adapter_state(base.text_encoder) if self._adapts_text_encoder() else {},
             meta={**run_meta, "mask_size": self.mask_encoder.mask_size if self.mask_encoder is not None else 0,
-                  "lora": dict(self.lora), **_encoder_options(self.mask_encoder)},
+                  "lora": dict(self.lora), **_encoder_options(self.mask_encoder),
+                  **({SDXL_POOLING_KEY: SDXL_POOLING} if self.handles_2 is not None else {})},
         )
 
     @classmethod

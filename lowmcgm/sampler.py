@@ -33,7 +33,7 @@ from PIL import Image
 
 from lowmcgm import __version__
 from lowmcgm.adapters import cast_keeping_fp8, is_stored_in_fp8, store_in_fp8
-from lowmcgm.artifact import Artifact, file_sha256, load_artifact
+from lowmcgm.artifact import Artifact, file_sha256, load_artifact, stale_pooling_warning
 from lowmcgm.attention_capture import (CapturingCrossAttnProcessor, CrossAttentionStore, install_capture,
                                        loss_layer_names, remove_capture)
 from lowmcgm.config import SampleSettings, field_flag, sample_problems
@@ -49,6 +49,7 @@ from lowmcgm.previews import (SheetRow, mask_to_image, render_attention_picture,
                               save_png)
 from lowmcgm.prompts import (PlannedPrompt, PromptSpec, check_plans_fit, check_pose_crops, fit_pose_masks,
                              no_mask_reason, plan_prompts)
+from lowmcgm.text_conditioning import encode_pooled_prompts
 from lowmcgm.run_folder import SAMPLE_FILES, check_sample_folder, clear_earlier_samples, earlier_samples
 from lowmcgm.write_guard import check_not_inputs
 
@@ -155,10 +156,18 @@ class PoseSampler:
         # pooled embedding all zeros rather than encoding "" (force_zeros_for_empty_prompt: its
         # default, and SDXL base's model_index.json). We keep diffusers' behaviour, so the images
         # are the ones a stock SDXL pipeline draws; the k mask-token zeros follow as on SD.
+        # The pooled embeddings are ours (text_conditioning.pool_at_end_of_text): the pipeline would
+        # pool at the highest token id, which is a handle's, and it keeps pooled embeddings it is given.
+        pipe = self.pipe
+        zeroed = negative_prompt is None and pipe.config.force_zeros_for_empty_prompt
         with self._text_encoders_on(device):
-            return Conditioning(*self.pipe.encode_prompt(
+            pooled = encode_pooled_prompts(pipe.tokenizer_2, pipe.text_encoder_2, [prompt], device)
+            negative_pooled = None if zeroed else encode_pooled_prompts(pipe.tokenizer_2, pipe.text_encoder_2,
+                                                                        [negative_prompt or ""], device)
+            return Conditioning(*pipe.encode_prompt(
                 prompt, device=device, num_images_per_prompt=num, do_classifier_free_guidance=True,
-                negative_prompt=negative_prompt))
+                negative_prompt=negative_prompt, pooled_prompt_embeds=pooled,
+                negative_pooled_prompt_embeds=negative_pooled))
 
     @contextlib.contextmanager
     def _text_encoders_on(self, device: torch.device) -> Iterator[None]:
@@ -575,6 +584,9 @@ def sample_artifact(artifact_path: str | Path, specs: list[PromptSpec], poses: d
     artifact_path = Path(artifact_path)
     artifact = load_artifact(artifact_path)
     check_settings(settings)
+    stale = stale_pooling_warning(artifact, artifact_path)
+    if stale and report is not None:
+        report({"kind": "message", "level": "warning", "text": stale})
     plans = plan_prompts(specs, poses, artifact.handles, no_mask_reason(settings, artifact),
                          guided=settings.pose_guidance != "none")
     check_sample_folder(Path(out).expanduser(), overwrite)

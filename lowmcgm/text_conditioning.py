@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
 from lowmcgm.models import BaseModel
 
@@ -88,7 +89,51 @@ def encode_sdxl_text(base: BaseModel, input_ids: torch.Tensor, input_ids_2: torc
     # "penultimate": SDXL was trained on the layer before last of both encoders, without their
     # final layer norm; the pooled embedding is the second's projection, which does use it.
     context = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
-    return TextStates(context, second.text_embeds)
+    pooled = pool_at_end_of_text(base.text_encoder_2, second.last_hidden_state, input_ids_2,
+                                 base.tokenizer_2.eos_token_id)
+    return TextStates(context, pooled)
+
+
+def pool_at_end_of_text(encoder: CLIPTextModelWithProjection, last_hidden_state: torch.Tensor,
+                        input_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """SDXL's pooled embedding: the projection of the final hidden state at the first end-of-text token.
+
+    SDXL's ``text_encoder_2/config.json`` keeps the legacy ``eos_token_id`` 2, for which transformers
+    pools at ``input_ids.argmax(-1)``, the highest id: a handle's once handles are added (ids past
+    the vocabulary), so the words after ``<asset0>`` would never reach SDXL's global conditioning.
+    SDXL was trained with, and ComfyUI and A1111 pool at, the first end-of-text token; kohya's
+    ``pool_workaround`` (``library/train_util.py``) computes the same.
+
+    Args:
+        encoder: the second text encoder (its ``text_projection`` makes the pooled vector).
+        last_hidden_state: (B, 77, d) its output after the final layer norm.
+        input_ids: (B, 77) the ids it read.
+        eos_token_id: the tokenizer's ``<|endoftext|>`` id (49407 on the real vocabulary).
+
+    Returns:
+        (B, projection_dim) in ``last_hidden_state``'s dtype.
+    """
+    position = (input_ids == eos_token_id).int().argmax(dim=-1).to(last_hidden_state.device)  # first one
+    rows = torch.arange(last_hidden_state.shape[0], device=last_hidden_state.device)
+    at_end = last_hidden_state[rows, position]  # (B, d)
+    projection = encoder.text_projection
+    return projection(at_end.to(projection.weight.dtype)).to(last_hidden_state.dtype)
+
+
+@torch.no_grad()
+def encode_pooled_prompts(tokenizer_2: CLIPTokenizer, text_encoder_2: CLIPTextModelWithProjection,
+                          prompts: list[str], device: torch.device | str) -> torch.Tensor:
+    """SDXL's pooled embedding of ``prompts``, pooled at the end of text (``pool_at_end_of_text``).
+
+    Sampling passes it to diffusers' ``encode_prompt`` as ``pooled_prompt_embeds``: the pipeline
+    itself pools as transformers does, at the highest id.
+
+    Returns:
+        (len(prompts), projection_dim).
+    """
+    ids = _tokenize(tokenizer_2, prompts).to(device)
+    hidden = text_encoder_2(ids).last_hidden_state
+    return pool_at_end_of_text(text_encoder_2, hidden, ids, tokenizer_2.eos_token_id)
 
 
 def unet_added_kwargs(text: TextStates, time_ids: torch.Tensor | None) -> dict[str, torch.Tensor] | None:

@@ -102,12 +102,10 @@ def test_checkpoint_round_trip_with_optimizer_state(tmp_path):
 
 
 def test_rank4_sd15_artifact_is_under_12_mb():
-    sd15 = dict(sample_size=64, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
-                cross_attention_dim=768, attention_head_dim=8,
-                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**sd15)
+    from lowmcgm.model_configs import config_folder
+
+    with torch.device("meta"):  # the real SD 1.5 layout, from its shipped config
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config_folder("sd15") / "unet"))
     unet.requires_grad_(False)
     lora = add_lora(unet, LoraConfig().unet_targets, rank=4, alpha=4)
     lora_values = sum(p.numel() for p in lora)

@@ -10,12 +10,10 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from lowmcgm.attention_capture import (CrossAttentionStore, compute_map_grid, compute_selected_probs,
                                        install_capture, loss_layer_names, remove_capture)
 from lowmcgm.errors import UserError
+from lowmcgm.model_configs import config_folder
 from lowmcgm.models import build_tiny_base
 
-SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-                 block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
-                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+SD15_UNET = UNet2DConditionModel.load_config(config_folder("sd15") / "unet")  # the real layout
 
 
 def _inputs(unet, batch=2, keys=80, seed=0):
@@ -35,7 +33,7 @@ def _tiny_unet():
 
 def test_loss_layers_of_sd15_are_the_quarter_resolution_cross_attentions():
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**SD15_UNET)
+        unet = UNet2DConditionModel.from_config(SD15_UNET)
     names = loss_layer_names(unet, 4)
     assert names and all(n.endswith("attn2.processor") for n in names)
     assert {n.split(".")[0] + "." + n.split(".")[1] for n in names} == {"down_blocks.2", "up_blocks.1"}
@@ -170,7 +168,7 @@ def test_store_refuses_a_second_capture_of_one_layer():
 def test_auto_downscale_aims_for_16px_maps():
     from lowmcgm.attention_capture import auto_downscale
     with torch.device("meta"):
-        sd15 = UNet2DConditionModel(**SD15_UNET)
+        sd15 = UNet2DConditionModel.from_config(SD15_UNET)
     assert auto_downscale(sd15, 64) == 4  # 512 px: 16x16 maps, the paper's layers
     assert auto_downscale(sd15, 96) == 4  # 768 px: 24x24 (the 12x12 level has no cross-attention)
     assert auto_downscale(_tiny_unet(), 32) == 2  # tiny: 16x16 rather than 8x8

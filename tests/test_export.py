@@ -190,16 +190,13 @@ def test_embedding_files_use_the_a1111_layout(artifacts, tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 def _sd15_models() -> tuple[UNet2DConditionModel, CLIPTextModel]:
+    """SD 1.5's UNet and text encoder from their shipped real configs."""
+    from lowmcgm.model_configs import config_folder
+
+    folder = config_folder("sd15")
     with torch.device("meta"):
-        unet = UNet2DConditionModel(
-            sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-            block_out_channels=(320, 640, 1280, 1280), attention_head_dim=8, cross_attention_dim=768,
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        )
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-            num_attention_heads=12, max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu"))
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
+        text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))
     return unet, text_encoder
 
 

@@ -120,6 +120,17 @@ def _encode(base, text: str):
     return encode_sdxl_text(base, *ids)
 
 
+@torch.no_grad()
+def pooled_written_out(base, text: str) -> torch.Tensor:
+    """SDXL's pooled embedding as SDXL was trained (and ComfyUI pools): the second encoder's final
+    hidden state at the first end-of-text token, projected; not at the highest id (a handle's)."""
+    ids = base.tokenizer_2([text], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    hidden = base.text_encoder_2(ids).last_hidden_state  # (1, 77, d), after the final layer norm
+    end = ids[0].tolist().index(base.tokenizer_2.eos_token_id)
+    assert ids[0].argmax() != end  # the handles' ids are the highest: pooling there would be wrong
+    return base.text_encoder_2.text_projection(hidden[:, end])
+
+
 @pytest.mark.parametrize("negative", ["", "snow"], ids=["no negative prompt (zeros)", "negative prompt"])
 def test_sample_is_the_stock_sdxl_pipeline_given_our_context_and_pooled_embeddings(files, sampler, negative):
     """Without mask tokens, the image is what a stock SDXL pipeline draws from the artifact's own
@@ -166,6 +177,7 @@ def test_mask_tokens_follow_the_text_and_the_pooled_embedding_reaches_the_unet(f
         torch.testing.assert_close(context[1, 77:], want)
         torch.testing.assert_close(context[1, :77], text.context[0])
         torch.testing.assert_close(added["text_embeds"][1], text.pooled[0])
+        torch.testing.assert_close(added["text_embeds"][1], pooled_written_out(installed_base(files), PROMPT)[0])
         assert added["time_ids"].tolist() == [[SIZE, SIZE, 0, 0, SIZE, SIZE]] * 2
 
 
@@ -336,3 +348,21 @@ def test_text_encoders_wait_at_home_and_visit_only_to_encode(files):
     device = str(sampler.pipe._execution_device)
     assert moves == [("CLIPTextModel", device), ("CLIPTextModelWithProjection", device),
                      ("CLIPTextModel", "cpu"), ("CLIPTextModelWithProjection", "cpu")]
+
+
+def test_an_sdxl_artifact_from_before_the_pooling_fix_warns_once_when_sampled_or_exported(files, tmp_path, capsys):
+    from lowmcgm.artifact import SDXL_POOLING, SDXL_POOLING_KEY
+
+    artifact = load_artifact(files["artifact"])
+    assert artifact.meta[SDXL_POOLING_KEY] == SDXL_POOLING  # recorded by every new SDXL artifact
+    old = tmp_path / "old.safetensors"
+    save_artifact(dataclasses.replace(artifact, meta={k: v for k, v in artifact.meta.items() if k != SDXL_POOLING_KEY}),
+                  old, dtype="fp32")
+    for path, warned in ((files["artifact"], False), (old, True)):
+        out = tmp_path / f"samples-{path.stem}"
+        assert main(["sample", "--artifact", str(path), "--steps", "2", "--out", str(out), "--guidance", "none",
+                     "--prompt", "a photo of <asset0>"]) == 0
+        assert main(["export", str(path), "--format", "embeddings", "--out", str(tmp_path / f"emb-{path.stem}")]) == 0
+        lines = [line for line in capsys.readouterr().err.splitlines() if "pooled embedding" in line]
+        assert len(lines) == (2 if warned else 0), lines  # one line per command
+        assert all(line.startswith("warning: ") and "retrain" in line for line in lines)

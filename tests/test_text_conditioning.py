@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lowmcgm.models import build_tiny_base
@@ -46,3 +47,47 @@ def test_text_states_split_and_stack_back():
     again = TextStates.stack(rows[::-1])
     assert torch.equal(again.context[0], text.context[1]) and torch.equal(again.pooled[1], text.pooled[0])
     assert ids.key(0) != ids.key(1) and len(ids) == 2
+
+
+def _handle_installed(base, handle="<asset0>"):
+    """``base`` with one handle token added to both tokenizers (ids past the vocabulary, as on SDXL)."""
+    for tokenizer, encoder in ((base.tokenizer, base.text_encoder), (base.tokenizer_2, base.text_encoder_2)):
+        tokenizer.add_tokens([handle])
+        encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    return base
+
+
+def test_sdxl_pools_at_the_end_of_text_not_at_the_handle():
+    """SDXL's text_encoder_2 config keeps the legacy eos_token_id 2, so transformers pools at the highest
+    id: a handle's. The pooled embedding must be the projection at the first end-of-text token, written
+    out here from the hidden states (kohya's pool_workaround; ComfyUI and A1111 pool there)."""
+    base = _handle_installed(build_tiny_base("tiny-xl"))
+    assert base.text_encoder_2.config.eos_token_id == 2  # the real config's quirk, carried by tiny-xl
+    prompts = ["a photo of <asset0> on the beach", "<asset0>"]
+    ids = tokenize_prompts(base, prompts)
+    handle_id = base.tokenizer_2.convert_tokens_to_ids("<asset0>")
+    assert ids.ids_2.max() == handle_id  # the highest id of each prompt is the handle's
+    with torch.no_grad():
+        text = encode_prompt_ids(base, ids, "cpu")
+        hidden = base.text_encoder_2(ids.ids_2).last_hidden_state  # after the final layer norm
+    eos = [row.tolist().index(base.tokenizer_2.eos_token_id) for row in ids.ids_2]
+    expected = base.text_encoder_2.text_projection(hidden[torch.arange(2), torch.tensor(eos)])
+    torch.testing.assert_close(text.pooled, expected, rtol=0, atol=1e-6)
+    at_handle = base.text_encoder_2.text_projection(hidden[torch.arange(2), ids.ids_2.argmax(-1)])
+    assert not torch.allclose(text.pooled, at_handle)  # what today's transformers pooling gives
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-v"], ids=["SD 1.x (tiny, from sd15)", "SD 2.x (tiny-v, from sd21-768)"])
+def test_sd_context_is_the_stock_pipelines(name):
+    """Prompts without handles: the context is what diffusers' own SD pipeline encodes, on a model
+    carrying the real config's quirks (SD 2.x pads with "!", id 0)."""
+    from diffusers import StableDiffusionPipeline
+
+    base = build_tiny_base(name)
+    pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+                                   unet=base.unet, scheduler=base.noise_scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    with torch.no_grad():
+        ours = encode_prompt_ids(base, tokenize_prompts(base, PROMPTS), "cpu")
+        theirs, _ = pipe.encode_prompt(PROMPTS, torch.device("cpu"), 1, False)
+    torch.testing.assert_close(ours.context, theirs, rtol=0, atol=0)

@@ -35,14 +35,14 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lowmcgm import __version__
-from lowmcgm.artifact import Artifact, atomic_save, load_artifact
+from lowmcgm.artifact import Artifact, atomic_save, load_artifact, stale_pooling_warning
 from lowmcgm.dtypes import DTYPE_NAMES, torch_dtype
 from lowmcgm.errors import UserError
 from lowmcgm.write_guard import check_new_files, check_not_inputs, check_writable_folder, writing
@@ -82,6 +82,7 @@ class ExportResult:
     files: list[Path]
     handles: list[str]
     sdxl: bool = False  # an SDXL artifact: its embeddings hold a clip_l and a clip_g row
+    warnings: list[str] = field(default_factory=list)  # one line each, for the user
 
 
 def export_artifact(artifact_path: Path, fmt: str, out: Path, bundle_embeddings: bool = True,
@@ -121,7 +122,9 @@ def export_artifact(artifact_path: Path, fmt: str, out: Path, bundle_embeddings:
         files = export_embeddings(artifact, out)
     else:
         files = export_diffusers(artifact, out, dtype=dtype)
-    return ExportResult(files, list(artifact.handles), sdxl=artifact.handle_vectors_2 is not None)
+    stale = stale_pooling_warning(artifact, Path(artifact_path))
+    return ExportResult(files, list(artifact.handles), sdxl=artifact.handle_vectors_2 is not None,
+                        warnings=[stale] if stale else [])
 
 
 def _export_files(artifact: Artifact, fmt: str, out: Path) -> list[Path]:
