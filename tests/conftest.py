@@ -1,14 +1,34 @@
-"""Shared fixtures: a tiny photo with two concept masks, written as files."""
+"""Shared fixtures: a tiny photo with two concept masks, written as files; and how the suite runs:
+two worker processes (pytest-xdist), one thread each."""
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
-import torch
-from PIL import Image
+import os
 
-# Two cores: parallel workers must not each spin two OpenMP threads.
-torch.set_num_threads(1)
+# One thread per worker, set before torch loads: two torch processes spinning two OpenMP threads each
+# on two cores slow each other down a hundredfold. The workers, started later, inherit these.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+torch.set_num_threads(1)  # also where torch was imported before this file (by another plugin)
+
+TEST_WORKERS = 2  # the cores of the machines the suite is timed on (README, "Tests")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """``pytest`` runs on TEST_WORKERS workers; ``-n N`` chooses (``-n 0``: one process), and so do
+    ``-p no:xdist`` and ``--pdb``. Not ``addopts = "-n 2"`` in pyproject: with ``-p no:xdist`` that
+    fails as an unknown option. Runs before xdist's own hook (conftests register after plugins)."""
+    is_worker = hasattr(config, "workerinput")
+    if (config.pluginmanager.hasplugin("xdist") and not is_worker and config.option.numprocesses is None
+            and config.option.dist == "no" and not config.getoption("usepdb")):
+        config.option.numprocesses = TEST_WORKERS
 
 
 def make_photo(folder, size=96):

@@ -1,4 +1,4 @@
-"""Screenshots of the web page's three steps for the README, on the bundled toy model.
+"""Screenshots of the web page's three steps for docs/web-page.md, on the bundled toy model.
 
 Starts ``lowmcgm ui`` in this process, drives it in headless Chromium (the tests' browser
 helpers: tests/ui_browser.py) through the demo's photo: paints the dog and the cat, trains with

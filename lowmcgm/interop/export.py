@@ -224,8 +224,8 @@ def _sdxl_unet_config(artifact: Artifact, paths: list[str]) -> dict[str, Any]:
 
 
 def build_kohya_metadata(artifact: Artifact, output_name: str) -> dict[str, str]:
-    """The ``ss_*`` and ``modelspec.*`` strings A1111, ComfyUI and kohya read (the README's section on
-    using your subjects in other tools says which)."""
+    """The ``ss_*`` and ``modelspec.*`` strings A1111, ComfyUI and kohya read (docs/interop.md, on
+    using your subjects in other tools, says which)."""
     rank, alpha = _lora_rank_alpha(artifact)
     version = str(artifact.meta.get("base_model_version", ""))
     if version not in _VERSIONS:

@@ -1,7 +1,7 @@
 """Names and layouts of the LoRA and embedding files other Stable Diffusion tools read.
 
 Shared by ``export`` (writing them) and ``lora_import`` (reading them back). What each tool
-reads is in the README ("Using your subjects in A1111, ComfyUI, kohya and diffusers"); kohya keys are written by lowmcgm itself
+reads is in docs/interop.md ("Using your subjects in A1111, ComfyUI, kohya and diffusers"); kohya keys are written by lowmcgm itself
 because diffusers' ``convert_state_dict_to_kohya`` stores alpha = rank and names text-encoder keys
 ``lora_te1_encoder_layers_*`` under transformers >= 5.10, which A1111 does not match.
 """
