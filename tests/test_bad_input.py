@@ -957,7 +957,7 @@ def test_prompts_file_without_end_is_refused(artifacts, tmp_path):
     import shlex
 
     args = _sample_args(artifacts["tiny"], tmp_path / "out", "--prompts", "/dev/zero")
-    proc = _shell(f"ulimit -v 6000000; {shlex.quote(sys.executable)} -m lowmcgm.cli {shlex.join(args)}")
+    proc = _shell(f"ulimit -v 2500000; {shlex.quote(sys.executable)} -m lowmcgm.cli {shlex.join(args)}")
     assert proc.returncode == EXIT_USER_ERROR, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "/dev/zero" in lines[0] and "MiB" in lines[0], proc.stderr[-2000:]
