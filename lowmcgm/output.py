@@ -8,7 +8,7 @@ from pathlib import Path
 
 from lowmcgm.config import Config, to_toml
 from lowmcgm.errors import UserError
-from lowmcgm.write_guard import check_writable_folder, writing
+from lowmcgm.write_guard import check_writable_folder, write_text_whole
 
 # An SD LoRA artifact plus checkpoints is tens of MB; refuse to start with less free.
 MIN_FREE_BYTES = 200 * 2**20
@@ -62,11 +62,6 @@ def write_effective_config(cfg: Config, out: Path, notes: tuple[str, ...] = ()) 
         notes: what the settings resolved to on the loaded model (e.g. which attention maps a
             0 for "derive it" picked), written as comments at the top.
     """
-    path = out / "config.toml"
-    tmp = path.with_name(f".config.toml.tmp-{os.getpid()}")
     header = "# The effective configuration of this run (lowmcgm train --config this-file works).\n"
     header += "".join(f"# On this model, {note}.\n" for note in notes)
-    with writing(path):
-        tmp.write_text(header + to_toml(cfg))
-        os.replace(tmp, path)
-    return path
+    return write_text_whole(out / "config.toml", header + to_toml(cfg))

@@ -47,7 +47,7 @@ from lowmcgm.sdxl_conditioning import sdxl_time_ids
 from lowmcgm.signals import Interrupted, route_stop_signals, signal_name
 from lowmcgm.text_conditioning import (PromptIds, TextStates, encode_prompt_ids, tokenize_prompts,
                                        unet_added_kwargs)
-from lowmcgm.write_guard import check_not_inputs
+from lowmcgm.write_guard import check_not_inputs, write_text_whole
 
 ProgressFn = Callable[[dict[str, Any]], None]
 PreviewFn = Callable[["Setup", "TrainState"], None]
@@ -156,7 +156,7 @@ def train(cfg: Config, on_progress: ProgressFn | None = None, resume: bool = Fal
         check_finite(setup, state, {"handles.vectors": artifact.handle_vectors, **artifact.mask_encoder,
                                     **artifact.unet_lora, **artifact.text_encoder_lora})
         save_artifact(artifact, path, dtype=cfg.output.save_dtype)
-        (out / "loss_history.json").write_text(json.dumps(state.history))
+        write_text_whole(out / "loss_history.json", json.dumps(state.history))
         report({"kind": "saved", "what": "artifact", "path": str(path)})
     setup.accelerator.wait_for_everyone()
     # Leave the base as it came (``lowmcgm run`` samples from the artifact on the same base next).
