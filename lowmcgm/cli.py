@@ -16,11 +16,25 @@ from lowmcgm.dtypes import DTYPE_NAMES
 from lowmcgm.errors import UserError
 from lowmcgm.run_folder import hold_folder, run_files
 from lowmcgm.signals import exit_code, route_stop_signals, signal_name
-from lowmcgm.write_guard import check_not_inputs
+from lowmcgm.write_guard import check_not_inputs, check_writable_folder
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT; SIGTERM gives 143, SIGHUP 129 (signals.exit_code)
 EXIT_BROKEN_PIPE = 128 + 13  # 128 + SIGPIPE, as a shell reports a writer whose reader closed the pipe
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, keeping the promise of every refusal: one ``error:`` line, exit 2 (not the usage).
+
+    Its subcommands' parsers are of this class too (``add_subparsers`` makes them of the parent's).
+    """
+
+    def error(self, message: str) -> Any:
+        raise _ParserRefusal(f"{message}; '{self.prog} --help' lists the options.")
+
+
+class _ParserRefusal(UserError):
+    """A command line argparse refuses; raised before any command runs."""
 
 
 def _add_config_args(p: argparse.ArgumentParser, example: str = "train.lora_lr=1e-4") -> None:
@@ -93,7 +107,7 @@ def _add_sample_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lowmcgm", description=(
+    parser = _Parser(prog="lowmcgm", description=(
         "Teach Stable Diffusion several subjects from one photo and their masks (MCGM), "
         "then generate them in poses you draw as masks."))
     parser.add_argument("--version", action="version", version=f"lowmcgm {__version__}")
@@ -427,7 +441,8 @@ def _cmd_ui(args: argparse.Namespace) -> int:
 
     if not 0 < args.port < 65536:
         raise UserError(f"--port {args.port} is not a port number (1-65535).")
-    page = launch(Path(args.root), host=args.host, port=args.port, base_model=args.base_model, preset=args.preset)
+    root = check_writable_folder(Path(args.root).expanduser(), flag="--root")
+    page = launch(root, host=args.host, port=args.port, base_model=args.base_model, preset=args.preset)
     page.lowmcgm_state.jobs.stop()  # the page is closing: a running job checkpoints and stops too
     return 0
 
@@ -516,7 +531,14 @@ def _output_arg(args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     from lowmcgm.output import first_missing_folder, remove_empty_folders
 
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except _ParserRefusal as exc:
+        _say("error: " + " ".join(str(exc).splitlines()))
+        return EXIT_USER_ERROR
+    if sys.stdout is None:  # started with stdout closed (>&-): what the command did could not be said
+        _say("error: standard output is closed; redirect it to a file or /dev/null instead (>/dev/null).")
+        return EXIT_USER_ERROR
     if not args.debug:
         _quiet_libraries()
     # A run that fails leaves no trace: folders it created for its output are removed again while

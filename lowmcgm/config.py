@@ -20,7 +20,7 @@ from typing import Any, Callable, Collection
 
 from lowmcgm.dtypes import DTYPE_NAMES
 from lowmcgm.errors import UserError
-from lowmcgm.limits import MAX_LORA_RANK, MAX_RESOLUTION_PX, MAX_SEED
+from lowmcgm.limits import MAX_LORA_RANK, MAX_RESOLUTION_PX, MAX_SEED, read_text_file
 
 
 def _f(default: Any, help: str, *, choices: tuple[str, ...] = (), flag: str = "",
@@ -333,8 +333,7 @@ def flatten_toml(data: dict[str, Any], where: str) -> dict[str, Any]:
 
 def load_toml(path: Path) -> dict[str, Any]:
     try:
-        with open(path, "rb") as fh:
-            return flatten_toml(tomllib.load(fh), str(path))
+        return flatten_toml(tomllib.loads(read_text_file(path, "Config file")), str(path))
     except FileNotFoundError as exc:
         raise UserError(f"Config file not found: {path}.") from exc
     except IsADirectoryError as exc:
