@@ -25,6 +25,22 @@ MAX_MASK_SIZE = 1024
 MAX_LORA_RANK = 4096
 # Seeds: torch.Generator.manual_seed takes 64 bits; sample adds the image index, train the process index.
 MAX_SEED = 2**63 - 1
+# Step counts (train.phase1_steps, phase2_steps, checkpoint and preview intervals): the paper trains
+# 400 + 400; a million steps is weeks on a GPU, and past it a typo (an extra digit or ten) trains for ever.
+MAX_STEPS = 1_000_000
+# Learning rates: AdamW moves each weight by about lr per step; past 1 it moves weights of size ~1
+# (handles, LoRA) by more than their size every step. Presets use 2e-6 to 5e-3.
+MAX_LEARNING_RATE = 1.0
+# Loss weights and the gradient clipping norm: the defaults are 0.01 to 1; 10,000 times the
+# diffusion loss drowns it at any precision.
+MAX_LOSS_WEIGHT = 1e4
+# Classifier-free guidance scale: A1111's slider ends at 30; past 100 every image saturates.
+MAX_GUIDANCE_SCALE = 100.0
+# Pose guidance strength: the modes' defaults are 3 and 10 (pose_guidance.DEFAULT_STRENGTH).
+MAX_POSE_GUIDANCE_STRENGTH = 1000.0
+# estimate --card: the largest accelerator sold has 192 GB (MI300X); 1024 leaves room for what comes.
+MAX_CARD_GB = 1024
+
 # Text files a command reads whole (--prompts, --config, a preset): a 10,000-prompt file is ~1 MiB.
 # Reading stops one byte past this, so /dev/zero or a FIFO that never ends fails in a second
 # instead of filling memory.
