@@ -193,7 +193,7 @@ def check_inputs(cfg: Config, resume: bool = False, overwrite: bool = False) -> 
 
         check_init_lora(Path(cfg.lora.init_lora), cfg.lora)
     out = Path(cfg.output.out).expanduser()
-    check_not_inputs(run_files(out, cfg.output.artifact_name), _input_files(cfg),
+    check_not_inputs(run_files(out, cfg.output.artifact_name), input_files(cfg),
                      folders=[out / name for name in RUN_FOLDERS])
     check_run_folder(out, cfg.output.artifact_name, resume, overwrite)
     out = check_output_dir(cfg.output.out, resume=resume)
@@ -202,7 +202,7 @@ def check_inputs(cfg: Config, resume: bool = False, overwrite: bool = False) -> 
     return out, handle_names, warnings
 
 
-def _input_files(cfg: Config) -> list[str]:
+def input_files(cfg: Config) -> list[str]:
     """Every file a run reads (none may be among the files it writes)."""
     files = [cfg.data.image, *cfg.data.masks, cfg.lora.init_lora]
     if cfg.train.class_images_dir and Path(cfg.train.class_images_dir).expanduser().is_dir():
