@@ -132,7 +132,8 @@ class LoraConfig:
     phase2_mode: str = _f("lora", "'lora' (LoRA adapters) or 'full' (fine-tune all UNet and text-encoder weights)",
                           choices=("lora", "full"))
     rank: int = _f(4, "LoRA rank", at_least=1, at_most=MAX_LORA_RANK)
-    alpha: float = _f(4.0, "LoRA alpha (strength = alpha / rank)", above=0.0, at_most=MAX_LORA_RANK)
+    alpha: float = _f(4.0, "LoRA alpha (strength = alpha / rank)", above=0.0,
+                      at_most=float(MAX_LORA_RANK))
     unet_targets: tuple[str, ...] = _f(
         ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"),
         "UNet module names that get LoRA (attention and feed-forward linears)",
@@ -164,8 +165,8 @@ class TrainConfig:
     optimizer: str = _f("adamw8bit", "'adamw8bit' (bitsandbytes) or 'adamw' (torch)", choices=("adamw8bit", "adamw"))
     adam_beta1: float = _f(0.9, "AdamW beta1", at_least=0, below=1)  # torch and bitsandbytes refuse 1
     adam_beta2: float = _f(0.999, "AdamW beta2", at_least=0, below=1)
-    adam_weight_decay: float = _f(1e-2, "AdamW weight decay", at_least=0, at_most=1)  # each step shrinks by lr x this
-    adam_epsilon: float = _f(1e-8, "AdamW epsilon", at_least=0, at_most=1)
+    adam_weight_decay: float = _f(1e-2, "AdamW weight decay", at_least=0, at_most=1.0)  # each step shrinks by lr x this
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon", at_least=0, at_most=1.0)
     max_grad_norm: float = _f(1.0, "gradient clipping norm", at_least=0, at_most=MAX_LOSS_WEIGHT)
     checkpoint_every: int = _f(100, "write a resume checkpoint every N steps (0: only at the end and on Ctrl-C)",
                                at_least=0, at_most=MAX_STEPS)
