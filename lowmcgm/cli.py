@@ -91,7 +91,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace the run that --out holds (its artifact, "
                                                             "config, checkpoint, previews and samples)")
     p.add_argument("--events", metavar="FILE", help="also append progress events to FILE as JSON lines (for "
-                                                    "scripts; the web page reads them)")
+                                                    "scripts; the web page reads them): a new file, or an "
+                                                    "earlier events log")
 
 
 def _add_sample_args(p: argparse.ArgumentParser) -> None:
