@@ -24,7 +24,7 @@ from lowmcgm import __version__
 from lowmcgm.dtypes import torch_dtype
 from lowmcgm.errors import UserError
 from lowmcgm.limits import MAX_LORA_RANK, MAX_MASK_SIZE, MAX_RESOLUTION_PX, MAX_TEXT_WIDTH
-from lowmcgm.write_guard import writing
+from lowmcgm.write_guard import replacing
 
 FORMAT_NAME = "lowmcgm"
 FORMAT_VERSION = 3  # the newest this lowmcgm writes and reads
@@ -48,21 +48,14 @@ _FLOAT_DTYPES = {"F32", "F16", "BF16"}
 
 def atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
     """Write a safetensors file through a temporary name; the old file survives a crash."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with writing(path):  # a read-only folder or a full disk: one line naming the file
-            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-            with open(tmp, "rb+") as fh:
-                _sort_metadata(fh)
-                os.fsync(fh.fileno())
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # the writer creates 0600; a shared artifact should be readable
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with replacing(path) as tmp:  # a read-only folder or a full disk: one line naming the file
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        with open(tmp, "rb+") as fh:
+            _sort_metadata(fh)
+            os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # the writer creates 0600; a shared artifact should be readable
 
 
 def _sort_metadata(fh: Any) -> None:

@@ -9,18 +9,33 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from lowmcgm import __version__
 from lowmcgm.dtypes import DTYPE_NAMES
 from lowmcgm.errors import UserError
 from lowmcgm.run_folder import hold_folder, run_files
 from lowmcgm.signals import exit_code, route_stop_signals, signal_name
-from lowmcgm.write_guard import check_not_inputs
+from lowmcgm.terminal import escape_controls
+from lowmcgm.write_guard import check_not_inputs, check_writable_folder
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT; SIGTERM gives 143, SIGHUP 129 (signals.exit_code)
 EXIT_BROKEN_PIPE = 128 + 13  # 128 + SIGPIPE, as a shell reports a writer whose reader closed the pipe
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, keeping the promise of every refusal: one ``error:`` line, exit 2 (not the usage).
+
+    Its subcommands' parsers are of this class too (``add_subparsers`` makes them of the parent's).
+    """
+
+    def error(self, message: str) -> Any:
+        raise _ParserRefusal(f"{message}; '{self.prog} --help' lists the options.")
+
+
+class _ParserRefusal(UserError):
+    """A command line argparse refuses; raised before any command runs."""
 
 
 def _add_config_args(p: argparse.ArgumentParser, example: str = "train.lora_lr=1e-4") -> None:
@@ -76,7 +91,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace the run that --out holds (its artifact, "
                                                             "config, checkpoint, previews and samples)")
     p.add_argument("--events", metavar="FILE", help="also append progress events to FILE as JSON lines (for "
-                                                    "scripts; the web page reads them)")
+                                                    "scripts; the web page reads them): a new file, or an "
+                                                    "earlier events log")
 
 
 def _add_sample_args(p: argparse.ArgumentParser) -> None:
@@ -93,7 +109,7 @@ def _add_sample_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lowmcgm", description=(
+    parser = _Parser(prog="lowmcgm", description=(
         "Teach Stable Diffusion several subjects from one photo and their masks (MCGM), "
         "then generate them in poses you draw as masks."))
     parser.add_argument("--version", action="version", version=f"lowmcgm {__version__}")
@@ -176,10 +192,22 @@ def _train_config(args: argparse.Namespace):
         raise UserError("No masks: pass one --mask per subject.")
     if not cfg.output.out:
         raise UserError("No output folder: pass --out DIR.")
-    # The run rewrites <out>/config.toml: never over the file its settings came from.
-    check_not_inputs(run_files(Path(cfg.output.out).expanduser(), cfg.output.artifact_name),
-                     [args.config or "", args.preset if args.preset and Path(args.preset).is_file() else ""])
+    # The run writes <out>/config.toml: never over the file its settings came from, except the
+    # run's own on --resume (the troubleshooting table's way to resume): that one the run reads
+    # whole first, and rewrites only to record a changed setting (output.write_effective_config).
+    out = Path(cfg.output.out).expanduser()
+    own_config = bool(args.resume and args.config) and _same_file(Path(args.config).expanduser(), out / "config.toml")
+    check_not_inputs(run_files(out, cfg.output.artifact_name),
+                     ["" if own_config else args.config or "",
+                      args.preset if args.preset and Path(args.preset).is_file() else ""])
     return cfg
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.samefile(b)
+    except OSError:
+        return False
 
 
 SAMPLING_OOM = ("CUDA ran out of memory while sampling: try --vae-slicing (or --vae-tiling for large images), "
@@ -253,18 +281,39 @@ def _progress(args: argparse.Namespace) -> Iterator[Any]:
     try:
         with ProgressPrinter() as printer:
             yield tee(printer, log)
+    except UserError:
+        if log is not None:
+            log.close(refused=True)
+        raise
     finally:
         if log is not None:
             log.close()
+
+
+def _check_events(args: argparse.Namespace, cfg: Any, more_inputs: Iterable[str] = ()) -> None:
+    """``--events FILE`` is an output like any other: never an input, never another output, never a
+    file it would damage, checked before anything is written (``progress.check_event_log``)."""
+    if not getattr(args, "events", None):
+        return
+    from lowmcgm.progress import check_event_log
+    from lowmcgm.run_folder import LOCK_NAME, RUN_FOLDERS
+    from lowmcgm.trainer import input_files
+
+    out = Path(cfg.output.out).expanduser()
+    preset = args.preset if args.preset and Path(args.preset).is_file() else ""
+    check_event_log(args.events, [*input_files(cfg), args.config or "", preset, *more_inputs],
+                    [*run_files(out, cfg.output.artifact_name), out / LOCK_NAME],
+                    [out / name for name in RUN_FOLDERS])
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from lowmcgm.trainer import train
 
     cfg = _train_config(args)
+    _check_events(args, cfg)
     with hold_folder(cfg.output.out), _progress(args) as printer, _out_of_memory_advice(cfg, args.preset):
         path = train(cfg, on_progress=printer, resume=args.resume, overwrite=args.overwrite)
-    print(f"Artifact written: {path}")
+    _print(f"Artifact written: {path}")
     return 0
 
 
@@ -274,7 +323,7 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     presets = list_presets()
     width = max(map(len, presets))
     for name, line in presets.items():
-        print(f"{name:<{width}}  {line}")
+        _print(f"{name:<{width}}  {line}")
     return 0
 
 
@@ -286,7 +335,7 @@ def _cmd_config_keys(args: argparse.Namespace) -> int:
     defaults = dataclasses.asdict(Config())
     for key in all_keys():
         section, name = key.split(".")
-        print(f"{key} = {defaults[section][name]!r}\n    {field_help(key)}")
+        _print(f"{key} = {defaults[section][name]!r}\n    {field_help(key)}")
     return 0
 
 
@@ -302,7 +351,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         **{k: v for k, v in art.meta.items() if k != "training_config"},
     }
     if args.json:
-        print(json.dumps(summary | {"training_config": art.meta.get("training_config")}, indent=2))
+        _print(json.dumps(summary | {"training_config": art.meta.get("training_config")}, indent=2))
         return 0
     from rich.console import Console
     from rich.table import Table
@@ -310,9 +359,12 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
     # Text(): names and metadata come from the artifact's author and are shown as data, never as
     # rich markup ("[/x]" in a stranger's file would otherwise crash the table or restyle it).
-    table = Table(title=Text(f"lowmcgm artifact {args.artifact} ({size / 2**20:.2f} MiB)"), show_header=False)
+    # escape_controls(): escape sequences in them are shown, never run by the terminal.
+    table = Table(title=Text(escape_controls(f"lowmcgm artifact {args.artifact} ({size / 2**20:.2f} MiB)")),
+                  show_header=False)
     for key, value in summary.items():
-        table.add_row(Text(key), Text(json.dumps(value) if isinstance(value, (list, dict)) else str(value)))
+        text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+        table.add_row(Text(escape_controls(key)), Text(escape_controls(text)))
     Console().print(table)
     return 0
 
@@ -352,30 +404,36 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     with hold_folder(args.out), ProgressPrinter() as printer, _out_of_memory_advice():
         grid = sample_artifact(args.artifact, specs, poses, settings, args.out, base_model=args.base_model or "",
                                report=printer, overwrite=args.overwrite)
-    print(f"Samples written to {grid.parent} (contact sheet: {grid.name}, index: samples.json)")
+    _print(f"Samples written to {grid.parent} (contact sheet: {grid.name}, index: samples.json)")
     return 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     cfg = _train_config(args)
     specs, poses = _sample_inputs(args)
+    _check_events(args, cfg, [args.prompts or "", *poses.values(), *(f for s in specs for f in s.poses.values())])
     return _train_then_sample(args, cfg, args.preset, specs, poses, resume=args.resume, overwrite=args.overwrite)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     import shlex
 
+    from lowmcgm.config import resolve_config
     from lowmcgm.output import check_output_dir
     from lowmcgm.prompts import load_prompts_file
+    from lowmcgm.run_folder import check_run_folder
     from lowmcgm.toy.demo import DEMO_PRESET, demo_run, describe_base, write_demo_inputs
 
     size_px, note = describe_base(args.base_model)  # fails here when the toy model is not bundled
     if note:
-        print(note)
+        _print(note)
     out = check_output_dir(args.out)
+    # Its inputs are written into <out>/inputs: a folder holding another run is refused first.
+    check_run_folder(out, resolve_config(DEMO_PRESET, None, {}).output.artifact_name, resume=False,
+                     overwrite=args.overwrite)
     run = demo_run(write_demo_inputs(out / "inputs", size_px), out, args.base_model, overwrite=args.overwrite,
                    pose_guidance=args.guidance or "")
-    print(f"The demo is: lowmcgm {shlex.join(run.command())}")
+    _print(f"The demo is: lowmcgm {shlex.join(run.command())}")
     return _train_then_sample(args, run.config(), DEMO_PRESET, load_prompts_file(run.prompts), {}, resume=False,
                               overwrite=run.overwrite)
 
@@ -391,7 +449,7 @@ def _train_then_sample(args: argparse.Namespace, cfg: Any, preset: str | None, s
     with _progress(args) as printer:
         result = train_then_sample(cfg, specs, poses, cfg.sample, resume=resume, overwrite=overwrite,
                                    on_progress=printer, guard=guard)
-    print(f"Artifact: {result.artifact}\nPreviews: {result.previews}\nLoss curve: {result.loss_curve}\n"
+    _print(f"Artifact: {result.artifact}\nPreviews: {result.previews}\nLoss curve: {result.loss_curve}\n"
           f"Samples: {result.grid.parent} (contact sheet: {result.grid})")
     return 0
 
@@ -427,7 +485,8 @@ def _cmd_ui(args: argparse.Namespace) -> int:
 
     if not 0 < args.port < 65536:
         raise UserError(f"--port {args.port} is not a port number (1-65535).")
-    page = launch(Path(args.root), host=args.host, port=args.port, base_model=args.base_model, preset=args.preset)
+    root = check_writable_folder(Path(args.root).expanduser(), flag="--root")
+    page = launch(root, host=args.host, port=args.port, base_model=args.base_model, preset=args.preset)
     page.lowmcgm_state.jobs.stop()  # the page is closing: a running job checkpoints and stops too
     return 0
 
@@ -440,9 +499,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
     for line in result.warnings:
         _say(f"warning: {line}")
     for path in result.files:
-        print(f"Wrote {path}")
-    print(_export_hint(args.format, result.handles, not args.no_bundle_embeddings, result.sdxl))
-    print(MASK_ENCODER_NOTE)
+        _print(f"Wrote {path}")
+    _print(_export_hint(args.format, result.handles, not args.no_bundle_embeddings, result.sdxl))
+    _print(MASK_ENCODER_NOTE)
     return 0
 
 
@@ -452,11 +511,18 @@ def _cmd_import_lora(args: argparse.Namespace) -> int:
     from lowmcgm.interop.lora_import import summarize_lora
 
     summary = summarize_lora(Path(args.file))
+    if summary.settings:  # what it suggests must be what training takes (lora.alpha > 0, ...)
+        from lowmcgm.config import parse_set, resolve_config
+
+        try:
+            resolve_config(None, None, parse_set(summary.settings))
+        except UserError as exc:
+            raise UserError(f"{summary.path} cannot start phase 2: {exc}") from exc
     if args.json:
-        print(json.dumps(summary.to_dict(), indent=2))
+        _print(json.dumps(summary.to_dict(), indent=2))
     else:
         alpha = ", ".join(f"{a:g}" for a in summary.alphas)
-        print(f"{summary.path}: {summary.format} LoRA\n"
+        _print(f"{summary.path}: {summary.format} LoRA\n"
               f"  rank {', '.join(map(str, summary.ranks))}, alpha {alpha}"
               f"{'' if summary.alpha_stored else ' (not stored in the file: alpha = rank by convention)'}\n"
               f"  modules: {summary.unet_modules} UNet ({', '.join(summary.unet_targets)}), "
@@ -464,13 +530,13 @@ def _cmd_import_lora(args: argparse.Namespace) -> int:
               f"{' (' + ', '.join(summary.text_encoder_targets) + ')' if summary.text_encoder_targets else ''}\n"
               f"  base model: {summary.base}")
         if summary.embeddings:
-            print(f"  bundled embeddings: {', '.join(summary.embeddings)} (not used for training)")
+            _print(f"  bundled embeddings: {', '.join(summary.embeddings)} (not used for training)")
     if not summary.settings:
         raise UserError(f"{summary.path} mixes ranks or alphas; lowmcgm trains one rank and one alpha, so it "
                         "cannot start from this file.")
     if not args.json:
         sets = " ".join(f"--set {shlex.quote(item)}" for item in summary.settings)
-        print(f"Start phase 2 from it (with the same base model): lowmcgm train ... {sets}")
+        _print(f"Start phase 2 from it (with the same base model): lowmcgm train ... {sets}")
     return 0
 
 
@@ -480,7 +546,7 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
 
     cfg = resolve_config(args.preset, args.config, parse_set(args.set), _flag_values(args))
     est, card, suggestions = check_and_suggest(cfg, args.base_model, args.resolution, args.card, args.preset)
-    print(estimate_to_json(est, suggestions, card) if args.json else format_estimate(est, card, suggestions))
+    _print(estimate_to_json(est, suggestions, card) if args.json else format_estimate(est, card, suggestions))
     return 0
 
 
@@ -518,12 +584,21 @@ def _output_arg(args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     from lowmcgm.output import first_missing_folder, remove_empty_folders
 
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except _ParserRefusal as exc:
+        _say("error: " + " ".join(str(exc).splitlines()))
+        return EXIT_USER_ERROR
+    if sys.stdout is None:  # started with stdout closed (>&-): what the command did could not be said
+        _say("error: standard output is closed; redirect it to a file or /dev/null instead (>/dev/null).")
+        return EXIT_USER_ERROR
     if not args.debug:
         _quiet_libraries()
     # A run that fails leaves no trace: folders it created for its output are removed again while
     # they hold no file (a checkpoint or a finished sample keeps them).
-    created = first_missing_folder(_output_arg(args))
+    created = [first_missing_folder(_output_arg(args))]
+    if getattr(args, "events", None):
+        created.append(first_missing_folder(Path(args.events).expanduser().parent))
     try:
         try:
             # SIGTERM and SIGHUP stop a command as Ctrl-C does (checkpoint, message, exit code 128 + signal).
@@ -532,7 +607,8 @@ def main(argv: list[str] | None = None) -> int:
                 sys.stdout.flush()  # a closed pipe (lowmcgm config-keys | head) shows here, not at exit
                 return code
         except BaseException:
-            remove_empty_folders(created)
+            for top in created:
+                remove_empty_folders(top)
             raise
     except UserError as exc:
         if args.debug:
@@ -560,10 +636,16 @@ INTERRUPTED_HINTS = {
 }
 
 
+def _print(text: str) -> None:
+    """Print a command's report on stdout, untrusted strings in it escaped (``terminal.escape_controls``)."""
+    print(escape_controls(text))
+
+
 def _say(line: str) -> None:
-    """One line on stderr; a terminal that is gone (SIGHUP, a closed ssh session) is not an error."""
+    """One line on stderr, escaped as ``_print`` escapes; a terminal that is gone (SIGHUP, a closed
+    ssh session) is not an error."""
     try:
-        print(line, file=sys.stderr, flush=True)
+        print(escape_controls(line), file=sys.stderr, flush=True)
     except OSError:
         pass
 

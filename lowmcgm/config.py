@@ -20,12 +20,13 @@ from typing import Any, Callable, Collection
 
 from lowmcgm.dtypes import DTYPE_NAMES
 from lowmcgm.errors import UserError
-from lowmcgm.limits import MAX_LORA_RANK, MAX_RESOLUTION_PX, MAX_SEED
+from lowmcgm.limits import (MAX_GUIDANCE_SCALE, MAX_LEARNING_RATE, MAX_LORA_RANK, MAX_LOSS_WEIGHT,
+                            MAX_POSE_GUIDANCE_STRENGTH, MAX_RESOLUTION_PX, MAX_SEED, MAX_STEPS, read_text_file)
 
 
 def _f(default: Any, help: str, *, choices: tuple[str, ...] = (), flag: str = "",
        bounds: tuple[float, float] | None = None, at_least: float | None = None,
-       at_most: float | None = None) -> Any:
+       at_most: float | None = None, above: float | None = None, below: float | None = None) -> Any:
     """A config field with its metadata.
 
     Args:
@@ -34,11 +35,13 @@ def _f(default: Any, help: str, *, choices: tuple[str, ...] = (), flag: str = ""
         bounds: inclusive (lowest, highest) of a number, said as one range ("between 1 and 1000").
         at_least, at_most: one-sided inclusive limits, each said on its own ("must be >= 0",
             "must be positive" for at least 1, "must be at most 2048").
+        above, below: exclusive limits ("must be > 0", "must be below 1"), where the limit itself
+            is refused (AdamW's betas lie in [0, 1)).
     """
     if isinstance(default, (list, dict, set)):
         raise TypeError("use tuples for sequence defaults: configs are frozen")
     metadata = {"help": help, "choices": tuple(choices), "flag": flag, "bounds": bounds, "at_least": at_least,
-                "at_most": at_most}
+                "at_most": at_most, "above": above, "below": below}
     return field(default=default, metadata=metadata)
 
 
@@ -80,9 +83,10 @@ class DataConfig:
                "kept in frame, so handles and mask encoder see the subjects at many places and sizes")
     affine_shift: float = _f(0.15, "largest random shift, as a fraction of the image side (before the "
                                    "shift is clamped to keep the selected subjects in frame)", bounds=(0.0, 0.5))
-    affine_scale_min: float = _f(0.8, "smallest random scale of the affine augmentation (1 = unchanged)")
+    affine_scale_min: float = _f(0.8, "smallest random scale of the affine augmentation (1 = unchanged)", above=0.0,
+                                 at_most=1.0)
     affine_scale_max: float = _f(1.2, "largest random scale of the affine augmentation (lowered when the "
-                                      "selected subjects would not fit in frame)")
+                                      "selected subjects would not fit in frame)", bounds=(1.0, 2.0))
     affine_rotate_deg: float = _f(10.0, "largest random rotation of the affine augmentation, in degrees",
                                   bounds=(0.0, 45.0))
     mask_dropout: float = _f(0.0, "probability that a selected concept's mask token is made from the blank "
@@ -97,14 +101,16 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    attn_weight: float = _f(0.01, "weight of the cross-attention loss (Break-a-scene)", at_least=0)
+    attn_weight: float = _f(0.01, "weight of the cross-attention loss (Break-a-scene)", at_least=0,
+                              at_most=MAX_LOSS_WEIGHT)
     mask_attn_weight: float = _f(0.3, "lambda_m: weight of the mask-token attention loss inside the attention term",
-                                 at_least=0)
-    prior_weight: float = _f(1.0, "weight of the prior-preservation loss", at_least=0)
+                                 at_least=0, at_most=MAX_LOSS_WEIGHT)
+    prior_weight: float = _f(1.0, "weight of the prior-preservation loss", at_least=0,
+                               at_most=MAX_LOSS_WEIGHT)
     attn_loss_downscale: int = _f(
         0, "attention maps are read at latent side / this (paper: 4); 0 derives it from the model: "
            "the cross-attention level whose maps are closest to 16x16, which is 4 for SD at 512 and 768 px",
-        at_least=0)
+        at_least=0, at_most=MAX_RESOLUTION_PX // 8)  # the latent side at the largest resolution
     use_mask_tokens: bool = _f(True, "append mask tokens to the text tokens (MCGM); off = Break-a-scene")
     mask_encoder_input: str = _f(
         "binary", "what the mask encoder's Linear reads: 'binary' (the paper: the 0/1 mask) or "
@@ -126,7 +132,8 @@ class LoraConfig:
     phase2_mode: str = _f("lora", "'lora' (LoRA adapters) or 'full' (fine-tune all UNet and text-encoder weights)",
                           choices=("lora", "full"))
     rank: int = _f(4, "LoRA rank", at_least=1, at_most=MAX_LORA_RANK)
-    alpha: float = _f(4.0, "LoRA alpha (strength = alpha / rank)")
+    alpha: float = _f(4.0, "LoRA alpha (strength = alpha / rank)", above=0.0,
+                      at_most=float(MAX_LORA_RANK))
     unet_targets: tuple[str, ...] = _f(
         ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"),
         "UNet module names that get LoRA (attention and feed-forward linears)",
@@ -141,25 +148,28 @@ class LoraConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = _f(0, "seed of every random draw", at_least=0, at_most=MAX_SEED)
-    phase1_steps: int = _f(400, "steps of phase 1 (handles + mask encoder)", at_least=0)
-    phase2_steps: int = _f(400, "steps of phase 2 (adds LoRA)", at_least=0)
+    phase1_steps: int = _f(400, "steps of phase 1 (handles + mask encoder)", at_least=0, at_most=MAX_STEPS)
+    phase2_steps: int = _f(400, "steps of phase 2 (adds LoRA)", at_least=0, at_most=MAX_STEPS)
     batch_size: int = _f(1, "samples per step", at_least=1, at_most=1024)
-    handle_lr: float = _f(5e-4, "phase 1 learning rate of the handle embeddings", at_least=0)
-    mask_encoder_lr: float = _f(5e-4, "phase 1 learning rate of the mask encoder", at_least=0)
-    phase2_handle_lr: float = _f(2e-6, "phase 2 learning rate of the handle embeddings", at_least=0)
-    phase2_mask_encoder_lr: float = _f(1e-5, "phase 2 learning rate of the mask encoder", at_least=0)
+    handle_lr: float = _f(5e-4, "phase 1 learning rate of the handle embeddings", at_least=0, at_most=MAX_LEARNING_RATE)
+    mask_encoder_lr: float = _f(5e-4, "phase 1 learning rate of the mask encoder",
+                                at_least=0, at_most=MAX_LEARNING_RATE)
+    phase2_handle_lr: float = _f(2e-6, "phase 2 learning rate of the handle embeddings",
+                                 at_least=0, at_most=MAX_LEARNING_RATE)
+    phase2_mask_encoder_lr: float = _f(1e-5, "phase 2 learning rate of the mask encoder",
+                                       at_least=0, at_most=MAX_LEARNING_RATE)
     lora_lr: float = _f(1e-4, "phase 2 learning rate of the UNet LoRA (or of all UNet weights in 'full' mode)",
-                        at_least=0)
+                        at_least=0, at_most=MAX_LEARNING_RATE)
     text_encoder_lr: float = _f(1e-5, "phase 2 learning rate of the text-encoder LoRA (or weights in 'full' mode)",
-                                at_least=0)
+                                at_least=0, at_most=MAX_LEARNING_RATE)
     optimizer: str = _f("adamw8bit", "'adamw8bit' (bitsandbytes) or 'adamw' (torch)", choices=("adamw8bit", "adamw"))
-    adam_beta1: float = _f(0.9, "AdamW beta1")
-    adam_beta2: float = _f(0.999, "AdamW beta2")
-    adam_weight_decay: float = _f(1e-2, "AdamW weight decay", at_least=0)
-    adam_epsilon: float = _f(1e-8, "AdamW epsilon", at_least=0)
-    max_grad_norm: float = _f(1.0, "gradient clipping norm", at_least=0)
+    adam_beta1: float = _f(0.9, "AdamW beta1", at_least=0, below=1)  # torch and bitsandbytes refuse 1
+    adam_beta2: float = _f(0.999, "AdamW beta2", at_least=0, below=1)
+    adam_weight_decay: float = _f(1e-2, "AdamW weight decay", at_least=0, at_most=1.0)  # each step shrinks by lr x this
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon", at_least=0, at_most=1.0)
+    max_grad_norm: float = _f(1.0, "gradient clipping norm", at_least=0, at_most=MAX_LOSS_WEIGHT)
     checkpoint_every: int = _f(100, "write a resume checkpoint every N steps (0: only at the end and on Ctrl-C)",
-                               at_least=0)
+                               at_least=0, at_most=MAX_STEPS)
     use_prior_preservation: bool = _f(False, "add an unmasked loss on class images")
     class_prompt: str = _f("a photo at the beach", "prompt of the class images")
     class_images_dir: str = _f("", "folder of class images; empty: generate them with the base model")
@@ -172,7 +182,8 @@ class OutputConfig:
     artifact_name: str = _f("lowmcgm.safetensors", "file name of the artifact inside the output folder")
     save_dtype: str = _f("fp16", "dtype of the weights in the artifact: 'fp16', 'bf16' or 'fp32'", choices=DTYPE_NAMES)
     preview_every: int = _f(100, "lowmcgm run: a preview sample and attention picture before training and every N "
-                                 "steps of each phase (0: only before training)", flag="--preview-every", at_least=0)
+                                 "steps of each phase (0: only before training)", flag="--preview-every", at_least=0,
+                       at_most=MAX_STEPS)
 
 
 @dataclass(frozen=True)
@@ -188,7 +199,8 @@ class SampleSettings:
     num_images: int = _f(4, "images per prompt", flag="--num-images", bounds=(1, 10_000))
     seed: int = _f(0, "image i of each prompt uses seed + i", flag="--seed")
     steps: int = _f(30, "denoising steps", flag="--steps", bounds=(1, 1000))
-    guidance_scale: float = _f(7.5, "classifier-free guidance scale", flag="--guidance-scale")
+    guidance_scale: float = _f(7.5, "classifier-free guidance scale", flag="--guidance-scale", at_least=0,
+                               at_most=MAX_GUIDANCE_SCALE)
     # The names of sampler.SCHEDULERS (a test holds them equal: the factories need diffusers).
     scheduler: str = _f("dpmpp_2m", "denoising scheduler", choices=("ddim", "euler_a", "dpmpp_2m"),
                         flag="--scheduler")
@@ -209,7 +221,7 @@ class SampleSettings:
         flag="--guidance")
     # 0 stands for pose_guidance.DEFAULT_STRENGTH[mode] (sampler.resolve_guidance writes it out).
     pose_guidance_strength: float = _f(0.0, "pose guidance strength; 0 takes the mode's default",
-                                       flag="--guidance-strength")
+                                       flag="--guidance-strength", at_least=0, at_most=MAX_POSE_GUIDANCE_STRENGTH)
     pose_guidance_steps: int = _f(0, "denoising steps guided, fading out; 0: the first half", flag="--guidance-steps")
     use_vae_slicing: bool = _f(False, "decode a batch one image at a time (less memory)", flag="--vae-slicing")
     use_vae_tiling: bool = _f(False, "decode in tiles (large images, less memory)", flag="--vae-tiling")
@@ -333,8 +345,7 @@ def flatten_toml(data: dict[str, Any], where: str) -> dict[str, Any]:
 
 def load_toml(path: Path) -> dict[str, Any]:
     try:
-        with open(path, "rb") as fh:
-            return flatten_toml(tomllib.load(fh), str(path))
+        return flatten_toml(tomllib.loads(read_text_file(path, "Config file")), str(path))
     except FileNotFoundError as exc:
         raise UserError(f"Config file not found: {path}.") from exc
     except IsADirectoryError as exc:
@@ -388,6 +399,10 @@ def _declared_problems(values: Any, section: str, name: Namer) -> list[str]:
             problems.append(f"{name(key)} must be {said} (got {value})")
         elif high is not None and value > high:
             problems.append(f"{name(key)} must be at most {_number(high)} (got {value})")
+        elif f.metadata["above"] is not None and value <= f.metadata["above"]:
+            problems.append(f"{name(key)} must be > {_number(f.metadata['above'])} (got {value})")
+        elif f.metadata["below"] is not None and value >= f.metadata["below"]:
+            problems.append(f"{name(key)} must be below {_number(f.metadata['below'])} (got {value})")
     return problems
 
 
@@ -407,10 +422,6 @@ def _sample_checks(s: SampleSettings, name: Namer) -> list[str]:
     for key, value in (("sample.height", s.height), ("sample.width", s.width)):
         if value < 0 or value % 8 or value > MAX_RESOLUTION_PX:
             problems.append(f"{name(key)} must be a positive multiple of 8 up to {MAX_RESOLUTION_PX} (got {value})")
-    for key, value in (("sample.guidance_scale", s.guidance_scale),
-                       ("sample.pose_guidance_strength", s.pose_guidance_strength)):
-        if value < 0:
-            problems.append(f"{name(key)} must be a finite number >= 0 (got {value})")
     if not 0 <= s.seed <= MAX_SEED - s.num_images:  # image i uses seed + i
         problems.append(f"{name('sample.seed')} must be between 0 and {MAX_SEED - s.num_images} (got {s.seed})")
     if s.pose_guidance_steps < 0 or s.pose_guidance_steps > s.steps:
@@ -431,10 +442,6 @@ def validate(cfg: Config, by_flag: Collection[str] = ()) -> Config:
     problems = []
     for section in _section_types():
         problems += _declared_problems(getattr(cfg, section), section, name)
-    d = cfg.data
-    if not 0.0 < d.affine_scale_min <= 1.0 <= d.affine_scale_max <= 2.0:
-        problems.append(f"data.affine_scale_min and data.affine_scale_max must satisfy 0 < min <= 1 <= max <= 2 "
-                        f"(got {d.affine_scale_min} and {d.affine_scale_max})")
     if cfg.model.resolution % 8:
         problems.append(f"{name('model.resolution')} must be a multiple of 8 (got {cfg.model.resolution})")
     artifact = cfg.output.artifact_name

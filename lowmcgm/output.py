@@ -6,9 +6,9 @@ import os
 import shutil
 from pathlib import Path
 
-from lowmcgm.config import Config, to_toml
+from lowmcgm.config import Config, apply_overrides, load_toml, to_toml
 from lowmcgm.errors import UserError
-from lowmcgm.write_guard import check_writable_folder, writing
+from lowmcgm.write_guard import check_writable_folder, write_text_whole
 
 # An SD LoRA artifact plus checkpoints is tens of MB; refuse to start with less free.
 MIN_FREE_BYTES = 200 * 2**20
@@ -58,15 +58,26 @@ def remove_empty_folders(top: Path | None) -> None:
 def write_effective_config(cfg: Config, out: Path, notes: tuple[str, ...] = ()) -> Path:
     """Write ``config.toml`` (every field, defaults included) atomically into ``out``.
 
+    A ``config.toml`` that already holds exactly these settings is left as it is: a resume that
+    reads the run's own config (``--config <out>/config.toml --resume``) does not write over the
+    file it read, and the comments a user added to it stay.
+
     Args:
         notes: what the settings resolved to on the loaded model (e.g. which attention maps a
             0 for "derive it" picked), written as comments at the top.
     """
-    path = out / "config.toml"
-    tmp = path.with_name(f".config.toml.tmp-{os.getpid()}")
+    if _holds_settings(out / "config.toml", cfg):
+        return out / "config.toml"
     header = "# The effective configuration of this run (lowmcgm train --config this-file works).\n"
     header += "".join(f"# On this model, {note}.\n" for note in notes)
-    with writing(path):
-        tmp.write_text(header + to_toml(cfg))
-        os.replace(tmp, path)
-    return path
+    return write_text_whole(out / "config.toml", header + to_toml(cfg))
+
+
+def _holds_settings(path: Path, cfg: Config) -> bool:
+    """Whether the TOML file ``path`` sets exactly ``cfg`` (False when missing or unreadable)."""
+    if not path.is_file():
+        return False
+    try:
+        return apply_overrides(Config(), load_toml(path), str(path)) == cfg
+    except UserError:
+        return False

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
 from lowmcgm.errors import UserError
-from lowmcgm.write_guard import writing
+from lowmcgm.write_guard import replacing, write_text_whole
 
 BACKGROUND = (255, 255, 255)
 INK = (20, 20, 20)
@@ -56,30 +55,14 @@ def save_png(image: Image.Image, path: Path, text: dict[str, str] | None = None)
     info = PngInfo()
     for key, value in (text or {}).items():
         info.add_itxt(key, value)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with writing(path):
-            image.save(tmp, format="PNG", pnginfo=info)
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with replacing(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
     return path
 
 
 def save_json(data: Any, path: Path) -> Path:
     """Write JSON atomically (temporary name, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    text = json.dumps(data, indent=2, allow_nan=False)  # NaN is not JSON: never write it
-    try:
-        with writing(path):
-            tmp.write_text(text)
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return write_text_whole(path, json.dumps(data, indent=2, allow_nan=False))  # NaN is not JSON: never write it
 
 
 def mask_to_image(mask: np.ndarray | None, size: tuple[int, int]) -> Image.Image:

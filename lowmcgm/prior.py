@@ -16,6 +16,7 @@ from PIL import Image
 from lowmcgm.config import Config
 from lowmcgm.data import resize_crop, load_image
 from lowmcgm.models import BaseModel
+from lowmcgm.write_guard import replacing
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -44,9 +45,8 @@ def generate_class_images(base: BaseModel, prompt: str, count: int, folder: Path
         generator = torch.Generator(device="cpu").manual_seed(seed + i)
         image = pipe(prompt, height=size_px, width=size_px, num_inference_steps=25,
                      generator=generator).images[0]
-        tmp = folder / f".class_{i:05d}.png.tmp"
-        image.save(tmp, format="PNG")
-        tmp.replace(folder / f"class_{i:05d}.png")
+        with replacing(folder / f"class_{i:05d}.png") as tmp:
+            image.save(tmp, format="PNG")
     del pipe
     if device.type == "cuda":
         torch.cuda.empty_cache()

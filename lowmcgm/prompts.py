@@ -29,6 +29,7 @@ from lowmcgm.config import SampleSettings
 from lowmcgm.data import build_prompt, check_center_crop_keeps, load_mask
 from lowmcgm.errors import UserError
 from lowmcgm.handles import HANDLE_PATTERN
+from lowmcgm.limits import read_text_file
 from lowmcgm.prompt_length import check_handles_fit
 
 if TYPE_CHECKING:
@@ -126,11 +127,13 @@ def load_prompts_file(path: str | Path) -> list[PromptSpec]:
     """
     path = Path(path).expanduser()
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = read_text_file(path, "Prompts file").splitlines()
     except FileNotFoundError as exc:
         raise UserError(f"Prompts file not found: {path}.") from exc
     except (IsADirectoryError, UnicodeDecodeError) as exc:
         raise UserError(f"Prompts file {path} is not a UTF-8 text file.") from exc
+    except OSError as exc:
+        raise UserError(f"Prompts file {path} cannot be read ({exc.strerror or exc}).") from exc
     specs = []
     for number, line in enumerate(lines, 1):
         if not line.strip() or line.lstrip().startswith("#"):

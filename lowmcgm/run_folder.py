@@ -4,7 +4,9 @@ A training folder holds one run: its artifact, config.toml, loss history, checkp
 samples. A new run there would replace some of them and keep others (the other run's checkpoint,
 which a later ``--resume`` would then continue), so it is refused unless ``--resume`` (continue
 it) or ``--overwrite`` (replace it: its files are removed once the new run has passed every check,
-before the first write). A sample folder follows the same rule for earlier samples.
+before the first write). A sample folder follows the same rule for earlier samples. Only what
+lowmcgm writes counts, and only that is removed: files of the user's own in ``samples/`` or
+``previews/`` neither make a folder "another run" nor go with it.
 
 While a command runs it holds ``.lowmcgm.lock`` in its folder (``flock``: the kernel releases it
 when the process dies, even by SIGKILL, so a crash never leaves a stale lock); a second command
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
+import re
 from pathlib import Path
 from typing import Iterator
 
@@ -32,9 +34,12 @@ CHECKPOINT_NAME = "checkpoints/last.safetensors"
 # What a run writes besides its artifact (output.artifact_name): files, then folders of files.
 RUN_FILES = ("config.toml", "loss_history.json", "loss_curve.png", CHECKPOINT_NAME)
 RUN_FOLDERS = ("previews", "samples", "checkpoints")
-# What `sample` writes: the contact sheet, the index, and p<prompt>-<image>-seed<seed>.png.
+# What `sample` writes: the contact sheet, the index, and p<prompt>-<image>-seed<seed>.png, whose
+# numbers grow past their padding (sampler._image_name: prompt 100, image 1000).
 SAMPLE_FILES = ("grid.png", "samples.json")
-SAMPLE_IMAGE_GLOB = "p[0-9][0-9]-[0-9][0-9][0-9]-seed*.png"
+SAMPLE_IMAGE = re.compile(r"p\d{2,}-\d{3,}-seed\d+\.png")
+# What the previews of `run` write (sampler.TrainingPreviews): step<n>.png and step<n>-attention.png.
+PREVIEW_IMAGE = re.compile(r"step\d{5,}(-attention)?\.png")
 
 
 def run_files(out: Path, artifact_name: str) -> list[Path]:
@@ -43,10 +48,10 @@ def run_files(out: Path, artifact_name: str) -> list[Path]:
 
 
 def earlier_run(out: Path, artifact_name: str) -> list[Path]:
-    """What another run left in ``out``: its files, and its folders that hold files."""
-    found = [p for p in run_files(out, artifact_name) if p.exists()]
-    found += [out / name for name in RUN_FOLDERS
-              if (out / name).is_dir() and any(p.is_file() for p in (out / name).rglob("*"))]
+    """What another run left in ``out``: the files a run writes, in ``out`` and in its folders."""
+    found = [p for p in run_files(out, artifact_name) if p.exists() or p.is_symlink()]
+    found += [p for p in sorted((out / "previews").glob("step*.png")) if PREVIEW_IMAGE.fullmatch(p.name)]
+    found += earlier_samples(out / "samples")
     return list(dict.fromkeys(found))
 
 
@@ -62,19 +67,21 @@ def check_run_folder(out: Path, artifact_name: str, resume: bool, overwrite: boo
 
 
 def clear_earlier_run(out: Path, artifact_name: str) -> None:
-    """Remove what another run left (``--overwrite``), only the files and folders a run writes."""
+    """Remove what another run left (``--overwrite``): only the files a run writes, then those of
+    its folders left empty; the user's own files stay, and keep their folder."""
     for path in earlier_run(Path(out), artifact_name):
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
+    for name in RUN_FOLDERS:
+        with contextlib.suppress(OSError):  # a folder still holding the user's files stays
+            (Path(out) / name).rmdir()
 
 
 def earlier_samples(folder: Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    return [folder / n for n in SAMPLE_FILES if (folder / n).exists()] + sorted(folder.glob(SAMPLE_IMAGE_GLOB))
+    return [folder / n for n in SAMPLE_FILES if (folder / n).exists()] + sorted(
+        p for p in folder.glob("p*-seed*.png") if SAMPLE_IMAGE.fullmatch(p.name))
 
 
 def check_sample_folder(folder: Path, overwrite: bool) -> None:

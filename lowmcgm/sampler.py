@@ -544,7 +544,7 @@ def write_samples(sampler: PoseSampler, plans: list[PlannedPrompt], settings: Sa
 
 
 def _image_name(prompt_index: int, seed: int, settings: SampleSettings) -> str:
-    return f"p{prompt_index:02d}-{seed - settings.seed:03d}-seed{seed}.png"  # run_folder.SAMPLE_IMAGE_GLOB
+    return f"p{prompt_index:02d}-{seed - settings.seed:03d}-seed{seed}.png"  # run_folder.SAMPLE_IMAGE
 
 
 def sample_files(plans: list[PlannedPrompt], settings: SampleSettings, out: Path) -> list[Path]:

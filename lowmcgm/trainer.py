@@ -47,7 +47,7 @@ from lowmcgm.sdxl_conditioning import sdxl_time_ids
 from lowmcgm.signals import Interrupted, route_stop_signals, signal_name
 from lowmcgm.text_conditioning import (PromptIds, TextStates, encode_prompt_ids, tokenize_prompts,
                                        unet_added_kwargs)
-from lowmcgm.write_guard import check_not_inputs
+from lowmcgm.write_guard import check_not_inputs, write_text_whole
 
 ProgressFn = Callable[[dict[str, Any]], None]
 PreviewFn = Callable[["Setup", "TrainState"], None]
@@ -156,7 +156,7 @@ def train(cfg: Config, on_progress: ProgressFn | None = None, resume: bool = Fal
         check_finite(setup, state, {"handles.vectors": artifact.handle_vectors, **artifact.mask_encoder,
                                     **artifact.unet_lora, **artifact.text_encoder_lora})
         save_artifact(artifact, path, dtype=cfg.output.save_dtype)
-        (out / "loss_history.json").write_text(json.dumps(state.history))
+        write_text_whole(out / "loss_history.json", json.dumps(state.history))
         report({"kind": "saved", "what": "artifact", "path": str(path)})
     setup.accelerator.wait_for_everyone()
     # Leave the base as it came (``lowmcgm run`` samples from the artifact on the same base next).
@@ -193,7 +193,7 @@ def check_inputs(cfg: Config, resume: bool = False, overwrite: bool = False) -> 
 
         check_init_lora(Path(cfg.lora.init_lora), cfg.lora)
     out = Path(cfg.output.out).expanduser()
-    check_not_inputs(run_files(out, cfg.output.artifact_name), _input_files(cfg),
+    check_not_inputs(run_files(out, cfg.output.artifact_name), input_files(cfg),
                      folders=[out / name for name in RUN_FOLDERS])
     check_run_folder(out, cfg.output.artifact_name, resume, overwrite)
     out = check_output_dir(cfg.output.out, resume=resume)
@@ -202,7 +202,7 @@ def check_inputs(cfg: Config, resume: bool = False, overwrite: bool = False) -> 
     return out, handle_names, warnings
 
 
-def _input_files(cfg: Config) -> list[str]:
+def input_files(cfg: Config) -> list[str]:
     """Every file a run reads (none may be among the files it writes)."""
     files = [cfg.data.image, *cfg.data.masks, cfg.lora.init_lora]
     if cfg.train.class_images_dir and Path(cfg.train.class_images_dir).expanduser().is_dir():

@@ -11,11 +11,14 @@ Three rules, one place:
 - ``check_writable_folder`` and ``writing``: a folder is proven writable by writing into it (root
   passes every permission test, but not a read-only or kernel file system), and an ``OSError``
   while writing becomes a ``UserError`` naming the file.
+- ``replacing``: every file is written whole or not at all: under a temporary name beside it,
+  renamed over it once complete (a full disk leaves the old file, or none, never half of one).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -73,17 +76,21 @@ def check_new_files(paths: Iterable[Path], force: bool) -> None:
         raise UserError(f"{existing[0]} already exists{more}: pass --force to replace it, or choose another --out.")
 
 
-def check_writable_folder(folder: Path) -> Path:
-    """Create ``folder`` and prove it takes a file (removed again); return it."""
+def check_writable_folder(folder: Path, flag: str = "--out") -> Path:
+    """Create ``folder`` and prove it takes a file (removed again); return it.
+
+    Args:
+        flag: the option that named the folder, for the message (``--root``, ``--events``).
+    """
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
-        raise UserError(f"Output path {folder} exists and is not a folder.")
+        raise UserError(f"Output path {folder} exists and is not a folder; choose another {flag}.")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
             pass
     except OSError as exc:
-        raise UserError(f"Output folder {folder} is not writable ({exc.strerror or exc}); choose another --out.") \
+        raise UserError(f"Output folder {folder} is not writable ({exc.strerror or exc}); choose another {flag}.") \
             from exc
     return folder
 
@@ -104,3 +111,38 @@ def writing(path: Path) -> Iterator[None]:
             raise
         reason = str(exc).split("I/O error: ", 1)[-1].split(" (os error")[0]
         raise UserError(f"Cannot write {path} ({reason}); choose another output path or free some space.") from exc
+
+
+def temporary_name(path: Path) -> Path:
+    """Where ``replacing`` writes ``path`` first: a hidden name beside it, with this process's id
+    (``artifact.remove_stale_temporaries`` removes a killed process's leftovers by that id)."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+@contextlib.contextmanager
+def replacing(path: str | Path) -> Iterator[Path]:
+    """Write ``path`` whole or not at all: the block writes the yielded temporary file, which then
+    replaces ``path`` (``os.replace``, atomic on one file system); on any failure it is removed and
+    ``path`` is left as it was. Write failures become one ``UserError`` naming ``path`` (``writing``).
+
+    Example::
+
+        with replacing(out / "loss_history.json") as tmp:
+            tmp.write_text(text)
+    """
+    path = Path(path)
+    tmp = temporary_name(path)
+    try:
+        with writing(path):
+            yield tmp
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists() or tmp.is_symlink():
+            tmp.unlink()
+
+
+def write_text_whole(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` through ``replacing``; return the path."""
+    with replacing(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)

@@ -513,6 +513,12 @@ EARLY_CASES = {
     "--config is a binary file": (("--config", "{config-binary}"), ("is not a TOML text file",)),
     "init_lora with NaN": (("--set", "lora.init_lora={nan-lora}", "--set", "lora.alpha=4"),
                            ("holds NaN/inf values", "lora_unet_down_blocks_0_attentions_0_proj_in")),
+    # Issue 23, class C: torch refused these only after config.toml was written, or trained on them.
+    "adam beta1 past 1": (("--set", "train.adam_beta1=1.5"), ("train.adam_beta1 must be below 1 (got 1.5)",)),
+    "adam beta2 of 1": (("--set", "train.adam_beta2=1"), ("train.adam_beta2 must be below 1 (got 1.0)",)),
+    "step count past any run": (("--set", "train.phase1_steps=99999999999999999999"),
+                                ("train.phase1_steps must be at most",)),
+    "lora alpha negative": (("--set", "lora.alpha=-4"), ("lora.alpha must be > 0 (got -4.0)",)),
 }
 
 
@@ -826,3 +832,248 @@ def test_mask_cut_away_by_the_centre_crop_is_refused_by_train_and_sample(files, 
              (f"Pose {wide / 'edge.png'} for <asset0> {fragment}",), tmp_path)
     assert main(_sample_args(artifacts["tiny"], tmp_path / "ok", "--prompt", "a photo of <asset0>",
                              "--pose", f"asset0={wide / 'inside.png'}")) == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 23: the README's promise for every output, stream and value (classes A, B, C, G, H, I)
+# ------------------------------------------------------------------------------------------------
+
+def _lines_of(capsys) -> tuple[str, str]:
+    captured = capsys.readouterr()
+    return captured.out, captured.err
+
+
+EVENTS_CASES = {  # --events FILE is an output like any other (class A)
+    "the photo": ("{photo}", ("is also an input of this command",)),
+    "another run's artifact": ("{artifact}", ("is not a lowmcgm events log",)),
+    "a kernel file": ("/proc/version", ("is not a lowmcgm events log",)),
+    "a device that is always full": ("/dev/full", ("is not a regular file",)),
+    "under a regular file": ("{regular-file}/events.jsonl", ("exists and is not a folder", "--events")),
+    "the run's own artifact": ("{out}/lowmcgm.safetensors", ("is also an output of this command",)),
+}
+
+
+@pytest.mark.parametrize("case", EVENTS_CASES.values(), ids=EVENTS_CASES.keys())
+def test_events_file_is_guarded_like_every_output(files, artifacts, tmp_path, capsys, case, no_weights_load):
+    target, fragments = case
+    target = _fill(target, {**files, "artifact": artifacts["tiny"], "out": tmp_path / "out"})
+    protected = {p: _sha(p) for p in (files["photo"], artifacts["tiny"])}
+    _refused(capsys, _train_args(files, tmp_path / "out", extra=("--events", target)), fragments, tmp_path)
+    assert {p: _sha(p) for p in protected} == protected
+    assert not no_weights_load
+
+
+@pytest.mark.skipif(not Path("/sys/kernel").is_dir(), reason="no sysfs")
+def test_events_file_on_a_read_only_file_system(files, tmp_path, capsys, no_weights_load):
+    _refused(capsys, _train_args(files, tmp_path / "out", extra=("--events", "/sys/kernel/events.jsonl")),
+             ("/sys/kernel is not writable", "--events"), tmp_path)
+
+
+def test_a_refused_run_leaves_no_events_file_or_folder(files, tmp_path, capsys):
+    events = tmp_path / "logs" / "today" / "events.jsonl"
+    _refused(capsys, _train_args(files, tmp_path / "out", masks=("a", "empty.png"), extra=("--events", str(events))),
+             ("is empty",), tmp_path)
+    # refused once the weights loaded, after the trainer's first event (the overlap warning)
+    before = _tree(tmp_path)
+    code = main(_train_args(files, tmp_path / "out", masks=("a_overlap.png", "b"),
+                            extra=("--events", str(events), "--set", "model.resolution=24")))
+    err = capsys.readouterr().err
+    assert code == EXIT_USER_ERROR and err.splitlines()[-1].startswith("error: ") and "multiple of 16" in err, err
+    assert _tree(tmp_path) == before
+
+
+def test_events_are_written_and_appended_to_an_events_log(files, tmp_path, capsys):
+    from lowmcgm.progress import read_events
+
+    events = tmp_path / "logs" / "events.jsonl"
+    assert main(_one_step(files, tmp_path / "one", "--events", str(events))) == 0
+    first = read_events(events)
+    assert first and first[-1]["kind"] == "saved"
+    assert main(_one_step(files, tmp_path / "two", "--events", str(events))) == 0
+    assert len(read_events(events)) == 2 * len(first)
+
+
+def _shell(command: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-c", command], capture_output=True, text=True, env=ENV, timeout=timeout)
+
+
+def test_closed_stdout_is_one_line_before_anything_is_written(files, tmp_path):
+    """``lowmcgm train ... >&-`` (class B): the command has nowhere to say what it did."""
+    import shlex
+
+    for args in (["presets"], _one_step(files, tmp_path / "out")):
+        proc = _shell(f"{shlex.quote(sys.executable)} -m lowmcgm.cli {shlex.join(args)} >&-")
+        assert proc.returncode == EXIT_USER_ERROR, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: standard output is closed"), proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_disk_full_while_writing_the_loss_history(files, tmp_path, capsys, monkeypatch):
+    """ENOSPC after the artifact (class B): one line, and no half-written loss_history.json."""
+    import builtins
+    import errno
+    import io
+
+    real_open = builtins.open
+
+    class FillsUp:
+        def __init__(self, fh):
+            self.fh = fh
+
+        def write(self, data):
+            self.fh.write(data[: len(data) // 2])
+            self.fh.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.fh, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+    def fake_open(file, mode="r", *args, **kwargs):
+        fh = real_open(file, mode, *args, **kwargs)
+        return FillsUp(fh) if "loss_history" in str(file) and "w" in mode else fh
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    monkeypatch.setattr(io, "open", fake_open)
+    out = tmp_path / "out"
+    code = main(_one_step(files, out))
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert code == EXIT_USER_ERROR, err
+    last = err.strip().splitlines()[-1]  # after the progress lines
+    assert last.startswith("error: Cannot write") and "loss_history.json (No space left on device)" in last, err
+    assert "Traceback" not in err and err.count("error:") == 1
+    assert not [p for p in out.iterdir() if "loss_history" in p.name]
+    assert (out / "lowmcgm.safetensors").is_file()
+
+
+def test_prompts_file_without_end_is_refused(artifacts, tmp_path):
+    """``sample --prompts /dev/zero`` under a memory limit (class B): what is read is bounded."""
+    import shlex
+
+    args = _sample_args(artifacts["tiny"], tmp_path / "out", "--prompts", "/dev/zero")
+    proc = _shell(f"ulimit -v 2500000; {shlex.quote(sys.executable)} -m lowmcgm.cli {shlex.join(args)}")
+    assert proc.returncode == EXIT_USER_ERROR, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "/dev/zero" in lines[0] and "MiB" in lines[0], proc.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
+
+
+def test_ui_root_that_is_a_file(files, tmp_path, capsys):
+    _refused(capsys, ["ui", "--root", str(files["regular-file"])], ("exists and is not a folder", "--root"),
+             tmp_path)
+
+
+ESTIMATE_CARDS = {"nan": "nan", "infinite": "inf", "past any card": "1e308", "negative": "-1", "zero": "0"}
+
+
+@pytest.mark.parametrize("card", ESTIMATE_CARDS.values(), ids=ESTIMATE_CARDS.keys())
+def test_estimate_card_is_range_checked(tmp_path, capsys, card):
+    _refused(capsys, ["estimate", "--preset", "tiny-cpu", "--base-model", "tiny", "--card", card],
+             ("--card must be", "GB"), tmp_path)
+
+
+def test_import_lora_with_an_alpha_training_refuses(tmp_path, capsys):
+    lora = tmp_path / "negative.safetensors"
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.ones(4, 8),
+               "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(8, 4),
+               "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": torch.tensor(-4.0)}, str(lora))
+    code = main(["import-lora", str(lora)])
+    out, err = _lines_of(capsys)
+    assert code == EXIT_USER_ERROR, out + err
+    assert "--set lora.alpha=-4" not in out
+    assert err.startswith("error: ") and err.count("\n") == 1 and "lora.alpha must be > 0 (got -4.0)" in err, err
+
+
+def test_demo_never_writes_into_a_folder_holding_another_run(tmp_path, capsys):
+    """``demo --out`` on another run (class G): refused before its inputs are written over."""
+    out = tmp_path / "demo"
+    (out / "inputs").mkdir(parents=True)
+    (out / "lowmcgm.safetensors").write_bytes(b"another run's artifact")
+    (out / "inputs" / "photo.png").write_bytes(b"the user's photo")
+    (out / "inputs" / "prompts.txt").write_text("the user's prompts\n")
+    _refused(capsys, ["demo", "--base-model", "tiny", "--out", str(out)], ("holds another run", "--overwrite"),
+             tmp_path)
+    assert (out / "inputs" / "photo.png").read_bytes() == b"the user's photo"
+    assert (out / "inputs" / "prompts.txt").read_text() == "the user's prompts\n"
+
+
+def test_samples_of_prompt_100_and_later_are_earlier_samples(artifacts, tmp_path, capsys):
+    out = tmp_path / "samples"
+    out.mkdir()
+    late = [out / "p100-000-seed0.png", out / "p07-1000-seed1000.png"]
+    for path in late:
+        shutil.copy(artifacts["tiny"].parent / "loss_history.json", path)
+    _refused(capsys, _sample_args(artifacts["tiny"], out, "--prompt", "a photo of <asset0>"),
+             ("holds earlier samples", "--overwrite"), tmp_path)
+    assert main(_sample_args(artifacts["tiny"], out, "--prompt", "a photo of <asset0>", "--overwrite")) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["grid.png", "p00-000-seed0.png", "samples.json"]
+
+
+def test_overwrite_removes_only_what_lowmcgm_wrote(files, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_one_step(files, out)) == 0
+    mine = [out / "samples" / "my-notes.txt", out / "previews" / "favourite.png", out / "notes.md"]
+    for path in mine:
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("the user's own")
+    (out / "samples" / "p00-000-seed0.png").write_bytes(b"an earlier sample")
+    (out / "previews" / "step00000.png").write_bytes(b"an earlier preview")
+    assert main(_one_step(files, out, "--overwrite")) == 0
+    assert all(p.read_text() == "the user's own" for p in mine)
+    assert not (out / "samples" / "p00-000-seed0.png").exists() and not (out / "previews" / "step00000.png").exists()
+    # the user's own files alone are no earlier run
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    for name in ("lowmcgm.safetensors", "config.toml", "loss_history.json"):
+        (out / name).unlink()
+    assert main(_one_step(files, out)) == 0, capsys.readouterr().err
+
+
+ESCAPES = "\x1b]0;owned\x07\x1b[2J"
+
+
+def test_metadata_reaches_the_terminal_escaped(artifacts, tmp_path, capsys):
+    """A base_model holding escape sequences (class H): shown as text, never run by the terminal."""
+    forged = _forged(artifacts["tiny"], tmp_path, base_model=ESCAPES)
+    assert main(["inspect", str(forged)]) == 0
+    out, err = _lines_of(capsys)
+    assert "\x1b" not in out + err and "\x07" not in out + err and "\\x1b]0;owned\\x07" in out
+    line = _refused(capsys, _sample_args(forged, tmp_path / "out", "--prompt", "a photo of <asset0>"), (), tmp_path)
+    assert "\x1b" not in line and "\x07" not in line and "\\x1b" in line
+
+
+PARSER_CASES = {
+    "unknown scheduler": (["--scheduler", "bogus"], ("argument --scheduler: invalid choice: 'bogus'",)),
+    "fractional width": (["--width", "64.5"], ("argument --width: invalid int value: '64.5'",)),
+    "missing artifact": ([], ("the following arguments are required",)),
+}
+
+
+@pytest.mark.parametrize("case", PARSER_CASES.values(), ids=PARSER_CASES.keys())
+def test_parser_refusals_are_one_error_line(tmp_path, capsys, case):
+    """Class I: argparse's refusals keep to the promise too (no 15 lines of usage)."""
+    flags, fragments = case
+    args = ["sample", "--out", str(tmp_path / "out"), "--prompt", "x", *flags]
+    if flags:
+        args += ["--artifact", str(tmp_path / "a.safetensors")]
+    line = _refused(capsys, args, fragments, tmp_path)
+    assert "lowmcgm sample --help" in line
+
+
+def test_resume_with_the_runs_own_config(files, tmp_path, capsys):
+    """The troubleshooting table's advice (class I): --config <out>/config.toml --resume works."""
+    out = tmp_path / "run"
+    assert main(_one_step(files, out, "--set", "train.checkpoint_every=1", "--set", "train.phase2_steps=2")) == 0
+    config = out / "config.toml"
+    config.write_text(config.read_text() + "# my note\n")
+    assert main(["train", "--config", str(config), "--resume"]) == 0, capsys.readouterr().err
+    assert config.read_text().endswith("# my note\n")  # the same settings: the file it read stays as it was
+    code = main(["train", "--config", str(config), "--resume", "--set", "train.phase2_steps=3"])
+    assert code == 0, capsys.readouterr().err
+    assert "phase2_steps = 3" in config.read_text()  # a changed setting is recorded

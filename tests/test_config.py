@@ -2,8 +2,8 @@
 
 import pytest
 
-from lowmcgm.config import (Config, all_keys, apply_overrides, config_from_dict, config_to_dict, load_toml,
-                            parse_set, resolve_config, to_toml, validate)
+from lowmcgm.config import (Config, all_keys, apply_overrides, config_field, config_from_dict, config_to_dict,
+                            load_toml, parse_set, resolve_config, to_toml, validate)
 from lowmcgm.errors import UserError
 
 
@@ -156,5 +156,26 @@ def test_every_declared_upper_limit_is_enforced(key):
     high = field.metadata["at_most"]
     with pytest.raises(UserError) as info:
         resolve_config(None, None, {key: str(high + 1)})
-    assert f"{key} must be at most {high} (got {high + 1})" in str(info.value)
+    said = f"{high:g}" if isinstance(high, float) else high  # as the messages write a limit: 1, not 1.0
+    assert f"{key} must be at most {said} (got {high + 1})" in str(info.value)
     resolve_config(None, None, {key: str(high)} if key != "model.resolution" else {key: str(high - high % 8)})
+
+
+# Bounded together with another field, so checked in config._sample_checks: image i uses seed + i,
+# guided steps are at most sample.steps, and a size is a multiple of 8 up to 2048 (0: the artifact's).
+BOUNDED_WITH_OTHER_FIELDS = {"sample.seed", "sample.pose_guidance_steps", "sample.height", "sample.width"}
+NUMERIC_KEYS = [key for key in all_keys() if config_field(key)[1] in (int, float)]
+
+
+@pytest.mark.parametrize("key", NUMERIC_KEYS, ids=NUMERIC_KEYS)
+def test_every_number_is_bounded_on_both_sides(key):
+    """Issue 23, class C: no numeric setting takes any value (a beta of 1.5, 10^20 steps, alpha -4)."""
+    f, typ = config_field(key)
+    if key not in BOUNDED_WITH_OTHER_FIELDS:
+        m = f.metadata
+        assert m["bounds"] or m["at_least"] is not None or m["above"] is not None, f"{key}: no lower bound declared"
+        assert m["bounds"] or m["at_most"] is not None or m["below"] is not None, f"{key}: no upper bound declared"
+    huge = 10**30 if typ is int else 1e300
+    for value in (huge, -huge):
+        with pytest.raises(UserError, match=key.replace(".", r"\.")):
+            validate(apply_overrides(Config(), {key: value}, "test"))

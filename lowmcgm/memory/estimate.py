@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import Any
 
 from lowmcgm.config import Config, apply_overrides, config_to_dict
 from lowmcgm.errors import UserError
+from lowmcgm.limits import MAX_CARD_GB
 from lowmcgm.memory import trace as mt
 from lowmcgm.memory.attention_layouts import ATTENTION_LAYOUTS
 
@@ -304,6 +306,9 @@ def check_and_suggest(cfg: Config, model: str, resolution: int | None = None, ca
     The card is ``card_gib``, else the one the preset is named for, else (when no tier fits at
     all) the largest tier. Returns (estimate, card or None, suggestions or None when it fits).
     """
+    if card_gib is not None and not (math.isfinite(card_gib) and 0 < card_gib <= MAX_CARD_GB):
+        raise UserError(f"--card must be the card's memory in GB, above 0 and at most {MAX_CARD_GB} "
+                        f"(got {card_gib:g}).")
     check_family_settings(cfg, model)
     model = resolve_model(model)
     target = card_gib or card_of_preset(preset) or float(CARD_TIERS_GIB[-1])

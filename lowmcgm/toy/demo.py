@@ -32,6 +32,7 @@ from lowmcgm.models import TINY_NAMES, TOY_NAME
 from lowmcgm.toy.bundled import read_toy_info, require_toy_model
 from lowmcgm.toy.scenes import Scene, handle_prompt, render_scene, save_mask
 from lowmcgm.toy.silhouettes import Subject, render_pose_mask
+from lowmcgm.write_guard import replacing, write_text_whole
 
 DEMO_PRESET = "toy-cpu"
 DEFAULT_SIZE_PX = 256  # bases without a toyworld.json: a sharp render, resized by the trainer
@@ -91,7 +92,8 @@ def write_demo_inputs(folder: Path, size_px: int) -> DemoInputs:
     folder.mkdir(parents=True, exist_ok=True)
     image, masks = render_scene(DEMO_SCENE, size_px)
     photo = folder / "photo.png"
-    Image.fromarray(image).save(photo)
+    with replacing(photo) as tmp:
+        Image.fromarray(image).save(tmp, format="PNG")
     mask_paths = tuple(Path(save_mask(m, folder / f"{s.kind}.png")) for s, m in zip(DEMO_SCENE.subjects, masks))
     pose_paths = tuple(Path(save_mask(render_pose_mask(size_px=size_px, **spec), folder / f"{name}.png"))
                        for name, spec in POSES.items())
@@ -100,7 +102,7 @@ def write_demo_inputs(folder: Path, size_px: int) -> DemoInputs:
         text = handle_prompt(list(poses), background)
         lines.append(" | ".join([text] + [f"{h[1:-1]}={stem}.png" for h, stem in poses.items()]))
     prompts = folder / "prompts.txt"
-    prompts.write_text("\n".join(lines) + "\n")
+    write_text_whole(prompts, "\n".join(lines) + "\n")
     return DemoInputs(photo, mask_paths, pose_paths, prompts)
 
 

@@ -36,6 +36,7 @@ from lowmcgm.toy.silhouettes import (
     sample_offsets,
     subject_bbox,
 )
+from lowmcgm.write_guard import replacing
 
 Colour = tuple[int, int, int]
 
@@ -328,5 +329,6 @@ def handle_prompt(handles: list[str], background: str) -> str:
 
 def save_mask(mask: np.ndarray, path) -> str:
     """Write a (H, W) bool mask as an 8-bit white-on-black PNG (how lowmcgm reads masks); return the path."""
-    Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(path, optimize=True)
+    with replacing(path) as tmp:
+        Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(tmp, format="PNG", optimize=True)
     return str(path)
