@@ -3,7 +3,7 @@
 # the GPU with a large batch, export and evaluate it, then measure training memory for real. What
 # matters comes back under $OUT: eval.json, sheet.png, model.tar (the exported fp16 model folder),
 # unet-fp16.safetensors (the checkpoint to continue from, halved to fit the 16 MiB file limit),
-# train.log and memory.json.
+# train.log, memory.json and sdxl_fp8.log (one tiny SDXL step with fp8 and 8-bit AdamW).
 #
 # Here, once per session that has a lease (downloads the wheels the device lacks into .whl/ and
 # puts the checkpoints to continue from in runs/toy_gpu/):
@@ -14,7 +14,7 @@
 # Back here: tar xf model.tar into a run folder, compare eval.json with docs/benchmarks.md's
 # learning curve, and continue on the CPU from unet-fp16.safetensors (tools/train_toy_base.py
 # reads fp16 checkpoints). The CPU path is tested with PY=.venv/bin/python DEVICE=cpu MINUTES=0.05
-# BATCH=2 SKIP_MEMORY=1.
+# BATCH=2 SKIP_MEMORY=1 (SKIP_SDXL=1 leaves out the SDXL step, which takes ~2 min on a CPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,7 +26,7 @@ if [[ "${1:-}" == "--prepare" ]]; then
     grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
-        diffusers==0.42.1 importlib_metadata
+        diffusers==0.42.1 importlib_metadata bitsandbytes==0.50.2
     cp "$unet" "$RUN/checkpoints/unet.safetensors"
     cp "$vae" "$RUN/checkpoints/vae.safetensors"
     du -sh .whl "$RUN"
@@ -63,6 +63,17 @@ tar cf "$OUT/model.tar" -C "$RUN" model
 "$PY" tools/eval_toy_base.py --model "$RUN/model" --device "$DEVICE" --out "$OUT/eval.json" \
     --sheet "$OUT/sheet.png" > /dev/null
 "$PY" -c "import json; r = json.load(open('$OUT/eval.json')); print({k: r.get(k) for k in ('background_acc', 'kind_acc', 'plain_background_acc', 'plain_kind_acc', 'pose_corr', 'psnr_db')})"
+# Issue 22: one tiny SDXL training step of each phase on CUDA as sdxl-8gb trains (the frozen UNet
+# stored in fp8 with its scales, bitsandbytes' 8-bit AdamW from .whl, checked by its one-step probe
+# before it is trusted). sdxl_fp8.log says which optimizer ran and whether the step finished.
+if [[ -z "${SKIP_SDXL:-}" ]]; then
+    timeout 300 "$PY" -c 'import sys; from lowmcgm.cli import main; sys.exit(main(sys.argv[1:]))' train \
+        --preset sdxl-8gb --base-model tiny-xl --set model.resolution=64 \
+        --set train.phase1_steps=1 --set train.phase2_steps=1 --image examples/dogcat/photo.png \
+        --mask examples/dogcat/dog.png --mask examples/dogcat/cat.png --init-word dog --init-word cat \
+        --out "$OUT/sdxl_fp8" 2>&1 | tee "$OUT/sdxl_fp8.log" || true
+    rm -rf "$OUT/sdxl_fp8/checkpoints"  # the log and the artifact are what matter
+fi
 if [[ -z "${SKIP_MEMORY:-}" ]]; then
     # bitsandbytes is not on the device: presets that ask for 8-bit AdamW measure torch AdamW there.
     timeout 240 "$PY" tools/bench_memory.py --measure --json "$OUT/memory.json" 2>&1 | tail -40 || true
