@@ -22,9 +22,9 @@ For 1, 2 and 3 subjects (``--subjects``), ``--photos`` photos each:
 Measured on every image with the toy world's segmentation (``lowmcgm.toy.metrics``):
 
 - pose adherence: IoU of each subject's silhouette (``kind_mask`` on ``foreground_mask``) with its
-  target mask; a subject that is not drawn (no blob of its colours holding most of them, or an
-  image that is mostly "foreground", i.e. noise) scores 0. For reference, ``copy`` is the IoU a model
-  would get by redrawing the photo's pose unchanged.
+  target mask; a subject that is not drawn (``metrics.subject_drawn``: no blob of its colours
+  holding most of them, or an image that is noise or a colour wash) scores 0. For reference,
+  ``copy`` is the IoU a model would get by redrawing the photo's pose unchanged.
 - identity: RGB distance between the mean colours of the generated and the source subject (drawn
   subjects only; lower is better).
 - prompt following: the background class is the prompt's.
@@ -108,9 +108,6 @@ CONDITIONS = conditions_for(["attention", "latent"])  # the default --guidance-m
 # its mask would teach too few pixels and its IoU would measure occlusion.
 MAX_HIDDEN_FRACTION = 0.3
 MAX_SCENE_TRIES = 20_000
-# Rendered scenes keep at most about a quarter of the image in front of the background; an image
-# whose "foreground" covers most of it is noise or a colour wash, and nothing in it counts as drawn.
-MAX_FOREGROUND_FRACTION = 0.5
 
 
 @dataclass
@@ -186,10 +183,7 @@ def measure(image: np.ndarray, photo: BenchPhoto, target: Target) -> dict:
     ious, drawn, colour = [], [], []
     for kind, source, goal in zip(photo.kinds, photo.masks, target.masks):
         silhouette = metrics.kind_mask(image, fg, kind)
-        blob = metrics.largest_component(silhouette)
-        # Drawn: one blob holding most of the kind's pixels, not specks of its colours in noise.
-        present = (fg.mean() <= MAX_FOREGROUND_FRACTION and metrics.subject_present(blob)
-                   and blob.sum() >= 0.5 * silhouette.sum())
+        present = metrics.subject_drawn(image, fg, silhouette)
         drawn.append(bool(present))
         ious.append(metrics.iou(silhouette, goal) if present else 0.0)
         if present:
