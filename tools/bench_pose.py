@@ -34,6 +34,11 @@ Writes ``results.md`` (tables and the command), ``results.json`` (every image's 
 with the default pose guidance, same seeds) and every image under ``photos/``.
 Each photo's figures are kept in ``photos/<id>/record.json``: a rerun with the same settings and
 ``--out`` reuses them, so a long run that was stopped continues where it was.
+
+``--rescore`` with the arguments of an earlier run re-measures the images it kept with the current
+``lowmcgm.toy.metrics`` (no training, no sampling) and rewrites its records, tables and figures:
+
+    python tools/bench_pose.py --photos 2 --out runs/bench_pose --rescore
 """
 
 from __future__ import annotations
@@ -250,6 +255,24 @@ def train_and_sample(photo: BenchPhoto, training: str, conditions: list[Conditio
     return images, seconds
 
 
+def rescore_photo(photo: BenchPhoto, folder: Path, settings_key: dict) -> dict:
+    """Measure the images an earlier run kept for ``photo`` again, and rewrite its ``record.json``.
+
+    Raises:
+        SystemExit: the folder holds no record of a run with these settings.
+    """
+    record_path = folder / "record.json"
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    if record.get("settings") != settings_key:
+        raise SystemExit(f"{folder} holds no record of a run with these settings: --rescore takes the "
+                         "arguments of the run whose images it re-measures")
+    for row in record["images"]:
+        image = np.asarray(Image.open(folder / row["file"]).convert("RGB"))
+        row.update(measure(image, photo, photo.targets[row["target"]]))
+    record_path.write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
 def run_photo(photo: BenchPhoto, folder: Path, args: argparse.Namespace, settings_key: dict) -> dict:
     """Train both methods on one photo, sample and measure; reuse ``record.json`` when it matches."""
     record_path = folder / "record.json"
@@ -432,6 +455,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("runs/bench_pose"))
     p.add_argument("--figure-rows", type=int, default=12)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--rescore", action="store_true",
+                   help="re-measure the images kept in --out by a run with these same arguments (no "
+                        "training or sampling), then rewrite its records, tables and figures")
     return p.parse_args(argv)
 
 
@@ -466,7 +492,7 @@ def main(argv=None) -> dict:
                  "heldout_combos), so these photos are not held out for it.")
     # What a photo's figures depend on: a rerun that changes none of it reuses them.
     settings_key = {k: v for k, v in vars(args).items()
-                    if k not in ("out", "figure_rows", "threads", "photos", "subjects")}
+                    if k not in ("out", "figure_rows", "threads", "photos", "subjects", "rescore")}
     settings_key["model_steps"] = [info.vae_steps, info.unet_steps] if info else None
     settings_key["trainings"] = TRAININGS
     args.out.mkdir(parents=True, exist_ok=True)
@@ -474,7 +500,9 @@ def main(argv=None) -> dict:
     records = []
     for n in [int(s) for s in args.subjects.split(",")]:
         for photo in make_photos(n, args.photos, args.targets, size_px, args.seed):
-            records.append(run_photo(photo, args.out / "photos" / photo.key, args, settings_key))
+            folder = args.out / "photos" / photo.key
+            records.append(rescore_photo(photo, folder, settings_key) if args.rescore
+                           else run_photo(photo, folder, args, settings_key))
     summary = summarise(records)
     (args.out / "results.json").write_text(json.dumps({"command": command, "summary": summary,
                                                        "records": records}, indent=1) + "\n")
