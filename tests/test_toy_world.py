@@ -230,8 +230,8 @@ def test_rendered_subjects_are_drawn_and_other_kinds_are_not():
         fg = metrics.foreground_mask(image, metrics.classify_background(image))
         kind = scene.subjects[0].kind
         assert metrics.subject_drawn(image, fg, metrics.kind_mask(image, fg, kind)), caption(scene)
-        # A person's hair is the dark detail colour, nearest the dog's second colour: a person brings a
-        # dog-coloured blob along, so "dog" is not asked of a person.
+        # A person's hair is the dark detail colour, nearest the dog's shaded second colour: a person
+        # brings a dog-coloured blob along, so "dog" is not asked of a person.
         others = [k for k in KINDS if k != kind and not (kind == "person" and k == "dog")]
         for other in others:
             assert not metrics.subject_drawn(image, fg, metrics.kind_mask(image, fg, other)), (caption(scene), other)

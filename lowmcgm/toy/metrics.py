@@ -32,7 +32,7 @@ BAND_FRACTION = 0.12
 FOREGROUND_DISTANCE = 38.0
 # A band's median colour counts as a background shade only this far from every subject colour: as far
 # as the palette's own background colours are (street's ground, the nearest, lies 60 units from the
-# dog's second colour), so a band that a subject fills is never taken for background. The bundled
+# dog's shaded main colour), so a band that a subject fills is never taken for background. The bundled
 # toy model drew a beach sky at (123, 160, 194): 55 units from the palette's, 100 from any subject's.
 MIN_SHADE_SUBJECT_DISTANCE = 60.0
 # A foreground pixel is assigned to a kind only if some kind colour lies this close.
@@ -40,12 +40,12 @@ KIND_DISTANCE = 70.0
 # Fewer foreground pixels than this share of the image means no subject was drawn.
 MIN_SUBJECT_FRACTION = 0.004
 # Noise: foreground that no subject colour explains (no kind colour within KIND_DISTANCE). A rendered
-# scene has none (the dark detail colour lies 64 units from the dog's second colour); uniform RGB
+# scene has none (the dark detail colour lies 45 units from the dog's shaded second); uniform RGB
 # noise leaves about half of the image so, noise smoothed over 8 px about 0.44.
 MAX_UNEXPLAINED_FRACTION = 0.2
-# Rendered scenes keep at most about a quarter of the image in front of the background, and the
-# bundled toy model draws subjects too large, up to half of it (docs/benchmarks.md): an image with
-# almost no background left is a colour wash, whatever its colours.
+# Rendered scenes keep at most about a quarter of the image in front of the background; the bundled
+# toy model draws subjects too large, over up to about half of it (docs/benchmarks.md, "The drawn
+# rule"). An image with almost no background left is a colour wash, whatever its colours.
 MAX_FOREGROUND_FRACTION = 0.8
 # A kind counts as drawn when its largest blob holds this share of its pixels, not specks of its
 # colours spread over the image.
