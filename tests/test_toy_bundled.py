@@ -142,7 +142,7 @@ def _bench_args(out: Path, model: str, steps: int, sample_steps: int, images: in
             "--steps", str(steps), "--sample-steps", str(sample_steps), "--out", str(out)]
 
 
-def test_pose_benchmark_writes_table_figure_and_reuses_records(toy_model_folder, tmp_path, capsys):
+def test_pose_benchmark_writes_table_figure_reuses_records_and_rescores(toy_model_folder, tmp_path, capsys):
     bench = load_tool("bench_pose")
     args = _bench_args(tmp_path, str(toy_model_folder), steps=2, sample_steps=2, images=1)
     summary = bench.main(args)
@@ -169,6 +169,17 @@ def test_pose_benchmark_writes_table_figure_and_reuses_records(toy_model_folder,
     record_stamp = (photo / "record.json").stat().st_mtime_ns
     bench.main(args + ["--guidance-strength", "5"])  # sampled anew from the same trained artifacts
     assert artifact.stat().st_mtime_ns == stamp and (photo / "record.json").stat().st_mtime_ns != record_stamp
+    # --rescore measures the kept images again, and only that: a spoilt figure comes back.
+    record = json.loads((photo / "record.json").read_text())
+    measured = [row["iou"] for row in record["images"]]
+    for row in record["images"]:
+        row["iou"] = [-1.0] * len(row["iou"])
+    (photo / "record.json").write_text(json.dumps(record))
+    bench.main(args + ["--guidance-strength", "5", "--rescore"])
+    assert [row["iou"] for row in json.loads((photo / "record.json").read_text())["images"]] == measured
+    assert artifact.stat().st_mtime_ns == stamp and "--rescore" in (tmp_path / "results.md").read_text()
+    with pytest.raises(SystemExit, match="no record of a run with these settings"):
+        bench.main(args + ["--guidance-strength", "7", "--rescore"])  # nothing was sampled so
 
 
 def test_photos_are_held_out_and_deterministic():

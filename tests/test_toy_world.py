@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from scipy import ndimage
 
 from lowmcgm.tokenizer import build_clip_tokenizer
@@ -169,6 +170,83 @@ def test_iou_hand_case():
     assert metrics.iou(a, b) == pytest.approx(1 / 3)
     assert metrics.iou(a, a) == 1.0
     assert metrics.iou(np.zeros((2, 2), bool), np.zeros((2, 2), bool)) == 1.0
+
+
+POSE_METRIC_DATA = REPO / "tests" / "data" / "pose_metric"  # where they come from: its README.md
+
+
+def _png(name: str) -> np.ndarray:
+    return np.asarray(Image.open(POSE_METRIC_DATA / name).convert("RGB"))
+
+
+@pytest.mark.parametrize("name", ["s1-p00-t1-mcgm_aware", "s1-p00-t1-mcgm_aware+attention"])
+def test_a_dog_on_an_off_shade_sky_counts_as_drawn(name):
+    # Issue 26: a big brown dog under a sky 55 RGB units darker than the palette's beach sky. The
+    # sky used to count as foreground (85% of the image), which read as noise: "not drawn", IoU 0.
+    bench = _load_tool("bench_pose")
+    photo = bench.make_photos(1, 1, targets=2, size_px=64, seed=0)[0]
+    target = photo.targets[1]
+    assert (target.masks[0] == (_png("s1-p00-t1-target.png")[..., 0] > 127)).all()  # the figure's photo
+    image = _png(f"{name}.png")
+    figures = bench.measure(image, photo, target)
+    assert figures["background"] == target.background and figures["main_kind"] == "dog"
+    assert figures["drawn"] == [True]
+    # A blob covering a third of the image against a jumping dog's mask: low, but not nothing.
+    assert 0.03 < figures["iou"][0] < 0.3
+    fg = metrics.foreground_mask(image, figures["background"])
+    assert 0.25 < fg.mean() < 0.6  # the dog and the sea, not the sky
+    for other in ("cat", "bird"):  # the dog's colours are no other kind's
+        assert not metrics.subject_drawn(image, fg, metrics.kind_mask(image, fg, other))
+
+
+def _noise(smooth_px: int) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    coarse = rng.integers(0, 256, (64 // smooth_px, 64 // smooth_px, 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(coarse).resize((64, 64), Image.Resampling.BILINEAR))
+
+
+def _wash() -> np.ndarray:
+    image = render_scene(Scene("beach", []))[0].copy()
+    image[4:] = PALETTES["dog"][0]  # all but the top rows in the dog's main colour
+    return image
+
+
+@pytest.mark.parametrize("image", [
+    pytest.param(_noise(1), id="uniform-noise"),
+    pytest.param(_noise(8), id="smooth-noise"),
+    pytest.param(render_scene(Scene("beach", []))[0], id="blank-background"),
+    pytest.param(_wash(), id="dog-coloured-wash"),
+])
+def test_noise_washes_and_empty_backgrounds_draw_nothing(image):
+    background = metrics.classify_background(image)
+    fg = metrics.foreground_mask(image, background)
+    for kind in KINDS:
+        assert not metrics.subject_drawn(image, fg, metrics.kind_mask(image, fg, kind)), kind
+
+
+def test_rendered_subjects_are_drawn_and_other_kinds_are_not():
+    for scene in _scenes(12, 20, n_subjects=1):
+        image, masks = render_scene(scene)
+        fg = metrics.foreground_mask(image, metrics.classify_background(image))
+        kind = scene.subjects[0].kind
+        assert metrics.subject_drawn(image, fg, metrics.kind_mask(image, fg, kind)), caption(scene)
+        # A person's hair is the dark detail colour, nearest the dog's shaded second colour: a person
+        # brings a dog-coloured blob along, so "dog" is not asked of a person.
+        others = [k for k in KINDS if k != kind and not (kind == "person" and k == "dog")]
+        for other in others:
+            assert not metrics.subject_drawn(image, fg, metrics.kind_mask(image, fg, other)), (caption(scene), other)
+
+
+def test_background_shades_come_from_the_image_unless_a_subject_fills_the_band():
+    image = render_scene(Scene("beach", []))[0].copy()
+    palette = np.asarray(BACKDROPS["beach"].colours, np.float32)
+    shades = metrics.background_colours(image, "beach")[len(palette):]
+    assert np.abs(shades - palette[:2]).max() < 8  # a rendered sky and ground: the palette's own
+    image[:8] = (123, 160, 194)  # the bundled toy model's darker beach sky
+    assert not metrics.foreground_mask(image, "beach")[:8].any()
+    image[:8] = PALETTES["dog"][0]  # a dog filling the top band stays foreground
+    assert len(metrics.background_colours(image, "beach")) == len(palette) + 1
+    assert metrics.foreground_mask(image, "beach")[:8].all()
 
 
 @pytest.mark.parametrize("size_px", [64, 256])

@@ -22,9 +22,9 @@ For 1, 2 and 3 subjects (``--subjects``), ``--photos`` photos each:
 Measured on every image with the toy world's segmentation (``lowmcgm.toy.metrics``):
 
 - pose adherence: IoU of each subject's silhouette (``kind_mask`` on ``foreground_mask``) with its
-  target mask; a subject that is not drawn (no blob of its colours holding most of them, or an
-  image that is mostly "foreground", i.e. noise) scores 0. For reference, ``copy`` is the IoU a model
-  would get by redrawing the photo's pose unchanged.
+  target mask; a subject that is not drawn (``metrics.subject_drawn``: no blob of its colours
+  holding most of them, or an image that is noise or a colour wash) scores 0. For reference,
+  ``copy`` is the IoU a model would get by redrawing the photo's pose unchanged.
 - identity: RGB distance between the mean colours of the generated and the source subject (drawn
   subjects only; lower is better).
 - prompt following: the background class is the prompt's.
@@ -34,6 +34,11 @@ Writes ``results.md`` (tables and the command), ``results.json`` (every image's 
 with the default pose guidance, same seeds) and every image under ``photos/``.
 Each photo's figures are kept in ``photos/<id>/record.json``: a rerun with the same settings and
 ``--out`` reuses them, so a long run that was stopped continues where it was.
+
+``--rescore`` with the arguments of an earlier run re-measures the images it kept with the current
+``lowmcgm.toy.metrics`` (no training, no sampling) and rewrites its records, tables and figures:
+
+    python tools/bench_pose.py --photos 2 --out runs/bench_pose --rescore
 """
 
 from __future__ import annotations
@@ -108,9 +113,6 @@ CONDITIONS = conditions_for(["attention", "latent"])  # the default --guidance-m
 # its mask would teach too few pixels and its IoU would measure occlusion.
 MAX_HIDDEN_FRACTION = 0.3
 MAX_SCENE_TRIES = 20_000
-# Rendered scenes keep at most about a quarter of the image in front of the background; an image
-# whose "foreground" covers most of it is noise or a colour wash, and nothing in it counts as drawn.
-MAX_FOREGROUND_FRACTION = 0.5
 
 
 @dataclass
@@ -186,10 +188,7 @@ def measure(image: np.ndarray, photo: BenchPhoto, target: Target) -> dict:
     ious, drawn, colour = [], [], []
     for kind, source, goal in zip(photo.kinds, photo.masks, target.masks):
         silhouette = metrics.kind_mask(image, fg, kind)
-        blob = metrics.largest_component(silhouette)
-        # Drawn: one blob holding most of the kind's pixels, not specks of its colours in noise.
-        present = (fg.mean() <= MAX_FOREGROUND_FRACTION and metrics.subject_present(blob)
-                   and blob.sum() >= 0.5 * silhouette.sum())
+        present = metrics.subject_drawn(image, fg, silhouette)
         drawn.append(bool(present))
         ious.append(metrics.iou(silhouette, goal) if present else 0.0)
         if present:
@@ -254,6 +253,24 @@ def train_and_sample(photo: BenchPhoto, training: str, conditions: list[Conditio
             images[condition.name].append([np.asarray(im.convert("RGB")) for im in generated])
         seconds[condition.name] = (time.perf_counter() - started) / (len(photo.targets) * args.images)
     return images, seconds
+
+
+def rescore_photo(photo: BenchPhoto, folder: Path, settings_key: dict) -> dict:
+    """Measure the images an earlier run kept for ``photo`` again, and rewrite its ``record.json``.
+
+    Raises:
+        SystemExit: the folder holds no record of a run with these settings.
+    """
+    record_path = folder / "record.json"
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    if record.get("settings") != settings_key:
+        raise SystemExit(f"{folder} holds no record of a run with these settings: --rescore takes the "
+                         "arguments of the run whose images it re-measures")
+    for row in record["images"]:
+        image = np.asarray(Image.open(folder / row["file"]).convert("RGB"))
+        row.update(measure(image, photo, photo.targets[row["target"]]))
+    record_path.write_text(json.dumps(record, indent=1) + "\n")
+    return record
 
 
 def run_photo(photo: BenchPhoto, folder: Path, args: argparse.Namespace, settings_key: dict) -> dict:
@@ -438,6 +455,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("runs/bench_pose"))
     p.add_argument("--figure-rows", type=int, default=12)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--rescore", action="store_true",
+                   help="re-measure the images kept in --out by a run with these same arguments (no "
+                        "training or sampling), then rewrite its records, tables and figures")
     return p.parse_args(argv)
 
 
@@ -472,7 +492,7 @@ def main(argv=None) -> dict:
                  "heldout_combos), so these photos are not held out for it.")
     # What a photo's figures depend on: a rerun that changes none of it reuses them.
     settings_key = {k: v for k, v in vars(args).items()
-                    if k not in ("out", "figure_rows", "threads", "photos", "subjects")}
+                    if k not in ("out", "figure_rows", "threads", "photos", "subjects", "rescore")}
     settings_key["model_steps"] = [info.vae_steps, info.unet_steps] if info else None
     settings_key["trainings"] = TRAININGS
     args.out.mkdir(parents=True, exist_ok=True)
@@ -480,7 +500,9 @@ def main(argv=None) -> dict:
     records = []
     for n in [int(s) for s in args.subjects.split(",")]:
         for photo in make_photos(n, args.photos, args.targets, size_px, args.seed):
-            records.append(run_photo(photo, args.out / "photos" / photo.key, args, settings_key))
+            folder = args.out / "photos" / photo.key
+            records.append(rescore_photo(photo, folder, settings_key) if args.rescore
+                           else run_photo(photo, folder, args, settings_key))
     summary = summarise(records)
     (args.out / "results.json").write_text(json.dumps({"command": command, "summary": summary,
                                                        "records": records}, indent=1) + "\n")

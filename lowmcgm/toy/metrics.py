@@ -5,9 +5,12 @@ palettes in ``scenes.py`` (chosen far apart in RGB, so no learned classifier is 
 
 - background: the palette whose sky and ground colours are nearest to the median colours of the
   top and bottom bands of the image;
-- foreground: pixels far from every colour of that background;
+- foreground: pixels far from every colour of that background, and from the shades the image
+  itself gives its sky and ground (the median colours of those bands, when no subject colour is
+  near them: a generated sky is often a shade off the palette);
 - kind: the kind whose colours are nearest to most foreground pixels;
-- pose: the height/width of the bounding box of the largest foreground blob.
+- pose: the height/width of the bounding box of the largest foreground blob;
+- drawn: a kind's colours form one blob holding most of them, in an image that is not noise.
 
 This module owns the measurements; what the benchmark does with them is ``tools/``' business.
 """
@@ -27,16 +30,39 @@ BAND_FRACTION = 0.12
 # RGB distance beyond which a pixel is not background: the background texture moves colours by
 # under 15 units, the nearest subject colour sits 60 units away.
 FOREGROUND_DISTANCE = 38.0
+# A band's median colour counts as a background shade only this far from every subject colour: as far
+# as the palette's own background colours are (street's ground, the nearest, lies 60 units from the
+# dog's shaded main colour), so a band that a subject fills is never taken for background. The bundled
+# toy model drew a beach sky at (123, 160, 194): 55 units from the palette's, 100 from any subject's.
+MIN_SHADE_SUBJECT_DISTANCE = 60.0
 # A foreground pixel is assigned to a kind only if some kind colour lies this close.
 KIND_DISTANCE = 70.0
 # Fewer foreground pixels than this share of the image means no subject was drawn.
 MIN_SUBJECT_FRACTION = 0.004
+# Noise: foreground that no subject colour explains (no kind colour within KIND_DISTANCE). A rendered
+# scene has none (the dark detail colour lies 45 units from the dog's shaded second); uniform RGB
+# noise leaves about half of the image so, noise smoothed over 8 px about 0.44.
+MAX_UNEXPLAINED_FRACTION = 0.2
+# Rendered scenes keep at most about a quarter of the image in front of the background; the bundled
+# toy model draws subjects too large, over up to about half of it (docs/benchmarks.md, "The drawn
+# rule"). An image with almost no background left is a colour wash, whatever its colours.
+MAX_FOREGROUND_FRACTION = 0.8
+# A kind counts as drawn when its largest blob holds this share of its pixels, not specks of its
+# colours spread over the image.
+MIN_BLOB_SHARE = 0.5
 
 
 def _as_float(image: np.ndarray) -> np.ndarray:
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) RGB image, got shape {image.shape}")
     return image.astype(np.float32)
+
+
+def _band_medians(img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Median colours of the top and bottom bands of a float (H, W, 3) image."""
+    band = max(1, int(round(img.shape[0] * BAND_FRACTION)))
+    # Medians ignore the subjects and details that reach into a band.
+    return np.median(img[:band].reshape(-1, 3), axis=0), np.median(img[-band:].reshape(-1, 3), axis=0)
 
 
 def classify_background(image: np.ndarray) -> str:
@@ -48,19 +74,35 @@ def classify_background(image: np.ndarray) -> str:
     Returns:
         One of ``BACKGROUNDS``.
     """
-    img = _as_float(image)
-    band = max(1, int(round(img.shape[0] * BAND_FRACTION)))
-    # Medians ignore the subjects and details that reach into a band.
-    top = np.median(img[:band].reshape(-1, 3), axis=0)
-    bottom = np.median(img[-band:].reshape(-1, 3), axis=0)
+    top, bottom = _band_medians(_as_float(image))
     cost = [np.linalg.norm(top - BACKDROPS[b].top) + np.linalg.norm(bottom - BACKDROPS[b].bottom)
             for b in BACKGROUNDS]
     return BACKGROUNDS[int(np.argmin(cost))]
 
 
+def background_colours(image: np.ndarray, background: str) -> np.ndarray:
+    """The colours of ``background`` as this image draws them: the palette's, and the median colours
+    of its top and bottom bands that lie at least ``MIN_SHADE_SUBJECT_DISTANCE`` from every subject
+    colour (a generated sky or ground a shade off the palette).
+
+    Args:
+        image: (H, W, 3) uint8 RGB.
+        background: one of ``BACKGROUNDS``.
+
+    Returns:
+        (C, 3) float32, the palette's colours first.
+    """
+    palette = np.asarray(BACKDROPS[background].colours, np.float32)  # (C, 3)
+    subject_colours, _ = _kind_colours()
+    shades = [m for m in _band_medians(_as_float(image))
+              if np.linalg.norm(subject_colours - m, axis=-1).min() >= MIN_SHADE_SUBJECT_DISTANCE]
+    return np.concatenate([palette, np.asarray(shades, np.float32).reshape(-1, 3)])
+
+
 def foreground_mask(image: np.ndarray, background: str,
                     distance: float = FOREGROUND_DISTANCE) -> np.ndarray:
-    """Pixels that belong to no colour of ``background``.
+    """Pixels that belong to no colour of ``background`` (``background_colours``: the palette's and
+    the image's own shades of its sky and ground).
 
     Args:
         image: (H, W, 3) uint8 RGB.
@@ -71,7 +113,7 @@ def foreground_mask(image: np.ndarray, background: str,
         (H, W) bool.
     """
     img = _as_float(image)
-    colours = np.asarray(BACKDROPS[background].colours, np.float32)  # (C, 3)
+    colours = background_colours(image, background)  # (C, 3)
     nearest = np.min(np.linalg.norm(img[:, :, None, :] - colours[None, None], axis=-1), axis=-1)
     return nearest > distance
 
@@ -136,6 +178,33 @@ def kind_mask(image: np.ndarray, fg: np.ndarray, kind: str) -> np.ndarray:
 def subject_present(fg: np.ndarray, min_fraction: float = MIN_SUBJECT_FRACTION) -> bool:
     """Whether enough pixels are foreground for a subject to be there."""
     return bool(fg.mean() >= min_fraction)
+
+
+def looks_like_noise(image: np.ndarray, fg: np.ndarray) -> bool:
+    """Whether the image is noise or a colour wash rather than subjects on a background.
+
+    Args:
+        image: (H, W, 3) uint8 RGB.
+        fg: (H, W) bool foreground (``foreground_mask``).
+    """
+    unexplained = fg & (kind_labels(image, fg) < 0)
+    return bool(unexplained.mean() > MAX_UNEXPLAINED_FRACTION or fg.mean() > MAX_FOREGROUND_FRACTION)
+
+
+def subject_drawn(image: np.ndarray, fg: np.ndarray, silhouette: np.ndarray) -> bool:
+    """Whether a kind's silhouette reads as a drawn subject.
+
+    Drawn: the image is not noise (``looks_like_noise``), and the silhouette's largest blob is big
+    enough for a subject (``subject_present``) and holds ``MIN_BLOB_SHARE`` of its pixels.
+
+    Args:
+        image: (H, W, 3) uint8 RGB.
+        fg: (H, W) bool foreground (``foreground_mask``).
+        silhouette: (H, W) bool, the kind's pixels (``kind_mask``).
+    """
+    blob = largest_component(silhouette)
+    return bool(not looks_like_noise(image, fg) and subject_present(blob)
+                and blob.sum() >= MIN_BLOB_SHARE * silhouette.sum())
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
