@@ -230,7 +230,7 @@ def training_oom_message(cfg: Any, preset: str | None) -> str:
         The error a training command (``train``, ``run``) stops with, as a ``UserError`` message.
     """
     figures = ""
-    try:  # lowmcgm.estimate traces these settings on fake CUDA tensors in a subprocess (~20 s)
+    try:  # lowmcgm.memory.estimate traces these settings on fake CUDA tensors in a subprocess (~20 s)
         from lowmcgm.memory.estimate import estimate, required_card_bytes
 
         est = estimate(cfg, cfg.model.base_model, timeout_s=OOM_ESTIMATE_TIMEOUT_S)

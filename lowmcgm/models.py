@@ -28,7 +28,7 @@ from lowmcgm.errors import UserError
 from lowmcgm.tokenizer import build_clip_tokenizer
 
 TINY_NAMES = ("tiny", "tiny-v", "tiny-xl")
-TOY_NAME = "toy"  # the toy-world model bundled in lowmcgm/toy/weights (lowmcgm/toy.py)
+TOY_NAME = "toy"  # the toy-world model bundled in lowmcgm/toy/weights (lowmcgm/toy/bundled.py)
 
 # Words of the tiny tokenizer: enough for the prompts the method and the tests write.
 TINY_WORDS = (

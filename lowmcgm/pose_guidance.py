@@ -19,7 +19,7 @@ A handle with the blank pose is not guided. The mode is ``sample.pose_guidance``
 
 Example::
 
-    guide = PoseGuide.for_prompt(columns, masks, strength=4.0, steps=15, uncond_rows=1)
+    guide = PoseGuide(columns, masks, strength=4.0, steps=15, uncond_rows=1)  # as PoseSampler.pose_guide
     with guided_attention(pipe.unet, guide):
         pipe(prompt_embeds=..., callback_on_step_end=guide.on_step_end)
 """
