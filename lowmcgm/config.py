@@ -153,6 +153,9 @@ class TrainConfig:
     text_encoder_lr: float = _f(1e-5, "phase 2 learning rate of the text-encoder LoRA (or weights in 'full' mode)",
                                 at_least=0)
     optimizer: str = _f("adamw8bit", "'adamw8bit' (bitsandbytes) or 'adamw' (torch)", choices=("adamw8bit", "adamw"))
+    use_adamw_fallback: bool = _f(True, "when train.optimizer = 'adamw8bit' cannot run here (no CUDA device, or "
+                                        "bitsandbytes fails a test step at set-up), train with torch AdamW instead "
+                                        "(up to 4x the optimizer memory); false: refuse to start")
     adam_beta1: float = _f(0.9, "AdamW beta1")
     adam_beta2: float = _f(0.999, "AdamW beta2")
     adam_weight_decay: float = _f(1e-2, "AdamW weight decay", at_least=0)
