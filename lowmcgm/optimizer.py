@@ -1,9 +1,9 @@
 """Which AdamW trains: bitsandbytes' 8-bit one, trusted only once a test step ran, or torch's.
 
 Recent bitsandbytes imports where its CUDA library is missing or the card is unsupported, and fails
-only at the first ``step()``: ``choose_optimizer`` runs one step on a small parameter at set-up and
-falls back to torch AdamW with a one-line message, or refuses when ``train.use_adamw_fallback`` is
-off. The optimizer a run trains with is recorded in its checkpoints: the two keep different states
+only at the first ``step()``: ``choose_optimizer`` runs one step on a small parameter (the trainer
+calls it before weights load) and falls back to torch AdamW with a one-line message, or refuses when
+``train.use_adamw_fallback`` is off. The optimizer a run trains with is recorded in its checkpoints: the two keep different states
 (``resume`` refuses to load one into the other). Building the optimizer is the trainer's.
 """
 

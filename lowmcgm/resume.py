@@ -18,7 +18,7 @@ from lowmcgm import config as config_mod
 from lowmcgm.artifact import load_checkpoint, read_header, remove_stale_temporaries, save_checkpoint
 from lowmcgm.config import Config
 from lowmcgm.errors import UserError
-from lowmcgm.optimizer import OPTIMIZER_TITLES, optimizer_of_state
+from lowmcgm.optimizer import ADAMW, OPTIMIZER_TITLES, optimizer_of_state
 from lowmcgm.run_folder import CHECKPOINT_NAME
 from lowmcgm.run_identity import check_same_base, describe, input_fingerprints, resume_differences
 
@@ -84,7 +84,7 @@ def check_same_optimizer(written_by: str | None, building: str, path: Path) -> N
     """Refuse to load one AdamW's state into the other (``written_by`` None: no state to load)."""
     if written_by is None or written_by == building:
         return
-    fix = ("resume with --set train.optimizer=adamw" if written_by == "adamw" else
+    fix = ("resume with --set train.optimizer=adamw" if written_by == ADAMW else
            "resume where bitsandbytes runs, with train.optimizer = 'adamw8bit'")
     raise UserError(f"--resume: {path} was written by {OPTIMIZER_TITLES[written_by]}, but this run would train with "
                     f"{OPTIMIZER_TITLES[building]} and their states do not convert: {fix}, or start again with "
