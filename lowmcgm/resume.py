@@ -18,6 +18,7 @@ from lowmcgm import config as config_mod
 from lowmcgm.artifact import load_checkpoint, read_header, remove_stale_temporaries, save_checkpoint
 from lowmcgm.config import Config
 from lowmcgm.errors import UserError
+from lowmcgm.optimizer import ADAMW, OPTIMIZER_TITLES, optimizer_of_state
 from lowmcgm.run_folder import CHECKPOINT_NAME
 from lowmcgm.run_identity import check_same_base, describe, input_fingerprints, resume_differences
 
@@ -27,10 +28,13 @@ if TYPE_CHECKING:
 
 # What may change on --resume besides paths: step counts (to extend a run), the checkpoint interval,
 # and the two fixes a NaN/inf loss asks for (precision, learning rates), so the last good checkpoint
-# continues with them. Trainable weights and optimizer states are fp32 whatever the precision.
+# continues with them. Trainable weights and optimizer states are fp32 whatever the precision. The
+# optimizer settings may change too: what must match is the optimizer the checkpoint's run trained
+# with (8-bit may have fallen back to torch AdamW there), checked against the one built now.
 _RESUME_MAY_CHANGE = {"model": ("base_model", "mixed_precision"),
                       "train": ("phase1_steps", "phase2_steps", "checkpoint_every", "handle_lr", "mask_encoder_lr",
-                                "phase2_handle_lr", "phase2_mask_encoder_lr", "lora_lr", "text_encoder_lr")}
+                                "phase2_handle_lr", "phase2_mask_encoder_lr", "lora_lr", "text_encoder_lr",
+                                "optimizer", "use_adamw_fallback")}
 
 
 def save_train_checkpoint(setup: Setup, state: TrainState, out: Path) -> Path:
@@ -39,7 +43,8 @@ def save_train_checkpoint(setup: Setup, state: TrainState, out: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     info = {"phase": state.phase, "step": state.step, "generator": state.generator.get_state().tolist(),
             "history": state.history, "config": config_mod.config_to_dict(setup.cfg), "inputs": setup.inputs,
-            "base_model": setup.base.name, "base_model_hash": setup.base.config_hash}
+            "base_model": setup.base.name, "base_model_hash": setup.base.config_hash,
+            "optimizer": setup.optimizer_name}
     weights = setup.mcgm.state_dict(setup.base)
     check_finite(setup, state, weights)  # a NaN weight must never replace the last good checkpoint
     save_checkpoint(path, weights, state.optimizer.state_dict(), info)
@@ -63,13 +68,27 @@ def resume_state(setup: Setup, out: Path) -> TrainState:
     setup.mcgm.load_state_dict(setup.base, weights)
     generator = torch.Generator()
     generator.set_state(torch.tensor(info["generator"], dtype=torch.uint8))
+    loads_optimizer = step > 0 or info["phase"] == phase  # else the next phase starts with a fresh one
+    if loads_optimizer:
+        check_same_optimizer(info.get("optimizer") or optimizer_of_state(optimizer_state), setup.optimizer_name, path)
     state = TrainState(phase, step, build_optimizer(setup, phase), generator, info["history"])
-    if step > 0 or info["phase"] == phase:
+    if loads_optimizer:
         rates = [group["lr"] for group in state.optimizer.param_groups]
         state.optimizer.load_state_dict(optimizer_state)
         for group, lr in zip(state.optimizer.param_groups, rates):  # the stored ones would win otherwise
             group["lr"] = lr
     return state
+
+
+def check_same_optimizer(written_by: str | None, building: str, path: Path) -> None:
+    """Refuse to load one AdamW's state into the other (``written_by`` None: no state to load)."""
+    if written_by is None or written_by == building:
+        return
+    fix = ("resume with --set train.optimizer=adamw" if written_by == ADAMW else
+           "resume where bitsandbytes runs, with train.optimizer = 'adamw8bit'")
+    raise UserError(f"--resume: {path} was written by {OPTIMIZER_TITLES[written_by]}, but this run would train with "
+                    f"{OPTIMIZER_TITLES[building]} and their states do not convert: {fix}, or start again with "
+                    "--overwrite.")
 
 
 def training_identity(cfg: Config) -> dict[str, Any]:

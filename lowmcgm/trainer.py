@@ -38,6 +38,7 @@ from lowmcgm.mask_encoder import append_mask_tokens, compute_token_rms, zero_mas
 from lowmcgm.mcgm import MCGMState
 from lowmcgm.model_fit import check_settings_fit
 from lowmcgm.models import BaseModel, load_base_model
+from lowmcgm.optimizer import ADAMW, choose_optimizer, optimizer_class
 from lowmcgm.output import check_output_dir, write_effective_config
 from lowmcgm.resume import (check_finite, check_resume, check_resume_base, nan_message, resume_state,
                             save_train_checkpoint)
@@ -76,6 +77,8 @@ class Setup:
     # SDXL's six size numbers of the photo's crop (sdxl_conditioning.sdxl_time_ids); None for SD 1.x/2.x.
     time_ids: torch.Tensor | None = None
     inputs: dict[str, Any] = field(default_factory=dict)  # run_identity.input_fingerprints, kept in checkpoints
+    # The AdamW this run trains with: train.optimizer, unless 8-bit failed its test step (optimizer.py).
+    optimizer_name: str = ADAMW
 
     @property
     def device(self) -> torch.device:
@@ -112,6 +115,9 @@ def train(cfg: Config, on_progress: ProgressFn | None = None, resume: bool = Fal
     inputs = input_fingerprints(cfg)  # as read now: a checkpoint records what this run trains on
     for warning in warnings:
         report({"kind": "message", "level": "warning", "text": warning})
+    # 8-bit AdamW runs a test step now, before weights load: a broken bitsandbytes is said (or
+    # refused, leaving the output folder empty) in seconds, not as a traceback at the first step.
+    optimizer_name = choose_optimizer(cfg.train, training_device(), _say_info(report))
 
     base = base or load_base_model(cfg.model.base_model, cfg.model.single_file_config)
     check_settings_fit(cfg, base)  # resolution and LoRA targets, before anything is written
@@ -126,7 +132,7 @@ def train(cfg: Config, on_progress: ProgressFn | None = None, resume: bool = Fal
     if overwrite:
         clear_earlier_run(out, cfg.output.artifact_name)
     write_effective_config(cfg, out, resolved_notes(cfg, base))
-    setup = build_setup(cfg, base, handle_names, report)
+    setup = build_setup(cfg, base, handle_names, report, optimizer_name)
     setup.inputs = inputs
     state = resume_state(setup, out) if resume else new_state(setup, phase=1)
     setup.on_preview = on_preview
@@ -235,7 +241,18 @@ def _stop_between_steps(setup: Setup) -> Iterator[None]:
         yield
 
 
-def build_setup(cfg: Config, base: BaseModel, handle_names: list[str], report: ProgressFn) -> Setup:
+def training_device() -> torch.device:
+    """The device ``build_setup``'s accelerator will train on (under ``accelerate launch``, each
+    process's own GPU), known before it starts."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    from accelerate import PartialState
+
+    return PartialState().device
+
+
+def build_setup(cfg: Config, base: BaseModel, handle_names: list[str], report: ProgressFn,
+                optimizer_name: str | None = None) -> Setup:
     """Start the accelerator, read the photo at training size, then ``prepare_setup``."""
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=_mixed_precision(cfg, report))
     concept, _ = load_concept_image(cfg.data.image, list(cfg.data.masks), cfg.model.resolution or base.resolution)
@@ -245,18 +262,23 @@ def build_setup(cfg: Config, base: BaseModel, handle_names: list[str], report: P
 
         return load_prior_latents(cfg, base, Path(cfg.output.out), device, report)
 
-    return prepare_setup(cfg, base, concept, handle_names, accelerator, report, load_prior)
+    return prepare_setup(cfg, base, concept, handle_names, accelerator, report, load_prior, optimizer_name)
 
 
 def prepare_setup(cfg: Config, base: BaseModel, concept: ConceptImage, handle_names: list[str],
                   accelerator: AcceleratorLike, report: ProgressFn,
-                  load_prior: Callable[[torch.device], torch.Tensor]) -> Setup:
+                  load_prior: Callable[[torch.device], torch.Tensor], optimizer_name: str | None = None) -> Setup:
     """Freeze the base, add handles and mask encoder, install capture, encode the photo once.
 
     ``lowmcgm estimate`` calls this too, on models built from their configs with fake CUDA tensors
     (a random photo, a stand-in accelerator, random class latents): the memory it reports is this code's.
+    ``optimizer_name`` is ``choose_optimizer``'s choice (``train`` makes it before weights load);
+    None chooses here, on the accelerator's device.
     """
     device = accelerator.device
+    if optimizer_name is None:
+        optimizer_name = choose_optimizer(cfg.train, device, _say_info(report) if accelerator.is_main_process
+                                          else lambda text: None)
     weight_dtype = precision_dtype(accelerator.mixed_precision)
     resolution = concept.image.shape[-1]
     mcgm = MCGMState.install(base, handle_names, list(cfg.data.init_words), cfg.loss.use_mask_tokens,
@@ -304,7 +326,7 @@ def prepare_setup(cfg: Config, base: BaseModel, concept: ConceptImage, handle_na
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return Setup(cfg, base, concept, mcgm, store, accelerator, mean, std, prior, report, capture=capture,
-                 time_ids=photo_time_ids(base, concept))
+                 time_ids=photo_time_ids(base, concept), optimizer_name=optimizer_name)
 
 
 def photo_time_ids(base: BaseModel, concept: ConceptImage) -> torch.Tensor | None:
@@ -398,23 +420,8 @@ def build_optimizer(setup: Setup, phase: int) -> torch.optim.Optimizer:
     t = setup.cfg.train
     groups = setup.mcgm.parameter_groups(phase, t)
     kwargs = dict(betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.adam_weight_decay, eps=t.adam_epsilon)
-    optimizer_cls = torch.optim.AdamW
-    if t.optimizer == "adamw8bit":
-        optimizer_cls = _adamw8bit(setup)
+    optimizer_cls = optimizer_class(setup.optimizer_name)  # chosen (8-bit tested) by choose_optimizer
     return setup.accelerator.prepare_optimizer(optimizer_cls(groups, **kwargs))
-
-
-def _adamw8bit(setup: Setup) -> type:
-    if setup.device.type != "cuda":
-        _say_once(setup, "bitsandbytes' 8-bit AdamW needs a CUDA device: using torch AdamW.")
-        return torch.optim.AdamW
-    try:
-        import bitsandbytes as bnb
-
-        return bnb.optim.AdamW8bit
-    except Exception as exc:  # bitsandbytes fails in many ways on unsupported systems
-        _say_once(setup, f"bitsandbytes cannot run here ({exc}): using torch AdamW.")
-        return torch.optim.AdamW
 
 
 def run_phase(setup: Setup, state: TrainState, report: ProgressFn, out: Path) -> None:
@@ -548,6 +555,10 @@ def _enable_xformers(base: BaseModel, report: ProgressFn) -> None:
         base.unet.enable_xformers_memory_efficient_attention()
     except Exception as exc:  # missing module, no CUDA, or a wheel built for another torch
         report({"kind": "message", "level": "warning", "text": f"xformers unavailable ({exc}); using SDPA."})
+
+
+def _say_info(report: ProgressFn) -> Callable[[str], None]:
+    return lambda text: report({"kind": "message", "level": "info", "text": text})
 
 
 def _say_once(setup: Setup, text: str) -> None:

@@ -232,6 +232,20 @@ def test_refused_run_keeps_a_folder_the_user_made(files, tmp_path, capsys):
     assert out.is_dir()
 
 
+def test_8bit_adamw_failing_its_test_step_is_refused_when_required(files, tmp_path, capsys, monkeypatch,
+                                                                  no_weights_load):
+    """train.use_adamw_fallback=false: bitsandbytes failing its test step stops the run before weights load."""
+    from lowmcgm import optimizer
+
+    monkeypatch.setattr(trainer, "training_device", lambda: torch.device("cuda"))  # the probe is replaced
+    monkeypatch.setattr(optimizer, "probe_adamw8bit", lambda device: "RuntimeError: CUDA Setup failed")
+    extra = ("--set", "train.optimizer=adamw8bit", "--set", "train.use_adamw_fallback=false")
+    _refused(capsys, _train_args(files, tmp_path / "out", extra=extra),
+             ("train.optimizer = 'adamw8bit' cannot run here (RuntimeError: CUDA Setup failed)",
+              "--set train.use_adamw_fallback=true"), tmp_path)
+    assert not no_weights_load
+
+
 def test_run_checks_inputs_before_weights_load(files, tmp_path, capsys, monkeypatch):
     """``lowmcgm run`` loads the base model itself (to train and sample with one copy): after the checks."""
     import lowmcgm.sampler  # noqa: F401  (imported first, it keeps the real loader it binds at import)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lowmcgm.artifact import load_artifact
+from lowmcgm.artifact import load_artifact, read_header
 from lowmcgm.config import Config, apply_overrides, resolve_config
 from lowmcgm.errors import UserError
 from lowmcgm.models import build_tiny_base
@@ -127,6 +127,39 @@ def test_resume_refuses_other_settings(photo, tmp_path):
     other = apply_overrides(cfg, {"lora.rank": 8}, "test")  # learning rates and precision may change
     with pytest.raises(UserError, match="other settings"):
         train(other, resume=True)
+
+
+def test_8bit_adamw_failing_its_test_step_trains_with_torch_adamw(photo, tmp_path, monkeypatch):
+    import lowmcgm.trainer as trainer_mod
+    from lowmcgm import optimizer
+
+    monkeypatch.setattr(trainer_mod, "training_device", lambda: torch.device("cuda"))  # the probe is replaced
+    monkeypatch.setattr(optimizer, "probe_adamw8bit", lambda device: "RuntimeError: CUDA Setup failed")
+    events = []
+    cfg = _cfg(photo, tmp_path / "run", **{"train.optimizer": "adamw8bit", "train.phase1_steps": 2,
+                                           "train.phase2_steps": 2, "train.checkpoint_every": 1})
+    train(cfg, on_progress=events.append)
+    said = [e["text"] for e in events if e["kind"] == "message" and "8-bit AdamW" in e["text"]]
+    assert said == ["bitsandbytes' 8-bit AdamW failed its test step (RuntimeError: CUDA Setup failed): using torch "
+                    "AdamW, whose fp32 moments take up to 4x the optimizer memory."]
+    _, meta = read_header(tmp_path / "run" / CHECKPOINT_NAME)
+    assert json.loads(meta["info"])["optimizer"] == "adamw"  # what wrote it, not what train.optimizer asked for
+
+
+def test_resume_refuses_the_state_of_the_other_optimizer(photo, tmp_path, monkeypatch):
+    import lowmcgm.trainer as trainer_mod
+
+    # On this CPU, 8-bit falls back to torch AdamW, which writes the checkpoint.
+    cfg = _cfg(photo, tmp_path / "b", **{"train.optimizer": "adamw8bit"})
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, on_progress=_stop_at(1, 2))
+    # Resumed where bitsandbytes runs: 8-bit would be built, and cannot take torch AdamW's state.
+    monkeypatch.setattr(trainer_mod, "choose_optimizer", lambda t, device, say: t.optimizer)
+    with pytest.raises(UserError, match=r"was written by torch AdamW, but this run would train with bitsandbytes' "
+                                        r"8-bit AdamW .*resume with --set train.optimizer=adamw"):
+        train(cfg, resume=True)
+    # The advice works: the optimizer setting may change on --resume, the optimizer may not.
+    train(apply_overrides(cfg, {"train.optimizer": "adamw"}, "test"), resume=True)
 
 
 def test_resume_without_checkpoint_is_a_user_error(photo, tmp_path):
