@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         plain_image = steps * plain["step_flops"] + plain["decode_flops"]
         for fig in figs:
             guided_steps = guided if fig["mode"] != "none" else 0
-            image = (steps - guided_steps) * plain["step_flops"] + guided_steps * fig["step_flops"] + fig["decode_flops"]
+            image = ((steps - guided_steps) * plain["step_flops"] + guided_steps * fig["step_flops"]
+                     + fig["decode_flops"])
             grad = fig["windows"]["backward"] + fig["windows"]["recompute"]
             lines.append(f"| {model} | {fig['mode']} | {g(fig['step_flops'])} | {g(grad)} | {g(image)} | "
                          f"{g(image - plain_image)} | {image / plain_image:.2f} |")
