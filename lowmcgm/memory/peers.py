@@ -99,9 +99,11 @@ STEPS = 2  # as training_trace.py: the first step creates the optimizer state, t
 CAPTION = "a photo of sks dog"
 
 
-def kohya_flags(rank: int, resolution: int = 512) -> list[str]:
-    """The command line traced for kohya: the documented settings with ``rank`` and ``resolution``."""
-    return [*KOHYA_DOC_FLAGS, f"--network_dim={rank}", f"--resolution={resolution}", *_KOHYA_REQUIRED]
+def kohya_flags(rank: int, resolution: int = 512, batch_size: int = 1) -> list[str]:
+    """The command line traced for kohya: the documented settings with ``rank`` and ``resolution``
+    (and ``--train_batch_size``, after the documented 1, when ``batch_size`` differs: the last wins)."""
+    batch = [f"--train_batch_size={batch_size}"] if batch_size != 1 else []
+    return [*KOHYA_DOC_FLAGS, *batch, f"--network_dim={rank}", f"--resolution={resolution}", *_KOHYA_REQUIRED]
 
 
 def check_kohya_checkout(path: str | Path) -> Path:
@@ -231,7 +233,8 @@ def _import_kohya(root: str) -> dict[str, Any]:
     return mods
 
 
-def kohya_step(kohya: str, rank: int = 8, resolution: int = 512, steps: int = STEPS) -> dict[str, Any]:
+def kohya_step(kohya: str, rank: int = 8, resolution: int = 512, steps: int = STEPS,
+               batch_size: int = 1) -> dict[str, Any]:
     """Traceable: kohya's ``train_network.py`` setup and ``steps`` training steps on SD 1.5.
 
     Args:
@@ -239,6 +242,7 @@ def kohya_step(kohya: str, rank: int = 8, resolution: int = 512, steps: int = ST
         rank: ``--network_dim``.
         resolution: ``--resolution`` (square).
         steps: training steps (the second has optimizer state).
+        batch_size: images per step (``--train_batch_size``; one caption for all).
 
     Returns:
         Bytes relative to the start: ``setup_peak_bytes`` (latent caching, VAE alone on the device),
@@ -253,7 +257,7 @@ def kohya_step(kohya: str, rank: int = 8, resolution: int = 512, steps: int = ST
     s = mt.session()
     mods = _import_kohya(kohya)
     train_network, train_util = mods["train_network"], mods["library.train_util"]
-    flags = kohya_flags(rank, resolution)
+    flags = kohya_flags(rank, resolution, batch_size)
     args = train_network.setup_parser().parse_args(flags)
     train_util.verify_training_args(args)
     train_util.prepare_dataset_args(args, True)
@@ -280,7 +284,7 @@ def kohya_step(kohya: str, rank: int = 8, resolution: int = 512, steps: int = ST
     mt.materialize_fake(vae, lambda n, p: vae_dtype)
     vae.requires_grad_(False)
     vae.eval()
-    image = torch.rand(1, 3, resolution, resolution) * 2 - 1  # what the dataset loads, on the CPU
+    image = torch.rand(batch_size, 3, resolution, resolution) * 2 - 1  # what the dataset loads, on the CPU
     with torch.no_grad():
         latents = trainer.encode_images_to_latents(args, vae, image.to(s.device, dtype=vae_dtype)).to("cpu")
     vae.to("cpu")
@@ -330,9 +334,10 @@ def kohya_step(kohya: str, rank: int = 8, resolution: int = 512, steps: int = ST
     network.on_epoch_start(text_encoder, unet)
     noise_scheduler = trainer.get_noise_scheduler(args, s.device)
 
-    input_ids = tokenize_strategy.tokenize(CAPTION)[0]  # (1, 77): the collator stacks one per image
-    batch = {"latents": latents, "input_ids_list": [input_ids[None].to(s.device)],
-             "loss_weights": torch.ones(1, device=s.device), "captions": [CAPTION], "images": None}
+    input_ids = tokenize_strategy.tokenize(CAPTION)[0]  # the collator stacks one per image
+    batch = {"latents": latents, "input_ids_list": [input_ids[None].expand(batch_size, *input_ids.shape).to(s.device)],
+             "loss_weights": torch.ones(batch_size, device=s.device), "captions": [CAPTION] * batch_size,
+             "images": None}
     params = list(network.parameters())
     gc.collect()
     s.reset_peak()

@@ -58,12 +58,39 @@ def trace_job(config: dict[str, Any], model: str, attention: str = "sdpa", num_c
     Runs in a fake-CUDA session (the estimate), a real CUDA one (measurement with random weights) or
     a CPU one (the self-check on the tiny models). Figures are relative to the bytes live at the start.
     """
+    s = mt.session()
+    started = time.perf_counter()
+    gc.collect()
+    baseline = s.counter.current
+    s.reset_peak()
+    cfg, setup, notes = build_traced_setup(config, model, attention, num_concepts)
+    # The models are built: freeze what the cyclic collector would otherwise rescan at every
+    # gc.collect() below (about 1 s each for an SD-size model; milliseconds once frozen).
+    gc.collect()
+    gc.freeze()
+    try:
+        phases = _trace_phases(s, cfg, setup, baseline)
+    finally:
+        gc.unfreeze()
+    return {"resolution": setup.concept.image.shape[-1], "phases": phases, "analytic": [], "notes": notes,
+            "baseline_bytes": baseline, "wall_s": round(time.perf_counter() - started, 2)}
+
+
+def build_traced_setup(config: dict[str, Any], model: str, attention: str = "sdpa",
+                       num_concepts: int = 2) -> tuple[Config, Any, list[str]]:
+    """Traced: build ``model`` for ``config`` and prepare it with the trainer's own ``prepare_setup``
+    (a random photo, :class:`TraceAccelerator`, random class latents), then install ``attention``.
+
+    Shared by :func:`trace_job` (memory) and :mod:`lowmcgm.memory.flops` (operations per step).
+
+    Returns:
+        The configuration as traced, the trainer's ``Setup`` and notes on what the trace changed.
+    """
     from lowmcgm.handles import default_handles
     from lowmcgm.models import TINY_WORDS
     from lowmcgm.trainer import prepare_setup, resolved_notes
 
     s = mt.session()
-    started = time.perf_counter()
     _let_fake_checks_pass(s)
     cfg = config_from_dict(config)
     notes = []
@@ -78,9 +105,6 @@ def trace_job(config: dict[str, Any], model: str, attention: str = "sdpa", num_c
     # meta device as is (a random initialisation would mix meta and CPU tensors). Memory is the same.
     cfg = apply_overrides(cfg, {"model.use_xformers": False, "data.handles": [],
                                 "data.init_words": list(TINY_WORDS[9:9 + n])}, "the estimate")
-    gc.collect()
-    baseline = s.counter.current
-    s.reset_peak()
     base = _build_base(model, s)
     resolution = cfg.model.resolution or base.resolution
     latent = resolution // base.vae_scale_factor
@@ -91,16 +115,7 @@ def trace_job(config: dict[str, Any], model: str, attention: str = "sdpa", num_c
                           lambda event: None, lambda device: prior)
     install_attention_layout(setup, attention)
     notes += list(resolved_notes(cfg, base))
-    # The models are built: freeze what the cyclic collector would otherwise rescan at every
-    # gc.collect() below (about 1 s each for an SD-size model; milliseconds once frozen).
-    gc.collect()
-    gc.freeze()
-    try:
-        phases = _trace_phases(s, cfg, setup, baseline)
-    finally:
-        gc.unfreeze()
-    return {"resolution": resolution, "phases": phases, "analytic": [], "notes": notes,
-            "baseline_bytes": baseline, "wall_s": round(time.perf_counter() - started, 2)}
+    return cfg, setup, notes
 
 
 def _trace_phases(s: mt.TraceSession, cfg: Config, setup: Any, baseline: int) -> list[dict[str, Any]]:
