@@ -265,3 +265,69 @@ def test_the_page_trains_samples_and_exports_an_sdxl_run(tmp_path):
     assert "1 image(s)" in message and len(images) == 1 and used[0][1] == "pose of <asset0>"
     message, file = app.export(state, "r1", "embeddings")
     assert file.endswith(".zip"), message
+
+
+def _untrained_run(root: Path, name: str, seed: int) -> Path:
+    """A run folder holding an artifact of ``tiny`` (two handles, mask encoder, LoRA), made without training."""
+    from lowmcgm.artifact import save_artifact
+    from lowmcgm.config import LoraConfig
+    from lowmcgm.mcgm import MCGMState
+    from lowmcgm.models import build_tiny_base
+
+    base = build_tiny_base("tiny")
+    state = MCGMState.install(base, ["<asset0>", "<asset1>"], ["dog", "cat"], use_mask_tokens=True, seed=seed)
+    state.add_adapters(base, LoraConfig(rank=2, alpha=2.0), "cpu")
+    meta = {"base_model": base.name, "base_model_hash": base.config_hash, "base_model_version": base.version_tag,
+            "text_width": base.text_width, "prediction_type": base.prediction_type, "resolution": base.resolution,
+            "init_words": ["dog", "cat"]}
+    path = root / name / "lowmcgm.safetensors"
+    path.parent.mkdir(parents=True)
+    save_artifact(state.to_artifact(base, meta), path, dtype="fp32")
+    return path
+
+
+def _sample(state, run: str, picks=(), seed: int = 0, prompt: str = "a photo of <asset0> and <asset1>"):
+    from lowmcgm.ui import app
+
+    picks = list(picks) + [None] * (app.MAX_SUBJECTS - len(picks))
+    return app.sample(state, run, prompt, "", 1, seed, 2, 7.5, "none", *([None] * 2 * app.MAX_SUBJECTS), *picks)
+
+
+def test_sampling_again_and_again_reuses_the_base_without_the_last_artifacts_state(tmp_path):
+    # Issue 24: every Sample after the first failed ("from_artifact on a base that still carries a
+    # state"). Three in a row, with other poses, another run and back, in the same second.
+    from lowmcgm.ui import app
+
+    root = tmp_path / "root"
+    for name, seed in (("a", 0), ("b", 1)):
+        _untrained_run(root, name, seed)
+    state = app.PageState(root)
+    shown = []
+    for run, picks in (("a", ["dog sitting"]), ("a", ["cat lying", "dog sitting"]), ("b", []), ("a", [])):
+        message, images, used = _sample(state, run, picks)
+        assert images and "1 image(s)" in message, message
+        assert len(used) == len(picks) and Path(images[0][0]).is_file()
+        assert f"{run} · seed 0 · 2 steps" in images[0][1] and all(p in images[0][1] for p in picks)
+        shown.append(images[0][0])
+    assert len(set(shown)) == 4  # each in a folder of its own, though their clock stamps agree
+    assert len(state.bases) == 1  # one load for all
+
+
+def test_a_refused_sample_keeps_the_gallery_and_leaves_no_folder(tmp_path):
+    from lowmcgm.ui import app
+
+    root = tmp_path / "root"
+    _untrained_run(root, "a", 0)
+    message, images, _ = _sample(app.PageState(root), "a", prompt="a photo of <asset7>")
+    assert images is None and "asset7" in message
+    assert not (root / "a" / "ui-samples").exists() or not any((root / "a" / "ui-samples").iterdir())
+
+
+def test_two_artifact_uploads_in_one_second_get_a_run_each(tmp_path):
+    from lowmcgm.ui import app
+
+    artifact = _untrained_run(tmp_path, "made", 0)
+    state = app.PageState(tmp_path / "root")
+    names = [app.on_upload_artifact(state, str(artifact))[1] for _ in range(3)]
+    assert None not in names and len(set(names)) == 3
+    assert all((tmp_path / "root" / n / "lowmcgm.safetensors").is_file() for n in names)

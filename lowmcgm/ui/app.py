@@ -29,8 +29,8 @@ from lowmcgm.ui.editor import (BLANK_SIDE, SUBJECT_COLOURS, blank_sheet, editor_
                                painted_mask, pose_on_canvas, sheet_with)
 from lowmcgm.ui.jobs import JobSlot
 from lowmcgm.ui.poses import pose_mask, pose_names
-from lowmcgm.ui.workspace import (ARTIFACT_NAME, Subject, TrainRequest, default_run_name, list_runs, prepare_run,
-                                  resume_command, run_folder)
+from lowmcgm.ui.workspace import (ARTIFACT_NAME, Subject, TrainRequest, default_run_name, list_runs, new_folder,
+                                  prepare_run, resume_command, run_folder)
 
 MAX_SUBJECTS = 4
 # A brush a 24th of the photo's short side: a subject's outline in a few strokes, its edge still precise.
@@ -55,14 +55,19 @@ class PageState:
     def base_for(self, artifact_path: Path, base_model: str):
         """The artifact's base model (or ``base_model``), loaded once per page.
 
-        An artifact trained with ``model.fp8_base`` samples on a UNet stored in fp8 (``sampler.build_sampler``),
-        which cannot go back: another artifact gets a fresh load.
+        Sampling hands the base back without the artifact's state (``sampler.sample_artifact``), so
+        the next sample, of this artifact or another, installs on it cleanly. Two things stay on it
+        for good: a UNet stored in fp8 for an artifact trained with ``model.fp8_base``
+        (``sampler.build_sampler``), and the whole weights of a ``full``-mode artifact
+        (``MCGMState.remove``): such an artifact keeps a base of its own.
         """
         from lowmcgm.artifact import load_artifact
         from lowmcgm.sampler import load_base_for, trained_with_fp8
 
         artifact = load_artifact(artifact_path)
-        key = (base_model or artifact.meta.get("base_model", ""), trained_with_fp8(artifact))
+        full = (artifact.meta.get("lora") or {}).get("mode") == "full"
+        key = (base_model or artifact.meta.get("base_model", ""), trained_with_fp8(artifact),
+               str(artifact_path) if full else "")
         if key not in self.bases:
             self.bases.clear()  # one base in memory at a time
             self.bases[key] = load_base_for(artifact, base_model)
@@ -256,9 +261,8 @@ def on_upload_artifact(state: PageState, path: str | None):
         return "", None
     try:
         load_artifact(Path(path))
-        name = "uploaded-" + time.strftime("%Y%m%d-%H%M%S")
-        folder = run_folder(state.root, name)
-        folder.mkdir(parents=True, exist_ok=False)
+        folder = new_folder(state.root, "uploaded-" + time.strftime("%Y%m%d-%H%M%S"))
+        name = folder.name
         shutil.copyfile(path, folder / ARTIFACT_NAME)
     except UserError as exc:
         return error_text(exc), None
@@ -267,11 +271,15 @@ def on_upload_artifact(state: PageState, path: str | None):
 
 def sample(state: PageState, run_name, prompt, base_model, num_images, seed, steps, guidance_scale, pose_guidance,
            *poses):
-    """Draw the prompt with each handle's pose (uploaded, painted, or none); returns images and poses shown.
+    """Draw the prompt with each handle's pose (uploaded, painted, or none).
 
     ``poses``: per canvas slot the canvas, then per slot the upload, then per slot the pose library's pick.
     A pick is part of the pose even if its canvas has not been redrawn yet (a Sample click right after
     a pick may carry the canvas from before it).
+
+    Returns:
+        The message; the new images as (file, caption) pairs, each caption saying run, seed, steps,
+        guidance and poses (None when refused: the gallery keeps what it shows); the poses used.
     """
     from lowmcgm.artifact import load_artifact
     from lowmcgm.config import SampleSettings
@@ -283,28 +291,39 @@ def sample(state: PageState, run_name, prompt, base_model, num_images, seed, ste
         handles = list(load_artifact(artifact_path).handles)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         folder = artifact_path.parent
-        pose_dir, out = folder / "ui-poses" / stamp, folder / "ui-samples" / stamp
-        pose_files, used = {}, []
+        pose_files, used, described = {}, [], []
+        pose_dir = None
         drawn, uploaded, picked = poses[:MAX_SUBJECTS], poses[MAX_SUBJECTS:2 * MAX_SUBJECTS], poses[2 * MAX_SUBJECTS:]
         for handle, value, upload, pick in zip(handles, drawn, uploaded, picked):
             mask = with_library_pose(pose_on_canvas(value), pick)
             if upload:  # checked by the sampler, as --pose files are
                 pose_files[normalize_handle(handle)] = upload
                 used.append((upload, f"pose of {handle}"))
+                described.append(f"{handle} uploaded")
             elif mask is not None:
-                pose_dir.mkdir(parents=True, exist_ok=True)
+                pose_dir = pose_dir or new_folder(folder / "ui-poses", stamp)
                 pose_files[normalize_handle(handle)] = save_mask(mask, pose_dir / f"{handle.strip('<>')}.png")
                 used.append((pose_files[normalize_handle(handle)], f"pose of {handle}"))
+                described.append(f"{handle} {pick or 'drawn'}")
         settings = SampleSettings(num_images=int(num_images), seed=int(seed), steps=int(steps),
                                   guidance_scale=float(guidance_scale), pose_guidance=pose_guidance)
         with state.sampling:
             base = state.base_for(artifact_path, base_model or "")
-            grid = sample_artifact(artifact_path, [PromptSpec(prompt, where="the prompt")], pose_files, settings,
-                                   out, base=base)
+            out = new_folder(folder / "ui-samples", stamp)
+            try:
+                grid = sample_artifact(artifact_path, [PromptSpec(prompt, where="the prompt")], pose_files, settings,
+                                       out, base=base)
+            except UserError:
+                shutil.rmtree(out, ignore_errors=True)  # a refused sample leaves no empty folder
+                raise
     except UserError as exc:
-        return error_text(exc), [], []
+        return error_text(exc), None, []
     index = json.loads((grid.parent / "samples.json").read_text())
-    images = [(str(grid.parent / im["file"]), f"seed {im['seed']}") for p in index["prompts"] for im in p["images"]]
+    posed = "; ".join(described) or "no poses"
+    images = [(str(grid.parent / im["file"]),
+               f"{run_name} · seed {im['seed']} · {settings.steps} steps · guidance {settings.guidance_scale:g} · "
+               f"{pose_guidance} · {posed}")
+              for p in index["prompts"] for im in p["images"]]
     return shown(f"{len(images)} image(s) in {out}."), images, used
 
 
@@ -430,8 +449,10 @@ def build_app(root: Path, base_model: str = "toy", preset: str = "toy-cpu"):
                                          label="Pose guidance", elem_id="pose-guidance")
                 sample_base = gr.Textbox(label="Base model (blank: the one the run used)", elem_id="sample-base")
             sample_btn = gr.Button("Sample", variant="primary", elem_id="sample")
+            history = gr.State([])  # this browser tab's images, newest first
             with gr.Row():
-                gallery = gr.Gallery(label="Images", elem_id="gallery", columns=4)
+                gallery = gr.Gallery(label="Images since the page was opened (newest first)", elem_id="gallery",
+                                     columns=4)
                 pose_gallery = gr.Gallery(label="Poses used", elem_id="pose-gallery", columns=4)
             with gr.Row():
                 fmt = gr.Radio(list(FORMATS), value=FORMATS[0], label="Export for other tools", elem_id="format")
@@ -468,9 +489,16 @@ def build_app(root: Path, base_model: str = "toy", preset: str = "toy-cpu"):
                                [sample_msg, runs])
         for picker, editor in zip(pose_pickers, pose_editors):
             picker.change(on_pose_library, picker, editor)
-        sample_btn.click(bound(sample), [runs, prompt, sample_base, num_images, seed, steps, cfg_scale, pose_guidance,
-                                         *pose_editors, *pose_uploads, *pose_pickers],
-                         [sample_msg, gallery, pose_gallery])
+        def sampled(history, *args):
+            message, images, used = sample(state, *args)
+            if images is None:  # refused: what the galleries show stays
+                return message, gr.update(), gr.update(), history
+            history = images + history  # newest first, every image since the page was opened
+            return message, history, used, history
+
+        sample_btn.click(sampled, [history, runs, prompt, sample_base, num_images, seed, steps, cfg_scale,
+                                   pose_guidance, *pose_editors, *pose_uploads, *pose_pickers],
+                         [sample_msg, gallery, pose_gallery, history])
         export_btn.click(bound(export), [runs, fmt], [sample_msg, download])
         download_artifact.click(lambda name: _artifact_download(state, name), runs, [sample_msg, download])
     page.lowmcgm_state = state  # tests and the launcher reach the job through it

@@ -69,6 +69,23 @@ def run_folder(root: Path, name: str) -> Path:
     return folder
 
 
+def new_folder(parent: Path, stem: str) -> Path:
+    """A new, empty folder ``parent/stem`` (``stem-2``, ``stem-3``... when taken); created here.
+
+    Names by the clock collide when two clicks land in one second: the first free name wins, and
+    creating it claims it (``mkdir`` without ``exist_ok``), so two callers never share a folder.
+    """
+    parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        folder = parent / (stem if n == 1 else f"{stem}-{n}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+    raise UserError(f"{parent} holds 999 folders named {stem}*: clear some out.")
+
+
 def list_runs(root: Path) -> list[str]:
     """Run folders under ``root`` that hold an artifact or a checkpoint, newest first."""
     root = Path(root)
