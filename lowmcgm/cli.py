@@ -428,7 +428,9 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         raise UserError(f"--port {args.port} is not a port number (1-65535).")
     page = launch(Path(args.root), host=args.host, port=args.port, base_model=args.base_model, preset=args.preset)
-    page.lowmcgm_state.jobs.stop()  # the page is closing: a running job checkpoints and stops too
+    closing = page.lowmcgm_state.jobs.close()  # the page is closing: a running job checkpoints and stops too
+    if closing:
+        print(closing)
     return 0
 
 

@@ -147,6 +147,38 @@ def test_job_reports_the_clis_error_line(tmp_path):
     assert status.text == last_error(tmp_path / "out" / "ui-train.log")
 
 
+def _stand_in(job: TrainingJob, code: str) -> None:
+    """A child running ``code`` in place of training (the job's rules are what is tested)."""
+    job.folder.mkdir(parents=True, exist_ok=True)
+    job.process = subprocess.Popen([sys.executable, "-c", code])
+
+
+def test_a_child_that_will_not_stop_is_killed_and_the_page_says_no_checkpoint(tmp_path):
+    job = TrainingJob([], tmp_path / "a")
+    _stand_in(job, "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('', flush=True); "
+                   "time.sleep(60)")
+    time.sleep(1.0)  # its handler in place
+    job.stop(timeout_s=1)
+    job.wait(30)
+    assert job.status().state == "stopped" and job.status().text.startswith("Killed before its first step")
+    assert "no checkpoint" in job.status().text and "start the run again" in job.status().text
+
+
+def test_closing_the_page_stops_its_job_and_waits_for_it(tmp_path):
+    # SIGTERM to the page closed it and left the child training, unseen (issue 23).
+    slot = JobSlot()
+    assert slot.close() == ""
+    job = slot.job = TrainingJob([], tmp_path / "a")
+    _stand_in(job, "import time; time.sleep(60)")
+    said = slot.close(timeout_s=30)
+    assert not job.running() and job.process.returncode == -15 and "without writing a checkpoint" in said
+
+
+def test_an_argparse_refusal_shows_its_message(tmp_path):
+    (tmp_path / "ui-train.log").write_text("usage: lowmcgm run [-h]\nlowmcgm run: error: unrecognized arguments: x\n")
+    assert last_error(tmp_path / "ui-train.log") == "unrecognized arguments: x"
+
+
 def test_job_slot_refuses_a_second_job_while_one_runs(tmp_path):
     slot = JobSlot()
     # A child that just sleeps stands in for training: the slot's rule is what is tested.
@@ -161,21 +193,31 @@ def test_job_slot_refuses_a_second_job_while_one_runs(tmp_path):
 
 
 def test_stop_writes_a_checkpoint_and_resume_finishes_the_run(tmp_path):
+    # The page started in the background (nohup ... &) hands its child SIGINT ignored (issue 24):
+    # Stop must stop it all the same, with a checkpoint, and say so.
+    import signal
+
     root = tmp_path / "root"
     argv = prepare_run(root, _request(tmp_path, preview_every=0))
     # Longer than tiny-cpu's 20 steps, so the stop lands mid-phase; the same settings on resume.
     longer = ["--set", "train.phase1_steps=200", "--set", "train.phase2_steps=4", "--set", "train.checkpoint_every=0"]
     (root / "r1" / "ui-run.json").write_text(json.dumps(argv + longer))
     slot = JobSlot()
-    job = slot.start(argv + longer, root / "r1")
+    assert "nothing to stop" in slot.stop()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        job = slot.start(argv + longer, root / "r1")
+    finally:
+        signal.signal(signal.SIGINT, previous)
     deadline = time.monotonic() + 300
     while not any(e.get("kind") == "step" for e in read_events(root / "r1" / "events.jsonl")):
         assert job.running() and time.monotonic() < deadline, job.status().text
         time.sleep(0.2)
     assert job.status().state == "running" and job.status().text.startswith("Phase 1: step")
-    slot.stop()
-    job.wait(120)
-    assert job.status().state == "stopped"
+    assert "writes a checkpoint" in slot.stop()
+    assert job.wait(60) == 143  # SIGTERM's exit code: it stopped by itself, nobody killed it
+    assert job.status().state == "stopped" and "its checkpoint is written" in job.status().text
+    assert job.killed_after_s is None and "not training (stopped)" in slot.stop()
     assert (root / "r1" / "checkpoints" / "last.safetensors").is_file()
     assert not (root / "r1" / "lowmcgm.safetensors").exists()
 

@@ -470,7 +470,7 @@ def build_app(root: Path, base_model: str = "toy", preset: str = "toy-cpu"):
         start_btn.click(bound(start_training),
                         [photo, count, run_name, preset_box, base_box, preview_every, *editors, *uploads, *handles,
                          *words], train_msg)
-        stop_btn.click(lambda: (state.jobs.stop(), "Stopping: a checkpoint is being written.")[1], None, train_msg)
+        stop_btn.click(lambda: shown(state.jobs.stop()), None, train_msg)
         resume_btn.click(bound(resume_training), run_name, train_msg)
 
         def refreshed(current: str | None = None):
