@@ -48,7 +48,7 @@ def server(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("ui_root")
     port = free_port()
-    page = launch(root, port=port, base_model="tiny", preset="tiny-cpu", block=False)
+    page = launch(root, port=port, base_models=("tiny",), preset="tiny-cpu", block=False)
     yield {"url": f"http://127.0.0.1:{port}", "root": root, "state": page.lowmcgm_state}
     page.lowmcgm_state.jobs.stop()
     page.close()
@@ -131,10 +131,9 @@ def test_paint_train_pose_sample_and_export(page, inputs, server, tmp_path):
 
     # The page ran the CLI's own command: the CLI given the same inputs trains the same artifact.
     argv = json.loads((run / "ui-run.json").read_text())
-    assert argv[:1] == ["run"] and "--init-word" in argv
+    assert argv[:1] == ["run"] and "--init-word=block" in argv
     cli_out = tmp_path / "cli-run"
-    cli_argv = [a if a != str(run) else str(cli_out) for a in argv if not a.endswith("events.jsonl")]
-    cli_argv.remove("--events")
+    cli_argv = [a if a != f"--out={run}" else f"--out={cli_out}" for a in argv if not a.startswith("--events=")]
     assert main(cli_argv) == 0
     ours, theirs = load_file(run / "lowmcgm.safetensors"), load_file(cli_out / "lowmcgm.safetensors")
     assert ours.keys() == theirs.keys()

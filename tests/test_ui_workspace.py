@@ -74,10 +74,10 @@ def test_run_folder_is_directly_under_the_root(tmp_path):
 
 
 def _request(tmp_path: Path, name: str = "r1", words=("dog", "cat"), preset: str = "tiny-cpu",
-             preview_every: int = 10) -> TrainRequest:
+             preview_every: int = 10, handles=("<asset0>", "<asset1>")) -> TrainRequest:
     photo, a, b = make_photo(tmp_path)
     masks = [load_mask(p) > 0.5 for p in (a, b)]
-    subjects = tuple(Subject(f"<asset{i}>", w, m) for i, (w, m) in enumerate(zip(words, masks)))
+    subjects = tuple(Subject(h, w, m) for h, w, m in zip(handles, words, masks))
     return TrainRequest(name, photo, subjects, preset, "tiny", preview_every=preview_every)
 
 
@@ -86,8 +86,10 @@ def test_prepare_run_writes_inputs_and_the_clis_command(tmp_path):
     argv = prepare_run(root, _request(tmp_path))
     folder = root / "r1"
     assert json.loads((folder / "ui-run.json").read_text()) == argv
-    assert argv[:5] == ["run", "--preset", "tiny-cpu", "--base-model", "tiny"]
-    assert argv.count("--mask") == 2 and argv.count("--init-word") == 2 and "--events" in argv
+    assert argv[:3] == ["run", "--preset=tiny-cpu", "--base-model=tiny"]
+    flags = [a.split("=", 1)[0] for a in argv[1:]]
+    assert all(a.startswith("--") and "=" in a for a in argv[1:])  # no value stands alone, to be read as a flag
+    assert flags.count("--mask") == 2 and flags.count("--init-word") == 2 and "--events" in flags
     assert (load_mask(folder / "inputs" / "mask1.png") > 0.5).sum() > 0
     with pytest.raises(UserError, match="exists already"):
         prepare_run(root, _request(tmp_path))
@@ -97,6 +99,8 @@ def test_prepare_run_writes_inputs_and_the_clis_command(tmp_path):
     (dict(words=("dog", "")), "every subject, or for none"),
     (dict(preset="no-such-preset"), "no-such-preset"),
     (dict(name="../x"), "plain folder name"),
+    (dict(preview_every=-5), "preview_every must be >= 0"),  # issue 23 D: refused by the child, folder kept
+    (dict(handles=("<a>", "<a>")), "<a>"),
 ])
 def test_a_refused_run_leaves_nothing_behind(tmp_path, change, message):
     root = tmp_path / "root"
@@ -106,9 +110,93 @@ def test_a_refused_run_leaves_nothing_behind(tmp_path, change, message):
     assert list(root.iterdir()) == []
 
 
+def test_user_words_reach_the_child_as_values_never_as_flags(tmp_path):
+    # Issue 23 D: an initializer word "--out=<folder>" was read by the child's parser as a flag.
+    from lowmcgm.cli import build_parser
+
+    root = tmp_path / "root"
+    argv = prepare_run(root, _request(tmp_path, words=(f"--out={tmp_path / 'elsewhere'}", "-h")))
+    args = build_parser().parse_args(argv)
+    assert list(args.init_word) == [f"--out={tmp_path / 'elsewhere'}", "-h"]
+    assert Path(args.out) == (root / "r1").resolve()
+
+
+def test_a_run_named_like_a_file_in_the_root_is_refused(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "notes.txt").write_text("mine\n")
+    with pytest.raises(UserError, match="exists already .as a file"):
+        prepare_run(root, _request(tmp_path, name="notes.txt"))
+    assert (root / "notes.txt").read_text() == "mine\n"
+
+
+def _page_start(state, tmp_path, name="r1", base="tiny", preview_every=0):
+    """Start through the page's own function, the two subjects uploaded as mask files."""
+    from lowmcgm.ui import app
+
+    photo, a, b = make_photo(tmp_path)
+    rest = [None] * app.MAX_SUBJECTS + [a, b, None, None] + ["<asset0>", "<asset1>", "", ""] + [""] * 4
+    return app.start_training(state, photo, 2, name, "tiny-cpu", base, preview_every, *rest)
+
+
+def test_the_page_offers_only_its_own_base_models(tmp_path):
+    # Issue 23 D and F: a base model box took any server path (and Estimate said whether it existed).
+    from lowmcgm.ui import app
+
+    state = app.PageState(tmp_path / "root", ("tiny",))
+    for probe in ("/nonexistent/model", str(tmp_path)):
+        said = _page_start(state, tmp_path, base=probe)
+        assert "not one this page offers (tiny)" in said and "--base-model" in said
+        assert app.on_estimate(state, "tiny-cpu", probe) == said
+        assert not (tmp_path / "root").exists() or not any((tmp_path / "root").iterdir())
+    with pytest.raises(UserError, match="not one this page offers"):
+        state.base_model_of(_untrained_run(tmp_path / "root", "a", 0), str(tmp_path))
+    assert state.base_model_of(tmp_path / "root" / "a" / "lowmcgm.safetensors", "") == "tiny"
+    with pytest.raises(UserError, match="trained on base model 'tiny', which this page does not offer"):
+        app.PageState(tmp_path / "root", ("toy",)).base_model_of(tmp_path / "root" / "a" / "lowmcgm.safetensors", "")
+
+
+def test_start_during_a_resume_leaves_no_folder_without_its_job(tmp_path, monkeypatch):
+    # Issue 23 D: Start right after Resume of another run was refused but left its new folder.
+    import threading
+
+    from lowmcgm.ui import app, jobs
+
+    def stand_in(self):
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+
+    monkeypatch.setattr(jobs.TrainingJob, "start", stand_in)
+    state = app.PageState(tmp_path / "root", ("tiny",))
+    other = threading.Thread(target=lambda: _try_start(state.jobs, tmp_path / "root" / "resumed"))
+    real = app.prepare_run
+
+    def slow_prepare(root, request):  # a Resume clicked while the new run is being prepared
+        other.start()
+        time.sleep(0.5)
+        return real(root, request)
+
+    monkeypatch.setattr(app, "prepare_run", slow_prepare)
+    try:
+        said = _page_start(state, tmp_path)
+        other.join(10)
+        assert said == "Started run 'r1'." and state.jobs.job.folder.name == "r1"
+        assert not (tmp_path / "root" / "resumed").exists()
+    finally:
+        state.jobs.job.process.kill()
+        state.jobs.job.process.wait()
+
+
+def _try_start(slot, folder):
+    try:
+        slot.start(["run"], folder)
+    except UserError:
+        pass
+
+
 def test_no_initializer_words_pass_none(tmp_path):
     argv = prepare_run(tmp_path / "root", _request(tmp_path, words=("", "")))
-    assert "--init-word" not in argv
+    assert not any(a.startswith("--init-word") for a in argv)
 
 
 def test_resume_needs_a_page_run_with_a_checkpoint(tmp_path):

@@ -44,7 +44,7 @@ def main(argv=None) -> None:
     root = args.root or Path(tempfile.mkdtemp(prefix="lowmcgm-ui-"))
     inputs = write_demo_inputs(Path(tempfile.mkdtemp(prefix="lowmcgm-ui-inputs-")), PHOTO_PX)
     port = free_port()
-    page_app = launch(root, port=port, base_model="toy", preset="toy-cpu", block=False)
+    page_app = launch(root, port=port, base_models=("toy",), preset="toy-cpu", block=False)
     args.out.mkdir(parents=True, exist_ok=True)
     try:
         with sync_playwright() as pw:

@@ -47,13 +47,39 @@ class PageState:
     """What the page keeps between clicks."""
 
     root: Path
+    # The base models the page offers (``lowmcgm ui --base-model``, repeatable): the only model
+    # paths it reads, so a browser can neither open nor probe other server folders.
+    base_models: tuple[str, ...] = ("toy",)
     jobs: JobSlot = dataclasses.field(default_factory=JobSlot)
     # (base model name, stored in fp8) -> loaded BaseModel
     bases: dict[tuple[str, bool], Any] = dataclasses.field(default_factory=dict)
     sampling: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
+    def check_base_model(self, name: str) -> str:
+        """``name`` if the page offers it; otherwise say how to offer it."""
+        if name not in self.base_models:
+            raise UserError(f"Base model '{name}' is not one this page offers ({', '.join(self.base_models)}): "
+                            f"start the page with --base-model {name} to offer it.")
+        return name
+
+    def base_model_of(self, artifact_path: Path, chosen: str) -> str:
+        """The base model to sample an artifact on: ``chosen``, else the one it was trained on, if offered."""
+        from lowmcgm.artifact import load_artifact
+
+        if chosen:
+            return self.check_base_model(chosen)
+        meta = load_artifact(artifact_path).meta
+        model = meta.get("training_config", {}).get("model", {})
+        recorded = [model.get("base_model") if isinstance(model, dict) else None, meta.get("base_model")]
+        for name in recorded:
+            if name in self.base_models:
+                return name
+        raise UserError(f"This artifact was trained on base model '{recorded[0] or recorded[1]}', which this page "
+                        f"does not offer: pick one under 'Base model', or start the page with --base-model "
+                        f"{recorded[0] or recorded[1]}.")
+
     def base_for(self, artifact_path: Path, base_model: str):
-        """The artifact's base model (or ``base_model``), loaded once per page.
+        """Base model ``base_model`` for the artifact, loaded once per page.
 
         Sampling hands the base back without the artifact's state (``sampler.sample_artifact``), so
         the next sample, of this artifact or another, installs on it cleanly. Two things stay on it
@@ -66,7 +92,7 @@ class PageState:
 
         artifact = load_artifact(artifact_path)
         full = (artifact.meta.get("lora") or {}).get("mode") == "full"
-        key = (base_model or artifact.meta.get("base_model", ""), trained_with_fp8(artifact),
+        key = (base_model, trained_with_fp8(artifact),
                str(artifact_path) if full else "")
         if key not in self.bases:
             self.bases.clear()  # one base in memory at a time
@@ -158,12 +184,13 @@ def on_show_masks(photo, count, *rest):
 # ------------------------------------------------------------------------------------------------
 # Tab 2: train.
 
-def on_estimate(preset: str, base_model: str):
+def on_estimate(state: PageState, preset: str, base_model: str):
     """The memory estimator's figures for a preset and base model (not a guess)."""
     from lowmcgm.config import resolve_config
     from lowmcgm.memory.estimate import estimate, required_card_bytes
 
     try:
+        state.check_base_model(base_model)
         cfg = resolve_config(preset, None, {"model.base_model": base_model})
         est = estimate(cfg, base_model, timeout_s=300)
     except UserError as exc:
@@ -181,12 +208,12 @@ def start_training(state: PageState, photo, count, run_name, preset, base_model,
     words = rest[3 * MAX_SUBJECTS:4 * MAX_SUBJECTS]
     count = int(count)
     try:
-        state.jobs.check_free()  # before the run's folder is written: a refused start leaves none
+        state.jobs.check_free()  # before the masks are read: a busy slot says so first
         masks = subject_masks(photo, count, list(editors), list(uploads))
         subjects = tuple(Subject(handles[i] or f"<asset{i}>", words[i] or "", masks[i]) for i in range(count))
-        request = TrainRequest(run_name, photo, subjects, preset, base_model, int(preview_every or 0))
-        argv = prepare_run(state.root, request)
-        state.jobs.start(argv, run_folder(state.root, run_name))
+        every = preset_preview_every(preset) if preview_every is None else int(preview_every)  # a cleared box
+        request = TrainRequest(run_name, photo, subjects, preset, state.check_base_model(base_model), every)
+        state.jobs.start_prepared(lambda: prepare_run(state.root, request), run_folder(state.root, run_name))
     except UserError as exc:
         return error_text(exc)
     return shown(f"Started run '{run_name}'.")
@@ -308,7 +335,7 @@ def sample(state: PageState, run_name, prompt, base_model, num_images, seed, ste
         settings = SampleSettings(num_images=int(num_images), seed=int(seed), steps=int(steps),
                                   guidance_scale=float(guidance_scale), pose_guidance=pose_guidance)
         with state.sampling:
-            base = state.base_for(artifact_path, base_model or "")
+            base = state.base_for(artifact_path, state.base_model_of(artifact_path, base_model or ""))
             out = new_folder(folder / "ui-samples", stamp)
             try:
                 grid = sample_artifact(artifact_path, [PromptSpec(prompt, where="the prompt")], pose_files, settings,
@@ -361,15 +388,15 @@ def on_pose_library(name: str | None):
 # ------------------------------------------------------------------------------------------------
 # Layout.
 
-def build_app(root: Path, base_model: str = "toy", preset: str = "toy-cpu"):
-    """The page's ``gr.Blocks``; ``launch`` serves it."""
+def build_app(root: Path, base_models: tuple[str, ...] = ("toy",), preset: str = "toy-cpu"):
+    """The page's ``gr.Blocks``; ``launch`` serves it. ``base_models``: those it offers, the first chosen."""
     gr = require_gradio()
     from lowmcgm.presets import list_presets
 
-    state = PageState(Path(root))
+    state = PageState(Path(root), tuple(base_models))
     bound = lambda fn: (lambda *args: fn(state, *args))  # noqa: E731  (callbacks see the page's state)
 
-    with gr.Blocks(title="lowmcgm") as page:
+    with gr.Blocks(title="lowmcgm", delete_cache=(3600, CACHE_MAX_AGE_S)) as page:
         gr.Markdown("# lowmcgm\nTeach a model several subjects from one photo, then draw them in new poses.")
         with gr.Tab("1 · Photo and subjects", id="tab-photo"):
             photo = gr.File(label="Photo (PNG or JPEG)", type="filepath", elem_id="photo")
@@ -397,7 +424,8 @@ def build_app(root: Path, base_model: str = "toy", preset: str = "toy-cpu"):
                 run_name = gr.Textbox(value=default_run_name(), label="Run name (a folder under the page's root)",
                                       elem_id="run-name")
                 preset_box = gr.Dropdown(sorted(list_presets()), value=preset, label="Preset", elem_id="preset")
-                base_box = gr.Textbox(value=base_model, label="Base model", elem_id="base-model")
+                base_box = gr.Dropdown(list(state.base_models), value=state.base_models[0], label="Base model",
+                                       elem_id="base-model")
                 preview_every = gr.Number(value=preset_preview_every(preset), precision=0,
                                           label="Preview every N steps (0: only before training)",
                                           elem_id="preview-every")
@@ -447,7 +475,8 @@ def build_app(root: Path, base_model: str = "toy", preset: str = "toy-cpu"):
                 guidance_field = config_field("sample.pose_guidance")[0]
                 pose_guidance = gr.Radio(list(guidance_field.metadata["choices"]), value=guidance_field.default,
                                          label="Pose guidance", elem_id="pose-guidance")
-                sample_base = gr.Textbox(label="Base model (blank: the one the run used)", elem_id="sample-base")
+                sample_base = gr.Dropdown([("the one the run used", ""), *[(m, m) for m in state.base_models]],
+                                          value="", label="Base model", elem_id="sample-base")
             sample_btn = gr.Button("Sample", variant="primary", elem_id="sample")
             history = gr.State([])  # this browser tab's images, newest first
             with gr.Row():
@@ -466,7 +495,7 @@ def build_app(root: Path, base_model: str = "toy", preset: str = "toy-cpu"):
         count.change(lambda n: [gr.update(visible=i < int(n)) for i in range(MAX_SUBJECTS)], count, groups)
         show.click(on_show_masks, [photo, count, *editors, *uploads], [photo_msg, preview])
         preset_box.change(preset_preview_every, preset_box, preview_every)
-        estimate_btn.click(on_estimate, [preset_box, base_box], estimate_md)
+        estimate_btn.click(bound(on_estimate), [preset_box, base_box], estimate_md)
         start_btn.click(bound(start_training),
                         [photo, count, run_name, preset_box, base_box, preview_every, *editors, *uploads, *handles,
                          *words], train_msg)
@@ -521,16 +550,43 @@ def _artifact_download(state: PageState, name: str):
 MAX_UPLOAD = "200mb"
 
 
-def launch(root: Path, host: str = "127.0.0.1", port: int = 7860, base_model: str = "toy",
+def launch(root: Path, host: str = "127.0.0.1", port: int = 7860, base_models: tuple[str, ...] = ("toy",),
            preset: str = "toy-cpu", block: bool = True):
-    """Serve the page on ``host:port``: never a public share link; files served only from ``root``."""
+    """Serve the page on ``host:port``: never a public share link; files served only from ``root``.
+
+    gradio's own copies of uploads and served files go to ``<root>/.gradio-cache`` (a name no run
+    can take), emptied when the page starts and of files older than ``CACHE_MAX_AGE_S`` every hour.
+
+    Raises:
+        UserError: a base model in ``base_models`` that names nothing loadable.
+    """
     import os
 
+    from lowmcgm.models import TINY_NAMES, TOY_NAME, locate_base_model
+
+    if not base_models:
+        raise UserError("No base model to offer: pass --base-model.")
+    for name in base_models:  # checked once here; the page takes no other model path
+        if name not in TINY_NAMES and name != TOY_NAME:
+            locate_base_model(name)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # the page makes no calls outside
     root = Path(root).expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)
-    page = build_app(root, base_model=base_model, preset=preset)
+    cache = root / CACHE_FOLDER
+    shutil.rmtree(cache, ignore_errors=True)
+    os.environ["GRADIO_TEMP_DIR"] = str(cache)  # read by gradio when the page's Blocks is made
+    page = build_app(root, base_models=tuple(base_models), preset=preset)
     page.queue(default_concurrency_limit=1)
+    # quiet: gradio's own lines suggest share=True, which this page never uses.
     page.launch(server_name=host, server_port=port, share=False, allowed_paths=[str(root)],
-                max_file_size=MAX_UPLOAD, prevent_thread_lock=not block, quiet=False, footer_links=[])
+                max_file_size=MAX_UPLOAD, prevent_thread_lock=True, quiet=True, footer_links=[])
+    if block:
+        print(f"The page is at http://{host}:{port} (runs under {root}); Ctrl-C or SIGTERM stops it.", flush=True)
+        page.block_thread()
     return page
+
+
+# gradio's cache under the root: a dot name, which run names (workspace.RUN_NAME) cannot start with.
+CACHE_FOLDER = ".gradio-cache"
+# An upload stays usable this long (a photo uploaded in the morning still trains in the afternoon).
+CACHE_MAX_AGE_S = 12 * 3600

@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from lowmcgm.errors import UserError
 from lowmcgm.progress import read_events
@@ -160,9 +160,17 @@ class JobSlot:
             raise UserError(f"A training job is running ({self.job.folder.name}): stop it first.")
 
     def start(self, argv: list[str], folder: Path) -> TrainingJob:
+        return self.start_prepared(lambda: argv, folder)
+
+    def start_prepared(self, prepare: Callable[[], list[str]], folder: Path) -> TrainingJob:
+        """Start the job whose command ``prepare()`` makes (writing its run folder), if no job runs.
+
+        Checking, preparing and starting hold the slot together: a Resume clicked meanwhile waits,
+        rather than taking the slot after a new run's folder was written for nothing.
+        """
         with self.lock:
             self.check_free()
-            self.job = TrainingJob(argv, folder)
+            self.job = TrainingJob(prepare(), folder)
             self.job.start()
             return self.job
 
