@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_photo
+from conftest import make_photo, make_tiny_artifact
 
 from lowmcgm.data import load_mask
 from lowmcgm.errors import UserError
@@ -388,7 +388,7 @@ def test_the_page_trains_samples_and_exports_an_sdxl_run(tmp_path):
                                          "--steps", "2", "--num-images", "1"]
     job = JobSlot().start(argv, root / "r1")
     assert job.wait(600) == 0, job.status().text
-    state = app.PageState(root)
+    state = app.PageState(root, ("tiny-xl",))
     picks = [pose_names()[0]] + [None] * (app.MAX_SUBJECTS - 1)
     message, images, used = app.sample(state, "r1", "a photo of <asset0>", "", 1, 3, 2, 7.5, "latent",
                                        *([None] * 2 * app.MAX_SUBJECTS), *picks)
@@ -398,22 +398,7 @@ def test_the_page_trains_samples_and_exports_an_sdxl_run(tmp_path):
 
 
 def _untrained_run(root: Path, name: str, seed: int) -> Path:
-    """A run folder holding an artifact of ``tiny`` (two handles, mask encoder, LoRA), made without training."""
-    from lowmcgm.artifact import save_artifact
-    from lowmcgm.config import LoraConfig
-    from lowmcgm.mcgm import MCGMState
-    from lowmcgm.models import build_tiny_base
-
-    base = build_tiny_base("tiny")
-    state = MCGMState.install(base, ["<asset0>", "<asset1>"], ["dog", "cat"], use_mask_tokens=True, seed=seed)
-    state.add_adapters(base, LoraConfig(rank=2, alpha=2.0), "cpu")
-    meta = {"base_model": base.name, "base_model_hash": base.config_hash, "base_model_version": base.version_tag,
-            "text_width": base.text_width, "prediction_type": base.prediction_type, "resolution": base.resolution,
-            "init_words": ["dog", "cat"]}
-    path = root / name / "lowmcgm.safetensors"
-    path.parent.mkdir(parents=True)
-    save_artifact(state.to_artifact(base, meta), path, dtype="fp32")
-    return path
+    return make_tiny_artifact(root / name / "lowmcgm.safetensors", seed)
 
 
 def _sample(state, run: str, picks=(), seed: int = 0, prompt: str = "a photo of <asset0> and <asset1>"):
@@ -431,7 +416,7 @@ def test_sampling_again_and_again_reuses_the_base_without_the_last_artifacts_sta
     root = tmp_path / "root"
     for name, seed in (("a", 0), ("b", 1)):
         _untrained_run(root, name, seed)
-    state = app.PageState(root)
+    state = app.PageState(root, ("tiny",))
     shown = []
     for run, picks in (("a", ["dog sitting"]), ("a", ["cat lying", "dog sitting"]), ("b", []), ("a", [])):
         message, images, used = _sample(state, run, picks)
@@ -448,7 +433,7 @@ def test_a_refused_sample_keeps_the_gallery_and_leaves_no_folder(tmp_path):
 
     root = tmp_path / "root"
     _untrained_run(root, "a", 0)
-    message, images, _ = _sample(app.PageState(root), "a", prompt="a photo of <asset7>")
+    message, images, _ = _sample(app.PageState(root, ("tiny",)), "a", prompt="a photo of <asset7>")
     assert images is None and "asset7" in message
     assert not (root / "a" / "ui-samples").exists() or not any((root / "a" / "ui-samples").iterdir())
 
@@ -457,7 +442,38 @@ def test_two_artifact_uploads_in_one_second_get_a_run_each(tmp_path):
     from lowmcgm.ui import app
 
     artifact = _untrained_run(tmp_path, "made", 0)
-    state = app.PageState(tmp_path / "root")
+    state = app.PageState(tmp_path / "root", ("tiny",))
     names = [app.on_upload_artifact(state, str(artifact))[1] for _ in range(3)]
     assert None not in names and len(set(names)) == 3
     assert all((tmp_path / "root" / n / "lowmcgm.safetensors").is_file() for n in names)
+
+
+def test_a_prompt_naming_no_handle_samples_with_a_warning(tmp_path):
+    from lowmcgm.ui import app
+
+    _untrained_run(tmp_path / "root", "a", 0)
+    message, images, _ = _sample(app.PageState(tmp_path / "root", ("tiny",)), "a", prompt="a photo of a dog")
+    assert images and message.startswith("warning: the prompt names no handle (&lt;asset0&gt;, &lt;asset1&gt;)")
+
+
+def test_a_run_picked_while_it_trains_opens_when_its_artifact_is_written(tmp_path):
+    # Issue 24: it said "no artifact yet" and never reloaded; picking a run replaced the typed prompt.
+    from lowmcgm.ui import app
+
+    root = tmp_path / "root"
+    state = app.PageState(root, ("tiny",))
+    job = state.jobs.job = TrainingJob([], root / "a")
+    _stand_in(job, "import time; time.sleep(30)")
+    try:
+        opened = app.on_open_run(state, "a", "my prompt")
+        assert "is training" in opened[0] and opened[1] == "my prompt" and opened[-1] == "a"
+        assert not app.reopen_when_trained(state, "a")
+        _untrained_run(root, "a", 0)
+        assert app.reopen_when_trained(state, "a")
+        opened = app.on_open_run(state, "a", "my prompt")
+        assert "handles &lt;asset0&gt;, &lt;asset1&gt;" in opened[0] and opened[1] == "my prompt"
+        assert opened[-1] is None and opened[2:4] == [True, True]
+        assert app.on_open_run(state, "a", "")[1] == "a photo of <asset0> and <asset1>"
+    finally:
+        job.process.kill()
+        job.process.wait()

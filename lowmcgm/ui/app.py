@@ -264,20 +264,34 @@ def run_artifact(state: PageState, run_name: str) -> Path:
     return path
 
 
-def on_open_run(state: PageState, run_name: str):
-    """The run's handles on the pose canvases, and its training prompt as the prompt.
+def on_open_run(state: PageState, run_name: str, prompt: str = ""):
+    """The run's handles on the pose canvases; the prompt typed so far, or the training prompt.
 
-    Returns the message, the prompt, then per canvas slot: whether it shows, and its label.
+    Returns the message, the prompt, then per canvas slot: whether it shows, and its label; last,
+    the run waiting for its artifact (it is opened again when the artifact appears), or None.
     """
     from lowmcgm.artifact import load_artifact
 
+    waiting = None
     try:
+        if run_name and not (run_folder(state.root, run_name) / ARTIFACT_NAME).is_file() and \
+                state.jobs.job is not None and state.jobs.job.running() and state.jobs.job.folder.name == run_name:
+            return [shown(f"Run '{run_name}' is training: it opens here by itself when its artifact is written."),
+                    prompt, *[False] * MAX_SUBJECTS, *[""] * MAX_SUBJECTS, run_name]
         handles = list(load_artifact(run_artifact(state, run_name)).handles)
     except UserError as exc:
-        return [error_text(exc), "", *[False] * MAX_SUBJECTS, *[""] * MAX_SUBJECTS]
+        return [error_text(exc), prompt, *[False] * MAX_SUBJECTS, *[""] * MAX_SUBJECTS, waiting]
     labels = [f"Pose of {handles[i]}" if i < len(handles) else "" for i in range(MAX_SUBJECTS)]
-    return [shown(f"Run '{run_name}': handles {', '.join(handles)}."), build_prompt(handles),
-            *[i < len(handles) for i in range(MAX_SUBJECTS)], *labels]
+    return [shown(f"Run '{run_name}': handles {', '.join(handles)}."), prompt or build_prompt(handles),
+            *[i < len(handles) for i in range(MAX_SUBJECTS)], *labels, waiting]
+
+
+def reopen_when_trained(state: PageState, waiting: str | None) -> bool:
+    """Whether the run the Sample tab waits for has its artifact now (or stopped training without one)."""
+    if not waiting:
+        return False
+    job = state.jobs.job
+    return (run_folder(state.root, waiting) / ARTIFACT_NAME).is_file() or job is None or not job.running()
 
 
 def on_upload_artifact(state: PageState, path: str | None):
@@ -310,7 +324,7 @@ def sample(state: PageState, run_name, prompt, base_model, num_images, seed, ste
     """
     from lowmcgm.artifact import load_artifact
     from lowmcgm.config import SampleSettings
-    from lowmcgm.prompts import PromptSpec, normalize_handle
+    from lowmcgm.prompts import PromptSpec, handles_in_text, normalize_handle
     from lowmcgm.sampler import sample_artifact
 
     try:
@@ -351,7 +365,9 @@ def sample(state: PageState, run_name, prompt, base_model, num_images, seed, ste
                f"{run_name} · seed {im['seed']} · {settings.steps} steps · guidance {settings.guidance_scale:g} · "
                f"{pose_guidance} · {posed}")
               for p in index["prompts"] for im in p["images"]]
-    return shown(f"{len(images)} image(s) in {out}."), images, used
+    warning = ("" if handles_in_text(prompt) else f"warning: the prompt names no handle ({', '.join(handles)}), so "
+               "these images show none of the learned subjects. ")
+    return shown(f"{warning}{len(images)} image(s) in {out}."), images, used
 
 
 def export(state: PageState, run_name: str, fmt: str):
@@ -479,6 +495,7 @@ def build_app(root: Path, base_models: tuple[str, ...] = ("toy",), preset: str =
                                           value="", label="Base model", elem_id="sample-base")
             sample_btn = gr.Button("Sample", variant="primary", elem_id="sample")
             history = gr.State([])  # this browser tab's images, newest first
+            waiting_for = gr.State(None)  # a run picked while it trains, opened when its artifact is written
             with gr.Row():
                 gallery = gr.Gallery(label="Images since the page was opened (newest first)", elem_id="gallery",
                                      columns=4)
@@ -508,12 +525,21 @@ def build_app(root: Path, base_models: tuple[str, ...] = ("toy",), preset: str =
 
         refresh.click(refreshed, runs, runs)
 
-        def opened(name):
-            msg, text, *rest = on_open_run(state, name)
-            visible, labels = rest[:MAX_SUBJECTS], rest[MAX_SUBJECTS:]
-            return [msg, text, *[gr.update(visible=v) for v in visible], *[gr.update(label=t) for t in labels]]
+        def opened(name, text):
+            msg, text, *rest = on_open_run(state, name, text)
+            visible, labels, waiting = rest[:MAX_SUBJECTS], rest[MAX_SUBJECTS:2 * MAX_SUBJECTS], rest[-1]
+            return [msg, text, *[gr.update(visible=v) for v in visible], *[gr.update(label=t) for t in labels],
+                    waiting]
 
-        runs.change(opened, runs, [sample_msg, prompt, *pose_cols, *pose_editors])
+        opened_outputs = [sample_msg, prompt, *pose_cols, *pose_editors, waiting_for]
+        runs.change(opened, [runs, prompt], opened_outputs)
+
+        def reopened(name, text, waiting):
+            if not reopen_when_trained(state, waiting):
+                return [gr.update()] * len(opened_outputs)
+            return opened(name if name == waiting else waiting, text)
+
+        gr.Timer(POLL_S * 2).tick(reopened, [runs, prompt, waiting_for], opened_outputs)
         artifact_upload.upload(lambda p: _then_refresh(on_upload_artifact(state, p), refreshed), artifact_upload,
                                [sample_msg, runs])
         for picker, editor in zip(pose_pickers, pose_editors):
