@@ -335,8 +335,13 @@ def sample(state: PageState, run_name, prompt, base_model, num_images, seed, ste
         pose_files, used, described = {}, [], []
         pose_dir = None
         drawn, uploaded, picked = poses[:MAX_SUBJECTS], poses[MAX_SUBJECTS:2 * MAX_SUBJECTS], poses[2 * MAX_SUBJECTS:]
+        named, unposed = handles_in_text(prompt), []
         for handle, value, upload, pick in zip(handles, drawn, uploaded, picked):
             mask = with_library_pose(pose_on_canvas(value), pick)
+            if handle not in named:  # a canvas still posed for an earlier prompt
+                if upload or mask is not None:
+                    unposed.append(handle)
+                continue
             if upload:  # checked by the sampler, as --pose files are
                 pose_files[normalize_handle(handle)] = upload
                 used.append((upload, f"pose of {handle}"))
@@ -365,8 +370,10 @@ def sample(state: PageState, run_name, prompt, base_model, num_images, seed, ste
                f"{run_name} · seed {im['seed']} · {settings.steps} steps · guidance {settings.guidance_scale:g} · "
                f"{pose_guidance} · {posed}")
               for p in index["prompts"] for im in p["images"]]
-    warning = ("" if handles_in_text(prompt) else f"warning: the prompt names no handle ({', '.join(handles)}), so "
-               "these images show none of the learned subjects. ")
+    warning = ("" if named else f"warning: the prompt names no handle ({', '.join(handles)}), so these images "
+               "show none of the learned subjects. ")
+    if unposed:
+        warning += f"The poses of {', '.join(unposed)} are left out: the prompt does not name them. "
     return shown(f"{warning}{len(images)} image(s) in {out}."), images, used
 
 
@@ -457,7 +464,7 @@ def build_app(root: Path, base_models: tuple[str, ...] = ("toy",), preset: str =
                 preview_img = gr.Image(label="Latest preview", interactive=False, elem_id="preview")
                 attention_img = gr.Image(label="Its attention maps", interactive=False, elem_id="attention")
             curve = gr.Image(label="Loss curve", interactive=False, elem_id="loss-curve")
-            gr.Timer(POLL_S).tick(bound(poll_training), None, [train_status, preview_img, attention_img, curve])
+            timer = gr.Timer(POLL_S)
 
         with gr.Tab("3 · Pose and sample", id="tab-sample"):
             with gr.Row():
@@ -496,6 +503,7 @@ def build_app(root: Path, base_models: tuple[str, ...] = ("toy",), preset: str =
             sample_btn = gr.Button("Sample", variant="primary", elem_id="sample")
             history = gr.State([])  # this browser tab's images, newest first
             waiting_for = gr.State(None)  # a run picked while it trains, opened when its artifact is written
+            trained = gr.State(None)  # set by the timer to that run once it can be opened
             with gr.Row():
                 gallery = gr.Gallery(label="Images since the page was opened (newest first)", elem_id="gallery",
                                      columns=4)
@@ -534,12 +542,16 @@ def build_app(root: Path, base_models: tuple[str, ...] = ("toy",), preset: str =
         opened_outputs = [sample_msg, prompt, *pose_cols, *pose_editors, waiting_for]
         runs.change(opened, [runs, prompt], opened_outputs)
 
-        def reopened(name, text, waiting):
-            if not reopen_when_trained(state, waiting):
-                return [gr.update()] * len(opened_outputs)
-            return opened(name if name == waiting else waiting, text)
+        # One timer, one request a tick, for both tabs: the training job's status, and whether a run
+        # the Sample tab waits for has its artifact. Only a State is touched for the latter: a tick
+        # that had the prompt or the canvases among its outputs would hold them while it runs.
+        def ticked(waiting):
+            return [*poll_training(state), waiting if reopen_when_trained(state, waiting) else None]
 
-        gr.Timer(POLL_S * 2).tick(reopened, [runs, prompt, waiting_for], opened_outputs)
+        timer.tick(ticked, waiting_for, [train_status, preview_img, attention_img, curve, trained],
+                   show_progress="hidden")
+        trained.change(lambda name, text: opened(name, text) if name else [gr.update()] * len(opened_outputs),
+                       [trained, prompt], opened_outputs)
         artifact_upload.upload(lambda p: _then_refresh(on_upload_artifact(state, p), refreshed), artifact_upload,
                                [sample_msg, runs])
         for picker, editor in zip(pose_pickers, pose_editors):
