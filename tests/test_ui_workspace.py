@@ -477,3 +477,26 @@ def test_a_run_picked_while_it_trains_opens_when_its_artifact_is_written(tmp_pat
     finally:
         job.process.kill()
         job.process.wait()
+
+
+def test_the_page_keeps_gradios_files_under_its_root_and_refuses_a_base_model_it_cannot_find(tmp_path, monkeypatch):
+    # Issue 23 F: gradio kept every upload and served file in the system's temporary folder, never cleaned.
+    pytest.importorskip("gradio")
+    from ui_browser import free_port
+
+    from lowmcgm.ui import app
+
+    monkeypatch.delenv("GRADIO_TEMP_DIR", raising=False)
+    root = tmp_path / "root"
+    (root / ".gradio-cache").mkdir(parents=True)
+    (root / ".gradio-cache" / "old-upload.png").write_bytes(b"x")
+    with pytest.raises(UserError, match="Base model file not found|neither a diffusers folder"):
+        app.launch(root, port=free_port(), base_models=("tiny", str(tmp_path / "nonexistent" / "model")), block=False)
+    page = app.launch(root, port=free_port(), base_models=("tiny",), block=False)
+    try:
+        assert Path(page.GRADIO_CACHE) == (root / ".gradio-cache").resolve()
+        assert not (root / ".gradio-cache" / "old-upload.png").exists()  # emptied at start
+        assert page.delete_cache == (3600, app.CACHE_MAX_AGE_S)
+        assert list_runs(root) == []
+    finally:
+        page.close()
