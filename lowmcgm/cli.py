@@ -149,7 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     p.add_argument("--root", default="runs/ui", help="folder of the page's runs, the only server-side folder it "
                                                      "reads or writes (default runs/ui)")
-    p.add_argument("--base-model", default="toy", help="the page's default base model (default toy)")
+    p.add_argument("--base-model", action="append", metavar="MODEL",
+                   help="a base model the page offers, the only model paths it reads (repeat for several; the "
+                        "first is preselected; default toy)")
     p.add_argument("--preset", default="toy-cpu", help="the page's default preset (default toy-cpu)")
     p = sub.add_parser("export", help="write the LoRA and handles for A1111, ComfyUI, kohya or diffusers")
     p.add_argument("artifact", help="the .safetensors file 'train' wrote")
@@ -486,8 +488,11 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         raise UserError(f"--port {args.port} is not a port number (1-65535).")
     root = check_writable_folder(Path(args.root).expanduser(), flag="--root")
-    page = launch(root, host=args.host, port=args.port, base_model=args.base_model, preset=args.preset)
-    page.lowmcgm_state.jobs.stop()  # the page is closing: a running job checkpoints and stops too
+    page = launch(root, host=args.host, port=args.port, base_models=tuple(args.base_model or ["toy"]),
+                  preset=args.preset)
+    closing = page.lowmcgm_state.jobs.close()  # the page is closing: a running job checkpoints and stops too
+    if closing:
+        print(closing)
     return 0
 
 

@@ -264,25 +264,45 @@ def load_base_model(spec: str, single_file_config: str = "auto") -> BaseModel:
         from lowmcgm.toy.bundled import load_toy_base
 
         return load_toy_base()
+    kind, path, name = locate_base_model(spec)
+    if kind == "file":
+        from lowmcgm.single_file import load_single_file
+
+        return load_single_file(path, single_file_config)
+    return _load_folder(path, name)
+
+
+def locate_base_model(spec: str) -> tuple[str, Path, str]:
+    """Where a ``--base-model`` other than the built-in names lives, checked without reading weights.
+
+    Returns:
+        ``("folder", path, name)`` for a diffusers folder (a cached hub id's included) or
+        ``("file", path, name)`` for a single ``.safetensors`` file.
+
+    Raises:
+        UserError: what ``load_base_model`` would refuse before loading: a missing file or folder,
+            a pickled checkpoint, a folder without the diffusers layout, a hub id not in the cache.
+    """
     path = Path(spec).expanduser()
     if path.is_dir():
-        return _load_folder(path, name=path.name)
+        _check_folder_layout(path)
+        return "folder", path, path.name
     if path.suffix in (".safetensors", ".ckpt", ".pt", ".bin"):
         if not path.is_file():
             raise UserError(f"Base model file not found: {path}.")
         if path.suffix != ".safetensors":
             raise UserError(f"Base model {path} is not a .safetensors file; lowmcgm never unpickles "
                             "checkpoints: convert it to .safetensors first.")
-        from lowmcgm.single_file import load_single_file
-
-        return load_single_file(path, single_file_config)
+        return "file", path, path.name
     if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
         raise UserError(f"Base model '{spec}' is neither a diffusers folder, a .safetensors file, "
                         "a hub id in the local cache, nor 'tiny' or 'toy'.")
-    return _load_cached_hub_id(spec)
+    folder = _cached_hub_folder(spec)
+    _check_folder_layout(folder)
+    return "folder", folder, spec
 
 
-def _load_folder(folder: Path, name: str) -> BaseModel:
+def _check_folder_layout(folder: Path) -> None:
     missing = [p for p in ("unet/config.json", "vae/config.json", "text_encoder/config.json",
                            "scheduler/scheduler_config.json") if not (folder / p).is_file()]
     # transformers 5 silently builds an empty tokenizer when its files are absent.
@@ -293,13 +313,17 @@ def _load_folder(folder: Path, name: str) -> BaseModel:
                         "missing (expected the diffusers layout of model_index.json, unet/, vae/, "
                         "text_encoder/, tokenizer/, scheduler/).")
     # SDXL: the second pair sits beside the first (model_index.json names text_encoder_2).
-    xl = (folder / "text_encoder_2").is_dir() or (folder / "tokenizer_2").is_dir()
-    if xl:
+    if (folder / "text_encoder_2").is_dir() or (folder / "tokenizer_2").is_dir():
         missing = [p for p in ("text_encoder_2/config.json",) if not (folder / p).is_file()]
         if not any((folder / "tokenizer_2" / f).is_file() for f in ("vocab.json", "tokenizer.json")):
             missing.append("tokenizer_2/vocab.json")
         if missing:
             raise UserError(f"'{folder}' looks like an SDXL model folder but {', '.join(missing)} is missing.")
+
+
+def _load_folder(folder: Path, name: str) -> BaseModel:
+    _check_folder_layout(folder)
+    xl = (folder / "text_encoder_2").is_dir() or (folder / "tokenizer_2").is_dir()
     try:
         tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
         text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")
@@ -315,13 +339,12 @@ def _load_folder(folder: Path, name: str) -> BaseModel:
     return BaseModel(tokenizer, text_encoder, vae, unet, scheduler, name=name, **second)
 
 
-def _load_cached_hub_id(repo_id: str) -> BaseModel:
+def _cached_hub_folder(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        folder = snapshot_download(repo_id, local_files_only=True)
+        return Path(snapshot_download(repo_id, local_files_only=True))
     except Exception as exc:  # the hub client raises several types for "not cached"
         raise UserError(f"Base model '{repo_id}' is not a local folder or file, and not in the local "
                         "Hugging Face cache (lowmcgm never downloads): download it first or pass "
                         "a folder.") from exc
-    return _load_folder(Path(folder), name=repo_id)

@@ -116,12 +116,15 @@ class PoseSampler:
             to install capture only while an attention picture is drawn.
         text_encoders_home: where SDXL's text encoders wait between prompts ("cpu"), visiting the
             pipeline's device only to encode; None keeps them where they are.
+        state: the artifact's state on the pipeline's models (``build_sampler``), for taking it off
+            again; None where the caller owns it (training previews).
     """
 
     def __init__(self, pipe: Pipeline, mask_encoder: MaskEncoder | None,
                  autocast: Callable[[], Any] = contextlib.nullcontext, store: CrossAttentionStore | None = None,
-                 text_encoders_home: str | None = None):
+                 text_encoders_home: str | None = None, state: MCGMState | None = None):
         self.pipe = pipe
+        self.state = state
         self.mask_encoder = mask_encoder
         self.autocast = autocast
         self.store = store
@@ -405,16 +408,17 @@ def check_base_matches(artifact: Artifact, base: BaseModel, artifact_path: Path)
                         f"pass --base-model {made_for}.")
 
 
-def apply_artifact(base: BaseModel, artifact: Artifact) -> MaskEncoder | None:
-    """Install the artifact on ``base`` for sampling; return its mask encoder (or None).
+def apply_artifact(base: BaseModel, artifact: Artifact) -> MCGMState:
+    """Install the artifact on ``base`` for sampling; return its state (``state.remove(base)`` takes it off).
 
-    ``base`` may be freshly loaded (``lowmcgm sample``) or the one ``train()`` just used and left as
-    it came (``lowmcgm run``): either way the images are the ones ``sample`` draws from the file.
+    ``base`` may be freshly loaded (``lowmcgm sample``) or one an earlier state was removed from
+    (``lowmcgm run`` after ``train()``, the web page between samples): either way the images are
+    the ones ``sample`` draws from the file.
     """
     state = MCGMState.from_artifact(base, artifact)
     for module in base_modules(base):
         module.eval()
-    return state.mask_encoder
+    return state
 
 
 def resolve_guidance(settings: SampleSettings) -> SampleSettings:
@@ -432,7 +436,8 @@ def resolve_dtype(settings: SampleSettings) -> str:
 
 def build_sampler(base: BaseModel, artifact: Artifact, settings: SampleSettings) -> PoseSampler:
     """Apply the artifact to ``base`` and place everything for sampling (device, dtype, VAE options)."""
-    encoder = apply_artifact(base, artifact)
+    state = apply_artifact(base, artifact)
+    encoder = state.mask_encoder
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch_dtype(resolve_dtype(settings))
     pipe = build_pipeline(base, settings.scheduler)
@@ -458,7 +463,7 @@ def build_sampler(base: BaseModel, artifact: Artifact, settings: SampleSettings)
         base.vae.enable_tiling()
     if encoder is not None:
         encoder.to(device, dtype)
-    return PoseSampler(pipe, encoder, text_encoders_home=home)
+    return PoseSampler(pipe, encoder, text_encoders_home=home, state=state)
 
 
 def png_parameters(plan: PlannedPrompt, settings: SampleSettings, seed: int, info: dict[str, str]) -> dict[str, str]:
@@ -578,7 +583,8 @@ def sample_artifact(artifact_path: str | Path, specs: list[PromptSpec], poses: d
     Args:
         base_model: --base-model; empty takes the artifact's recorded base.
         base: an already loaded base, used instead of loading one (``lowmcgm run`` passes the base
-            it trained with; see ``apply_artifact``).
+            it trained with, the web page the one it keeps; see ``apply_artifact``). It is handed
+            back without the artifact's state, so the next artifact installs on it cleanly.
         overwrite: replace earlier samples in ``out`` (refused otherwise: see ``run_folder``).
     """
     artifact_path = Path(artifact_path)
@@ -606,8 +612,12 @@ def sample_artifact(artifact_path: str | Path, specs: list[PromptSpec], poses: d
     if overwrite:  # every check passed: the earlier samples give way
         clear_earlier_samples(out_dir)
     sampler = build_sampler(base, artifact, settings)
-    info = {"artifact": str(artifact_path), "artifact_sha256": file_sha256(artifact_path), "base_model": base.name}
-    return write_samples(sampler, plans, settings, out_dir, info, report)
+    try:
+        info = {"artifact": str(artifact_path), "artifact_sha256": file_sha256(artifact_path),
+                "base_model": base.name}
+        return write_samples(sampler, plans, settings, out_dir, info, report)
+    finally:
+        sampler.state.remove(base)  # handles, mask encoder and LoRA off again, even after a failure
 
 
 class TrainingPreviews:

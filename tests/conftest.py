@@ -4,6 +4,7 @@ two worker processes (pytest-xdist), one thread each."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 # One thread per worker, set before torch loads: two torch processes spinning two OpenMP threads each
 # on two cores slow each other down a hundredfold. The workers, started later, inherit these.
@@ -67,6 +68,24 @@ def write_box_masks(folder, boxes, size):
 
 SDXL_HANDLES = ["<asset0>", "<asset1>"]
 LORA_B_STD = 0.3  # trained tiny LoRAs barely move (|B| ~ 0.02): scale up so alpha visibly matters
+
+
+def make_tiny_artifact(path, seed=0):
+    """An artifact of ``tiny`` (<asset0>, <asset1>, mask encoder, LoRA), made without training, at ``path``."""
+    from lowmcgm.artifact import save_artifact
+    from lowmcgm.config import LoraConfig
+    from lowmcgm.mcgm import MCGMState
+    from lowmcgm.models import build_tiny_base
+
+    base = build_tiny_base("tiny")
+    state = MCGMState.install(base, ["<asset0>", "<asset1>"], ["dog", "cat"], use_mask_tokens=True, seed=seed)
+    state.add_adapters(base, LoraConfig(rank=2, alpha=2.0), "cpu")
+    meta = {"base_model": base.name, "base_model_hash": base.config_hash, "base_model_version": base.version_tag,
+            "text_width": base.text_width, "prediction_type": base.prediction_type, "resolution": base.resolution,
+            "init_words": ["dog", "cat"]}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_artifact(state.to_artifact(base, meta), path, dtype="fp32")
+    return Path(path)
 
 
 def make_sdxl_artifact(path, use_text_encoder_lora=False, rank=4, alpha=8.0):

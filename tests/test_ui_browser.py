@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_photo
+from conftest import make_photo, make_tiny_artifact
 from PIL import Image
 from safetensors.torch import load_file
 from ui_browser import (CHROMIUM_ARGS, chromium_path, free_port, paint_rect, set_textbox, text_of, upload,
@@ -48,7 +48,7 @@ def server(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("ui_root")
     port = free_port()
-    page = launch(root, port=port, base_model="tiny", preset="tiny-cpu", block=False)
+    page = launch(root, port=port, base_models=("tiny",), preset="tiny-cpu", block=False)
     yield {"url": f"http://127.0.0.1:{port}", "root": root, "state": page.lowmcgm_state}
     page.lowmcgm_state.jobs.stop()
     page.close()
@@ -67,7 +67,9 @@ def browser():
 def page(browser, server):
     context = browser.new_context(viewport={"width": 1400, "height": 1100})
     pg = context.new_page()
-    pg.goto(server["url"], wait_until="networkidle", timeout=60_000)
+    # Not "networkidle": the page's per-tab state keeps gradio's heartbeat connection open.
+    pg.goto(server["url"], wait_until="load", timeout=60_000)
+    pg.locator("#photo").wait_for(timeout=60_000)
     yield pg
     context.close()
 
@@ -131,10 +133,9 @@ def test_paint_train_pose_sample_and_export(page, inputs, server, tmp_path):
 
     # The page ran the CLI's own command: the CLI given the same inputs trains the same artifact.
     argv = json.loads((run / "ui-run.json").read_text())
-    assert argv[:1] == ["run"] and "--init-word" in argv
+    assert argv[:1] == ["run"] and "--init-word=block" in argv
     cli_out = tmp_path / "cli-run"
-    cli_argv = [a if a != str(run) else str(cli_out) for a in argv if not a.endswith("events.jsonl")]
-    cli_argv.remove("--events")
+    cli_argv = [a if a != f"--out={run}" else f"--out={cli_out}" for a in argv if not a.startswith("--events=")]
     assert main(cli_argv) == 0
     ours, theirs = load_file(run / "lowmcgm.safetensors"), load_file(cli_out / "lowmcgm.safetensors")
     assert ours.keys() == theirs.keys()
@@ -214,3 +215,61 @@ def test_pose_canvases_stay_inside_their_columns_when_a_run_has_three_handles(pa
         assert block["x"] <= canvas["x"] and canvas["x"] + canvas["width"] <= block["x"] + block["width"] + 1, (
             i, block, canvas)
     assert not page.locator("#pose3").is_visible()
+
+
+def wait_for_new_text(page, elem: str, before: str, pattern: str, timeout_s: float) -> str:
+    """Wait until ``elem``'s text no longer holds ``before``'s message and matches ``pattern``; return it.
+
+    Only the message's last line counts: gradio may show its timer ("0.3s") above it for a moment.
+    """
+    old = [line for line in before.splitlines() if line.strip()][-1:] or [""]
+    page.wait_for_function(
+        "([sel, old, pat]) => { const e = document.querySelector(sel); "
+        "return e && (old === '' || !e.innerText.includes(old)) && new RegExp(pat).test(e.innerText); }",
+        arg=[f"#{elem}", old[0], pattern], timeout=timeout_s * 1000, polling=250)
+    return text_of(page, elem)
+
+
+def pick(page, elem: str, option: str) -> None:
+    page.locator(f"#{elem} input").click()
+    page.get_by_role("option", name=option, exact=True).click()
+
+
+def test_sampling_again_and_again_with_other_poses_and_runs(page, server):
+    # Issue 24: the second Sample always failed (two red "Error" badges, the images wiped). Three in
+    # a row with other poses, another run, and back; the gallery keeps them all; then a prompt that
+    # names no handle samples with a warning.
+    root = Path(server["root"])
+    for name, seed in (("loop-a", 0), ("loop-b", 1)):
+        make_tiny_artifact(root / name / "lowmcgm.safetensors", seed)
+    page.get_by_role("tab", name="3 · Pose and sample").click()
+    page.locator("#refresh-runs").click()
+    set_textbox(page, "num-images", "1")
+    set_textbox(page, "steps", "2")
+    said, run = text_of(page, "sample-message"), None
+    for n, (to_run, slot, pose) in enumerate((("loop-a", 0, "dog sitting"), ("loop-a", 1, "cat lying"),
+                                              ("loop-b", 0, "person lying"), ("loop-a", 1, ""))):
+        if to_run != run:
+            pick(page, "runs", to_run)
+            said = wait_for_new_text(page, "sample-message", said, f"Run '{to_run}': handles", 30)
+            run = to_run
+        if pose:
+            pick(page, f"pose-pick{slot}", pose)
+            page.wait_for_timeout(500)
+        page.locator("#sample").click()
+        said = wait_for_new_text(page, "sample-message", said, "image\\(s\\) in|error", 120)
+        assert "1 image(s) in" in said and "error" not in said, said  # (gradio's timer may still show beside it)
+        page.wait_for_function("n => document.querySelectorAll('#gallery img').length >= n", arg=n + 1,
+                               timeout=30_000)
+    assert page.locator("#gallery img").count() == 4
+    assert "error" not in page.locator("#gallery").inner_text().lower()
+    assert len(list((root / "loop-a" / "ui-samples").iterdir())) == 3  # one folder per Sample, none shared
+
+    set_textbox(page, "prompt", "a photo of a dog")
+    page.wait_for_timeout(500)
+    page.locator("#sample").click()
+    said = wait_for_new_text(page, "sample-message", said, "image\\(s\\) in|error", 120)
+    assert " image(s) in " in said, said
+    newest = Path(said.rsplit(" image(s) in ", 1)[1].strip().rstrip("."))
+    assert json.loads((newest / "samples.json").read_text())["prompts"][0]["prompt"] == "a photo of a dog"
+    assert "\nwarning: the prompt names no handle (<asset0>, <asset1>)" in "\n" + said, said

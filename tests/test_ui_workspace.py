@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_photo
+from conftest import make_photo, make_tiny_artifact
 
 from lowmcgm.data import load_mask
 from lowmcgm.errors import UserError
@@ -74,10 +74,10 @@ def test_run_folder_is_directly_under_the_root(tmp_path):
 
 
 def _request(tmp_path: Path, name: str = "r1", words=("dog", "cat"), preset: str = "tiny-cpu",
-             preview_every: int = 10) -> TrainRequest:
+             preview_every: int = 10, handles=("<asset0>", "<asset1>")) -> TrainRequest:
     photo, a, b = make_photo(tmp_path)
     masks = [load_mask(p) > 0.5 for p in (a, b)]
-    subjects = tuple(Subject(f"<asset{i}>", w, m) for i, (w, m) in enumerate(zip(words, masks)))
+    subjects = tuple(Subject(h, w, m) for h, w, m in zip(handles, words, masks))
     return TrainRequest(name, photo, subjects, preset, "tiny", preview_every=preview_every)
 
 
@@ -86,8 +86,10 @@ def test_prepare_run_writes_inputs_and_the_clis_command(tmp_path):
     argv = prepare_run(root, _request(tmp_path))
     folder = root / "r1"
     assert json.loads((folder / "ui-run.json").read_text()) == argv
-    assert argv[:5] == ["run", "--preset", "tiny-cpu", "--base-model", "tiny"]
-    assert argv.count("--mask") == 2 and argv.count("--init-word") == 2 and "--events" in argv
+    assert argv[:3] == ["run", "--preset=tiny-cpu", "--base-model=tiny"]
+    flags = [a.split("=", 1)[0] for a in argv[1:]]
+    assert all(a.startswith("--") and "=" in a for a in argv[1:])  # no value stands alone, to be read as a flag
+    assert flags.count("--mask") == 2 and flags.count("--init-word") == 2 and "--events" in flags
     assert (load_mask(folder / "inputs" / "mask1.png") > 0.5).sum() > 0
     with pytest.raises(UserError, match="exists already"):
         prepare_run(root, _request(tmp_path))
@@ -97,6 +99,8 @@ def test_prepare_run_writes_inputs_and_the_clis_command(tmp_path):
     (dict(words=("dog", "")), "every subject, or for none"),
     (dict(preset="no-such-preset"), "no-such-preset"),
     (dict(name="../x"), "plain folder name"),
+    (dict(preview_every=-5), "preview_every must be >= 0"),  # issue 23 D: refused by the child, folder kept
+    (dict(handles=("<a>", "<a>")), "<a>"),
 ])
 def test_a_refused_run_leaves_nothing_behind(tmp_path, change, message):
     root = tmp_path / "root"
@@ -106,9 +110,93 @@ def test_a_refused_run_leaves_nothing_behind(tmp_path, change, message):
     assert list(root.iterdir()) == []
 
 
+def test_user_words_reach_the_child_as_values_never_as_flags(tmp_path):
+    # Issue 23 D: an initializer word "--out=<folder>" was read by the child's parser as a flag.
+    from lowmcgm.cli import build_parser
+
+    root = tmp_path / "root"
+    argv = prepare_run(root, _request(tmp_path, words=(f"--out={tmp_path / 'elsewhere'}", "-h")))
+    args = build_parser().parse_args(argv)
+    assert list(args.init_word) == [f"--out={tmp_path / 'elsewhere'}", "-h"]
+    assert Path(args.out) == (root / "r1").resolve()
+
+
+def test_a_run_named_like_a_file_in_the_root_is_refused(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "notes.txt").write_text("mine\n")
+    with pytest.raises(UserError, match="exists already .as a file"):
+        prepare_run(root, _request(tmp_path, name="notes.txt"))
+    assert (root / "notes.txt").read_text() == "mine\n"
+
+
+def _page_start(state, tmp_path, name="r1", base="tiny", preview_every=0):
+    """Start through the page's own function, the two subjects uploaded as mask files."""
+    from lowmcgm.ui import app
+
+    photo, a, b = make_photo(tmp_path)
+    rest = [None] * app.MAX_SUBJECTS + [a, b, None, None] + ["<asset0>", "<asset1>", "", ""] + [""] * 4
+    return app.start_training(state, photo, 2, name, "tiny-cpu", base, preview_every, *rest)
+
+
+def test_the_page_offers_only_its_own_base_models(tmp_path):
+    # Issue 23 D and F: a base model box took any server path (and Estimate said whether it existed).
+    from lowmcgm.ui import app
+
+    state = app.PageState(tmp_path / "root", ("tiny",))
+    for probe in ("/nonexistent/model", str(tmp_path)):
+        said = _page_start(state, tmp_path, base=probe)
+        assert "not one this page offers (tiny)" in said and "--base-model" in said
+        assert app.on_estimate(state, "tiny-cpu", probe) == said
+        assert not (tmp_path / "root").exists() or not any((tmp_path / "root").iterdir())
+    with pytest.raises(UserError, match="not one this page offers"):
+        state.base_model_of(_untrained_run(tmp_path / "root", "a", 0), str(tmp_path))
+    assert state.base_model_of(tmp_path / "root" / "a" / "lowmcgm.safetensors", "") == "tiny"
+    with pytest.raises(UserError, match="trained on base model 'tiny', which this page does not offer"):
+        app.PageState(tmp_path / "root", ("toy",)).base_model_of(tmp_path / "root" / "a" / "lowmcgm.safetensors", "")
+
+
+def test_start_during_a_resume_leaves_no_folder_without_its_job(tmp_path, monkeypatch):
+    # Issue 23 D: Start right after Resume of another run was refused but left its new folder.
+    import threading
+
+    from lowmcgm.ui import app, jobs
+
+    def stand_in(self):
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+
+    monkeypatch.setattr(jobs.TrainingJob, "start", stand_in)
+    state = app.PageState(tmp_path / "root", ("tiny",))
+    other = threading.Thread(target=lambda: _try_start(state.jobs, tmp_path / "root" / "resumed"))
+    real = app.prepare_run
+
+    def slow_prepare(root, request):  # a Resume clicked while the new run is being prepared
+        other.start()
+        time.sleep(0.5)
+        return real(root, request)
+
+    monkeypatch.setattr(app, "prepare_run", slow_prepare)
+    try:
+        said = _page_start(state, tmp_path)
+        other.join(10)
+        assert said == "Started run 'r1'." and state.jobs.job.folder.name == "r1"
+        assert not (tmp_path / "root" / "resumed").exists()
+    finally:
+        state.jobs.job.process.kill()
+        state.jobs.job.process.wait()
+
+
+def _try_start(slot, folder):
+    try:
+        slot.start(["run"], folder)
+    except UserError:
+        pass
+
+
 def test_no_initializer_words_pass_none(tmp_path):
     argv = prepare_run(tmp_path / "root", _request(tmp_path, words=("", "")))
-    assert "--init-word" not in argv
+    assert not any(a.startswith("--init-word") for a in argv)
 
 
 def test_resume_needs_a_page_run_with_a_checkpoint(tmp_path):
@@ -147,6 +235,38 @@ def test_job_reports_the_clis_error_line(tmp_path):
     assert status.text == last_error(tmp_path / "out" / "ui-train.log")
 
 
+def _stand_in(job: TrainingJob, code: str) -> None:
+    """A child running ``code`` in place of training (the job's rules are what is tested)."""
+    job.folder.mkdir(parents=True, exist_ok=True)
+    job.process = subprocess.Popen([sys.executable, "-c", code])
+
+
+def test_a_child_that_will_not_stop_is_killed_and_the_page_says_no_checkpoint(tmp_path):
+    job = TrainingJob([], tmp_path / "a")
+    _stand_in(job, "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('', flush=True); "
+                   "time.sleep(60)")
+    time.sleep(1.0)  # its handler in place
+    job.stop(timeout_s=1)
+    job.wait(30)
+    assert job.status().state == "stopped" and job.status().text.startswith("Killed before its first step")
+    assert "no checkpoint" in job.status().text and "start the run again" in job.status().text
+
+
+def test_closing_the_page_stops_its_job_and_waits_for_it(tmp_path):
+    # SIGTERM to the page closed it and left the child training, unseen (issue 23).
+    slot = JobSlot()
+    assert slot.close() == ""
+    job = slot.job = TrainingJob([], tmp_path / "a")
+    _stand_in(job, "import time; time.sleep(60)")
+    said = slot.close(timeout_s=30)
+    assert not job.running() and job.process.returncode == -15 and "without writing a checkpoint" in said
+
+
+def test_an_argparse_refusal_shows_its_message(tmp_path):
+    (tmp_path / "ui-train.log").write_text("usage: lowmcgm run [-h]\nlowmcgm run: error: unrecognized arguments: x\n")
+    assert last_error(tmp_path / "ui-train.log") == "unrecognized arguments: x"
+
+
 def test_job_slot_refuses_a_second_job_while_one_runs(tmp_path):
     slot = JobSlot()
     # A child that just sleeps stands in for training: the slot's rule is what is tested.
@@ -161,21 +281,31 @@ def test_job_slot_refuses_a_second_job_while_one_runs(tmp_path):
 
 
 def test_stop_writes_a_checkpoint_and_resume_finishes_the_run(tmp_path):
+    # The page started in the background (nohup ... &) hands its child SIGINT ignored (issue 24):
+    # Stop must stop it all the same, with a checkpoint, and say so.
+    import signal
+
     root = tmp_path / "root"
     argv = prepare_run(root, _request(tmp_path, preview_every=0))
     # Longer than tiny-cpu's 20 steps, so the stop lands mid-phase; the same settings on resume.
     longer = ["--set", "train.phase1_steps=200", "--set", "train.phase2_steps=4", "--set", "train.checkpoint_every=0"]
     (root / "r1" / "ui-run.json").write_text(json.dumps(argv + longer))
     slot = JobSlot()
-    job = slot.start(argv + longer, root / "r1")
+    assert "nothing to stop" in slot.stop()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        job = slot.start(argv + longer, root / "r1")
+    finally:
+        signal.signal(signal.SIGINT, previous)
     deadline = time.monotonic() + 300
     while not any(e.get("kind") == "step" for e in read_events(root / "r1" / "events.jsonl")):
         assert job.running() and time.monotonic() < deadline, job.status().text
         time.sleep(0.2)
     assert job.status().state == "running" and job.status().text.startswith("Phase 1: step")
-    slot.stop()
-    job.wait(120)
-    assert job.status().state == "stopped"
+    assert "writes a checkpoint" in slot.stop()
+    assert job.wait(60) == 143  # SIGTERM's exit code: it stopped by itself, nobody killed it
+    assert job.status().state == "stopped" and "its checkpoint is written" in job.status().text
+    assert job.killed_after_s is None and "not training (stopped)" in slot.stop()
     assert (root / "r1" / "checkpoints" / "last.safetensors").is_file()
     assert not (root / "r1" / "lowmcgm.safetensors").exists()
 
@@ -258,10 +388,115 @@ def test_the_page_trains_samples_and_exports_an_sdxl_run(tmp_path):
                                          "--steps", "2", "--num-images", "1"]
     job = JobSlot().start(argv, root / "r1")
     assert job.wait(600) == 0, job.status().text
-    state = app.PageState(root)
+    state = app.PageState(root, ("tiny-xl",))
     picks = [pose_names()[0]] + [None] * (app.MAX_SUBJECTS - 1)
     message, images, used = app.sample(state, "r1", "a photo of <asset0>", "", 1, 3, 2, 7.5, "latent",
                                        *([None] * 2 * app.MAX_SUBJECTS), *picks)
     assert "1 image(s)" in message and len(images) == 1 and used[0][1] == "pose of <asset0>"
     message, file = app.export(state, "r1", "embeddings")
     assert file.endswith(".zip"), message
+
+
+def _untrained_run(root: Path, name: str, seed: int) -> Path:
+    return make_tiny_artifact(root / name / "lowmcgm.safetensors", seed)
+
+
+def _sample(state, run: str, picks=(), seed: int = 0, prompt: str = "a photo of <asset0> and <asset1>"):
+    from lowmcgm.ui import app
+
+    picks = list(picks) + [None] * (app.MAX_SUBJECTS - len(picks))
+    return app.sample(state, run, prompt, "", 1, seed, 2, 7.5, "none", *([None] * 2 * app.MAX_SUBJECTS), *picks)
+
+
+def test_sampling_again_and_again_reuses_the_base_without_the_last_artifacts_state(tmp_path):
+    # Issue 24: every Sample after the first failed ("from_artifact on a base that still carries a
+    # state"). Three in a row, with other poses, another run and back, in the same second.
+    from lowmcgm.ui import app
+
+    root = tmp_path / "root"
+    for name, seed in (("a", 0), ("b", 1)):
+        _untrained_run(root, name, seed)
+    state = app.PageState(root, ("tiny",))
+    shown = []
+    for run, picks in (("a", ["dog sitting"]), ("a", ["cat lying", "dog sitting"]), ("b", []), ("a", [])):
+        message, images, used = _sample(state, run, picks)
+        assert images and "1 image(s)" in message, message
+        assert len(used) == len(picks) and Path(images[0][0]).is_file()
+        assert f"{run} · seed 0 · 2 steps" in images[0][1] and all(p in images[0][1] for p in picks)
+        shown.append(images[0][0])
+    assert len(set(shown)) == 4  # each in a folder of its own, though their clock stamps agree
+    assert len(state.bases) == 1  # one load for all
+
+
+def test_a_refused_sample_keeps_the_gallery_and_leaves_no_folder(tmp_path):
+    from lowmcgm.ui import app
+
+    root = tmp_path / "root"
+    _untrained_run(root, "a", 0)
+    message, images, _ = _sample(app.PageState(root, ("tiny",)), "a", prompt="a photo of <asset7>")
+    assert images is None and "asset7" in message
+    assert not (root / "a" / "ui-samples").exists() or not any((root / "a" / "ui-samples").iterdir())
+
+
+def test_two_artifact_uploads_in_one_second_get_a_run_each(tmp_path):
+    from lowmcgm.ui import app
+
+    artifact = _untrained_run(tmp_path, "made", 0)
+    state = app.PageState(tmp_path / "root", ("tiny",))
+    names = [app.on_upload_artifact(state, str(artifact))[1] for _ in range(3)]
+    assert None not in names and len(set(names)) == 3
+    assert all((tmp_path / "root" / n / "lowmcgm.safetensors").is_file() for n in names)
+
+
+def test_a_prompt_naming_no_handle_samples_with_a_warning(tmp_path):
+    from lowmcgm.ui import app
+
+    _untrained_run(tmp_path / "root", "a", 0)
+    message, images, _ = _sample(app.PageState(tmp_path / "root", ("tiny",)), "a", prompt="a photo of a dog")
+    assert images and message.startswith("warning: the prompt names no handle (&lt;asset0&gt;, &lt;asset1&gt;)")
+
+
+def test_a_run_picked_while_it_trains_opens_when_its_artifact_is_written(tmp_path):
+    # Issue 24: it said "no artifact yet" and never reloaded; picking a run replaced the typed prompt.
+    from lowmcgm.ui import app
+
+    root = tmp_path / "root"
+    state = app.PageState(root, ("tiny",))
+    job = state.jobs.job = TrainingJob([], root / "a")
+    _stand_in(job, "import time; time.sleep(30)")
+    try:
+        opened = app.on_open_run(state, "a", "my prompt")
+        assert "is training" in opened[0] and opened[1] == "my prompt" and opened[-1] == "a"
+        assert not app.reopen_when_trained(state, "a")
+        _untrained_run(root, "a", 0)
+        assert app.reopen_when_trained(state, "a")
+        opened = app.on_open_run(state, "a", "my prompt")
+        assert "handles &lt;asset0&gt;, &lt;asset1&gt;" in opened[0] and opened[1] == "my prompt"
+        assert opened[-1] is None and opened[2:4] == [True, True]
+        assert app.on_open_run(state, "a", "")[1] == "a photo of <asset0> and <asset1>"
+    finally:
+        job.process.kill()
+        job.process.wait()
+
+
+def test_the_page_keeps_gradios_files_under_its_root_and_refuses_a_base_model_it_cannot_find(tmp_path, monkeypatch):
+    # Issue 23 F: gradio kept every upload and served file in the system's temporary folder, never cleaned.
+    pytest.importorskip("gradio")
+    from ui_browser import free_port
+
+    from lowmcgm.ui import app
+
+    monkeypatch.delenv("GRADIO_TEMP_DIR", raising=False)
+    root = tmp_path / "root"
+    (root / ".gradio-cache").mkdir(parents=True)
+    (root / ".gradio-cache" / "old-upload.png").write_bytes(b"x")
+    with pytest.raises(UserError, match="Base model file not found|neither a diffusers folder"):
+        app.launch(root, port=free_port(), base_models=("tiny", str(tmp_path / "nonexistent" / "model")), block=False)
+    page = app.launch(root, port=free_port(), base_models=("tiny",), block=False)
+    try:
+        assert Path(page.GRADIO_CACHE) == (root / ".gradio-cache").resolve()
+        assert not (root / ".gradio-cache" / "old-upload.png").exists()  # emptied at start
+        assert page.delete_cache == (3600, app.CACHE_MAX_AGE_S)
+        assert list_runs(root) == []
+    finally:
+        page.close()

@@ -44,13 +44,15 @@ def main(argv=None) -> None:
     root = args.root or Path(tempfile.mkdtemp(prefix="lowmcgm-ui-"))
     inputs = write_demo_inputs(Path(tempfile.mkdtemp(prefix="lowmcgm-ui-inputs-")), PHOTO_PX)
     port = free_port()
-    page_app = launch(root, port=port, base_model="toy", preset="toy-cpu", block=False)
+    page_app = launch(root, port=port, base_models=("toy",), preset="toy-cpu", block=False)
     args.out.mkdir(parents=True, exist_ok=True)
     try:
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
             page = browser.new_page(viewport=VIEWPORT)
-            page.goto(f"http://127.0.0.1:{port}", wait_until="networkidle", timeout=60_000)
+            # Not "networkidle": the page's per-tab state keeps gradio's heartbeat connection open.
+            page.goto(f"http://127.0.0.1:{port}", wait_until="load", timeout=60_000)
+            page.locator("#photo").wait_for(timeout=60_000)
             upload(page, "photo", inputs.photo)
             wait_for_text(page, "photo-message", "px", 60)
             for i, (mask, word) in enumerate(zip(inputs.masks, ("dog", "cat"))):

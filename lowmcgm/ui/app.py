@@ -29,8 +29,8 @@ from lowmcgm.ui.editor import (BLANK_SIDE, SUBJECT_COLOURS, blank_sheet, editor_
                                painted_mask, pose_on_canvas, sheet_with)
 from lowmcgm.ui.jobs import JobSlot
 from lowmcgm.ui.poses import pose_mask, pose_names
-from lowmcgm.ui.workspace import (ARTIFACT_NAME, Subject, TrainRequest, default_run_name, list_runs, prepare_run,
-                                  resume_command, run_folder)
+from lowmcgm.ui.workspace import (ARTIFACT_NAME, Subject, TrainRequest, default_run_name, list_runs, new_folder,
+                                  prepare_run, resume_command, run_folder)
 
 MAX_SUBJECTS = 4
 # A brush a 24th of the photo's short side: a subject's outline in a few strokes, its edge still precise.
@@ -47,22 +47,53 @@ class PageState:
     """What the page keeps between clicks."""
 
     root: Path
+    # The base models the page offers (``lowmcgm ui --base-model``, repeatable): the only model
+    # paths it reads, so a browser can neither open nor probe other server folders.
+    base_models: tuple[str, ...] = ("toy",)
     jobs: JobSlot = dataclasses.field(default_factory=JobSlot)
     # (base model name, stored in fp8) -> loaded BaseModel
     bases: dict[tuple[str, bool], Any] = dataclasses.field(default_factory=dict)
     sampling: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
-    def base_for(self, artifact_path: Path, base_model: str):
-        """The artifact's base model (or ``base_model``), loaded once per page.
+    def check_base_model(self, name: str) -> str:
+        """``name`` if the page offers it; otherwise say how to offer it."""
+        if name not in self.base_models:
+            raise UserError(f"Base model '{name}' is not one this page offers ({', '.join(self.base_models)}): "
+                            f"start the page with --base-model {name} to offer it.")
+        return name
 
-        An artifact trained with ``model.fp8_base`` samples on a UNet stored in fp8 (``sampler.build_sampler``),
-        which cannot go back: another artifact gets a fresh load.
+    def base_model_of(self, artifact_path: Path, chosen: str) -> str:
+        """The base model to sample an artifact on: ``chosen``, else the one it was trained on, if offered."""
+        from lowmcgm.artifact import load_artifact
+
+        if chosen:
+            return self.check_base_model(chosen)
+        meta = load_artifact(artifact_path).meta
+        model = meta.get("training_config", {}).get("model", {})
+        recorded = [model.get("base_model") if isinstance(model, dict) else None, meta.get("base_model")]
+        for name in recorded:
+            if name in self.base_models:
+                return name
+        raise UserError(f"This artifact was trained on base model '{recorded[0] or recorded[1]}', which this page "
+                        f"does not offer: pick one under 'Base model', or start the page with --base-model "
+                        f"{recorded[0] or recorded[1]}.")
+
+    def base_for(self, artifact_path: Path, base_model: str):
+        """Base model ``base_model`` for the artifact, loaded once per page.
+
+        Sampling hands the base back without the artifact's state (``sampler.sample_artifact``), so
+        the next sample, of this artifact or another, installs on it cleanly. Two things stay on it
+        for good: a UNet stored in fp8 for an artifact trained with ``model.fp8_base``
+        (``sampler.build_sampler``), and the whole weights of a ``full``-mode artifact
+        (``MCGMState.remove``): such an artifact keeps a base of its own.
         """
         from lowmcgm.artifact import load_artifact
         from lowmcgm.sampler import load_base_for, trained_with_fp8
 
         artifact = load_artifact(artifact_path)
-        key = (base_model or artifact.meta.get("base_model", ""), trained_with_fp8(artifact))
+        full = (artifact.meta.get("lora") or {}).get("mode") == "full"
+        key = (base_model, trained_with_fp8(artifact),
+               str(artifact_path) if full else "")
         if key not in self.bases:
             self.bases.clear()  # one base in memory at a time
             self.bases[key] = load_base_for(artifact, base_model)
@@ -153,12 +184,13 @@ def on_show_masks(photo, count, *rest):
 # ------------------------------------------------------------------------------------------------
 # Tab 2: train.
 
-def on_estimate(preset: str, base_model: str):
+def on_estimate(state: PageState, preset: str, base_model: str):
     """The memory estimator's figures for a preset and base model (not a guess)."""
     from lowmcgm.config import resolve_config
     from lowmcgm.memory.estimate import estimate, required_card_bytes
 
     try:
+        state.check_base_model(base_model)
         cfg = resolve_config(preset, None, {"model.base_model": base_model})
         est = estimate(cfg, base_model, timeout_s=300)
     except UserError as exc:
@@ -176,12 +208,12 @@ def start_training(state: PageState, photo, count, run_name, preset, base_model,
     words = rest[3 * MAX_SUBJECTS:4 * MAX_SUBJECTS]
     count = int(count)
     try:
-        state.jobs.check_free()  # before the run's folder is written: a refused start leaves none
+        state.jobs.check_free()  # before the masks are read: a busy slot says so first
         masks = subject_masks(photo, count, list(editors), list(uploads))
         subjects = tuple(Subject(handles[i] or f"<asset{i}>", words[i] or "", masks[i]) for i in range(count))
-        request = TrainRequest(run_name, photo, subjects, preset, base_model, int(preview_every or 0))
-        argv = prepare_run(state.root, request)
-        state.jobs.start(argv, run_folder(state.root, run_name))
+        every = preset_preview_every(preset) if preview_every is None else int(preview_every)  # a cleared box
+        request = TrainRequest(run_name, photo, subjects, preset, state.check_base_model(base_model), every)
+        state.jobs.start_prepared(lambda: prepare_run(state.root, request), run_folder(state.root, run_name))
     except UserError as exc:
         return error_text(exc)
     return shown(f"Started run '{run_name}'.")
@@ -232,20 +264,34 @@ def run_artifact(state: PageState, run_name: str) -> Path:
     return path
 
 
-def on_open_run(state: PageState, run_name: str):
-    """The run's handles on the pose canvases, and its training prompt as the prompt.
+def on_open_run(state: PageState, run_name: str, prompt: str = ""):
+    """The run's handles on the pose canvases; the prompt typed so far, or the training prompt.
 
-    Returns the message, the prompt, then per canvas slot: whether it shows, and its label.
+    Returns the message, the prompt, then per canvas slot: whether it shows, and its label; last,
+    the run waiting for its artifact (it is opened again when the artifact appears), or None.
     """
     from lowmcgm.artifact import load_artifact
 
+    waiting = None
     try:
+        if run_name and not (run_folder(state.root, run_name) / ARTIFACT_NAME).is_file() and \
+                state.jobs.job is not None and state.jobs.job.running() and state.jobs.job.folder.name == run_name:
+            return [shown(f"Run '{run_name}' is training: it opens here by itself when its artifact is written."),
+                    prompt, *[False] * MAX_SUBJECTS, *[""] * MAX_SUBJECTS, run_name]
         handles = list(load_artifact(run_artifact(state, run_name)).handles)
     except UserError as exc:
-        return [error_text(exc), "", *[False] * MAX_SUBJECTS, *[""] * MAX_SUBJECTS]
+        return [error_text(exc), prompt, *[False] * MAX_SUBJECTS, *[""] * MAX_SUBJECTS, waiting]
     labels = [f"Pose of {handles[i]}" if i < len(handles) else "" for i in range(MAX_SUBJECTS)]
-    return [shown(f"Run '{run_name}': handles {', '.join(handles)}."), build_prompt(handles),
-            *[i < len(handles) for i in range(MAX_SUBJECTS)], *labels]
+    return [shown(f"Run '{run_name}': handles {', '.join(handles)}."), prompt or build_prompt(handles),
+            *[i < len(handles) for i in range(MAX_SUBJECTS)], *labels, waiting]
+
+
+def reopen_when_trained(state: PageState, waiting: str | None) -> bool:
+    """Whether the run the Sample tab waits for has its artifact now (or stopped training without one)."""
+    if not waiting:
+        return False
+    job = state.jobs.job
+    return (run_folder(state.root, waiting) / ARTIFACT_NAME).is_file() or job is None or not job.running()
 
 
 def on_upload_artifact(state: PageState, path: str | None):
@@ -256,9 +302,8 @@ def on_upload_artifact(state: PageState, path: str | None):
         return "", None
     try:
         load_artifact(Path(path))
-        name = "uploaded-" + time.strftime("%Y%m%d-%H%M%S")
-        folder = run_folder(state.root, name)
-        folder.mkdir(parents=True, exist_ok=False)
+        folder = new_folder(state.root, "uploaded-" + time.strftime("%Y%m%d-%H%M%S"))
+        name = folder.name
         shutil.copyfile(path, folder / ARTIFACT_NAME)
     except UserError as exc:
         return error_text(exc), None
@@ -267,15 +312,19 @@ def on_upload_artifact(state: PageState, path: str | None):
 
 def sample(state: PageState, run_name, prompt, base_model, num_images, seed, steps, guidance_scale, pose_guidance,
            *poses):
-    """Draw the prompt with each handle's pose (uploaded, painted, or none); returns images and poses shown.
+    """Draw the prompt with each handle's pose (uploaded, painted, or none).
 
     ``poses``: per canvas slot the canvas, then per slot the upload, then per slot the pose library's pick.
     A pick is part of the pose even if its canvas has not been redrawn yet (a Sample click right after
     a pick may carry the canvas from before it).
+
+    Returns:
+        The message; the new images as (file, caption) pairs, each caption saying run, seed, steps,
+        guidance and poses (None when refused: the gallery keeps what it shows); the poses used.
     """
     from lowmcgm.artifact import load_artifact
     from lowmcgm.config import SampleSettings
-    from lowmcgm.prompts import PromptSpec, normalize_handle
+    from lowmcgm.prompts import PromptSpec, handles_in_text, normalize_handle
     from lowmcgm.sampler import sample_artifact
 
     try:
@@ -283,29 +332,49 @@ def sample(state: PageState, run_name, prompt, base_model, num_images, seed, ste
         handles = list(load_artifact(artifact_path).handles)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         folder = artifact_path.parent
-        pose_dir, out = folder / "ui-poses" / stamp, folder / "ui-samples" / stamp
-        pose_files, used = {}, []
+        pose_files, used, described = {}, [], []
+        pose_dir = None
         drawn, uploaded, picked = poses[:MAX_SUBJECTS], poses[MAX_SUBJECTS:2 * MAX_SUBJECTS], poses[2 * MAX_SUBJECTS:]
+        named, unposed = handles_in_text(prompt), []
         for handle, value, upload, pick in zip(handles, drawn, uploaded, picked):
             mask = with_library_pose(pose_on_canvas(value), pick)
+            if handle not in named:  # a canvas still posed for an earlier prompt
+                if upload or mask is not None:
+                    unposed.append(handle)
+                continue
             if upload:  # checked by the sampler, as --pose files are
                 pose_files[normalize_handle(handle)] = upload
                 used.append((upload, f"pose of {handle}"))
+                described.append(f"{handle} uploaded")
             elif mask is not None:
-                pose_dir.mkdir(parents=True, exist_ok=True)
+                pose_dir = pose_dir or new_folder(folder / "ui-poses", stamp)
                 pose_files[normalize_handle(handle)] = save_mask(mask, pose_dir / f"{handle.strip('<>')}.png")
                 used.append((pose_files[normalize_handle(handle)], f"pose of {handle}"))
+                described.append(f"{handle} {pick or 'drawn'}")
         settings = SampleSettings(num_images=int(num_images), seed=int(seed), steps=int(steps),
                                   guidance_scale=float(guidance_scale), pose_guidance=pose_guidance)
         with state.sampling:
-            base = state.base_for(artifact_path, base_model or "")
-            grid = sample_artifact(artifact_path, [PromptSpec(prompt, where="the prompt")], pose_files, settings,
-                                   out, base=base)
+            base = state.base_for(artifact_path, state.base_model_of(artifact_path, base_model or ""))
+            out = new_folder(folder / "ui-samples", stamp)
+            try:
+                grid = sample_artifact(artifact_path, [PromptSpec(prompt, where="the prompt")], pose_files, settings,
+                                       out, base=base)
+            except UserError:
+                shutil.rmtree(out, ignore_errors=True)  # a refused sample leaves no empty folder
+                raise
     except UserError as exc:
-        return error_text(exc), [], []
+        return error_text(exc), None, []
     index = json.loads((grid.parent / "samples.json").read_text())
-    images = [(str(grid.parent / im["file"]), f"seed {im['seed']}") for p in index["prompts"] for im in p["images"]]
-    return shown(f"{len(images)} image(s) in {out}."), images, used
+    posed = "; ".join(described) or "no poses"
+    images = [(str(grid.parent / im["file"]),
+               f"{run_name} · seed {im['seed']} · {settings.steps} steps · guidance {settings.guidance_scale:g} · "
+               f"{pose_guidance} · {posed}")
+              for p in index["prompts"] for im in p["images"]]
+    warning = ("" if named else f"warning: the prompt names no handle ({', '.join(handles)}), so these images "
+               "show none of the learned subjects. ")
+    if unposed:
+        warning += f"The poses of {', '.join(unposed)} are left out: the prompt does not name them. "
+    return shown(f"{warning}{len(images)} image(s) in {out}."), images, used
 
 
 def export(state: PageState, run_name: str, fmt: str):
@@ -342,15 +411,15 @@ def on_pose_library(name: str | None):
 # ------------------------------------------------------------------------------------------------
 # Layout.
 
-def build_app(root: Path, base_model: str = "toy", preset: str = "toy-cpu"):
-    """The page's ``gr.Blocks``; ``launch`` serves it."""
+def build_app(root: Path, base_models: tuple[str, ...] = ("toy",), preset: str = "toy-cpu"):
+    """The page's ``gr.Blocks``; ``launch`` serves it. ``base_models``: those it offers, the first chosen."""
     gr = require_gradio()
     from lowmcgm.presets import list_presets
 
-    state = PageState(Path(root))
+    state = PageState(Path(root), tuple(base_models))
     bound = lambda fn: (lambda *args: fn(state, *args))  # noqa: E731  (callbacks see the page's state)
 
-    with gr.Blocks(title="lowmcgm") as page:
+    with gr.Blocks(title="lowmcgm", delete_cache=(3600, CACHE_MAX_AGE_S)) as page:
         gr.Markdown("# lowmcgm\nTeach a model several subjects from one photo, then draw them in new poses.")
         with gr.Tab("1 · Photo and subjects", id="tab-photo"):
             photo = gr.File(label="Photo (PNG or JPEG)", type="filepath", elem_id="photo")
@@ -378,7 +447,8 @@ def build_app(root: Path, base_model: str = "toy", preset: str = "toy-cpu"):
                 run_name = gr.Textbox(value=default_run_name(), label="Run name (a folder under the page's root)",
                                       elem_id="run-name")
                 preset_box = gr.Dropdown(sorted(list_presets()), value=preset, label="Preset", elem_id="preset")
-                base_box = gr.Textbox(value=base_model, label="Base model", elem_id="base-model")
+                base_box = gr.Dropdown(list(state.base_models), value=state.base_models[0], label="Base model",
+                                       elem_id="base-model")
                 preview_every = gr.Number(value=preset_preview_every(preset), precision=0,
                                           label="Preview every N steps (0: only before training)",
                                           elem_id="preview-every")
@@ -394,7 +464,7 @@ def build_app(root: Path, base_model: str = "toy", preset: str = "toy-cpu"):
                 preview_img = gr.Image(label="Latest preview", interactive=False, elem_id="preview")
                 attention_img = gr.Image(label="Its attention maps", interactive=False, elem_id="attention")
             curve = gr.Image(label="Loss curve", interactive=False, elem_id="loss-curve")
-            gr.Timer(POLL_S).tick(bound(poll_training), None, [train_status, preview_img, attention_img, curve])
+            timer = gr.Timer(POLL_S)
 
         with gr.Tab("3 · Pose and sample", id="tab-sample"):
             with gr.Row():
@@ -428,10 +498,15 @@ def build_app(root: Path, base_model: str = "toy", preset: str = "toy-cpu"):
                 guidance_field = config_field("sample.pose_guidance")[0]
                 pose_guidance = gr.Radio(list(guidance_field.metadata["choices"]), value=guidance_field.default,
                                          label="Pose guidance", elem_id="pose-guidance")
-                sample_base = gr.Textbox(label="Base model (blank: the one the run used)", elem_id="sample-base")
+                sample_base = gr.Dropdown([("the one the run used", ""), *[(m, m) for m in state.base_models]],
+                                          value="", label="Base model", elem_id="sample-base")
             sample_btn = gr.Button("Sample", variant="primary", elem_id="sample")
+            history = gr.State([])  # this browser tab's images, newest first
+            waiting_for = gr.State(None)  # a run picked while it trains, opened when its artifact is written
+            trained = gr.State(None)  # set by the timer to that run once it can be opened
             with gr.Row():
-                gallery = gr.Gallery(label="Images", elem_id="gallery", columns=4)
+                gallery = gr.Gallery(label="Images since the page was opened (newest first)", elem_id="gallery",
+                                     columns=4)
                 pose_gallery = gr.Gallery(label="Poses used", elem_id="pose-gallery", columns=4)
             with gr.Row():
                 fmt = gr.Radio(list(FORMATS), value=FORMATS[0], label="Export for other tools", elem_id="format")
@@ -445,11 +520,11 @@ def build_app(root: Path, base_model: str = "toy", preset: str = "toy-cpu"):
         count.change(lambda n: [gr.update(visible=i < int(n)) for i in range(MAX_SUBJECTS)], count, groups)
         show.click(on_show_masks, [photo, count, *editors, *uploads], [photo_msg, preview])
         preset_box.change(preset_preview_every, preset_box, preview_every)
-        estimate_btn.click(on_estimate, [preset_box, base_box], estimate_md)
+        estimate_btn.click(bound(on_estimate), [preset_box, base_box], estimate_md)
         start_btn.click(bound(start_training),
                         [photo, count, run_name, preset_box, base_box, preview_every, *editors, *uploads, *handles,
                          *words], train_msg)
-        stop_btn.click(lambda: (state.jobs.stop(), "Stopping: a checkpoint is being written.")[1], None, train_msg)
+        stop_btn.click(lambda: shown(state.jobs.stop()), None, train_msg)
         resume_btn.click(bound(resume_training), run_name, train_msg)
 
         def refreshed(current: str | None = None):
@@ -458,19 +533,39 @@ def build_app(root: Path, base_model: str = "toy", preset: str = "toy-cpu"):
 
         refresh.click(refreshed, runs, runs)
 
-        def opened(name):
-            msg, text, *rest = on_open_run(state, name)
-            visible, labels = rest[:MAX_SUBJECTS], rest[MAX_SUBJECTS:]
-            return [msg, text, *[gr.update(visible=v) for v in visible], *[gr.update(label=t) for t in labels]]
+        def opened(name, text):
+            msg, text, *rest = on_open_run(state, name, text)
+            visible, labels, waiting = rest[:MAX_SUBJECTS], rest[MAX_SUBJECTS:2 * MAX_SUBJECTS], rest[-1]
+            return [msg, text, *[gr.update(visible=v) for v in visible], *[gr.update(label=t) for t in labels],
+                    waiting]
 
-        runs.change(opened, runs, [sample_msg, prompt, *pose_cols, *pose_editors])
+        opened_outputs = [sample_msg, prompt, *pose_cols, *pose_editors, waiting_for]
+        runs.change(opened, [runs, prompt], opened_outputs)
+
+        # One timer, one request a tick, for both tabs: the training job's status, and whether a run
+        # the Sample tab waits for has its artifact. Only a State is touched for the latter: a tick
+        # that had the prompt or the canvases among its outputs would hold them while it runs.
+        def ticked(waiting):
+            return [*poll_training(state), waiting if reopen_when_trained(state, waiting) else None]
+
+        timer.tick(ticked, waiting_for, [train_status, preview_img, attention_img, curve, trained],
+                   show_progress="hidden")
+        trained.change(lambda name, text: opened(name, text) if name else [gr.update()] * len(opened_outputs),
+                       [trained, prompt], opened_outputs)
         artifact_upload.upload(lambda p: _then_refresh(on_upload_artifact(state, p), refreshed), artifact_upload,
                                [sample_msg, runs])
         for picker, editor in zip(pose_pickers, pose_editors):
             picker.change(on_pose_library, picker, editor)
-        sample_btn.click(bound(sample), [runs, prompt, sample_base, num_images, seed, steps, cfg_scale, pose_guidance,
-                                         *pose_editors, *pose_uploads, *pose_pickers],
-                         [sample_msg, gallery, pose_gallery])
+        def sampled(history, *args):
+            message, images, used = sample(state, *args)
+            if images is None:  # refused: what the galleries show stays
+                return message, gr.update(), gr.update(), history
+            history = images + history  # newest first, every image since the page was opened
+            return message, history, used, history
+
+        sample_btn.click(sampled, [history, runs, prompt, sample_base, num_images, seed, steps, cfg_scale,
+                                   pose_guidance, *pose_editors, *pose_uploads, *pose_pickers],
+                         [sample_msg, gallery, pose_gallery, history])
         export_btn.click(bound(export), [runs, fmt], [sample_msg, download])
         download_artifact.click(lambda name: _artifact_download(state, name), runs, [sample_msg, download])
     page.lowmcgm_state = state  # tests and the launcher reach the job through it
@@ -493,16 +588,43 @@ def _artifact_download(state: PageState, name: str):
 MAX_UPLOAD = "200mb"
 
 
-def launch(root: Path, host: str = "127.0.0.1", port: int = 7860, base_model: str = "toy",
+def launch(root: Path, host: str = "127.0.0.1", port: int = 7860, base_models: tuple[str, ...] = ("toy",),
            preset: str = "toy-cpu", block: bool = True):
-    """Serve the page on ``host:port``: never a public share link; files served only from ``root``."""
+    """Serve the page on ``host:port``: never a public share link; files served only from ``root``.
+
+    gradio's own copies of uploads and served files go to ``<root>/.gradio-cache`` (a name no run
+    can take), emptied when the page starts and of files older than ``CACHE_MAX_AGE_S`` every hour.
+
+    Raises:
+        UserError: a base model in ``base_models`` that names nothing loadable.
+    """
     import os
 
+    from lowmcgm.models import TINY_NAMES, TOY_NAME, locate_base_model
+
+    if not base_models:
+        raise UserError("No base model to offer: pass --base-model.")
+    for name in base_models:  # checked once here; the page takes no other model path
+        if name not in TINY_NAMES and name != TOY_NAME:
+            locate_base_model(name)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # the page makes no calls outside
     root = Path(root).expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)
-    page = build_app(root, base_model=base_model, preset=preset)
+    cache = root / CACHE_FOLDER
+    shutil.rmtree(cache, ignore_errors=True)
+    os.environ["GRADIO_TEMP_DIR"] = str(cache)  # read by gradio when the page's Blocks is made
+    page = build_app(root, base_models=tuple(base_models), preset=preset)
     page.queue(default_concurrency_limit=1)
+    # quiet: gradio's own lines suggest share=True, which this page never uses.
     page.launch(server_name=host, server_port=port, share=False, allowed_paths=[str(root)],
-                max_file_size=MAX_UPLOAD, prevent_thread_lock=not block, quiet=False, footer_links=[])
+                max_file_size=MAX_UPLOAD, prevent_thread_lock=True, quiet=True, footer_links=[])
+    if block:
+        print(f"The page is at http://{host}:{port} (runs under {root}); Ctrl-C or SIGTERM stops it.", flush=True)
+        page.block_thread()
     return page
+
+
+# gradio's cache under the root: a dot name, which run names (workspace.RUN_NAME) cannot start with.
+CACHE_FOLDER = ".gradio-cache"
+# An upload stays usable this long (a photo uploaded in the morning still trains in the afternoon).
+CACHE_MAX_AGE_S = 12 * 3600

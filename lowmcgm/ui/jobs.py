@@ -1,8 +1,10 @@
 """One training job at a time, in a child process: ``python -m lowmcgm.cli run ...``.
 
-A child process, not a thread: stopping it is the CLI's own Ctrl-C (SIGINT: a checkpoint is written
-and ``--resume`` continues), its memory (the GPU's included) is freed when it ends, and a crash
-in training cannot take the page down. The job's state is read back from the run folder: the
+A child process, not a thread: stopping it is the CLI's own stop (a checkpoint is written and
+``--resume`` continues), its memory (the GPU's included) is freed when it ends, and a crash in
+training cannot take the page down. The page stops it with SIGTERM, which the CLI treats as Ctrl-C:
+never SIGINT, which a shell's background job (``nohup lowmcgm ui ... &``) starts ignored and
+hands on, ignored, to the child. The job's state is read back from the run folder: the
 progress events (``--events``), previews, and the last ``error:`` line the CLI printed.
 """
 
@@ -10,17 +12,24 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from lowmcgm.errors import UserError
 from lowmcgm.progress import read_events
+from lowmcgm.run_folder import CHECKPOINT_NAME
 from lowmcgm.ui.workspace import EVENTS_FILE, LOG_FILE
+
+# A stop waits this long for the step in progress and the checkpoint before it kills the child.
+STOP_TIMEOUT_S = 120.0
+ERROR_LINE = re.compile(r"(?:lowmcgm(?: [\w-]+)?: )?error: (.*)")
 
 
 @dataclass(frozen=True)
@@ -41,6 +50,7 @@ class TrainingJob:
         self.folder = Path(folder)
         self.process: subprocess.Popen | None = None
         self.stop_requested = False
+        self.killed_after_s: float | None = None  # set when a stop had to kill the child
 
     def start(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -57,18 +67,23 @@ class TrainingJob:
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def stop(self, timeout_s: float = 120.0) -> None:
-        """Stop as Ctrl-C does (a checkpoint, then exit); kill only if it does not end in time."""
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        """Stop as Ctrl-C does (a checkpoint after this step, then exit); kill only if it does not end in time.
+
+        SIGTERM, not SIGINT: the CLI stops the same way for both (``signals``), but SIGINT may have
+        been inherited as ignored (a server started in the background), SIGTERM is not.
+        """
         if not self.running():
             return
         self.stop_requested = True
-        self.process.send_signal(signal.SIGINT)
+        self.process.send_signal(signal.SIGTERM)
         threading.Thread(target=self._kill_after, args=(timeout_s,), daemon=True).start()
 
     def _kill_after(self, timeout_s: float) -> None:
         try:
             self.process.wait(timeout_s)
         except subprocess.TimeoutExpired:
+            self.killed_after_s = timeout_s
             self.process.kill()
 
     def wait(self, timeout_s: float | None = None) -> int:
@@ -89,10 +104,23 @@ class TrainingJob:
         elif code == 0:
             state, text = "finished", "Finished: the artifact and samples are written; go on to Pose and sample."
         elif self.stop_requested:
-            state, text = "stopped", "Stopped; the last checkpoint is kept: Resume continues from it."
+            state, text = "stopped", self._stopped_text(events)
         else:
             state, text = "failed", last_error(self.folder / LOG_FILE) or f"Training failed (exit code {code})."
         return JobStatus(state, text, history, newest)
+
+
+    def _stopped_text(self, events: list[dict[str, Any]]) -> str:
+        """What a stop did, read from the run: whether this attempt wrote its checkpoint."""
+        steps = [e for e in events if e.get("kind") == "step"]
+        at = f" at phase {steps[-1]['phase']}, step {steps[-1]['step']}" if steps else " before its first step"
+        if any(e.get("kind") == "saved" and e.get("what") == "checkpoint" for e in events):
+            return f"Stopped{at}; its checkpoint is written: Resume continues from it."
+        earlier = ("Resume continues from the last checkpoint written before."
+                   if (self.folder / CHECKPOINT_NAME).is_file() else "There is no checkpoint: start the run again.")
+        if self.killed_after_s is not None:
+            return f"Killed{at}: it had not stopped {self.killed_after_s:.0f} s after Stop, so no checkpoint. {earlier}"
+        return f"Stopped{at}, without writing a checkpoint. {earlier}"
 
 
 def _progress_text(events: list[dict[str, Any]]) -> str:
@@ -107,14 +135,15 @@ def _progress_text(events: list[dict[str, Any]]) -> str:
 
 
 def last_error(log: Path) -> str:
-    """The CLI's one-line error (``error: ...``) from a job's log, or ''."""
+    """The CLI's one-line error (``error: ...``, or argparse's ``lowmcgm run: error: ...``) from a job's log, or ''."""
     try:
         lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
     except FileNotFoundError:
         return ""
     for line in reversed(lines):
-        if line.startswith("error: "):
-            return line[len("error: "):]
+        found = ERROR_LINE.match(line)
+        if found:
+            return found.group(1)
     return ""
 
 
@@ -131,13 +160,43 @@ class JobSlot:
             raise UserError(f"A training job is running ({self.job.folder.name}): stop it first.")
 
     def start(self, argv: list[str], folder: Path) -> TrainingJob:
+        return self.start_prepared(lambda: argv, folder)
+
+    def start_prepared(self, prepare: Callable[[], list[str]], folder: Path) -> TrainingJob:
+        """Start the job whose command ``prepare()`` makes (writing its run folder), if no job runs.
+
+        Checking, preparing and starting hold the slot together: a Resume clicked meanwhile waits,
+        rather than taking the slot after a new run's folder was written for nothing.
+        """
         with self.lock:
             self.check_free()
-            self.job = TrainingJob(argv, folder)
+            self.job = TrainingJob(prepare(), folder)
             self.job.start()
             return self.job
 
-    def stop(self) -> None:
+    def stop(self) -> str:
+        """Ask the running job to stop; return what the page says about it (the truth, job or not)."""
         with self.lock:
-            if self.job is not None:
-                self.job.stop()
+            if self.job is None:
+                return "No training job has been started here: nothing to stop."
+            if not self.job.running():
+                return f"Run '{self.job.folder.name}' is not training ({self.job.status().state}): nothing to stop."
+            self.job.stop()
+            return (f"Stopping run '{self.job.folder.name}': it finishes its step and writes a checkpoint; the "
+                    "status below says when it has.")
+
+    def close(self, timeout_s: float = STOP_TIMEOUT_S) -> str:
+        """The page is closing: stop a running job and wait for it (at most ``timeout_s``, then kill it).
+
+        Returns:
+            What became of the job, for the terminal ('' when none ran).
+        """
+        with self.lock:
+            job = self.job
+        if job is None or not job.running():
+            return ""
+        job.stop(timeout_s)
+        deadline = time.monotonic() + timeout_s + 10
+        while job.running() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return f"Training run '{job.folder.name}': {job.status().text}"

@@ -69,6 +69,23 @@ def run_folder(root: Path, name: str) -> Path:
     return folder
 
 
+def new_folder(parent: Path, stem: str) -> Path:
+    """A new, empty folder ``parent/stem`` (``stem-2``, ``stem-3``... when taken); created here.
+
+    Names by the clock collide when two clicks land in one second: the first free name wins, and
+    creating it claims it (``mkdir`` without ``exist_ok``), so two callers never share a folder.
+    """
+    parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        folder = parent / (stem if n == 1 else f"{stem}-{n}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+    raise UserError(f"{parent} holds 999 folders named {stem}*: clear some out.")
+
+
 def list_runs(root: Path) -> list[str]:
     """Run folders under ``root`` that hold an artifact or a checkpoint, newest first."""
     root = Path(root)
@@ -79,15 +96,14 @@ def list_runs(root: Path) -> list[str]:
     return [p.name for p in sorted(runs, key=lambda p: p.stat().st_mtime, reverse=True)]
 
 
-def write_inputs(folder: Path, photo: str, subjects: tuple[Subject, ...]) -> tuple[Path, list[Path]]:
-    """Copy the photo and write each subject's mask into ``folder/inputs``; return their paths."""
-    inputs = folder / "inputs"
-    inputs.mkdir(parents=True, exist_ok=True)
-    suffix = Path(photo).suffix.lower() or ".png"
-    photo_path = inputs / f"photo{suffix}"
-    shutil.copyfile(photo, photo_path)
-    masks = [Path(save_mask(s.mask, inputs / f"mask{i}.png")) for i, s in enumerate(subjects)]
-    return photo_path, masks
+def write_inputs(folder: Path, request: TrainRequest) -> tuple[Path, list[Path]]:
+    """Copy the photo and write each subject's mask into ``folder/inputs`` (``input_paths``); return their paths."""
+    photo, masks = input_paths(folder, request)
+    photo.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(request.photo, photo)
+    for subject, mask in zip(request.subjects, masks):
+        save_mask(subject.mask, mask)
+    return photo, masks
 
 
 def init_words(subjects: tuple[Subject, ...]) -> list[str]:
@@ -99,25 +115,47 @@ def init_words(subjects: tuple[Subject, ...]) -> list[str]:
 
 
 def training_command(request: TrainRequest, folder: Path, photo: Path, masks: list[Path]) -> list[str]:
-    """The ``lowmcgm run`` arguments of a request (without --resume / --overwrite)."""
-    argv = ["run", "--preset", request.preset, "--base-model", request.base_model, "--image", str(photo)]
+    """The ``lowmcgm run`` arguments of a request (without --resume / --overwrite).
+
+    Every value rides in its flag (``--init-word=--out=x``), so nothing a user typed can be read
+    as a flag of its own.
+    """
+    argv = ["run", f"--preset={request.preset}", f"--base-model={request.base_model}", f"--image={photo}"]
     for subject, mask in zip(request.subjects, masks):
-        argv += ["--mask", str(mask), "--handle", subject.handle.strip()]
-    for word in init_words(request.subjects):
-        argv += ["--init-word", word]
-    argv += ["--out", str(folder), "--events", str(folder / EVENTS_FILE),
-             "--preview-every", str(request.preview_every)]
+        argv += [f"--mask={mask}", f"--handle={subject.handle.strip()}"]
+    argv += [f"--init-word={word}" for word in init_words(request.subjects)]
+    argv += [f"--out={folder}", f"--events={folder / EVENTS_FILE}", f"--preview-every={request.preview_every}"]
     return argv
+
+
+def request_config(request: TrainRequest, folder: Path, photo: Path, masks: list[Path]) -> Config:
+    """The configuration ``lowmcgm run`` resolves from the request's command (the CLI's checks on it)."""
+    return resolve_config(request.preset, None, {
+        "model.base_model": request.base_model, "data.image": str(photo), "data.masks": [str(m) for m in masks],
+        "data.handles": [s.handle.strip() for s in request.subjects], "data.init_words": init_words(request.subjects),
+        "output.out": str(folder), "output.preview_every": request.preview_every})
+
+
+def input_paths(folder: Path, request: TrainRequest) -> tuple[Path, list[Path]]:
+    """Where the photo and the masks go: ``folder/inputs/photo.<its suffix>``, ``mask0.png``, ..."""
+    suffix = Path(request.photo).suffix.lower() or ".png"
+    return folder / "inputs" / f"photo{suffix}", [folder / "inputs" / f"mask{i}.png" for i in range(len(request.subjects))]
 
 
 def prepare_run(root: Path, request: TrainRequest) -> list[str]:
     """Check a request as ``lowmcgm run`` would, write its inputs, and return its command.
 
+    Everything but the files is checked before the run's folder is made: the name, the photo, the
+    handles and initializer words, the preset with every setting the command passes (resolved and
+    validated by the CLI's own ``resolve_config``). ``trainer.check_inputs`` then reads the files
+    as written; if it refuses them, the folder goes again.
+
     Raises:
         UserError: the same one-line messages as the CLI (a bad photo or mask, a handle name, a
-            preset or base model that does not exist, a run name taken).
+            preset or setting out of range, a run name taken).
     """
     from lowmcgm.data import load_image
+    from lowmcgm.handles import check_handle_names
     from lowmcgm.trainer import check_inputs
 
     if not request.subjects:
@@ -125,20 +163,20 @@ def prepare_run(root: Path, request: TrainRequest) -> list[str]:
     init_words(request.subjects)
     load_image(request.photo)  # a bad upload is refused before anything is written
     folder = run_folder(root, request.run_name)
-    if folder.exists() and any(folder.iterdir()):
-        raise UserError(f"Run '{request.run_name}' exists already: choose another name, or open it to resume "
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        kind = "" if folder.is_dir() else " (as a file in the page's root)"
+        raise UserError(f"Run '{request.run_name}' exists already{kind}: choose another name, or open it to resume "
                         "or sample.")
-    photo, masks = write_inputs(folder, request.photo, request.subjects)
-    argv = training_command(request, folder, photo, masks)
+    photo, masks = input_paths(folder, request)
+    cfg = request_config(request, folder, photo, masks)
+    check_handle_names(list(cfg.data.handles), len(cfg.data.masks))
+    write_inputs(folder, request)
     try:
-        cfg = resolve_config(request.preset, None, {
-            "model.base_model": request.base_model, "data.image": str(photo), "data.masks": [str(m) for m in masks],
-            "data.handles": [s.handle.strip() for s in request.subjects],
-            "data.init_words": init_words(request.subjects), "output.out": str(folder)})
         check_inputs(cfg)
     except UserError:
         shutil.rmtree(folder, ignore_errors=True)  # a refused run leaves nothing behind, as in the CLI
         raise
+    argv = training_command(request, folder, photo, masks)
     (folder / COMMAND_FILE).write_text(json.dumps(argv, indent=1) + "\n")
     return argv
 
