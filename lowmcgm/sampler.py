@@ -48,7 +48,7 @@ from lowmcgm.pose_guidance import DEFAULT_STRENGTH, LatentGuidance, PoseGuide, g
 from lowmcgm.previews import (SheetRow, mask_to_image, render_attention_picture, render_contact_sheet, save_json,
                               save_png)
 from lowmcgm.prompts import (PlannedPrompt, PromptSpec, check_plans_fit, check_pose_crops, fit_pose_masks,
-                             no_mask_reason, plan_prompts)
+                             handles_in_text, no_mask_reason, plan_prompts)
 from lowmcgm.text_conditioning import encode_pooled_prompts
 from lowmcgm.run_folder import SAMPLE_FILES, check_sample_folder, clear_earlier_samples, earlier_samples
 from lowmcgm.write_guard import check_not_inputs
@@ -590,9 +590,6 @@ def sample_artifact(artifact_path: str | Path, specs: list[PromptSpec], poses: d
     artifact_path = Path(artifact_path)
     artifact = load_artifact(artifact_path)
     check_settings(settings)
-    stale = stale_pooling_warning(artifact, artifact_path)
-    if stale and report is not None:
-        report({"kind": "message", "level": "warning", "text": stale})
     plans = plan_prompts(specs, poses, artifact.handles, no_mask_reason(settings, artifact),
                          guided=settings.pose_guidance != "none")
     check_sample_folder(Path(out).expanduser(), overwrite)
@@ -609,6 +606,13 @@ def sample_artifact(artifact_path: str | Path, specs: list[PromptSpec], poses: d
     settings = resolve_guidance(settings)
     check_sample_size(base, settings.height, settings.width)
     check_pose_crops(plans, settings.height, settings.width)
+    # Warnings only once every check passed: a refusal stays one line.
+    warnings = [stale_pooling_warning(artifact, artifact_path)] + [
+        f"{spec.where} names no handle ({', '.join(artifact.handles)}), so its images show none of the learned "
+        "subjects." for spec in specs if not handles_in_text(spec.text)]  # allowed, but rarely what was meant
+    for text in filter(None, warnings):
+        if report is not None:
+            report({"kind": "message", "level": "warning", "text": text})
     if overwrite:  # every check passed: the earlier samples give way
         clear_earlier_samples(out_dir)
     sampler = build_sampler(base, artifact, settings)

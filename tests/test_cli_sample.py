@@ -235,3 +235,12 @@ def test_bad_sample_settings_are_config_errors_one_line_exit_2(trained, tmp_path
     if "Invalid" in err:  # the same shape as every other config error
         assert err.startswith("error: Invalid configuration: ") and err.endswith(").")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_prompt_naming_no_handle_samples_with_one_warning_line(trained, tmp_path, capsys):
+    rc = main(sample_args(trained, tmp_path / "out", "--num-images", "1", "--guidance", "none",
+                          "--prompt", "a photo of <asset1>", "--prompt", "a photo of a dog on the grass"))
+    assert rc == 0 and len(list((tmp_path / "out").glob("p01-*.png"))) == 1  # sampled all the same
+    warned = [line for line in capsys.readouterr().err.splitlines() if "names no handle" in line]
+    assert warned == ["warning: --prompt 2 names no handle (<asset0>, <asset1>), so its images show none of the "
+                      "learned subjects."]
