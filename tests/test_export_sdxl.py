@@ -90,8 +90,17 @@ def _unet_output(pipe: StableDiffusionXLPipeline, inputs: dict[str, torch.Tensor
 
 @torch.no_grad()
 def _prompt_embeds(pipe: StableDiffusionXLPipeline) -> tuple[torch.Tensor, torch.Tensor]:
-    context, _, pooled, _ = pipe.encode_prompt(PROMPT, device=torch.device("cpu"), num_images_per_prompt=1,
-                                               do_classifier_free_guidance=False)
+    """The context as diffusers' ``encode_prompt`` builds it, and the pooled embedding as ComfyUI and
+    A1111 take it (at the first end-of-text token), written out here: diffusers' pipeline pools at the
+    highest token id, which is the handle's once the exported embeddings are loaded."""
+    context, _, _, _ = pipe.encode_prompt(PROMPT, device=torch.device("cpu"), num_images_per_prompt=1,
+                                          do_classifier_free_guidance=False)
+    ids = pipe.tokenizer_2([PROMPT], padding="max_length", max_length=77, truncation=True,
+                           return_tensors="pt").input_ids
+    with torch.no_grad():
+        hidden = pipe.text_encoder_2(ids).last_hidden_state  # after the final layer norm
+        end = ids[0].tolist().index(pipe.tokenizer_2.eos_token_id)
+        pooled = pipe.text_encoder_2.text_projection(hidden[:, end])
     return context, pooled
 
 

@@ -235,9 +235,23 @@ def test_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(photo, tm
     _same_artifacts(train(_cfg(photo, out), resume=True), reference)
 
 
-def test_exploding_weights_never_replace_the_last_good_checkpoint(photo, tmp_path):
-    """A real blow-up (no monkeypatch): weights pushed to inf; a checkpoint, if any, stays finite."""
-    cfg = _cfg(photo, tmp_path / "b", **{"train.handle_lr": 1e30, "train.mask_encoder_lr": 1e30,
+def test_exploding_weights_never_replace_the_last_good_checkpoint(photo, tmp_path, monkeypatch):
+    """Weights blown up to inf after a real optimizer step; a checkpoint, if any, stays finite.
+
+    The learning rates that once blew the weights up for real (1e30) are refused now (issue 23:
+    every number has bounds), so the step itself is followed by the blow-up."""
+    real_step, steps = trainer.train_step, []
+
+    def exploding_step(setup, state):
+        losses = real_step(setup, state)
+        steps.append(state.step)
+        if len(steps) == 3:
+            with torch.no_grad():
+                setup.mcgm.handles.vectors.mul_(float("inf"))
+        return losses
+
+    monkeypatch.setattr(trainer, "train_step", exploding_step)
+    cfg = _cfg(photo, tmp_path / "b", **{"train.handle_lr": 1.0, "train.mask_encoder_lr": 1.0,
                                          "train.checkpoint_every": 1})
     with pytest.raises(UserError, match="NaN/inf") as info:
         train(cfg)
