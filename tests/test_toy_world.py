@@ -211,11 +211,20 @@ def _wash() -> np.ndarray:
     return image
 
 
+def _half_noise() -> np.ndarray:
+    """A blank beach with its lower three quarters smoothed noise: 73% foreground, under the wash
+    rule's 80%, so only the unexplained-foreground rule (30% here) reads it as noise."""
+    image = render_scene(Scene("beach", []))[0].copy()
+    image[16:] = _noise(8)[16:]
+    return image
+
+
 @pytest.mark.parametrize("image", [
     pytest.param(_noise(1), id="uniform-noise"),
     pytest.param(_noise(8), id="smooth-noise"),
     pytest.param(render_scene(Scene("beach", []))[0], id="blank-background"),
     pytest.param(_wash(), id="dog-coloured-wash"),
+    pytest.param(_half_noise(), id="noise-below-the-sky"),
 ])
 def test_noise_washes_and_empty_backgrounds_draw_nothing(image):
     background = metrics.classify_background(image)

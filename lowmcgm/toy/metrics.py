@@ -41,7 +41,8 @@ KIND_DISTANCE = 70.0
 MIN_SUBJECT_FRACTION = 0.004
 # Noise: foreground that no subject colour explains (no kind colour within KIND_DISTANCE). A rendered
 # scene has none (the dark detail colour lies 45 units from the dog's shaded second); uniform RGB
-# noise leaves about half of the image so, noise smoothed over 8 px about 0.44.
+# noise leaves about half of the image so (0.54), noise smoothed over 8 px 0.395 (both as
+# tests/test_toy_world.py draws them).
 MAX_UNEXPLAINED_FRACTION = 0.2
 # Rendered scenes keep at most about a quarter of the image in front of the background; the bundled
 # toy model draws subjects too large, over up to about half of it (docs/benchmarks.md, "The drawn
