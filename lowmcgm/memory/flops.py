@@ -11,9 +11,10 @@ a rough measure of memory-bound work, reported apart and never added to the FLOP
 
 :class:`FlopCount` is a context manager that attributes each op to
 
-- a **window**: ``forward``; ``backward`` (the autograd engine runs a node: ``torch._C.
-  _current_autograd_node()``); ``recompute`` (a module's forward runs inside the backward: gradient
-  checkpointing recomputing a block); ``optimizer`` (``clip_grad_norm_`` and ``Optimizer.step``);
+- a **window**: ``forward`` (outside the autograd engine: the optimizer's step and gradient
+  clipping fall here too, element operations only); ``backward`` (the autograd engine runs a node:
+  ``torch._C._current_autograd_node()``); ``recompute`` (a module's forward runs inside the backward:
+  gradient checkpointing recomputing a block);
 - a **part**: the outermost model the op runs in (:data:`PARTS`, by class name, so lowmcgm's
   diffusers UNet and kohya's own UNet class are both ``unet``), or a tagged function when one runs:
   ``attention capture`` (``attention_capture.compute_selected_probs`` and the store's ``record`` and
@@ -46,7 +47,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import flop_registry
 
-WINDOWS = ("forward", "recompute", "backward", "optimizer")
+WINDOWS = ("forward", "recompute", "backward")
 # The outermost module of these classes names the part an op runs in.
 PARTS = {
     "UNet2DConditionModel": "unet",  # diffusers', and kohya's library/original_unet.py class
@@ -108,7 +109,7 @@ class FlopCount:
     def _state(self) -> threading.local:
         local = self._local
         if not hasattr(local, "modules"):
-            local.modules, local.tags, local.optimizer = [], [], 0
+            local.modules, local.tags = [], []
         return local
 
     def _part_now(self) -> str:
@@ -118,12 +119,9 @@ class FlopCount:
         return next((p for p in st.modules if p is not None), OTHER)
 
     def _window_now(self) -> str:
-        st = self._state()
-        if st.optimizer:
-            return "optimizer"
         if torch._C._current_autograd_node() is None:
             return "forward"
-        return "recompute" if st.modules else "backward"
+        return "recompute" if self._state().modules else "backward"
 
     def _where(self) -> tuple[str, str]:
         window = self._window_now()
@@ -135,7 +133,7 @@ class FlopCount:
             return window, self._node_part.get(torch._C._current_autograd_node(), OTHER)
         return window, self._part_now()
 
-    def record_nodes(self, node: Any, part: str) -> None:
+    def _record_nodes(self, node: Any, part: str) -> None:
         """Attribute ``node`` and the nodes before it not yet attributed to ``part`` (a composite
         function, ``F.linear`` on 3-d input, makes several; its output holds the last)."""
         todo = [node]
@@ -160,7 +158,7 @@ class FlopCount:
             flops = flop_registry[packet](*args, **kwargs, out_val=out)
             elem = 0
         else:
-            if packet.__name__ in _NO_WORK or packet.__name__.endswith("_backward_data"):
+            if packet.__name__ in _NO_WORK:
                 return
             flops = 0
             elem = sum(t.numel() for t in tree_leaves(out)
@@ -191,16 +189,6 @@ class FlopCount:
         run.__wrapped__ = fn  # type: ignore[attr-defined]
         return run
 
-    def _optimizer_window(self, fn: Callable) -> Callable:
-        def run(*args: Any, **kwargs: Any) -> Any:
-            st = self._state()
-            st.optimizer += 1
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                st.optimizer -= 1
-        return run
-
     def _patch(self, obj: Any, name: str, value: Any) -> None:
         old = getattr(obj, name)
         setattr(obj, name, value)
@@ -223,25 +211,18 @@ class FlopCount:
         # The VAE is used through its methods, not its forward: no module hook sees it.
         for name in ("encode", "decode"):
             self._patch(AutoencoderKL, name, self.tagged(getattr(AutoencoderKL, name), "vae"))
-        self._patch(torch.nn.utils, "clip_grad_norm_", self._optimizer_window(torch.nn.utils.clip_grad_norm_))
 
     def __enter__(self) -> FlopCount:
         from torch.nn.modules import module as nn_module
-        from torch.optim import optimizer as optim_module
 
         stack = self._stack
         stack.enter_context(_NodeRecorder(self))
         stack.enter_context(_OpCounter(self))
         for handle in (nn_module.register_module_forward_pre_hook(self._pre_hook),
-                       nn_module.register_module_forward_hook(self._post_hook, always_call=True),
-                       optim_module.register_optimizer_step_pre_hook(lambda *a: self._step_window(+1)),
-                       optim_module.register_optimizer_step_post_hook(lambda *a: self._step_window(-1))):
+                       nn_module.register_module_forward_hook(self._post_hook, always_call=True)):
             stack.callback(handle.remove)
         self._install_tags()
         return self
-
-    def _step_window(self, change: int) -> None:
-        self._state().optimizer += change
 
     def __exit__(self, *exc: Any) -> None:
         self._stack.close()
@@ -274,10 +255,10 @@ class _NodeRecorder(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if torch.is_grad_enabled():
-            for t in tree_leaves(out) if isinstance(out, (tuple, list)) else (out,):
+            for t in tree_leaves(out):
                 node = t.grad_fn if isinstance(t, torch.Tensor) else None
                 if node is not None and node not in self.count._node_part:
-                    self.count.record_nodes(node, self.count._part_now())
+                    self.count._record_nodes(node, self.count._part_now())
         return out
 
 
