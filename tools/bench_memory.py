@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 from lowmcgm.config import resolve_config
-from lowmcgm.memory.estimate import (GiB, build_job, margin_note, required_card_bytes, run_jobs)
+from lowmcgm.memory.estimate import GiB, build_job, config_words, margin_note, required_card_bytes, run_jobs
 from lowmcgm.memory.peers import (KOHYA_DOC_FLAGS, KOHYA_DOC_RANK, Figures, check_kohya_checkout, comparison_rows,
                                   trace_kohya)
 
@@ -76,18 +76,8 @@ REFERENCE_LABEL = "reference code"
 
 def describe(cfg) -> str:
     """The settings that decide memory, in a few words."""
-    m, lo, t = cfg.model, cfg.lora, cfg.train
-    if lo.phase2_mode == "full":  # trained weights are fp32 masters whatever the autocast
-        what = ["full UNet+TE", "fp32" if m.mixed_precision == "no" else f"fp32 weights, {m.mixed_precision} autocast"]
-    else:
-        what = [f"LoRA r{lo.rank}" + (" +TE" if lo.use_text_encoder_lora else ""), f"{m.mixed_precision} base"]
-    what.append("AdamW8bit" if t.optimizer == "adamw8bit" else "AdamW")
-    what += ["ckpt"] * m.use_gradient_checkpointing + ["prior"] * t.use_prior_preservation
-    what += [f"batch {t.batch_size}"]
-    if not cfg.loss.use_attention_loss:
-        what.append("no attention loss")
-    if not cfg.loss.use_mask_tokens:
-        what.append("no mask tokens")
+    lo, t = cfg.lora, cfg.train
+    what = config_words(cfg, precision_note=" base", extras=("AdamW8bit" if t.optimizer == "adamw8bit" else "AdamW",))
     if t.phase2_handle_lr == 0 and not lo.use_text_encoder_lora and lo.phase2_mode == "lora":
         what.append("TE off GPU in ph.2")
     return ", ".join(what)

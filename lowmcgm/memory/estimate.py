@@ -335,6 +335,36 @@ def _estimate_from(job: dict[str, Any], res: dict[str, Any]) -> Estimate:
                     analytic=res["analytic"], notes=res["notes"], wall_s=res["wall_s"])
 
 
+def config_words(cfg: Config, *, precision_note: str = "", extras: tuple[str, ...] = (),
+                 batch_note: str = "") -> list[str]:
+    """The settings of ``cfg`` that decide a step's cost, in a few words, for the benchmark tables
+    (``tools/bench_memory.py``, ``tools/bench_flops.py``; each adds its own notes).
+
+    Args:
+        cfg: the configuration a table row runs.
+        precision_note: put after a LoRA run's compute precision (``" base"``).
+        extras: words after the trained weights and their precision (the optimizer).
+        batch_note: put after the batch size (``" (2 images/step)"``).
+
+    Returns:
+        Trained weights and precision, ``extras``, checkpointing, prior preservation, batch size,
+        and the MCGM losses that are off.
+    """
+    m, lo, t = cfg.model, cfg.lora, cfg.train
+    if lo.phase2_mode == "full":  # trained weights are fp32 masters whatever the autocast
+        what = ["full UNet+TE", "fp32" if m.mixed_precision == "no" else f"fp32 weights, {m.mixed_precision} autocast"]
+    else:
+        what = [f"LoRA r{lo.rank}" + (" +TE" if lo.use_text_encoder_lora else ""), m.mixed_precision + precision_note]
+    what += list(extras)
+    what += ["ckpt"] * m.use_gradient_checkpointing + ["prior"] * t.use_prior_preservation
+    what.append(f"batch {t.batch_size}{batch_note}")
+    if not cfg.loss.use_attention_loss:
+        what.append("no attention loss")
+    if not cfg.loss.use_mask_tokens:
+        what.append("no mask tokens")
+    return what
+
+
 def format_bytes(n: int) -> str:
     return f"{n / GiB:.2f} GiB"
 
