@@ -26,11 +26,13 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from lowmcgm.config import SampleSettings, resolve_config
 from lowmcgm.memory import trace as mt
-from lowmcgm.memory.estimate import build_job
+from lowmcgm.memory.estimate import build_job, config_words
 from lowmcgm.memory.peers import KOHYA_DOC_FLAGS, check_kohya_checkout
+from lowmcgm.sampler import resolve_guidance
 
 GFLOP = 1e9
 NO_MCGM_LOSSES = {"loss.use_attention_loss": False, "loss.use_mask_tokens": False}
@@ -42,52 +44,65 @@ SD_ROWS = [
     ("8gb", "8gb", {}, (32, 4)),
 ]
 SDXL_ROWS = [("sdxl-8gb", "sdxl-8gb", {}, None), ("sdxl-12gb", "sdxl-12gb", {}, None)]
-SAMPLING = [("sd15", 512), ("sdxl-base", 1024)]
 GUIDANCE_MODES = ["none", "attention", "latent"]
+
+
+class Model(NamedTuple):
+    rows: list  # SD_ROWS or SDXL_ROWS
+    base: str  # the base model the rows train and sample (estimate.resolve_model's names)
+    label: str  # as the tables name it
+    resolution: int  # px, sampling; training takes the preset's
+    kohya: bool  # whether peers.py can trace kohya's step beside it (its SD 1.x step only)
+
+
+MODELS = {
+    "sd15": Model(SD_ROWS, "sd15", "SD 1.5 512 px", 512, kohya=True),
+    "sdxl": Model(SDXL_ROWS, "sdxl-base", "SDXL 1024 px", 1024, kohya=False),
+}
 
 
 def describe(cfg) -> str:
     """The settings that decide compute, in a few words."""
-    m, lo, t = cfg.model, cfg.lora, cfg.train
+    t = cfg.train
     images = t.batch_size * (2 if t.use_prior_preservation else 1)
-    what = [f"LoRA r{lo.rank}" + (" +TE" if lo.use_text_encoder_lora else ""), f"{m.mixed_precision}"]
-    what += ["ckpt"] * m.use_gradient_checkpointing + ["prior"] * t.use_prior_preservation
-    what += [f"batch {t.batch_size} ({images} image{'s' * (images > 1)}/step)"]
-    if not cfg.loss.use_attention_loss:
-        what.append("no attention loss")
-    if not cfg.loss.use_mask_tokens:
-        what.append("no mask tokens")
-    return ", ".join(what)
+    return ", ".join(config_words(cfg, batch_note=f" ({images} image{'s' * (images > 1)}/step)"))
 
 
 def g(flops: float) -> str:
     return f"{flops / GFLOP:,.0f}"
 
 
+def g_small(flops: float) -> str:
+    """GFLOP of a small part (the capture): one decimal under 10, 0 when there is none."""
+    if flops == 0:
+        return "0"
+    return f"{flops / GFLOP:,.1f}" if flops < 10 * GFLOP else g(flops)
+
+
 def step_cells(fig: dict) -> list[str]:
     """total, forward, backward, recompute, capture, losses (GFLOP; losses as element ops)."""
     w = fig["windows"]
     return [g(fig["total_flops"]), g(w["forward"]), g(w["backward"]), g(w["recompute"]),
-            g(fig["capture_flops"]), f"0 ({fig['losses_element_ops'] / 1e6:.2f} M el.)"
+            g_small(fig["capture_flops"]), f"0 ({fig['losses_element_ops'] / 1e6:.2f} M el.)"
             if fig["losses_flops"] == 0 else g(fig["losses_flops"])]
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--kohya", metavar="PATH", help="a kohya-ss/sd-scripts checkout: count its step beside lowmcgm's")
-    ap.add_argument("--model", choices=("sd15", "sdxl"), default="sd15",
+    ap.add_argument("--model", choices=tuple(MODELS), default="sd15",
                     help="SD 1.5 at 512 px (with kohya beside it) or SDXL at 1024 px (lowmcgm alone)")
     ap.add_argument("--json", help="write the figures here too")
     args = ap.parse_args(argv)
     kohya = str(check_kohya_checkout(args.kohya)) if args.kohya else None  # fail before tracing
-    if kohya and args.model != "sd15":
+    model = MODELS[args.model]
+    if kohya and not model.kohya:
         ap.error("--kohya counts kohya's SD 1.x step: use --model sd15")
     started = time.perf_counter()
 
-    rows = SD_ROWS if args.model == "sd15" else SDXL_ROWS
+    rows = model.rows
     cfgs = [resolve_config(preset, None, over) for _, preset, over, _ in rows]
-    jobs = [build_job(cfg, "sdxl-base" if preset.startswith("sdxl") else "sd15", None)
-            for cfg, (_, preset, _, _) in zip(cfgs, rows)]
+    jobs = [build_job(cfg, model.base, None) for cfg in cfgs]
     ours = mt.run_traced("lowmcgm.memory.flops:count_jobs", {"jobs": jobs}, 3600, mode="fake")["result"]
     runs = sorted({peer for *_, peer in rows if peer is not None})
     peers = {}
@@ -96,9 +111,8 @@ def main(argv: list[str] | None = None) -> int:
             "kohya": kohya, "runs": [{"rank": r, "resolution": 512, "batch_size": b} for r, b in runs]},
             3600, mode="fake")["result"]
         peers = {(r["rank"], r["batch_size"]): r for r in res}
-    sampling = {model: mt.run_traced("lowmcgm.memory.flops:count_sampling", {
-        "model": model, "resolution": px, "modes": GUIDANCE_MODES}, 1800, mode="fake")["result"]
-        for model, px in SAMPLING if (model == "sd15") == (args.model == "sd15")}
+    sampling = mt.run_traced("lowmcgm.memory.flops:count_sampling", {
+        "model": model.base, "resolution": model.resolution, "modes": GUIDANCE_MODES}, 1800, mode="fake")["result"]
     wall = time.perf_counter() - started
 
     head = ("| configuration | settings | phase | total | forward | backward | recompute | attention capture "
@@ -114,36 +128,34 @@ def main(argv: list[str] | None = None) -> int:
                          + " | ".join(step_cells(fig)) + " | - |")
     table_rows = []
     for (label, preset, over, peer), cfg, res in zip(rows, cfgs, ours):
-        model = "SDXL 1024 px" if preset.startswith("sdxl") else "SD 1.5 512 px"
         for ph in res["phases"]:
             ratio = ""
             if peer in peers:
                 ratio = f"{ph['total_flops'] / peers[peer]['total_flops']:.3f}"
-            lines.append(f"| {label} ({model}) | {describe(cfg)} | {ph['phase']} | " + " | ".join(step_cells(ph))
+            lines.append(f"| {label} ({model.label}) | {describe(cfg)} | {ph['phase']} | " + " | ".join(step_cells(ph))
                          + f" | {ratio} |")
             table_rows.append({"label": label, "preset": preset, "overrides": over, "settings": describe(cfg),
-                               "model": model, "kohya_peer": peer, "ratio_to_kohya": float(ratio) if ratio else None,
+                               "model": model.label, "kohya_peer": peer, "ratio_to_kohya": float(ratio) if ratio else None,
                                **ph})
 
-    steps = SampleSettings().steps
-    guided = max(1, steps // 2)
+    sample = resolve_guidance(SampleSettings(pose_guidance="latent"))  # the sampler's defaults, 0s written out
+    steps, guided = sample.steps, sample.pose_guidance_steps
     lines += ["", f"Sampling, GFLOP per denoising step (classifier-free guidance: the UNet on 2 rows) and per "
                   f"image at {steps} steps, {guided} guided, plus the VAE decode:", "",
               "| model | pose guidance | step (UNet) | of which backward + recompute | per image | extra per image "
               "| ratio to unguided |", "|---" * 7 + "|"]
     sampling_rows = []
-    for model, figs in sampling.items():
-        plain = next(f for f in figs if f["mode"] == "none")
-        plain_image = steps * plain["step_flops"] + plain["decode_flops"]
-        for fig in figs:
-            guided_steps = guided if fig["mode"] != "none" else 0
-            image = ((steps - guided_steps) * plain["step_flops"] + guided_steps * fig["step_flops"]
-                     + fig["decode_flops"])
-            grad = fig["windows"]["backward"] + fig["windows"]["recompute"]
-            lines.append(f"| {model} | {fig['mode']} | {g(fig['step_flops'])} | {g(grad)} | {g(image)} | "
-                         f"{g(image - plain_image)} | {image / plain_image:.2f} |")
-            sampling_rows.append({"model": model, "mode": fig["mode"], "per_image_flops": image,
-                                  "extra_per_image_flops": image - plain_image, **fig})
+    plain = next(f for f in sampling if f["mode"] == "none")
+    plain_image = steps * plain["step_flops"] + plain["decode_flops"]
+    for fig in sampling:
+        guided_steps = guided if fig["mode"] != "none" else 0
+        image = ((steps - guided_steps) * plain["step_flops"] + guided_steps * fig["step_flops"]
+                 + fig["decode_flops"])
+        grad = fig["windows"]["backward"] + fig["windows"]["recompute"]
+        lines.append(f"| {model.base} | {fig['mode']} | {g(fig['step_flops'])} | {g(grad)} | {g(image)} | "
+                     f"{g(image - plain_image)} | {image / plain_image:.2f} |")
+        sampling_rows.append({"model": model.base, "mode": fig["mode"], "per_image_flops": image,
+                              "extra_per_image_flops": image - plain_image, **fig})
     lines += ["", "kohya flags: " + " ".join(KOHYA_DOC_FLAGS) + " --resolution=512, --network_dim and "
               "--train_batch_size as in each row" if kohya else "kohya: not counted (no --kohya PATH)",
               "", f"Counted in {wall:.0f} s."]
