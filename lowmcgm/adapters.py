@@ -97,6 +97,21 @@ def compute_fp8_scale(weight: torch.Tensor) -> torch.Tensor:
     return torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
 
 
+def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``weight`` as fp8 storage keeps it: divided by its scale (``compute_fp8_scale``), rounded to
+    float8_e4m3fn. ``StoredInFp8(dtype, scale)(stored)`` reads it back.
+
+    Args:
+        weight: any shape and floating dtype.
+
+    Returns:
+        (stored, scale): ``stored`` float8_e4m3fn of ``weight``'s shape, ``scale`` a 0-d fp32 tensor.
+    """
+    scale = compute_fp8_scale(weight)
+    scaled = (weight.detach().float() / scale).clamp_(-FP8_MAX, FP8_MAX)
+    return scaled.to(torch.float8_e4m3fn), scale
+
+
 def store_in_fp8(model: nn.Module, compute_dtype: torch.dtype) -> None:
     """Frozen Linear and Conv2d weights of ``model`` stored in fp8 (``model.fp8_base``) with a
     per-tensor scale, as OneTrainer's ``LinearFp8``. Norms, embeddings (the handles' rows train in
@@ -108,11 +123,8 @@ def store_in_fp8(model: nn.Module, compute_dtype: torch.dtype) -> None:
         if "lora_" in name or parametrize.is_parametrized(module, "weight"):  # PEFT's lora_A/B; stored already
             continue
         if isinstance(module, (nn.Linear, nn.Conv2d)) and not module.weight.requires_grad:
-            scale = compute_fp8_scale(module.weight)
             # Stored first: a parametrization may not change the stored dtype itself.
-            scaled = (module.weight.data.float() / scale).clamp_(-FP8_MAX, FP8_MAX)
-            module.weight.data = scaled.to(torch.float8_e4m3fn)
-            del scaled
+            module.weight.data, scale = quantize_fp8(module.weight.data)
             parametrize.register_parametrization(module, "weight", StoredInFp8(compute_dtype, scale), unsafe=True)
 
 
