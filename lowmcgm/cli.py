@@ -17,7 +17,7 @@ from lowmcgm.errors import UserError
 from lowmcgm.run_folder import hold_folder, run_files
 from lowmcgm.signals import exit_code, route_stop_signals, signal_name
 from lowmcgm.terminal import escape_controls
-from lowmcgm.write_guard import check_not_inputs, check_writable_folder
+from lowmcgm.write_guard import check_not_inputs, check_writable_folder, same_file
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT; SIGTERM gives 143, SIGHUP 129 (signals.exit_code)
@@ -198,18 +198,16 @@ def _train_config(args: argparse.Namespace):
     # run's own on --resume (the troubleshooting table's way to resume): that one the run reads
     # whole first, and rewrites only to record a changed setting (output.write_effective_config).
     out = Path(cfg.output.out).expanduser()
-    own_config = bool(args.resume and args.config) and _same_file(Path(args.config).expanduser(), out / "config.toml")
-    check_not_inputs(run_files(out, cfg.output.artifact_name),
-                     ["" if own_config else args.config or "",
-                      args.preset if args.preset and Path(args.preset).is_file() else ""])
+    own_config = bool(args.resume and args.config) and same_file(args.config, out / "config.toml")
+    preset, config = _config_files(args)
+    check_not_inputs(run_files(out, cfg.output.artifact_name), [preset, "" if own_config else config])
     return cfg
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return a.samefile(b)
-    except OSError:
-        return False
+def _config_files(args: argparse.Namespace) -> tuple[str, str]:
+    """The files a command's settings are read from: (--preset when it names a file, --config); '' where none."""
+    preset = args.preset if args.preset and Path(args.preset).is_file() else ""
+    return preset, args.config or ""
 
 
 SAMPLING_OOM = ("CUDA ran out of memory while sampling: try --vae-slicing (or --vae-tiling for large images), "
@@ -302,8 +300,7 @@ def _check_events(args: argparse.Namespace, cfg: Any, more_inputs: Iterable[str]
     from lowmcgm.trainer import input_files
 
     out = Path(cfg.output.out).expanduser()
-    preset = args.preset if args.preset and Path(args.preset).is_file() else ""
-    check_event_log(args.events, [*input_files(cfg), args.config or "", preset, *more_inputs],
+    check_event_log(args.events, [*input_files(cfg), *_config_files(args), *more_inputs],
                     [*run_files(out, cfg.output.artifact_name), out / LOCK_NAME],
                     [out / name for name in RUN_FOLDERS])
 

@@ -3,9 +3,9 @@ write failure as one line.
 
 Three rules, one place:
 
-- ``check_not_inputs``: an output that is one of the command's inputs (the same path, resolved,
-  or the same file under another name: same device and inode, as a hard link or a symlink gives)
-  is refused before anything is written. ``export A --out A`` would otherwise replace the trained
+- ``check_not_inputs``: an output that is one of the command's inputs (``same_file``: the same
+  path, resolved, or the same file under another name: same device and inode, as a hard link or a
+  symlink gives) is refused before anything is written. ``export A --out A`` would otherwise replace the trained
   artifact by a LoRA without its mask encoder.
 - ``check_new_files``: an existing file is replaced only with ``--force``.
 - ``check_writable_folder`` and ``writing``: a folder is proven writable by writing into it (root
@@ -28,12 +28,36 @@ from safetensors import SafetensorError
 from lowmcgm.errors import UserError
 
 
-def _identity(path: Path) -> tuple[int, int] | None:
+def _identity(target: int | Path) -> tuple[int, int] | None:
+    """(device, inode) of a path (followed through symlinks) or an open file descriptor; None if absent."""
     try:
-        info = path.stat()
+        info = os.fstat(target) if isinstance(target, int) else target.stat()
     except (OSError, ValueError):
         return None
     return info.st_dev, info.st_ino
+
+
+def same_file(a: int | str | Path, b: str | Path) -> bool:
+    """Whether ``a`` and ``b`` name one file: the same path once resolved (``..``, symlinks; the file
+    need not exist yet), or the same device and inode (a hard link, a bind mount).
+
+    Args:
+        a: a path, or an open file descriptor (then compared by device and inode only).
+        b: a path.
+    """
+    b = Path(b).expanduser()
+    if not isinstance(a, int):
+        a = Path(a).expanduser()
+        if a.resolve() == b.resolve():
+            return True
+    identity = _identity(a)
+    return identity is not None and identity == _identity(b)
+
+
+def inside_folder(path: str | Path, folder: str | Path) -> bool:
+    """Whether ``path`` lies (at any depth) in ``folder``, both resolved: ``out/previews/../x`` is not in
+    ``out/previews``, a symlink into it is."""
+    return Path(folder).expanduser().resolve() in Path(path).expanduser().resolve().parents
 
 
 def check_not_inputs(outputs: Iterable[str | Path], inputs: Iterable[str | Path], folders: Iterable[str | Path] = ()
@@ -49,19 +73,16 @@ def check_not_inputs(outputs: Iterable[str | Path], inputs: Iterable[str | Path]
     Raises:
         UserError: naming the input and the output.
     """
-    readers = [(Path(p).expanduser(), Path(p).expanduser().resolve(), _identity(Path(p).expanduser()))
-               for p in inputs if str(p)]
+    readers = [Path(p).expanduser() for p in inputs if str(p)]
     for out in outputs:
         out = Path(out).expanduser()
-        resolved, identity = out.resolve(), _identity(out)
-        for given, real, ident in readers:
-            if resolved == real or (identity is not None and identity == ident):
+        for given in readers:
+            if same_file(out, given):
                 raise UserError(f"{out} is also an input of this command ({given}); writing it would destroy it: "
                                 "choose another output path.")
     for folder in folders:
-        real_folder = Path(folder).expanduser().resolve()
-        for given, real, _ in readers:
-            if real_folder in real.parents:
+        for given in readers:
+            if inside_folder(given, folder):
                 raise UserError(f"Input {given} lies in {folder}, which this command writes into: move it out "
                                 "first, or choose another output path.")
 
