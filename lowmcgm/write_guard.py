@@ -136,8 +136,45 @@ def writing(path: Path) -> Iterator[None]:
 
 def temporary_name(path: Path) -> Path:
     """Where ``replacing`` writes ``path`` first: a hidden name beside it, with this process's id
-    (``artifact.remove_stale_temporaries`` removes a killed process's leftovers by that id)."""
+    (``remove_stale_temporaries`` removes a killed process's leftovers by that id)."""
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete ``replacing``'s temporaries (``temporary_name``) in ``folder`` left by a process that no longer runs.
+
+    A killed run (SIGKILL, power loss) cannot clean up after itself; its half-written files are
+    removed when a run resumes in the same folder. Returns the files removed.
+    """
+    removed = []
+    for tmp in Path(folder).glob(".*.tmp-*"):
+        pid = tmp.name.rpartition(".tmp-")[2]
+        if not pid.isdigit() or int(pid) == os.getpid() or _process_alive(int(pid)) or not tmp.is_file():
+            continue
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # someone else's process, or a number no process has: leave the file alone
+    return True
+
+
+def finish_temporary(tmp: Path) -> None:
+    """Flush ``tmp`` (a file written in a ``replacing`` block) to disk and give it a new file's
+    permissions (0666 less the umask): writers such as safetensors create 0600, and a shared
+    artifact or export should be readable like any other file."""
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
 
 
 @contextlib.contextmanager
