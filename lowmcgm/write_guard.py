@@ -12,7 +12,9 @@ Three rules, one place:
   passes every permission test, but not a read-only or kernel file system), and an ``OSError``
   while writing becomes a ``UserError`` naming the file.
 - ``replacing``: every file is written whole or not at all: under a temporary name beside it,
-  renamed over it once complete (a full disk leaves the old file, or none, never half of one).
+  renamed over it once complete (a full disk leaves the old file, or none, never half of one);
+  ``finish_temporary`` flushes a large one to disk first, and ``remove_stale_temporaries`` clears
+  those a killed process left.
 """
 
 from __future__ import annotations
