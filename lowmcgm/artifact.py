@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ from lowmcgm import __version__
 from lowmcgm.dtypes import torch_dtype
 from lowmcgm.errors import UserError
 from lowmcgm.limits import MAX_LORA_RANK, MAX_MASK_SIZE, MAX_RESOLUTION_PX, MAX_TEXT_WIDTH
-from lowmcgm.write_guard import replacing
+from lowmcgm.write_guard import finish_temporary, replacing
 
 FORMAT_NAME = "lowmcgm"
 FORMAT_VERSION = 3  # the newest this lowmcgm writes and reads
@@ -52,10 +51,7 @@ def atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
         with open(tmp, "rb+") as fh:
             _sort_metadata(fh)
-            os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # the writer creates 0600; a shared artifact should be readable
+        finish_temporary(tmp)  # the writer creates 0600; a shared artifact should be readable
 
 
 def _sort_metadata(fh: Any) -> None:
@@ -76,32 +72,6 @@ def _sort_metadata(fh: Any) -> None:
         return
     fh.seek(8)
     fh.write(text + b" " * (length - len(text)))
-
-
-def remove_stale_temporaries(folder: Path) -> list[Path]:
-    """Delete ``atomic_save`` temporaries in ``folder`` left by a process that no longer runs.
-
-    A killed run (SIGKILL, power loss) cannot clean up after itself; its half-written files are
-    removed when a run resumes in the same folder. Returns the files removed.
-    """
-    removed = []
-    for tmp in Path(folder).glob(".*.tmp-*"):
-        pid = tmp.name.rpartition(".tmp-")[2]
-        if not pid.isdigit() or int(pid) == os.getpid() or _process_alive(int(pid)) or not tmp.is_file():
-            continue
-        tmp.unlink(missing_ok=True)
-        removed.append(tmp)
-    return removed
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, ValueError):
-        return True  # someone else's process, or a number no process has: leave the file alone
-    return True
 
 
 def read_header(path: Path, max_header_bytes: int = MAX_HEADER_BYTES) -> tuple[dict[str, Any], dict[str, str]]:

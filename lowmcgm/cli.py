@@ -17,7 +17,7 @@ from lowmcgm.errors import UserError
 from lowmcgm.run_folder import hold_folder, run_files
 from lowmcgm.signals import exit_code, route_stop_signals, signal_name
 from lowmcgm.terminal import escape_controls
-from lowmcgm.write_guard import check_not_inputs, check_writable_folder
+from lowmcgm.write_guard import check_not_inputs, check_writable_folder, same_file
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT; SIGTERM gives 143, SIGHUP 129 (signals.exit_code)
@@ -31,11 +31,7 @@ class _Parser(argparse.ArgumentParser):
     """
 
     def error(self, message: str) -> Any:
-        raise _ParserRefusal(f"{message}; '{self.prog} --help' lists the options.")
-
-
-class _ParserRefusal(UserError):
-    """A command line argparse refuses; raised before any command runs."""
+        raise UserError(f"{message}; '{self.prog} --help' lists the options.")
 
 
 def _add_config_args(p: argparse.ArgumentParser, example: str = "train.lora_lr=1e-4") -> None:
@@ -198,18 +194,16 @@ def _train_config(args: argparse.Namespace):
     # run's own on --resume (the troubleshooting table's way to resume): that one the run reads
     # whole first, and rewrites only to record a changed setting (output.write_effective_config).
     out = Path(cfg.output.out).expanduser()
-    own_config = bool(args.resume and args.config) and _same_file(Path(args.config).expanduser(), out / "config.toml")
-    check_not_inputs(run_files(out, cfg.output.artifact_name),
-                     ["" if own_config else args.config or "",
-                      args.preset if args.preset and Path(args.preset).is_file() else ""])
+    own_config = bool(args.resume and args.config) and same_file(args.config, out / "config.toml")
+    preset, config = _config_files(args)
+    check_not_inputs(run_files(out, cfg.output.artifact_name), [preset, "" if own_config else config])
     return cfg
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return a.samefile(b)
-    except OSError:
-        return False
+def _config_files(args: argparse.Namespace) -> tuple[str, str]:
+    """The files a command's settings are read from: (--preset when it names a file, --config); '' where none."""
+    preset = args.preset if args.preset and Path(args.preset).is_file() else ""
+    return preset, args.config or ""
 
 
 SAMPLING_OOM = ("CUDA ran out of memory while sampling: try --vae-slicing (or --vae-tiling for large images), "
@@ -280,16 +274,16 @@ def _progress(args: argparse.Namespace) -> Iterator[Any]:
     from lowmcgm.progress import EventLog, ProgressPrinter, tee
 
     log = EventLog(args.events) if getattr(args, "events", None) else None
+    refused = False
     try:
         with ProgressPrinter() as printer:
             yield tee(printer, log)
     except UserError:
-        if log is not None:
-            log.close(refused=True)
+        refused = True
         raise
     finally:
         if log is not None:
-            log.close()
+            log.close(refused=refused)
 
 
 def _check_events(args: argparse.Namespace, cfg: Any, more_inputs: Iterable[str] = ()) -> None:
@@ -302,8 +296,7 @@ def _check_events(args: argparse.Namespace, cfg: Any, more_inputs: Iterable[str]
     from lowmcgm.trainer import input_files
 
     out = Path(cfg.output.out).expanduser()
-    preset = args.preset if args.preset and Path(args.preset).is_file() else ""
-    check_event_log(args.events, [*input_files(cfg), args.config or "", preset, *more_inputs],
+    check_event_log(args.events, [*input_files(cfg), *_config_files(args), *more_inputs],
                     [*run_files(out, cfg.output.artifact_name), out / LOCK_NAME],
                     [out / name for name in RUN_FOLDERS])
 
@@ -420,23 +413,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     import shlex
 
-    from lowmcgm.config import resolve_config
     from lowmcgm.output import check_output_dir
     from lowmcgm.prompts import load_prompts_file
     from lowmcgm.run_folder import check_run_folder
-    from lowmcgm.toy.demo import DEMO_PRESET, demo_run, describe_base, write_demo_inputs
+    from lowmcgm.toy.demo import DEMO_PRESET, demo_inputs, demo_run, describe_base, write_demo_inputs
 
     size_px, note = describe_base(args.base_model)  # fails here when the toy model is not bundled
     if note:
         _print(note)
     out = check_output_dir(args.out)
-    # Its inputs are written into <out>/inputs: a folder holding another run is refused first.
-    check_run_folder(out, resolve_config(DEMO_PRESET, None, {}).output.artifact_name, resume=False,
-                     overwrite=args.overwrite)
-    run = demo_run(write_demo_inputs(out / "inputs", size_px), out, args.base_model, overwrite=args.overwrite,
+    run = demo_run(demo_inputs(out / "inputs"), out, args.base_model, overwrite=args.overwrite,
                    pose_guidance=args.guidance or "")
+    cfg = run.config()
+    # Its inputs are written into <out>/inputs: a folder holding another run is refused first.
+    check_run_folder(out, cfg.output.artifact_name, resume=False, overwrite=args.overwrite)
+    write_demo_inputs(out / "inputs", size_px)
     _print(f"The demo is: lowmcgm {shlex.join(run.command())}")
-    return _train_then_sample(args, run.config(), DEMO_PRESET, load_prompts_file(run.prompts), {}, resume=False,
+    return _train_then_sample(args, cfg, DEMO_PRESET, load_prompts_file(run.prompts), {}, resume=False,
                               overwrite=run.overwrite)
 
 
@@ -492,7 +485,7 @@ def _cmd_ui(args: argparse.Namespace) -> int:
                   preset=args.preset)
     closing = page.lowmcgm_state.jobs.close()  # the page is closing: a running job checkpoints and stops too
     if closing:
-        print(closing)
+        _print(closing)
     return 0
 
 
@@ -586,13 +579,19 @@ def _output_arg(args: argparse.Namespace) -> str:
     return out
 
 
+def _error_line(exc: UserError) -> str:
+    """The refusal as one ``error:`` line, whatever a message quotes (file names and metadata may hold
+    line breaks)."""
+    return "error: " + " ".join(str(exc).splitlines())
+
+
 def main(argv: list[str] | None = None) -> int:
     from lowmcgm.output import first_missing_folder, remove_empty_folders
 
     try:
         args = build_parser().parse_args(argv)
-    except _ParserRefusal as exc:
-        _say("error: " + " ".join(str(exc).splitlines()))
+    except UserError as exc:  # argparse's refusal (_Parser.error), before any command runs
+        _say(_error_line(exc))
         return EXIT_USER_ERROR
     if sys.stdout is None:  # started with stdout closed (>&-): what the command did could not be said
         _say("error: standard output is closed; redirect it to a file or /dev/null instead (>/dev/null).")
@@ -618,8 +617,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         if args.debug:
             raise
-        # One line, whatever a message quotes (file names and metadata may hold line breaks).
-        _say("error: " + " ".join(str(exc).splitlines()))
+        _say(_error_line(exc))
         return EXIT_USER_ERROR
     except KeyboardInterrupt as exc:
         _say(f"Interrupted ({signal_name(getattr(exc, 'signum', signal.SIGINT))}); "

@@ -20,7 +20,7 @@ from typing import Any, Callable, Collection
 
 from lowmcgm.dtypes import DTYPE_NAMES
 from lowmcgm.errors import UserError
-from lowmcgm.limits import (MAX_GUIDANCE_SCALE, MAX_LEARNING_RATE, MAX_LORA_RANK, MAX_LOSS_WEIGHT,
+from lowmcgm.limits import (MAX_GRAD_NORM, MAX_GUIDANCE_SCALE, MAX_LEARNING_RATE, MAX_LORA_RANK, MAX_LOSS_WEIGHT,
                             MAX_POSE_GUIDANCE_STRENGTH, MAX_RESOLUTION_PX, MAX_SEED, MAX_STEPS, read_text_file)
 
 
@@ -37,9 +37,20 @@ def _f(default: Any, help: str, *, choices: tuple[str, ...] = (), flag: str = ""
             "must be positive" for at least 1, "must be at most 2048").
         above, below: exclusive limits ("must be > 0", "must be below 1"), where the limit itself
             is refused (AdamW's betas lie in [0, 1)).
+
+    Raises:
+        TypeError: a sequence default that is not a tuple; two lower limits (of ``bounds``,
+            ``at_least``, ``above``) or two upper ones (of ``bounds``, ``at_most``, ``below``):
+            validation says one limit per side, so the other would go unchecked.
     """
     if isinstance(default, (list, dict, set)):
         raise TypeError("use tuples for sequence defaults: configs are frozen")
+    sides = {"lower": {"bounds": bounds, "at_least": at_least, "above": above},
+             "upper": {"bounds": bounds, "at_most": at_most, "below": below}}
+    for side, limits in sides.items():
+        names = [name for name, limit in limits.items() if limit is not None]
+        if len(names) > 1:
+            raise TypeError(f"one {side} limit per field, not {' and '.join(names)}")
     metadata = {"help": help, "choices": tuple(choices), "flag": flag, "bounds": bounds, "at_least": at_least,
                 "at_most": at_most, "above": above, "below": below}
     return field(default=default, metadata=metadata)
@@ -170,7 +181,7 @@ class TrainConfig:
     adam_beta2: float = _f(0.999, "AdamW beta2", at_least=0, below=1)
     adam_weight_decay: float = _f(1e-2, "AdamW weight decay", at_least=0, at_most=1.0)  # each step shrinks by lr x this
     adam_epsilon: float = _f(1e-8, "AdamW epsilon", at_least=0, at_most=1.0)
-    max_grad_norm: float = _f(1.0, "gradient clipping norm", at_least=0, at_most=MAX_LOSS_WEIGHT)
+    max_grad_norm: float = _f(1.0, "gradient clipping norm", at_least=0, at_most=MAX_GRAD_NORM)
     checkpoint_every: int = _f(100, "write a resume checkpoint every N steps (0: only at the end and on Ctrl-C)",
                                at_least=0, at_most=MAX_STEPS)
     use_prior_preservation: bool = _f(False, "add an unmasked loss on class images")

@@ -31,9 +31,11 @@ MAX_STEPS = 1_000_000
 # Learning rates: AdamW moves each weight by about lr per step; past 1 it moves weights of size ~1
 # (handles, LoRA) by more than their size every step. Presets use 2e-6 to 5e-3.
 MAX_LEARNING_RATE = 1.0
-# Loss weights and the gradient clipping norm: the defaults are 0.01 to 1; 10,000 times the
-# diffusion loss drowns it at any precision.
+# Loss weights: the defaults are 0.01 to 1; 10,000 times the diffusion loss drowns it at any precision.
 MAX_LOSS_WEIGHT = 1e4
+# The gradient clipping norm: the default is 1, as in diffusers' and kohya's trainers; 10,000 (the
+# loss weights' limit, chosen on its own) is far above any norm worth clipping at, so more is a typo.
+MAX_GRAD_NORM = 1e4
 # Classifier-free guidance scale: A1111's slider ends at 30; past 100 every image saturates.
 MAX_GUIDANCE_SCALE = 100.0
 # Pose guidance strength: the modes' defaults are 3 and 10 (pose_guidance.DEFAULT_STRENGTH).

@@ -16,7 +16,7 @@ from PIL import Image
 from lowmcgm.config import Config
 from lowmcgm.data import resize_crop, load_image
 from lowmcgm.models import BaseModel
-from lowmcgm.write_guard import replacing
+from lowmcgm.previews import save_png
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -45,8 +45,7 @@ def generate_class_images(base: BaseModel, prompt: str, count: int, folder: Path
         generator = torch.Generator(device="cpu").manual_seed(seed + i)
         image = pipe(prompt, height=size_px, width=size_px, num_inference_steps=25,
                      generator=generator).images[0]
-        with replacing(folder / f"class_{i:05d}.png") as tmp:
-            image.save(tmp, format="PNG")
+        save_png(image, folder / f"class_{i:05d}.png")
     del pipe
     if device.type == "cuda":
         torch.cuda.empty_cache()

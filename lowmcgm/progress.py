@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from lowmcgm.errors import UserError
 from lowmcgm.terminal import escape_controls
-from lowmcgm.write_guard import check_not_inputs, check_writable_folder, writing
+from lowmcgm.write_guard import check_not_inputs, check_writable_folder, inside_folder, same_file, writing
 
 
 def _fmt_bytes(n: int) -> str:
@@ -145,8 +145,8 @@ def check_event_log(path: str | Path, inputs: Iterable[str | Path], outputs: Ite
     """
     path = Path(path).expanduser()
     check_not_inputs([path], inputs)
-    taken = {Path(p).expanduser().absolute() for p in outputs}
-    if path.absolute() in taken or any(Path(f).expanduser().absolute() in path.absolute().parents for f in folders):
+    # Matched as check_not_inputs matches: resolved (``out/../out/x``, a symlink) or the same inode.
+    if any(same_file(path, p) for p in outputs) or any(inside_folder(path, f) for f in folders):
         raise UserError(f"--events {path} is also an output of this command; choose another file for the events.")
     if path.exists() or path.is_symlink():
         if not path.is_file():

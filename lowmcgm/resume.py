@@ -15,12 +15,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lowmcgm import config as config_mod
-from lowmcgm.artifact import load_checkpoint, read_header, remove_stale_temporaries, save_checkpoint
+from lowmcgm.artifact import load_checkpoint, read_header, save_checkpoint
 from lowmcgm.config import Config
 from lowmcgm.errors import UserError
 from lowmcgm.optimizer import ADAMW, OPTIMIZER_TITLES, optimizer_of_state
 from lowmcgm.run_folder import CHECKPOINT_NAME
 from lowmcgm.run_identity import check_same_base, describe, input_fingerprints, resume_differences
+from lowmcgm.write_guard import remove_stale_temporaries
 
 if TYPE_CHECKING:
     from lowmcgm.trainer import Setup, TrainState

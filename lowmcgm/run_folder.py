@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 from lowmcgm.errors import UserError
-from lowmcgm.write_guard import check_writable_folder
+from lowmcgm.write_guard import check_writable_folder, same_file
 
 try:
     import fcntl
@@ -131,18 +131,9 @@ def _lock(path: Path, folder: Path) -> int:
                             "wait for it to finish, or choose another --out.") from None
         # The holder before us may have unlinked the name between our open and our lock: then the
         # lock is on a file nobody else will open; take the one at the name instead.
-        if _same_file(fd, path):
+        if same_file(fd, path):
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
             return fd
         os.close(fd)
     raise UserError(f"Output folder {folder} is in use by other lowmcgm commands: choose another --out.")
-
-
-def _same_file(fd: int, path: Path) -> bool:
-    try:
-        named = os.stat(path)
-    except FileNotFoundError:
-        return False
-    held = os.fstat(fd)
-    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)

@@ -117,7 +117,7 @@ def train(cfg: Config, on_progress: ProgressFn | None = None, resume: bool = Fal
         report({"kind": "message", "level": "warning", "text": warning})
     # 8-bit AdamW runs a test step now, before weights load: a broken bitsandbytes is said (or
     # refused, leaving the output folder empty) in seconds, not as a traceback at the first step.
-    optimizer_name = choose_optimizer(cfg.train, training_device(), _say_info(report))
+    optimizer_name = choose_optimizer(cfg.train, training_device(), _say_on_main_process(report))
 
     base = base or load_base_model(cfg.model.base_model, cfg.model.single_file_config)
     check_settings_fit(cfg, base)  # resolution and LoRA targets, before anything is written
@@ -252,7 +252,7 @@ def training_device() -> torch.device:
 
 
 def build_setup(cfg: Config, base: BaseModel, handle_names: list[str], report: ProgressFn,
-                optimizer_name: str | None = None) -> Setup:
+                optimizer_name: str) -> Setup:
     """Start the accelerator, read the photo at training size, then ``prepare_setup``."""
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=_mixed_precision(cfg, report))
     concept, _ = load_concept_image(cfg.data.image, list(cfg.data.masks), cfg.model.resolution or base.resolution)
@@ -267,18 +267,15 @@ def build_setup(cfg: Config, base: BaseModel, handle_names: list[str], report: P
 
 def prepare_setup(cfg: Config, base: BaseModel, concept: ConceptImage, handle_names: list[str],
                   accelerator: AcceleratorLike, report: ProgressFn,
-                  load_prior: Callable[[torch.device], torch.Tensor], optimizer_name: str | None = None) -> Setup:
+                  load_prior: Callable[[torch.device], torch.Tensor], optimizer_name: str) -> Setup:
     """Freeze the base, add handles and mask encoder, install capture, encode the photo once.
 
     ``lowmcgm estimate`` calls this too, on models built from their configs with fake CUDA tensors
     (a random photo, a stand-in accelerator, random class latents): the memory it reports is this code's.
-    ``optimizer_name`` is ``choose_optimizer``'s choice (``train`` makes it before weights load);
-    None chooses here, on the accelerator's device.
+    ``optimizer_name`` is the optimizer to train with: ``choose_optimizer``'s choice, which ``train``
+    makes before weights load (the estimate passes the one it traces).
     """
     device = accelerator.device
-    if optimizer_name is None:
-        optimizer_name = choose_optimizer(cfg.train, device, _say_info(report) if accelerator.is_main_process
-                                          else lambda text: None)
     weight_dtype = precision_dtype(accelerator.mixed_precision)
     resolution = concept.image.shape[-1]
     mcgm = MCGMState.install(base, handle_names, list(cfg.data.init_words), cfg.loss.use_mask_tokens,
@@ -559,6 +556,17 @@ def _enable_xformers(base: BaseModel, report: ProgressFn) -> None:
 
 def _say_info(report: ProgressFn) -> Callable[[str], None]:
     return lambda text: report({"kind": "message", "level": "info", "text": text})
+
+
+def _say_on_main_process(report: ProgressFn) -> Callable[[str], None]:
+    """``_say_info`` on the main process only: under ``accelerate launch`` every process runs
+    ``train``, before its accelerator exists (``PartialState`` knows the process already)."""
+    if torch.cuda.is_available():
+        from accelerate import PartialState
+
+        if not PartialState().is_main_process:
+            return lambda text: None
+    return _say_info(report)
 
 
 def _say_once(setup: Setup, text: str) -> None:

@@ -864,17 +864,31 @@ EVENTS_CASES = {  # --events FILE is an output like any other (class A)
     "a device that is always full": ("/dev/full", ("is not a regular file",)),
     "under a regular file": ("{regular-file}/events.jsonl", ("exists and is not a folder", "--events")),
     "the run's own artifact": ("{out}/lowmcgm.safetensors", ("is also an output of this command",)),
+    "the run's own artifact, through ..": ("{out}/../out/lowmcgm.safetensors", ("is also an output of this command",)),
+    "a link to the run's own artifact": ("{link}", ("is also an output of this command",)),
+    "in the run's previews": ("{out}/previews/events.jsonl", ("is also an output of this command",)),
 }
 
 
 @pytest.mark.parametrize("case", EVENTS_CASES.values(), ids=EVENTS_CASES.keys())
 def test_events_file_is_guarded_like_every_output(files, artifacts, tmp_path, capsys, case, no_weights_load):
     target, fragments = case
-    target = _fill(target, {**files, "artifact": artifacts["tiny"], "out": tmp_path / "out"})
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(tmp_path / "out" / "lowmcgm.safetensors")  # dangling: the run has not written it yet
+    target = _fill(target, {**files, "artifact": artifacts["tiny"], "out": tmp_path / "out", "link": link})
     protected = {p: _sha(p) for p in (files["photo"], artifacts["tiny"])}
     _refused(capsys, _train_args(files, tmp_path / "out", extra=("--events", target)), fragments, tmp_path)
     assert {p: _sha(p) for p in protected} == protected
     assert not no_weights_load
+
+
+def test_events_file_beside_the_previews_is_taken(tmp_path):
+    """``out/previews/../events.jsonl`` is ``out/events.jsonl``: no output, in no folder the run writes into."""
+    from lowmcgm.progress import check_event_log
+
+    out = tmp_path / "out"
+    (out / "previews").mkdir(parents=True)
+    check_event_log(out / "previews" / ".." / "events.jsonl", [], [out / "lowmcgm.safetensors"], [out / "previews"])
 
 
 @pytest.mark.skipif(not Path("/sys/kernel").is_dir(), reason="no sysfs")

@@ -135,6 +135,17 @@ def _limited_keys(kind: str) -> list[str]:
     return [key for key in all_keys() if config_field(key)[0].metadata[kind] is not None]
 
 
+@pytest.mark.parametrize("limits", [{"bounds": (0, 1), "at_least": 0}, {"at_least": 0, "above": 0},
+                                    {"bounds": (0, 1), "below": 1}, {"at_most": 1, "below": 1}],
+                         ids=["bounds+at_least", "at_least+above", "bounds+below", "at_most+below"])
+def test_a_field_declares_one_limit_per_side(limits):
+    from lowmcgm.config import _f
+
+    with pytest.raises(TypeError, match="one (lower|upper) limit per field"):
+        _f(0.5, "a number", **limits)
+    _f(0.5, "a number", at_least=0, below=1)  # one each side
+
+
 @pytest.mark.parametrize("key", _limited_keys("at_least"))
 def test_every_declared_lower_limit_is_enforced_with_its_fields_words(key):
     from lowmcgm.config import config_field

@@ -251,8 +251,7 @@ def test_exploding_weights_never_replace_the_last_good_checkpoint(photo, tmp_pat
         return losses
 
     monkeypatch.setattr(trainer, "train_step", exploding_step)
-    cfg = _cfg(photo, tmp_path / "b", **{"train.handle_lr": 1.0, "train.mask_encoder_lr": 1.0,
-                                         "train.checkpoint_every": 1})
+    cfg = _cfg(photo, tmp_path / "b", **{"train.checkpoint_every": 1})
     with pytest.raises(UserError, match="NaN/inf") as info:
         train(cfg)
     assert "learning rate" in str(info.value)

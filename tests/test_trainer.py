@@ -146,20 +146,38 @@ def test_8bit_adamw_failing_its_test_step_trains_with_torch_adamw(photo, tmp_pat
     assert json.loads(meta["info"])["optimizer"] == "adamw"  # what wrote it, not what train.optimizer asked for
 
 
+@pytest.mark.parametrize("main_process", [True, False], ids=["main-process", "other-process"])
+def test_the_fallback_line_is_said_by_the_main_process_only(monkeypatch, main_process):
+    """Under ``accelerate launch`` (here: CUDA and a PartialState stood in), one process says it."""
+    import accelerate
+
+    import lowmcgm.trainer as trainer_mod
+
+    class State:
+        is_main_process = main_process
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(accelerate, "PartialState", State)
+    events = []
+    trainer_mod._say_on_main_process(events.append)("bitsandbytes' 8-bit AdamW needs a CUDA device")
+    assert [e["text"] for e in events] == (["bitsandbytes' 8-bit AdamW needs a CUDA device"] if main_process else [])
+
+
 def test_resume_refuses_the_state_of_the_other_optimizer(photo, tmp_path, monkeypatch):
     import lowmcgm.trainer as trainer_mod
 
-    # On this CPU, 8-bit falls back to torch AdamW, which writes the checkpoint.
-    cfg = _cfg(photo, tmp_path / "b", **{"train.optimizer": "adamw8bit"})
+    # Torch AdamW writes the checkpoint.
+    cfg = _cfg(photo, tmp_path / "b", **{"train.optimizer": "adamw"})
     with pytest.raises(KeyboardInterrupt):
         train(cfg, on_progress=_stop_at(1, 2))
-    # Resumed where bitsandbytes runs: 8-bit would be built, and cannot take torch AdamW's state.
+    # Resumed with 8-bit where bitsandbytes runs: 8-bit would be built, and cannot take torch AdamW's state.
     monkeypatch.setattr(trainer_mod, "choose_optimizer", lambda t, device, say: t.optimizer)
+    eight_bit = apply_overrides(cfg, {"train.optimizer": "adamw8bit"}, "test")
     with pytest.raises(UserError, match=r"was written by torch AdamW, but this run would train with bitsandbytes' "
                                         r"8-bit AdamW .*resume with --set train.optimizer=adamw"):
-        train(cfg, resume=True)
+        train(eight_bit, resume=True)
     # The advice works: the optimizer setting may change on --resume, the optimizer may not.
-    train(apply_overrides(cfg, {"train.optimizer": "adamw"}, "test"), resume=True)
+    train(apply_overrides(eight_bit, {"train.optimizer": "adamw"}, "test"), resume=True)
 
 
 def test_resume_without_checkpoint_is_a_user_error(photo, tmp_path):

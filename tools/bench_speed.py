@@ -30,7 +30,8 @@ def build(preset: str, attention_loss: bool, out: Path):
     from lowmcgm.config import resolve_config
     from lowmcgm.handles import default_handles
     from lowmcgm.models import build_tiny_base
-    from lowmcgm.trainer import build_setup
+    from lowmcgm.optimizer import choose_optimizer
+    from lowmcgm.trainer import build_setup, training_device
 
     cfg = resolve_config(preset, None, {
         "model.base_model": "tiny", "data.image": str(EXAMPLE / "photo.png"),
@@ -39,7 +40,8 @@ def build(preset: str, attention_loss: bool, out: Path):
         # Prior preservation (if the preset has it) stays on, with few class images: generating the
         # default 100 would take minutes and changes nothing in a step.
         "train.num_class_images": 4})
-    return build_setup(cfg, build_tiny_base("tiny"), default_handles(2), lambda event: None)
+    optimizer = choose_optimizer(cfg.train, training_device(), print)
+    return build_setup(cfg, build_tiny_base("tiny"), default_handles(2), lambda event: None, optimizer)
 
 
 def time_phase(setups: dict, phase: int, steps: int, warmup: int) -> dict[str, list[float]]:

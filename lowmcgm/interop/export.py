@@ -34,7 +34,6 @@ files, starting phase 2 from one) is ``lora_import``'s job.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,7 +44,8 @@ from lowmcgm import __version__
 from lowmcgm.artifact import Artifact, atomic_save, load_artifact, stale_pooling_warning
 from lowmcgm.dtypes import DTYPE_NAMES, torch_dtype
 from lowmcgm.errors import UserError
-from lowmcgm.write_guard import check_new_files, check_not_inputs, check_writable_folder, writing
+from lowmcgm.write_guard import (check_new_files, check_not_inputs, check_writable_folder, finish_temporary,
+                                 replacing)
 from lowmcgm.interop.formats import (A1111_EMBEDDING_KEY, BUNDLE_PREFIX, DIFFUSERS_EMBEDS_NAME, DIFFUSERS_LORA_NAME,
                                      KOHYA_TE_PREFIX, KOHYA_UNET_PREFIX, SDXL_CLIP_G_KEY, SDXL_CLIP_L_KEY, peft_modules,
                                      strip_text_model)
@@ -336,13 +336,9 @@ def export_diffusers(artifact: Artifact, out_dir: Path, dtype: str = "fp16") -> 
             "bias": "none", "init_lora_weights": True,
         }
     lora_path = out_dir / DIFFUSERS_LORA_NAME
-    tmp_name = f".{DIFFUSERS_LORA_NAME}.tmp-{os.getpid()}"
-    try:
-        with writing(lora_path):
-            pipeline.save_lora_weights(out_dir, weight_name=tmp_name, **layers)
-            _publish(out_dir / tmp_name, lora_path)
-    finally:
-        (out_dir / tmp_name).unlink(missing_ok=True)
+    with replacing(lora_path) as tmp:  # diffusers writes the file by name: the temporary's, in the same folder
+        pipeline.save_lora_weights(out_dir, weight_name=tmp.name, **layers)
+        finish_temporary(tmp)
     embeds_path = out_dir / DIFFUSERS_EMBEDS_NAME
     atomic_save(build_diffusers_embeddings(artifact), {"lowmcgm_version": __version__,
                                                        "lowmcgm_handles": json.dumps(artifact.handles)}, embeds_path)
@@ -382,13 +378,3 @@ def _prepare_folder(folder: Path) -> None:
     except OSError as exc:
         raise UserError(f"Cannot create the output folder {folder} ({exc.strerror}); choose another --out.") from exc
     check_writable_folder(folder)  # by writing: root passes os.access on read-only file systems
-
-
-def _publish(tmp: Path, path: Path) -> None:
-    """Flush ``tmp`` to disk and rename it to ``path`` (readable like any new file)."""
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)

@@ -88,6 +88,7 @@ def build_traced_setup(config: dict[str, Any], model: str, attention: str = "sdp
     """
     from lowmcgm.handles import default_handles
     from lowmcgm.models import TINY_WORDS
+    from lowmcgm.optimizer import ADAMW
     from lowmcgm.trainer import prepare_setup, resolved_notes
 
     s = mt.session()
@@ -111,8 +112,11 @@ def build_traced_setup(config: dict[str, Any], model: str, attention: str = "sdp
     prior = torch.randn(2, base.vae.config.latent_channels, latent, latent) \
         if cfg.train.use_prior_preservation else None  # stands for the encoded class images
     acc = TraceAccelerator(s.device, "no" if s.device.type == "cpu" else cfg.model.mixed_precision)
+    # The configured optimizer is traced as is (no test step: on fake CUDA it would prove nothing);
+    # on the CPU of a real reference run, torch AdamW, as choose_optimizer falls back there.
+    optimizer = cfg.train.optimizer if s.device.type == "cuda" else ADAMW
     setup = prepare_setup(cfg, base, _random_concept(resolution, n), default_handles(n), acc,
-                          lambda event: None, lambda device: prior)
+                          lambda event: None, lambda device: prior, optimizer)
     install_attention_layout(setup, attention)
     notes += list(resolved_notes(cfg, base))
     return cfg, setup, notes

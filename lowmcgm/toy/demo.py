@@ -29,10 +29,11 @@ from PIL import Image
 
 from lowmcgm.config import Config, config_field, field_flag, resolve_config
 from lowmcgm.models import TINY_NAMES, TOY_NAME
+from lowmcgm.previews import save_png
 from lowmcgm.toy.bundled import read_toy_info, require_toy_model
 from lowmcgm.toy.scenes import Scene, handle_prompt, render_scene, save_mask
 from lowmcgm.toy.silhouettes import Subject, render_pose_mask
-from lowmcgm.write_guard import replacing, write_text_whole
+from lowmcgm.write_guard import write_text_whole
 
 DEMO_PRESET = "toy-cpu"
 DEFAULT_SIZE_PX = 256  # bases without a toyworld.json: a sharp render, resized by the trainer
@@ -88,22 +89,27 @@ def write_demo_inputs(folder: Path, size_px: int) -> DemoInputs:
     Returns:
         The paths, in handle order for the masks.
     """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    inputs = demo_inputs(folder)
+    inputs.prompts.parent.mkdir(parents=True, exist_ok=True)
     image, masks = render_scene(DEMO_SCENE, size_px)
-    photo = folder / "photo.png"
-    with replacing(photo) as tmp:
-        Image.fromarray(image).save(tmp, format="PNG")
-    mask_paths = tuple(Path(save_mask(m, folder / f"{s.kind}.png")) for s, m in zip(DEMO_SCENE.subjects, masks))
-    pose_paths = tuple(Path(save_mask(render_pose_mask(size_px=size_px, **spec), folder / f"{name}.png"))
-                       for name, spec in POSES.items())
+    save_png(Image.fromarray(image), inputs.photo)
+    for mask, path in zip(masks, inputs.masks):
+        save_mask(mask, path)
+    for spec, path in zip(POSES.values(), inputs.poses):
+        save_mask(render_pose_mask(size_px=size_px, **spec), path)
     lines = ["# The demo's prompts: each handle posed by a mask in this folder (lowmcgm run --prompts)."]
     for background, poses in PROMPTS:
         text = handle_prompt(list(poses), background)
         lines.append(" | ".join([text] + [f"{h[1:-1]}={stem}.png" for h, stem in poses.items()]))
-    prompts = folder / "prompts.txt"
-    write_text_whole(prompts, "\n".join(lines) + "\n")
-    return DemoInputs(photo, mask_paths, pose_paths, prompts)
+    write_text_whole(inputs.prompts, "\n".join(lines) + "\n")
+    return inputs
+
+
+def demo_inputs(folder: Path) -> DemoInputs:
+    """Where ``write_demo_inputs`` writes its files in ``folder`` (nothing is written)."""
+    folder = Path(folder)
+    return DemoInputs(folder / "photo.png", tuple(folder / f"{s.kind}.png" for s in DEMO_SCENE.subjects),
+                      tuple(folder / f"{name}.png" for name in POSES), folder / "prompts.txt")
 
 
 Flags = tuple[tuple[str, Any], ...]
