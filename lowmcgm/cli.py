@@ -481,11 +481,8 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         raise UserError(f"--port {args.port} is not a port number (1-65535).")
     root = check_writable_folder(Path(args.root).expanduser(), flag="--root")
-    page = launch(root, host=args.host, port=args.port, base_models=tuple(args.base_model or ["toy"]),
-                  preset=args.preset)
-    closing = page.lowmcgm_state.jobs.close()  # the page is closing: a running job checkpoints and stops too
-    if closing:
-        _print(closing)
+    # Returns once the page is closed, its running job (if any) stopped with a checkpoint and waited for.
+    launch(root, host=args.host, port=args.port, base_models=tuple(args.base_model or ["toy"]), preset=args.preset)
     return 0
 
 

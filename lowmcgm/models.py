@@ -211,7 +211,7 @@ def _shrunk_config(real: str, component: str, sizes: dict[str, Any], size_keys: 
 
 def _shrunk_text_config(real: str, component: str, sizes: dict[str, int]) -> CLIPTextConfig:
     config = {k: v for k, v in _shrunk_config(real, component, sizes, TEXT_SIZE_KEYS).items()
-              if k not in ("architectures", "_name_or_path", "transformers_version", "torch_dtype")}
+              if k not in ("architectures", "transformers_version", "torch_dtype")}
     return CLIPTextConfig(**config)
 
 
@@ -258,13 +258,13 @@ def load_base_model(spec: str, single_file_config: str = "auto") -> BaseModel:
             (nothing is downloaded).
         single_file_config: for single files, which shipped config to read them with.
     """
-    if spec in TINY_NAMES:
+    kind, path, name = locate_base_model(spec)
+    if kind == "tiny":
         return build_tiny_base(spec)
-    if spec == TOY_NAME:
+    if kind == "toy":
         from lowmcgm.toy.bundled import load_toy_base
 
         return load_toy_base()
-    kind, path, name = locate_base_model(spec)
     if kind == "file":
         from lowmcgm.single_file import load_single_file
 
@@ -273,16 +273,19 @@ def load_base_model(spec: str, single_file_config: str = "auto") -> BaseModel:
 
 
 def locate_base_model(spec: str) -> tuple[str, Path, str]:
-    """Where a ``--base-model`` other than the built-in names lives, checked without reading weights.
+    """What a ``--base-model`` names and where it lives, checked without reading weights.
 
     Returns:
-        ``("folder", path, name)`` for a diffusers folder (a cached hub id's included) or
-        ``("file", path, name)`` for a single ``.safetensors`` file.
+        ``("folder", path, name)`` for a diffusers folder (a cached hub id's included),
+        ``("file", path, name)`` for a single ``.safetensors`` file, or ``("tiny", Path(), spec)``
+        / ``("toy", Path(), spec)`` for the models built in (nothing to find).
 
     Raises:
         UserError: what ``load_base_model`` would refuse before loading: a missing file or folder,
             a pickled checkpoint, a folder without the diffusers layout, a hub id not in the cache.
     """
+    if spec in TINY_NAMES or spec == TOY_NAME:
+        return ("tiny" if spec in TINY_NAMES else "toy"), Path(), spec
     path = Path(spec).expanduser()
     if path.is_dir():
         _check_folder_layout(path)
@@ -322,7 +325,7 @@ def _check_folder_layout(folder: Path) -> None:
 
 
 def _load_folder(folder: Path, name: str) -> BaseModel:
-    _check_folder_layout(folder)
+    """A diffusers folder ``locate_base_model`` checked."""
     xl = (folder / "text_encoder_2").is_dir() or (folder / "tokenizer_2").is_dir()
     try:
         tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")

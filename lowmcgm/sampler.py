@@ -49,7 +49,7 @@ from lowmcgm.previews import (SheetRow, mask_to_image, render_attention_picture,
                               save_png)
 from lowmcgm.prompts import (PlannedPrompt, PromptSpec, check_plans_fit, check_pose_crops, fit_pose_masks,
                              handles_in_text, no_mask_reason, plan_prompts)
-from lowmcgm.text_conditioning import encode_pooled_prompts
+from lowmcgm.text_conditioning import encode_prompts
 from lowmcgm.run_folder import SAMPLE_FILES, check_sample_folder, clear_earlier_samples, earlier_samples
 from lowmcgm.write_guard import check_not_inputs
 
@@ -152,25 +152,26 @@ class PoseSampler:
                                    uncond=append_mask_tokens(text.uncond, zeros))
 
     def _encode_text(self, prompt: str, num: int, negative_prompt: str | None, device: torch.device) -> Conditioning:
-        """The pipeline's own text encoding (handles included: they are tokens of every tokenizer)."""
+        """Both branches' text conditioning: the pipeline's own on SD, ours on SDXL (handles are
+        tokens of every tokenizer either way)."""
         if not self.is_sdxl:
             return Conditioning(*self.pipe.encode_prompt(prompt, device, num, True, negative_prompt))
         # Without a negative prompt, diffusers' SDXL pipeline makes the unconditional context and
         # pooled embedding all zeros rather than encoding "" (force_zeros_for_empty_prompt: its
         # default, and SDXL base's model_index.json). We keep diffusers' behaviour, so the images
         # are the ones a stock SDXL pipeline draws; the k mask-token zeros follow as on SD.
-        # The pooled embeddings are ours (text_conditioning.pool_at_end_of_text): the pipeline would
-        # pool at the highest token id, which is a handle's, and it keeps pooled embeddings it is given.
+        # The conditioning is ours (text_conditioning): the pipeline's encode_prompt would pool
+        # SDXL's embedding at the highest token id, a handle's; given embeddings, it only repeats them.
         pipe = self.pipe
         zeroed = negative_prompt is None and pipe.config.force_zeros_for_empty_prompt
         with self._text_encoders_on(device):
-            pooled = encode_pooled_prompts(pipe.tokenizer_2, pipe.text_encoder_2, [prompt], device)
-            negative_pooled = None if zeroed else encode_pooled_prompts(pipe.tokenizer_2, pipe.text_encoder_2,
-                                                                        [negative_prompt or ""], device)
-            return Conditioning(*pipe.encode_prompt(
-                prompt, device=device, num_images_per_prompt=num, do_classifier_free_guidance=True,
-                negative_prompt=negative_prompt, pooled_prompt_embeds=pooled,
-                negative_pooled_prompt_embeds=negative_pooled))
+            text = encode_prompts(pipe, [prompt], device)
+            uncond = None if zeroed else encode_prompts(pipe, [negative_prompt or ""], device)
+        return Conditioning(*pipe.encode_prompt(
+            None, device=device, num_images_per_prompt=num, do_classifier_free_guidance=True,
+            negative_prompt=negative_prompt, prompt_embeds=text.context, pooled_prompt_embeds=text.pooled,
+            negative_prompt_embeds=None if uncond is None else uncond.context,
+            negative_pooled_prompt_embeds=None if uncond is None else uncond.pooled))
 
     @contextlib.contextmanager
     def _text_encoders_on(self, device: torch.device) -> Iterator[None]:
@@ -558,21 +559,29 @@ def sample_files(plans: list[PlannedPrompt], settings: SampleSettings, out: Path
     return [out / name for name in [*names, *SAMPLE_FILES]]
 
 
+def recorded_base_model(artifact: Artifact) -> tuple[str, str]:
+    """The base model ``artifact`` was trained on, as ``--base-model`` named it (not only the loaded
+    model's name, which is a folder's last part), and the single-file config training read it with."""
+    model_config = artifact.meta.get("training_config", {}).get("model", {})
+    if not isinstance(model_config, dict):  # the artifact's metadata is data from its author
+        model_config = {}
+    spec = model_config.get("base_model")
+    if not isinstance(spec, str) or not spec:
+        spec = str(artifact.meta.get("base_model", ""))
+    single_file_config = model_config.get("single_file_config", "auto")
+    return spec, single_file_config if isinstance(single_file_config, str) else "auto"
+
+
 def load_base_for(artifact: Artifact, base_model: str) -> BaseModel:
     """The base named by --base-model, else the one the artifact records (read as training read it)."""
     if base_model:
-        base = load_base_model(base_model)
-    else:
-        recorded = artifact.meta.get("base_model", "")
-        model_config = artifact.meta.get("training_config", {}).get("model", {})
-        if not isinstance(model_config, dict):  # the artifact's metadata is data from its author
-            model_config = {}
-        try:
-            base = load_base_model(recorded, model_config.get("single_file_config", "auto"))
-        except UserError as exc:
-            raise UserError(f"The artifact was made for base model '{recorded}', which cannot be loaded from "
-                            f"here ({exc}); pass --base-model with its folder, file or hub id.") from exc
-    return base
+        return load_base_model(base_model)
+    recorded, single_file_config = recorded_base_model(artifact)
+    try:
+        return load_base_model(recorded, single_file_config)
+    except UserError as exc:
+        raise UserError(f"The artifact was made for base model '{recorded}', which cannot be loaded from "
+                        f"here ({exc}); pass --base-model with its folder, file or hub id.") from exc
 
 
 def sample_artifact(artifact_path: str | Path, specs: list[PromptSpec], poses: dict[str, str],
@@ -610,8 +619,8 @@ def sample_artifact(artifact_path: str | Path, specs: list[PromptSpec], poses: d
     warnings = [stale_pooling_warning(artifact, artifact_path)] + [
         f"{spec.where} names no handle ({', '.join(artifact.handles)}), so its images show none of the learned "
         "subjects." for spec in specs if not handles_in_text(spec.text)]  # allowed, but rarely what was meant
-    for text in filter(None, warnings):
-        if report is not None:
+    if report is not None:
+        for text in filter(None, warnings):
             report({"kind": "message", "level": "warning", "text": text})
     if overwrite:  # every check passed: the earlier samples give way
         clear_earlier_samples(out_dir)

@@ -16,11 +16,20 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
-from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from lowmcgm.models import BaseModel
+
+class TextModels(Protocol):
+    """What text encoding reads: a ``models.BaseModel``, or a diffusers pipeline built from one
+    (sampling encodes with the pipeline's own encoders, which carry the artifact's handles)."""
+
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel
+    tokenizer_2: CLIPTokenizer | None  # SDXL's second pair; None for SD 1.x/2.x
+    text_encoder_2: CLIPTextModelWithProjection | None
 
 
 @dataclass
@@ -56,7 +65,7 @@ class TextStates:
         return [TextStates(c, p) for c, p in zip(self.context.split(1), pooled)]
 
 
-def tokenize_prompts(base: BaseModel, prompts: list[str]) -> PromptIds:
+def tokenize_prompts(base: TextModels, prompts: list[str]) -> PromptIds:
     """Token ids of ``prompts``, padded and cut to each tokenizer's window, on the CPU."""
     ids_2 = _tokenize(base.tokenizer_2, prompts) if base.tokenizer_2 is not None else None
     return PromptIds(_tokenize(base.tokenizer, prompts), ids_2)
@@ -67,7 +76,7 @@ def _tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
                      return_tensors="pt").input_ids
 
 
-def encode_prompt_ids(base: BaseModel, ids: PromptIds, device: torch.device | str) -> TextStates:
+def encode_prompt_ids(base: TextModels, ids: PromptIds, device: torch.device | str) -> TextStates:
     """The text encoders' outputs as the family's pipeline builds them: SD's last hidden states,
     or SDXL's two penultimate ones concatenated plus the pooled embedding."""
     if base.text_encoder_2 is None:
@@ -75,7 +84,7 @@ def encode_prompt_ids(base: BaseModel, ids: PromptIds, device: torch.device | st
     return encode_sdxl_text(base, ids.ids.to(device), ids.ids_2.to(device))
 
 
-def encode_sdxl_text(base: BaseModel, input_ids: torch.Tensor, input_ids_2: torch.Tensor) -> TextStates:
+def encode_sdxl_text(base: TextModels, input_ids: torch.Tensor, input_ids_2: torch.Tensor) -> TextStates:
     """Both encoders' penultimate hidden states, concatenated, and the second's pooled embedding.
 
     Args:
@@ -83,7 +92,7 @@ def encode_sdxl_text(base: BaseModel, input_ids: torch.Tensor, input_ids_2: torc
             ``base.tokenizer_2`` (they differ only in padding: ``<|endoftext|>`` and ``!``).
     """
     if base.text_encoder_2 is None:
-        raise ValueError(f"{base.name} is not an SDXL model")
+        raise ValueError("not an SDXL model: it has no second text encoder")
     first = base.text_encoder(input_ids, output_hidden_states=True)
     second = base.text_encoder_2(input_ids_2, output_hidden_states=True)
     # "penultimate": SDXL was trained on the layer before last of both encoders, without their
@@ -121,19 +130,11 @@ def pool_at_end_of_text(encoder: CLIPTextModelWithProjection, last_hidden_state:
 
 
 @torch.no_grad()
-def encode_pooled_prompts(tokenizer_2: CLIPTokenizer, text_encoder_2: CLIPTextModelWithProjection,
-                          prompts: list[str], device: torch.device | str) -> torch.Tensor:
-    """SDXL's pooled embedding of ``prompts``, pooled at the end of text (``pool_at_end_of_text``).
-
-    Sampling passes it to diffusers' ``encode_prompt`` as ``pooled_prompt_embeds``: the pipeline
-    itself pools as transformers does, at the highest id.
-
-    Returns:
-        (len(prompts), projection_dim).
-    """
-    ids = _tokenize(tokenizer_2, prompts).to(device)
-    hidden = text_encoder_2(ids).last_hidden_state
-    return pool_at_end_of_text(text_encoder_2, hidden, ids, tokenizer_2.eos_token_id)
+def encode_prompts(base: TextModels, prompts: list[str], device: torch.device | str) -> TextStates:
+    """``encode_prompt_ids`` of ``prompts``: the conditioning sampling hands diffusers' pipeline
+    (as ``prompt_embeds`` and ``pooled_prompt_embeds``), whose own ``encode_prompt`` would pool
+    SDXL's embedding at the highest token id, a handle's."""
+    return encode_prompt_ids(base, tokenize_prompts(base, prompts), device)
 
 
 def unet_added_kwargs(text: TextStates, time_ids: torch.Tensor | None) -> dict[str, torch.Tensor] | None:

@@ -115,3 +115,14 @@ def make_sdxl_artifact(path, use_text_encoder_lora=False, rank=4, alpha=8.0):
                 lora[key] = torch.randn(lora[key].shape, generator=gen) * LORA_B_STD
     save_artifact(artifact, path, dtype="fp32")
     return path
+
+
+@torch.no_grad()
+def pooled_written_out(tokenizer_2, text_encoder_2, prompts: list[str]) -> torch.Tensor:
+    """SDXL's pooled embedding as SDXL was trained and ComfyUI and A1111 take it, written out apart
+    from lowmcgm's code: the second encoder's final hidden state (after its last layer norm) at each
+    prompt's first end-of-text token, projected. (B, projection_dim)."""
+    ids = tokenizer_2(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    hidden = text_encoder_2(ids).last_hidden_state  # (B, 77, d)
+    ends = torch.tensor([row.tolist().index(tokenizer_2.eos_token_id) for row in ids])
+    return text_encoder_2.text_projection(hidden[torch.arange(len(prompts)), ends])

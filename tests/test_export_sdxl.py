@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SDXL_HANDLES, make_sdxl_artifact
+from conftest import SDXL_HANDLES, make_sdxl_artifact, pooled_written_out
 from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -95,12 +95,7 @@ def _prompt_embeds(pipe: StableDiffusionXLPipeline) -> tuple[torch.Tensor, torch
     highest token id, which is the handle's once the exported embeddings are loaded."""
     context, _, _, _ = pipe.encode_prompt(PROMPT, device=torch.device("cpu"), num_images_per_prompt=1,
                                           do_classifier_free_guidance=False)
-    ids = pipe.tokenizer_2([PROMPT], padding="max_length", max_length=77, truncation=True,
-                           return_tensors="pt").input_ids
-    with torch.no_grad():
-        hidden = pipe.text_encoder_2(ids).last_hidden_state  # after the final layer norm
-        end = ids[0].tolist().index(pipe.tokenizer_2.eos_token_id)
-        pooled = pipe.text_encoder_2.text_projection(hidden[:, end])
+    pooled = pooled_written_out(pipe.tokenizer_2, pipe.text_encoder_2, [PROMPT])
     return context, pooled
 
 

@@ -1,10 +1,17 @@
 """Loading base models: the tiny builders, a diffusers folder, clear errors for everything else."""
 
+import json
+
 import pytest
 import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextConfig
 
 from lowmcgm.errors import UserError
-from lowmcgm.models import build_tiny_base, load_base_model, save_base_model
+from lowmcgm.model_configs import config_folder
+from lowmcgm.models import (TEXT_SIZE_KEYS, TINY_REAL_CONFIGS, UNET_SIZE_KEYS, VAE_SIZE_KEYS, build_tiny_base,
+                            load_base_model, save_base_model)
+from lowmcgm.tokenizer import build_sd_tokenizer
 
 
 def test_tiny_is_deterministic_and_sd_shaped():
@@ -54,64 +61,50 @@ def test_folder_that_is_not_a_model(tmp_path):
 TEXT_BOOKKEEPING = {"architectures", "transformers_version", "torch_dtype", "dtype", "_name_or_path"}
 
 
-def _real_text_config(real: str, component: str) -> dict:
-    """The real text encoder's config as transformers reads it (defaults filled in)."""
-    import json
-
-    from transformers import CLIPTextConfig
-
-    from lowmcgm.model_configs import config_folder
-
-    raw = json.loads((config_folder(real) / component / "config.json").read_text())
-    return CLIPTextConfig(**{k: v for k, v in raw.items() if k not in TEXT_BOOKKEEPING}).to_dict()
+def _real_json(real: str, path: str) -> dict:
+    return json.loads((config_folder(real) / path).read_text())
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny-v", "tiny-xl"])
-def test_tiny_configs_are_the_real_ones_with_smaller_sizes(name):
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
-    from lowmcgm.model_configs import config_folder
-    from lowmcgm.models import TEXT_SIZE_KEYS, TINY_REAL_CONFIGS, UNET_SIZE_KEYS, VAE_SIZE_KEYS
-
-    tiny, real = build_tiny_base(name), TINY_REAL_CONFIGS[name]
-    parts = [("unet", tiny.unet, UNET_SIZE_KEYS), ("vae", tiny.vae, VAE_SIZE_KEYS),
-             ("text_encoder", tiny.text_encoder, TEXT_SIZE_KEYS)]
-    if tiny.text_encoder_2 is not None:
-        parts.append(("text_encoder_2", tiny.text_encoder_2, TEXT_SIZE_KEYS))
-    for component, module, size_keys in parts:
-        if component.startswith("text_encoder"):
-            ours, theirs = module.config.to_dict(), _real_text_config(real, component)
-        else:  # the real config built on the meta device, so its defaults are filled in as ours are
-            cls = UNet2DConditionModel if component == "unet" else AutoencoderKL
-            with torch.device("meta"):
-                theirs = dict(cls.from_config(cls.load_config(config_folder(real) / component)).config)
-            ours = dict(module.config)
-        differ = {k for k in set(ours) | set(theirs)
-                  if not k.startswith("_") and k not in TEXT_BOOKKEEPING and _norm(ours.get(k)) != _norm(theirs.get(k))}
-        assert differ <= set(size_keys), f"{name} {component}: non-size fields differ: {sorted(differ - set(size_keys))}"
-    if name == "tiny-xl":
-        assert tiny.text_encoder_2.config.eos_token_id == 2  # SDXL's legacy id, which pools at the highest id
-    # The scheduler is the real one's (read as DDPM), and so is each tokenizer's pad token and length.
-    import json
-
-    from diffusers import DDPMScheduler
-
-    from lowmcgm.tokenizer import build_sd_tokenizer
-
-    real_scheduler = DDPMScheduler.from_config(
-        json.loads((config_folder(real) / "scheduler" / "scheduler_config.json").read_text()))
-    assert dict(tiny.noise_scheduler.config) == dict(real_scheduler.config)
-    for sub, tokenizer in (("tokenizer", tiny.tokenizer), ("tokenizer_2", tiny.tokenizer_2)):
-        if tokenizer is None:
-            continue
-        real_tokenizer = build_sd_tokenizer(real, sub)
-        assert tokenizer.convert_ids_to_tokens(tokenizer.pad_token_id) == real_tokenizer.convert_ids_to_tokens(
-            real_tokenizer.pad_token_id)
-        assert tokenizer.model_max_length == real_tokenizer.model_max_length
-        # <|endoftext|> is the highest id of the vocabulary, as in CLIP's (what argmax pooling relies on).
-        assert tokenizer.eos_token_id == max(tokenizer.get_vocab().values())
+def _real_as_built(real: str, component: str) -> dict:
+    """The real config as the class that loads it reads it (its defaults filled in, no weights)."""
+    raw = _real_json(real, f"{component}/config.json")
+    if component.startswith("text_encoder"):
+        return CLIPTextConfig(**{k: v for k, v in raw.items() if k not in TEXT_BOOKKEEPING}).to_dict()
+    cls = UNet2DConditionModel if component == "unet" else AutoencoderKL
+    with torch.device("meta"):
+        return dict(cls.from_config(raw).config)
 
 
 def _norm(value):
     """Lists and tuples compare alike (JSON has only lists)."""
     return list(value) if isinstance(value, (list, tuple)) else value
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-v", "tiny-xl"])
+def test_tiny_configs_are_the_real_ones_with_smaller_sizes(name):
+    tiny, real = build_tiny_base(name), TINY_REAL_CONFIGS[name]
+    parts = {"unet": (dict(tiny.unet.config), UNET_SIZE_KEYS), "vae": (dict(tiny.vae.config), VAE_SIZE_KEYS),
+             "text_encoder": (tiny.text_encoder.config.to_dict(), TEXT_SIZE_KEYS)}
+    if tiny.text_encoder_2 is not None:
+        parts["text_encoder_2"] = (tiny.text_encoder_2.config.to_dict(), TEXT_SIZE_KEYS)
+    for component, (ours, size_keys) in parts.items():
+        theirs = _real_as_built(real, component)
+        differ = {k for k in set(ours) | set(theirs)
+                  if not k.startswith("_") and k not in TEXT_BOOKKEEPING and _norm(ours.get(k)) != _norm(theirs.get(k))}
+        assert differ <= set(size_keys), f"{name} {component}: non-size fields differ: {sorted(differ - set(size_keys))}"
+    if name == "tiny-xl":
+        assert tiny.text_encoder_2.config.eos_token_id == 2  # SDXL's legacy id, which pools at the highest id
+    # The schedule is the real one's: every field of its scheduler config that DDPM has.
+    schedule = dict(tiny.noise_scheduler.config)
+    for key, value in _real_json(real, "scheduler/scheduler_config.json").items():
+        if key in schedule and not key.startswith("_"):  # not who wrote it
+            assert _norm(schedule[key]) == _norm(value), key
+    # Each tokenizer pads with the real one's token, to its length; <|endoftext|> is the highest id
+    # of the vocabulary, as in CLIP's (what argmax pooling relies on).
+    for sub, tokenizer in (("tokenizer", tiny.tokenizer), ("tokenizer_2", tiny.tokenizer_2)):
+        if tokenizer is not None:
+            real_tokenizer = build_sd_tokenizer(real, sub)
+            assert tokenizer.convert_ids_to_tokens(tokenizer.pad_token_id) == real_tokenizer.convert_ids_to_tokens(
+                real_tokenizer.pad_token_id)
+            assert tokenizer.model_max_length == real_tokenizer.model_max_length
+            assert tokenizer.eos_token_id == max(tokenizer.get_vocab().values())

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import write_box_masks
+from conftest import pooled_written_out, write_box_masks
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionXLPipeline
 from PIL import Image
 from test_sampler import make_artifact as make_sd_artifact
@@ -120,17 +120,6 @@ def _encode(base, text: str):
     return encode_sdxl_text(base, *ids)
 
 
-@torch.no_grad()
-def pooled_written_out(base, text: str) -> torch.Tensor:
-    """SDXL's pooled embedding as SDXL was trained (and ComfyUI pools): the second encoder's final
-    hidden state at the first end-of-text token, projected; not at the highest id (a handle's)."""
-    ids = base.tokenizer_2([text], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-    hidden = base.text_encoder_2(ids).last_hidden_state  # (1, 77, d), after the final layer norm
-    end = ids[0].tolist().index(base.tokenizer_2.eos_token_id)
-    assert ids[0].argmax() != end  # the handles' ids are the highest: pooling there would be wrong
-    return base.text_encoder_2.text_projection(hidden[:, end])
-
-
 @pytest.mark.parametrize("negative", ["", "snow"], ids=["no negative prompt (zeros)", "negative prompt"])
 def test_sample_is_the_stock_sdxl_pipeline_given_our_context_and_pooled_embeddings(files, sampler, negative):
     """Without mask tokens, the image is what a stock SDXL pipeline draws from the artifact's own
@@ -167,9 +156,13 @@ def test_mask_tokens_follow_the_text_and_the_pooled_embedding_reaches_the_unet(f
         sampler.generate(plan, [0], FAST)
     assert len(seen) == FAST.steps
     masks = fit_pose_masks(plan, SIZE, SIZE)[None]  # (1, 2, H, W)
+    installed = installed_base(files)
     with torch.no_grad():
         want = sampler.mask_encoder(masks.to(sampler.pipe.device))[0].cpu()  # (2, d)
-        text = _encode(installed_base(files), PROMPT)
+        text = _encode(installed, PROMPT)
+    pooled = pooled_written_out(installed.tokenizer_2, installed.text_encoder_2, [PROMPT])[0]
+    ids = installed.tokenizer_2(PROMPT).input_ids
+    assert max(ids) != ids[ids.index(installed.tokenizer_2.eos_token_id)]  # a handle's id is the highest
     for call in seen:
         context, added = call["context"], call["added"]
         assert context.shape == (2, 77 + 2, artifact.text_width)  # (uncond, cond) x (77 + k) x (32 + 32)
@@ -177,7 +170,7 @@ def test_mask_tokens_follow_the_text_and_the_pooled_embedding_reaches_the_unet(f
         torch.testing.assert_close(context[1, 77:], want)
         torch.testing.assert_close(context[1, :77], text.context[0])
         torch.testing.assert_close(added["text_embeds"][1], text.pooled[0])
-        torch.testing.assert_close(added["text_embeds"][1], pooled_written_out(installed_base(files), PROMPT)[0])
+        torch.testing.assert_close(added["text_embeds"][1], pooled)
         assert added["time_ids"].tolist() == [[SIZE, SIZE, 0, 0, SIZE, SIZE]] * 2
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import pooled_written_out
 
 from lowmcgm.models import build_tiny_base
 from lowmcgm.text_conditioning import (TextStates, encode_prompt_ids, encode_sdxl_text, tokenize_prompts,
@@ -69,12 +70,10 @@ def test_sdxl_pools_at_the_end_of_text_not_at_the_handle():
     assert ids.ids_2.max() == handle_id  # the highest id of each prompt is the handle's
     with torch.no_grad():
         text = encode_prompt_ids(base, ids, "cpu")
-        hidden = base.text_encoder_2(ids.ids_2).last_hidden_state  # after the final layer norm
-    eos = [row.tolist().index(base.tokenizer_2.eos_token_id) for row in ids.ids_2]
-    expected = base.text_encoder_2.text_projection(hidden[torch.arange(2), torch.tensor(eos)])
-    torch.testing.assert_close(text.pooled, expected, rtol=0, atol=1e-6)
-    at_handle = base.text_encoder_2.text_projection(hidden[torch.arange(2), ids.ids_2.argmax(-1)])
-    assert not torch.allclose(text.pooled, at_handle)  # what today's transformers pooling gives
+        transformers_pooled = base.text_encoder_2(ids.ids_2).text_embeds  # at the highest id: the handle
+    torch.testing.assert_close(text.pooled, pooled_written_out(base.tokenizer_2, base.text_encoder_2, prompts),
+                               rtol=0, atol=1e-6)
+    assert not torch.allclose(text.pooled, transformers_pooled)
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-v"], ids=["SD 1.x (tiny, from sd15)", "SD 2.x (tiny-v, from sd21-768)"])

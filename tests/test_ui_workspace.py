@@ -19,7 +19,8 @@ from lowmcgm.progress import EventLog, read_events
 from lowmcgm.ui.editor import blank_sheet, editor_value, overlay, painted_mask
 from lowmcgm.ui.jobs import JobSlot, TrainingJob, last_error
 from lowmcgm.ui.poses import pose_mask, pose_names
-from lowmcgm.ui.workspace import (Subject, TrainRequest, list_runs, prepare_run, resume_command, run_folder)
+from lowmcgm.ui.workspace import (ARTIFACT_NAME, Subject, TrainRequest, list_runs, prepare_run, resume_command,
+                                  run_folder)
 
 
 def test_painted_mask_is_any_opaque_pixel_of_any_layer():
@@ -149,11 +150,14 @@ def test_the_page_offers_only_its_own_base_models(tmp_path):
         assert "not one this page offers (tiny)" in said and "--base-model" in said
         assert app.on_estimate(state, "tiny-cpu", probe) == said
         assert not (tmp_path / "root").exists() or not any((tmp_path / "root").iterdir())
+    from lowmcgm.artifact import load_artifact
+
+    artifact = load_artifact(_untrained_run(tmp_path / "root", "a", 0))
     with pytest.raises(UserError, match="not one this page offers"):
-        state.base_model_of(_untrained_run(tmp_path / "root", "a", 0), str(tmp_path))
-    assert state.base_model_of(tmp_path / "root" / "a" / "lowmcgm.safetensors", "") == "tiny"
+        state.base_model_of(artifact, str(tmp_path))
+    assert state.base_model_of(artifact, "") == "tiny"
     with pytest.raises(UserError, match="trained on base model 'tiny', which this page does not offer"):
-        app.PageState(tmp_path / "root", ("toy",)).base_model_of(tmp_path / "root" / "a" / "lowmcgm.safetensors", "")
+        app.PageState(tmp_path / "root", ("toy",)).base_model_of(artifact, "")
 
 
 def test_start_during_a_resume_leaves_no_folder_without_its_job(tmp_path, monkeypatch):
@@ -202,6 +206,7 @@ def test_no_initializer_words_pass_none(tmp_path):
 def test_resume_needs_a_page_run_with_a_checkpoint(tmp_path):
     root = tmp_path / "root"
     prepare_run(root, _request(tmp_path))
+    assert list_runs(root) == ["r1"]  # listed from its start: it can be picked on the Sample tab while it trains
     with pytest.raises(UserError, match="no checkpoint"):
         resume_command(root, "r1")
     (root / "r1" / "checkpoints").mkdir()
@@ -252,6 +257,25 @@ def test_a_child_that_will_not_stop_is_killed_and_the_page_says_no_checkpoint(tm
     assert "no checkpoint" in job.status().text and "start the run again" in job.status().text
 
 
+def test_a_run_stopped_while_it_samples_says_its_artifact_is_written(tmp_path):
+    # Found by hand: lowmcgm run samples after training; the page said "Phase 2: step 20/20" all the
+    # while, and a stop then was "Stopped at phase 2, step 20, without writing a checkpoint".
+    job = TrainingJob([], tmp_path / "a")
+    _stand_in(job, "import time; time.sleep(60)")
+    step = {"kind": "step", "phase": 2, "step": 20, "total": 20, "losses": {"total": 0.1}, "it_per_s": 3.0}
+    lines = [step, {"kind": "saved", "what": "artifact", "path": str(tmp_path / "a" / ARTIFACT_NAME)},
+             {"kind": "saved", "what": "image 1/2", "path": str(tmp_path / "a" / "samples" / "p00.png")}]
+    (tmp_path / "a" / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
+    status = job.status()
+    assert status.state == "running" and status.text.startswith("Trained: the artifact is written")
+    assert "(image 1/2 written)" in status.text
+    job.stop(timeout_s=30)
+    job.wait(30)
+    status = job.status()
+    assert status.state == "stopped" and status.text.startswith("Stopped after training")
+    assert "checkpoint" not in status.text
+
+
 def test_closing_the_page_stops_its_job_and_waits_for_it(tmp_path):
     # SIGTERM to the page closed it and left the child training, unseen (issue 23).
     slot = JobSlot()
@@ -262,9 +286,95 @@ def test_closing_the_page_stops_its_job_and_waits_for_it(tmp_path):
     assert not job.running() and job.process.returncode == -15 and "without writing a checkpoint" in said
 
 
+# A stand-in for a training child that counts the SIGTERMs it gets in a file: the first one "writes a
+# checkpoint" for 2 s, then it exits 143; a second one means "stop now", as the trainer has it (exit 5).
+COUNTING_CHILD = """
+import signal, sys, time
+count = 0
+def on_term(signum, frame):
+    global count
+    count += 1
+    open(sys.argv[1], "w").write(str(count))
+    if count > 1:
+        sys.exit(5)
+signal.signal(signal.SIGTERM, on_term)
+print("ready", flush=True)
+while count == 0:
+    time.sleep(0.05)
+end = time.monotonic() + 2
+while time.monotonic() < end:
+    time.sleep(0.05)
+sys.exit(143)
+"""
+
+
+def _counting_child(job: TrainingJob, counts: Path) -> None:
+    job.folder.mkdir(parents=True, exist_ok=True)
+    job.process = subprocess.Popen([sys.executable, "-c", COUNTING_CHILD, str(counts)], stdout=subprocess.PIPE)
+    assert job.process.stdout.readline().strip() == b"ready"  # its handler in place
+
+
+def test_stop_then_closing_the_page_signals_the_child_once(tmp_path):
+    # A second SIGTERM makes the trainer stop mid-step without its checkpoint: Stop, then closing the
+    # page, must send only one.
+    slot = JobSlot()
+    job = slot.job = TrainingJob([], tmp_path / "a")
+    _counting_child(job, tmp_path / "count")
+    assert "Stopping run 'a'" in slot.stop()
+    slot.close(timeout_s=30)
+    assert job.process.returncode == 143 and (tmp_path / "count").read_text() == "1"
+
+
+def test_a_second_signal_while_the_page_closes_goes_to_the_child_and_the_page_still_waits(tmp_path):
+    # The page left the child writing its checkpoint unseen when a second stop signal cut its wait.
+    import os
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers belong to the main thread, and this test runs elsewhere")
+    slot = JobSlot()
+    job = slot.job = TrainingJob([], tmp_path / "a")
+    _counting_child(job, tmp_path / "count")
+    threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()  # to this process, as a supervisor would
+    slot.close(timeout_s=30)
+    assert not job.running() and job.process.returncode == 5  # the second signal reached the child
+    assert (tmp_path / "count").read_text() == "2"
+
+
+def test_the_page_stops_its_job_however_its_wait_ends(tmp_path, monkeypatch):
+    # gradio's wait ended by an error of its own (its "closing server" line to a stdout that is gone):
+    # the page still stopped its training child and waited for it.
+    pytest.importorskip("gradio")
+    import gradio as gr
+    from ui_browser import free_port
+
+    from lowmcgm.ui import app
+
+    jobs = []
+
+    def block_thread(page):
+        job = page.lowmcgm_state.jobs.job = TrainingJob([], tmp_path / "a")
+        _counting_child(job, tmp_path / "count")
+        jobs.append(job)
+        page.close()
+        raise BrokenPipeError("stdout is gone")
+
+    monkeypatch.setattr(gr.Blocks, "block_thread", block_thread)
+    monkeypatch.setenv("GRADIO_TEMP_DIR", "")  # launch sets it: restored after this test
+    with pytest.raises(BrokenPipeError):
+        app.launch(tmp_path / "root", port=free_port(), base_models=("tiny",), block=True)
+    assert not jobs[0].running() and jobs[0].process.returncode == 143
+    assert (tmp_path / "count").read_text() == "1"
+
+
 def test_an_argparse_refusal_shows_its_message(tmp_path):
-    (tmp_path / "ui-train.log").write_text("usage: lowmcgm run [-h]\nlowmcgm run: error: unrecognized arguments: x\n")
-    assert last_error(tmp_path / "ui-train.log") == "unrecognized arguments: x"
+    # A real child of the real CLI, refused by its parser: the page shows that line, not "exit code 2".
+    job = TrainingJob(["run", "--bogus", "x"], tmp_path / "out")
+    job.start()
+    assert job.wait(120) == 2
+    assert last_error(tmp_path / "out" / "ui-train.log").startswith("unrecognized arguments: --bogus x")
+    assert job.status().text == last_error(tmp_path / "out" / "ui-train.log")
 
 
 def test_job_slot_refuses_a_second_job_while_one_runs(tmp_path):
@@ -371,10 +481,13 @@ def test_the_page_loads_a_fresh_base_for_an_artifact_trained_on_an_fp8_unet(tmp_
         tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
     fp8 = tmp_path / "fp8.safetensors"
     atomic_save(tensors, meta | {"training_config": json.dumps({"model": {"fp8_base": True}})}, fp8)
-    page = PageState(tmp_path / "root")
-    first = page.base_for(plain, "")
-    assert page.base_for(plain, "") is first  # loaded once
-    assert page.base_for(fp8, "") is not first and page.base_for(plain, "") is not first
+    from lowmcgm.artifact import load_artifact
+
+    page = PageState(tmp_path / "root", ("tiny-xl",))
+    base_for = lambda path: page.base_for(path, load_artifact(path), "")  # noqa: E731
+    first = base_for(plain)
+    assert base_for(plain) is first  # loaded once
+    assert base_for(fp8) is not first and base_for(plain) is not first
 
 
 def test_the_page_trains_samples_and_exports_an_sdxl_run(tmp_path):
@@ -418,14 +531,16 @@ def test_sampling_again_and_again_reuses_the_base_without_the_last_artifacts_sta
         _untrained_run(root, name, seed)
     state = app.PageState(root, ("tiny",))
     shown = []
+    first = None
     for run, picks in (("a", ["dog sitting"]), ("a", ["cat lying", "dog sitting"]), ("b", []), ("a", [])):
         message, images, used = _sample(state, run, picks)
+        first = first or next(iter(state.bases.values()))
         assert images and "1 image(s)" in message, message
         assert len(used) == len(picks) and Path(images[0][0]).is_file()
         assert f"{run} · seed 0 · 2 steps" in images[0][1] and all(p in images[0][1] for p in picks)
         shown.append(images[0][0])
     assert len(set(shown)) == 4  # each in a folder of its own, though their clock stamps agree
-    assert len(state.bases) == 1  # one load for all
+    assert len(state.bases) == 1 and next(iter(state.bases.values())) is first  # one load for all
 
 
 def test_a_refused_sample_keeps_the_gallery_and_leaves_no_folder(tmp_path):
@@ -479,6 +594,31 @@ def test_a_run_picked_while_it_trains_opens_when_its_artifact_is_written(tmp_pat
         job.process.wait()
 
 
+def test_opening_a_run_writes_the_prompt_only_to_fill_it_in(tmp_path):
+    # Found by hand: a Refresh queued behind the training ticks re-opened "no run" with the prompt as
+    # it was when queued, and wrote that back over what had been typed since.
+    gr = pytest.importorskip("gradio")
+    from lowmcgm.ui import app
+
+    root = tmp_path / "root"
+    state = app.PageState(root, ("tiny",))
+    untouched = gr.update()
+    assert app.open_run_outputs(state, "", "")[1] == untouched  # no run: the prompt is left alone
+    job = state.jobs.job = TrainingJob([], root / "a")
+    _stand_in(job, "import time; time.sleep(30)")
+    try:
+        outputs = app.open_run_outputs(state, "a", "")
+        assert "is training" in outputs[0] and outputs[1] == untouched and outputs[-1] == "a"
+    finally:
+        job.process.kill()
+        job.process.wait()
+    _untrained_run(root, "a", 0)
+    outputs = app.open_run_outputs(state, "a", "")
+    assert outputs[1] == "a photo of <asset0> and <asset1>"  # filled in with the run's handles
+    assert app.open_run_outputs(state, "a", "my prompt")[1] == untouched
+    assert outputs[2] == gr.update(visible=True) and outputs[-1] is None
+
+
 def test_the_page_keeps_gradios_files_under_its_root_and_refuses_a_base_model_it_cannot_find(tmp_path, monkeypatch):
     # Issue 23 F: gradio kept every upload and served file in the system's temporary folder, never cleaned.
     pytest.importorskip("gradio")
@@ -486,7 +626,8 @@ def test_the_page_keeps_gradios_files_under_its_root_and_refuses_a_base_model_it
 
     from lowmcgm.ui import app
 
-    monkeypatch.delenv("GRADIO_TEMP_DIR", raising=False)
+    monkeypatch.setenv("GRADIO_TEMP_DIR", "")  # launch sets it: restored after this test
+    monkeypatch.delenv("GRADIO_TEMP_DIR")
     root = tmp_path / "root"
     (root / ".gradio-cache").mkdir(parents=True)
     (root / ".gradio-cache" / "old-upload.png").write_bytes(b"x")

@@ -8,6 +8,7 @@ is for one person on one GPU.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import html
 import json
@@ -23,14 +24,16 @@ from lowmcgm.config import config_field
 from lowmcgm.data import build_prompt
 from lowmcgm.errors import UserError
 from lowmcgm.interop.export import FORMATS
+from lowmcgm.output import remove_empty_folders
+from lowmcgm.terminal import escape_controls
 from lowmcgm.toy.scenes import save_mask
 from lowmcgm.ui import require_gradio
 from lowmcgm.ui.editor import (BLANK_SIDE, SUBJECT_COLOURS, blank_sheet, editor_value, fit_mask, overlay,
                                painted_mask, pose_on_canvas, sheet_with)
 from lowmcgm.ui.jobs import JobSlot
 from lowmcgm.ui.poses import pose_mask, pose_names
-from lowmcgm.ui.workspace import (ARTIFACT_NAME, Subject, TrainRequest, default_run_name, list_runs, new_folder,
-                                  prepare_run, resume_command, run_folder)
+from lowmcgm.ui.workspace import (ARTIFACT_NAME, EVENTS_FILE, Subject, TrainRequest, default_run_name, list_runs,
+                                  new_folder, prepare_run, resume_command, run_folder)
 
 MAX_SUBJECTS = 4
 # A brush a 24th of the photo's short side: a subject's outline in a few strokes, its edge still precise.
@@ -51,8 +54,9 @@ class PageState:
     # paths it reads, so a browser can neither open nor probe other server folders.
     base_models: tuple[str, ...] = ("toy",)
     jobs: JobSlot = dataclasses.field(default_factory=JobSlot)
-    # (base model name, stored in fp8) -> loaded BaseModel
-    bases: dict[tuple[str, bool], Any] = dataclasses.field(default_factory=dict)
+    # (base model name, stored in fp8, the artifact's path for a full-mode one, else "") -> the one
+    # loaded BaseModel (``base_for``)
+    bases: dict[tuple[str, bool, str], Any] = dataclasses.field(default_factory=dict)
     sampling: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
     def check_base_model(self, name: str) -> str:
@@ -62,24 +66,20 @@ class PageState:
                             f"start the page with --base-model {name} to offer it.")
         return name
 
-    def base_model_of(self, artifact_path: Path, chosen: str) -> str:
-        """The base model to sample an artifact on: ``chosen``, else the one it was trained on, if offered."""
-        from lowmcgm.artifact import load_artifact
+    def base_model_of(self, artifact: Any, chosen: str) -> str:
+        """The base model to sample ``artifact`` on: ``chosen``, else the one it was trained on, if offered."""
+        from lowmcgm.sampler import recorded_base_model
 
         if chosen:
             return self.check_base_model(chosen)
-        meta = load_artifact(artifact_path).meta
-        model = meta.get("training_config", {}).get("model", {})
-        recorded = [model.get("base_model") if isinstance(model, dict) else None, meta.get("base_model")]
-        for name in recorded:
-            if name in self.base_models:
-                return name
-        raise UserError(f"This artifact was trained on base model '{recorded[0] or recorded[1]}', which this page "
-                        f"does not offer: pick one under 'Base model', or start the page with --base-model "
-                        f"{recorded[0] or recorded[1]}.")
+        recorded, _ = recorded_base_model(artifact)
+        if recorded in self.base_models:
+            return recorded
+        raise UserError(f"This artifact was trained on base model '{recorded}', which this page does not offer: "
+                        f"pick one under 'Base model', or start the page with --base-model {recorded}.")
 
-    def base_for(self, artifact_path: Path, base_model: str):
-        """Base model ``base_model`` for the artifact, loaded once per page.
+    def base_for(self, artifact_path: Path, artifact: Any, chosen: str):
+        """The base model to sample ``artifact`` on (``base_model_of``), loaded once per page.
 
         Sampling hands the base back without the artifact's state (``sampler.sample_artifact``), so
         the next sample, of this artifact or another, installs on it cleanly. Two things stay on it
@@ -87,16 +87,15 @@ class PageState:
         (``sampler.build_sampler``), and the whole weights of a ``full``-mode artifact
         (``MCGMState.remove``): such an artifact keeps a base of its own.
         """
-        from lowmcgm.artifact import load_artifact
         from lowmcgm.sampler import load_base_for, trained_with_fp8
 
-        artifact = load_artifact(artifact_path)
+        name = self.base_model_of(artifact, chosen)
         full = (artifact.meta.get("lora") or {}).get("mode") == "full"
-        key = (base_model, trained_with_fp8(artifact),
-               str(artifact_path) if full else "")
+        key = (name, trained_with_fp8(artifact), str(artifact_path) if full else "")
         if key not in self.bases:
             self.bases.clear()  # one base in memory at a time
-            self.bases[key] = load_base_for(artifact, base_model)
+            # "" loads the recorded base as training read it (a single file with its shipped config).
+            self.bases[key] = load_base_for(artifact, chosen)
         return self.bases[key]
 
 
@@ -238,6 +237,18 @@ def resume_training(state: PageState, run_name: str) -> str:
     return shown(f"Resuming run '{run_name}'.")
 
 
+def poll_key(state: PageState) -> tuple:
+    """What ``poll_training`` shows depends on, cheaply read: the job, its process, its stop, and
+    when its events and previews last changed. Equal keys: nothing to redraw."""
+    job = state.jobs.job
+    if job is None:
+        return ()
+    stamps = [path.stat().st_mtime_ns if path.exists() else 0
+              for path in (job.folder / EVENTS_FILE, job.folder / "previews")]
+    return (id(job), job.process.poll() if job.process is not None else "unstarted", job.stop_requested,
+            job.killed_after_s, *stamps)
+
+
 def poll_training(state: PageState):
     """The job's line, newest preview and attention picture, and the loss curve so far."""
     from lowmcgm.previews import render_loss_curve
@@ -272,26 +283,41 @@ def on_open_run(state: PageState, run_name: str, prompt: str = ""):
     """
     from lowmcgm.artifact import load_artifact
 
-    waiting = None
+    closed = [*[False] * MAX_SUBJECTS, *[""] * MAX_SUBJECTS]
+    if not run_name:  # none picked (yet, or any more after Refresh): nothing to say
+        return ["", prompt, *closed, None]
     try:
-        if run_name and not (run_folder(state.root, run_name) / ARTIFACT_NAME).is_file() and \
-                state.jobs.job is not None and state.jobs.job.running() and state.jobs.job.folder.name == run_name:
+        if state.jobs.training(run_name) and not (run_folder(state.root, run_name) / ARTIFACT_NAME).is_file():
             return [shown(f"Run '{run_name}' is training: it opens here by itself when its artifact is written."),
-                    prompt, *[False] * MAX_SUBJECTS, *[""] * MAX_SUBJECTS, run_name]
+                    prompt, *closed, run_name]
         handles = list(load_artifact(run_artifact(state, run_name)).handles)
     except UserError as exc:
-        return [error_text(exc), prompt, *[False] * MAX_SUBJECTS, *[""] * MAX_SUBJECTS, waiting]
+        return [error_text(exc), prompt, *closed, None]
     labels = [f"Pose of {handles[i]}" if i < len(handles) else "" for i in range(MAX_SUBJECTS)]
     return [shown(f"Run '{run_name}': handles {', '.join(handles)}."), prompt or build_prompt(handles),
-            *[i < len(handles) for i in range(MAX_SUBJECTS)], *labels, waiting]
+            *[i < len(handles) for i in range(MAX_SUBJECTS)], *labels, None]
+
+
+def open_run_outputs(state: PageState, run_name: str, prompt: str) -> list[Any]:
+    """``on_open_run`` as the page's outputs: the message, the prompt, the canvases' visibility and
+    labels, the run waited for.
+
+    The prompt is written only when opening the run fills it in: ``prompt`` is what the browser
+    sent when the event was queued (behind a training tick, a second or more before it runs), and
+    writing it back would undo what was typed since.
+    """
+    gr = require_gradio()
+    message, text, *rest = on_open_run(state, run_name, prompt)
+    visible, labels, waiting = rest[:MAX_SUBJECTS], rest[MAX_SUBJECTS:2 * MAX_SUBJECTS], rest[-1]
+    return [message, gr.update() if text == prompt else text, *[gr.update(visible=v) for v in visible],
+            *[gr.update(label=t) for t in labels], waiting]
 
 
 def reopen_when_trained(state: PageState, waiting: str | None) -> bool:
     """Whether the run the Sample tab waits for has its artifact now (or stopped training without one)."""
     if not waiting:
         return False
-    job = state.jobs.job
-    return (run_folder(state.root, waiting) / ARTIFACT_NAME).is_file() or job is None or not job.running()
+    return (run_folder(state.root, waiting) / ARTIFACT_NAME).is_file() or not state.jobs.training(waiting)
 
 
 def on_upload_artifact(state: PageState, path: str | None):
@@ -329,7 +355,8 @@ def sample(state: PageState, run_name, prompt, base_model, num_images, seed, ste
 
     try:
         artifact_path = run_artifact(state, run_name)
-        handles = list(load_artifact(artifact_path).handles)
+        artifact = load_artifact(artifact_path)
+        handles = list(artifact.handles)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         folder = artifact_path.parent
         pose_files, used, described = {}, [], []
@@ -354,14 +381,18 @@ def sample(state: PageState, run_name, prompt, base_model, num_images, seed, ste
         settings = SampleSettings(num_images=int(num_images), seed=int(seed), steps=int(steps),
                                   guidance_scale=float(guidance_scale), pose_guidance=pose_guidance)
         with state.sampling:
-            base = state.base_for(artifact_path, state.base_model_of(artifact_path, base_model or ""))
+            base = state.base_for(artifact_path, artifact, base_model or "")
             out = new_folder(folder / "ui-samples", stamp)
+            said: list[str] = []  # the library's messages: a prompt naming no handle, an old SDXL artifact, ...
+
+            def report(event: dict) -> None:
+                if event["kind"] == "message":
+                    said.append(("warning: " if event.get("level") == "warning" else "") + f"{event['text']} ")
             try:
                 grid = sample_artifact(artifact_path, [PromptSpec(prompt, where="the prompt")], pose_files, settings,
-                                       out, base=base)
-            except UserError:
-                shutil.rmtree(out, ignore_errors=True)  # a refused sample leaves no empty folder
-                raise
+                                       out, base=base, report=report)
+            finally:
+                remove_empty_folders(out)  # a refused (or failed) sample leaves no empty folder
     except UserError as exc:
         return error_text(exc), None, []
     index = json.loads((grid.parent / "samples.json").read_text())
@@ -370,8 +401,7 @@ def sample(state: PageState, run_name, prompt, base_model, num_images, seed, ste
                f"{run_name} · seed {im['seed']} · {settings.steps} steps · guidance {settings.guidance_scale:g} · "
                f"{pose_guidance} · {posed}")
               for p in index["prompts"] for im in p["images"]]
-    warning = ("" if named else f"warning: the prompt names no handle ({', '.join(handles)}), so these images "
-               "show none of the learned subjects. ")
+    warning = "".join(said)
     if unposed:
         warning += f"The poses of {', '.join(unposed)} are left out: the prompt does not name them. "
     return shown(f"{warning}{len(images)} image(s) in {out}."), images, used
@@ -504,6 +534,7 @@ def build_app(root: Path, base_models: tuple[str, ...] = ("toy",), preset: str =
             history = gr.State([])  # this browser tab's images, newest first
             waiting_for = gr.State(None)  # a run picked while it trains, opened when its artifact is written
             trained = gr.State(None)  # set by the timer to that run once it can be opened
+            drawn = gr.State(None)  # the job as this tab last drew it (``poll_key``)
             with gr.Row():
                 gallery = gr.Gallery(label="Images since the page was opened (newest first)", elem_id="gallery",
                                      columns=4)
@@ -534,10 +565,7 @@ def build_app(root: Path, base_models: tuple[str, ...] = ("toy",), preset: str =
         refresh.click(refreshed, runs, runs)
 
         def opened(name, text):
-            msg, text, *rest = on_open_run(state, name, text)
-            visible, labels, waiting = rest[:MAX_SUBJECTS], rest[MAX_SUBJECTS:2 * MAX_SUBJECTS], rest[-1]
-            return [msg, text, *[gr.update(visible=v) for v in visible], *[gr.update(label=t) for t in labels],
-                    waiting]
+            return open_run_outputs(state, name, text)
 
         opened_outputs = [sample_msg, prompt, *pose_cols, *pose_editors, waiting_for]
         runs.change(opened, [runs, prompt], opened_outputs)
@@ -545,10 +573,12 @@ def build_app(root: Path, base_models: tuple[str, ...] = ("toy",), preset: str =
         # One timer, one request a tick, for both tabs: the training job's status, and whether a run
         # the Sample tab waits for has its artifact. Only a State is touched for the latter: a tick
         # that had the prompt or the canvases among its outputs would hold them while it runs.
-        def ticked(waiting):
-            return [*poll_training(state), waiting if reopen_when_trained(state, waiting) else None]
+        def ticked(waiting, last):
+            key = poll_key(state)  # redrawn only when the job changed: the curve is re-rendered then
+            shown_now = [gr.update()] * 4 if key == last else poll_training(state)
+            return [*shown_now, waiting if reopen_when_trained(state, waiting) else None, key]
 
-        timer.tick(ticked, waiting_for, [train_status, preview_img, attention_img, curve, trained],
+        timer.tick(ticked, [waiting_for, drawn], [train_status, preview_img, attention_img, curve, trained, drawn],
                    show_progress="hidden")
         trained.change(lambda name, text: opened(name, text) if name else [gr.update()] * len(opened_outputs),
                        [trained, prompt], opened_outputs)
@@ -600,13 +630,12 @@ def launch(root: Path, host: str = "127.0.0.1", port: int = 7860, base_models: t
     """
     import os
 
-    from lowmcgm.models import TINY_NAMES, TOY_NAME, locate_base_model
+    from lowmcgm.models import locate_base_model
 
     if not base_models:
         raise UserError("No base model to offer: pass --base-model.")
     for name in base_models:  # checked once here; the page takes no other model path
-        if name not in TINY_NAMES and name != TOY_NAME:
-            locate_base_model(name)
+        locate_base_model(name)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # the page makes no calls outside
     root = Path(root).expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)
@@ -620,7 +649,13 @@ def launch(root: Path, host: str = "127.0.0.1", port: int = 7860, base_models: t
                 max_file_size=MAX_UPLOAD, prevent_thread_lock=True, quiet=True, footer_links=[])
     if block:
         print(f"The page is at http://{host}:{port} (runs under {root}); Ctrl-C or SIGTERM stops it.", flush=True)
-        page.block_thread()
+        try:
+            page.block_thread()
+        finally:  # however the wait ended (a signal, a terminal gone): a running job stops, and is waited for
+            closing = page.lowmcgm_state.jobs.close()
+            with contextlib.suppress(OSError):  # stdout may be what went away
+                if closing:
+                    print(escape_controls(closing), flush=True)
     return page
 
 

@@ -10,14 +10,13 @@ progress events (``--events``), previews, and the last ``error:`` line the CLI p
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-import re
 import signal
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -25,11 +24,12 @@ from typing import Any, Callable
 from lowmcgm.errors import UserError
 from lowmcgm.progress import read_events
 from lowmcgm.run_folder import CHECKPOINT_NAME
+from lowmcgm.signals import route_stop_signals
 from lowmcgm.ui.workspace import EVENTS_FILE, LOG_FILE
 
 # A stop waits this long for the step in progress and the checkpoint before it kills the child.
 STOP_TIMEOUT_S = 120.0
-ERROR_LINE = re.compile(r"(?:lowmcgm(?: [\w-]+)?: )?error: (.*)")
+ERROR_PREFIX = "error: "  # every refusal of the CLI, argparse's included (cli._Parser)
 
 
 @dataclass(frozen=True)
@@ -73,8 +73,8 @@ class TrainingJob:
         SIGTERM, not SIGINT: the CLI stops the same way for both (``signals``), but SIGINT may have
         been inherited as ignored (a server started in the background), SIGTERM is not.
         """
-        if not self.running():
-            return
+        if not self.running() or self.stop_requested:
+            return  # a second SIGTERM would mean "stop now, without a checkpoint" to the trainer
         self.stop_requested = True
         self.process.send_signal(signal.SIGTERM)
         threading.Thread(target=self._kill_after, args=(timeout_s,), daemon=True).start()
@@ -111,10 +111,13 @@ class TrainingJob:
 
 
     def _stopped_text(self, events: list[dict[str, Any]]) -> str:
-        """What a stop did, read from the run: whether this attempt wrote its checkpoint."""
+        """What a stop did, read from the run: whether this attempt wrote its artifact or checkpoint."""
+        if _saved(events, "artifact"):
+            return ("Stopped after training, while drawing the run's samples: the artifact is written, so Pose "
+                    "and sample opens it. Resume would draw the samples again.")
         steps = [e for e in events if e.get("kind") == "step"]
         at = f" at phase {steps[-1]['phase']}, step {steps[-1]['step']}" if steps else " before its first step"
-        if any(e.get("kind") == "saved" and e.get("what") == "checkpoint" for e in events):
+        if _saved(events, "checkpoint"):
             return f"Stopped{at}; its checkpoint is written: Resume continues from it."
         earlier = ("Resume continues from the last checkpoint written before."
                    if (self.folder / CHECKPOINT_NAME).is_file() else "There is no checkpoint: start the run again.")
@@ -123,7 +126,15 @@ class TrainingJob:
         return f"Stopped{at}, without writing a checkpoint. {earlier}"
 
 
+def _saved(events: list[dict[str, Any]], what: str) -> bool:
+    return any(e.get("kind") == "saved" and e.get("what") == what for e in events)
+
+
 def _progress_text(events: list[dict[str, Any]]) -> str:
+    if _saved(events, "artifact"):  # lowmcgm run samples after training, which takes a while on a CPU
+        images = [e["what"] for e in events if e.get("kind") == "saved" and str(e.get("what")).startswith("image ")]
+        done = f" ({images[-1]} written)" if images else ""
+        return f"Trained: the artifact is written, so Pose and sample opens it. Drawing the run's samples{done}..."
     steps = [e for e in events if e.get("kind") == "step"]
     if not steps:
         return "Starting: loading the base model..."
@@ -135,16 +146,12 @@ def _progress_text(events: list[dict[str, Any]]) -> str:
 
 
 def last_error(log: Path) -> str:
-    """The CLI's one-line error (``error: ...``, or argparse's ``lowmcgm run: error: ...``) from a job's log, or ''."""
+    """The CLI's one-line error (``error: ...``) from a job's log, or ''."""
     try:
         lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
     except FileNotFoundError:
         return ""
-    for line in reversed(lines):
-        found = ERROR_LINE.match(line)
-        if found:
-            return found.group(1)
-    return ""
+    return next((line[len(ERROR_PREFIX):] for line in reversed(lines) if line.startswith(ERROR_PREFIX)), "")
 
 
 class JobSlot:
@@ -174,6 +181,11 @@ class JobSlot:
             self.job.start()
             return self.job
 
+    def training(self, run_name: str) -> bool:
+        """Whether the job running now trains run ``run_name``."""
+        job = self.job
+        return job is not None and job.running() and job.folder.name == run_name
+
     def stop(self) -> str:
         """Ask the running job to stop; return what the page says about it (the truth, job or not)."""
         with self.lock:
@@ -188,6 +200,11 @@ class JobSlot:
     def close(self, timeout_s: float = STOP_TIMEOUT_S) -> str:
         """The page is closing: stop a running job and wait for it (at most ``timeout_s``, then kill it).
 
+        Call it from the main thread: while it waits, a further stop signal to the page (Ctrl-C
+        again, a supervisor repeating SIGTERM) goes on to the child, where a second one means "stop
+        now, without a checkpoint" as it does for the CLI, instead of ending the wait and leaving
+        the child to finish unseen.
+
         Returns:
             What became of the job, for the terminal ('' when none ran).
         """
@@ -195,8 +212,8 @@ class JobSlot:
             job = self.job
         if job is None or not job.running():
             return ""
-        job.stop(timeout_s)
-        deadline = time.monotonic() + timeout_s + 10
-        while job.running() and time.monotonic() < deadline:
-            time.sleep(0.2)
+        with route_stop_signals(lambda signum, _frame: job.process.send_signal(signum)):
+            job.stop(timeout_s)
+            with contextlib.suppress(subprocess.TimeoutExpired):  # the stop's own timer kills it first
+                job.wait(timeout_s + 10)
         return f"Training run '{job.folder.name}': {job.status().text}"

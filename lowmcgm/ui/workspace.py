@@ -87,23 +87,22 @@ def new_folder(parent: Path, stem: str) -> Path:
 
 
 def list_runs(root: Path) -> list[str]:
-    """Run folders under ``root`` that hold an artifact or a checkpoint, newest first."""
+    """Run folders under ``root`` that hold an artifact, a checkpoint or the page's command (a run
+    started here, picked on the Sample tab while it trains), newest first."""
     root = Path(root)
     if not root.is_dir():
         return []
     runs = [p for p in root.iterdir() if p.is_dir() and RUN_NAME.fullmatch(p.name)
-            and ((p / ARTIFACT_NAME).is_file() or (p / CHECKPOINT_NAME).is_file())]
+            and any((p / name).is_file() for name in (ARTIFACT_NAME, CHECKPOINT_NAME, COMMAND_FILE))]
     return [p.name for p in sorted(runs, key=lambda p: p.stat().st_mtime, reverse=True)]
 
 
-def write_inputs(folder: Path, request: TrainRequest) -> tuple[Path, list[Path]]:
-    """Copy the photo and write each subject's mask into ``folder/inputs`` (``input_paths``); return their paths."""
-    photo, masks = input_paths(folder, request)
+def write_inputs(request: TrainRequest, photo: Path, masks: list[Path]) -> None:
+    """Copy the photo to ``photo`` and write each subject's mask to its path in ``masks`` (``input_paths``)."""
     photo.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(request.photo, photo)
     for subject, mask in zip(request.subjects, masks):
         save_mask(subject.mask, mask)
-    return photo, masks
 
 
 def init_words(subjects: tuple[Subject, ...]) -> list[str]:
@@ -170,7 +169,7 @@ def prepare_run(root: Path, request: TrainRequest) -> list[str]:
     photo, masks = input_paths(folder, request)
     cfg = request_config(request, folder, photo, masks)
     check_handle_names(list(cfg.data.handles), len(cfg.data.masks))
-    write_inputs(folder, request)
+    write_inputs(request, photo, masks)
     try:
         check_inputs(cfg)
     except UserError:
