@@ -182,6 +182,7 @@ def test_paint_train_pose_sample_and_export(page, inputs, server, tmp_path):
     # Exports download as files.
     page.locator("#export").click()
     wait_for_text(page, "sample-message", "kohya LoRA", 60)
+    assert "Not exported: the mask encoder" in text_of(page, "sample-message")  # issue 24: said nowhere before
     kohya = run / "exports" / "browser-run-kohya.safetensors"
     assert any(k.startswith("lora_unet_") for k in load_file(kohya))
     page.locator("#format label", has_text="embeddings").click()
@@ -273,3 +274,80 @@ def test_sampling_again_and_again_with_other_poses_and_runs(page, server):
     newest = Path(said.rsplit(" image(s) in ", 1)[1].strip().rstrip("."))
     assert json.loads((newest / "samples.json").read_text())["prompts"][0]["prompt"] == "a photo of a dog"
     assert "\nwarning: the prompt names no handle (<asset0>, <asset1>)" in "\n" + said, said
+
+
+@pytest.fixture
+def background_server(tmp_path):
+    """``lowmcgm ui`` in its own process, started as ``nohup lowmcgm ui ... &`` leaves it: SIGINT ignored."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    root, port = tmp_path / "bg_root", free_port()
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "lowmcgm.cli", "ui", "--root", str(root), "--port", str(port), "--base-model", "tiny",
+         "--preset", "tiny-cpu"], stdout=log, stderr=subprocess.STDOUT,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()
+                time.sleep(0.5)
+        yield {"url": url, "root": root, "log": tmp_path / "server.log"}
+    finally:
+        server.terminate()  # the page stops its job (if any) and waits for it
+        try:
+            server.wait(180)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+
+
+def test_stop_on_a_page_started_in_the_background_then_a_run_picked_while_it_resumes(browser, background_server,
+                                                                                     inputs):
+    # Issue 24: with SIGINT ignored (nohup ... &), Stop was ignored, then the job killed after 120 s
+    # with "the last checkpoint is kept"; and a run picked while it trained never opened.
+    context = browser.new_context(viewport={"width": 1400, "height": 1100})
+    page = context.new_page()
+    try:
+        page.goto(background_server["url"], wait_until="load", timeout=60_000)
+        page.locator("#photo").wait_for(timeout=60_000)
+        upload(page, "photo", inputs["photo"])
+        wait_for_text(page, "photo-message", "96 x 96", 30)
+        upload(page, "mask-upload0", inputs["a"])
+        upload(page, "mask-upload1", inputs["b"])
+        page.get_by_role("tab", name="2 · Train").click()
+        set_textbox(page, "run-name", "bg-run")
+        set_textbox(page, "preview-every", "0")
+        set_textbox(page, "phase1-steps", "40")  # long enough to stop in, and to pick while it resumes
+        set_textbox(page, "phase2-steps", "2")
+        page.locator("#start").click()
+        wait_for_text(page, "train-message", "Started run 'bg-run'", 60)
+        wait_for_text(page, "train-status", "Phase 1: step", 300)
+        page.locator("#stop").click()
+        status = wait_for_text(page, "train-status", "stopped|failed|finished", 150)
+        assert "its checkpoint is written" in status and "Killed" not in status, status
+        folder = Path(background_server["root"]) / "bg-run"
+        assert (folder / "checkpoints" / "last.safetensors").is_file()
+        assert "SIGTERM" in (folder / "ui-train.log").read_text()
+
+        page.locator("#resume").click()
+        wait_for_text(page, "train-message", "Resuming run 'bg-run'", 60)
+        page.get_by_role("tab", name="3 · Pose and sample").click()
+        set_textbox(page, "prompt", "a photo of <asset0> and <asset1> at dusk")
+        page.locator("#refresh-runs").click()
+        pick(page, "runs", "bg-run")
+        wait_for_text(page, "sample-message", "Run 'bg-run' is training", 60)
+        wait_for_text(page, "sample-message", "Run 'bg-run': handles", 600)  # by itself, when the artifact is written
+        assert page.locator("#prompt textarea").input_value() == "a photo of <asset0> and <asset1> at dusk"
+        assert (folder / "lowmcgm.safetensors").is_file()
+    finally:
+        context.close()

@@ -122,6 +122,22 @@ def test_user_words_reach_the_child_as_values_never_as_flags(tmp_path):
     assert Path(args.out) == (root / "r1").resolve()
 
 
+def test_the_steps_asked_for_reach_the_child_and_the_start_check(tmp_path):
+    # Issue 24: the page offered no way to shorten training for a quick try.
+    from lowmcgm.cli import build_parser
+    from lowmcgm.ui.workspace import input_paths, request_config
+
+    root = tmp_path / "root"
+    request = dataclasses.replace(_request(tmp_path), phase1_steps=7, phase2_steps=9)
+    argv = prepare_run(root, request)
+    assert build_parser().parse_args(argv).set == ["train.phase1_steps=7", "train.phase2_steps=9"]
+    cfg = request_config(request, root / "r1", *input_paths(root / "r1", request))
+    assert (cfg.train.phase1_steps, cfg.train.phase2_steps) == (7, 9)
+    with pytest.raises(UserError, match="phase1_steps"):  # the CLI's own bounds, before any folder is made
+        prepare_run(root, dataclasses.replace(request, run_name="r2", phase1_steps=-1))
+    assert not (root / "r2").exists()
+
+
 def test_a_run_named_like_a_file_in_the_root_is_refused(tmp_path):
     root = tmp_path / "root"
     root.mkdir()
@@ -131,13 +147,14 @@ def test_a_run_named_like_a_file_in_the_root_is_refused(tmp_path):
     assert (root / "notes.txt").read_text() == "mine\n"
 
 
-def _page_start(state, tmp_path, name="r1", base="tiny", preview_every=0):
-    """Start through the page's own function, the two subjects uploaded as mask files."""
+def _page_start(state, tmp_path, name="r1", base="tiny", preview_every=0, steps=(None, None)):
+    """Start through the page's own function, the two subjects uploaded as mask files (steps: the
+    step boxes, None as a blank one)."""
     from lowmcgm.ui import app
 
     photo, a, b = make_photo(tmp_path)
     rest = [None] * app.MAX_SUBJECTS + [a, b, None, None] + ["<asset0>", "<asset1>", "", ""] + [""] * 4
-    return app.start_training(state, photo, 2, name, "tiny-cpu", base, preview_every, *rest)
+    return app.start_training(state, photo, 2, name, "tiny-cpu", base, preview_every, *steps, *rest)
 
 
 def test_the_page_offers_only_its_own_base_models(tmp_path):
@@ -274,6 +291,47 @@ def test_a_run_stopped_while_it_samples_says_its_artifact_is_written(tmp_path):
     status = job.status()
     assert status.state == "stopped" and status.text.startswith("Stopped after training")
     assert "checkpoint" not in status.text
+
+
+def _step(phase: int, step: int, total: int, loss: float, rate: float = 2.0) -> dict:
+    return {"kind": "step", "phase": phase, "step": step, "total": total, "losses": {"total": loss}, "it_per_s": rate}
+
+
+def test_the_loss_curve_after_resume_is_the_whole_runs(tmp_path):
+    # Issue 24: after Resume the curve showed only the resumed part. Attempt one reached phase 1
+    # step 3 (checkpoint at 2); attempt two trains step 3 again, then phase 2.
+    job = TrainingJob([], tmp_path / "a")
+    first = [{"kind": "phase", "phase": 1, "total": 4, "start": 0}, _step(1, 1, 4, 0.9), _step(1, 2, 4, 0.8),
+             _step(1, 3, 4, 0.7)]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in first))
+    job.argv = ["-c", "pass"]  # a real start: the earlier attempt's events are kept aside
+    job.start()
+    job.wait(60)
+    assert not (tmp_path / "a" / "events.jsonl").exists()
+    second = [{"kind": "phase", "phase": 1, "total": 4, "start": 2}, _step(1, 3, 4, 0.5), _step(1, 4, 4, 0.4),
+              {"kind": "phase", "phase": 2, "total": 2, "start": 0}, _step(2, 1, 2, 0.3)]
+    (tmp_path / "a" / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in second))
+    history = job.status().history
+    assert [(r["phase"], r["step"], r["total"]) for r in history] == [(1, 1, 0.9), (1, 2, 0.8), (1, 3, 0.5),
+                                                                       (1, 4, 0.4), (2, 1, 0.3)]
+
+
+def test_the_status_says_how_long_the_model_has_loaded_and_what_the_whole_run_has_left(tmp_path):
+    # Issue 24: a silent "loading" while a real model loads, and an ETA for the current phase only.
+    job = TrainingJob([], tmp_path / "a")
+    _stand_in(job, "import time; time.sleep(60)")
+    job.started_at = time.monotonic() - 42
+    try:
+        assert job.status().text.startswith("Starting (42 s): loading the base model")
+        (tmp_path / "a" / "config.toml").write_text("[train]\nphase1_steps = 100\nphase2_steps = 300\n")
+        (tmp_path / "a" / "events.jsonl").write_text(json.dumps(_step(1, 40, 100, 0.5, rate=2.0)) + "\n")
+        assert "about 3.0 min of training left" in job.status().text  # (60 + 300) steps at 2 it/s
+        (tmp_path / "a" / "events.jsonl").write_text(json.dumps(_step(2, 280, 300, 0.5, rate=2.0)) + "\n")
+        assert "about 10 s of training left" in job.status().text
+    finally:
+        job.process.kill()
+        job.process.wait()
 
 
 def test_closing_the_page_stops_its_job_and_waits_for_it(tmp_path):
@@ -465,6 +523,36 @@ def test_preview_box_shows_each_presets_own_figure():
         declared = load_toml(presets_dir() / f"{name}.toml")["output.preview_every"]
         assert preset_preview_every(name) == declared
     assert preset_preview_every("tiny-cpu") != preset_preview_every("toy-cpu")
+
+
+def test_a_small_preview_is_shown_enlarged_with_its_pixels_as_they_are(tmp_path):
+    # Issue 24: a 64 px preview was a thumbnail in a wide box.
+    from PIL import Image
+
+    from lowmcgm.ui.app import PREVIEW_MIN_PX, shown_large
+
+    small = np.random.default_rng(0).integers(0, 256, (64, 48, 3), dtype=np.uint8)
+    Image.fromarray(small).save(tmp_path / "small.png")
+    shown = shown_large(tmp_path / "small.png")
+    assert shown.shape == (64 * 6, 48 * 6, 3) and min(shown.shape[:2]) >= PREVIEW_MIN_PX
+    np.testing.assert_array_equal(shown[::6, ::6], small)  # whole blocks of the same pixels
+    big = np.zeros((300, 400, 3), np.uint8)
+    Image.fromarray(big).save(tmp_path / "big.png")
+    assert shown_large(tmp_path / "big.png").shape == big.shape
+    (tmp_path / "cut.png").write_bytes(b"\x89PNG half written")
+    assert shown_large(tmp_path / "cut.png") is None
+
+
+def test_step_boxes_show_each_presets_own_counts():
+    from lowmcgm.config import load_toml
+    from lowmcgm.presets import presets_dir
+    from lowmcgm.ui.app import preset_steps
+
+    for name in ("tiny-cpu", "toy-cpu"):
+        declared = load_toml(presets_dir() / f"{name}.toml")
+        assert preset_steps(name) == (declared["train.phase1_steps"], declared["train.phase2_steps"])
+    assert preset_steps("tiny-cpu") != preset_steps("toy-cpu")
+    assert preset_steps("no-such-preset") == (None, None)  # blank boxes: Start then names the preset
 
 
 def test_the_page_loads_a_fresh_base_for_an_artifact_trained_on_an_fp8_unet(tmp_path):

@@ -23,7 +23,7 @@ import numpy as np
 from lowmcgm.config import config_field
 from lowmcgm.data import build_prompt
 from lowmcgm.errors import UserError
-from lowmcgm.interop.export import FORMATS
+from lowmcgm.interop.export import FORMATS, MASK_ENCODER_NOTE
 from lowmcgm.output import remove_empty_folders
 from lowmcgm.terminal import escape_controls
 from lowmcgm.toy.scenes import save_mask
@@ -200,7 +200,8 @@ def on_estimate(state: PageState, preset: str, base_model: str):
     return "\n".join(lines)
 
 
-def start_training(state: PageState, photo, count, run_name, preset, base_model, preview_every, *rest) -> str:
+def start_training(state: PageState, photo, count, run_name, preset, base_model, preview_every, phase1_steps,
+                   phase2_steps, *rest) -> str:
     editors = rest[:MAX_SUBJECTS]
     uploads = rest[MAX_SUBJECTS:2 * MAX_SUBJECTS]
     handles = rest[2 * MAX_SUBJECTS:3 * MAX_SUBJECTS]
@@ -211,7 +212,8 @@ def start_training(state: PageState, photo, count, run_name, preset, base_model,
         masks = subject_masks(photo, count, list(editors), list(uploads))
         subjects = tuple(Subject(handles[i] or f"<asset{i}>", words[i] or "", masks[i]) for i in range(count))
         every = preset_preview_every(preset) if preview_every is None else int(preview_every)  # a cleared box
-        request = TrainRequest(run_name, photo, subjects, preset, state.check_base_model(base_model), every)
+        steps = [None if n is None else int(n) for n in (phase1_steps, phase2_steps)]  # None: the preset's
+        request = TrainRequest(run_name, photo, subjects, preset, state.check_base_model(base_model), every, *steps)
         state.jobs.start_prepared(lambda: prepare_run(state.root, request), run_folder(state.root, run_name))
     except UserError as exc:
         return error_text(exc)
@@ -226,6 +228,18 @@ def preset_preview_every(preset: str) -> int:
         return resolve_config(preset, None, {}).output.preview_every
     except UserError:  # an unreadable preset: Start says why
         return config_field("output.preview_every")[0].default
+
+
+def preset_steps(preset: str) -> tuple[int | None, int | None]:
+    """The preset's phase 1 and phase 2 step counts: what the page's boxes show until the user
+    changes them (None, a blank box, for a preset that cannot be read: Start says why)."""
+    from lowmcgm.config import resolve_config
+
+    try:
+        train = resolve_config(preset, None, {}).train
+    except UserError:
+        return None, None
+    return train.phase1_steps, train.phase2_steps
 
 
 def resume_training(state: PageState, run_name: str) -> str:
@@ -257,10 +271,28 @@ def poll_training(state: PageState):
     if job is None:
         return "No training job yet.", None, None, None
     status = job.status()
-    previews = [str(p) for p in status.previews]
+    previews = [shown_large(p) for p in status.previews]
     curve = np.asarray(render_loss_curve(status.history)) if status.history else None
     return (f"**{status.state}**: {shown(status.text)}", previews[0] if previews else None,
             previews[1] if len(previews) > 1 else None, curve)
+
+
+# A preview smaller than this is shown enlarged (a 64 px sample was a thumbnail in a wide box).
+PREVIEW_MIN_PX = 256
+
+
+def shown_large(path: Path) -> np.ndarray | None:
+    """The picture at ``path``, enlarged by a whole factor (nearest: its pixels stay as they are)
+    until its short side is at least ``PREVIEW_MIN_PX``; None if it cannot be read (being written)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as picture:
+            picture = picture.convert("RGB")
+    except (OSError, ValueError):
+        return None
+    factor = max(1, -(-PREVIEW_MIN_PX // min(picture.size)))
+    return np.asarray(picture.resize((picture.width * factor, picture.height * factor), Image.Resampling.NEAREST))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -419,9 +451,9 @@ def export(state: PageState, run_name: str, fmt: str):
     except UserError as exc:
         return error_text(exc), None
     if fmt == "kohya":
-        return shown(f"kohya LoRA for {', '.join(result.handles)}."), str(result.files[0])
+        return shown(f"kohya LoRA for {', '.join(result.handles)}. {MASK_ENCODER_NOTE}"), str(result.files[0])
     archive = shutil.make_archive(str(exports / f"{run_name}-{fmt}"), "zip", target)
-    return f"{fmt} export ({len(result.files)} files, zipped).", archive
+    return shown(f"{fmt} export ({len(result.files)} files, zipped). {MASK_ENCODER_NOTE}"), archive
 
 
 def with_library_pose(mask: np.ndarray | None, pick: str | None) -> np.ndarray | None:
@@ -483,6 +515,12 @@ def build_app(root: Path, base_models: tuple[str, ...] = ("toy",), preset: str =
                                           label="Preview every N steps (0: only before training)",
                                           elem_id="preview-every")
             with gr.Row():
+                first, second = preset_steps(preset)
+                phase1_box = gr.Number(value=first, precision=0, elem_id="phase1-steps",
+                                       label="Phase 1 steps (the handles alone; the preset's, or fewer for a quick try)")
+                phase2_box = gr.Number(value=second, precision=0, elem_id="phase2-steps",
+                                       label="Phase 2 steps (handles and LoRA together)")
+            with gr.Row():
                 estimate_btn = gr.Button("Estimate GPU memory", elem_id="estimate")
                 start_btn = gr.Button("Start training", variant="primary", elem_id="start")
                 stop_btn = gr.Button("Stop", elem_id="stop")
@@ -490,9 +528,12 @@ def build_app(root: Path, base_models: tuple[str, ...] = ("toy",), preset: str =
             train_msg = gr.Markdown(elem_id="train-message")
             estimate_md = gr.Markdown(elem_id="estimate-result")
             train_status = gr.Markdown(elem_id="train-status")
+            # No labels on the pictures: gradio lays a label over the picture's top left corner,
+            # where the attention picture's own title (step, prompt) is.
+            gr.Markdown("Newest preview, and its cross-attention maps (where each handle and mask token looks):")
             with gr.Row():
-                preview_img = gr.Image(label="Latest preview", interactive=False, elem_id="preview")
-                attention_img = gr.Image(label="Its attention maps", interactive=False, elem_id="attention")
+                preview_img = gr.Image(show_label=False, interactive=False, elem_id="preview", scale=1)
+                attention_img = gr.Image(show_label=False, interactive=False, elem_id="attention", scale=3)
             curve = gr.Image(label="Loss curve", interactive=False, elem_id="loss-curve")
             timer = gr.Timer(POLL_S)
 
@@ -524,10 +565,12 @@ def build_app(root: Path, base_models: tuple[str, ...] = ("toy",), preset: str =
                 num_images = gr.Number(value=2, precision=0, label="Images", elem_id="num-images")
                 seed = gr.Number(value=0, precision=0, label="First seed", elem_id="seed")
                 steps = gr.Number(value=20, precision=0, label="Steps", elem_id="steps")
-                cfg_scale = gr.Number(value=7.5, label="Guidance scale", elem_id="guidance-scale")
+                cfg_scale = gr.Number(value=7.5, label="Prompt guidance scale (CFG)", elem_id="guidance-scale",
+                                      info="How closely the images follow the prompt.")
                 guidance_field = config_field("sample.pose_guidance")[0]
                 pose_guidance = gr.Radio(list(guidance_field.metadata["choices"]), value=guidance_field.default,
-                                         label="Pose guidance", elem_id="pose-guidance")
+                                         label="Pose guidance", elem_id="pose-guidance",
+                                         info=guidance_field.metadata["help"].removeprefix("pose guidance: "))
                 sample_base = gr.Dropdown([("the one the run used", ""), *[(m, m) for m in state.base_models]],
                                           value="", label="Base model", elem_id="sample-base")
             sample_btn = gr.Button("Sample", variant="primary", elem_id="sample")
@@ -540,7 +583,8 @@ def build_app(root: Path, base_models: tuple[str, ...] = ("toy",), preset: str =
                                      columns=4)
                 pose_gallery = gr.Gallery(label="Poses used", elem_id="pose-gallery", columns=4)
             with gr.Row():
-                fmt = gr.Radio(list(FORMATS), value=FORMATS[0], label="Export for other tools", elem_id="format")
+                fmt = gr.Radio(list(FORMATS), value=FORMATS[0], label="Export for other tools", elem_id="format",
+                               info=MASK_ENCODER_NOTE)
                 export_btn = gr.Button("Export", elem_id="export")
                 download_artifact = gr.Button("Artifact file", elem_id="artifact-file")
             download = gr.File(label="Download", interactive=False, elem_id="download")
@@ -550,11 +594,17 @@ def build_app(root: Path, base_models: tuple[str, ...] = ("toy",), preset: str =
         photo.clear(on_photo, photo, [photo, photo_msg, *editors])
         count.change(lambda n: [gr.update(visible=i < int(n)) for i in range(MAX_SUBJECTS)], count, groups)
         show.click(on_show_masks, [photo, count, *editors, *uploads], [photo_msg, preview])
-        preset_box.change(preset_preview_every, preset_box, preview_every)
-        estimate_btn.click(bound(on_estimate), [preset_box, base_box], estimate_md)
+        preset_box.change(lambda name: [preset_preview_every(name), *preset_steps(name)], preset_box,
+                          [preview_every, phase1_box, phase2_box])
+        def estimating(preset_name, base_model):  # a generator: the first line shows while it traces
+            yield ("Estimating: tracing one training step of each phase on fake tensors (no GPU used; about a "
+                   "minute on a CPU for a real model)...")
+            yield on_estimate(state, preset_name, base_model)
+
+        estimate_btn.click(estimating, [preset_box, base_box], estimate_md)
         start_btn.click(bound(start_training),
-                        [photo, count, run_name, preset_box, base_box, preview_every, *editors, *uploads, *handles,
-                         *words], train_msg)
+                        [photo, count, run_name, preset_box, base_box, preview_every, phase1_box, phase2_box,
+                         *editors, *uploads, *handles, *words], train_msg)
         stop_btn.click(lambda: shown(state.jobs.stop()), None, train_msg)
         resume_btn.click(bound(resume_training), run_name, train_msg)
 

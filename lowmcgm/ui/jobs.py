@@ -17,6 +17,8 @@ import signal
 import subprocess
 import sys
 import threading
+import time
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -25,7 +27,7 @@ from lowmcgm.errors import UserError
 from lowmcgm.progress import read_events
 from lowmcgm.run_folder import CHECKPOINT_NAME
 from lowmcgm.signals import route_stop_signals
-from lowmcgm.ui.workspace import EVENTS_FILE, LOG_FILE
+from lowmcgm.ui.workspace import EARLIER_EVENTS_FILE, EVENTS_FILE, LOG_FILE
 
 # A stop waits this long for the step in progress and the checkpoint before it kills the child.
 STOP_TIMEOUT_S = 120.0
@@ -51,10 +53,18 @@ class TrainingJob:
         self.process: subprocess.Popen | None = None
         self.stop_requested = False
         self.killed_after_s: float | None = None  # set when a stop had to kill the child
+        self.started_at: float | None = None  # time.monotonic() at start
 
     def start(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / EVENTS_FILE).unlink(missing_ok=True)  # events of this attempt only
+        # events.jsonl holds this attempt's events only (what a stop did is read from it); earlier
+        # attempts' go on in EARLIER_EVENTS_FILE, for the loss curve of the whole run.
+        events = self.folder / EVENTS_FILE
+        if events.is_file():
+            with open(self.folder / EARLIER_EVENTS_FILE, "ab") as earlier:
+                earlier.write(events.read_bytes().rstrip(b"\n") + b"\n")
+            events.unlink()
+        self.started_at = time.monotonic()
         log = open(self.folder / LOG_FILE, "w", encoding="utf-8")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         # Its own process group: a Ctrl-C in the page's terminal stops the page, and the page stops
@@ -91,7 +101,7 @@ class TrainingJob:
 
     def status(self) -> JobStatus:
         events = read_events(self.folder / EVENTS_FILE)
-        history = [{"phase": e["phase"], "step": e["step"], **e["losses"]} for e in events if e.get("kind") == "step"]
+        history = loss_history([*read_events(self.folder / EARLIER_EVENTS_FILE), *events])
         previews = sorted((self.folder / "previews").glob("step*.png"))
         newest = [p for p in previews if not p.stem.endswith("-attention")][-1:]
         newest += [p.with_name(f"{p.stem}-attention.png") for p in newest
@@ -100,7 +110,8 @@ class TrainingJob:
         if self.process is None:
             state, text = "idle", "Not started."
         elif code is None:
-            state, text = "running", _progress_text(events)
+            state, text = "running", _progress_text(events, time.monotonic() - (self.started_at or time.monotonic()),
+                                                    _steps_after(self.folder, events))
         elif code == 0:
             state, text = "finished", "Finished: the artifact and samples are written; go on to Pose and sample."
         elif self.stop_requested:
@@ -130,19 +141,51 @@ def _saved(events: list[dict[str, Any]], what: str) -> bool:
     return any(e.get("kind") == "saved" and e.get("what") == what for e in events)
 
 
-def _progress_text(events: list[dict[str, Any]]) -> str:
+def loss_history(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The loss-curve rows of a run's events, over every attempt in order: a resumed attempt's
+    ``phase`` event (its start step) drops the rows after that step, which it trains again."""
+    rows: dict[tuple[int, int], dict[str, Any]] = {}
+    for e in events:
+        if e.get("kind") == "phase":
+            resumed_at = (e["phase"], e.get("start", 0))
+            rows = {key: row for key, row in rows.items() if key <= resumed_at}
+        elif e.get("kind") == "step":
+            rows[(e["phase"], e["step"])] = {"phase": e["phase"], "step": e["step"], **e["losses"]}
+    return [rows[key] for key in sorted(rows)]
+
+
+def _steps_after(folder: Path, events: list[dict[str, Any]]) -> int:
+    """Steps of the phases after the current one, from the run's config.toml (0 if unreadable)."""
+    steps = [e for e in events if e.get("kind") == "step"]
+    if not steps or steps[-1]["phase"] != 1:
+        return 0
+    try:
+        with open(folder / "config.toml", "rb") as fh:
+            return int(tomllib.load(fh)["train"]["phase2_steps"])
+    except (OSError, ValueError, KeyError, TypeError, tomllib.TOMLDecodeError):
+        return 0
+
+
+def _progress_text(events: list[dict[str, Any]], elapsed_s: float = 0.0, steps_after: int = 0) -> str:
+    """The running job's line: what it does now, and how long the whole run has left."""
     if _saved(events, "artifact"):  # lowmcgm run samples after training, which takes a while on a CPU
         images = [e["what"] for e in events if e.get("kind") == "saved" and str(e.get("what")).startswith("image ")]
         done = f" ({images[-1]} written)" if images else ""
         return f"Trained: the artifact is written, so Pose and sample opens it. Drawing the run's samples{done}..."
     steps = [e for e in events if e.get("kind") == "step"]
-    if not steps:
-        return "Starting: loading the base model..."
+    if not steps:  # loading a real base model takes a while: say for how long it has
+        return f"Starting ({elapsed_s:.0f} s): loading the base model and checking the inputs..."
     e = steps[-1]
-    eta = e.get("eta_s", math.inf)
-    eta_text = f", about {eta / 60:.1f} min left in this phase" if math.isfinite(eta) else ""
+    rate = e.get("it_per_s") or 0.0
+    left_s = (e["total"] - e["step"] + steps_after) / rate if rate > 0 else math.inf
+    # Phase 2 steps (the LoRA too) run slower than phase 1's: during phase 1 this is a lower bound.
+    eta_text = f", about {_minutes(left_s)} of training left, then the run's samples" if math.isfinite(left_s) else ""
     return (f"Phase {e['phase']}: step {e['step']}/{e['total']}, loss {e['losses']['total']:.4f}, "
-            f"{e['it_per_s']:.2f} it/s{eta_text}.")
+            f"{rate:.2f} it/s{eta_text}.")
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
 
 
 def last_error(log: Path) -> str:

@@ -6,7 +6,8 @@ named by a plain folder name that must lie directly under the root given on the 
 
 - ``inputs/``: the photo and one mask per subject, as uploaded or painted;
 - ``ui-run.json``: the training command's arguments, so the page can resume the run later;
-- ``events.jsonl`` and ``ui-train.log``: the job's progress events and its terminal output.
+- ``events.jsonl`` and ``ui-train.log``: the job's progress events and its terminal output;
+- ``ui-events-earlier.jsonl``: the events of the attempts before a Resume (the whole loss curve).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from lowmcgm.toy.scenes import save_mask  # the one mask writer (white on black,
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 COMMAND_FILE = "ui-run.json"
 EVENTS_FILE = "events.jsonl"
+EARLIER_EVENTS_FILE = "ui-events-earlier.jsonl"
 LOG_FILE = "ui-train.log"
 ARTIFACT_NAME = Config().output.artifact_name
 
@@ -51,6 +53,8 @@ class TrainRequest:
     preset: str
     base_model: str
     preview_every: int = 10
+    phase1_steps: int | None = None  # None: the preset's
+    phase2_steps: int | None = None
 
 
 def default_run_name() -> str:
@@ -124,7 +128,14 @@ def training_command(request: TrainRequest, folder: Path, photo: Path, masks: li
         argv += [f"--mask={mask}", f"--handle={subject.handle.strip()}"]
     argv += [f"--init-word={word}" for word in init_words(request.subjects)]
     argv += [f"--out={folder}", f"--events={folder / EVENTS_FILE}", f"--preview-every={request.preview_every}"]
+    argv += [f"--set={key}={value}" for key, value in step_settings(request).items()]
     return argv
+
+
+def step_settings(request: TrainRequest) -> dict[str, int]:
+    """The step counts the request sets, as config keys (the preset's where it sets none)."""
+    steps = {"train.phase1_steps": request.phase1_steps, "train.phase2_steps": request.phase2_steps}
+    return {key: n for key, n in steps.items() if n is not None}
 
 
 def request_config(request: TrainRequest, folder: Path, photo: Path, masks: list[Path]) -> Config:
@@ -132,7 +143,7 @@ def request_config(request: TrainRequest, folder: Path, photo: Path, masks: list
     return resolve_config(request.preset, None, {
         "model.base_model": request.base_model, "data.image": str(photo), "data.masks": [str(m) for m in masks],
         "data.handles": [s.handle.strip() for s in request.subjects], "data.init_words": init_words(request.subjects),
-        "output.out": str(folder), "output.preview_every": request.preview_every})
+        "output.out": str(folder), "output.preview_every": request.preview_every, **step_settings(request)})
 
 
 def input_paths(folder: Path, request: TrainRequest) -> tuple[Path, list[Path]]:
