@@ -396,6 +396,9 @@ def main(argv: list[str] | None = None) -> int:
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
+    import lowmcgm
+
+    log(f"lowmcgm from {Path(lowmcgm.__file__).parent}")
     start = time.perf_counter()
     result = record(all_cases(), log)
     log(f"total: {time.perf_counter() - start:.1f} s")
@@ -416,4 +419,6 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     pin_environment()  # here, not at import: the test suite imports this module and keeps its own settings
+    # The lowmcgm of this checkout, not one installed from another (a worktree shares its venv).
+    sys.path.insert(0, str(ROOT))
     sys.exit(main())
