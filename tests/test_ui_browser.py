@@ -14,8 +14,8 @@ import pytest
 from conftest import make_photo, make_tiny_artifact
 from PIL import Image
 from safetensors.torch import load_file
-from ui_browser import (CHROMIUM_ARGS, chromium_path, free_port, paint_rect, set_textbox, text_of, upload,
-                        wait_for_text)
+from ui_browser import (CHROMIUM_ARGS, chromium_path, free_port, paint_mask, paint_rect, set_textbox, text_of,
+                        upload, wait_for_text)
 
 from lowmcgm.cli import main
 from lowmcgm.data import check_masks, load_image, load_mask
@@ -273,3 +273,31 @@ def test_sampling_again_and_again_with_other_poses_and_runs(page, server):
     newest = Path(said.rsplit(" image(s) in ", 1)[1].strip().rstrip("."))
     assert json.loads((newest / "samples.json").read_text())["prompts"][0]["prompt"] == "a photo of a dog"
     assert "\nwarning: the prompt names no handle (<asset0>, <asset1>)" in "\n" + said, said
+
+
+def read_masks(page, monkeypatch) -> list[np.ndarray]:
+    """Click "Show masks over the photo" and return the masks the page read (``app.subject_masks``)."""
+    from lowmcgm.ui import app
+
+    read, real = [], app.subject_masks
+    monkeypatch.setattr(app, "subject_masks", lambda *args: read.append(real(*args)) or read[-1])
+    page.locator("#show-masks").click()
+    wait_for_text(page, "photo-message", "mask\\(s\\) ready|error", 30)
+    assert read, text_of(page, "photo-message")
+    return read[-1]
+
+
+def test_a_stroke_starting_at_the_canvas_left_edge_is_painted(page, inputs, monkeypatch):
+    # Issue 24: gradio's brush palette floats over the canvas's left edge (a third of the way
+    # down); a stroke that started on it was taken by the palette and never painted.
+    upload(page, "photo", inputs["photo"])
+    wait_for_text(page, "photo-message", "96 x 96", 30)
+    upload(page, "mask-upload1", inputs["b"])
+    page.wait_for_timeout(500)
+    stroke = np.zeros((96, 96), bool)
+    stroke[39:57:3, 0:30] = True  # rows across the palette's height, each from the photo's first column
+    stroke[3, 0:30] = True  # and one above it, which was always painted
+    paint_mask(page, "editor0", stroke, step=3)
+    painted = read_masks(page, monkeypatch)[0]
+    for y in (3, *range(39, 57, 3)):
+        assert painted[y, 0:30].all(), (y, painted[y, :32].astype(int))

@@ -43,6 +43,17 @@ POLL_S = 1.0
 # out at, so columns that widened or narrowed when another subject's column appeared would leave
 # their canvases off-centre and overflowing.
 CANVAS_COLUMN_PX = 300
+# gradio 6.31's ImageEditor floats its brush palette over the canvas's left edge (its CSS:
+# ``.toolbar-wrap {position: absolute; top: 30%; left: 15px; width: 30px}``; no ImageEditor option
+# moves it), and a stroke that starts on the palette is the palette's, never painted. The drawing
+# surface starts right of it instead: the photo's left edge can be painted from its first pixel.
+PALETTE_STRIP_PX = 48
+CANVAS_CLASS = "lowmcgm-canvas"
+PAGE_CSS = f"""
+.{CANVAS_CLASS} .pixi-target, .{CANVAS_CLASS} .pixi-target-crop {{
+  left: {PALETTE_STRIP_PX}px !important; width: calc(100% - {PALETTE_STRIP_PX}px) !important;
+}}
+"""
 
 
 @dataclasses.dataclass
@@ -465,7 +476,7 @@ def build_app(root: Path, base_models: tuple[str, ...] = ("toy",), preset: str =
                                                 elem_id=f"word{i}"))
                         editors.append(gr.ImageEditor(type="numpy", label="Paint the subject", elem_id=f"editor{i}",
                                                       brush=brush(i, 12), layers=False, transforms=(),
-                                                      sources=()))
+                                                      sources=(), elem_classes=CANVAS_CLASS))
                         uploads.append(gr.File(label="...or upload its mask", type="filepath",
                                                elem_id=f"mask-upload{i}"))
                     groups.append(group)
@@ -516,7 +527,7 @@ def build_app(root: Path, base_models: tuple[str, ...] = ("toy",), preset: str =
                         pose_editors.append(gr.ImageEditor(value=editor_value(blank_sheet()), type="numpy",
                                                            label="Draw the pose",
                                                            elem_id=f"pose{i}", brush=brush(i, 10), layers=False,
-                                                           transforms=(), sources=()))
+                                                           transforms=(), sources=(), elem_classes=CANVAS_CLASS))
                         pose_uploads.append(gr.File(label="...or upload a pose mask", type="filepath",
                                                     elem_id=f"pose-upload{i}"))
                     pose_cols.append(col)
@@ -646,7 +657,7 @@ def launch(root: Path, host: str = "127.0.0.1", port: int = 7860, base_models: t
     page.queue(default_concurrency_limit=1)
     # quiet: gradio's own lines suggest share=True, which this page never uses.
     page.launch(server_name=host, server_port=port, share=False, allowed_paths=[str(root)],
-                max_file_size=MAX_UPLOAD, prevent_thread_lock=True, quiet=True, footer_links=[])
+                max_file_size=MAX_UPLOAD, prevent_thread_lock=True, quiet=True, footer_links=[], css=PAGE_CSS)
     if block:
         print(f"The page is at http://{host}:{port} (runs under {root}); Ctrl-C or SIGTERM stops it.", flush=True)
         try:
