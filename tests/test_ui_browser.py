@@ -301,3 +301,22 @@ def test_a_stroke_starting_at_the_canvas_left_edge_is_painted(page, inputs, monk
     painted = read_masks(page, monkeypatch)[0]
     for y in (3, *range(39, 57, 3)):
         assert painted[y, 0:30].all(), (y, painted[y, :32].astype(int))
+
+
+def test_canvases_use_the_pages_width_two_to_a_row(page, inputs):
+    # Issue 24: the canvases were about 240 px wide beside an empty half page.
+    upload(page, "photo", inputs["photo"])
+    wait_for_text(page, "photo-message", "96 x 96", 30)
+    page.wait_for_timeout(1000)
+    tab = page.locator("#photo").bounding_box()  # the photo box spans the tab's width
+    first, second = (page.locator(f"#editor{i} canvas").first.bounding_box() for i in range(2))
+    assert first["width"] > 0.35 * tab["width"] and abs(first["y"] - second["y"]) < 1, (tab, first, second)
+    assert first["x"] + first["width"] < second["x"]
+    # The photo itself is drawn large, not only its canvas (the editor's zoom settles after a moment).
+    page.wait_for_function("([sel, px]) => { const m = document.querySelector(sel).innerText.match(/(\\d+)\\s*%/); "
+                           "return m && 96 * Number(m[1]) / 100 > px; }", arg=["#editor0", 0.3 * tab["width"]],
+                           timeout=10_000)
+    page.get_by_role("tab", name="3 · Pose and sample").click()
+    page.locator("#pose1 canvas").first.wait_for(timeout=30_000)
+    first, second = (page.locator(f"#pose{i} canvas").first.bounding_box() for i in range(2))
+    assert first["width"] > 0.35 * tab["width"] and abs(first["y"] - second["y"]) < 1, (tab, first, second)

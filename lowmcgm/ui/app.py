@@ -39,10 +39,14 @@ MAX_SUBJECTS = 4
 # A brush a 24th of the photo's short side: a subject's outline in a few strokes, its edge still precise.
 BRUSH_FRACTION = 24
 POLL_S = 1.0
-# Canvas columns have this fixed width (scale 0): an ImageEditor keeps the canvas size it was laid
-# out at, so columns that widened or narrowed when another subject's column appeared would leave
-# their canvases off-centre and overflowing.
+# Canvas columns sit two to a row, each half the row whatever the number shown (a grid, not a
+# flex row): an ImageEditor keeps the canvas size it was laid out at, so columns that widened or
+# narrowed when another subject's column appeared would leave their canvases off-centre and
+# overflowing. A column is never narrower than this; a window too narrow for two shows one a row.
 CANVAS_COLUMN_PX = 300
+CANVAS_ROW_CLASS = "lowmcgm-canvases"
+# Canvas height: a square photo fills a half-row column (about 600 px on a 1280 px window).
+CANVAS_HEIGHT_PX = 520
 # gradio 6.31's ImageEditor floats its brush palette over the canvas's left edge (its CSS:
 # ``.toolbar-wrap {position: absolute; top: 30%; left: 15px; width: 30px}``; no ImageEditor option
 # moves it), and a stroke that starts on the palette is the palette's, never painted. The drawing
@@ -52,6 +56,10 @@ CANVAS_CLASS = "lowmcgm-canvas"
 PAGE_CSS = f"""
 .{CANVAS_CLASS} .pixi-target, .{CANVAS_CLASS} .pixi-target-crop {{
   left: {PALETTE_STRIP_PX}px !important; width: calc(100% - {PALETTE_STRIP_PX}px) !important;
+}}
+.{CANVAS_ROW_CLASS} {{ display: grid !important; grid-template-columns: repeat(2, minmax(0, 1fr)); }}
+@media (max-width: {2 * CANVAS_COLUMN_PX + 100}px) {{
+  .{CANVAS_ROW_CLASS} {{ grid-template-columns: minmax(0, 1fr); }}
 }}
 """
 
@@ -467,7 +475,7 @@ def build_app(root: Path, base_models: tuple[str, ...] = ("toy",), preset: str =
             count = gr.Slider(1, MAX_SUBJECTS, value=2, step=1, label="Subjects", elem_id="count")
             photo_msg = gr.Markdown(elem_id="photo-message")
             editors, uploads, handles, words, groups = [], [], [], [], []
-            with gr.Row():
+            with gr.Row(elem_classes=CANVAS_ROW_CLASS):
                 for i in range(MAX_SUBJECTS):
                     with gr.Column(visible=i < 2, min_width=CANVAS_COLUMN_PX, scale=0) as group:
                         gr.Markdown(f"**Subject {i + 1}**")
@@ -476,7 +484,7 @@ def build_app(root: Path, base_models: tuple[str, ...] = ("toy",), preset: str =
                                                 elem_id=f"word{i}"))
                         editors.append(gr.ImageEditor(type="numpy", label="Paint the subject", elem_id=f"editor{i}",
                                                       brush=brush(i, 12), layers=False, transforms=(),
-                                                      sources=(), elem_classes=CANVAS_CLASS))
+                                                      sources=(), elem_classes=CANVAS_CLASS, height=CANVAS_HEIGHT_PX))
                         uploads.append(gr.File(label="...or upload its mask", type="filepath",
                                                elem_id=f"mask-upload{i}"))
                     groups.append(group)
@@ -519,7 +527,7 @@ def build_app(root: Path, base_models: tuple[str, ...] = ("toy",), preset: str =
             gr.Markdown("Each handle's pose: draw it on its canvas, pick one from the library, or upload a mask. "
                         "A blank canvas means no pose for that handle.")
             pose_editors, pose_pickers, pose_uploads, pose_cols = [], [], [], []
-            with gr.Row():
+            with gr.Row(elem_classes=CANVAS_ROW_CLASS):
                 for i in range(MAX_SUBJECTS):
                     with gr.Column(visible=i < 2, min_width=CANVAS_COLUMN_PX, scale=0) as col:
                         pose_pickers.append(gr.Dropdown([""] + pose_names(), value="", label="From the pose library",
@@ -527,7 +535,8 @@ def build_app(root: Path, base_models: tuple[str, ...] = ("toy",), preset: str =
                         pose_editors.append(gr.ImageEditor(value=editor_value(blank_sheet()), type="numpy",
                                                            label="Draw the pose",
                                                            elem_id=f"pose{i}", brush=brush(i, 10), layers=False,
-                                                           transforms=(), sources=(), elem_classes=CANVAS_CLASS))
+                                                           transforms=(), sources=(), elem_classes=CANVAS_CLASS,
+                                                           height=CANVAS_HEIGHT_PX))
                         pose_uploads.append(gr.File(label="...or upload a pose mask", type="filepath",
                                                     elem_id=f"pose-upload{i}"))
                     pose_cols.append(col)
