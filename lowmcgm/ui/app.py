@@ -33,7 +33,7 @@ from lowmcgm.ui.editor import (BLANK_SIDE, SUBJECT_COLOURS, blank_sheet, editor_
 from lowmcgm.ui.jobs import JobSlot
 from lowmcgm.ui.poses import pose_mask, pose_names
 from lowmcgm.ui.workspace import (ARTIFACT_NAME, EVENTS_FILE, Subject, TrainRequest, default_run_name, list_runs,
-                                  new_folder, prepare_run, resume_command, run_folder)
+                                  new_folder, overlap_warnings, prepare_run, resume_command, run_folder)
 
 MAX_SUBJECTS = 4
 # A brush a 24th of the photo's short side: a subject's outline in a few strokes, its edge still precise.
@@ -191,12 +191,23 @@ def subject_masks(photo: str | None, count: int, editors: list[Any], uploads: li
 
 
 def on_show_masks(photo, count, *rest):
-    editors, uploads = rest[:MAX_SUBJECTS], rest[MAX_SUBJECTS:]
+    """The masks over the photo, and the message: how many are ready, with a warning per overlap.
+
+    ``rest``: per subject slot the canvas, then per slot the mask upload, then per slot the handle.
+    """
+    editors, uploads, handles = rest[:MAX_SUBJECTS], rest[MAX_SUBJECTS:2 * MAX_SUBJECTS], rest[2 * MAX_SUBJECTS:]
     try:
         masks = subject_masks(photo, int(count), list(editors), list(uploads))
     except UserError as exc:
         return error_text(exc), None
-    return f"{len(masks)} subject mask(s) ready.", overlay(_photo_array(photo), masks)
+    subjects = tuple(Subject(handle_of(handles, i), "", mask) for i, mask in enumerate(masks))
+    message = " ".join([f"{len(masks)} subject mask(s) ready.", *overlap_warnings(subjects)])
+    return shown(message), overlay(_photo_array(photo), masks)
+
+
+def handle_of(handles, i: int) -> str:
+    """Subject ``i``'s handle as typed, or its default when the box is empty."""
+    return handles[i] or f"<asset{i}>"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -228,13 +239,13 @@ def start_training(state: PageState, photo, count, run_name, preset, base_model,
     try:
         state.jobs.check_free()  # before the masks are read: a busy slot says so first
         masks = subject_masks(photo, count, list(editors), list(uploads))
-        subjects = tuple(Subject(handles[i] or f"<asset{i}>", words[i] or "", masks[i]) for i in range(count))
+        subjects = tuple(Subject(handle_of(handles, i), words[i] or "", masks[i]) for i in range(count))
         every = preset_preview_every(preset) if preview_every is None else int(preview_every)  # a cleared box
         request = TrainRequest(run_name, photo, subjects, preset, state.check_base_model(base_model), every)
         state.jobs.start_prepared(lambda: prepare_run(state.root, request), run_folder(state.root, run_name))
     except UserError as exc:
         return error_text(exc)
-    return shown(f"Started run '{run_name}'.")
+    return shown(" ".join([f"Started run '{run_name}'.", *overlap_warnings(subjects)]))
 
 
 def preset_preview_every(preset: str) -> int:
@@ -569,7 +580,7 @@ def build_app(root: Path, base_models: tuple[str, ...] = ("toy",), preset: str =
         photo.upload(on_photo, photo, [photo, photo_msg, *editors])
         photo.clear(on_photo, photo, [photo, photo_msg, *editors])
         count.change(lambda n: [gr.update(visible=i < int(n)) for i in range(MAX_SUBJECTS)], count, groups)
-        show.click(on_show_masks, [photo, count, *editors, *uploads], [photo_msg, preview])
+        show.click(on_show_masks, [photo, count, *editors, *uploads, *handles], [photo_msg, preview])
         preset_box.change(preset_preview_every, preset_box, preview_every)
         estimate_btn.click(bound(on_estimate), [preset_box, base_box], estimate_md)
         start_btn.click(bound(start_training),
