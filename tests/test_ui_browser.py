@@ -82,11 +82,11 @@ def cli_error(fn, *args) -> str:
 
 
 def test_bad_uploads_show_the_clis_one_line_message(page, inputs):
+    # The CLI's line, naming the file as the user knows it (not gradio's copy under .gradio-cache).
     upload(page, "photo", inputs["text"])
     shown = wait_for_text(page, "photo-message", "error", 30)
-    uploaded = shown.split("Image ", 1)[1].split(" is not", 1)[0]  # the page's copy of the upload
-    assert shown.strip() == cli_error(load_image, uploaded)
-    assert "is not an image PIL can read" in shown
+    assert shown.strip() == cli_error(load_image, str(inputs["text"])).replace(str(inputs["text"]), "notes.txt")
+    assert "is not an image PIL can read" in shown and ".gradio-cache" not in shown
 
     upload(page, "photo", inputs["photo"])
     wait_for_text(page, "photo-message", "96 x 96", 30)
@@ -94,9 +94,9 @@ def test_bad_uploads_show_the_clis_one_line_message(page, inputs):
     page.wait_for_timeout(500)
     page.locator("#show-masks").click()
     shown = wait_for_text(page, "photo-message", "error", 30).strip()
-    uploaded = shown.split("Mask ", 1)[1].split(" is 40x50", 1)[0]
-    assert shown == cli_error(check_masks, [load_mask(uploaded) > 0.5], [uploaded], SIZE)
-    assert "is 40x50 but the image is 96x96" in shown
+    small = str(inputs["small_mask"])
+    assert shown == cli_error(check_masks, [load_mask(small) > 0.5], [small], SIZE).replace(small, "small_mask.png")
+    assert "is 40x50 but the image is 96x96" in shown and ".gradio-cache" not in shown
 
 
 def test_paint_train_pose_sample_and_export(page, inputs, server, tmp_path):

@@ -687,3 +687,41 @@ def test_show_masks_and_start_warn_of_overlapping_subjects_but_go_on(tmp_path, m
     assert said.startswith("Started run 'r1'. warning: subjects 1 (&lt;asset0&gt;) and 2 (&lt;box&gt;) overlap "
                            "on 100% of"), said
     assert (tmp_path / "root" / "r1" / "ui-run.json").is_file()
+
+
+def _as_gradio_keeps(path: Path | str, root: Path) -> str:
+    """A copy of ``path`` where gradio keeps an upload: ``<root>/.gradio-cache/<hash>/<its name>``."""
+    import shutil
+
+    copy = root / ".gradio-cache" / "0f3c9a7d1e2b" / Path(path).name
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(path, copy)
+    return str(copy)
+
+
+def test_errors_about_uploads_name_the_users_file_not_gradios_copy(tmp_path):
+    # Issue 24: the page's errors named gradio's temporary copies (<root>/.gradio-cache/<hash>/...).
+    from PIL import Image
+
+    from lowmcgm.ui import app
+
+    root = tmp_path / "root"
+    photo, a, b = make_photo(tmp_path)
+    (tmp_path / "notes.txt").write_text("not an image\n")
+    Image.fromarray(np.full((50, 40), 255, np.uint8)).save(tmp_path / "small mask.png")
+    notes, small = _as_gradio_keeps(tmp_path / "notes.txt", root), _as_gradio_keeps(tmp_path / "small mask.png", root)
+    cached_photo = _as_gradio_keeps(photo, root)
+    no_canvas = [None] * app.MAX_SUBJECTS
+
+    said = [app.on_photo(notes)[1],
+            app.on_show_masks(cached_photo, 2, *no_canvas, small, _as_gradio_keeps(b, root), None, None,
+                              *[""] * app.MAX_SUBJECTS)[0],
+            app.start_training(app.PageState(root, ("tiny",)), notes, 2, "r1", "tiny-cpu", "tiny", 0, *no_canvas,
+                               a, b, None, None, *[""] * 2 * app.MAX_SUBJECTS),
+            app.on_upload_artifact(app.PageState(root, ("tiny",)), notes)[0]]
+    _untrained_run(root, "r2", 0)
+    said.append(app.sample(app.PageState(root, ("tiny",)), "r2", "a photo of <asset0>", "", 1, 0, 2, 7.5, "none",
+                           *no_canvas, notes, None, None, None, *[None] * app.MAX_SUBJECTS)[0])
+    for text, name in zip(said, ("notes.txt", "small mask.png", "notes.txt", "notes.txt", "notes.txt")):
+        assert text.startswith("error: ") and name in text and ".gradio-cache" not in text, text
+    assert said[0] == "error: Image notes.txt is not an image PIL can read (PNG or JPEG expected)."

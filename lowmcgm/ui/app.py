@@ -16,7 +16,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -118,9 +118,17 @@ class PageState:
         return self.bases[key]
 
 
-def error_text(exc: UserError) -> str:
-    """The CLI's line for ``exc``, as the page shows it (see ``shown``)."""
-    return shown("error: " + " ".join(str(exc).splitlines()))
+def error_text(exc: UserError, uploads: Iterable[str | None] = ()) -> str:
+    """The CLI's line for ``exc``, as the page shows it (see ``shown``).
+
+    ``uploads``: the files of the action, as gradio hands them over: its copies under
+    ``<root>/.gradio-cache/<hash>/``. Each is named as the user knows it, by its own file name
+    (the copy's last path part), not by a path the user never saw.
+    """
+    text = " ".join(str(exc).splitlines())
+    for path in sorted({str(p) for p in uploads if p}, key=len, reverse=True):  # a longer path first
+        text = text.replace(path, Path(path).name)
+    return shown("error: " + text)
 
 
 def shown(text: str) -> str:
@@ -156,7 +164,7 @@ def on_photo(path: str | None):
     try:
         photo = _photo_array(path)
     except UserError as exc:
-        return [None, error_text(exc), *[None] * MAX_SUBJECTS]
+        return [None, error_text(exc, [path]), *[None] * MAX_SUBJECTS]
     h, w = photo.shape[:2]
     # The brush is sized to the photo (gradio's "auto" is a fixed 25 px); the editor can change it.
     size = max(2, round(min(h, w) / BRUSH_FRACTION))
@@ -199,7 +207,7 @@ def on_show_masks(photo, count, *rest):
     try:
         masks = subject_masks(photo, int(count), list(editors), list(uploads))
     except UserError as exc:
-        return error_text(exc), None
+        return error_text(exc, [photo, *uploads]), None
     subjects = tuple(Subject(handle_of(handles, i), "", mask) for i, mask in enumerate(masks))
     message = " ".join([f"{len(masks)} subject mask(s) ready.", *overlap_warnings(subjects)])
     return shown(message), overlay(_photo_array(photo), masks)
@@ -244,7 +252,7 @@ def start_training(state: PageState, photo, count, run_name, preset, base_model,
         request = TrainRequest(run_name, photo, subjects, preset, state.check_base_model(base_model), every)
         state.jobs.start_prepared(lambda: prepare_run(state.root, request), run_folder(state.root, run_name))
     except UserError as exc:
-        return error_text(exc)
+        return error_text(exc, [photo, *uploads])
     return shown(" ".join([f"Started run '{run_name}'.", *overlap_warnings(subjects)]))
 
 
@@ -362,7 +370,7 @@ def on_upload_artifact(state: PageState, path: str | None):
         name = folder.name
         shutil.copyfile(path, folder / ARTIFACT_NAME)
     except UserError as exc:
-        return error_text(exc), None
+        return error_text(exc, [path]), None
     return shown(f"Artifact uploaded as run '{name}'."), name
 
 
@@ -424,7 +432,7 @@ def sample(state: PageState, run_name, prompt, base_model, num_images, seed, ste
             finally:
                 remove_empty_folders(out)  # a refused (or failed) sample leaves no empty folder
     except UserError as exc:
-        return error_text(exc), None, []
+        return error_text(exc, poses[MAX_SUBJECTS:2 * MAX_SUBJECTS]), None, []
     index = json.loads((grid.parent / "samples.json").read_text())
     posed = "; ".join(described) or "no poses"
     images = [(str(grid.parent / im["file"]),
