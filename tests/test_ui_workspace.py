@@ -725,3 +725,18 @@ def test_errors_about_uploads_name_the_users_file_not_gradios_copy(tmp_path):
     for text, name in zip(said, ("notes.txt", "small mask.png", "notes.txt", "notes.txt", "notes.txt")):
         assert text.startswith("error: ") and name in text and ".gradio-cache" not in text, text
     assert said[0] == "error: Image notes.txt is not an image PIL can read (PNG or JPEG expected)."
+
+
+def test_the_memory_estimate_names_the_base_model_as_the_page_offers_it(tmp_path, monkeypatch):
+    # Issue 24: the estimate named the resolved model, for the toy model a folder inside the package.
+    from types import SimpleNamespace
+
+    from lowmcgm.memory import estimate
+    from lowmcgm.ui import app
+
+    traced = SimpleNamespace(model=str(tmp_path / "site-packages" / "lowmcgm" / "toy" / "model"), resolution=64,
+                             phases=[SimpleNamespace(phase=1, peak_bytes=2**30)], peak_bytes=2**30)
+    monkeypatch.setattr(estimate, "estimate", lambda cfg, model, timeout_s: traced)
+    said = app.on_estimate(app.PageState(tmp_path / "root", ("toy",)), "toy-cpu", "toy")
+    assert said.startswith("**Estimated peak GPU memory** (base model toy, preset toy-cpu, 64 px, traced"), said
+    assert "site-packages" not in said and "- phase 1: 1.00 GiB" in said

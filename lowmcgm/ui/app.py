@@ -232,7 +232,9 @@ def on_estimate(state: PageState, preset: str, base_model: str):
         est = estimate(cfg, base_model, timeout_s=300)
     except UserError as exc:
         return error_text(exc)
-    lines = [f"**Estimated peak GPU memory** ({est.model}, {est.resolution} px, traced on fake CUDA tensors):"]
+    # Named as the page offers it: ``est.model`` is the resolved model, for the toy one a path inside the package.
+    lines = [f"**Estimated peak GPU memory** (base model {base_model}, preset {preset}, {est.resolution} px, "
+             "traced on fake CUDA tensors):"]
     lines += [f"- phase {p.phase}: {p.peak_bytes / 2**30:.2f} GiB" for p in est.phases]
     lines.append(f"- card needed: {required_card_bytes(est.peak_bytes) / 2**30:.1f} GiB")
     return "\n".join(lines)
