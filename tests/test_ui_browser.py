@@ -320,3 +320,25 @@ def test_canvases_use_the_pages_width_two_to_a_row(page, inputs):
     page.locator("#pose1 canvas").first.wait_for(timeout=30_000)
     first, second = (page.locator(f"#pose{i} canvas").first.bounding_box() for i in range(2))
     assert first["width"] > 0.35 * tab["width"] and abs(first["y"] - second["y"]) < 1, (tab, first, second)
+
+
+def test_a_message_is_rewritten_by_the_next_action_on_what_it_is_about(page, inputs):
+    # Issue 24: errors stayed on screen after they were fixed: a refused mask file's after a good
+    # one was uploaded, a photo's line after the photo was taken out.
+    upload(page, "photo", inputs["text"])
+    said = wait_for_text(page, "photo-message", "error", 30)
+    upload(page, "photo", inputs["photo"])
+    said = wait_for_new_text(page, "photo-message", said, "96 x 96", 30)
+    assert "error" not in said, said
+    page.locator("#photo button[aria-label='Clear']").click()
+    page.wait_for_function("() => !document.querySelector('#photo-message').innerText.includes('photo.png')",
+                           timeout=30_000)
+    upload(page, "photo", inputs["photo"])
+    said = wait_for_text(page, "photo-message", "96 x 96", 30)
+    upload(page, "mask-upload0", inputs["small_mask"])
+    said = wait_for_new_text(page, "photo-message", said, "error: Mask small_mask.png is 40x50", 30)
+    page.locator("#mask-upload0 button[aria-label='Clear']").click()
+    said = wait_for_new_text(page, "photo-message", said, "Subject 1: no mask file", 30)
+    upload(page, "mask-upload0", inputs["a"])
+    said = wait_for_new_text(page, "photo-message", said, "Subject 1: mask a.png \\(96 x 96 px\\) is used", 30)
+    assert "error" not in said, said

@@ -158,9 +158,8 @@ def on_photo(path: str | None):
     Returns the photo box's value (a refused file is taken out, so another can be uploaded), the
     message and the canvases.
     """
-    gr = require_gradio()
-    if not path:  # cleared (by the user, or after a refused file): keep the message
-        return [None, gr.update(), *[None] * MAX_SUBJECTS]
+    if not path:  # cleared by the user (a refused file, taken out here, fires no clear): nothing to say
+        return [None, "", *[None] * MAX_SUBJECTS]
     try:
         photo = _photo_array(path)
     except UserError as exc:
@@ -168,10 +167,40 @@ def on_photo(path: str | None):
     h, w = photo.shape[:2]
     # The brush is sized to the photo (gradio's "auto" is a fixed 25 px); the editor can change it.
     size = max(2, round(min(h, w) / BRUSH_FRACTION))
+    gr = require_gradio()
     editors = [gr.update(value=editor_value(photo, colour=SUBJECT_COLOURS[i]), brush=brush(i, size))
                for i in range(MAX_SUBJECTS)]
     return [gr.update(), shown(f"Photo {Path(path).name}: {w} x {h} px. Paint each subject on its canvas (or upload "
             "its mask)."), *editors]
+
+
+def on_mask_upload(subject: int, photo: str | None, path: str | None) -> str:
+    """The photo tab's message for subject ``subject``'s mask file, uploaded or taken out.
+
+    An upload gets the CLI's checks against the photo at once (``uploaded_mask``), so a message
+    about an earlier file never outlives it.
+    """
+    if not path:
+        return shown(f"Subject {subject + 1}: no mask file, its painting is used.")
+    try:
+        mask = uploaded_mask(path, _photo_array(photo).shape[:2] if photo else None)
+    except UserError as exc:
+        return error_text(exc, [photo, path])
+    h, w = mask.shape
+    checked = "" if photo else "; upload the photo to check its size"
+    return shown(f"Subject {subject + 1}: mask {Path(path).name} ({w} x {h} px) is used instead of its painting"
+                 f"{checked}.")
+
+
+def uploaded_mask(path: str, photo_hw: tuple[int, int] | None) -> np.ndarray:
+    """An uploaded mask file as (H, W) bool, with the CLI's checks (``data.check_masks``) once the
+    photo's (height, width) is known."""
+    from lowmcgm.data import check_masks, load_mask
+
+    mask = load_mask(path) > 0.5
+    if photo_hw is not None:
+        check_masks([mask], [path], photo_hw[::-1])
+    return mask
 
 
 def subject_masks(photo: str | None, count: int, editors: list[Any], uploads: list[str | None]) -> list[np.ndarray]:
@@ -179,16 +208,13 @@ def subject_masks(photo: str | None, count: int, editors: list[Any], uploads: li
 
     Uploaded masks get the CLI's checks (``data.check_masks``), with the CLI's messages.
     """
-    from lowmcgm.data import check_masks, load_mask
-
     if not photo:
         raise UserError("No photo: upload one first.")
     h, w = _photo_array(photo).shape[:2]
     masks = []
     for i in range(count):
         if uploads[i]:
-            mask = load_mask(uploads[i]) > 0.5
-            check_masks([mask], [uploads[i]], (w, h))
+            mask = uploaded_mask(uploads[i], (h, w))
         else:
             mask = painted_mask(editors[i])
             if mask is None:
@@ -590,8 +616,13 @@ def build_app(root: Path, base_models: tuple[str, ...] = ("toy",), preset: str =
         photo.upload(on_photo, photo, [photo, photo_msg, *editors])
         photo.clear(on_photo, photo, [photo, photo_msg, *editors])
         count.change(lambda n: [gr.update(visible=i < int(n)) for i in range(MAX_SUBJECTS)], count, groups)
+        for i, mask_upload in enumerate(uploads):  # each rewrites the tab's message, as a photo upload does
+            for event in (mask_upload.upload, mask_upload.clear):
+                event(lambda p, m, i=i: on_mask_upload(i, p, m), [photo, mask_upload], photo_msg)
         show.click(on_show_masks, [photo, count, *editors, *uploads, *handles], [photo_msg, preview])
         preset_box.change(preset_preview_every, preset_box, preview_every)
+        for choice in (preset_box, base_box):  # an estimate of another choice would be read as this one's
+            choice.change(lambda: "", None, estimate_md)
         estimate_btn.click(bound(on_estimate), [preset_box, base_box], estimate_md)
         start_btn.click(bound(start_training),
                         [photo, count, run_name, preset_box, base_box, preview_every, *editors, *uploads, *handles,
