@@ -116,12 +116,17 @@ def check_masks(masks: list[np.ndarray], paths: list[str], image_size: tuple[int
                             "so the background can be told apart.")
     for i in range(len(masks)):
         for j in range(i + 1, len(masks)):
-            inter = float(np.logical_and(masks[i], masks[j]).sum())
-            smaller = float(min(masks[i].sum(), masks[j].sum()))
-            if inter / smaller > OVERLAP_WARN_FRACTION:
-                warnings.append(f"Masks {paths[i]} and {paths[j]} overlap on {inter / smaller:.0%} of the "
+            share = mask_overlap(masks[i], masks[j])
+            if share > OVERLAP_WARN_FRACTION:
+                warnings.append(f"Masks {paths[i]} and {paths[j]} overlap on {share:.0%} of the "
                                 "smaller one; the two handles may learn the same subject.")
     return warnings
+
+
+def mask_overlap(a: np.ndarray, b: np.ndarray) -> float:
+    """The share of the smaller of two (H, W) bool masks that the other covers too (0 when either is empty)."""
+    smaller = float(min(a.sum(), b.sum()))
+    return float(np.logical_and(a, b).sum()) / smaller if smaller else 0.0
 
 
 def resize_crop(img: Image.Image, size_px: int, resample: int) -> Image.Image:

@@ -14,8 +14,8 @@ import pytest
 from conftest import make_photo, make_tiny_artifact
 from PIL import Image
 from safetensors.torch import load_file
-from ui_browser import (CHROMIUM_ARGS, chromium_path, free_port, paint_rect, set_textbox, text_of, upload,
-                        wait_for_text)
+from ui_browser import (CHROMIUM_ARGS, chromium_path, free_port, paint_mask, paint_rect, set_textbox, text_of,
+                        upload, wait_for_text)
 
 from lowmcgm.cli import main
 from lowmcgm.data import check_masks, load_image, load_mask
@@ -82,11 +82,11 @@ def cli_error(fn, *args) -> str:
 
 
 def test_bad_uploads_show_the_clis_one_line_message(page, inputs):
+    # The CLI's line, naming the file as the user knows it (not gradio's copy under .gradio-cache).
     upload(page, "photo", inputs["text"])
     shown = wait_for_text(page, "photo-message", "error", 30)
-    uploaded = shown.split("Image ", 1)[1].split(" is not", 1)[0]  # the page's copy of the upload
-    assert shown.strip() == cli_error(load_image, uploaded)
-    assert "is not an image PIL can read" in shown
+    assert shown.strip() == cli_error(load_image, str(inputs["text"])).replace(str(inputs["text"]), "notes.txt")
+    assert "is not an image PIL can read" in shown and ".gradio-cache" not in shown
 
     upload(page, "photo", inputs["photo"])
     wait_for_text(page, "photo-message", "96 x 96", 30)
@@ -94,9 +94,9 @@ def test_bad_uploads_show_the_clis_one_line_message(page, inputs):
     page.wait_for_timeout(500)
     page.locator("#show-masks").click()
     shown = wait_for_text(page, "photo-message", "error", 30).strip()
-    uploaded = shown.split("Mask ", 1)[1].split(" is 40x50", 1)[0]
-    assert shown == cli_error(check_masks, [load_mask(uploaded) > 0.5], [uploaded], SIZE)
-    assert "is 40x50 but the image is 96x96" in shown
+    small = str(inputs["small_mask"])
+    assert shown == cli_error(check_masks, [load_mask(small) > 0.5], [small], SIZE).replace(small, "small_mask.png")
+    assert "is 40x50 but the image is 96x96" in shown and ".gradio-cache" not in shown
 
 
 def test_paint_train_pose_sample_and_export(page, inputs, server, tmp_path):
@@ -351,3 +351,72 @@ def test_stop_on_a_page_started_in_the_background_then_a_run_picked_while_it_res
         assert (folder / "lowmcgm.safetensors").is_file()
     finally:
         context.close()
+
+
+def read_masks(page, monkeypatch) -> list[np.ndarray]:
+    """Click "Show masks over the photo" and return the masks the page read (``app.subject_masks``)."""
+    from lowmcgm.ui import app
+
+    read, real = [], app.subject_masks
+    monkeypatch.setattr(app, "subject_masks", lambda *args: read.append(real(*args)) or read[-1])
+    page.locator("#show-masks").click()
+    wait_for_text(page, "photo-message", "mask\\(s\\) ready|error", 30)
+    assert read, text_of(page, "photo-message")
+    return read[-1]
+
+
+def test_a_stroke_starting_at_the_canvas_left_edge_is_painted(page, inputs, monkeypatch):
+    # Issue 24: gradio's brush palette floats over the canvas's left edge (a third of the way
+    # down); a stroke that started on it was taken by the palette and never painted.
+    upload(page, "photo", inputs["photo"])
+    wait_for_text(page, "photo-message", "96 x 96", 30)
+    upload(page, "mask-upload1", inputs["b"])
+    page.wait_for_timeout(500)
+    stroke = np.zeros((96, 96), bool)
+    stroke[39:57:3, 0:30] = True  # rows across the palette's height, each from the photo's first column
+    stroke[3, 0:30] = True  # and one above it, which was always painted
+    paint_mask(page, "editor0", stroke, step=3)
+    painted = read_masks(page, monkeypatch)[0]
+    for y in (3, *range(39, 57, 3)):
+        assert painted[y, 0:30].all(), (y, painted[y, :32].astype(int))
+
+
+def test_canvases_use_the_pages_width_two_to_a_row(page, inputs):
+    # Issue 24: the canvases were about 240 px wide beside an empty half page.
+    upload(page, "photo", inputs["photo"])
+    wait_for_text(page, "photo-message", "96 x 96", 30)
+    page.wait_for_timeout(1000)
+    tab = page.locator("#photo").bounding_box()  # the photo box spans the tab's width
+    first, second = (page.locator(f"#editor{i} canvas").first.bounding_box() for i in range(2))
+    assert first["width"] > 0.35 * tab["width"] and abs(first["y"] - second["y"]) < 1, (tab, first, second)
+    assert first["x"] + first["width"] < second["x"]
+    # The photo itself is drawn large, not only its canvas (the editor's zoom settles after a moment).
+    page.wait_for_function("([sel, px]) => { const m = document.querySelector(sel).innerText.match(/(\\d+)\\s*%/); "
+                           "return m && 96 * Number(m[1]) / 100 > px; }", arg=["#editor0", 0.3 * tab["width"]],
+                           timeout=10_000)
+    page.get_by_role("tab", name="3 · Pose and sample").click()
+    page.locator("#pose1 canvas").first.wait_for(timeout=30_000)
+    first, second = (page.locator(f"#pose{i} canvas").first.bounding_box() for i in range(2))
+    assert first["width"] > 0.35 * tab["width"] and abs(first["y"] - second["y"]) < 1, (tab, first, second)
+
+
+def test_a_message_is_rewritten_by_the_next_action_on_what_it_is_about(page, inputs):
+    # Issue 24: errors stayed on screen after they were fixed: a refused mask file's after a good
+    # one was uploaded, a photo's line after the photo was taken out.
+    upload(page, "photo", inputs["text"])
+    said = wait_for_text(page, "photo-message", "error", 30)
+    upload(page, "photo", inputs["photo"])
+    said = wait_for_new_text(page, "photo-message", said, "96 x 96", 30)
+    assert "error" not in said, said
+    page.locator("#photo button[aria-label='Clear']").click()
+    page.wait_for_function("() => !document.querySelector('#photo-message').innerText.includes('photo.png')",
+                           timeout=30_000)
+    upload(page, "photo", inputs["photo"])
+    said = wait_for_text(page, "photo-message", "96 x 96", 30)
+    upload(page, "mask-upload0", inputs["small_mask"])
+    said = wait_for_new_text(page, "photo-message", said, "error: Mask small_mask.png is 40x50", 30)
+    page.locator("#mask-upload0 button[aria-label='Clear']").click()
+    said = wait_for_new_text(page, "photo-message", said, "Subject 1: no mask file", 30)
+    upload(page, "mask-upload0", inputs["a"])
+    said = wait_for_new_text(page, "photo-message", said, "Subject 1: mask a.png \\(96 x 96 px\\) is used", 30)
+    assert "error" not in said, said

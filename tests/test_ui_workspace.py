@@ -16,6 +16,7 @@ from conftest import make_photo, make_tiny_artifact
 from lowmcgm.data import load_mask
 from lowmcgm.errors import UserError
 from lowmcgm.progress import EventLog, read_events
+from lowmcgm.toy.scenes import save_mask
 from lowmcgm.ui.editor import blank_sheet, editor_value, overlay, painted_mask
 from lowmcgm.ui.jobs import JobSlot, TrainingJob, last_error
 from lowmcgm.ui.poses import pose_mask, pose_names
@@ -729,3 +730,101 @@ def test_the_page_keeps_gradios_files_under_its_root_and_refuses_a_base_model_it
         assert list_runs(root) == []
     finally:
         page.close()
+
+
+def _square(lo: int, hi: int, size: int = 32) -> np.ndarray:
+    mask = np.zeros((size, size), bool)
+    mask[lo:hi, lo:hi] = True
+    return mask
+
+
+def test_overlapping_subjects_are_warned_of_with_the_share_of_the_smaller_mask():
+    # Issue 24: two subjects painted over the same pixels passed without a word.
+    from lowmcgm.ui.workspace import overlap_warnings
+
+    a, b, c = _square(0, 10), _square(5, 25), _square(26, 32)  # a and b share 25 of a's 100 pixels
+    said = overlap_warnings((Subject("<asset0>", "", a), Subject("<dog>", "", b), Subject("<asset2>", "", c)))
+    assert said == ["warning: subjects 1 (<asset0>) and 2 (<dog>) overlap on 25% of the smaller mask: both "
+                    "handles learn those pixels; erase them from one of the two."]
+    assert "overlap on 100% of" in overlap_warnings((Subject("<a>", "", a), Subject("<b>", "", a | b)))[0]
+    top, bottom = np.zeros((400, 400), bool), np.zeros((400, 400), bool)
+    top[:300] = True
+    bottom[300:] = True
+    bottom[299, :100] = True  # a brush's spill: 100 of the smaller mask's 40,100 pixels
+    assert "overlap on under 1% of" in overlap_warnings((Subject("<a>", "", top), Subject("<b>", "", bottom)))[0]
+    assert overlap_warnings((Subject("<a>", "", a), Subject("<b>", "", c))) == []
+
+
+def test_show_masks_and_start_warn_of_overlapping_subjects_but_go_on(tmp_path, monkeypatch):
+    from lowmcgm.ui import app, jobs
+
+    photo, a, b = make_photo(tmp_path)
+    both = tmp_path / "both.png"  # subject 2 painted over subject 1 as well
+    save_mask((load_mask(a) > 0.5) | (load_mask(b) > 0.5), both)
+    uploads = [a, str(both), None, None]
+    handles = ["<asset0>", "<box>", "", ""]
+    said, shown_masks = app.on_show_masks(photo, 2, *[None] * app.MAX_SUBJECTS, *uploads, *handles)
+    assert said.startswith("2 subject mask(s) ready. warning: subjects 1 (&lt;asset0&gt;) and 2 (&lt;box&gt;) "
+                           "overlap on 100% of the smaller mask"), said
+    assert shown_masks is not None
+
+    monkeypatch.setattr(jobs.TrainingJob, "start", lambda self: None)  # prepared, not trained
+    state = app.PageState(tmp_path / "root", ("tiny",))
+    said = app.start_training(state, photo, 2, "r1", "tiny-cpu", "tiny", 0, None, None, *[None] * app.MAX_SUBJECTS,
+                              *uploads, *handles, *[""] * app.MAX_SUBJECTS)
+    assert said.startswith("Started run 'r1'. warning: subjects 1 (&lt;asset0&gt;) and 2 (&lt;box&gt;) overlap "
+                           "on 100% of"), said
+    assert (tmp_path / "root" / "r1" / "ui-run.json").is_file()
+
+
+def _as_gradio_keeps(path: Path | str, root: Path) -> str:
+    """A copy of ``path`` where gradio keeps an upload: ``<root>/.gradio-cache/<hash>/<its name>``."""
+    import shutil
+
+    copy = root / ".gradio-cache" / "0f3c9a7d1e2b" / Path(path).name
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(path, copy)
+    return str(copy)
+
+
+def test_errors_about_uploads_name_the_users_file_not_gradios_copy(tmp_path):
+    # Issue 24: the page's errors named gradio's temporary copies (<root>/.gradio-cache/<hash>/...).
+    from PIL import Image
+
+    from lowmcgm.ui import app
+
+    root = tmp_path / "root"
+    photo, a, b = make_photo(tmp_path)
+    (tmp_path / "notes.txt").write_text("not an image\n")
+    Image.fromarray(np.full((50, 40), 255, np.uint8)).save(tmp_path / "small mask.png")
+    notes, small = _as_gradio_keeps(tmp_path / "notes.txt", root), _as_gradio_keeps(tmp_path / "small mask.png", root)
+    cached_photo = _as_gradio_keeps(photo, root)
+    no_canvas = [None] * app.MAX_SUBJECTS
+
+    said = [app.on_photo(notes)[1],
+            app.on_show_masks(cached_photo, 2, *no_canvas, small, _as_gradio_keeps(b, root), None, None,
+                              *[""] * app.MAX_SUBJECTS)[0],
+            app.start_training(app.PageState(root, ("tiny",)), notes, 2, "r1", "tiny-cpu", "tiny", 0, *no_canvas,
+                               a, b, None, None, *[""] * 2 * app.MAX_SUBJECTS),
+            app.on_upload_artifact(app.PageState(root, ("tiny",)), notes)[0]]
+    _untrained_run(root, "r2", 0)
+    said.append(app.sample(app.PageState(root, ("tiny",)), "r2", "a photo of <asset0>", "", 1, 0, 2, 7.5, "none",
+                           *no_canvas, notes, None, None, None, *[None] * app.MAX_SUBJECTS)[0])
+    for text, name in zip(said, ("notes.txt", "small mask.png", "notes.txt", "notes.txt", "notes.txt")):
+        assert text.startswith("error: ") and name in text and ".gradio-cache" not in text, text
+    assert said[0] == "error: Image notes.txt is not an image PIL can read (PNG or JPEG expected)."
+
+
+def test_the_memory_estimate_names_the_base_model_as_the_page_offers_it(tmp_path, monkeypatch):
+    # Issue 24: the estimate named the resolved model, for the toy model a folder inside the package.
+    from types import SimpleNamespace
+
+    from lowmcgm.memory import estimate
+    from lowmcgm.ui import app
+
+    traced = SimpleNamespace(model=str(tmp_path / "site-packages" / "lowmcgm" / "toy" / "model"), resolution=64,
+                             phases=[SimpleNamespace(phase=1, peak_bytes=2**30)], peak_bytes=2**30)
+    monkeypatch.setattr(estimate, "estimate", lambda cfg, model, timeout_s: traced)
+    said = app.on_estimate(app.PageState(tmp_path / "root", ("toy",)), "toy-cpu", "toy")
+    assert said.startswith("**Estimated peak GPU memory** (base model toy, preset toy-cpu, 64 px, traced"), said
+    assert "site-packages" not in said and "- phase 1: 1.00 GiB" in said

@@ -16,7 +16,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -33,16 +33,35 @@ from lowmcgm.ui.editor import (BLANK_SIDE, SUBJECT_COLOURS, blank_sheet, editor_
 from lowmcgm.ui.jobs import JobSlot
 from lowmcgm.ui.poses import pose_mask, pose_names
 from lowmcgm.ui.workspace import (ARTIFACT_NAME, EVENTS_FILE, Subject, TrainRequest, default_run_name, list_runs,
-                                  new_folder, prepare_run, resume_command, run_folder)
+                                  new_folder, overlap_warnings, prepare_run, resume_command, run_folder)
 
 MAX_SUBJECTS = 4
 # A brush a 24th of the photo's short side: a subject's outline in a few strokes, its edge still precise.
 BRUSH_FRACTION = 24
 POLL_S = 1.0
-# Canvas columns have this fixed width (scale 0): an ImageEditor keeps the canvas size it was laid
-# out at, so columns that widened or narrowed when another subject's column appeared would leave
-# their canvases off-centre and overflowing.
+# Canvas columns sit two to a row, each half the row whatever the number shown (a grid, not a
+# flex row): an ImageEditor keeps the canvas size it was laid out at, so columns that widened or
+# narrowed when another subject's column appeared would leave their canvases off-centre and
+# overflowing. A column is never narrower than this; a window too narrow for two shows one a row.
 CANVAS_COLUMN_PX = 300
+CANVAS_ROW_CLASS = "lowmcgm-canvases"
+# Canvas height: a square photo fills a half-row column (about 600 px on a 1280 px window).
+CANVAS_HEIGHT_PX = 520
+# gradio 6.31's ImageEditor floats its brush palette over the canvas's left edge (its CSS:
+# ``.toolbar-wrap {position: absolute; top: 30%; left: 15px; width: 30px}``; no ImageEditor option
+# moves it), and a stroke that starts on the palette is the palette's, never painted. The drawing
+# surface starts right of it instead: the photo's left edge can be painted from its first pixel.
+PALETTE_STRIP_PX = 48
+CANVAS_CLASS = "lowmcgm-canvas"
+PAGE_CSS = f"""
+.{CANVAS_CLASS} .pixi-target, .{CANVAS_CLASS} .pixi-target-crop {{
+  left: {PALETTE_STRIP_PX}px !important; width: calc(100% - {PALETTE_STRIP_PX}px) !important;
+}}
+.{CANVAS_ROW_CLASS} {{ display: grid !important; grid-template-columns: repeat(2, minmax(0, 1fr)); }}
+@media (max-width: {2 * CANVAS_COLUMN_PX + 100}px) {{
+  .{CANVAS_ROW_CLASS} {{ grid-template-columns: minmax(0, 1fr); }}
+}}
+"""
 
 
 @dataclasses.dataclass
@@ -99,9 +118,17 @@ class PageState:
         return self.bases[key]
 
 
-def error_text(exc: UserError) -> str:
-    """The CLI's line for ``exc``, as the page shows it (see ``shown``)."""
-    return shown("error: " + " ".join(str(exc).splitlines()))
+def error_text(exc: UserError, uploads: Iterable[str | None] = ()) -> str:
+    """The CLI's line for ``exc``, as the page shows it (see ``shown``).
+
+    ``uploads``: the files of the action, as gradio hands them over: its copies under
+    ``<root>/.gradio-cache/<hash>/``. Each is named as the user knows it, by its own file name
+    (the copy's last path part), not by a path the user never saw.
+    """
+    text = " ".join(str(exc).splitlines())
+    for path in sorted({str(p) for p in uploads if p}, key=len, reverse=True):  # a longer path first
+        text = text.replace(path, Path(path).name)
+    return shown("error: " + text)
 
 
 def shown(text: str) -> str:
@@ -131,20 +158,49 @@ def on_photo(path: str | None):
     Returns the photo box's value (a refused file is taken out, so another can be uploaded), the
     message and the canvases.
     """
-    gr = require_gradio()
-    if not path:  # cleared (by the user, or after a refused file): keep the message
-        return [None, gr.update(), *[None] * MAX_SUBJECTS]
+    if not path:  # cleared by the user (a refused file, taken out here, fires no clear): nothing to say
+        return [None, "", *[None] * MAX_SUBJECTS]
     try:
         photo = _photo_array(path)
     except UserError as exc:
-        return [None, error_text(exc), *[None] * MAX_SUBJECTS]
+        return [None, error_text(exc, [path]), *[None] * MAX_SUBJECTS]
     h, w = photo.shape[:2]
     # The brush is sized to the photo (gradio's "auto" is a fixed 25 px); the editor can change it.
     size = max(2, round(min(h, w) / BRUSH_FRACTION))
+    gr = require_gradio()
     editors = [gr.update(value=editor_value(photo, colour=SUBJECT_COLOURS[i]), brush=brush(i, size))
                for i in range(MAX_SUBJECTS)]
     return [gr.update(), shown(f"Photo {Path(path).name}: {w} x {h} px. Paint each subject on its canvas (or upload "
             "its mask)."), *editors]
+
+
+def on_mask_upload(subject: int, photo: str | None, path: str | None) -> str:
+    """The photo tab's message for subject ``subject``'s mask file, uploaded or taken out.
+
+    An upload gets the CLI's checks against the photo at once (``uploaded_mask``), so a message
+    about an earlier file never outlives it.
+    """
+    if not path:
+        return shown(f"Subject {subject + 1}: no mask file, its painting is used.")
+    try:
+        mask = uploaded_mask(path, _photo_array(photo).shape[:2] if photo else None)
+    except UserError as exc:
+        return error_text(exc, [photo, path])
+    h, w = mask.shape
+    checked = "" if photo else "; upload the photo to check its size"
+    return shown(f"Subject {subject + 1}: mask {Path(path).name} ({w} x {h} px) is used instead of its painting"
+                 f"{checked}.")
+
+
+def uploaded_mask(path: str, photo_hw: tuple[int, int] | None) -> np.ndarray:
+    """An uploaded mask file as (H, W) bool, with the CLI's checks (``data.check_masks``) once the
+    photo's (height, width) is known."""
+    from lowmcgm.data import check_masks, load_mask
+
+    mask = load_mask(path) > 0.5
+    if photo_hw is not None:
+        check_masks([mask], [path], photo_hw[::-1])
+    return mask
 
 
 def subject_masks(photo: str | None, count: int, editors: list[Any], uploads: list[str | None]) -> list[np.ndarray]:
@@ -152,16 +208,13 @@ def subject_masks(photo: str | None, count: int, editors: list[Any], uploads: li
 
     Uploaded masks get the CLI's checks (``data.check_masks``), with the CLI's messages.
     """
-    from lowmcgm.data import check_masks, load_mask
-
     if not photo:
         raise UserError("No photo: upload one first.")
     h, w = _photo_array(photo).shape[:2]
     masks = []
     for i in range(count):
         if uploads[i]:
-            mask = load_mask(uploads[i]) > 0.5
-            check_masks([mask], [uploads[i]], (w, h))
+            mask = uploaded_mask(uploads[i], (h, w))
         else:
             mask = painted_mask(editors[i])
             if mask is None:
@@ -172,12 +225,23 @@ def subject_masks(photo: str | None, count: int, editors: list[Any], uploads: li
 
 
 def on_show_masks(photo, count, *rest):
-    editors, uploads = rest[:MAX_SUBJECTS], rest[MAX_SUBJECTS:]
+    """The masks over the photo, and the message: how many are ready, with a warning per overlap.
+
+    ``rest``: per subject slot the canvas, then per slot the mask upload, then per slot the handle.
+    """
+    editors, uploads, handles = rest[:MAX_SUBJECTS], rest[MAX_SUBJECTS:2 * MAX_SUBJECTS], rest[2 * MAX_SUBJECTS:]
     try:
         masks = subject_masks(photo, int(count), list(editors), list(uploads))
     except UserError as exc:
-        return error_text(exc), None
-    return f"{len(masks)} subject mask(s) ready.", overlay(_photo_array(photo), masks)
+        return error_text(exc, [photo, *uploads]), None
+    subjects = tuple(Subject(handle_of(handles, i), "", mask) for i, mask in enumerate(masks))
+    message = " ".join([f"{len(masks)} subject mask(s) ready.", *overlap_warnings(subjects)])
+    return shown(message), overlay(_photo_array(photo), masks)
+
+
+def handle_of(handles, i: int) -> str:
+    """Subject ``i``'s handle as typed, or its default when the box is empty."""
+    return handles[i] or f"<asset{i}>"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -194,7 +258,9 @@ def on_estimate(state: PageState, preset: str, base_model: str):
         est = estimate(cfg, base_model, timeout_s=300)
     except UserError as exc:
         return error_text(exc)
-    lines = [f"**Estimated peak GPU memory** ({est.model}, {est.resolution} px, traced on fake CUDA tensors):"]
+    # Named as the page offers it: ``est.model`` is the resolved model, for the toy one a path inside the package.
+    lines = [f"**Estimated peak GPU memory** (base model {base_model}, preset {preset}, {est.resolution} px, "
+             "traced on fake CUDA tensors):"]
     lines += [f"- phase {p.phase}: {p.peak_bytes / 2**30:.2f} GiB" for p in est.phases]
     lines.append(f"- card needed: {required_card_bytes(est.peak_bytes) / 2**30:.1f} GiB")
     return "\n".join(lines)
@@ -210,14 +276,14 @@ def start_training(state: PageState, photo, count, run_name, preset, base_model,
     try:
         state.jobs.check_free()  # before the masks are read: a busy slot says so first
         masks = subject_masks(photo, count, list(editors), list(uploads))
-        subjects = tuple(Subject(handles[i] or f"<asset{i}>", words[i] or "", masks[i]) for i in range(count))
+        subjects = tuple(Subject(handle_of(handles, i), words[i] or "", masks[i]) for i in range(count))
         every = preset_preview_every(preset) if preview_every is None else int(preview_every)  # a cleared box
         steps = [None if n is None else int(n) for n in (phase1_steps, phase2_steps)]  # None: the preset's
         request = TrainRequest(run_name, photo, subjects, preset, state.check_base_model(base_model), every, *steps)
         state.jobs.start_prepared(lambda: prepare_run(state.root, request), run_folder(state.root, run_name))
     except UserError as exc:
-        return error_text(exc)
-    return shown(f"Started run '{run_name}'.")
+        return error_text(exc, [photo, *uploads])
+    return shown(" ".join([f"Started run '{run_name}'.", *overlap_warnings(subjects)]))
 
 
 def preset_preview_every(preset: str) -> int:
@@ -364,7 +430,7 @@ def on_upload_artifact(state: PageState, path: str | None):
         name = folder.name
         shutil.copyfile(path, folder / ARTIFACT_NAME)
     except UserError as exc:
-        return error_text(exc), None
+        return error_text(exc, [path]), None
     return shown(f"Artifact uploaded as run '{name}'."), name
 
 
@@ -426,7 +492,7 @@ def sample(state: PageState, run_name, prompt, base_model, num_images, seed, ste
             finally:
                 remove_empty_folders(out)  # a refused (or failed) sample leaves no empty folder
     except UserError as exc:
-        return error_text(exc), None, []
+        return error_text(exc, poses[MAX_SUBJECTS:2 * MAX_SUBJECTS]), None, []
     index = json.loads((grid.parent / "samples.json").read_text())
     posed = "; ".join(described) or "no poses"
     images = [(str(grid.parent / im["file"]),
@@ -488,7 +554,7 @@ def build_app(root: Path, base_models: tuple[str, ...] = ("toy",), preset: str =
             count = gr.Slider(1, MAX_SUBJECTS, value=2, step=1, label="Subjects", elem_id="count")
             photo_msg = gr.Markdown(elem_id="photo-message")
             editors, uploads, handles, words, groups = [], [], [], [], []
-            with gr.Row():
+            with gr.Row(elem_classes=CANVAS_ROW_CLASS):
                 for i in range(MAX_SUBJECTS):
                     with gr.Column(visible=i < 2, min_width=CANVAS_COLUMN_PX, scale=0) as group:
                         gr.Markdown(f"**Subject {i + 1}**")
@@ -497,7 +563,7 @@ def build_app(root: Path, base_models: tuple[str, ...] = ("toy",), preset: str =
                                                 elem_id=f"word{i}"))
                         editors.append(gr.ImageEditor(type="numpy", label="Paint the subject", elem_id=f"editor{i}",
                                                       brush=brush(i, 12), layers=False, transforms=(),
-                                                      sources=()))
+                                                      sources=(), elem_classes=CANVAS_CLASS, height=CANVAS_HEIGHT_PX))
                         uploads.append(gr.File(label="...or upload its mask", type="filepath",
                                                elem_id=f"mask-upload{i}"))
                     groups.append(group)
@@ -549,7 +615,7 @@ def build_app(root: Path, base_models: tuple[str, ...] = ("toy",), preset: str =
             gr.Markdown("Each handle's pose: draw it on its canvas, pick one from the library, or upload a mask. "
                         "A blank canvas means no pose for that handle.")
             pose_editors, pose_pickers, pose_uploads, pose_cols = [], [], [], []
-            with gr.Row():
+            with gr.Row(elem_classes=CANVAS_ROW_CLASS):
                 for i in range(MAX_SUBJECTS):
                     with gr.Column(visible=i < 2, min_width=CANVAS_COLUMN_PX, scale=0) as col:
                         pose_pickers.append(gr.Dropdown([""] + pose_names(), value="", label="From the pose library",
@@ -557,7 +623,8 @@ def build_app(root: Path, base_models: tuple[str, ...] = ("toy",), preset: str =
                         pose_editors.append(gr.ImageEditor(value=editor_value(blank_sheet()), type="numpy",
                                                            label="Draw the pose",
                                                            elem_id=f"pose{i}", brush=brush(i, 10), layers=False,
-                                                           transforms=(), sources=()))
+                                                           transforms=(), sources=(), elem_classes=CANVAS_CLASS,
+                                                           height=CANVAS_HEIGHT_PX))
                         pose_uploads.append(gr.File(label="...or upload a pose mask", type="filepath",
                                                     elem_id=f"pose-upload{i}"))
                     pose_cols.append(col)
@@ -593,9 +660,15 @@ def build_app(root: Path, base_models: tuple[str, ...] = ("toy",), preset: str =
         photo.upload(on_photo, photo, [photo, photo_msg, *editors])
         photo.clear(on_photo, photo, [photo, photo_msg, *editors])
         count.change(lambda n: [gr.update(visible=i < int(n)) for i in range(MAX_SUBJECTS)], count, groups)
-        show.click(on_show_masks, [photo, count, *editors, *uploads], [photo_msg, preview])
+        for i, mask_upload in enumerate(uploads):  # each rewrites the tab's message, as a photo upload does
+            for event in (mask_upload.upload, mask_upload.clear):
+                event(lambda p, m, i=i: on_mask_upload(i, p, m), [photo, mask_upload], photo_msg)
+        show.click(on_show_masks, [photo, count, *editors, *uploads, *handles], [photo_msg, preview])
         preset_box.change(lambda name: [preset_preview_every(name), *preset_steps(name)], preset_box,
                           [preview_every, phase1_box, phase2_box])
+        for choice in (preset_box, base_box):  # an estimate of another choice would be read as this one's
+            choice.change(lambda: "", None, estimate_md)
+
         def estimating(preset_name, base_model):  # a generator: the first line shows while it traces
             yield ("Estimating: tracing one training step of each phase on fake tensors (no GPU used; about a "
                    "minute on a CPU for a real model)...")
@@ -696,7 +769,7 @@ def launch(root: Path, host: str = "127.0.0.1", port: int = 7860, base_models: t
     page.queue(default_concurrency_limit=1)
     # quiet: gradio's own lines suggest share=True, which this page never uses.
     page.launch(server_name=host, server_port=port, share=False, allowed_paths=[str(root)],
-                max_file_size=MAX_UPLOAD, prevent_thread_lock=True, quiet=True, footer_links=[])
+                max_file_size=MAX_UPLOAD, prevent_thread_lock=True, quiet=True, footer_links=[], css=PAGE_CSS)
     if block:
         print(f"The page is at http://{host}:{port} (runs under {root}); Ctrl-C or SIGTERM stops it.", flush=True)
         try:

@@ -12,6 +12,7 @@ named by a plain folder name that must lie directly under the root given on the 
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import shutil
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from lowmcgm.config import Config, resolve_config
+from lowmcgm.data import mask_overlap
 from lowmcgm.errors import UserError
 from lowmcgm.run_folder import CHECKPOINT_NAME
 from lowmcgm.toy.scenes import save_mask  # the one mask writer (white on black, 8-bit)
@@ -55,6 +57,24 @@ class TrainRequest:
     preview_every: int = 10
     phase1_steps: int | None = None  # None: the preset's
     phase2_steps: int | None = None
+
+
+def overlap_warnings(subjects: tuple[Subject, ...]) -> list[str]:
+    """One warning per two subjects whose masks share pixels: both handles would learn those pixels.
+
+    A warning, not a refusal: a little overlap where two subjects touch is common when painting.
+    The CLI warns only past ``data.OVERLAP_WARN_FRACTION`` of the smaller mask; the page shows
+    any overlap, since a brush's spill onto a neighbour is easy to erase once it is pointed out.
+    """
+    warnings = []
+    for i, j in itertools.combinations(range(len(subjects)), 2):
+        share = mask_overlap(subjects[i].mask, subjects[j].mask)
+        if share > 0:
+            amount = f"{share:.0%}" if share >= 0.005 else "under 1%"
+            warnings.append(f"warning: subjects {i + 1} ({subjects[i].handle}) and {j + 1} ({subjects[j].handle}) "
+                            f"overlap on {amount} of the smaller mask: both handles learn those pixels; erase them "
+                            "from one of the two.")
+    return warnings
 
 
 def default_run_name() -> str:
