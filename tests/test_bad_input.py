@@ -1068,7 +1068,14 @@ ESCAPES = "\x1b]0;owned\x07\x1b[2J"
 
 def test_metadata_reaches_the_terminal_escaped(artifacts, tmp_path, capsys):
     """A base_model holding escape sequences (class H): shown as text, never run by the terminal."""
-    forged = _forged(artifacts["tiny"], tmp_path, base_model=ESCAPES)
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(artifacts["tiny"]), "pt") as fh:
+        recorded = json.loads(fh.metadata()["training_config"])
+    recorded["model"]["base_model"] = ESCAPES  # sampling reads the base model as --base-model named it
+    forged = _forged(artifacts["tiny"], tmp_path, base_model=ESCAPES, training_config=json.dumps(recorded))
     assert main(["inspect", str(forged)]) == 0
     out, err = _lines_of(capsys)
     assert "\x1b" not in out + err and "\x07" not in out + err and "\\x1b]0;owned\\x07" in out
