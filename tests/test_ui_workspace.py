@@ -306,7 +306,7 @@ def test_the_loss_curve_after_resume_is_the_whole_runs(tmp_path):
              _step(1, 3, 4, 0.7)]
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in first))
-    job.argv = ["-c", "pass"]  # a real start: the earlier attempt's events are kept aside
+    job.argv = ["--version"]  # a real start (of a command that ends at once): earlier events are kept aside
     job.start()
     job.wait(60)
     assert not (tmp_path / "a" / "events.jsonl").exists()
@@ -650,6 +650,23 @@ def test_two_artifact_uploads_in_one_second_get_a_run_each(tmp_path):
     names = [app.on_upload_artifact(state, str(artifact))[1] for _ in range(3)]
     assert None not in names and len(set(names)) == 3
     assert all((tmp_path / "root" / n / "lowmcgm.safetensors").is_file() for n in names)
+
+
+def test_refreshing_the_run_list_keeps_a_pick_made_while_it_waited(tmp_path):
+    # CI: "Refresh runs" then a pick at once; the refresh, answered last, wrote back the pick it was
+    # queued with (none) and the picked run closed. It clears only a pick whose folder vanished.
+    from lowmcgm.ui import app
+
+    root = tmp_path / "root"
+    _untrained_run(root, "a", 0)
+    _untrained_run(root, "b", 1)
+    state = app.PageState(root, ("tiny",))
+    for current in (None, "", "a"):
+        update = app.refreshed_runs(state, current)
+        assert sorted(update["choices"]) == ["a", "b"] and "value" not in update, (current, update)
+    assert app.refreshed_runs(state, "gone")["value"] is None
+    message, runs = app._then_refresh(("uploaded", "b"), state)
+    assert runs["value"] == "b"
 
 
 def test_a_prompt_naming_no_handle_samples_with_a_warning(tmp_path):

@@ -41,7 +41,6 @@ import os
 import platform
 import re
 import shutil
-import struct
 import sys
 import tempfile
 import time
@@ -78,19 +77,24 @@ def sha256(data: bytes) -> str:
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, tuple[str, list[int], bytes]]]:
-    """A safetensors file's metadata and tensors as stored, read without torch.
+    """A safetensors file's metadata and tensors as stored, read with safetensors itself.
 
     Returns:
-        (metadata, {name: (dtype, shape, raw bytes)}): the bytes exactly as the file holds them,
-        so a hash of them changes with any bit of any tensor.
+        (metadata, {name: (dtype, shape, raw bytes)}): the dtype and shape as the file names them
+        (``BF16``, ``F32``), the bytes exactly as the file holds them (safetensors stores tensors
+        contiguous and little-endian, as torch holds them here), so a hash of them changes with any
+        bit of any tensor.
     """
-    data = Path(path).read_bytes()
-    (header_len,) = struct.unpack("<Q", data[:8])  # the format: u64 little-endian header size, JSON header
-    header = json.loads(data[8:8 + header_len])
-    body = data[8 + header_len:]
-    metadata = header.pop("__metadata__", {}) or {}
-    tensors = {name: (info["dtype"], info["shape"], body[info["data_offsets"][0]:info["data_offsets"][1]])
-               for name, info in header.items()}
+    import torch
+    from safetensors import safe_open
+
+    tensors = {}
+    with safe_open(str(path), "pt") as fh:
+        metadata = fh.metadata() or {}
+        for name in fh.keys():
+            stored = fh.get_slice(name)
+            raw = fh.get_tensor(name).contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+            tensors[name] = (stored.get_dtype(), stored.get_shape(), raw)
     return metadata, tensors
 
 

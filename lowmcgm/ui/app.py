@@ -16,7 +16,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -681,11 +681,7 @@ def build_app(root: Path, base_models: tuple[str, ...] = ("toy",), preset: str =
         stop_btn.click(lambda: shown(state.jobs.stop()), None, train_msg)
         resume_btn.click(bound(resume_training), run_name, train_msg)
 
-        def refreshed(current: str | None = None):
-            names = list_runs(state.root)
-            return gr.update(choices=names, value=current if current in names else None)
-
-        refresh.click(refreshed, runs, runs)
+        refresh.click(lambda current: refreshed_runs(state, current), runs, runs)
 
         def opened(name, text):
             return open_run_outputs(state, name, text)
@@ -705,7 +701,7 @@ def build_app(root: Path, base_models: tuple[str, ...] = ("toy",), preset: str =
                    show_progress="hidden")
         trained.change(lambda name, text: opened(name, text) if name else [gr.update()] * len(opened_outputs),
                        [trained, prompt], opened_outputs)
-        artifact_upload.upload(lambda p: _then_refresh(on_upload_artifact(state, p), refreshed), artifact_upload,
+        artifact_upload.upload(lambda p: _then_refresh(on_upload_artifact(state, p), state), artifact_upload,
                                [sample_msg, runs])
         for picker, editor in zip(pose_pickers, pose_editors):
             picker.change(on_pose_library, picker, editor)
@@ -725,9 +721,25 @@ def build_app(root: Path, base_models: tuple[str, ...] = ("toy",), preset: str =
     return page
 
 
-def _then_refresh(result: tuple[str, str | None], refreshed: Callable[[str | None], Any]):
+def refreshed_runs(state: PageState, current: str | None) -> dict:
+    """The run list read again, as an update of the run picker.
+
+    ``current`` is the pick when the click was queued. Only a pick whose folder vanished is
+    cleared: writing ``current`` back would undo a run picked while the refresh waited its turn.
+    """
+    gr = require_gradio()
+    names = list_runs(state.root)
+    if not current or current in names:
+        return gr.update(choices=names)
+    return gr.update(choices=names, value=None)
+
+
+def _then_refresh(result: tuple[str, str | None], state: PageState):
+    """The upload's message, and the run list with the uploaded artifact's run picked."""
+    gr = require_gradio()
     message, name = result
-    return message, refreshed(name)
+    names = list_runs(state.root)
+    return message, gr.update(choices=names, value=name if name in names else None)
 
 
 def _artifact_download(state: PageState, name: str):

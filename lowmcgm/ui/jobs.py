@@ -54,6 +54,7 @@ class TrainingJob:
         self.stop_requested = False
         self.killed_after_s: float | None = None  # set when a stop had to kill the child
         self.started_at: float | None = None  # time.monotonic() at start
+        self.phase2_steps: int | None = None  # the run's, once its config.toml is read (the whole run's ETA)
 
     def start(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -110,8 +111,12 @@ class TrainingJob:
         if self.process is None:
             state, text = "idle", "Not started."
         elif code is None:
+            if self.phase2_steps is None:  # read once it is written, not at every redraw
+                self.phase2_steps = _phase2_steps(self.folder)
+            steps = [e for e in events if e.get("kind") == "step"]
+            steps_after = (self.phase2_steps or 0) if steps and steps[-1]["phase"] == 1 else 0
             state, text = "running", _progress_text(events, time.monotonic() - (self.started_at or time.monotonic()),
-                                                    _steps_after(self.folder, events))
+                                                    steps_after)
         elif code == 0:
             state, text = "finished", "Finished: the artifact and samples are written; go on to Pose and sample."
         elif self.stop_requested:
@@ -154,16 +159,13 @@ def loss_history(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [rows[key] for key in sorted(rows)]
 
 
-def _steps_after(folder: Path, events: list[dict[str, Any]]) -> int:
-    """Steps of the phases after the current one, from the run's config.toml (0 if unreadable)."""
-    steps = [e for e in events if e.get("kind") == "step"]
-    if not steps or steps[-1]["phase"] != 1:
-        return 0
+def _phase2_steps(folder: Path) -> int | None:
+    """The run's phase 2 step count, from the config.toml its command writes (None until then)."""
     try:
         with open(folder / "config.toml", "rb") as fh:
             return int(tomllib.load(fh)["train"]["phase2_steps"])
     except (OSError, ValueError, KeyError, TypeError, tomllib.TOMLDecodeError):
-        return 0
+        return None
 
 
 def _progress_text(events: list[dict[str, Any]], elapsed_s: float = 0.0, steps_after: int = 0) -> str:
