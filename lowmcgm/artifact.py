@@ -20,10 +20,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lowmcgm import __version__
-from lowmcgm.dtypes import torch_dtype
 from lowmcgm.errors import UserError
 from lowmcgm.limits import MAX_LORA_RANK, MAX_MASK_SIZE, MAX_RESOLUTION_PX, MAX_TEXT_WIDTH
-from lowmcgm.write_guard import finish_temporary, replacing
+from lowmcgm.models.dtypes import torch_dtype
+from lowmcgm.runs.write_guard import finish_temporary, replacing
 
 FORMAT_NAME = "lowmcgm"
 FORMAT_VERSION = 3  # the newest this lowmcgm writes and reads

@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from lowmcgm import __version__
-from lowmcgm.dtypes import DTYPE_NAMES
+from lowmcgm.console.terminal import escape_controls
 from lowmcgm.errors import UserError
-from lowmcgm.run_folder import hold_folder, run_files
-from lowmcgm.signals import exit_code, route_stop_signals, signal_name
-from lowmcgm.terminal import escape_controls
-from lowmcgm.write_guard import check_not_inputs, check_writable_folder, same_file
+from lowmcgm.models.dtypes import DTYPE_NAMES
+from lowmcgm.runs.folder import hold_folder, run_files
+from lowmcgm.runs.signals import exit_code, route_stop_signals, signal_name
+from lowmcgm.runs.write_guard import check_not_inputs, check_writable_folder, same_file
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT; SIGTERM gives 143, SIGHUP 129 (signals.exit_code)
@@ -271,7 +271,7 @@ def _out_of_memory_advice(cfg: Any = None, preset: str | None = None) -> Iterato
 @contextlib.contextmanager
 def _progress(args: argparse.Namespace) -> Iterator[Any]:
     """The progress callback of a command: the terminal display, plus --events' log if given."""
-    from lowmcgm.progress import EventLog, ProgressPrinter, tee
+    from lowmcgm.console.progress import EventLog, ProgressPrinter, tee
 
     log = EventLog(args.events) if getattr(args, "events", None) else None
     refused = False
@@ -291,9 +291,9 @@ def _check_events(args: argparse.Namespace, cfg: Any, more_inputs: Iterable[str]
     file it would damage, checked before anything is written (``progress.check_event_log``)."""
     if not getattr(args, "events", None):
         return
-    from lowmcgm.progress import check_event_log
-    from lowmcgm.run_folder import LOCK_NAME, RUN_FOLDERS
-    from lowmcgm.trainer import input_files
+    from lowmcgm.console.progress import check_event_log
+    from lowmcgm.runs.folder import LOCK_NAME, RUN_FOLDERS
+    from lowmcgm.training.trainer import input_files
 
     out = Path(cfg.output.out).expanduser()
     check_event_log(args.events, [*input_files(cfg), *_config_files(args), *more_inputs],
@@ -302,7 +302,7 @@ def _check_events(args: argparse.Namespace, cfg: Any, more_inputs: Iterable[str]
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from lowmcgm.trainer import train
+    from lowmcgm.training.trainer import train
 
     cfg = _train_config(args)
     _check_events(args, cfg)
@@ -366,7 +366,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 def _sample_inputs(args: argparse.Namespace) -> tuple[list[Any], dict[str, str]]:
     """Prompts and --pose items from the flags (nothing heavy is loaded)."""
-    from lowmcgm.prompts import PromptSpec, load_prompts_file, parse_poses
+    from lowmcgm.sampling.prompts import PromptSpec, load_prompts_file, parse_poses
 
     specs = [PromptSpec(text, where=f"--prompt {i}") for i, text in enumerate(args.prompt, 1)]
     if args.prompts:
@@ -391,8 +391,8 @@ def _sample_settings(args: argparse.Namespace) -> Any:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    from lowmcgm.progress import ProgressPrinter
-    from lowmcgm.sampler import sample_artifact
+    from lowmcgm.console.progress import ProgressPrinter
+    from lowmcgm.sampling.sampler import sample_artifact
 
     settings = _sample_settings(args)
     specs, poses = _sample_inputs(args)
@@ -413,9 +413,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     import shlex
 
-    from lowmcgm.output import check_output_dir
-    from lowmcgm.prompts import load_prompts_file
-    from lowmcgm.run_folder import check_run_folder
+    from lowmcgm.runs.folder import check_run_folder
+    from lowmcgm.runs.output import check_output_dir
+    from lowmcgm.sampling.prompts import load_prompts_file
     from lowmcgm.toy.demo import DEMO_PRESET, demo_inputs, demo_run, describe_base, write_demo_inputs
 
     size_px, note = describe_base(args.base_model)  # fails here when the toy model is not bundled
@@ -583,7 +583,7 @@ def _error_line(exc: UserError) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lowmcgm.output import first_missing_folder, remove_empty_folders
+    from lowmcgm.runs.output import first_missing_folder, remove_empty_folders
 
     try:
         args = build_parser().parse_args(argv)

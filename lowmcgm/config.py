@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Collection
 
-from lowmcgm.dtypes import DTYPE_NAMES
 from lowmcgm.errors import UserError
 from lowmcgm.limits import (MAX_GRAD_NORM, MAX_GUIDANCE_SCALE, MAX_LEARNING_RATE, MAX_LORA_RANK, MAX_LOSS_WEIGHT,
                             MAX_POSE_GUIDANCE_STRENGTH, MAX_RESOLUTION_PX, MAX_SEED, MAX_STEPS, read_text_file)
+from lowmcgm.models.dtypes import DTYPE_NAMES
 
 
 def _f(default: Any, help: str, *, choices: tuple[str, ...] = (), flag: str = "",

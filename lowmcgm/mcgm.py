@@ -32,7 +32,7 @@ from lowmcgm.config import LoraConfig, TrainConfig
 from lowmcgm.errors import UserError
 from lowmcgm.handles import HandleEmbedding, add_handle_tokens, install_handles
 from lowmcgm.mask_encoder import MaskEncoder
-from lowmcgm.models import BaseModel
+from lowmcgm.models.base import BaseModel
 
 @dataclass
 class MCGMState:

@@ -15,16 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ContextManager
 
-from lowmcgm import models  # the module, not its function: a test replaces the loader
+from lowmcgm.models import loading  # the module, not its function: a test replaces the loader
 from lowmcgm.config import Config, SampleSettings
 from lowmcgm.handles import check_handle_names
-from lowmcgm.model_fit import check_sample_size
-from lowmcgm.previews import save_loss_curve
-from lowmcgm.run_folder import hold_folder
-from lowmcgm.prompts import (PromptSpec, check_plans_fit, check_pose_crops, no_mask_reason, plan_prompts,
-                             training_prompt_spec)
-from lowmcgm.sampler import TrainingPreviews, check_settings, sample_artifact
-from lowmcgm.trainer import check_inputs, train
+from lowmcgm.models.fit import check_sample_size
+from lowmcgm.runs.folder import hold_folder
+from lowmcgm.sampling.previews import save_loss_curve
+from lowmcgm.sampling.prompts import (PromptSpec, check_plans_fit, check_pose_crops, no_mask_reason, plan_prompts,
+                                      training_prompt_spec)
+from lowmcgm.sampling.sampler import TrainingPreviews, check_settings, sample_artifact
+from lowmcgm.training.trainer import check_inputs, train
 
 ProgressFn = Callable[[dict[str, Any]], None]
 
@@ -67,7 +67,7 @@ def train_then_sample(cfg: Config, specs: list[PromptSpec], poses: dict[str, str
     with hold_folder(out):
         check_inputs(cfg, resume, overwrite)  # photo, masks, output folder (train repeats it)
         previews = TrainingPreviews(out / "previews", plans[0], settings, cfg.train.phase1_steps)
-        base = models.load_base_model(cfg.model.base_model, cfg.model.single_file_config)
+        base = loading.load_base_model(cfg.model.base_model, cfg.model.single_file_config)
         check_plans_fit(plans, base)  # handles past the token window fail now, not after training
         size = cfg.model.resolution or base.resolution  # what sampling draws at unless --height/--width
         check_sample_size(base, settings.height or size, settings.width or size)

@@ -75,7 +75,7 @@ def make_tiny_artifact(path, seed=0):
     from lowmcgm.artifact import save_artifact
     from lowmcgm.config import LoraConfig
     from lowmcgm.mcgm import MCGMState
-    from lowmcgm.models import build_tiny_base
+    from lowmcgm.models.tiny import build_tiny_base
 
     base = build_tiny_base("tiny")
     state = MCGMState.install(base, ["<asset0>", "<asset1>"], ["dog", "cat"], use_mask_tokens=True, seed=seed)
@@ -97,7 +97,7 @@ def make_sdxl_artifact(path, use_text_encoder_lora=False, rank=4, alpha=8.0):
     from lowmcgm.artifact import save_artifact
     from lowmcgm.config import LoraConfig
     from lowmcgm.mcgm import MCGMState
-    from lowmcgm.models import build_tiny_base
+    from lowmcgm.models.tiny import build_tiny_base
 
     base = build_tiny_base("tiny-xl")
     state = MCGMState.install(base, SDXL_HANDLES, ["dog", "cat"], use_mask_tokens=True, seed=0)

@@ -14,14 +14,14 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from lowmcgm.dtypes import torch_dtype
 from lowmcgm.memory.trace import build_from_config, materialize_fake, run_traced, session, storage_bytes
+from lowmcgm.models.dtypes import torch_dtype
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
 def _config_folder(name_or_path: str) -> Path:
-    from lowmcgm.model_configs import SHIPPED_CONFIGS
+    from lowmcgm.models.configs import SHIPPED_CONFIGS
 
     return SHIPPED_CONFIGS[name_or_path] if name_or_path in SHIPPED_CONFIGS else Path(name_or_path)
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from lowmcgm.accelerator import ACCELERATOR_MEMBERS, AcceleratorLike
 from lowmcgm.memory.training_trace import TraceAccelerator
+from lowmcgm.training.accelerator import ACCELERATOR_MEMBERS, AcceleratorLike
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lowmcgm"
 # Modules that receive the trainer's accelerator (Setup.accelerator), and the names they give it.
@@ -32,4 +32,4 @@ def test_training_code_calls_only_what_the_contract_names():
             used.setdefault(member, name)
     assert used, "the pattern found no accelerator use at all"
     outside = {member: where for member, where in used.items() if member not in ACCELERATOR_MEMBERS}
-    assert not outside, f"add these to lowmcgm.accelerator.AcceleratorLike (and TraceAccelerator): {outside}"
+    assert not outside, f"add these to lowmcgm.training.accelerator.AcceleratorLike (and TraceAccelerator): {outside}"

@@ -10,7 +10,7 @@ import torch
 from lowmcgm.adapters import add_lora, store_in_fp8
 from lowmcgm.config import resolve_config
 from lowmcgm.errors import UserError
-from lowmcgm.models import build_tiny_base
+from lowmcgm.models.tiny import build_tiny_base
 
 
 def _unet_inputs(unet):

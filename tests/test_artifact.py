@@ -102,7 +102,7 @@ def test_checkpoint_round_trip_with_optimizer_state(tmp_path):
 
 
 def test_rank4_sd15_artifact_is_under_12_mb():
-    from lowmcgm.model_configs import config_folder
+    from lowmcgm.models.configs import config_folder
 
     with torch.device("meta"):  # the real SD 1.5 layout, from its shipped config
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config_folder("sd15") / "unet"))

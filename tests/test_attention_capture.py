@@ -7,11 +7,11 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-from lowmcgm.attention_capture import (CrossAttentionStore, compute_map_grid, compute_selected_probs,
-                                       install_capture, loss_layer_names, remove_capture)
+from lowmcgm.attention_capture import (CrossAttentionStore, compute_map_grid, compute_selected_probs, install_capture,
+                                       loss_layer_names, remove_capture)
 from lowmcgm.errors import UserError
-from lowmcgm.model_configs import config_folder
-from lowmcgm.models import build_tiny_base
+from lowmcgm.models.configs import config_folder
+from lowmcgm.models.tiny import build_tiny_base
 
 SD15_UNET = UNet2DConditionModel.load_config(config_folder("sd15") / "unet")  # the real layout
 

@@ -24,9 +24,9 @@ from conftest import make_photo
 from PIL import Image
 from safetensors.torch import save_file
 
-from lowmcgm import trainer
 from lowmcgm.cli import EXIT_USER_ERROR, main
 from lowmcgm.data import load_mask
+from lowmcgm.training import trainer
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 SIZE = 96  # conftest's photo is 96 x 96
@@ -235,7 +235,7 @@ def test_refused_run_keeps_a_folder_the_user_made(files, tmp_path, capsys):
 def test_8bit_adamw_failing_its_test_step_is_refused_when_required(files, tmp_path, capsys, monkeypatch,
                                                                   no_weights_load):
     """train.use_adamw_fallback=false: bitsandbytes failing its test step stops the run before weights load."""
-    from lowmcgm import optimizer
+    from lowmcgm.training import optimizer
 
     monkeypatch.setattr(trainer, "training_device", lambda: torch.device("cuda"))  # the probe is replaced
     monkeypatch.setattr(optimizer, "probe_adamw8bit", lambda device: "RuntimeError: CUDA Setup failed")
@@ -248,9 +248,9 @@ def test_8bit_adamw_failing_its_test_step_is_refused_when_required(files, tmp_pa
 
 def test_run_checks_inputs_before_weights_load(files, tmp_path, capsys, monkeypatch):
     """``lowmcgm run`` loads the base model itself (to train and sample with one copy): after the checks."""
-    import lowmcgm.sampler  # noqa: F401  (imported first, it keeps the real loader it binds at import)
+    import lowmcgm.sampling.sampler  # noqa: F401  (imported first, it keeps the real loader it binds at import)
 
-    monkeypatch.setattr("lowmcgm.models.load_base_model", lambda *a, **k: pytest.fail("weights loaded"))
+    monkeypatch.setattr("lowmcgm.models.loading.load_base_model", lambda *a, **k: pytest.fail("weights loaded"))
     args = _train_args(files, tmp_path / "out", masks=("a", "full.png"))
     _refused(capsys, ["run", *args[1:]], ("covers the whole image",), tmp_path)
     usage = shutil.disk_usage(tmp_path)
@@ -359,7 +359,7 @@ def test_sample_refuses_files_that_are_not_artifacts(files, tmp_path, capsys):
 
 
 def test_sample_output_under_a_file_is_refused_before_weights_load(files, artifacts, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("lowmcgm.sampler.load_base_for", lambda *a: pytest.fail("weights loaded"))
+    monkeypatch.setattr("lowmcgm.sampling.sampler.load_base_for", lambda *a: pytest.fail("weights loaded"))
     _refused(capsys, _sample_args(artifacts["tiny"], files["regular-file"] / "out", "--prompt", "a photo of <asset0>"),
              ("is not writable",), tmp_path)
 
@@ -581,7 +581,7 @@ def _forged(artifact: Path, folder: Path, **meta: str) -> Path:
 def test_artifact_metadata_numbers_are_range_checked(files, artifacts, tmp_path, capsys, monkeypatch):
     import json
 
-    monkeypatch.setattr("lowmcgm.sampler.load_base_for", lambda *a: pytest.fail("weights loaded"))
+    monkeypatch.setattr("lowmcgm.sampling.sampler.load_base_for", lambda *a: pytest.fail("weights loaded"))
     cases = [({"resolution": "8192"}, "'resolution' is 8192, outside 0-2048"),
              ({"resolution": str(2**20)}, "'resolution' is 1048576"),
              ({"resolution": "100"}, "not a multiple of 8"),
@@ -608,7 +608,7 @@ SAMPLE_SETTING_CASES = {
 
 @pytest.mark.parametrize("case", SAMPLE_SETTING_CASES.values(), ids=SAMPLE_SETTING_CASES.keys())
 def test_sample_settings_are_refused_before_weights_load(artifacts, tmp_path, capsys, monkeypatch, case):
-    monkeypatch.setattr("lowmcgm.sampler.load_base_for", lambda *a: pytest.fail("weights loaded"))
+    monkeypatch.setattr("lowmcgm.sampling.sampler.load_base_for", lambda *a: pytest.fail("weights loaded"))
     extra, fragments = case
     _refused(capsys, _sample_args(artifacts["tiny"], tmp_path / "out", "--prompt", "a photo of <asset0>", *extra),
              fragments, tmp_path)
@@ -728,7 +728,7 @@ def test_a_second_command_on_a_folder_in_use_gets_one_line(files, artifacts, tmp
     """Another process holds the folder's lock (as a running training does): refused, nothing touched."""
     out = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from lowmcgm.run_folder import hold_folder\n"
+        [sys.executable, "-c", "import sys, time; from lowmcgm.runs.folder import hold_folder\n"
          f"with hold_folder({str(out)!r}):\n    print('held', flush=True); time.sleep(120)"],
         stdout=subprocess.PIPE, text=True, env=ENV)
     try:
@@ -800,7 +800,7 @@ def test_long_prompt_with_an_early_handle_warns_and_its_caption_is_clipped(artif
 def test_caption_clipping_measures_logarithmically_often(monkeypatch):
     from PIL import ImageDraw
 
-    from lowmcgm import previews
+    from lowmcgm.sampling import previews
 
     measured, drawn = [], []
     real = ImageDraw.ImageDraw.textlength
@@ -884,7 +884,7 @@ def test_events_file_is_guarded_like_every_output(files, artifacts, tmp_path, ca
 
 def test_events_file_beside_the_previews_is_taken(tmp_path):
     """``out/previews/../events.jsonl`` is ``out/events.jsonl``: no output, in no folder the run writes into."""
-    from lowmcgm.progress import check_event_log
+    from lowmcgm.console.progress import check_event_log
 
     out = tmp_path / "out"
     (out / "previews").mkdir(parents=True)
@@ -911,7 +911,7 @@ def test_a_refused_run_leaves_no_events_file_or_folder(files, tmp_path, capsys):
 
 
 def test_events_are_written_and_appended_to_an_events_log(files, tmp_path, capsys):
-    from lowmcgm.progress import read_events
+    from lowmcgm.console.progress import read_events
 
     events = tmp_path / "logs" / "events.jsonl"
     assert main(_one_step(files, tmp_path / "one", "--events", str(events))) == 0

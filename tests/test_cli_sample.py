@@ -14,7 +14,7 @@ from PIL import Image
 
 from lowmcgm.artifact import file_sha256
 from lowmcgm.cli import EXIT_USER_ERROR, build_parser, main
-from lowmcgm.sampler import SampleSettings, read_png_parameters
+from lowmcgm.sampling.sampler import SampleSettings, read_png_parameters
 
 def draw_inputs(folder: Path) -> dict[str, Path]:
     """conftest's photo and two masks, plus a text file where a mask is expected."""
@@ -224,7 +224,7 @@ CONFIG_ERRORS = {
 
 @pytest.mark.parametrize("case", CONFIG_ERRORS.values(), ids=CONFIG_ERRORS.keys())
 def test_bad_sample_settings_are_config_errors_one_line_exit_2(trained, tmp_path, capsys, monkeypatch, case):
-    monkeypatch.setattr("lowmcgm.sampler.load_base_for", lambda *a: pytest.fail("weights loaded"))
+    monkeypatch.setattr("lowmcgm.sampling.sampler.load_base_for", lambda *a: pytest.fail("weights loaded"))
     bad_preset = tmp_path / "bad.toml"
     bad_preset.write_text('[sample]\npose_guidance = "strong"\n')
     argv, fragment = case

@@ -6,7 +6,7 @@ import torch
 
 from lowmcgm.cli import build_parser
 from lowmcgm.config import CHOICES
-from lowmcgm.dtypes import DTYPE_NAMES, precision_dtype, torch_dtype
+from lowmcgm.models.dtypes import DTYPE_NAMES, precision_dtype, torch_dtype
 
 
 def test_every_name_has_its_torch_dtype_and_no_means_fp32():

@@ -12,10 +12,9 @@ import os
 
 import pytest
 
-from lowmcgm.memory import estimate as E
-from lowmcgm.memory import trace as mt
 from lowmcgm.config import resolve_config
 from lowmcgm.errors import UserError
+from lowmcgm.memory import estimate as E, trace as mt
 
 GiB = 2**30
 CHILD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -53,7 +52,7 @@ def _tiny_job(name: str) -> dict:
 
 def _save_configs_only(folder):
     """A diffusers folder of the tiny model with config files and nothing else (no weights, no tokenizer)."""
-    from lowmcgm.models import build_tiny_base
+    from lowmcgm.models.tiny import build_tiny_base
 
     base = build_tiny_base("tiny")
     folder.mkdir(parents=True, exist_ok=True)

@@ -27,11 +27,12 @@ from lowmcgm.adapters import add_lora, load_lora_state_dict, lora_state_dict
 from lowmcgm.artifact import Artifact, load_artifact, save_artifact
 from lowmcgm.config import LoraConfig, resolve_config
 from lowmcgm.errors import UserError
+from lowmcgm.handles import add_handle_tokens
 from lowmcgm.interop.export import build_kohya_metadata, embedding_file_stem, export_artifact, export_kohya
 from lowmcgm.interop.lora_import import load_init_lora, read_lora_file, summarize_lora
-from lowmcgm.handles import add_handle_tokens
-from lowmcgm.models import build_tiny_base, save_base_model
-from lowmcgm.trainer import train
+from lowmcgm.models.folder import save_base_model
+from lowmcgm.models.tiny import build_tiny_base
+from lowmcgm.training.trainer import train
 
 PROMPT = "a photo of <asset0> and <asset1> on the beach"
 ATOL = 1e-4  # fp32 end to end; both sides run PEFT LoRA layers, so differences are rounding only
@@ -191,7 +192,7 @@ def test_embedding_files_use_the_a1111_layout(artifacts, tmp_path):
 
 def _sd15_models() -> tuple[UNet2DConditionModel, CLIPTextModel]:
     """SD 1.5's UNet and text encoder from their shipped real configs."""
-    from lowmcgm.model_configs import config_folder
+    from lowmcgm.models.configs import config_folder
 
     folder = config_folder("sd15")
     with torch.device("meta"):

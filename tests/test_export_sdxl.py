@@ -30,10 +30,12 @@ from lowmcgm.config import LoraConfig
 from lowmcgm.errors import UserError
 from lowmcgm.interop.export import embedding_file_stem, export_artifact, export_kohya
 from lowmcgm.mcgm import MCGMState
-from lowmcgm.model_configs import config_folder
-from lowmcgm.models import BaseModel, build_tiny_base, save_base_model
-from lowmcgm.sdxl_conditioning import sdxl_time_ids
-from lowmcgm.text_conditioning import encode_sdxl_text
+from lowmcgm.models.base import BaseModel
+from lowmcgm.models.configs import config_folder
+from lowmcgm.models.folder import save_base_model
+from lowmcgm.models.sdxl_conditioning import sdxl_time_ids
+from lowmcgm.models.text_conditioning import encode_sdxl_text
+from lowmcgm.models.tiny import build_tiny_base
 
 PROMPT = "a photo of <asset0> and <asset1> on the beach"
 ATOL = 1e-5  # fp32 end to end, PEFT LoRA layers on both sides: rounding only

@@ -4,9 +4,8 @@ import pytest
 import torch
 
 from lowmcgm.errors import UserError
-from lowmcgm.handles import (check_handle_names, handle_positions, install_handles, load_handles,
-                             remove_handle_wrapper)
-from lowmcgm.models import build_tiny_base
+from lowmcgm.handles import check_handle_names, handle_positions, install_handles, load_handles, remove_handle_wrapper
+from lowmcgm.models.tiny import build_tiny_base
 
 
 def test_default_and_custom_names():

@@ -21,13 +21,13 @@ import pytest
 import torch
 from conftest import make_photo
 
-from lowmcgm import resume, trainer
 from lowmcgm.artifact import load_checkpoint, read_header
-from lowmcgm.cli import EXIT_INTERRUPTED, EXIT_USER_ERROR, training_oom_message, main
+from lowmcgm.cli import EXIT_INTERRUPTED, EXIT_USER_ERROR, main, training_oom_message
 from lowmcgm.config import resolve_config
 from lowmcgm.errors import UserError
-from lowmcgm.resume import CHECKPOINT_NAME
-from lowmcgm.trainer import train
+from lowmcgm.training import checkpoints, trainer
+from lowmcgm.training.checkpoints import CHECKPOINT_NAME
+from lowmcgm.training.trainer import train
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 STEPS = ["--set", "train.phase1_steps=8", "--set", "train.phase2_steps=8", "--set", "train.checkpoint_every=2"]
@@ -210,13 +210,13 @@ def test_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(photo, tm
                                                                        reference):
     """NaN at step 5 (checkpoints every 2 steps): exit 2 naming step, cause and fix; step 4's checkpoint intact."""
     saved = []
-    real_save = resume.save_checkpoint
+    real_save = checkpoints.save_checkpoint
 
     def spy(path, *args):
         real_save(path, *args)
         saved.append(_sha(Path(path)))
 
-    monkeypatch.setattr(resume, "save_checkpoint", spy)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", spy)
     _on_call(monkeypatch, 5, lambda loss: loss * float("nan"))
     image, a, b = photo
     out = tmp_path / "b"
@@ -395,7 +395,7 @@ def test_under_nohup_sighup_stays_ignored(photo, tmp_path, monkeypatch, capsys, 
 
 
 def test_interrupted_sample_points_to_overwrite_not_resume(photo, tmp_path, monkeypatch, capsys):
-    from lowmcgm import sampler
+    from lowmcgm.sampling import sampler
 
     image, a, b = photo
     run = tmp_path / "run"
@@ -499,4 +499,4 @@ def test_resume_ignores_how_the_run_samples_afterwards(photo, tmp_path):
     cfg = _cfg(photo, tmp_path / "run")
     other = _cfg(photo, tmp_path / "run", **{"sample.steps": "3", "sample.scheduler": "ddim"})
     assert other.sample != cfg.sample
-    assert resume.training_identity(other) == resume.training_identity(cfg)
+    assert checkpoints.training_identity(other) == checkpoints.training_identity(cfg)

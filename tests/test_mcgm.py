@@ -8,7 +8,7 @@ from peft.tuners.lora import LoraLayer
 from lowmcgm.config import LoraConfig, TrainConfig
 from lowmcgm.handles import HandleEmbedding
 from lowmcgm.mcgm import MCGMState
-from lowmcgm.models import build_tiny_base
+from lowmcgm.models.tiny import build_tiny_base
 
 HANDLES = ["<asset0>", "<asset1>"]
 LORA = LoraConfig(rank=4, alpha=2.0, use_text_encoder_lora=True)

@@ -15,7 +15,7 @@ from lowmcgm.memory import trace as mt
 from lowmcgm.memory.estimate import build_job
 from lowmcgm.memory.flops import CAPTURE, LOSSES, OTHER, WINDOWS, FlopCount, count_job
 from lowmcgm.memory.peers import KOHYA_DOC_FLAGS, kohya_flags
-from lowmcgm.models import build_tiny_base
+from lowmcgm.models.tiny import build_tiny_base
 
 TINY = {"model.use_vae_offload": False}  # a CPU run cannot move the VAE off "the device"
 CONFIGS = {

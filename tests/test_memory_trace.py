@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from lowmcgm.memory import trace as mt
-from lowmcgm.model_configs import SHIPPED_CONFIGS, config_folder
+from lowmcgm.models.configs import SHIPPED_CONFIGS, config_folder
 
 GiB = 2**30
 # Single-threaded children: the test machines have few cores, shared.

@@ -8,10 +8,11 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig
 
 from lowmcgm.errors import UserError
-from lowmcgm.model_configs import config_folder
-from lowmcgm.models import (TEXT_SIZE_KEYS, TINY_REAL_CONFIGS, UNET_SIZE_KEYS, VAE_SIZE_KEYS, build_tiny_base,
-                            load_base_model, save_base_model)
-from lowmcgm.tokenizer import build_sd_tokenizer
+from lowmcgm.models.configs import config_folder
+from lowmcgm.models.folder import save_base_model
+from lowmcgm.models.loading import load_base_model
+from lowmcgm.models.tiny import TEXT_SIZE_KEYS, TINY_REAL_CONFIGS, UNET_SIZE_KEYS, VAE_SIZE_KEYS, build_tiny_base
+from lowmcgm.models.tokenizer import build_sd_tokenizer
 
 
 def test_tiny_is_deterministic_and_sd_shaped():

@@ -1,14 +1,14 @@
-"""lowmcgm.optimizer: 8-bit AdamW is trusted only after a test step; otherwise torch AdamW or a refusal."""
+"""lowmcgm.training.optimizer: 8-bit AdamW is trusted only after a test step; otherwise torch AdamW or a refusal."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from lowmcgm import optimizer
 from lowmcgm.config import TrainConfig
 from lowmcgm.errors import UserError
-from lowmcgm.optimizer import choose_optimizer, optimizer_of_state, probe_adamw8bit
+from lowmcgm.training import optimizer
+from lowmcgm.training.optimizer import choose_optimizer, optimizer_of_state, probe_adamw8bit
 
 CUDA = torch.device("cuda")  # never touched: the probe is replaced in these tests
 BROKEN = "RuntimeError: CUDA Setup failed: libbitsandbytes_cuda124.so not found"

@@ -10,10 +10,10 @@ import torch
 from test_sampler import FAST, files, sampler  # noqa: F401 (fixtures)
 
 from lowmcgm.artifact import load_artifact
-from lowmcgm.models import build_tiny_base
-from lowmcgm.pose_guidance import PoseGuide, attention_energy, guided_columns
-from lowmcgm.prompts import PromptSpec, fit_pose_masks, plan_prompts
-from lowmcgm.sampler import build_sampler
+from lowmcgm.models.tiny import build_tiny_base
+from lowmcgm.sampling.pose_guidance import PoseGuide, attention_energy, guided_columns
+from lowmcgm.sampling.prompts import PromptSpec, fit_pose_masks, plan_prompts
+from lowmcgm.sampling.sampler import build_sampler
 
 SETTINGS = dataclasses.replace(FAST, steps=8, guidance_scale=3.0)
 
@@ -161,7 +161,7 @@ def test_latent_guidance_batches_with_classifier_free_guidance(files, sampler):
 
 def test_every_guided_mode_has_a_default_strength():
     from lowmcgm.config import config_field
-    from lowmcgm.pose_guidance import DEFAULT_STRENGTH
+    from lowmcgm.sampling.pose_guidance import DEFAULT_STRENGTH
 
     modes = config_field("sample.pose_guidance")[0].metadata["choices"]
     assert set(DEFAULT_STRENGTH) == set(modes) - {"none"}
@@ -171,7 +171,7 @@ def test_latent_guidance_steps_alike_with_and_without_checkpointing():
     # Checkpointing (the default) recomputes the blocks in the backward, captures included: the
     # step must be the one the stored activations give, and the UNet is left as it was found.
     from lowmcgm.attention_capture import CrossAttentionStore, install_capture, loss_layer_names
-    from lowmcgm.pose_guidance import LatentGuidance
+    from lowmcgm.sampling.pose_guidance import LatentGuidance
 
     unet = build_tiny_base("tiny").unet.requires_grad_(False).eval()
     store = CrossAttentionStore()

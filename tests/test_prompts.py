@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from lowmcgm.errors import UserError
-from lowmcgm.prompts import PromptSpec, fit_pose_masks, load_prompts_file, parse_poses, plan_prompts
+from lowmcgm.sampling.prompts import PromptSpec, fit_pose_masks, load_prompts_file, parse_poses, plan_prompts
 
 
 @pytest.fixture

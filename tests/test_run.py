@@ -8,8 +8,8 @@ import pytest
 
 from lowmcgm.config import SampleSettings, resolve_config
 from lowmcgm.errors import UserError
-from lowmcgm.prompts import PromptSpec
 from lowmcgm.run import train_then_sample
+from lowmcgm.sampling.prompts import PromptSpec
 
 FAST = SampleSettings(num_images=1, steps=2, dtype="fp32", pose_guidance="attention")
 

@@ -21,10 +21,11 @@ from lowmcgm.artifact import Artifact, load_artifact, save_artifact
 from lowmcgm.attention_capture import CapturingCrossAttnProcessor
 from lowmcgm.errors import UserError
 from lowmcgm.mask_encoder import MaskEncoder
-from lowmcgm.models import build_tiny_base
-from lowmcgm.previews import render_loss_curve, save_loss_curve
-from lowmcgm.prompts import PromptSpec, parse_poses, plan_prompts
-from lowmcgm.sampler import SampleSettings, build_sampler, check_base_matches, read_png_parameters, write_samples
+from lowmcgm.models.tiny import build_tiny_base
+from lowmcgm.sampling.previews import render_loss_curve, save_loss_curve
+from lowmcgm.sampling.prompts import PromptSpec, parse_poses, plan_prompts
+from lowmcgm.sampling.sampler import (SampleSettings, build_sampler, check_base_matches, read_png_parameters,
+                                      write_samples)
 
 SIZE = 64  # the tiny model's resolution: pose files at this size reach the encoder unresized
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -212,13 +213,13 @@ def test_loss_curve_draws_every_nonzero_term(tmp_path):
 
 def test_every_scheduler_choice_has_its_factory():
     from lowmcgm.config import config_field
-    from lowmcgm.sampler import SCHEDULERS
+    from lowmcgm.sampling.sampler import SCHEDULERS
 
     assert tuple(SCHEDULERS) == config_field("sample.scheduler")[0].metadata["choices"]
 
 
 def test_library_settings_are_checked_with_flag_names():
-    from lowmcgm.sampler import check_settings
+    from lowmcgm.sampling.sampler import check_settings
 
     with pytest.raises(UserError, match=r"Invalid sampling settings: --steps must be between 1 and 1000 \(got 0\); "
                                         r"--scheduler must be one of"):

@@ -25,11 +25,12 @@ from lowmcgm.attention_capture import CrossAttentionStore, install_capture, loss
 from lowmcgm.cli import EXIT_USER_ERROR, main
 from lowmcgm.config import LoraConfig, SampleSettings
 from lowmcgm.mcgm import MCGMState
-from lowmcgm.models import build_tiny_base, save_base_model
-from lowmcgm.prompts import PromptSpec, fit_pose_masks, parse_poses, plan_prompts
-from lowmcgm.sampler import TrainingPreviews, build_sampler, read_png_parameters
-from lowmcgm.sdxl_conditioning import sdxl_time_ids
-from lowmcgm.text_conditioning import encode_sdxl_text
+from lowmcgm.models.folder import save_base_model
+from lowmcgm.models.sdxl_conditioning import sdxl_time_ids
+from lowmcgm.models.text_conditioning import encode_sdxl_text
+from lowmcgm.models.tiny import build_tiny_base
+from lowmcgm.sampling.prompts import PromptSpec, fit_pose_masks, parse_poses, plan_prompts
+from lowmcgm.sampling.sampler import TrainingPreviews, build_sampler, read_png_parameters
 
 SIZE = 64  # tiny-xl's resolution
 HANDLES = ["<asset0>", "<asset1>"]

@@ -10,10 +10,13 @@ import torch
 from safetensors.torch import save_file
 
 from lowmcgm.errors import UserError
-from lowmcgm.model_configs import config_folder
-from lowmcgm.models import build_tiny_base, compute_config_hash, load_base_model, save_base_model
-from lowmcgm.single_file import SD1_TEXT_KEY, SDXL_TEXT_KEYS, UNET_KEY, detect_family
-from lowmcgm.tokenizer import CLIP_VOCAB_SIZE, build_sd_tokenizer
+from lowmcgm.models.base import compute_config_hash
+from lowmcgm.models.configs import config_folder
+from lowmcgm.models.folder import save_base_model
+from lowmcgm.models.loading import load_base_model
+from lowmcgm.models.single_file import SD1_TEXT_KEY, SDXL_TEXT_KEYS, UNET_KEY, detect_family
+from lowmcgm.models.tiny import build_tiny_base
+from lowmcgm.models.tokenizer import CLIP_VOCAB_SIZE, build_sd_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from lowmcgm.errors import UserError
-from lowmcgm.models import build_tiny_base
-from lowmcgm.sdxl_conditioning import sdxl_time_ids
-from lowmcgm.text_conditioning import encode_sdxl_text
+from lowmcgm.models.sdxl_conditioning import sdxl_time_ids
+from lowmcgm.models.text_conditioning import encode_sdxl_text
+from lowmcgm.models.tiny import build_tiny_base
 
 
 @pytest.fixture(scope="module")

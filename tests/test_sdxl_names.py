@@ -11,10 +11,10 @@ from torch import nn
 
 from lowmcgm.errors import UserError
 from lowmcgm.interop.formats import TE_TARGET_NAMES, UNET_TARGET_NAMES
-from lowmcgm.interop.sdxl_names import (build_sgm_attention_blocks, kohya_sdxl_text_encoder_stem,
-                                        kohya_sdxl_unet_stem)
-from lowmcgm.model_configs import config_folder
-from lowmcgm.models import build_tiny_base, save_base_model
+from lowmcgm.interop.sdxl_names import build_sgm_attention_blocks, kohya_sdxl_text_encoder_stem, kohya_sdxl_unet_stem
+from lowmcgm.models.configs import config_folder
+from lowmcgm.models.folder import save_base_model
+from lowmcgm.models.tiny import build_tiny_base
 
 
 def _target_paths(model: nn.Module, names: tuple[str, ...]) -> list[str]:

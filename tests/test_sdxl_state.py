@@ -9,8 +9,8 @@ from lowmcgm.artifact import load_artifact, read_header, save_artifact
 from lowmcgm.config import TrainConfig
 from lowmcgm.errors import UserError
 from lowmcgm.mcgm import MCGMState
-from lowmcgm.models import build_tiny_base
-from lowmcgm.text_conditioning import encode_sdxl_text
+from lowmcgm.models.text_conditioning import encode_sdxl_text
+from lowmcgm.models.tiny import build_tiny_base
 
 HANDLES = ["<asset0>", "<asset1>"]
 PROMPT = "a photo of <asset0> and <asset1>"

@@ -17,10 +17,10 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from lowmcgm.errors import UserError
-from lowmcgm.model_configs import config_folder
-from lowmcgm.models import load_base_model
-from lowmcgm.single_file import SD1_TEXT_KEY, SD2_TEXT_KEY, UNET_KEY, detect_family
-from lowmcgm.tokenizer import CLIP_VOCAB_SIZE
+from lowmcgm.models.configs import config_folder
+from lowmcgm.models.loading import load_base_model
+from lowmcgm.models.single_file import SD1_TEXT_KEY, SD2_TEXT_KEY, UNET_KEY, detect_family
+from lowmcgm.models.tokenizer import CLIP_VOCAB_SIZE
 
 
 def _fake(path, *keys):

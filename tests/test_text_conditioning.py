@@ -6,9 +6,9 @@ import pytest
 import torch
 from conftest import pooled_written_out
 
-from lowmcgm.models import build_tiny_base
-from lowmcgm.text_conditioning import (TextStates, encode_prompt_ids, encode_sdxl_text, tokenize_prompts,
-                                       unet_added_kwargs)
+from lowmcgm.models.text_conditioning import (TextStates, encode_prompt_ids, encode_sdxl_text, tokenize_prompts,
+                                              unet_added_kwargs)
+from lowmcgm.models.tiny import build_tiny_base
 
 PROMPTS = ["a photo of a dog", "a cat on the grass"]
 

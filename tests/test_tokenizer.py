@@ -15,9 +15,9 @@ import pytest
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from lowmcgm.handles import add_handle_tokens
-from lowmcgm.models import TINY_WORDS
-from lowmcgm.tokenizer import (BOS_TOKEN, CLIP_VOCAB_SIZE, EOS_TOKEN, build_clip_tokenizer, build_sd_tokenizer,
-                               load_clip_bpe)
+from lowmcgm.models.tiny import TINY_WORDS
+from lowmcgm.models.tokenizer import (BOS_TOKEN, CLIP_VOCAB_SIZE, EOS_TOKEN, build_clip_tokenizer, build_sd_tokenizer,
+                                      load_clip_bpe)
 
 
 def test_every_word_is_one_token_even_when_words_share_pieces(tmp_path):

@@ -20,7 +20,7 @@ import torch
 
 import lowmcgm.toy.bundled as toy
 from lowmcgm.errors import UserError
-from lowmcgm.models import load_base_model
+from lowmcgm.models.loading import load_base_model
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_BUNDLED_BYTES = 30 * 2**20  # issue 7: the shipped weights stay under 30 MB

@@ -14,7 +14,7 @@ from test_toy_bundled import bundled_toy, toy_model_folder  # noqa: F401 (fixtur
 import lowmcgm.toy.demo as demo
 import lowmcgm.toy.bundled as toy
 from lowmcgm.cli import EXIT_USER_ERROR, main
-from lowmcgm.prompts import load_prompts_file
+from lowmcgm.sampling.prompts import load_prompts_file
 from lowmcgm.toy.scenes import HELDOUT_COMBOS, render_scene, scene_combos
 
 # The test trains and samples for a moment, not the preset's minutes.

@@ -13,21 +13,10 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from lowmcgm.tokenizer import build_clip_tokenizer
+from lowmcgm.models.tokenizer import build_clip_tokenizer
 from lowmcgm.toy import metrics
-from lowmcgm.toy.scenes import (
-    BACKDROPS,
-    BACKGROUNDS,
-    FAR_SHADE,
-    HELDOUT_COMBOS,
-    PALETTES,
-    VOCABULARY,
-    Scene,
-    caption,
-    render_scene,
-    sample_scene,
-    scene_combos,
-)
+from lowmcgm.toy.scenes import (BACKDROPS, BACKGROUNDS, FAR_SHADE, HELDOUT_COMBOS, PALETTES, VOCABULARY, Scene, caption,
+                                render_scene, sample_scene, scene_combos)
 from lowmcgm.toy.silhouettes import KINDS, POSES, Subject, render_pose_mask, sample_offsets
 
 REPO = Path(__file__).resolve().parents[1]

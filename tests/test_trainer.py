@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 from lowmcgm.artifact import load_artifact, read_header
 from lowmcgm.config import Config, apply_overrides, resolve_config
 from lowmcgm.errors import UserError
-from lowmcgm.models import build_tiny_base
-from lowmcgm.resume import CHECKPOINT_NAME
-from lowmcgm.trainer import train
+from lowmcgm.models.tiny import build_tiny_base
+from lowmcgm.training.checkpoints import CHECKPOINT_NAME
+from lowmcgm.training.trainer import train
 
 
 def _cfg(photo, out, **overrides):
@@ -106,10 +106,13 @@ def _stop_at(phase, step):
     return hook
 
 
-@pytest.mark.parametrize("phase,step", [(1, 4), (2, 3)])
-def test_interrupt_and_resume_gives_the_same_artifact(photo, tmp_path, phase, step):
-    straight = load_file(train(_cfg(photo, tmp_path / "a")))
-    cfg = _cfg(photo, tmp_path / "b")
+# The third: phase 2 with frozen handles encodes its prompts once, from the trained handles; a
+# resume cached them before the checkpoint's handles were loaded (found in the redesign, issue 25).
+@pytest.mark.parametrize("phase,step,overrides", [(1, 4, {}), (2, 3, {}), (2, 3, {"train.phase2_handle_lr": 0.0})],
+                         ids=["phase1", "phase2", "phase2-text-cached"])
+def test_interrupt_and_resume_gives_the_same_artifact(photo, tmp_path, phase, step, overrides):
+    straight = load_file(train(_cfg(photo, tmp_path / "a", **overrides)))
+    cfg = _cfg(photo, tmp_path / "b", **overrides)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, on_progress=_stop_at(phase, step))
     assert (tmp_path / "b" / CHECKPOINT_NAME).is_file()
@@ -130,8 +133,8 @@ def test_resume_refuses_other_settings(photo, tmp_path):
 
 
 def test_8bit_adamw_failing_its_test_step_trains_with_torch_adamw(photo, tmp_path, monkeypatch):
-    import lowmcgm.trainer as trainer_mod
-    from lowmcgm import optimizer
+    import lowmcgm.training.trainer as trainer_mod
+    from lowmcgm.training import optimizer
 
     monkeypatch.setattr(trainer_mod, "training_device", lambda: torch.device("cuda"))  # the probe is replaced
     monkeypatch.setattr(optimizer, "probe_adamw8bit", lambda device: "RuntimeError: CUDA Setup failed")
@@ -151,7 +154,7 @@ def test_the_fallback_line_is_said_by_the_main_process_only(monkeypatch, main_pr
     """Under ``accelerate launch`` (here: CUDA and a PartialState stood in), one process says it."""
     import accelerate
 
-    import lowmcgm.trainer as trainer_mod
+    import lowmcgm.training.trainer as trainer_mod
 
     class State:
         is_main_process = main_process
@@ -164,7 +167,7 @@ def test_the_fallback_line_is_said_by_the_main_process_only(monkeypatch, main_pr
 
 
 def test_resume_refuses_the_state_of_the_other_optimizer(photo, tmp_path, monkeypatch):
-    import lowmcgm.trainer as trainer_mod
+    import lowmcgm.training.trainer as trainer_mod
 
     # Torch AdamW writes the checkpoint.
     cfg = _cfg(photo, tmp_path / "b", **{"train.optimizer": "adamw"})
@@ -195,13 +198,13 @@ def test_default_config_is_valid():
 
 
 def test_text_encoder_leaves_when_phase2_trains_nothing_in_it(photo, tmp_path, monkeypatch):
-    import lowmcgm.trainer as trainer_mod
+    from lowmcgm.training import phases
 
     events = []
     cfg = _cfg(photo, tmp_path / "cached", **{"train.phase2_handle_lr": 0.0})
     cached = load_file(train(cfg, on_progress=events.append))
     assert any("text encoder moved off the GPU" in e.get("text", "") for e in events)
-    monkeypatch.setattr(trainer_mod, "text_encoder_is_frozen", lambda cfg, phase: False)
+    monkeypatch.setattr(phases, "text_encoder_is_frozen", lambda cfg, phase: False)
     plain = load_file(train(apply_overrides(cfg, {"output.out": str(tmp_path / "plain")}, "t")))
     for key in plain:
         torch.testing.assert_close(cached[key], plain[key], rtol=1e-4, atol=1e-6)

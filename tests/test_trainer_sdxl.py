@@ -15,8 +15,8 @@ from lowmcgm.artifact import load_artifact
 from lowmcgm.cli import main
 from lowmcgm.config import apply_overrides, resolve_config
 from lowmcgm.errors import UserError
-from lowmcgm.models import build_tiny_base
-from lowmcgm.trainer import train
+from lowmcgm.models.tiny import build_tiny_base
+from lowmcgm.training.trainer import train
 
 
 def _cfg(image, masks, out, **overrides):
@@ -76,7 +76,7 @@ def test_the_unet_sees_the_pooled_embedding_and_the_photos_size_and_crop(wide_ph
 
 
 def test_text_cache_on_sdxl_gives_the_same_artifact(photo, tmp_path, monkeypatch):
-    import lowmcgm.trainer as trainer_mod
+    from lowmcgm.training import phases
 
     image, a, b = photo
     events = []
@@ -84,7 +84,7 @@ def test_text_cache_on_sdxl_gives_the_same_artifact(photo, tmp_path, monkeypatch
     base = build_tiny_base("tiny-xl")
     cached = load_file(train(cfg, on_progress=events.append, base=base))
     assert any("text encoder moved off the GPU" in e.get("text", "") for e in events)
-    monkeypatch.setattr(trainer_mod, "text_encoder_is_frozen", lambda cfg, phase: False)
+    monkeypatch.setattr(phases, "text_encoder_is_frozen", lambda cfg, phase: False)
     plain = load_file(train(apply_overrides(cfg, {"output.out": str(tmp_path / "plain")}, "t")))
     assert "handles.vectors_2" in plain
     for key in plain:  # the cache encodes all prompts in one batch: float noise of 1e-6 remains

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from conftest import make_photo, make_tiny_artifact
 
+from lowmcgm.console.progress import EventLog, read_events
 from lowmcgm.data import load_mask
 from lowmcgm.errors import UserError
-from lowmcgm.progress import EventLog, read_events
 from lowmcgm.toy.scenes import save_mask
 from lowmcgm.ui.editor import blank_sheet, editor_value, overlay, painted_mask
 from lowmcgm.ui.jobs import JobSlot, TrainingJob, last_error

@@ -32,7 +32,7 @@ from lowmcgm.config import SampleSettings, resolve_config
 from lowmcgm.memory import trace as mt
 from lowmcgm.memory.estimate import build_job, config_words
 from lowmcgm.memory.peers import KOHYA_DOC_FLAGS, check_kohya_checkout
-from lowmcgm.sampler import resolve_guidance
+from lowmcgm.sampling.sampler import resolve_guidance
 
 GFLOP = 1e9
 NO_MCGM_LOSSES = {"loss.use_attention_loss": False, "loss.use_mask_tokens": False}

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lowmcgm.adapters import StoredInFp8, quantize_fp8  # noqa: E402
 from lowmcgm.memory.session import build_from_config  # noqa: E402
-from lowmcgm.model_configs import SHIPPED_CONFIGS  # noqa: E402
+from lowmcgm.models.configs import SHIPPED_CONFIGS  # noqa: E402
 
 # Layer types by name (diffusers' UNet2DConditionModel), first match wins; the order is the table's.
 LAYER_TYPES = (

@@ -213,10 +213,10 @@ def train_and_sample(photo: BenchPhoto, training: str, conditions: list[Conditio
     """
     from lowmcgm.artifact import load_artifact
     from lowmcgm.config import SampleSettings, config_from_dict, resolve_config
-    from lowmcgm.models import load_base_model
-    from lowmcgm.prompts import PromptSpec, no_mask_reason, plan_prompts
-    from lowmcgm.sampler import build_sampler
-    from lowmcgm.trainer import train
+    from lowmcgm.models.loading import load_base_model
+    from lowmcgm.sampling.prompts import PromptSpec, no_mask_reason, plan_prompts
+    from lowmcgm.sampling.sampler import build_sampler
+    from lowmcgm.training.trainer import train
 
     overrides = {
         "model.base_model": args.model, "data.image": files["photo"], "data.masks": files["masks"],
@@ -397,7 +397,7 @@ def _composite(photo_kinds: list[str], masks: list[np.ndarray]) -> Image.Image:
 def render_figure(records: list[dict], out_dir: Path, max_rows: int,
                   conditions: list[Condition] | None = None) -> Image.Image:
     """Rows of source photo, target masks, then seed 0 of each condition (default: all)."""
-    from lowmcgm.previews import SheetRow, render_contact_sheet
+    from lowmcgm.sampling.previews import SheetRow, render_contact_sheet
 
     rows = []
     for rec in records:
@@ -462,7 +462,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _model_info(model: str):
-    from lowmcgm.models import TOY_NAME
+    from lowmcgm.models.base import TOY_NAME
     from lowmcgm.toy.bundled import read_toy_info, require_toy_model
 
     return read_toy_info(require_toy_model() if model == TOY_NAME else Path(model))

@@ -29,9 +29,9 @@ EXAMPLE = ROOT / "examples" / "dogcat"
 def build(preset: str, attention_loss: bool, out: Path):
     from lowmcgm.config import resolve_config
     from lowmcgm.handles import default_handles
-    from lowmcgm.models import build_tiny_base
-    from lowmcgm.optimizer import choose_optimizer
-    from lowmcgm.trainer import build_setup, training_device
+    from lowmcgm.models.tiny import build_tiny_base
+    from lowmcgm.training.optimizer import choose_optimizer
+    from lowmcgm.training.trainer import build_setup, training_device
 
     cfg = resolve_config(preset, None, {
         "model.base_model": "tiny", "data.image": str(EXAMPLE / "photo.png"),
@@ -45,12 +45,10 @@ def build(preset: str, attention_loss: bool, out: Path):
 
 
 def time_phase(setups: dict, phase: int, steps: int, warmup: int) -> dict[str, list[float]]:
-    from lowmcgm.trainer import add_phase2_adapters, new_state, train_step
+    from lowmcgm.training.phases import enter_phase
+    from lowmcgm.training.trainer import train_step
 
-    if phase == 2:
-        for setup in setups.values():
-            add_phase2_adapters(setup)
-    states = {name: new_state(setup, phase) for name, setup in setups.items()}
+    states = {name: enter_phase(setup, phase) for name, setup in setups.items()}
     times: dict[str, list[float]] = {name: [] for name in setups}
     for i in range(warmup + steps):
         for name, setup in setups.items():  # interleaved: A, B, A, B, ...

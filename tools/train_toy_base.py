@@ -68,7 +68,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lowmcgm.tokenizer import build_clip_tokenizer  # noqa: E402
+from lowmcgm.models.tokenizer import build_clip_tokenizer  # noqa: E402
 from lowmcgm.toy.scenes import (  # noqa: E402
     HELDOUT_COMBOS,
     VOCABULARY,

@@ -42,15 +42,15 @@ import torch
 
 from lowmcgm import __version__
 from lowmcgm.artifact import Artifact, atomic_save, load_artifact, stale_pooling_warning
-from lowmcgm.dtypes import DTYPE_NAMES, torch_dtype
 from lowmcgm.errors import UserError
-from lowmcgm.write_guard import (check_new_files, check_not_inputs, check_writable_folder, finish_temporary,
-                                 replacing)
 from lowmcgm.interop.formats import (A1111_EMBEDDING_KEY, BUNDLE_PREFIX, DIFFUSERS_EMBEDS_NAME, DIFFUSERS_LORA_NAME,
                                      KOHYA_TE_PREFIX, KOHYA_UNET_PREFIX, SDXL_CLIP_G_KEY, SDXL_CLIP_L_KEY, peft_modules,
                                      strip_text_model)
 from lowmcgm.interop.sdxl_names import (build_sgm_attention_blocks, collect_attention_blocks,
                                         kohya_sdxl_text_encoder_stem, kohya_sdxl_unet_stem)
+from lowmcgm.models.dtypes import DTYPE_NAMES, torch_dtype
+from lowmcgm.runs.write_guard import (check_new_files, check_not_inputs, check_writable_folder, finish_temporary,
+                                      replacing)
 
 FORMATS = ("kohya", "embeddings", "diffusers")
 # kohya's ss_base_model_version -> (ss_v2, modelspec.architecture, modelspec.implementation,
@@ -64,7 +64,7 @@ _VERSIONS = {
     "sd_v2_v": (True, "stable-diffusion-v2-768-v/lora", _IMPL_DIFFUSERS, "v"),
     "sdxl_base_v1-0": (False, "stable-diffusion-xl-v1-base/lora", _IMPL_STABILITY_AI, "epsilon"),
 }
-# The UNet layout of every SDXL model lowmcgm loads (base and fine-tunes alike), shipped in model_configs.
+# The UNet layout of every SDXL model lowmcgm loads (base and fine-tunes alike), shipped in models/configs.
 _SDXL_CONFIG = "sdxl-base"
 MASK_ENCODER_NOTE = ("Not exported: the mask encoder, which has no counterpart in A1111, ComfyUI or diffusers; "
                      "pose control by masks is lost, the subjects are kept and answer to their handles in "
@@ -203,12 +203,12 @@ def _sdxl_unet_config(artifact: Artifact, paths: list[str]) -> dict[str, Any]:
 
     The artifact names its base model but does not carry its UNet config. Every SDXL model lowmcgm
     loads (base or fine-tune; folder, hub id or single file) has SDXL base's UNet layout, shipped
-    in ``model_configs``; the tiny test model is rebuilt from its name. A layout is taken only when
+    in ``models/configs``; the tiny test model is rebuilt from its name. A layout is taken only when
     its transformer blocks are exactly those the LoRA covers (lowmcgm's targets sit in every
     transformer block), so a UNet laid out otherwise is refused rather than named wrongly.
     """
-    from lowmcgm.model_configs import config_folder
-    from lowmcgm.models import TINY_NAMES, build_tiny_base
+    from lowmcgm.models.configs import config_folder
+    from lowmcgm.models.tiny import TINY_NAMES, build_tiny_base
 
     base_model = str(artifact.meta.get("base_model", ""))
     layouts = [json.loads((config_folder(_SDXL_CONFIG) / "unet" / "config.json").read_text())]

@@ -167,8 +167,9 @@ def resolve_model(spec: str) -> str:
     Raises:
         UserError: anything else (single files, hub ids: pass the matching shipped name).
     """
-    from lowmcgm.model_configs import SHIPPED_CONFIGS
-    from lowmcgm.models import TINY_NAMES, TOY_NAME
+    from lowmcgm.models.base import TOY_NAME
+    from lowmcgm.models.configs import SHIPPED_CONFIGS
+    from lowmcgm.models.tiny import TINY_NAMES
 
     folder = SHIPPED_CONFIGS.get(spec) or Path(spec).expanduser()
     if spec in SHIPPED_CONFIGS or spec in TINY_NAMES:
@@ -198,7 +199,7 @@ def card_of_preset(preset: str | None) -> float | None:
 def family_of_model(spec: str) -> str:
     """``sdxl`` for an SDXL ``--base-model`` (tiny-xl, sdxl-base, a folder with a second text
     encoder), else ``sd``: which card presets apply (``sdxl-8gb`` or ``8gb``)."""
-    from lowmcgm.model_configs import SHIPPED_CONFIGS
+    from lowmcgm.models.configs import SHIPPED_CONFIGS
 
     folder = SHIPPED_CONFIGS.get(spec) or Path(spec).expanduser()
     return "sdxl" if spec == "tiny-xl" or (folder / "text_encoder_2").is_dir() else "sd"
@@ -209,9 +210,9 @@ def family_of_preset(name: str) -> str:
 
 
 def check_family_settings(cfg: Config, spec: str) -> None:
-    """Refuse to estimate what training would refuse on an SDXL model (``model_fit.sdxl_problems``):
+    """Refuse to estimate what training would refuse on an SDXL model (``models.fit.sdxl_problems``):
     a figure for settings that cannot run says nothing."""
-    from lowmcgm.model_fit import sdxl_problems
+    from lowmcgm.models.fit import sdxl_problems
 
     problems = sdxl_problems(cfg) if family_of_model(spec) == "sdxl" else []
     if problems:

@@ -301,7 +301,8 @@ def count_job(config: dict[str, Any], model: str, attention: str = "sdpa", num_c
     """
     from lowmcgm.memory import trace as mt
     from lowmcgm.memory.training_trace import build_traced_setup
-    from lowmcgm.trainer import add_phase2_adapters, new_state, train_step
+    from lowmcgm.training.phases import enter_phase
+    from lowmcgm.training.trainer import train_step
 
     s = mt.session()
     cfg, setup, notes = build_traced_setup(config, model, attention, num_concepts)
@@ -309,9 +310,7 @@ def count_job(config: dict[str, Any], model: str, attention: str = "sdpa", num_c
     for phase in (1, 2):
         if (cfg.train.phase1_steps if phase == 1 else cfg.train.phase2_steps) == 0:
             continue
-        if phase == 2:
-            add_phase2_adapters(setup)
-        state = new_state(setup, phase, generator=state.generator if state else None)
+        state = enter_phase(setup, phase, generator=state.generator if state else None)
         with FlopCount(s.device.type) as count:
             train_step(setup, state)
         params = [p for group in state.optimizer.param_groups for p in group["params"]]

@@ -251,8 +251,8 @@ def kohya_step(kohya: str, rank: int = 8, resolution: int = 512, steps: int = ST
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel
 
-    from lowmcgm.model_configs import SHIPPED_CONFIGS
-    from lowmcgm.tokenizer import build_sd_tokenizer
+    from lowmcgm.models.configs import SHIPPED_CONFIGS
+    from lowmcgm.models.tokenizer import build_sd_tokenizer
 
     s = mt.session()
     mods = _import_kohya(kohya)

@@ -48,9 +48,9 @@ def sampling_step(model: str, resolution: int, mode: str, dtype: str, fp8_unet: 
 
     from lowmcgm.adapters import store_in_fp8
     from lowmcgm.attention_capture import CrossAttentionStore, install_capture, loss_layer_names
-    from lowmcgm.dtypes import torch_dtype
-    from lowmcgm.model_configs import SHIPPED_CONFIGS
-    from lowmcgm.pose_guidance import DEFAULT_STRENGTH, LatentGuidance, PoseGuide, guided_attention
+    from lowmcgm.models.configs import SHIPPED_CONFIGS
+    from lowmcgm.models.dtypes import torch_dtype
+    from lowmcgm.sampling.pose_guidance import DEFAULT_STRENGTH, LatentGuidance, PoseGuide, guided_attention
 
     s = mt.session()
     s.set_item_value(1)

@@ -87,9 +87,9 @@ def build_traced_setup(config: dict[str, Any], model: str, attention: str = "sdp
         The configuration as traced, the trainer's ``Setup`` and notes on what the trace changed.
     """
     from lowmcgm.handles import default_handles
-    from lowmcgm.models import TINY_WORDS
-    from lowmcgm.optimizer import ADAMW
-    from lowmcgm.trainer import prepare_setup, resolved_notes
+    from lowmcgm.models.tiny import TINY_WORDS
+    from lowmcgm.training.optimizer import ADAMW
+    from lowmcgm.training.trainer import prepare_setup, resolved_notes
 
     s = mt.session()
     _let_fake_checks_pass(s)
@@ -123,7 +123,7 @@ def build_traced_setup(config: dict[str, Any], model: str, attention: str = "sdp
 
 
 def _trace_phases(s: mt.TraceSession, cfg: Config, setup: Any, baseline: int) -> list[dict[str, Any]]:
-    from lowmcgm.trainer import add_phase2_adapters, new_state
+    from lowmcgm.training.phases import enter_phase
 
     phases, state, setup_peak = [], None, s.counter.peak - baseline
     for phase in (1, 2):
@@ -131,11 +131,9 @@ def _trace_phases(s: mt.TraceSession, cfg: Config, setup: Any, baseline: int) ->
             continue
         if phase == 2:
             s.reset_peak()
-        # As train(): adapters arrive for phase 2, whose state is built while the phase-1 one is
-        # still referenced.
-        if phase == 2:
-            add_phase2_adapters(setup)
-        new = new_state(setup, phase, generator=state.generator if state else None)
+        # As train(): phase 2's state (its adapters, its optimizer) is built while the phase-1 one
+        # is still referenced.
+        new = enter_phase(setup, phase, generator=state.generator if state else None)
         state = new
         del new
         gc.collect()
@@ -159,9 +157,10 @@ def _build_base(model: str, s: mt.TraceSession) -> Any:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from lowmcgm.model_configs import SHIPPED_CONFIGS
-    from lowmcgm.models import TINY_NAMES, TINY_WORDS, BaseModel, build_tiny_base
-    from lowmcgm.tokenizer import build_clip_tokenizer
+    from lowmcgm.models.base import BaseModel
+    from lowmcgm.models.configs import SHIPPED_CONFIGS
+    from lowmcgm.models.tiny import TINY_NAMES, TINY_WORDS, build_tiny_base
+    from lowmcgm.models.tokenizer import build_clip_tokenizer
 
     if model in TINY_NAMES:
         return build_tiny_base(model)
@@ -300,7 +299,7 @@ class _StepProbe(TorchDispatchMode):
 def _trace_steps(s: mt.TraceSession, setup: Any, state: Any, baseline: int) -> dict[str, Any]:
     """Run the trainer's ``train_step`` :data:`STEPS_PER_PHASE` times under a probe; return the
     phase's peak and its parts (bytes, relative to ``baseline``)."""
-    from lowmcgm.trainer import train_step
+    from lowmcgm.training.trainer import train_step
 
     optimizer = state.optimizer
     params = [p for group in optimizer.param_groups for p in group["params"]]

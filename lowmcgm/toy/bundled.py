@@ -7,7 +7,7 @@ small, with ``toyworld.json`` beside it: the image size, training steps, held-ou
 once ``tools/eval_toy_base.py --record`` has measured it, the gate figures and whether the model
 passed its gate (issue 7: background and kind right >= 90%, VAE PSNR >= 30 dB).
 
-This module owns that folder and that file; ``models.load_base_model("toy")`` comes here, and the
+This module owns that folder and that file; ``models.loading.load_base_model("toy")`` comes here; the
 folder is read like any other diffusers folder.
 
 Example::
@@ -18,14 +18,14 @@ Example::
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lowmcgm.errors import UserError
-from lowmcgm.models import TOY_NAME, BaseModel, load_base_model
+from lowmcgm.models.base import TOY_NAME, BaseModel
+from lowmcgm.models.folder import check_folder_layout, load_folder
 
 INFO_FILE = "toyworld.json"
 # tools/train_toy_base.py's default (ToyConfig.image_size_px), for a toyworld.json that omits it.
@@ -143,7 +143,8 @@ def load_toy_base() -> BaseModel:
         UserError: the weights are not bundled in this install.
     """
     folder = require_toy_model()
-    base = dataclasses.replace(load_base_model(str(folder)), name=TOY_NAME)
+    check_folder_layout(folder)
+    base = load_folder(folder, TOY_NAME)
     for module in (base.text_encoder, base.vae, base.unet):
         module.float()  # not .to(): diffusers warns about every .to() cast of a loaded model
     return base

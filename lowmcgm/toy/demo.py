@@ -28,12 +28,13 @@ from typing import Any
 from PIL import Image
 
 from lowmcgm.config import Config, config_field, field_flag, resolve_config
-from lowmcgm.models import TINY_NAMES, TOY_NAME
-from lowmcgm.previews import save_png
+from lowmcgm.models.base import TOY_NAME
+from lowmcgm.models.tiny import TINY_NAMES
+from lowmcgm.runs.write_guard import write_text_whole
+from lowmcgm.sampling.previews import save_png
 from lowmcgm.toy.bundled import read_toy_info, require_toy_model
 from lowmcgm.toy.scenes import Scene, handle_prompt, render_scene, save_mask
 from lowmcgm.toy.silhouettes import Subject, render_pose_mask
-from lowmcgm.write_guard import write_text_whole
 
 DEMO_PRESET = "toy-cpu"
 DEFAULT_SIZE_PX = 256  # bases without a toyworld.json: a sharp render, resized by the trainer

@@ -24,19 +24,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 from PIL import Image, ImageDraw
 
-from lowmcgm.toy.silhouettes import (
-    FAR_ROLE_OFFSET,
-    KINDS,
-    POSES,
-    ROLE_ACCENT,
-    ROLE_MAIN,
-    ROLE_SECOND,
-    Subject,
-    render_role_map,
-    sample_offsets,
-    subject_bbox,
-)
-from lowmcgm.write_guard import replacing
+from lowmcgm.runs.write_guard import replacing
+from lowmcgm.toy.silhouettes import (FAR_ROLE_OFFSET, KINDS, POSES, ROLE_ACCENT, ROLE_MAIN, ROLE_SECOND, Subject,
+                                     render_role_map, sample_offsets, subject_bbox)
 
 Colour = tuple[int, int, int]
 

@@ -21,15 +21,15 @@ from typing import Any, Iterable
 import numpy as np
 
 from lowmcgm.config import config_field
+from lowmcgm.console.terminal import escape_controls
 from lowmcgm.data import build_prompt
 from lowmcgm.errors import UserError
 from lowmcgm.interop.export import FORMATS, MASK_ENCODER_NOTE
-from lowmcgm.output import remove_empty_folders
-from lowmcgm.terminal import escape_controls
+from lowmcgm.runs.output import remove_empty_folders
 from lowmcgm.toy.scenes import save_mask
 from lowmcgm.ui import require_gradio
-from lowmcgm.ui.editor import (BLANK_SIDE, SUBJECT_COLOURS, blank_sheet, editor_value, fit_mask, overlay,
-                               painted_mask, pose_on_canvas, sheet_with)
+from lowmcgm.ui.editor import (BLANK_SIDE, SUBJECT_COLOURS, blank_sheet, editor_value, fit_mask, overlay, painted_mask,
+                               pose_on_canvas, sheet_with)
 from lowmcgm.ui.jobs import JobSlot
 from lowmcgm.ui.poses import pose_mask, pose_names
 from lowmcgm.ui.workspace import (ARTIFACT_NAME, EVENTS_FILE, Subject, TrainRequest, default_run_name, list_runs,
@@ -87,7 +87,7 @@ class PageState:
 
     def base_model_of(self, artifact: Any, chosen: str) -> str:
         """The base model to sample ``artifact`` on: ``chosen``, else the one it was trained on, if offered."""
-        from lowmcgm.sampler import recorded_base_model
+        from lowmcgm.sampling.sampler import recorded_base_model
 
         if chosen:
             return self.check_base_model(chosen)
@@ -106,7 +106,7 @@ class PageState:
         (``sampler.build_sampler``), and the whole weights of a ``full``-mode artifact
         (``MCGMState.remove``): such an artifact keeps a base of its own.
         """
-        from lowmcgm.sampler import load_base_for, trained_with_fp8
+        from lowmcgm.sampling.sampler import load_base_for, trained_with_fp8
 
         name = self.base_model_of(artifact, chosen)
         full = (artifact.meta.get("lora") or {}).get("mode") == "full"
@@ -331,7 +331,7 @@ def poll_key(state: PageState) -> tuple:
 
 def poll_training(state: PageState):
     """The job's line, newest preview and attention picture, and the loss curve so far."""
-    from lowmcgm.previews import render_loss_curve
+    from lowmcgm.sampling.previews import render_loss_curve
 
     job = state.jobs.job
     if job is None:
@@ -448,8 +448,8 @@ def sample(state: PageState, run_name, prompt, base_model, num_images, seed, ste
     """
     from lowmcgm.artifact import load_artifact
     from lowmcgm.config import SampleSettings
-    from lowmcgm.prompts import PromptSpec, handles_in_text, normalize_handle
-    from lowmcgm.sampler import sample_artifact
+    from lowmcgm.sampling.prompts import PromptSpec, handles_in_text, normalize_handle
+    from lowmcgm.sampling.sampler import sample_artifact
 
     try:
         artifact_path = run_artifact(state, run_name)
@@ -765,7 +765,7 @@ def launch(root: Path, host: str = "127.0.0.1", port: int = 7860, base_models: t
     """
     import os
 
-    from lowmcgm.models import locate_base_model
+    from lowmcgm.models.loading import locate_base_model
 
     if not base_models:
         raise UserError("No base model to offer: pass --base-model.")

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from lowmcgm.console.progress import read_events
 from lowmcgm.errors import UserError
-from lowmcgm.progress import read_events
-from lowmcgm.run_folder import CHECKPOINT_NAME
-from lowmcgm.signals import route_stop_signals
+from lowmcgm.runs.folder import CHECKPOINT_NAME
+from lowmcgm.runs.signals import route_stop_signals
 from lowmcgm.ui.workspace import EARLIER_EVENTS_FILE, EVENTS_FILE, LOG_FILE
 
 # A stop waits this long for the step in progress and the checkpoint before it kills the child.

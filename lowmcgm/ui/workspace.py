@@ -25,7 +25,7 @@ import numpy as np
 from lowmcgm.config import Config, resolve_config
 from lowmcgm.data import mask_overlap
 from lowmcgm.errors import UserError
-from lowmcgm.run_folder import CHECKPOINT_NAME
+from lowmcgm.runs.folder import CHECKPOINT_NAME
 from lowmcgm.toy.scenes import save_mask  # the one mask writer (white on black, 8-bit)
 
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -186,7 +186,7 @@ def prepare_run(root: Path, request: TrainRequest) -> list[str]:
     """
     from lowmcgm.data import load_image
     from lowmcgm.handles import check_handle_names
-    from lowmcgm.trainer import check_inputs
+    from lowmcgm.training.trainer import check_inputs
 
     if not request.subjects:
         raise UserError("No subjects: paint (or upload) one mask per subject.")

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 from lowmcgm.errors import UserError
-from lowmcgm.write_guard import check_writable_folder, same_file
+from lowmcgm.runs.write_guard import check_writable_folder, same_file
 
 try:
     import fcntl

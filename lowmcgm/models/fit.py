@@ -13,7 +13,7 @@ from torch import nn
 
 from lowmcgm.config import Config
 from lowmcgm.errors import UserError
-from lowmcgm.models import BaseModel
+from lowmcgm.models.base import BaseModel
 
 # SD 1.x/2.x UNets are trained at one size and still draw at twice it (SD 1.5 at 1024 px, SD 2.1-768
 # at 1536), past which they tile and repeat subjects. Smaller sizes down to one UNet step work (tests

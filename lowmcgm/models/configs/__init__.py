@@ -4,7 +4,7 @@ Each folder holds ``model_index.json`` and the ``config.json`` of ``unet``, ``va
 ``text_encoder``, ``scheduler/scheduler_config.json`` and the tokenizer's ``tokenizer_config.json``
 and ``special_tokens_map.json``. There is no weight file: the configs are enough to build the
 architectures on the meta device (memory estimates). The tokenizer vocabulary is not here either:
-``tokenizer.build_sd_tokenizer`` builds it from ``lowmcgm/vocab`` with these tokenizer configs.
+``tokenizer.build_sd_tokenizer`` builds it from ``lowmcgm/models/vocab`` with these tokenizer configs.
 
 - ``sd15``: runwayml/stable-diffusion-v1-5 (CLIP ViT-L/14 text encoder, epsilon, 512 px).
 - ``sd21-base``: stabilityai/stable-diffusion-2-1-base (OpenCLIP ViT-H text, epsilon, 512 px).

@@ -10,17 +10,14 @@ and prior-preservation samples. It starts from the photo's latents, encoded once
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
 from lowmcgm.data import (apply_affine, build_encoder_masks, build_prompt, draw_affine, sample_concepts,
                           sample_num_concepts, solid_background)
-from lowmcgm.models import BaseModel
-from lowmcgm.text_conditioning import PromptIds, tokenize_prompts
-
-if TYPE_CHECKING:
-    from lowmcgm.trainer import Setup
+from lowmcgm.models.base import BaseModel
+from lowmcgm.models.text_conditioning import PromptIds, tokenize_prompts
+from lowmcgm.training.state import Setup
 
 
 @dataclass
@@ -112,4 +109,3 @@ def encode_photo(base: BaseModel, image: torch.Tensor, device: torch.device,
     vae = base.vae
     dist = vae.encode(images.to(device, next(vae.parameters()).dtype)).latent_dist
     return dist.mean.float().cpu(), dist.std.float().cpu()
-

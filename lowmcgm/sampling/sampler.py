@@ -37,24 +37,25 @@ from lowmcgm.artifact import Artifact, file_sha256, load_artifact, stale_pooling
 from lowmcgm.attention_capture import (CapturingCrossAttnProcessor, CrossAttentionStore, install_capture,
                                        loss_layer_names, remove_capture)
 from lowmcgm.config import SampleSettings, field_flag, sample_problems
-from lowmcgm.dtypes import torch_dtype
 from lowmcgm.errors import UserError
 from lowmcgm.mask_encoder import MaskEncoder, append_mask_tokens, zero_mask_tokens
 from lowmcgm.mcgm import MCGMState
-from lowmcgm.model_fit import check_sample_size
-from lowmcgm.models import BaseModel, load_base_model
-from lowmcgm.output import check_output_dir
-from lowmcgm.pose_guidance import DEFAULT_STRENGTH, LatentGuidance, PoseGuide, guided_attention, guided_columns
-from lowmcgm.previews import (SheetRow, mask_to_image, render_attention_picture, render_contact_sheet, save_json,
-                              save_png)
-from lowmcgm.prompts import (PlannedPrompt, PromptSpec, check_plans_fit, check_pose_crops, fit_pose_masks,
-                             handles_in_text, no_mask_reason, plan_prompts)
-from lowmcgm.text_conditioning import encode_prompts
-from lowmcgm.run_folder import SAMPLE_FILES, check_sample_folder, clear_earlier_samples, earlier_samples
-from lowmcgm.write_guard import check_not_inputs
+from lowmcgm.models.base import BaseModel
+from lowmcgm.models.dtypes import torch_dtype
+from lowmcgm.models.fit import check_sample_size
+from lowmcgm.models.loading import load_base_model
+from lowmcgm.models.text_conditioning import encode_prompts
+from lowmcgm.runs.folder import SAMPLE_FILES, check_sample_folder, clear_earlier_samples, earlier_samples
+from lowmcgm.runs.output import check_output_dir
+from lowmcgm.runs.write_guard import check_not_inputs
+from lowmcgm.sampling.pose_guidance import DEFAULT_STRENGTH, LatentGuidance, PoseGuide, guided_attention, guided_columns
+from lowmcgm.sampling.previews import (SheetRow, mask_to_image, render_attention_picture, render_contact_sheet,
+                                       save_json, save_png)
+from lowmcgm.sampling.prompts import (PlannedPrompt, PromptSpec, check_plans_fit, check_pose_crops, fit_pose_masks,
+                                      handles_in_text, no_mask_reason, plan_prompts)
 
 if TYPE_CHECKING:
-    from lowmcgm.trainer import Setup, TrainState
+    from lowmcgm.training.state import Setup, TrainState
 
 ProgressFn = Callable[[dict[str, Any]], None]
 # One entry per choice of sample.scheduler (config.SampleSettings declares the names).

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from lowmcgm.attention_capture import CapturingCrossAttnProcessor, compute_map_grid
 
+
 @dataclass
 class PoseGuide:
     """The guided key columns, their masks, and how strongly to guide at the current step.

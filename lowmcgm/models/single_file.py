@@ -1,7 +1,7 @@
 """Single-file SD checkpoints (``model.safetensors`` as A1111/ComfyUI users keep them).
 
-The architecture is read from the configs shipped in ``lowmcgm/model_configs`` and the tokenizer is
-built from the CLIP vocabulary shipped in ``lowmcgm/vocab`` (``tokenizer.build_sd_tokenizer``), so
+The architecture is read from the configs shipped in ``lowmcgm/models/configs`` and the tokenizer is
+built from the CLIP vocabulary shipped in ``lowmcgm/models/vocab`` (``tokenizer.build_sd_tokenizer``), so
 the file needs nothing else: no download, no hub cache. A ``tokenizer/`` folder beside the file,
 when there is one, is used instead (a model whose vocabulary was changed).
 """
@@ -45,7 +45,7 @@ def detect_family(path: Path) -> str:
 def _load_tokenizer(path: Path, config_name: str):
     from transformers import CLIPTokenizer
 
-    from lowmcgm.tokenizer import build_sd_tokenizer
+    from lowmcgm.models.tokenizer import build_sd_tokenizer
 
     beside = path.parent / "tokenizer"
     if not beside.is_dir():
@@ -73,8 +73,8 @@ def load_single_file(path: Path, config_name: str = "auto"):
     """
     from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from lowmcgm.model_configs import config_folder
-    from lowmcgm.models import BaseModel
+    from lowmcgm.models.base import BaseModel
+    from lowmcgm.models.configs import config_folder
 
     family = detect_family(path)
     name = config_name if config_name != "auto" else AUTO_CONFIG[family]
@@ -85,7 +85,7 @@ def load_single_file(path: Path, config_name: str = "auto"):
     tokenizer = _load_tokenizer(path, name)
     try:
         if family == "sdxl":
-            from lowmcgm.tokenizer import build_sd_tokenizer
+            from lowmcgm.models.tokenizer import build_sd_tokenizer
 
             pipe = StableDiffusionXLPipeline.from_single_file(
                 str(path), config=str(folder), tokenizer=tokenizer, tokenizer_2=build_sd_tokenizer(name, "tokenizer_2"),

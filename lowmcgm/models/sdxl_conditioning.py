@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from lowmcgm.errors import UserError
-from lowmcgm.models import SDXL_TIME_IDS, BaseModel
+from lowmcgm.models.base import SDXL_TIME_IDS, BaseModel
 
 
 def sdxl_time_ids(base: BaseModel, original_hw: tuple[int, int], crop_top_left: tuple[int, int],

@@ -10,11 +10,9 @@ step draws is ``batches.py``'s.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -22,78 +20,36 @@ import torch
 from accelerate import Accelerator
 
 from lowmcgm import config as config_mod
-from lowmcgm.accelerator import AcceleratorLike
 from lowmcgm.adapters import cast_frozen, store_in_fp8
 from lowmcgm.artifact import save_artifact
 from lowmcgm.attention_capture import (CrossAttentionStore, describe_loss_layers, install_capture, loss_layer_names,
                                        remove_capture)
-from lowmcgm.batches import Batch, build_batch, encode_photo
 from lowmcgm.config import Config
 from lowmcgm.data import ConceptImage, build_prompt, load_concept_image, resize_masks
-from lowmcgm.dtypes import precision_dtype
 from lowmcgm.errors import UserError
 from lowmcgm.handles import check_handle_names, handle_positions
 from lowmcgm.losses import LossParts, compute_attention_loss, compute_masked_diffusion_loss, compute_total_loss
 from lowmcgm.mask_encoder import append_mask_tokens, compute_token_rms, zero_mask_tokens
 from lowmcgm.mcgm import MCGMState
-from lowmcgm.model_fit import check_settings_fit
-from lowmcgm.models import BaseModel, load_base_model
-from lowmcgm.optimizer import ADAMW, choose_optimizer, optimizer_class
-from lowmcgm.output import check_output_dir, write_effective_config
-from lowmcgm.resume import (check_finite, check_resume, check_resume_base, nan_message, resume_state,
-                            save_train_checkpoint)
-from lowmcgm.run_folder import RUN_FOLDERS, check_run_folder, clear_earlier_run, run_files
-from lowmcgm.run_identity import input_fingerprints
-from lowmcgm.sdxl_conditioning import sdxl_time_ids
-from lowmcgm.signals import Interrupted, route_stop_signals, signal_name
-from lowmcgm.text_conditioning import (PromptIds, TextStates, encode_prompt_ids, tokenize_prompts,
-                                       unet_added_kwargs)
-from lowmcgm.write_guard import check_not_inputs, write_text_whole
-
-ProgressFn = Callable[[dict[str, Any]], None]
-PreviewFn = Callable[["Setup", "TrainState"], None]
-
-
-@dataclass
-class Setup:
-    """Everything built once per run: models, data, capture, accelerator."""
-
-    cfg: Config
-    base: BaseModel
-    concept: ConceptImage
-    mcgm: MCGMState  # handles, mask encoder and (from phase 2) adapters: what trains
-    store: CrossAttentionStore | None  # None when loss.use_attention_loss is off (no capture)
-    accelerator: AcceleratorLike  # accelerate's Accelerator, or the estimator's stand-in
-    latent_mean: torch.Tensor  # (2, C, h, w): the photo and its mirror image, encoded once
-    latent_std: torch.Tensor
-    prior_latents: torch.Tensor | None  # (M, C, h, w) class images, or None
-    report: ProgressFn
-    said: set[str] = field(default_factory=set)
-    on_preview: PreviewFn | None = None
-    capture: dict | None = None  # the processors capture replaced (to put back at the end)
-    stop_requested: int = 0  # the stop signal received (SIGINT, SIGTERM, SIGHUP); the loop stops before its next step
-    # Text-encoder outputs by token ids, when the text encoder has nothing left to train.
-    text_cache: dict[tuple[int, ...], TextStates] | None = None
-    # SDXL's six size numbers of the photo's crop (sdxl_conditioning.sdxl_time_ids); None for SD 1.x/2.x.
-    time_ids: torch.Tensor | None = None
-    inputs: dict[str, Any] = field(default_factory=dict)  # run_identity.input_fingerprints, kept in checkpoints
-    # The AdamW this run trains with: train.optimizer, unless 8-bit failed its test step (optimizer.py).
-    optimizer_name: str = ADAMW
-
-    @property
-    def device(self) -> torch.device:
-        return self.accelerator.device
-
-
-@dataclass
-class TrainState:
-    """What a resume restores. What is not here cannot come back."""
-
-    phase: int
-    step: int  # steps done in this phase
-    optimizer: torch.optim.Optimizer
-    generator: torch.Generator
-    history: list[dict[str, float]] = field(default_factory=list)
+from lowmcgm.models.base import BaseModel
+from lowmcgm.models.dtypes import precision_dtype
+from lowmcgm.models.fit import check_settings_fit
+from lowmcgm.models.loading import load_base_model
+from lowmcgm.models.sdxl_conditioning import sdxl_time_ids
+from lowmcgm.models.text_conditioning import (PromptIds, TextStates, encode_prompt_ids, tokenize_prompts,
+                                              unet_added_kwargs)
+from lowmcgm.runs.folder import RUN_FOLDERS, check_run_folder, clear_earlier_run, run_files
+from lowmcgm.runs.identity import input_fingerprints
+from lowmcgm.runs.output import check_output_dir, write_effective_config
+from lowmcgm.runs.signals import Interrupted, route_stop_signals, signal_name
+from lowmcgm.runs.write_guard import check_not_inputs, write_text_whole
+from lowmcgm.training.accelerator import AcceleratorLike
+from lowmcgm.training.batches import Batch, build_batch, encode_photo
+from lowmcgm.training.checkpoints import (check_finite, check_resume, check_resume_base, nan_message, resume_state,
+                                          save_train_checkpoint)
+from lowmcgm.training.optimizer import choose_optimizer
+from lowmcgm.training.phases import enter_phase
+from lowmcgm.training.state import PreviewFn, ProgressFn, Setup, TrainState
 
 
 def train(cfg: Config, on_progress: ProgressFn | None = None, resume: bool = False,
@@ -108,7 +64,7 @@ def train(cfg: Config, on_progress: ProgressFn | None = None, resume: bool = Fal
         on_preview: called with the live setup and state before training and every
             ``output.preview_every`` steps (``lowmcgm run`` samples previews with it). It must leave
             the models as it found them (train mode, capture store cleared).
-        overwrite: replace another run found in the output folder (refused otherwise, see ``run_folder``).
+        overwrite: replace another run found in the output folder (refused otherwise, see ``runs.folder``).
     """
     report = on_progress or (lambda event: None)
     out, handle_names, warnings = check_inputs(cfg, resume, overwrite)
@@ -134,7 +90,7 @@ def train(cfg: Config, on_progress: ProgressFn | None = None, resume: bool = Fal
     write_effective_config(cfg, out, resolved_notes(cfg, base))
     setup = build_setup(cfg, base, handle_names, report, optimizer_name)
     setup.inputs = inputs
-    state = resume_state(setup, out) if resume else new_state(setup, phase=1)
+    state = resume_state(setup, out) if resume else enter_phase(setup, 1)
     setup.on_preview = on_preview
     if on_preview is not None and not resume:
         on_preview(setup, state)
@@ -142,10 +98,8 @@ def train(cfg: Config, on_progress: ProgressFn | None = None, resume: bool = Fal
         with _stop_between_steps(setup):
             if state.phase == 1:
                 run_phase(setup, state, report, out)
-                # LoRA arrives only now: phase 1 fits the handles and mask encoder to the unchanged
-                # model first, as Break-a-scene does (a resume inside phase 2 added it already).
-                add_phase2_adapters(setup)
-                state = new_state(setup, phase=2, generator=state.generator, history=state.history)
+                # LoRA arrives only now (a resume inside phase 2 added it already).
+                state = enter_phase(setup, 2, generator=state.generator, history=state.history)
             run_phase(setup, state, report, out)
     except _StopNow:
         report({"kind": "message", "level": "warning", "text": "Stopped mid-step: no checkpoint written; "
@@ -258,7 +212,7 @@ def build_setup(cfg: Config, base: BaseModel, handle_names: list[str], report: P
     concept, _ = load_concept_image(cfg.data.image, list(cfg.data.masks), cfg.model.resolution or base.resolution)
 
     def load_prior(device: torch.device) -> torch.Tensor:
-        from lowmcgm.prior import load_prior_latents
+        from lowmcgm.training.prior import load_prior_latents
 
         return load_prior_latents(cfg, base, Path(cfg.output.out), device, report)
 
@@ -351,74 +305,12 @@ def measure_handle_rms(base: BaseModel, mcgm: MCGMState, device: torch.device) -
     return compute_token_rms(states.gather(1, where[..., None].expand(-1, -1, states.shape[-1])))
 
 
-def new_state(setup: Setup, phase: int, generator: torch.Generator | None = None,
-              history: list | None = None) -> TrainState:
-    """A fresh optimizer for ``phase`` (phase 2's adapters must have been added)."""
-    if phase == 2:
-        maybe_offload_text_encoder(setup)
-    if generator is None:
-        generator = torch.Generator().manual_seed(setup.cfg.train.seed + setup.accelerator.process_index)
-    optimizer = build_optimizer(setup, phase)
-    return TrainState(phase, 0, optimizer, generator, history or [])
-
-
-def add_phase2_adapters(setup: Setup) -> None:
-    """Phase 2's trainables on the base (LoRA, or every weight in ``full`` mode), optionally
-    started from ``lora.init_lora``; nothing when phase 2 has no steps."""
-    cfg = setup.cfg
-    if not cfg.train.phase2_steps:
-        return
-    setup.mcgm.add_adapters(setup.base, cfg.lora, setup.device)
-    if cfg.lora.init_lora:
-        from lowmcgm.interop.lora_import import load_init_lora
-
-        load_init_lora(setup, Path(cfg.lora.init_lora))
-
-
-def text_encoder_is_frozen(cfg: Config, phase: int) -> bool:
-    """Phase 2 with frozen handles and no text-encoder adapter: the text encoder only computes."""
-    return (phase == 2 and cfg.train.phase2_handle_lr == 0 and not cfg.lora.use_text_encoder_lora
-            and cfg.lora.phase2_mode == "lora")
-
-
-@torch.no_grad()
-def maybe_offload_text_encoder(setup: Setup) -> None:
-    """Encode every prompt training can draw once, then move the text encoder off the GPU.
-
-    Union sampling draws ordered subsets of the N handles: sum over k of N!/(N-k)! prompts (64 for
-    N = 4), a few MB of outputs against the text encoder's 0.25-0.7 GB.
-    """
-    if not text_encoder_is_frozen(setup.cfg, 2) or setup.text_cache is not None:
-        return
-    n = setup.concept.num_concepts
-    prompts = [build_prompt([setup.mcgm.handle_names[i] for i in order])
-               for k in range(1, n + 1) for order in itertools.permutations(range(n), k)]
-    if setup.cfg.train.use_prior_preservation:
-        prompts.append(setup.cfg.train.class_prompt)
-    ids = tokenize_prompts(setup.base, prompts)
-    states = encode_prompt_ids(setup.base, ids, setup.device).split()
-    setup.text_cache = {ids.key(row): state for row, state in enumerate(states)}
-    for encoder in (setup.base.text_encoder, setup.base.text_encoder_2):
-        if encoder is not None:
-            encoder.to("cpu")
-    _say_once(setup, f"Phase 2 trains nothing in the text encoder: {len(prompts)} prompts encoded once, "
-                     "text encoder moved off the GPU.")
-
-
 def encode_text(setup: Setup, ids: PromptIds) -> TextStates:
     """(B, 77) token ids -> (B, 77, d) text-encoder states, and SDXL's pooled ones (from the cache
     when there is one)."""
     if setup.text_cache is None:
         return encode_prompt_ids(setup.base, ids, setup.device)
     return TextStates.stack([setup.text_cache[ids.key(row)] for row in range(len(ids))])
-
-
-def build_optimizer(setup: Setup, phase: int) -> torch.optim.Optimizer:
-    t = setup.cfg.train
-    groups = setup.mcgm.parameter_groups(phase, t)
-    kwargs = dict(betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.adam_weight_decay, eps=t.adam_epsilon)
-    optimizer_cls = optimizer_class(setup.optimizer_name)  # chosen (8-bit tested) by choose_optimizer
-    return setup.accelerator.prepare_optimizer(optimizer_cls(groups, **kwargs))
 
 
 def run_phase(setup: Setup, state: TrainState, report: ProgressFn, out: Path) -> None:
@@ -567,12 +459,6 @@ def _say_on_main_process(report: ProgressFn) -> Callable[[str], None]:
         if not PartialState().is_main_process:
             return lambda text: None
     return _say_info(report)
-
-
-def _say_once(setup: Setup, text: str) -> None:
-    if text not in setup.said and setup.accelerator.is_main_process:
-        setup.said.add(text)
-        setup.report({"kind": "message", "level": "info", "text": text})
 
 
 def _average_gradients(acc: AcceleratorLike, params: list[torch.nn.Parameter]) -> None:

@@ -11,9 +11,9 @@ from typing import Any, Callable, Iterable, TextIO
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from lowmcgm.console.terminal import escape_controls
 from lowmcgm.errors import UserError
-from lowmcgm.terminal import escape_controls
-from lowmcgm.write_guard import check_not_inputs, check_writable_folder, inside_folder, same_file, writing
+from lowmcgm.runs.write_guard import check_not_inputs, check_writable_folder, inside_folder, same_file, writing
 
 
 def _fmt_bytes(n: int) -> str:

@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 
 from lowmcgm.config import Config
-from lowmcgm.data import resize_crop, load_image
-from lowmcgm.models import BaseModel
-from lowmcgm.previews import save_png
+from lowmcgm.data import load_image, resize_crop
+from lowmcgm.models.base import BaseModel
+from lowmcgm.sampling.previews import save_png
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 

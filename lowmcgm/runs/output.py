@@ -8,7 +8,7 @@ from pathlib import Path
 
 from lowmcgm.config import Config, apply_overrides, load_toml, to_toml
 from lowmcgm.errors import UserError
-from lowmcgm.write_guard import check_writable_folder, write_text_whole
+from lowmcgm.runs.write_guard import check_writable_folder, write_text_whole
 
 # An SD LoRA artifact plus checkpoints is tens of MB; refuse to start with less free.
 MIN_FREE_BYTES = 200 * 2**20

@@ -1,9 +1,9 @@
 """CLIP byte-level BPE tokenizers: Stable Diffusion's own, and a small one for the tiny models.
 
 ``build_sd_tokenizer`` builds the SD 1.x (CLIP ViT-L/14) and SD 2.x (OpenCLIP ViT-H/14) tokenizer
-from CLIP's BPE vocabulary, shipped in ``lowmcgm/vocab`` (see the LICENSE there), with the special
+from CLIP's BPE vocabulary, shipped in ``lowmcgm/models/vocab`` (see the LICENSE there), with the special
 tokens, pad token and length of the family's hub ``tokenizer_config.json`` (shipped in
-``lowmcgm/model_configs``): a single-file checkpoint needs no tokenizer folder and no hub cache.
+``lowmcgm/models/configs``): a single-file checkpoint needs no tokenizer folder and no hub cache.
 ``build_clip_tokenizer`` makes a small tokenizer from a word list for the tiny and toy models.
 Both follow CLIP's layout (byte symbols, the same with ``</w>``, merges, two specials) and are the
 real ``CLIPTokenizer`` class, which loads, saves and reloads them; the BPE itself is transformers'.
@@ -123,7 +123,7 @@ def build_sd_tokenizer(config_name: str, subfolder: str = "tokenizer") -> CLIPTo
     Returns:
         A ``CLIPTokenizer`` with CLIP's 49,408 entries.
     """
-    from lowmcgm.model_configs import config_folder
+    from lowmcgm.models.configs import config_folder
 
     config = json.loads((config_folder(config_name) / subfolder / "tokenizer_config.json").read_text())
     # The hub config writes special tokens either as strings or as AddedToken dicts.

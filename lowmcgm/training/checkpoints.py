@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -18,13 +18,12 @@ from lowmcgm import config as config_mod
 from lowmcgm.artifact import load_checkpoint, read_header, save_checkpoint
 from lowmcgm.config import Config
 from lowmcgm.errors import UserError
-from lowmcgm.optimizer import ADAMW, OPTIMIZER_TITLES, optimizer_of_state
-from lowmcgm.run_folder import CHECKPOINT_NAME
-from lowmcgm.run_identity import check_same_base, describe, input_fingerprints, resume_differences
-from lowmcgm.write_guard import remove_stale_temporaries
-
-if TYPE_CHECKING:
-    from lowmcgm.trainer import Setup, TrainState
+from lowmcgm.runs.folder import CHECKPOINT_NAME
+from lowmcgm.runs.identity import check_same_base, describe, input_fingerprints, resume_differences
+from lowmcgm.runs.write_guard import remove_stale_temporaries
+from lowmcgm.training.optimizer import ADAMW, OPTIMIZER_TITLES, optimizer_of_state
+from lowmcgm.training.phases import enter_phase
+from lowmcgm.training.state import Setup, TrainState
 
 
 # What may change on --resume besides paths: step counts (to extend a run), the checkpoint interval,
@@ -54,8 +53,6 @@ def save_train_checkpoint(setup: Setup, state: TrainState, out: Path) -> Path:
 
 def resume_state(setup: Setup, out: Path) -> TrainState:
     """Rebuild the TrainState from the last checkpoint (weights, optimizer, generator, history)."""
-    from lowmcgm.trainer import TrainState, add_phase2_adapters, build_optimizer, maybe_offload_text_encoder
-
     path = check_resume(setup.cfg, out)
     for folder in (out, path.parent):  # half-written files of the run that was killed
         remove_stale_temporaries(folder)
@@ -63,16 +60,13 @@ def resume_state(setup: Setup, out: Path) -> TrainState:
     phase, step = info["phase"], info["step"]
     if phase == 1 and step >= setup.cfg.train.phase1_steps:
         phase, step = 2, 0
-    if phase == 2:
-        add_phase2_adapters(setup)
-        maybe_offload_text_encoder(setup)
-    setup.mcgm.load_state_dict(setup.base, weights)
     generator = torch.Generator()
     generator.set_state(torch.tensor(info["generator"], dtype=torch.uint8))
     loads_optimizer = step > 0 or info["phase"] == phase  # else the next phase starts with a fresh one
     if loads_optimizer:
         check_same_optimizer(info.get("optimizer") or optimizer_of_state(optimizer_state), setup.optimizer_name, path)
-    state = TrainState(phase, step, build_optimizer(setup, phase), generator, info["history"])
+    state = enter_phase(setup, phase, generator, info["history"], weights)
+    state.step = step
     if loads_optimizer:
         rates = [group["lr"] for group in state.optimizer.param_groups]
         state.optimizer.load_state_dict(optimizer_state)

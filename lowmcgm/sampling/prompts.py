@@ -30,11 +30,11 @@ from lowmcgm.data import build_prompt, check_center_crop_keeps, load_mask
 from lowmcgm.errors import UserError
 from lowmcgm.handles import HANDLE_PATTERN
 from lowmcgm.limits import read_text_file
-from lowmcgm.prompt_length import check_handles_fit
+from lowmcgm.models.prompt_length import check_handles_fit
 
 if TYPE_CHECKING:
     from lowmcgm.artifact import Artifact
-    from lowmcgm.models import BaseModel
+    from lowmcgm.models.base import BaseModel
 
 ProgressFn = Callable[[dict[str, Any]], None]
 ALL_HANDLES = "all"  # --pose all=FILE: one mask for every handle of the prompt (the paper's fig. 6)

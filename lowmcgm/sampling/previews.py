@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
 from lowmcgm.errors import UserError
-from lowmcgm.write_guard import replacing, write_text_whole
+from lowmcgm.runs.write_guard import replacing, write_text_whole
 
 BACKGROUND = (255, 255, 255)
 INK = (20, 20, 20)

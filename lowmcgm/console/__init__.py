@@ -1,0 +1,2 @@
+"""What the terminal shows: progress events as a rich display or plain lines, and text made safe
+for a terminal."""
