@@ -14,7 +14,8 @@ from lowmcgm.training.accelerator import ACCELERATOR_MEMBERS, AcceleratorLike
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lowmcgm"
 # Modules that receive the trainer's accelerator (Setup.accelerator), and the names they give it.
-USERS = ("trainer.py", "resume.py", "sampler.py", "prior.py", "interop/lora_import.py")
+USERS = ("training/trainer.py", "training/phases.py", "training/state.py", "training/checkpoints.py",
+         "sampling/sampler.py", "training/prior.py", "interop/lora_import.py")
 CALL = re.compile(r"\b(?:setup\.accelerator|self\.accelerator|accelerator|acc)\.([A-Za-z_]+)")
 
 

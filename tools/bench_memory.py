@@ -1,7 +1,7 @@
 """Peak GPU memory of training SD 1.5 at 512 px: the reference setting, every preset, and ablations
 of the 8gb preset, in one table, with the ratio of each to the reference.
 
-Every figure is ``lowmcgm.estimate``'s: the trainer's own setup and two training steps per phase,
+Every figure is ``lowmcgm.memory.estimate``'s: the trainer's own setup and two training steps per phase,
 traced on fake CUDA tensors on the full-size architecture (no GPU, no weights). With ``--measure`` on
 a machine with a CUDA GPU and a CUDA build of torch, the same configurations also run for real with
 random full-size weights and the measured ``max_memory_allocated`` / ``max_memory_reserved`` fill

@@ -198,8 +198,9 @@ class FlopCount:
         import torch.nn.functional as F
         from diffusers import AutoencoderKL
 
-        from lowmcgm import attention_capture, trainer
+        from lowmcgm import attention_capture
         from lowmcgm.attention_capture import CrossAttentionStore
+        from lowmcgm.training import trainer
 
         self._patch(attention_capture, "compute_selected_probs",
                     self.tagged(attention_capture.compute_selected_probs, CAPTURE))
