@@ -42,8 +42,15 @@ def canvas_point(page, elem: str, size: tuple[int, int], x: float, y: float) -> 
     return cx + (x - size[0] / 2) * zoom, cy + (y - size[1] / 2) * zoom
 
 
+def bring_into_view(page, elem: str) -> None:
+    """Scroll the whole canvas into the viewport: a stroke below its edge reaches no element, so
+    ``tools/ui_screenshots.py`` painted only the rows of its masks that were in view (issue 24)."""
+    page.locator(f"#{elem}").scroll_into_view_if_needed()
+
+
 def paint_rect(page, elem: str, size: tuple[int, int], rect: tuple[int, int, int, int], step: int = 3) -> None:
     """Paint a rectangle (x0, y0, x1, y1 in image pixels) with horizontal brush strokes."""
+    bring_into_view(page, elem)
     page.locator(f"#{elem} button[aria-label='Brush']").click()
     x0, y0, x1, y1 = rect
     for y in range(y0, y1 + 1, step):
@@ -79,6 +86,7 @@ def paint_mask(page, elem: str, mask, step: int = 2) -> None:
     """Paint a bool mask (image pixels) as brush strokes along its rows' runs, every ``step`` rows."""
     import numpy as np
 
+    bring_into_view(page, elem)
     page.locator(f"#{elem} button[aria-label='Brush']").click()
     size = (mask.shape[1], mask.shape[0])
     for y in range(0, mask.shape[0], step):
