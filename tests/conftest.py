@@ -32,6 +32,16 @@ def pytest_cmdline_main(config):
         config.option.numprocesses = TEST_WORKERS
 
 
+# Started first: the workers take tests in collection order, and the browser's whole-flow test (10-15
+# minutes on 2 cores, alphabetically near the end) started last was the suite's tail, running on
+# one worker after the other had run out of tests (a 36-minute suite here; that test took 882 s).
+START_FIRST = ("tests/test_ui_browser.py::test_paint_train_pose_sample_and_export",)
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.nodeid not in START_FIRST)  # stable: the rest keep their order
+
+
 def make_photo(folder, size=96):
     """A green scene with an orange and a blue block; returns (photo, mask_a, mask_b) paths."""
     img = np.zeros((size, size, 3), np.uint8)
