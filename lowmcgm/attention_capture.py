@@ -26,7 +26,8 @@ from lowmcgm.errors import UserError
 
 
 class CrossAttentionStore:
-    """Per forward pass: the selected keys' probabilities, averaged over heads, per layer.
+    """Per forward pass: the selected keys' probabilities, per layer, averaged over heads unless
+    ``keep_heads``.
 
     Example:
         >>> store.begin(key_index)            # (B, S) key positions to expose
@@ -35,10 +36,13 @@ class CrossAttentionStore:
         >>> maps = store.mean_maps((H, W))     # (B, S, h, w), h/w as H/W
     """
 
-    def __init__(self) -> None:
+    def __init__(self, keep_heads: bool = False) -> None:
         self.key_index: torch.Tensor | None = None
         self.recording = False
         self.maps: dict[str, torch.Tensor] = {}
+        # Training averages the heads at once, to keep less; latent pose guidance's energy squares
+        # each head's share before averaging (layout-guidance), so it keeps them.
+        self.keep_heads = keep_heads
 
     def begin(self, key_index: torch.Tensor) -> None:
         self.key_index = key_index
@@ -58,7 +62,7 @@ class CrossAttentionStore:
             return
         if layer in self.maps:
             raise RuntimeError(f"layer {layer} captured twice in one forward pass")
-        self.maps[layer] = probs.mean(1)  # (B, N, S): heads averaged now, to keep less
+        self.maps[layer] = probs if self.keep_heads else probs.mean(1)  # (B, H, N, S) or (B, N, S)
 
     def mean_maps(self, size: tuple[int, int] | None = None) -> torch.Tensor:
         """Average over layers (and heads) -> (B, S, h, w).
@@ -69,9 +73,22 @@ class CrossAttentionStore:
         """
         if not self.maps:
             raise RuntimeError("no attention maps captured: was the UNet called between begin() and end()?")
-        mean = torch.stack(list(self.maps.values())).mean(0)  # (B, N, S)
+        maps = [m.mean(1) for m in self.maps.values()] if self.keep_heads else list(self.maps.values())
+        mean = torch.stack(maps).mean(0)  # (B, N, S)
         rows, cols = compute_map_grid(mean.shape[1], size)
         return mean.transpose(1, 2).reshape(mean.shape[0], mean.shape[2], rows, cols)
+
+    def head_maps(self, size: tuple[int, int] | None = None) -> list[torch.Tensor]:
+        """Per layer, every head's maps: (B, H, S, h, w) (a store made with ``keep_heads``)."""
+        if not self.keep_heads:
+            raise RuntimeError("this store averaged the heads: make it with keep_heads=True")
+        if not self.maps:
+            raise RuntimeError("no attention maps captured: was the UNet called between begin() and end()?")
+        out = []
+        for probs in self.maps.values():  # (B, H, N, S)
+            rows, cols = compute_map_grid(probs.shape[2], size)
+            out.append(probs.transpose(2, 3).reshape(*probs.shape[:2], probs.shape[3], rows, cols))
+        return out
 
 
 def compute_map_grid(num_queries: int, size: tuple[int, int] | None = None) -> tuple[int, int]:
@@ -109,7 +126,7 @@ def compute_selected_probs(query: torch.Tensor, key: torch.Tensor, key_index: to
 
     Args:
         query: (B, H, N, D). key: (B, H, L, D). key_index: (B, S) long.
-        bias: (B, 1, N, L) added to the logits (pose guidance), or None.
+        bias: (B, 1 or H, N, L) added to the logits (pose guidance), or None.
 
     Returns:
         (B, H, N, S) float32 probabilities.
@@ -168,7 +185,7 @@ class CapturingCrossAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        bias = self.guide.bias(batch, query.shape[2], key.shape[2], query) if self.guide is not None else None
+        bias = self.guide.bias(query, key, attn.scale) if self.guide is not None else None
         if self.store is not None and self.store.key_index is not None:
             self.store.record(self.layer, compute_selected_probs(query, key, self.store.key_index, attn.scale, bias))
         if bias is not None:

@@ -233,10 +233,37 @@ class SampleSettings:
                   "biases its logits (almost free), latent steps the latent along an attention energy (a UNet "
                   "backward per guided step); none turns it off", choices=("none", "attention", "latent"),
         flag="--guidance")
-    # 0 stands for pose_guidance.DEFAULT_STRENGTH[mode] (sampler.resolve_guidance writes it out).
-    pose_guidance_strength: float = _f(0.0, "pose guidance strength; 0 takes the mode's default",
+    # 0 stands for pose_guidance.DEFAULT_STRENGTH of the mode's rule (sampler.resolve_guidance writes it out).
+    pose_guidance_strength: float = _f(0.0, "pose guidance strength; 0 takes the default of the mode's rule",
                                        flag="--guidance-strength", at_least=0, at_most=MAX_POSE_GUIDANCE_STRENGTH)
-    pose_guidance_steps: int = _f(0, "denoising steps guided, fading out; 0: the first half", flag="--guidance-steps")
+    pose_guidance_steps: int = _f(0, "denoising steps guided; 0: the first half", flag="--guidance-steps")
+    # How each mode guides (pose_guidance.py): the published methods' rules, and lowmcgm's first
+    # ones, kept where the pose benchmark measured them against each other (docs/benchmarks.md).
+    pose_guidance_step: str = _f(
+        "normalized", "latent guidance's step: noise-scaled (Chen et al. 2023: the energy per layer, head and "
+                      "subject, a gradient step of strength x the noise level, none once a subject sits in its "
+                      "mask) or normalized (a step of strength hundredths of the latent's RMS, fading out)",
+        choices=("noise-scaled", "normalized"), flag="--guidance-step")
+    pose_guidance_layers: str = _f(
+        "loss", "cross-attention layers latent guidance reads: loss (the level the attention loss reads, down and "
+                "up blocks) or mid-up (the mid block and the up blocks of that level, as layout-guidance)",
+        choices=("loss", "mid-up"), flag="--guidance-layers")
+    pose_guidance_iterations: int = _f(1, "latent guidance: gradient steps per guided denoising step, while the "
+                                          "energy is above --guidance-threshold", flag="--guidance-iterations",
+                                       bounds=(1, 20))
+    pose_guidance_threshold: float = _f(0.0, "latent guidance: an image whose energy is at or below this is not "
+                                             "moved (0: always moved)", flag="--guidance-threshold", bounds=(0, 1))
+    pose_guidance_separation: float = _f(0.0, "latent guidance (noise-scaled): weight of the term that keeps each "
+                                              "subject's attention out of the other subjects' masks",
+                                         flag="--guidance-separation", bounds=(0, 100))
+    pose_guidance_area_normalized: bool = _f(False, "latent guidance (noise-scaled): each subject's energy measured "
+                                                    "from what attention spread evenly would score, so a large mask "
+                                                    "does not decide the step", flag="--guidance-area-normalized")
+    pose_guidance_bias: str = _f(
+        "fixed", "attention guidance's logit change: dense (DenseDiffusion: toward the query's largest logit "
+                 "inside the mask and its smallest outside, scaled by the mask's area, fading with the noise "
+                 "level) or fixed (+strength inside, -strength outside, fading out)",
+        choices=("dense", "fixed"), flag="--guidance-bias")
     use_vae_slicing: bool = _f(False, "decode a batch one image at a time (less memory)", flag="--vae-slicing")
     use_vae_tiling: bool = _f(False, "decode in tiles (large images, less memory)", flag="--vae-tiling")
     use_cpu_offload: bool = _f(False, "keep models on the CPU and move each to the GPU while it runs (4-6 GB "

@@ -38,7 +38,7 @@ MAX_LOSS_WEIGHT = 1e4
 MAX_GRAD_NORM = 1e4
 # Classifier-free guidance scale: A1111's slider ends at 30; past 100 every image saturates.
 MAX_GUIDANCE_SCALE = 100.0
-# Pose guidance strength: the modes' defaults are 3 and 10 (pose_guidance.DEFAULT_STRENGTH).
+# Pose guidance strength: the rules' defaults are 1 to 30 (pose_guidance.DEFAULT_STRENGTH).
 MAX_POSE_GUIDANCE_STRENGTH = 1000.0
 # estimate --card: the largest accelerator sold has 192 GB (MI300X); 1024 leaves room for what comes.
 MAX_CARD_GB = 1024

@@ -9,7 +9,10 @@ import pytest
 import torch
 from test_sampler import FAST, files, sampler  # noqa: F401 (fixtures)
 
+from diffusers import DDIMScheduler
+
 from lowmcgm.artifact import load_artifact
+from lowmcgm.config import SampleSettings
 from lowmcgm.models.tiny import build_tiny_base
 from lowmcgm.sampling.pose_guidance import PoseGuide, attention_energy, guided_columns
 from lowmcgm.sampling.prompts import PromptSpec, fit_pose_masks, plan_prompts
@@ -18,24 +21,55 @@ from lowmcgm.sampling.sampler import build_sampler
 SETTINGS = dataclasses.replace(FAST, steps=8, guidance_scale=3.0)
 
 
-def test_bias_is_plus_inside_minus_outside_on_the_conditional_rows_and_fades():
+def _query_key(batch: int, num_queries: int, num_keys: int, heads: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return (torch.randn(batch, heads, num_queries, 4, generator=gen),
+            torch.randn(batch, heads, num_keys, 4, generator=gen))
+
+
+def test_fixed_bias_is_plus_inside_minus_outside_on_the_conditional_rows_and_fades():
     masks = torch.zeros(1, 8, 8)
     masks[0, :4] = 1  # top half
-    guide = PoseGuide(columns=[5], masks=masks, strength=2.0, steps=4, uncond_rows=1)
-    bias = guide.bias(batch=2, num_queries=64, num_keys=10, like=torch.zeros(1))
+    guide = PoseGuide(columns=[5], masks=masks, strength=2.0, steps=4, uncond_rows=1, bias_rule="fixed")
+    bias = guide.bias(*_query_key(2, 64, 10), scale=0.5)
     assert bias.shape == (2, 1, 64, 10)
     assert torch.all(bias[0] == 0), "the unconditional row is never guided"
     column = bias[1, 0, :, 5].reshape(8, 8)
     assert torch.all(column[:4] == 2.0) and torch.all(column[4:] == -2.0)
     assert torch.all(bias[1, 0, :, [0, 1, 2, 3, 4, 6, 7, 8, 9]] == 0)
-    coarse = guide.bias(batch=2, num_queries=4, num_keys=10, like=torch.zeros(1))[1, 0, :, 5]
+    coarse = guide.bias(*_query_key(2, 4, 10), scale=0.5)[1, 0, :, 5]
     assert coarse.tolist() == [2.0, 2.0, -2.0, -2.0]  # averaged down to a 2x2 layer
     weights = []
     for step in range(6):
         guide.on_step_end(None, step - 1, None, {}) if step else None
         weights.append(guide.weight())
     assert weights == [2.0, 1.5, 1.0, 0.5, 0.0, 0.0]
-    assert guide.bias(2, 64, 10, torch.zeros(1)) is None
+    assert guide.bias(*_query_key(2, 64, 10), scale=0.5) is None
+
+
+def test_dense_bias_moves_logits_toward_the_extremes_by_area_and_noise_level():
+    """DenseDiffusion's rule: inside the mask a posed column's logit moves toward the query's
+    largest, every other logit toward its smallest, by strength x (1 - area) x (t/T)^5."""
+    masks = torch.zeros(1, 8, 8)
+    masks[0, :2] = 1  # a quarter of the image
+    guide = PoseGuide(columns=[5], masks=masks, strength=1.0, steps=4, uncond_rows=1, bias_rule="dense",
+                      fade=False)
+    query, key = _query_key(2, 64, 10)
+    logits = (query @ key.transpose(-1, -2)) * 0.5
+    bias = guide.bias(query, key, scale=0.5)
+    assert bias.shape == (2, 2, 64, 10) and torch.all(bias[0] == 0)
+    moved = logits[1] + bias[1]
+    inside, outside = 3, 40  # queries in row 0 and row 5 of the 8x8 map
+    rate_inside = 1.0 - 0.25  # the query lies in a mask of a quarter of the image
+    highest, lowest = logits[1, :, inside].amax(-1), logits[1, :, inside].amin(-1)
+    torch.testing.assert_close(moved[:, inside, 5], logits[1, :, inside, 5] + rate_inside * (highest - logits[1, :, inside, 5]))
+    torch.testing.assert_close(moved[:, inside, 0], logits[1, :, inside, 0] - rate_inside * (logits[1, :, inside, 0] - lowest))
+    # A background query (area 0): every logit, the posed column's too, goes all the way down.
+    torch.testing.assert_close(moved[:, outside], logits[1, :, outside].amin(-1, keepdim=True).expand(-1, 10))
+    # Half the noise: (1/2)^5 of the change; the share of attention on the column inside rises.
+    guide.noise_level = 0.5
+    torch.testing.assert_close(guide.bias(query, key, scale=0.5), bias / 32)
+    assert bool((moved[:, inside].softmax(-1)[:, 5] > logits[1, :, inside].softmax(-1)[:, 5]).all())
 
 
 def test_guided_columns_pair_handles_and_mask_tokens_and_skip_blank_poses():
@@ -43,11 +77,11 @@ def test_guided_columns_pair_handles_and_mask_tokens_and_skip_blank_poses():
     poses[0, 0] = 1
     poses[2, 3] = 1  # handle 1 has the blank pose
     text_ids = [49406, 10, 500, 11, 501, 12, 502, 49407] + [49407] * 69
-    columns, masks = guided_columns(text_ids, [500, 501, 502], poses, mask_token_start=77)
-    assert columns == [2, 77, 6, 79]
+    columns, masks, subjects = guided_columns(text_ids, [500, 501, 502], poses, mask_token_start=77)
+    assert columns == [2, 77, 6, 79] and subjects == [0, 0, 2, 2]
     assert torch.equal(masks, torch.stack([poses[0], poses[0], poses[2], poses[2]]))
-    columns, _ = guided_columns(text_ids, [500, 501, 502], poses, mask_token_start=None)
-    assert columns == [2, 6]
+    columns, _, subjects = guided_columns(text_ids, [500, 501, 502], poses, mask_token_start=None)
+    assert columns == [2, 6] and subjects == [0, 2]
 
 
 def test_energy_is_zero_inside_and_grows_outside():
@@ -61,12 +95,42 @@ def test_energy_is_zero_inside_and_grows_outside():
     assert 0 < attention_energy(torch.ones(1, 8, 8), masks) < 1
 
 
+def test_layout_energy_squares_each_head_then_averages_and_weighs_subjects_alike():
+    from lowmcgm.sampling.pose_guidance import layout_energy
+
+    masks = torch.zeros(3, 8, 8)
+    masks[:2, :, :4] = 1  # subject 0 (a handle and its mask token): the left half
+    masks[2, :, 4:] = 1  # subject 1: the right half
+    left, right = masks[0] / masks[0].sum(), masks[2] / masks[2].sum()
+    # Subject 0: head 0 inside, head 1 outside, on both columns; subject 1 inside on both heads.
+    maps = torch.stack([torch.stack([left, left, right]), torch.stack([right, right, right])])[None]  # (1, 2, 3, 8, 8)
+    energy = layout_energy([maps], masks, [0, 0, 1])
+    assert energy.shape == (1,) and float(energy) == pytest.approx((0.5 + 0.0) / 2)  # heads averaged after squaring
+    assert float(attention_energy(maps[0].mean(0), masks)) == pytest.approx(2 * 0.25)  # the maps averaged first
+    # Two layers: their mean.
+    assert float(layout_energy([maps, torch.flip(maps, [1])], masks, [0, 0, 1])) == pytest.approx(0.25)
+    # Separation: subject 0's head 1 sits wholly in subject 1's mask.
+    assert float(layout_energy([maps], masks, [0, 0, 1], separation=2.0)) == pytest.approx((0.5 + 2.0 * 0.5) / 2)
+
+
+def test_area_normalised_energy_scores_evenly_spread_attention_one_whatever_the_mask():
+    from lowmcgm.sampling.pose_guidance import layout_energy
+
+    even = torch.full((1, 1, 1, 8, 8), 1 / 64)
+    for rows in (1, 2, 6):
+        masks = torch.zeros(1, 8, 8)
+        masks[0, :rows] = 1
+        plain = float(layout_energy([even], masks, [0]))
+        assert plain == pytest.approx((1 - rows / 8) ** 2)  # a large mask scores well by spreading
+        assert float(layout_energy([even], masks, [0], area_normalized=True)) == pytest.approx(1.0)
+
+
 def test_masks_pool_to_a_non_square_layer_in_its_layout():
     """A 64x96 image: its latent / 4 layer (of the tiny model) has 16x24 queries, a coarser one 2x3."""
     masks = torch.zeros(1, 64, 96)
     masks[0, :, :32] = 1  # the left third
-    guide = PoseGuide(columns=[5], masks=masks, strength=2.0, steps=4)
-    column = guide.bias(batch=1, num_queries=16 * 24, num_keys=10, like=torch.zeros(1))[0, 0, :, 5].reshape(16, 24)
+    guide = PoseGuide(columns=[5], masks=masks, strength=2.0, steps=4, bias_rule="fixed")
+    column = guide.bias(*_query_key(1, 16 * 24, 10), scale=0.5)[0, 0, :, 5].reshape(16, 24)
     assert torch.all(column[:, :8] == 2.0) and torch.all(column[:, 8:] == -2.0)
     assert guide.masks_at(6).reshape(2, 3).tolist() == [[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]
     inside = torch.zeros(1, 16, 24)
@@ -159,30 +223,75 @@ def test_latent_guidance_batches_with_classifier_free_guidance(files, sampler):
     assert np.abs(together[1] - alone).max() <= 2
 
 
-def test_every_guided_mode_has_a_default_strength():
+def test_every_guidance_rule_has_a_default_strength():
     from lowmcgm.config import config_field
     from lowmcgm.sampling.pose_guidance import DEFAULT_STRENGTH
 
-    modes = config_field("sample.pose_guidance")[0].metadata["choices"]
-    assert set(DEFAULT_STRENGTH) == set(modes) - {"none"}
+    rules = {*config_field("sample.pose_guidance_bias")[0].metadata["choices"],
+             *config_field("sample.pose_guidance_step")[0].metadata["choices"]}
+    assert set(DEFAULT_STRENGTH) == rules
 
 
-def test_latent_guidance_steps_alike_with_and_without_checkpointing():
-    # Checkpointing (the default) recomputes the blocks in the backward, captures included: the
-    # step must be the one the stored activations give, and the UNet is left as it was found.
-    from lowmcgm.attention_capture import CrossAttentionStore, install_capture, loss_layer_names
-    from lowmcgm.sampling.pose_guidance import LatentGuidance
+def _tiny_guidance(settings=SampleSettings(), **guide):
+    from lowmcgm.sampling.pose_guidance import LatentGuidance, guidance_layers
 
-    unet = build_tiny_base("tiny").unet.requires_grad_(False).eval()
-    store = CrossAttentionStore()
-    install_capture(unet, loss_layer_names(unet, 0, 32), store)
+    base = build_tiny_base("tiny")
+    unet = base.unet.requires_grad_(False).eval()
     gen = torch.Generator().manual_seed(0)
     latents = torch.randn(1, 4, 32, 32, generator=gen)
     context = torch.randn(1, 78, unet.config.cross_attention_dim, generator=gen)
     masks = torch.zeros(2, 64, 64)
     masks[:, 8:40, 16:48] = 1
-    steps = [LatentGuidance(unet, store, context, PoseGuide([5, 77], masks, 10.0, steps=4), checkpointing=on)
-             .step(latents, torch.tensor([500]), lambda x, _: x) for on in (False, True)]
+    scheduler = DDIMScheduler.from_config(base.noise_scheduler.config)
+    scheduler.set_timesteps(10)
+
+    def make(**kwargs):
+        return LatentGuidance(unet, guidance_layers(unet, settings.pose_guidance_layers), context,
+                              PoseGuide([5, 77], masks, **({"strength": 10.0, "steps": 4} | guide)), settings, **kwargs)
+    return unet, latents, scheduler, make
+
+
+@pytest.mark.parametrize("rule", ["normalized", "noise-scaled"])
+def test_latent_guidance_steps_alike_with_and_without_checkpointing(rule):
+    # Checkpointing (the default) recomputes the blocks in the backward, captures included: the
+    # step must be the one the stored activations give, and the UNet is left as it was found.
+    unet, latents, scheduler, make = _tiny_guidance(SampleSettings(pose_guidance_step=rule))
+    before = dict(unet.attn_processors)
+    t = scheduler.timesteps[2]
+    steps = [make(checkpointing=on).step(latents, t, scheduler) for on in (False, True)]
     assert not torch.equal(steps[0], latents)  # it guided
     torch.testing.assert_close(steps[1], steps[0], rtol=1e-5, atol=1e-6)
-    assert not unet.is_gradient_checkpointing and store.key_index is None
+    assert not unet.is_gradient_checkpointing and dict(unet.attn_processors) == before
+
+
+def test_noise_scaled_step_is_sigma_squared_times_the_gradient_on_ddim_and_euler():
+    """layout-guidance's step, ``latents - grad * sigma_t^2`` on its k-diffusion latent, seen from
+    DDIM's latent (the model input itself) is (1 - a_t) x the gradient; on Euler's, sigma_t^2."""
+    from diffusers import EulerDiscreteScheduler
+
+    from lowmcgm.sampling.pose_guidance import _noise_step_scale
+
+    ddim = DDIMScheduler(num_train_timesteps=1000)
+    ddim.set_timesteps(10)
+    t = ddim.timesteps[3]
+    alpha = float(ddim.alphas_cumprod[int(t)])
+    assert _noise_step_scale(ddim, t) == pytest.approx(1 - alpha)
+    euler = EulerDiscreteScheduler(num_train_timesteps=1000)
+    euler.set_timesteps(10)
+    t = euler.timesteps[3]
+    alpha = float(euler.alphas_cumprod[int(t)])
+    assert _noise_step_scale(euler, t) == pytest.approx((1 - alpha) / alpha, rel=1e-4)
+
+
+def test_noise_scaled_guidance_lowers_the_energy_and_stops_at_the_threshold():
+    settings = SampleSettings(pose_guidance_step="noise-scaled", pose_guidance_iterations=3)
+    unet, latents, scheduler, make = _tiny_guidance(settings, strength=3000.0)
+    t = scheduler.timesteps[1]
+    guidance = make()
+    guidance.step(latents, t, scheduler)
+    energies = [float(e) for e in guidance.energies]
+    assert len(energies) == 3 and energies[2] < energies[0], energies
+    # Above every energy: nothing moves, one pass measured it.
+    _, _, _, make = _tiny_guidance(dataclasses.replace(settings, pose_guidance_threshold=1.0), strength=3000.0)
+    still = make()
+    assert torch.equal(still.step(latents, t, scheduler), latents) and len(still.energies) == 1

@@ -182,6 +182,30 @@ def test_pose_benchmark_writes_table_figure_reuses_records_and_rescores(toy_mode
         bench.main(args + ["--guidance-strength", "7", "--rescore"])  # nothing was sampled so
 
 
+def test_pose_benchmark_ablates_guidance_settings_and_tables_the_own_pose_apart(toy_model_folder, tmp_path):
+    bench = load_tool("bench_pose")
+    spec = "latent:step=noise-scaled:strength=30:iterations=2:area_normalized=true"
+    args = _bench_args(tmp_path, str(toy_model_folder), steps=1, sample_steps=2, images=1)
+    summary = bench.main(args + ["--trainings", "mcgm", "--guidance-modes", f"attention:bias=dense,{spec}",
+                                 "--own-pose"])
+    names = [c.name for c in bench.CONDITIONS]
+    assert names == ["break_a_scene", "mcgm_blank", "mcgm", "break_a_scene+attention:bias=dense",
+                     "mcgm+attention:bias=dense", f"break_a_scene+{spec}", f"mcgm+{spec}"]
+    guided = bench.CONDITIONS[-1]
+    assert guided.guidance == "latent" and dict(guided.options) == {
+        "step": "noise-scaled", "strength": 30.0, "iterations": 2, "area_normalized": True}
+    assert summary["own"]["pairs"] == 1 and summary["1"]["pairs"] == 1  # the own pose is not among the new ones
+    assert summary["own"]["copy_iou"] == 1.0 and summary["1"]["copy_iou"] < 1.0
+    record = json.loads((tmp_path / "results.json").read_text())["records"][0]
+    assert [t["own"] for t in record["targets"]] == [False, True]
+    assert not (tmp_path / "photos" / record["key"] / "mcgm_aware").exists()  # not asked for: not trained
+    assert "Subjects: own" in (tmp_path / "results.md").read_text()
+    for wrong, said in (("latent:strenght=3", "not KEY=VALUE"), ("latent:iterations=two", "not a int"),
+                        ("pose:strength=3", "unknown mode")):
+        with pytest.raises(SystemExit, match=said):
+            bench.parse_guidance_spec(wrong)
+
+
 def test_photos_are_held_out_and_deterministic():
     bench = load_tool("bench_pose")
     for n in (1, 2, 3):

@@ -13,7 +13,9 @@ import-lora, presets, config-keys; a few refusals (one ``error:`` line, exit 2, 
 All run in this one process, in a temporary folder holding examples/dogcat's photo and masks.
 
     # record: the baseline tools/behaviour_hashes.json was made so at commit d6e9a66 (torch
-    # 2.13.0+cpu, diffusers 0.42.1), in 90 s on 2 CPU cores shared with other work
+    # 2.13.0+cpu, diffusers 0.42.1), in 90 s on 2 CPU cores shared with other work; recorded again
+    # when the [sample] section gained the pose guidance rules (issue 26): every pixel and tensor
+    # the same, the new settings in help texts, config.toml, samples.json and PNG chunks
     OMP_NUM_THREADS=1 python tools/behaviour_hashes.py --out tools/behaviour_hashes.json
     # after a change: prints what differs (case, file, tensor or line); exit 1 on any difference
     OMP_NUM_THREADS=1 python tools/behaviour_hashes.py --check tools/behaviour_hashes.json

@@ -92,19 +92,60 @@ class Condition:
     poses: bool  # the target pose masks are given (else every handle gets the blank mask)
     guidance: str = "none"  # pose guidance mode at sampling
     label: str = ""
+    # Other [sample] settings of the guidance, by field name without "pose_guidance_" ("strength",
+    # "step", "iterations", ...), as parsed from a --guidance-modes entry.
+    options: tuple[tuple[str, object], ...] = ()
 
 
-def conditions_for(guidance_modes: list[str]) -> list[Condition]:
-    """The ablation's conditions, Break-a-scene first (every "beats" share is against it)."""
+def parse_guidance_spec(spec: str) -> tuple[str, tuple[tuple[str, object], ...]]:
+    """``latent:step=noise-scaled:strength=30`` -> the mode and its settings, each value of its
+    ``SampleSettings.pose_guidance_<key>`` field's type.
+
+    Raises:
+        SystemExit: an unknown mode or setting, or a value of the wrong type.
+    """
+    from lowmcgm.config import SampleSettings
+
+    mode, *pairs = spec.split(":")
+    if mode not in ("attention", "latent"):
+        raise SystemExit(f"--guidance-modes: unknown mode '{mode}' in '{spec}' (attention or latent)")
+    options = []
+    for pair in pairs:
+        key, _, text = pair.partition("=")
+        name = f"pose_guidance_{key}"
+        if not hasattr(SampleSettings, name) or not text:
+            raise SystemExit(f"--guidance-modes: '{pair}' in '{spec}' is not KEY=VALUE of a sample.pose_guidance_* "
+                             "setting (strength, steps, step, layers, iterations, threshold, separation, "
+                             "area_normalized, bias)")
+        kind = type(getattr(SampleSettings, name))
+        try:
+            value = {"true": True, "false": False}[text.lower()] if kind is bool else kind(text)
+        except (KeyError, ValueError):
+            raise SystemExit(f"--guidance-modes: '{text}' is not a {kind.__name__} (in '{spec}')") from None
+        options.append((key, value))
+    return mode, tuple(options)
+
+
+def conditions_for(guidance_modes: list[str], trainings: list[str] | None = None) -> list[Condition]:
+    """The ablation's conditions, Break-a-scene first (every "beats" share is against it).
+
+    Args:
+        guidance_modes: per guided column set, a mode with optional settings
+            (``parse_guidance_spec``); each is sampled on every training.
+        trainings: the keys of TRAININGS to train (Break-a-scene always).
+    """
     labels = {"break_a_scene": "BaS", "mcgm": "MCGM", "mcgm_aware": "MCGM+aware"}
-    out = [Condition("break_a_scene", "break_a_scene", False, label="BaS"),
-           Condition("mcgm_blank", "mcgm", False, label="MCGM blank")]
-    for training in TRAININGS:
+    trainings = ["break_a_scene"] + [t for t in (trainings or TRAININGS) if t != "break_a_scene"]
+    out = [Condition("break_a_scene", "break_a_scene", False, label="BaS")]
+    if "mcgm" in trainings:
+        out.append(Condition("mcgm_blank", "mcgm", False, label="MCGM blank"))
+    for training in trainings:
         if training != "break_a_scene":
             out.append(Condition(training, training, True, label=labels[training]))
-    for mode in guidance_modes:
-        for training in TRAININGS:
-            out.append(Condition(f"{training}+{mode}", training, True, mode, f"{labels[training]}+{mode}"))
+    for spec in guidance_modes:
+        mode, options = parse_guidance_spec(spec)
+        for training in trainings:
+            out.append(Condition(f"{training}+{spec}", training, True, mode, f"{labels[training]}+{spec}", options))
     return out
 
 
@@ -122,6 +163,7 @@ class Target:
     poses: list[str]
     masks: list[np.ndarray]  # (S, S) bool per subject
     background: str
+    own: bool = False  # the photo's own poses (--own-pose): guidance must not make them worse
 
 
 @dataclass
@@ -155,8 +197,10 @@ def _heldout_scene(rng: np.random.Generator, n_subjects: int, combo: tuple[str, 
     raise RuntimeError(f"no scene with {n_subjects} distinct subjects shows {combo} after {MAX_SCENE_TRIES} tries")
 
 
-def make_photos(n_subjects: int, count: int, targets: int, size_px: int, seed: int) -> list[BenchPhoto]:
-    """``count`` held-out photos of ``n_subjects`` subjects, ``targets`` targets each (deterministic)."""
+def make_photos(n_subjects: int, count: int, targets: int, size_px: int, seed: int,
+                own_pose: bool = False) -> list[BenchPhoto]:
+    """``count`` held-out photos of ``n_subjects`` subjects, ``targets`` targets each (deterministic),
+    plus with ``own_pose`` one more whose masks are the photo's own (and a new background)."""
     rng = np.random.default_rng([BENCH_SEED, seed, n_subjects])
     photos = []
     for i in range(count):
@@ -173,6 +217,9 @@ def make_photos(n_subjects: int, count: int, targets: int, size_px: int, seed: i
                 target_masks.append(render_pose_mask(s.kind, pose, size_px, s.x, s.y, s.scale, s.flip, offsets))
             background = str(rng.choice([b for b in BACKGROUNDS if b != scene.background]))
             photo_targets.append(Target(poses, target_masks, background))
+        if own_pose:  # drawn after the others, so that they stay as without the flag
+            background = str(rng.choice([b for b in BACKGROUNDS if b != scene.background]))
+            photo_targets.append(Target([s.pose for s in scene.subjects], masks, background, own=True))
         photos.append(BenchPhoto(f"s{n_subjects}-p{i:02d}", scene, image, masks, photo_targets))
     return photos
 
@@ -242,8 +289,10 @@ def train_and_sample(photo: BenchPhoto, training: str, conditions: list[Conditio
     images: dict[str, list[list[np.ndarray]]] = {c.name: [] for c in conditions}
     seconds: dict[str, float] = {}
     for condition in conditions:
-        settings = dataclasses.replace(plain, pose_guidance=condition.guidance,
-                                       pose_guidance_strength=args.guidance_strength)
+        # A condition's own settings win over --guidance-strength.
+        options = {"pose_guidance_strength": args.guidance_strength,
+                   **{f"pose_guidance_{k}": v for k, v in condition.options}}
+        settings = dataclasses.replace(plain, pose_guidance=condition.guidance, **options)
         started = time.perf_counter()
         for t, target in enumerate(photo.targets):
             poses = dict(zip(handles, files["targets"][t])) if condition.poses else {}
@@ -287,7 +336,7 @@ def run_photo(photo: BenchPhoto, folder: Path, args: argparse.Namespace, setting
              "targets": [[save_mask(m, folder / f"target{t}-{j}.png") for j, m in enumerate(target.masks)]
                          for t, target in enumerate(photo.targets)]}
     images, seconds = {}, {}
-    for training in TRAININGS:
+    for training in dict.fromkeys(c.training for c in CONDITIONS):
         started = time.perf_counter()
         wanted = [c for c in CONDITIONS if c.training == training]
         got, took = train_and_sample(photo, training, wanted, folder, args, files)
@@ -306,7 +355,7 @@ def run_photo(photo: BenchPhoto, folder: Path, args: argparse.Namespace, setting
         "settings": settings_key, "key": photo.key, "subjects": len(photo.kinds), "kinds": photo.kinds,
         "source_poses": [s.pose for s in photo.scene.subjects], "background": photo.scene.background,
         "scene": dataclasses.asdict(photo.scene),
-        "targets": [{"poses": t.poses, "background": t.background,
+        "targets": [{"poses": t.poses, "background": t.background, "own": t.own,
                      "copy_iou": [metrics.iou(m, g) for m, g in zip(photo.masks, t.masks)]}
                     for t in photo.targets],
         "images": rows, "sample_seconds_per_image": seconds,
@@ -324,21 +373,27 @@ def _mean(values) -> float | None:
 
 
 def summarise(records: list[dict]) -> dict:
-    """Per number of subjects (and ``all``): the tables' figures, per condition."""
+    """Per number of subjects (and ``all``): the tables' figures, per condition, over the new
+    poses; ``own``: over the photos' own poses (``--own-pose``), when there are any."""
     names = [c.name for c in CONDITIONS]
     groups: dict[str, list[dict]] = {}
     for record in records:
         groups.setdefault(str(record["subjects"]), []).append(record)
     groups["all"] = records
+    if any(t.get("own") for r in records for t in r["targets"]):
+        groups["own"] = records
     summary = {}
     for group, recs in groups.items():
         by_pair: dict[tuple, dict[str, dict]] = {}
         copy = []
         for rec in recs:
+            own = [bool(t.get("own")) for t in rec["targets"]]
             for row in rec["images"]:
-                by_pair.setdefault((rec["key"], row["target"], row["seed"]), {})[row["condition"]] = row
+                if own[row["target"]] == (group == "own"):
+                    by_pair.setdefault((rec["key"], row["target"], row["seed"]), {})[row["condition"]] = row
             for t in rec["targets"]:
-                copy.append(float(np.mean(t["copy_iou"])))
+                if bool(t.get("own")) == (group == "own"):
+                    copy.append(float(np.mean(t["copy_iou"])))
         pairs = [p for p in by_pair.values() if set(names) <= set(p)]
         iou = {c: np.array([float(np.mean(p[c]["iou"])) for p in pairs]) for c in names}
         entry = {"photos": len(recs), "pairs": len(pairs), "copy_iou": _mean(copy)}
@@ -364,7 +419,7 @@ def _fmt(value, percent: bool = False) -> str:
 
 
 def markdown_tables(summary: dict) -> str:
-    groups = [n for n in ("1", "2", "3") if n in summary] + ["all"]
+    groups = [n for n in ("1", "2", "3") if n in summary] + ["all"] + (["own"] if "own" in summary else [])
     lines = []
     for group in groups:
         e = summary[group]
@@ -448,10 +503,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale, as "
                    "tools/eval_toy_base.py samples")
     p.add_argument("--guidance-modes", default="attention,latent",
-                   help="pose guidance modes to ablate, comma separated ('' for none)")
+                   help="pose guidance modes to ablate, comma separated ('' for none); each may carry "
+                        "sample.pose_guidance_* settings: latent:step=noise-scaled:strength=30:iterations=5")
+    p.add_argument("--trainings", default=",".join(TRAININGS),
+                   help=f"training variants, comma separated, of {', '.join(TRAININGS)} (Break-a-scene always)")
     p.add_argument("--guidance-strength", type=float, default=0.0,
                    help="pose guidance strength of the guided conditions (0: each mode's default)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--own-pose", action="store_true",
+                   help="one more target per photo: the photo's own masks (guidance must not make them worse); "
+                        "tabled apart as 'own'")
     p.add_argument("--out", type=Path, default=Path("runs/bench_pose"))
     p.add_argument("--figure-rows", type=int, default=12)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -479,7 +540,11 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     command = shlex.join(["python", "tools/bench_pose.py", *argv])
     global CONDITIONS
-    CONDITIONS = conditions_for([m for m in args.guidance_modes.split(",") if m])
+    trainings = [t for t in args.trainings.split(",") if t]
+    unknown = set(trainings) - set(TRAININGS)
+    if unknown:
+        raise SystemExit(f"--trainings: unknown {', '.join(sorted(unknown))} (of {', '.join(TRAININGS)})")
+    CONDITIONS = conditions_for([m for m in args.guidance_modes.split(",") if m], trainings)
     if args.threads:
         torch.set_num_threads(args.threads)
     diffusers.utils.logging.set_verbosity_error()
@@ -494,12 +559,12 @@ def main(argv=None) -> dict:
     settings_key = {k: v for k, v in vars(args).items()
                     if k not in ("out", "figure_rows", "threads", "photos", "subjects", "rescore")}
     settings_key["model_steps"] = [info.vae_steps, info.unet_steps] if info else None
-    settings_key["trainings"] = TRAININGS
+    settings_key["trainings"] = {t: TRAININGS[t] for t in dict.fromkeys(c.training for c in CONDITIONS)}
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"{command}\n{note}", flush=True)
     records = []
     for n in [int(s) for s in args.subjects.split(",")]:
-        for photo in make_photos(n, args.photos, args.targets, size_px, args.seed):
+        for photo in make_photos(n, args.photos, args.targets, size_px, args.seed, args.own_pose):
             folder = args.out / "photos" / photo.key
             records.append(rescore_photo(photo, folder, settings_key) if args.rescore
                            else run_photo(photo, folder, args, settings_key))

@@ -44,13 +44,14 @@ def sampling_step(model: str, resolution: int, mode: str, dtype: str, fp8_unet: 
     import gc
 
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
     from lowmcgm.adapters import store_in_fp8
-    from lowmcgm.attention_capture import CrossAttentionStore, install_capture, loss_layer_names
+    from lowmcgm.config import SampleSettings
     from lowmcgm.models.configs import SHIPPED_CONFIGS
     from lowmcgm.models.dtypes import torch_dtype
-    from lowmcgm.sampling.pose_guidance import DEFAULT_STRENGTH, LatentGuidance, PoseGuide, guided_attention
+    from lowmcgm.sampling.pose_guidance import (DEFAULT_STRENGTH, LatentGuidance, PoseGuide, guidance_layers,
+                                                 guidance_rule, guided_attention)
 
     s = mt.session()
     s.set_item_value(1)
@@ -80,15 +81,16 @@ def sampling_step(model: str, resolution: int, mode: str, dtype: str, fp8_unet: 
     t = torch.tensor([500], device=s.device)
     masks = torch.zeros(2, resolution, resolution)
     masks[:, resolution // 4: 3 * resolution // 4, resolution // 4: 3 * resolution // 4] = 1
-    guide = PoseGuide([5, 77], masks, DEFAULT_STRENGTH.get(mode, 1.0), steps=10, uncond_rows=1)
+    settings = SampleSettings(pose_guidance=mode) if mode in ("attention", "latent") else SampleSettings()
+    guide = PoseGuide([5, 77], masks, DEFAULT_STRENGTH.get(guidance_rule(settings), 1.0), steps=10, uncond_rows=1,
+                      bias_rule=settings.pose_guidance_bias)
 
     s.reset_peak()
     with torch.no_grad():
         if mode == "latent":
-            store = CrossAttentionStore()
-            install_capture(unet, loss_layer_names(unet, 0, latent_px), store)
-            guidance = LatentGuidance(unet, store, cond, guide, cond_added, checkpointing=guidance_checkpointing)
-            latents = guidance.step(latents, t, lambda x, _: x)
+            guidance = LatentGuidance(unet, guidance_layers(unet, settings.pose_guidance_layers), cond, guide,
+                                      settings, cond_added, checkpointing=guidance_checkpointing)
+            latents = guidance.step(latents, t, DDIMScheduler())  # DDIM's model input is its latent
         if mode == "attention":
             with guided_attention(unet, guide):
                 unet(torch.cat([latents] * 2), t, context, added_cond_kwargs=added)

@@ -3,19 +3,30 @@
 A mask token alone says what, hardly where (docs/method.md, "Why the mask alone does not set the
 pose"). These training-free mechanisms act where position lives, on the cross-attention maps:
 
-- ``attention`` (DenseDiffusion, Kim et al. ICCV 2023; Directed Diffusion, AAAI 2024): on every
-  cross-attention layer, the logits of each posed handle's token, and of its mask token, get
-  ``+w`` inside its pose mask and ``-w`` outside, on the conditional branch only. ``w`` starts at
-  the strength and fades linearly to zero over the guided steps: the layout is decided early, the
-  details later should be free. No gradients: almost free in time and memory.
+- ``attention`` (DenseDiffusion, Kim et al. ICCV 2023): on every cross-attention layer, during
+  the guided steps, the conditional branch's logits change. ``dense`` (their rule): each query's
+  logits move toward its largest logit for the columns whose mask holds the query and toward its
+  smallest for the others, by strength x (1 - the area of the masks holding the query) x
+  (t / T)^5: a large mask or a late step needs less. ``fixed`` (lowmcgm's first rule): ``+w``
+  inside the mask and ``-w`` outside, on the posed columns only, fading linearly. No gradients:
+  almost free in time and memory.
 - ``latent`` ("Training-Free Layout Control with Cross-Attention Guidance", Chen, Laina, Vedaldi
-  2023; BoxDiff, ICCV 2023): during the guided steps, the energy ``sum_i (1 - inside_i)^2`` of each
-  posed handle's attention share inside its mask is lowered by a gradient step on the latent
-  before the step's prediction. Stronger, but it costs a UNet forward and backward per guided step.
+  2023; BoxDiff, ICCV 2023): during the guided steps, a gradient step on the latent lowers an
+  energy of the posed columns' attention before the step's prediction. ``noise-scaled`` (their
+  rule, ``inference.py`` and ``utils.compute_ca_loss``): the energy ``(1 - inside share)^2`` per
+  layer, head and column, averaged over heads after squaring, then over a subject's columns,
+  the subjects and the layers; the step is strength x sigma_t^2 x its gradient (in the
+  scheduler's own latent space, so the same on every scheduler), repeated while the energy is
+  above a threshold. Optional: a separation term (each subject's share inside the other
+  subjects' masks, squared) and each subject's miss measured from what evenly spread attention
+  would score. ``normalized`` (lowmcgm's first rule): the energy of the maps averaged over
+  layers and heads, a step of a fixed fraction of the latent's RMS, fading out. It costs a UNet
+  forward and backward per iteration.
 
 Both run inside diffusers' own pipeline: a cross-attention processor (``attention``), and the
 pipeline's step-end callback plus prepared initial latents (``latent``); no copy of its loop.
-A handle with the blank pose is not guided. The mode is ``sample.pose_guidance`` (config.py).
+A handle with the blank pose is not guided. The settings are ``[sample]``'s ``pose_guidance*``
+fields (config.py).
 
 Example::
 
@@ -33,7 +44,9 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 
-from lowmcgm.attention_capture import CapturingCrossAttnProcessor, compute_map_grid
+from lowmcgm.attention_capture import (CapturingCrossAttnProcessor, CrossAttentionStore, compute_map_grid,
+                                       install_capture, loss_layer_names, remove_capture)
+from lowmcgm.config import SampleSettings
 
 
 @dataclass
@@ -44,11 +57,16 @@ class PoseGuide:
         columns: key positions to guide: handle tokens (in the 77 text tokens) and mask tokens.
         masks: (S, H, W) float in [0, 1], the pose mask of each column at image resolution
             (its aspect gives each layer's map shape).
-        strength: the logit bias at the first step (``attention``) or the latent step size
-            (``latent``).
-        steps: how many denoising steps are guided; the weight fades to 0 over them.
+        strength: the logit change (``attention``) or the latent step's scale (``latent``).
+        steps: how many denoising steps are guided.
         uncond_rows: leading batch rows of the unconditional branch (diffusers puts it first),
             which are never guided; 0 without classifier-free guidance.
+        subjects: per column, the index of its posed handle (a handle's text and mask-token
+            columns are one subject); None: each column its own.
+        fade: the weight falls linearly to 0 over the guided steps (the ``fixed`` and
+            ``normalized`` rules); else it stays at ``strength``.
+        bias_rule: ``attention`` mode's logit change, ``dense`` or ``fixed`` (config.py).
+        noise_level: t / T of the step about to run, which ``dense`` decays with.
     """
 
     columns: list[int]
@@ -56,14 +74,23 @@ class PoseGuide:
     strength: float
     steps: int
     uncond_rows: int = 0
+    subjects: list[int] | None = None
+    fade: bool = True
+    bias_rule: str = SampleSettings.pose_guidance_bias
+    noise_level: float = 1.0
     step: int = 0
     _resized: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
+    def __post_init__(self) -> None:
+        if self.subjects is None:
+            self.subjects = list(range(len(self.columns)))
+
     def weight(self) -> float:
-        """Linear fade: ``strength`` at step 0, 0 from step ``steps`` on."""
+        """``strength`` while guiding (falling linearly to 0 over the guided steps with ``fade``),
+        0 from step ``steps`` on."""
         if self.step >= self.steps or not self.columns:
             return 0.0
-        return self.strength * (1.0 - self.step / self.steps)
+        return self.strength * (1.0 - self.step / self.steps) if self.fade else self.strength
 
     def masks_at(self, num_queries: int) -> torch.Tensor:
         """(S, N) masks averaged down to a layer's (h, w) map of ``num_queries`` positions, which
@@ -74,24 +101,62 @@ class PoseGuide:
             self._resized[num_queries] = small.flatten(1)
         return self._resized[num_queries]
 
-    def bias(self, batch: int, num_queries: int, num_keys: int, like: torch.Tensor) -> torch.Tensor | None:
-        """The (B, 1, N, L) logit bias of one cross-attention call, or None when not guiding."""
+    def bias(self, query: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tensor | None:
+        """The logit change of one cross-attention call, or None when not guiding.
+
+        Args:
+            query: (B, H, N, D) and key: (B, H, L, D), as the processor has them.
+            scale: the layer's logit scale.
+
+        Returns:
+            (B, 1, N, L) (``fixed``) or (B, H, N, L) (``dense``) float32; zero on the
+            unconditional rows.
+        """
         w = self.weight()
         if w == 0.0:
             return None
-        bias = torch.zeros(batch, 1, num_queries, num_keys, device=like.device, dtype=torch.float32)
-        masks = self.masks_at(num_queries).to(like.device)  # (S, N), soft at coarse layers
-        bias[self.uncond_rows:, 0, :, self.columns] = w * (2.0 * masks.T - 1.0)
+        batch, heads, num_queries, _ = query.shape
+        num_keys = key.shape[2]
+        masks = self.masks_at(num_queries).to(query.device)  # (S, N), soft at coarse layers
+        if self.bias_rule == "fixed":
+            bias = torch.zeros(batch, 1, num_queries, num_keys, device=query.device, dtype=torch.float32)
+            bias[self.uncond_rows:, 0, :, self.columns] = w * (2.0 * masks.T - 1.0)
+            return bias
+        # DenseDiffusion (their mod_forward, cross-attention branch): per query, every key's logit
+        # moves toward the query's largest logit where the key's mask holds the query, toward its
+        # smallest elsewhere (keys that are no posed column count as outside, as theirs).
+        rows = slice(self.uncond_rows, None)
+        logits = torch.matmul(query[rows].float(), key[rows].float().transpose(-1, -2)) * scale  # (b, H, N, L)
+        highest, lowest = logits.amax(-1, keepdim=True), logits.amin(-1, keepdim=True)
+        inside = torch.zeros(num_queries, num_keys, device=query.device)
+        inside[:, self.columns] = masks.T
+        rate = w * self.noise_level ** 5 * (1.0 - self._area_per_query(masks)).clamp_min(0.0)[:, None]  # (N, 1)
+        bias = torch.zeros(batch, heads, num_queries, num_keys, device=query.device, dtype=torch.float32)
+        bias[rows] = rate * (inside * (highest - logits) - (1.0 - inside) * (logits - lowest))
         return bias
 
+    def _area_per_query(self, masks: torch.Tensor) -> torch.Tensor:
+        """(N,) the summed area (share of the image) of the subjects' masks holding each query
+        (DenseDiffusion's ``reg_sizes``: 0 in the background, a subject's area inside it)."""
+        first = {subject: i for i, subject in reversed(list(enumerate(self.subjects)))}
+        per_subject = masks[list(first.values())]  # (k, N): one mask per subject
+        return (per_subject * per_subject.mean(1, keepdim=True)).sum(0)
+
     def on_step_end(self, pipe: Any, step: int, timestep: Any, kwargs: dict) -> dict:
-        """diffusers' ``callback_on_step_end``: move the fade on by one step."""
+        """diffusers' ``callback_on_step_end``: move on to the next step (its index and noise level)."""
         self.step = step + 1
+        if pipe is not None and self.step < len(pipe.scheduler.timesteps):
+            self.noise_level = noise_level(pipe.scheduler, pipe.scheduler.timesteps[self.step])
         return kwargs
 
 
+def noise_level(scheduler: Any, timestep: Any) -> float:
+    """t / T of ``timestep`` on ``scheduler``'s training schedule (DenseDiffusion's t / 1000)."""
+    return float(timestep) / scheduler.config.num_train_timesteps
+
+
 def guided_columns(text_ids: list[int], handle_ids: list[int], pose_masks: torch.Tensor,
-                   mask_token_start: int | None) -> tuple[list[int], torch.Tensor]:
+                   mask_token_start: int | None) -> tuple[list[int], torch.Tensor, list[int]]:
     """Pair each posed handle's key columns with its pose mask.
 
     Args:
@@ -101,10 +166,10 @@ def guided_columns(text_ids: list[int], handle_ids: list[int], pose_masks: torch
         mask_token_start: key position of the first mask token (77), or None without mask tokens.
 
     Returns:
-        The columns and a (S, H, W) mask per column. A handle cut off past the 77th token keeps
-        only its mask token's column.
+        The columns, a (S, H, W) mask per column, and per column the index of its handle. A
+        handle cut off past the 77th token keeps only its mask token's column.
     """
-    columns, masks = [], []
+    columns, masks, subjects = [], [], []
     for i, token in enumerate(handle_ids):
         if not bool(pose_masks[i].any()):
             continue  # the blank pose: no guidance
@@ -112,12 +177,14 @@ def guided_columns(text_ids: list[int], handle_ids: list[int], pose_masks: torch
             if value == token:
                 columns.append(position)
                 masks.append(pose_masks[i])
+                subjects.append(i)
         if mask_token_start is not None:
             columns.append(mask_token_start + i)
             masks.append(pose_masks[i])
+            subjects.append(i)
     if not masks:
-        return [], pose_masks.new_zeros(0, *pose_masks.shape[1:])
-    return columns, torch.stack(masks)
+        return [], pose_masks.new_zeros(0, *pose_masks.shape[1:]), []
+    return columns, torch.stack(masks), subjects
 
 
 @contextlib.contextmanager
@@ -150,7 +217,7 @@ def guided_attention(unet: Any, guide: PoseGuide) -> Iterator[None]:
 
 
 def attention_energy(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """``sum_s (1 - share of column s's attention inside its mask) ** 2`` (Chen et al. 2023, eq. 5).
+    """``sum_s (1 - share of column s's attention inside its mask) ** 2`` (the ``normalized`` rule).
 
     Args:
         maps: (S, h, w) attention probabilities of the guided columns (one sample).
@@ -161,68 +228,190 @@ def attention_energy(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     return ((1.0 - inside) ** 2).sum()
 
 
-# Strength when none is given, per mode: a logit bias (``attention``; logits at SD's cross-attention
-# layers span a few units, so 3 moves a token's share well inside without saturating the softmax;
-# 10 posed better in the toy world, but would swamp those logits), or hundredths of the latent's RMS
-# per guided step (``latent``: 10 against 3 raised the pose benchmark's IoU from 0.28 to 0.41 on the
-# gated toy weights, with every subject count better and identity no worse; docs/benchmarks.md).
-DEFAULT_STRENGTH = {"attention": 3.0, "latent": 10.0}
-LATENT_STEP_FRACTION = 0.01  # latent mode moves the latent by strength x this x its RMS per step
+# A mask covering (nearly) the whole image: evenly spread attention already scores (nearly) 1, so
+# the area-normalised miss divides by at least this much instead of by (nearly) 0.
+MIN_OUTSIDE_SHARE = 0.05
+
+
+def layout_energy(layer_maps: list[torch.Tensor], masks: torch.Tensor, subjects: list[int],
+                  separation: float = 0.0, area_normalized: bool = False) -> torch.Tensor:
+    """Per image, the ``noise-scaled`` rule's energy (layout-guidance's ``compute_ca_loss``).
+
+    Per layer, head and column: ``(1 - inside share)^2``; averaged over heads (after squaring,
+    so that one head in the mask does not hide the others), over each subject's columns, over the
+    subjects and over the layers.
+
+    Args:
+        layer_maps: per layer, (B, H, S, h, w) attention probabilities of the guided columns.
+        masks: (S, H, W) the columns' masks, pooled here to each layer's (h, w).
+        subjects: per column, its subject.
+        separation: weight of ``(share inside the other subjects' masks)^2`` (BoxDiff's outer
+            constraint, on the other subjects' masks); 0: none.
+        area_normalized: the miss ``1 - inside`` divided by ``1 - area`` of the mask, which is
+            what evenly spread attention misses by: every subject starts from 1, whatever its size.
+
+    Returns:
+        (B,) energies in float32.
+    """
+    subject_ids = sorted(set(subjects))
+    owner = torch.tensor(subjects)
+    total = 0.0
+    for maps in layer_maps:
+        small = F.adaptive_avg_pool2d(masks[None].float(), maps.shape[-2:])[0].flatten(1).to(maps.device)  # (S, n)
+        probs = maps.flatten(-2).float()  # (B, H, S, n)
+        mass = probs.sum(-1).clamp_min(1e-8)
+        miss = 1.0 - (probs * small).sum(-1) / mass  # (B, H, S)
+        if area_normalized:
+            miss = miss / (1.0 - small.mean(-1)).clamp_min(MIN_OUTSIDE_SHARE)
+        energy = miss ** 2
+        if separation:
+            others = torch.stack([small[owner != owner[c]].amax(0) if bool((owner != owner[c]).any())
+                                  else torch.zeros_like(small[c]) for c in range(len(subjects))])
+            stray = (probs * others * (1.0 - small)).sum(-1) / mass  # share inside others' masks only
+            energy = energy + separation * stray ** 2
+        energy = energy.mean(1)  # (B, S): heads averaged after squaring
+        total = total + torch.stack([energy[:, owner == i].mean(-1) for i in subject_ids], -1).mean(-1)
+    return total / len(layer_maps)
+
+
+# Strength when none is given, per rule (``pose_guidance_bias`` for ``attention``,
+# ``pose_guidance_step`` for ``latent``): ``fixed``, a logit bias (logits at SD's cross-attention
+# layers span a few units, so 3 moves a token's share well inside without saturating the softmax);
+# ``dense``, the share of the way to the query's extreme logit (DenseDiffusion's creg, 1);
+# ``normalized``, hundredths of the latent's RMS per guided step (10 against 3 raised the pose
+# benchmark's IoU from 0.28 to 0.41 on the gated toy weights; docs/benchmarks.md);
+# ``noise-scaled``, the energy's scale (layout-guidance's loss_scale, 30).
+DEFAULT_STRENGTH = {"fixed": 3.0, "dense": 1.0, "normalized": 10.0, "noise-scaled": 30.0}
+LATENT_STEP_FRACTION = 0.01  # the normalized rule moves the latent by strength x this x its RMS per step
+
+
+def guidance_rule(settings: SampleSettings) -> str:
+    """The rule ``settings.pose_guidance`` guides by (a key of ``DEFAULT_STRENGTH``); '' for none."""
+    return {"attention": settings.pose_guidance_bias, "latent": settings.pose_guidance_step}.get(
+        settings.pose_guidance, "")
+
+
+def guidance_layers(unet: Any, choice: str) -> list[str]:
+    """The cross-attention processors latent guidance reads (``sample.pose_guidance_layers``).
+
+    ``loss``: the level the attention loss reads by default (16x16 maps on SD at 512 px: down and
+    up blocks). ``mid-up``: the mid block and that level's up blocks (layout-guidance reads SD's
+    mid block and ``up_blocks.1``, 8x8 and 16x16 at 512 px).
+    """
+    loss = loss_layer_names(unet, 0)
+    if choice == "loss":
+        return loss
+    mid = [name for name in unet.attn_processors if name.startswith("mid_block") and name.endswith("attn2.processor")]
+    return mid + [name for name in loss if name.startswith("up_blocks")]
 
 
 class LatentGuidance:
-    """``latent`` mode: before each guided step's prediction, a gradient step on the latent.
+    """``latent`` mode: before each guided step's prediction, gradient steps on the latent.
 
-    The energy reads the cross-attention maps that ``store`` captures on ``layers`` (the level the
-    attention loss reads, 16x16 on SD at 512 px) from a conditional-only UNet pass.
+    The energy reads the cross-attention maps of ``layers``, captured from a conditional-only UNet
+    pass; the capture is installed for that pass only (attention pictures and previews capturing
+    on the same layers get their processors back untouched).
 
     Args:
-        unet: the pipeline's UNet, with capture installed on the energy's layers into ``store``.
-        store: the capture store.
+        unet: the pipeline's UNet.
+        layers: the attn2 processors the energy reads (``guidance_layers``).
         context: (B, 77 + k, d) the conditional context of the B images.
-        guide: columns, masks, strength and the fade.
+        guide: columns, masks, subjects, strength and steps.
+        settings: the rule, iterations, threshold, separation and area normalisation.
         added_cond_kwargs: SDXL's ``{"text_embeds": (B, p), "time_ids": (B, 6)}`` of the same
             conditional rows (an SDXL UNet cannot run without them); None for SD 1.x/2.x.
     """
 
-    def __init__(self, unet: Any, store: Any, context: torch.Tensor, guide: PoseGuide,
+    def __init__(self, unet: Any, layers: list[str], context: torch.Tensor, guide: PoseGuide,
+                 settings: SampleSettings = SampleSettings(),
                  added_cond_kwargs: dict[str, torch.Tensor] | None = None, checkpointing: bool = True):
-        self.unet, self.store, self.context, self.guide = unet, store, context, guide
+        self.unet, self.layers, self.context, self.guide = unet, layers, context, guide
+        self.settings = settings
         self.added_cond_kwargs = added_cond_kwargs
         self.checkpointing = checkpointing
+        self.energies: list[torch.Tensor] = []  # (B,) per pass, for the benchmark and tests
 
-    def step(self, latents: torch.Tensor, timestep: torch.Tensor, scale_input: Any) -> torch.Tensor:
-        """The guided latent for one step (unchanged once the fade reaches 0)."""
+    def step(self, latents: torch.Tensor, timestep: torch.Tensor, scheduler: Any) -> torch.Tensor:
+        """The guided latent for one step (unchanged once the guided steps are over).
+
+        Args:
+            latents: (B, C, h, w) in the scheduler's latent space.
+            timestep: the step about to run.
+            scheduler: gives ``scale_model_input`` and ``alphas_cumprod`` (the noise level).
+        """
         w = self.guide.weight()
         if w == 0.0:
             return latents
+        s = self.settings
+        for _ in range(s.pose_guidance_iterations):
+            energy, grad = self._energy_and_grad(latents, timestep, scheduler)
+            moving = (energy > s.pose_guidance_threshold).float()  # (B,): each image on its own
+            if not bool(moving.any()):
+                break
+            shape = (-1,) + (1,) * (latents.dim() - 1)
+            if s.pose_guidance_step == "normalized":
+                # Per image: a batch of seeds must give each image what it gets alone.
+                rms = grad.float().flatten(1).pow(2).mean(1).sqrt().clamp_min(1e-12).view(shape)
+                size = w * LATENT_STEP_FRACTION * latents.float().flatten(1).pow(2).mean(1).sqrt().view(shape)
+                delta = size * grad.float() / rms
+            else:
+                delta = w * _noise_step_scale(scheduler, timestep) * grad.float()
+            latents = (latents.float() - moving.view(shape) * delta).to(latents.dtype)
+        return latents
+
+    def _energy_and_grad(self, latents: torch.Tensor, timestep: torch.Tensor, scheduler: Any
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) energies and their gradient with respect to ``latents``."""
+        store = CrossAttentionStore(keep_heads=self.settings.pose_guidance_step == "noise-scaled")
         key_index = torch.tensor(self.guide.columns)[None].expand(latents.shape[0], -1)
-        with torch.enable_grad(), _checkpointed(self.unet, self.checkpointing):
-            x = latents.detach().requires_grad_(True)
-            self.store.begin(key_index)
-            self.unet(scale_input(x, timestep), timestep, self.context, added_cond_kwargs=self.added_cond_kwargs)
-            self.store.end()
-            maps = self.store.mean_maps(x.shape[-2:]).float()  # (B, S, h, w), the latent's aspect
-            energy = sum(attention_energy(m, self.guide.masks) for m in maps)
-            (grad,) = torch.autograd.grad(energy, x)
-            # Only now: a UNet with gradient checkpointing recomputes its blocks in the backward above,
-            # which must capture as the forward did. The pipeline's own passes record nothing (or
-            # what they did before).
-            self.store.clear()
-        # Per image: a batch of seeds must give each image what it gets alone.
-        shape = (-1,) + (1,) * (latents.dim() - 1)
-        rms = grad.float().flatten(1).pow(2).mean(1).sqrt().clamp_min(1e-12).view(shape)
-        size = w * LATENT_STEP_FRACTION * latents.float().flatten(1).pow(2).mean(1).sqrt().view(shape)
-        return (latents.float() - size * grad.float() / rms).to(latents.dtype)
+        installed = install_capture(self.unet, self.layers, store)
+        try:
+            with torch.enable_grad(), _checkpointed(self.unet, self.checkpointing):
+                x = latents.detach().requires_grad_(True)
+                store.begin(key_index)
+                self.unet(scheduler.scale_model_input(x, timestep), timestep, self.context,
+                          added_cond_kwargs=self.added_cond_kwargs)
+                store.end()
+                energy = self._energy(store, x.shape[-2:])
+                (grad,) = torch.autograd.grad(energy.sum(), x)
+                # Only now: a UNet with gradient checkpointing recomputes its blocks in the backward
+                # above, which must capture as the forward did.
+        finally:
+            store.clear()
+            remove_capture(self.unet, installed)
+        self.energies.append(energy.detach().cpu())  # not on the GPU: it would outlive the step
+        return energy.detach(), grad
+
+    def _energy(self, store: CrossAttentionStore, size: torch.Size) -> torch.Tensor:
+        s = self.settings
+        if s.pose_guidance_step == "normalized":
+            maps = store.mean_maps(size).float()  # (B, S, h, w), the latent's aspect
+            return torch.stack([attention_energy(m, self.guide.masks) for m in maps])
+        return layout_energy(store.head_maps(size), self.guide.masks, self.guide.subjects,
+                             s.pose_guidance_separation, s.pose_guidance_area_normalized)
 
     def on_step_end(self, pipe: Any, step: int, timestep: Any, kwargs: dict) -> dict:
         """Guide the latent of the next step (the callback runs after step ``step``)."""
         self.guide.step = step + 1
         timesteps = pipe.scheduler.timesteps
         if self.guide.step < len(timesteps) and self.guide.weight() > 0:
-            t = timesteps[self.guide.step]
-            kwargs["latents"] = self.step(kwargs["latents"], t, pipe.scheduler.scale_model_input)
+            kwargs["latents"] = self.step(kwargs["latents"], timesteps[self.guide.step], pipe.scheduler)
         return kwargs
+
+
+def _noise_step_scale(scheduler: Any, timestep: Any) -> float:
+    """The factor of the ``noise-scaled`` step on the pipeline's latent x: sigma_t^2 as
+    layout-guidance's ``latents - grad * sigmas[index] ** 2``, with sigma_t^2 = (1 - a_t) / a_t.
+
+    Their latent is a k-diffusion one (LMS: noise of std sigma_t, the model input x / sqrt(1 +
+    sigma_t^2)). Schedulers whose latent is the model input (DDIM, DPM-Solver) see the same step
+    once moved into their space: with s the scale from the latent to the model input
+    (``scale_model_input``; 1 or sqrt(a_t)), the step on x is ``(1 - a_t) / s^2`` x the gradient
+    with respect to x, which is sigma_t^2 on LMS/Euler and 1 - a_t on DDIM.
+    """
+    alpha = float(scheduler.alphas_cumprod[int(timestep)])
+    s = float(scheduler.scale_model_input(torch.ones(()), timestep))
+    return (1.0 - alpha) / max(s * s, 1e-12)
 
 
 @contextlib.contextmanager

@@ -34,8 +34,7 @@ from PIL import Image
 from lowmcgm import __version__
 from lowmcgm.adapters import cast_keeping_fp8, is_stored_in_fp8, store_in_fp8
 from lowmcgm.artifact import Artifact, file_sha256, load_artifact, stale_pooling_warning
-from lowmcgm.attention_capture import (CapturingCrossAttnProcessor, CrossAttentionStore, install_capture,
-                                       loss_layer_names, remove_capture)
+from lowmcgm.attention_capture import CrossAttentionStore, install_capture, loss_layer_names, remove_capture
 from lowmcgm.config import SampleSettings, field_flag, sample_problems
 from lowmcgm.errors import UserError
 from lowmcgm.mask_encoder import MaskEncoder, append_mask_tokens, zero_mask_tokens
@@ -48,7 +47,8 @@ from lowmcgm.models.text_conditioning import encode_prompts
 from lowmcgm.runs.folder import SAMPLE_FILES, check_sample_folder, clear_earlier_samples, earlier_samples
 from lowmcgm.runs.output import check_output_dir
 from lowmcgm.runs.write_guard import check_not_inputs
-from lowmcgm.sampling.pose_guidance import DEFAULT_STRENGTH, LatentGuidance, PoseGuide, guided_attention, guided_columns
+from lowmcgm.sampling.pose_guidance import (DEFAULT_STRENGTH, LatentGuidance, PoseGuide, guidance_layers, guidance_rule,
+                                             guided_attention, guided_columns, noise_level)
 from lowmcgm.sampling.previews import (SheetRow, mask_to_image, render_attention_picture, render_contact_sheet,
                                        save_json, save_png)
 from lowmcgm.sampling.prompts import (PlannedPrompt, PromptSpec, check_plans_fit, check_pose_crops, fit_pose_masks,
@@ -217,10 +217,13 @@ class PoseSampler:
             callbacks, extra = [], {}
             guide = self.pose_guide(plan, settings, len(seeds))
             if guide is not None and settings.pose_guidance == "attention":
+                self.pipe.scheduler.set_timesteps(settings.steps)
+                guide.noise_level = noise_level(self.pipe.scheduler, self.pipe.scheduler.timesteps[0])
                 stack.enter_context(guided_attention(self.pipe.unet, guide))
                 callbacks.append(guide.on_step_end)
             elif guide is not None and settings.pose_guidance == "latent":
-                latent = LatentGuidance(self.pipe.unet, self._energy_store(stack), conditioning.cond, guide,
+                latent = LatentGuidance(self.pipe.unet, guidance_layers(self.pipe.unet, settings.pose_guidance_layers),
+                                        conditioning.cond, guide, settings,
                                         added_cond_kwargs=self._added_cond(conditioning, height, width))
                 extra["latents"] = self._guided_first_latents(latent, generators, settings, conditioning.cond)
                 callbacks.append(latent.on_step_end)
@@ -244,25 +247,14 @@ class PoseSampler:
         text_ids = tokenizer(self.pipe.maybe_convert_prompt(plan.text, tokenizer), padding="max_length",
                              max_length=tokenizer.model_max_length, truncation=True).input_ids
         start = tokenizer.model_max_length if plan.use_mask_tokens and self.mask_encoder is not None else None
-        columns, masks = guided_columns(text_ids, tokenizer.convert_tokens_to_ids(plan.handles),
-                                        fit_pose_masks(plan, settings.height, settings.width), start)
+        columns, masks, subjects = guided_columns(text_ids, tokenizer.convert_tokens_to_ids(plan.handles),
+                                                  fit_pose_masks(plan, settings.height, settings.width), start)
         if not columns:
             return None
         settings = resolve_guidance(settings)  # one place says what a 0 strength or step count means
         return PoseGuide(columns, masks, settings.pose_guidance_strength, settings.pose_guidance_steps,
-                         uncond_rows=num if settings.guidance_scale > 1 else 0)
-
-    def _energy_store(self, stack: contextlib.ExitStack) -> CrossAttentionStore:
-        """The capture store latent guidance reads: the one already installed (attention pictures,
-        previews), else a new one on the attention loss's layers for this call."""
-        unet = self.pipe.unet
-        for proc in unet.attn_processors.values():
-            if isinstance(proc, CapturingCrossAttnProcessor) and proc.store is not None:
-                return _SavedStore(proc.store)
-        store = CrossAttentionStore()
-        installed = install_capture(unet, loss_layer_names(unet, ATTN_PICTURE_DOWNSCALE), store)
-        stack.callback(remove_capture, unet, installed)
-        return store
+                         uncond_rows=num if settings.guidance_scale > 1 else 0, subjects=subjects,
+                         fade=guidance_rule(settings) in ("fixed", "normalized"), bias_rule=settings.pose_guidance_bias)
 
     def _guided_first_latents(self, latent: LatentGuidance, generators: list[torch.Generator],
                               settings: SampleSettings, like: torch.Tensor) -> torch.Tensor:
@@ -273,7 +265,7 @@ class PoseSampler:
         noise = randn_tensor(shape, generator=generators, device=pipe._execution_device, dtype=like.dtype)
         pipe.scheduler.set_timesteps(settings.steps, device=pipe._execution_device)
         sigma = pipe.scheduler.init_noise_sigma
-        guided = latent.step(noise * sigma, pipe.scheduler.timesteps[0], pipe.scheduler.scale_model_input)
+        guided = latent.step(noise * sigma, pipe.scheduler.timesteps[0], pipe.scheduler)
         return guided / sigma  # the pipeline multiplies by init_noise_sigma again
 
     def generate_with_attention(self, plan: PlannedPrompt, seed: int, settings: SampleSettings
@@ -333,27 +325,6 @@ def _chain(callbacks: list[Callable[..., dict]]) -> Callable[..., dict]:
             kwargs = callback(pipe, step, timestep, kwargs)
         return kwargs
     return run
-
-
-class _SavedStore:
-    """A capture store borrowed for latent guidance's extra UNet pass, and left as it was found
-    (the attention picture being collected reads the pipeline's own passes from it)."""
-
-    def __init__(self, store: CrossAttentionStore):
-        self._store = store
-
-    def begin(self, key_index: torch.Tensor) -> None:
-        self._saved = (self._store.key_index, self._store.maps, self._store.recording)
-        self._store.begin(key_index)
-
-    def end(self) -> None:
-        self._store.end()
-
-    def mean_maps(self, size: tuple[int, int] | None = None) -> torch.Tensor:
-        return self._store.mean_maps(size)
-
-    def clear(self) -> None:
-        self._store.key_index, self._store.maps, self._store.recording = self._saved
 
 
 def build_pipeline(base: BaseModel, scheduler: str) -> Pipeline:
@@ -428,7 +399,7 @@ def resolve_guidance(settings: SampleSettings) -> SampleSettings:
     if settings.pose_guidance == "none":
         return settings
     return dataclasses.replace(
-        settings, pose_guidance_strength=settings.pose_guidance_strength or DEFAULT_STRENGTH[settings.pose_guidance],
+        settings, pose_guidance_strength=settings.pose_guidance_strength or DEFAULT_STRENGTH[guidance_rule(settings)],
         pose_guidance_steps=settings.pose_guidance_steps or max(1, settings.steps // 2))
 
 
@@ -478,7 +449,8 @@ def png_parameters(plan: PlannedPrompt, settings: SampleSettings, seed: int, inf
         "dtype": settings.dtype, "mask_tokens": "on" if plan.use_mask_tokens else "off",
         "poses": json.dumps(plan.poses), "pose_guidance": settings.pose_guidance,
         "pose_guidance_strength": repr(float(settings.pose_guidance_strength)),
-        "pose_guidance_steps": str(settings.pose_guidance_steps), "lowmcgm_version": __version__, **info,
+        "pose_guidance_steps": str(settings.pose_guidance_steps),
+        "pose_guidance_options": json.dumps(guidance_options(settings)), "lowmcgm_version": __version__, **info,
     }
     # A1111's layout, which image viewers and web UIs read.
     text["parameters"] = (f"{plan.text}\nNegative prompt: {settings.negative_prompt}\nSteps: {settings.steps}, "
@@ -505,9 +477,18 @@ def read_png_parameters(path: str | Path) -> dict[str, Any]:
     for key in ("guidance_scale", "pose_guidance_strength"):
         if key in out:
             out[key] = float(out[key])
-    if "poses" in out:
-        out["poses"] = json.loads(out["poses"])
+    for key in ("poses", "pose_guidance_options"):
+        if key in out:
+            out[key] = json.loads(out[key])
     return out
+
+
+def guidance_options(settings: SampleSettings) -> dict[str, Any]:
+    """How the pose guidance mode guided (``[sample]``'s other ``pose_guidance_*`` fields), by the
+    field's name without its prefix."""
+    said = {"pose_guidance", "pose_guidance_strength", "pose_guidance_steps"}
+    return {f.name.removeprefix("pose_guidance_"): getattr(settings, f.name) for f in dataclasses.fields(settings)
+            if f.name.startswith("pose_guidance_") and f.name not in said}
 
 
 def write_samples(sampler: PoseSampler, plans: list[PlannedPrompt], settings: SampleSettings, out: Path,
