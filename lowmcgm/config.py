@@ -264,6 +264,9 @@ class SampleSettings:
                  "inside the mask and its smallest outside, scaled by the mask's area, fading with the noise "
                  "level) or fixed (+strength inside, -strength outside, fading out)",
         choices=("dense", "fixed"), flag="--guidance-bias")
+    pose_guidance_self_attention: float = _f(
+        0.0, "attention guidance (dense): the same change on self-attention, where query and key lie in one "
+             "subject's mask (DenseDiffusion uses 0.3); 0: off", flag="--guidance-self-attention", bounds=(0, 10))
     use_vae_slicing: bool = _f(False, "decode a batch one image at a time (less memory)", flag="--vae-slicing")
     use_vae_tiling: bool = _f(False, "decode in tiles (large images, less memory)", flag="--vae-tiling")
     use_cpu_offload: bool = _f(False, "keep models on the CPU and move each to the GPU while it runs (4-6 GB "

@@ -72,6 +72,23 @@ def test_dense_bias_moves_logits_toward_the_extremes_by_area_and_noise_level():
     assert bool((moved[:, inside].softmax(-1)[:, 5] > logits[1, :, inside].softmax(-1)[:, 5]).all())
 
 
+def test_dense_self_attention_bias_pulls_keys_of_the_same_subject_and_pushes_the_rest():
+    masks = torch.zeros(2, 8, 8)
+    masks[:, :, :2] = 1  # one subject (two columns) on the left quarter
+    guide = PoseGuide(columns=[5, 77], masks=masks, strength=1.0, steps=4, uncond_rows=1, subjects=[0, 0],
+                      bias_rule="dense", fade=False, self_strength=0.3)
+    query, key = _query_key(2, 64, 64)
+    logits = (query @ key.transpose(-1, -2)) * 0.5
+    bias = guide.self_bias(query, key, scale=0.5)
+    assert bias.shape == (2, 2, 64, 64) and torch.all(bias[0] == 0)
+    q, same, other = 0, 1, 5  # query at (0, 0); keys at (0, 1) (the subject) and (0, 5) (background)
+    rate = 0.3 * (1 - 0.25)
+    row = logits[1, :, q]
+    torch.testing.assert_close(bias[1, :, q, same], rate * (row.amax(-1) - row[:, same]))
+    torch.testing.assert_close(bias[1, :, q, other], -rate * (row[:, other] - row.amin(-1)))
+    assert PoseGuide([5], masks[:1], 1.0, 4, bias_rule="fixed", self_strength=0.3).self_bias(query, key, 0.5) is None
+
+
 def test_guided_columns_pair_handles_and_mask_tokens_and_skip_blank_poses():
     poses = torch.zeros(3, 4, 4)
     poses[0, 0] = 1
@@ -158,6 +175,17 @@ def test_attention_guidance_raises_the_share_of_attention_inside_the_mask(files,
     guided = dataclasses.replace(SETTINGS, pose_guidance="attention", pose_guidance_strength=8.0)
     on = _share_inside(sampler, plan, guided, "<asset0>")
     assert on > off + 0.02, (off, on)
+
+
+def test_dense_attention_guidance_raises_the_share_inside_and_self_attention_changes_the_image(files, sampler):
+    plan = _plan(files)
+    off = _share_inside(sampler, plan, SETTINGS, "<asset0>")
+    dense = dataclasses.replace(SETTINGS, pose_guidance="attention", pose_guidance_bias="dense")
+    assert _share_inside(sampler, plan, dense, "<asset0>") > off + 0.02
+    with_self = dataclasses.replace(dense, pose_guidance_self_attention=0.3)
+    images = [np.asarray(sampler.generate(plan, [5], s)[0]).astype(int) for s in (dense, with_self)]
+    assert np.abs(images[0] - images[1]).max() > 0
+    assert all(type(p).__name__ != "GuidedSelfAttnProcessor" for p in sampler.pipe.unet.attn_processors.values())
 
 
 def test_latent_guidance_raises_the_share_inside_the_mask_more_the_stronger_it_is(files, sampler):

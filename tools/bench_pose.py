@@ -31,7 +31,8 @@ Measured on every image with the toy world's segmentation (``lowmcgm.toy.metrics
 
 Writes ``results.md`` (tables and the command), ``results.json`` (every image's figures),
 ``figure.png`` (source, target masks, outputs side by side), ``before_after.png`` (MCGM without and
-with the default pose guidance, same seeds) and every image under ``photos/``.
+with the default pose guidance, or ``--before-after``'s, same seeds; ``before_after_two.png`` the
+two-subject photos alone) and every image under ``photos/``.
 Each photo's figures are kept in ``photos/<id>/record.json``: a rerun with the same settings and
 ``--out`` reuses them, so a long run that was stopped continues where it was.
 
@@ -126,13 +127,16 @@ def parse_guidance_spec(spec: str) -> tuple[str, tuple[tuple[str, object], ...]]
     return mode, tuple(options)
 
 
-def conditions_for(guidance_modes: list[str], trainings: list[str] | None = None) -> list[Condition]:
+def conditions_for(guidance_modes: list[str], trainings: list[str] | None = None,
+                   guide_bas: bool = True) -> list[Condition]:
     """The ablation's conditions, Break-a-scene first (every "beats" share is against it).
 
     Args:
         guidance_modes: per guided column set, a mode with optional settings
             (``parse_guidance_spec``); each is sampled on every training.
         trainings: the keys of TRAININGS to train (Break-a-scene always).
+        guide_bas: sample Break-a-scene with each guidance too (a sweep of MCGM's guidance
+            settings can leave it out).
     """
     labels = {"break_a_scene": "BaS", "mcgm": "MCGM", "mcgm_aware": "MCGM+aware"}
     trainings = ["break_a_scene"] + [t for t in (trainings or TRAININGS) if t != "break_a_scene"]
@@ -145,7 +149,9 @@ def conditions_for(guidance_modes: list[str], trainings: list[str] | None = None
     for spec in guidance_modes:
         mode, options = parse_guidance_spec(spec)
         for training in trainings:
-            out.append(Condition(f"{training}+{spec}", training, True, mode, f"{labels[training]}+{spec}", options))
+            if guide_bas or training != "break_a_scene":
+                out.append(Condition(f"{training}+{spec}", training, True, mode, f"{labels[training]}+{spec}",
+                                     options))
     return out
 
 
@@ -505,6 +511,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--guidance-modes", default="attention,latent",
                    help="pose guidance modes to ablate, comma separated ('' for none); each may carry "
                         "sample.pose_guidance_* settings: latent:step=noise-scaled:strength=30:iterations=5")
+    p.add_argument("--no-bas-guidance", action="store_true",
+                   help="sample Break-a-scene without pose guidance only (a sweep of MCGM's guidance settings)")
     p.add_argument("--trainings", default=",".join(TRAININGS),
                    help=f"training variants, comma separated, of {', '.join(TRAININGS)} (Break-a-scene always)")
     p.add_argument("--guidance-strength", type=float, default=0.0,
@@ -515,6 +523,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "tabled apart as 'own'")
     p.add_argument("--out", type=Path, default=Path("runs/bench_pose"))
     p.add_argument("--figure-rows", type=int, default=12)
+    p.add_argument("--before-after", default="",
+                   help="the guided condition of before_after.png, as in --guidance-modes (default: the default mode)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--rescore", action="store_true",
                    help="re-measure the images kept in --out by a run with these same arguments (no "
@@ -544,7 +554,8 @@ def main(argv=None) -> dict:
     unknown = set(trainings) - set(TRAININGS)
     if unknown:
         raise SystemExit(f"--trainings: unknown {', '.join(sorted(unknown))} (of {', '.join(TRAININGS)})")
-    CONDITIONS = conditions_for([m for m in args.guidance_modes.split(",") if m], trainings)
+    CONDITIONS = conditions_for([m for m in args.guidance_modes.split(",") if m], trainings,
+                                guide_bas=not args.no_bas_guidance)
     if args.threads:
         torch.set_num_threads(args.threads)
     diffusers.utils.logging.set_verbosity_error()
@@ -557,7 +568,7 @@ def main(argv=None) -> dict:
                  "heldout_combos), so these photos are not held out for it.")
     # What a photo's figures depend on: a rerun that changes none of it reuses them.
     settings_key = {k: v for k, v in vars(args).items()
-                    if k not in ("out", "figure_rows", "threads", "photos", "subjects", "rescore")}
+                    if k not in ("out", "figure_rows", "before_after", "threads", "photos", "subjects", "rescore")}
     settings_key["model_steps"] = [info.vae_steps, info.unet_steps] if info else None
     settings_key["trainings"] = {t: TRAININGS[t] for t in dict.fromkeys(c.training for c in CONDITIONS)}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -572,10 +583,15 @@ def main(argv=None) -> dict:
     (args.out / "results.json").write_text(json.dumps({"command": command, "summary": summary,
                                                        "records": records}, indent=1) + "\n")
     render_figure(records, args.out, args.figure_rows).save(args.out / "figure.png")
-    # The same seeds with and without the default pose guidance (the README's before/after).
-    pair = [c for c in CONDITIONS if c.name in ("mcgm", f"mcgm+{SampleSettings.pose_guidance}")]
+    # The same seeds with and without the default pose guidance (the README's before/after), for
+    # every photo and for the two-subject ones alone.
+    after = f"mcgm+{args.before_after or SampleSettings.pose_guidance}"
+    pair = [c for c in CONDITIONS if c.name in ("mcgm", after)]
     if len(pair) == 2:
         render_figure(records, args.out, args.figure_rows, pair).save(args.out / "before_after.png")
+        two = [r for r in records if r["subjects"] == 2]
+        if two:
+            render_figure(two, args.out, args.figure_rows, pair).save(args.out / "before_after_two.png")
     report = write_report(args.out, summary, command, args, note)
     print(markdown_tables(summary))
     print(f"Wrote {report}, {args.out / 'results.json'}, {args.out / 'figure.png'}")

@@ -90,7 +90,7 @@ def sampling_step(model: str, resolution: int, mode: str, dtype: str, fp8_unet: 
         if mode == "latent":
             guidance = LatentGuidance(unet, guidance_layers(unet, settings.pose_guidance_layers), cond, guide,
                                       settings, cond_added, checkpointing=guidance_checkpointing)
-            latents = guidance.step(latents, t, DDIMScheduler())  # DDIM's model input is its latent
+            latents = guidance.step(latents, 500, DDIMScheduler())  # a plain int: the noise-scaled rule reads it
         if mode == "attention":
             with guided_attention(unet, guide):
                 unet(torch.cat([latents] * 2), t, context, added_cond_kwargs=added)

@@ -8,8 +8,11 @@ pose"). These training-free mechanisms act where position lives, on the cross-at
   logits move toward its largest logit for the columns whose mask holds the query and toward its
   smallest for the others, by strength x (1 - the area of the masks holding the query) x
   (t / T)^5: a large mask or a late step needs less. ``fixed`` (lowmcgm's first rule): ``+w``
-  inside the mask and ``-w`` outside, on the posed columns only, fading linearly. No gradients:
-  almost free in time and memory.
+  inside the mask and ``-w`` outside, on the posed columns only, fading linearly. With
+  ``dense`` and a self-attention strength, self-attention too: a key in the query's subject's
+  mask moves toward the query's largest logit, the others toward its smallest (DenseDiffusion's
+  sreg; layers up to 32x32). No gradients: almost free in time, and in memory but for the
+  explicit self-attention logits.
 - ``latent`` ("Training-Free Layout Control with Cross-Attention Guidance", Chen, Laina, Vedaldi
   2023; BoxDiff, ICCV 2023): during the guided steps, a gradient step on the latent lowers an
   energy of the posed columns' attention before the step's prediction. ``noise-scaled`` (their
@@ -66,6 +69,7 @@ class PoseGuide:
         fade: the weight falls linearly to 0 over the guided steps (the ``fixed`` and
             ``normalized`` rules); else it stays at ``strength``.
         bias_rule: ``attention`` mode's logit change, ``dense`` or ``fixed`` (config.py).
+        self_strength: ``dense`` on self-attention too, with this strength (0: not).
         noise_level: t / T of the step about to run, which ``dense`` decays with.
     """
 
@@ -77,6 +81,7 @@ class PoseGuide:
     subjects: list[int] | None = None
     fade: bool = True
     bias_rule: str = SampleSettings.pose_guidance_bias
+    self_strength: float = SampleSettings.pose_guidance_self_attention
     noise_level: float = 1.0
     step: int = 0
     _resized: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
@@ -135,11 +140,36 @@ class PoseGuide:
         bias[rows] = rate * (inside * (highest - logits) - (1.0 - inside) * (logits - lowest))
         return bias
 
+    def self_bias(self, query: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tensor | None:
+        """DenseDiffusion's change on a self-attention call: (B, H, N, N) float32, or None.
+
+        Their ``mod_forward``, self-attention branch: a key in the query's subject's mask moves
+        toward the query's largest logit, every other key toward its smallest, by ``self_strength``
+        x (1 - the area of the masks holding the query) x (t / T)^5.
+        """
+        if self.bias_rule != "dense" or self.self_strength == 0.0 or self.weight() == 0.0:
+            return None
+        batch, heads, num_queries, _ = query.shape
+        per_subject = self._per_subject(self.masks_at(num_queries).to(query.device))  # (k, N)
+        together = (per_subject.T @ per_subject).clamp(max=1.0)  # (N, N): query and key in one subject
+        rows = slice(self.uncond_rows, None)
+        logits = torch.matmul(query[rows].float(), key[rows].float().transpose(-1, -2)) * scale
+        highest, lowest = logits.amax(-1, keepdim=True), logits.amin(-1, keepdim=True)
+        area = (per_subject * per_subject.mean(1, keepdim=True)).sum(0)
+        rate = self.self_strength * self.noise_level ** 5 * (1.0 - area).clamp_min(0.0)[:, None]
+        bias = torch.zeros(batch, heads, num_queries, num_queries, device=query.device, dtype=torch.float32)
+        bias[rows] = rate * (together * (highest - logits) - (1.0 - together) * (logits - lowest))
+        return bias
+
+    def _per_subject(self, masks: torch.Tensor) -> torch.Tensor:
+        """(k, N): one of ``masks``' rows per subject (its columns share the mask)."""
+        first = {subject: i for i, subject in reversed(list(enumerate(self.subjects)))}
+        return masks[list(first.values())]
+
     def _area_per_query(self, masks: torch.Tensor) -> torch.Tensor:
         """(N,) the summed area (share of the image) of the subjects' masks holding each query
         (DenseDiffusion's ``reg_sizes``: 0 in the background, a subject's area inside it)."""
-        first = {subject: i for i, subject in reversed(list(enumerate(self.subjects)))}
-        per_subject = masks[list(first.values())]  # (k, N): one mask per subject
+        per_subject = self._per_subject(masks)
         return (per_subject * per_subject.mean(1, keepdim=True)).sum(0)
 
     def on_step_end(self, pipe: Any, step: int, timestep: Any, kwargs: dict) -> dict:
@@ -187,9 +217,53 @@ def guided_columns(text_ids: list[int], handle_ids: list[int], pose_masks: torch
     return columns, torch.stack(masks), subjects
 
 
+# Self-attention guidance materialises each guided layer's (B, H, N, N) logits; past 32x32 maps
+# (SD's 64x64 layers at 512 px: 0.5 GiB per image in float32) it leaves the layer as it is.
+SELF_ATTENTION_MAX_QUERIES = 1024
+
+
+class GuidedSelfAttnProcessor:
+    """A self-attention layer with ``guide.self_bias`` added to its logits while it guides; the
+    layer's own processor otherwise (and on layers too large to guide, or unlike SD's).
+
+    Args:
+        guide: the pose guide.
+        own: the processor it stands in for.
+    """
+
+    def __init__(self, guide: PoseGuide, own: Any):
+        self.guide, self.own = guide, own
+
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
+                 *args, **kwargs) -> torch.Tensor:
+        plain = (hidden_states.ndim != 3 or encoder_hidden_states is not None or attention_mask is not None
+                 or attn.spatial_norm is not None or attn.group_norm is not None
+                 or hidden_states.shape[1] > SELF_ATTENTION_MAX_QUERIES or self.guide.self_strength == 0.0
+                 or self.guide.weight() == 0.0)
+        if plain:
+            return self.own(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        batch = hidden_states.shape[0]
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query, key, value = (x.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for x in (query, key, value))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        bias = self.guide.self_bias(query, key, attn.scale)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias.to(query.dtype))
+        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
+
+
 @contextlib.contextmanager
 def guided_attention(unet: Any, guide: PoseGuide) -> Iterator[None]:
-    """Every cross-attention layer of ``unet`` biased by ``guide`` while inside.
+    """Every cross-attention layer of ``unet`` biased by ``guide`` while inside (and every
+    self-attention layer, with ``guide.self_strength``).
 
     Layers that already capture (training previews, attention pictures) keep their processor and
     get the guide too, so their captured maps are the guided ones.
@@ -197,6 +271,9 @@ def guided_attention(unet: Any, guide: PoseGuide) -> Iterator[None]:
     current = dict(unet.attn_processors)
     replaced, extended = {}, []
     for name, proc in current.items():
+        if name.endswith("attn1.processor") and guide.self_strength and guide.bias_rule == "dense":
+            replaced[name] = proc
+            current[name] = GuidedSelfAttnProcessor(guide, proc)
         if not name.endswith("attn2.processor"):
             continue
         if isinstance(proc, CapturingCrossAttnProcessor):
@@ -254,7 +331,7 @@ def layout_energy(layer_maps: list[torch.Tensor], masks: torch.Tensor, subjects:
         (B,) energies in float32.
     """
     subject_ids = sorted(set(subjects))
-    owner = torch.tensor(subjects)
+    owner = torch.tensor(subjects, device=layer_maps[0].device)
     total = 0.0
     for maps in layer_maps:
         small = F.adaptive_avg_pool2d(masks[None].float(), maps.shape[-2:])[0].flatten(1).to(maps.device)  # (S, n)

@@ -254,7 +254,8 @@ class PoseSampler:
         settings = resolve_guidance(settings)  # one place says what a 0 strength or step count means
         return PoseGuide(columns, masks, settings.pose_guidance_strength, settings.pose_guidance_steps,
                          uncond_rows=num if settings.guidance_scale > 1 else 0, subjects=subjects,
-                         fade=guidance_rule(settings) in ("fixed", "normalized"), bias_rule=settings.pose_guidance_bias)
+                         fade=guidance_rule(settings) in ("fixed", "normalized"), bias_rule=settings.pose_guidance_bias,
+                         self_strength=settings.pose_guidance_self_attention)
 
     def _guided_first_latents(self, latent: LatentGuidance, generators: list[torch.Generator],
                               settings: SampleSettings, like: torch.Tensor) -> torch.Tensor:
