@@ -17,8 +17,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
@@ -61,7 +59,6 @@ def main(argv=None) -> None:
             if not args.sample_only:
                 shoot_subjects_and_training(page, inputs, args)
             page.get_by_role("tab", name="3 · Pose and sample").click()
-            wait_for_text(page, "photo-message", "px", 60)
             page.locator("#refresh-runs").click()
             page.locator("#runs input").click()
             page.get_by_role("option", name="dog-and-cat").click()
