@@ -14,7 +14,8 @@ from diffusers import DDIMScheduler
 from lowmcgm.artifact import load_artifact
 from lowmcgm.config import SampleSettings
 from lowmcgm.models.tiny import build_tiny_base
-from lowmcgm.sampling.pose_guidance import PoseGuide, attention_energy, guided_columns
+from lowmcgm.sampling.latent_guidance import attention_energy
+from lowmcgm.sampling.pose_guidance import PoseGuide, guided_columns
 from lowmcgm.sampling.prompts import PromptSpec, fit_pose_masks, plan_prompts
 from lowmcgm.sampling.sampler import build_sampler
 
@@ -113,7 +114,7 @@ def test_energy_is_zero_inside_and_grows_outside():
 
 
 def test_layout_energy_squares_each_head_then_averages_and_weighs_subjects_alike():
-    from lowmcgm.sampling.pose_guidance import layout_energy
+    from lowmcgm.sampling.latent_guidance import layout_energy
 
     masks = torch.zeros(3, 8, 8)
     masks[:2, :, :4] = 1  # subject 0 (a handle and its mask token): the left half
@@ -131,7 +132,7 @@ def test_layout_energy_squares_each_head_then_averages_and_weighs_subjects_alike
 
 
 def test_area_normalised_energy_scores_evenly_spread_attention_one_whatever_the_mask():
-    from lowmcgm.sampling.pose_guidance import layout_energy
+    from lowmcgm.sampling.latent_guidance import layout_energy
 
     even = torch.full((1, 1, 1, 8, 8), 1 / 64)
     for rows in (1, 2, 6):
@@ -261,7 +262,7 @@ def test_every_guidance_rule_has_a_default_strength():
 
 
 def _tiny_guidance(settings=SampleSettings(), **guide):
-    from lowmcgm.sampling.pose_guidance import LatentGuidance, guidance_layers
+    from lowmcgm.sampling.latent_guidance import LatentGuidance, guidance_layers
 
     base = build_tiny_base("tiny")
     unet = base.unet.requires_grad_(False).eval()
@@ -297,7 +298,7 @@ def test_noise_scaled_step_is_sigma_squared_times_the_gradient_on_ddim_and_euler
     DDIM's latent (the model input itself) is (1 - a_t) x the gradient; on Euler's, sigma_t^2."""
     from diffusers import EulerDiscreteScheduler
 
-    from lowmcgm.sampling.pose_guidance import _noise_step_scale
+    from lowmcgm.sampling.latent_guidance import _noise_step_scale
 
     ddim = DDIMScheduler(num_train_timesteps=1000)
     ddim.set_timesteps(10)

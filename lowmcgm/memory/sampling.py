@@ -50,8 +50,8 @@ def sampling_step(model: str, resolution: int, mode: str, dtype: str, fp8_unet: 
     from lowmcgm.config import SampleSettings
     from lowmcgm.models.configs import SHIPPED_CONFIGS
     from lowmcgm.models.dtypes import torch_dtype
-    from lowmcgm.sampling.pose_guidance import (DEFAULT_STRENGTH, LatentGuidance, PoseGuide, guidance_layers,
-                                                 guidance_rule, guided_attention)
+    from lowmcgm.sampling.latent_guidance import LatentGuidance, guidance_layers
+    from lowmcgm.sampling.pose_guidance import DEFAULT_STRENGTH, PoseGuide, guidance_rule, guided_attention
 
     s = mt.session()
     s.set_item_value(1)

@@ -47,8 +47,9 @@ from lowmcgm.models.text_conditioning import encode_prompts
 from lowmcgm.runs.folder import SAMPLE_FILES, check_sample_folder, clear_earlier_samples, earlier_samples
 from lowmcgm.runs.output import check_output_dir
 from lowmcgm.runs.write_guard import check_not_inputs
-from lowmcgm.sampling.pose_guidance import (DEFAULT_STRENGTH, LatentGuidance, PoseGuide, guidance_layers, guidance_rule,
-                                             guided_attention, guided_columns, noise_level)
+from lowmcgm.sampling.latent_guidance import LatentGuidance, guidance_layers
+from lowmcgm.sampling.pose_guidance import (DEFAULT_STRENGTH, PoseGuide, guidance_rule, guided_attention, guided_columns,
+                                             noise_level)
 from lowmcgm.sampling.previews import (SheetRow, mask_to_image, render_attention_picture, render_contact_sheet,
                                        save_json, save_png)
 from lowmcgm.sampling.prompts import (PlannedPrompt, PromptSpec, check_plans_fit, check_pose_crops, fit_pose_masks,
