@@ -161,11 +161,15 @@ class Artifact:
     handle_vectors_2: torch.Tensor | None = None  # (K, d2): SDXL's second text encoder; None for SD 1.x/2.x
 
     @property
+    def handle_vector_sets(self) -> list[torch.Tensor]:
+        """The handles' rows per text encoder the artifact was trained with, first one first."""
+        return [self.handle_vectors] + ([self.handle_vectors_2] if self.handle_vectors_2 is not None else [])
+
+    @property
     def text_width(self) -> int:
         """The width of the UNet's context tokens (and of the mask tokens): SDXL concatenates both
         encoders' states, so there it is both rows' widths together."""
-        second = 0 if self.handle_vectors_2 is None else int(self.handle_vectors_2.shape[1])
-        return int(self.handle_vectors.shape[1]) + second
+        return sum(int(vectors.shape[1]) for vectors in self.handle_vector_sets)
 
     @property
     def uses_mask_tokens(self) -> bool:

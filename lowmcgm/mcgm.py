@@ -40,23 +40,26 @@ class MCGMState:
 
     Attributes:
         handle_names: the handles, in mask order (``<asset0>``, ...).
-        handles: the embedding wrapper whose ``vectors`` (K, d) are the handles' rows.
+        handle_sets: per text encoder (SDXL has two), the embedding wrapper whose ``vectors``
+            (K, d) are its rows of the handles; all train together. ``handles`` is the first.
         mask_encoder: None when trained without mask tokens (Break-a-scene mode).
         lora: the adapters' description as the artifact records it (``mode``, ``rank``, ``alpha``,
             ``unet_targets``, ``text_encoder_targets``); empty until ``add_adapters``.
         unet_params, text_encoder_params: the phase-2 trainables (LoRA weights, or every weight
             in ``full`` mode); empty before ``add_adapters``.
-        handles_2: SDXL's second text encoder's wrapper (its own rows of the same handles, trained
-            together with the first's); None for SD 1.x/2.x.
     """
 
     handle_names: list[str]
-    handles: HandleEmbedding
+    handle_sets: list[HandleEmbedding]
     mask_encoder: MaskEncoder | None
     lora: dict[str, Any] = field(default_factory=dict)
     unet_params: list[nn.Parameter] = field(default_factory=list)
     text_encoder_params: list[nn.Parameter] = field(default_factory=list)
-    handles_2: HandleEmbedding | None = None
+
+    @property
+    def handles(self) -> HandleEmbedding:
+        """The first text encoder's handles: their token ids are where the losses read attention."""
+        return self.handle_sets[0]
 
     # ------------------------------------------------------------------------------------------
     # Installing and removing.
@@ -72,20 +75,18 @@ class MCGMState:
         ``output_norm`` (config ``loss.*``); a LayerNorm's gain is set by the trainer
         (``MaskEncoder.init_output_scale``), which runs the text encoder.
         """
-        for module in (base.unet, base.text_encoder, base.text_encoder_2, base.vae):
-            if module is not None:
-                module.requires_grad_(False)
+        for module in (base.unet, *base.text_encoders, base.vae):
+            module.requires_grad_(False)
         init_gen = torch.Generator().manual_seed(seed)
-        handles = install_handles(base.tokenizer, base.text_encoder, handle_names, init_words, init_gen)
-        handles_2 = None
-        if base.text_encoder_2 is not None:  # SDXL: the same handles, initialised from the second's own table
-            handles_2 = install_handles(base.tokenizer_2, base.text_encoder_2, handle_names, init_words, init_gen)
+        # The same handles in every text encoder, each initialised from that encoder's own table.
+        handle_sets = [install_handles(tokenizer, encoder, handle_names, init_words, init_gen)
+                       for tokenizer, encoder in base.text_encoder_pairs]
         mask_encoder = None
         if use_mask_tokens:
             torch.manual_seed(seed)  # nn.Linear's init draws from the global generator
             mask_encoder = MaskEncoder(base.text_width, input_mode=mask_encoder_input,
                                        output_norm=mask_token_norm).to(device)
-        return cls(list(handle_names), handles, mask_encoder, handles_2=handles_2)
+        return cls(list(handle_names), handle_sets, mask_encoder)
 
     def add_adapters(self, base: BaseModel, lora: LoraConfig, device: torch.device | str) -> None:
         """Phase 2's trainables: LoRA on the UNet (and the text encoder), or every weight (``full``)."""
@@ -121,10 +122,9 @@ class MCGMState:
         ``from_artifact`` reuses them), and ``full`` mode's trained weights stay in place (keeping a
         copy of the whole UNet is what that mode cannot afford).
         """
-        if isinstance(base.text_encoder.get_input_embeddings(), HandleEmbedding):
-            base.text_encoder.set_input_embeddings(self.handles.base)
-        if self.handles_2 is not None and isinstance(base.text_encoder_2.get_input_embeddings(), HandleEmbedding):
-            base.text_encoder_2.set_input_embeddings(self.handles_2.base)
+        for encoder, wrapper in zip(base.text_encoders, self.handle_sets):
+            if isinstance(encoder.get_input_embeddings(), HandleEmbedding):
+                encoder.set_input_embeddings(wrapper.base)
         for model in (base.unet, base.text_encoder):
             _remove_lora_layers(model)
             model.requires_grad_(False)
@@ -137,7 +137,7 @@ class MCGMState:
         """The optimizer's groups for ``phase``, each with its learning rate from ``t``."""
         groups = []
         if not (phase == 2 and t.phase2_handle_lr == 0):
-            groups.append({"params": [h.vectors for h in self._handle_wrappers()],
+            groups.append({"params": [h.vectors for h in self.handle_sets],
                            "lr": t.handle_lr if phase == 1 else t.phase2_handle_lr})
         if self.mask_encoder is not None:
             groups.append({"params": list(self.mask_encoder.parameters()),
@@ -149,7 +149,7 @@ class MCGMState:
         return groups
 
     def to(self, device: torch.device | str) -> MCGMState:
-        for wrapper in self._handle_wrappers():
+        for wrapper in self.handle_sets:
             wrapper.to(device)
         if self.mask_encoder is not None:
             self.mask_encoder.to(device)
@@ -161,9 +161,7 @@ class MCGMState:
     def state_dict(self, base: BaseModel) -> dict[str, torch.Tensor]:
         """fp32 CPU copies of every trained weight: ``handles.vectors``, ``mask_encoder.*``,
         ``unet.*`` and ``text_encoder.*`` (adapter weights under peft's names)."""
-        state = {"handles.vectors": self.handles.vectors.detach().float().cpu()}
-        if self.handles_2 is not None:
-            state["handles.vectors_2"] = self.handles_2.vectors.detach().float().cpu()
+        state = {_vectors_key(i): h.vectors.detach().float().cpu() for i, h in enumerate(self.handle_sets)}
         if self.mask_encoder is not None:
             state |= {f"mask_encoder.{k}": v.float().cpu() for k, v in self.mask_encoder.state_dict().items()}
         state |= {f"unet.{k}": v.float().cpu() for k, v in self._adapter_state(base.unet).items()}
@@ -175,9 +173,8 @@ class MCGMState:
     def load_state_dict(self, base: BaseModel, tensors: dict[str, torch.Tensor]) -> None:
         """Load what ``state_dict`` returned (adapters must have been added when it has any)."""
         with torch.no_grad():
-            self.handles.vectors.copy_(tensors["handles.vectors"])
-            if self.handles_2 is not None:
-                self.handles_2.vectors.copy_(tensors["handles.vectors_2"])
+            for i, wrapper in enumerate(self.handle_sets):
+                wrapper.vectors.copy_(tensors[_vectors_key(i)])
         if self.mask_encoder is not None:
             self.mask_encoder.load_state_dict(_sub(tensors, "mask_encoder."))
         for prefix, module in (("unet.", base.unet), ("text_encoder.", base.text_encoder)):
@@ -186,16 +183,17 @@ class MCGMState:
     def to_artifact(self, base: BaseModel, run_meta: dict[str, Any]) -> Artifact:
         """The artifact of this state on ``base``; ``run_meta`` adds what the run knows (base
         model identity, resolution, training config)."""
+        vectors = [h.vectors.detach().float().cpu() for h in self.handle_sets]
         return Artifact(
-            handles=list(self.handle_names), handle_vectors=self.handles.vectors.detach().float().cpu(),
-            handle_vectors_2=self.handles_2.vectors.detach().float().cpu() if self.handles_2 is not None else None,
+            handles=list(self.handle_names), handle_vectors=vectors[0],
+            handle_vectors_2=vectors[1] if len(vectors) > 1 else None,
             mask_encoder={k: v.float().cpu() for k, v in self.mask_encoder.state_dict().items()}
             if self.mask_encoder is not None else {},
             unet_lora=self._adapter_state(base.unet),
             text_encoder_lora=self._adapter_state(base.text_encoder) if self._adapts_text_encoder() else {},
             meta={**run_meta, "mask_size": self.mask_encoder.mask_size if self.mask_encoder is not None else 0,
                   "lora": dict(self.lora), **_encoder_options(self.mask_encoder),
-                  **({SDXL_POOLING_KEY: SDXL_POOLING} if self.handles_2 is not None else {})},
+                  **({SDXL_POOLING_KEY: SDXL_POOLING} if base.family.pooled_embedding else {})},
         )
 
     @classmethod
@@ -207,14 +205,11 @@ class MCGMState:
         text_encoder = base.text_encoder
         if isinstance(text_encoder.get_input_embeddings(), HandleEmbedding):
             raise RuntimeError("from_artifact on a base that still carries a state: remove() it first")
-        if (artifact.handle_vectors_2 is None) != (base.text_encoder_2 is None):
+        if len(artifact.handle_vector_sets) != len(base.text_encoders):
             raise UserError("The artifact and the base model are of different families (one is SDXL, the other "
                             "is not): pass the base model the artifact was trained on.")
-        handles = _install_trained(base.tokenizer, text_encoder, artifact.handles, artifact.handle_vectors)
-        handles_2 = None
-        if artifact.handle_vectors_2 is not None:
-            handles_2 = _install_trained(base.tokenizer_2, base.text_encoder_2, artifact.handles,
-                                         artifact.handle_vectors_2)
+        handle_sets = [_install_trained(tokenizer, encoder, artifact.handles, vectors)
+                       for (tokenizer, encoder), vectors in zip(base.text_encoder_pairs, artifact.handle_vector_sets)]
         mask_encoder = None
         if artifact.uses_mask_tokens:
             with torch.random.fork_rng(devices=[]):  # nn.Linear's init draws from the global generator
@@ -222,17 +217,15 @@ class MCGMState:
                                            input_mode=artifact.meta.get("mask_encoder_input", "binary"),
                                            output_norm=artifact.meta.get("mask_token_norm", "none"))
             mask_encoder.load_state_dict(artifact.mask_encoder)
-        state = cls(list(artifact.handles), handles, mask_encoder, lora=dict(artifact.meta.get("lora") or {}),
-                    handles_2=handles_2)
+        state = cls(list(artifact.handles), handle_sets, mask_encoder, lora=dict(artifact.meta.get("lora") or {}))
         for component, module, tensors in (("unet", base.unet, artifact.unet_lora),
                                            ("text_encoder", text_encoder, artifact.text_encoder_lora)):
             if tensors and state.lora.get("mode") != "full":
                 targets = state.lora.get(f"{component}_targets") or sorted({k.rsplit(".lora_", 1)[0] for k in tensors})
                 add_lora(module, tuple(targets), int(state.lora["rank"]), float(state.lora["alpha"]))
             _load_adapter(module, tensors, state.lora)
-        for module in (base.unet, text_encoder, base.text_encoder_2, base.vae, handles):
-            if module is not None:
-                module.requires_grad_(False)
+        for module in (base.unet, *base.text_encoders, base.vae, *handle_sets):
+            module.requires_grad_(False)
         if mask_encoder is not None:
             mask_encoder.requires_grad_(False).eval()
         return state
@@ -244,11 +237,13 @@ class MCGMState:
             return {k: v for k, v in module.state_dict().items() if "token_embedding" not in k}
         return lora_state_dict(module)
 
-    def _handle_wrappers(self) -> list[HandleEmbedding]:
-        return [self.handles] + ([self.handles_2] if self.handles_2 is not None else [])
-
     def _adapts_text_encoder(self) -> bool:
         return self.lora.get("mode") == "full" or bool(self.lora.get("text_encoder_targets"))
+
+
+def _vectors_key(index: int) -> str:
+    """The checkpoint and artifact key of the ``index``-th text encoder's handle rows."""
+    return "handles.vectors" if index == 0 else f"handles.vectors_{index + 1}"
 
 
 def _install_trained(tokenizer, text_encoder: nn.Module, handles: list[str], vectors: torch.Tensor) -> HandleEmbedding:

@@ -48,7 +48,7 @@ def make_xl_artifact(path: Path) -> Path:
     state.add_adapters(base, LORA, "cpu")
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for wrapper in (state.handles, state.handles_2):
+        for wrapper in state.handle_sets:
             wrapper.vectors.add_(0.1 * torch.randn(wrapper.vectors.shape, generator=gen))
         for name, param in base.unet.named_parameters():
             if "lora_B" in name:  # non-zero, so a LoRA that fails to load shows
@@ -339,7 +339,7 @@ def test_text_encoders_wait_at_home_and_visit_only_to_encode(files):
     sampler.text_encoders_home = "cpu"
     visited = np.asarray(sampler.generate(plan, [3], FAST)[0])
     np.testing.assert_array_equal(visited, plain)
-    device = str(sampler.pipe._execution_device)
+    device = str(sampler.device)
     assert moves == [("CLIPTextModel", device), ("CLIPTextModelWithProjection", device),
                      ("CLIPTextModel", "cpu"), ("CLIPTextModelWithProjection", "cpu")]
 

@@ -55,8 +55,8 @@ def test_sdxl_tokenizers_are_built_offline_with_their_own_pads():
 
 
 def test_tiny_xl_is_sdxl_shaped(tiny_xl):
-    assert tiny_xl.family == "sdxl" and tiny_xl.version_tag == "sdxl_base_v1-0"
-    assert build_tiny_base("tiny").family == "sd1" and build_tiny_base("tiny-v").family == "sd2"
+    assert tiny_xl.family.name == "sdxl" and tiny_xl.version_tag == "sdxl_base_v1-0"
+    assert build_tiny_base("tiny").family.name == "sd1" and build_tiny_base("tiny-v").family.name == "sd2"
     widths = tiny_xl.text_encoder.config.hidden_size + tiny_xl.text_encoder_2.config.hidden_size
     assert tiny_xl.text_width == widths and tiny_xl.resolution == 64
     ids = [t(["a photo of a dog"], padding="max_length", max_length=77, return_tensors="pt").input_ids
@@ -95,7 +95,7 @@ def test_an_sdxl_folder_loads_in_lowmcgm_and_in_diffusers(tiny_xl, tmp_path):
     folder = tmp_path / "xl"
     save_base_model(tiny_xl, folder)
     loaded = load_base_model(str(folder))
-    assert loaded.family == "sdxl" and loaded.config_hash == tiny_xl.config_hash
+    assert loaded.family.name == "sdxl" and loaded.config_hash == tiny_xl.config_hash
     assert loaded.tokenizer_2.pad_token_id == 0
     for a, b in zip(tiny_xl.text_encoder_2.state_dict().values(), loaded.text_encoder_2.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)

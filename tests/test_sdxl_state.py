@@ -29,8 +29,8 @@ def test_handles_go_into_both_encoders_from_each_ones_own_table():
     dog_2 = base.text_encoder_2.get_input_embeddings().weight[
         base.tokenizer_2("dog", add_special_tokens=False).input_ids[0]].clone()
     state = MCGMState.install(base, HANDLES, ["dog", ""], use_mask_tokens=True, seed=0)
-    assert state.handles_2 is not None and state.handles_2.vectors.shape == (2, 32)
-    torch.testing.assert_close(state.handles_2.vectors[0], dog_2.float(), rtol=0, atol=0)
+    assert len(state.handle_sets) == 2 and state.handle_sets[1].vectors.shape == (2, 32)
+    torch.testing.assert_close(state.handle_sets[1].vectors[0], dog_2.float(), rtol=0, atol=0)
     assert state.mask_encoder.proj.out_features == base.text_width == 64  # the concatenated context
     ids_2 = base.tokenizer_2.convert_tokens_to_ids(HANDLES)
     assert _ids(base.tokenizer_2)[0].tolist().count(ids_2[0]) == 1
@@ -39,7 +39,7 @@ def test_handles_go_into_both_encoders_from_each_ones_own_table():
     assert [p.shape for p in group["params"]] == [(2, 32), (2, 32)]
     text = _context(base)
     (text.context.square().sum() + text.pooled.square().sum()).backward()
-    assert state.handles.vectors.grad.abs().sum() > 0 and state.handles_2.vectors.grad.abs().sum() > 0
+    assert state.handles.vectors.grad.abs().sum() > 0 and state.handle_sets[1].vectors.grad.abs().sum() > 0
     trainable = [name for name, p in base.text_encoder_2.named_parameters() if p.requires_grad]
     assert trainable == ["text_model.embeddings.token_embedding.vectors"]  # only the handles' rows
 
@@ -50,7 +50,7 @@ def test_sdxl_state_round_trips_through_the_artifact_and_comes_off_again(tmp_pat
         plain = _context(base, "a photo of a dog")
     state = MCGMState.install(base, HANDLES, ["dog", "cat"], use_mask_tokens=True, seed=0)
     with torch.no_grad():  # as if trained: both encoders' rows move
-        for wrapper in (state.handles, state.handles_2):
+        for wrapper in state.handle_sets:
             wrapper.vectors.add_(0.1 * torch.randn(wrapper.vectors.shape, generator=torch.Generator().manual_seed(3)))
         trained = _context(base)
     path = tmp_path / "xl.safetensors"
@@ -71,7 +71,7 @@ def test_sdxl_state_round_trips_through_the_artifact_and_comes_off_again(tmp_pat
     torch.testing.assert_close(again.pooled, trained.pooled, rtol=0, atol=0)
     loaded.remove(base)
     fresh = MCGMState.from_artifact(build_tiny_base("tiny-xl"), artifact)  # and on a freshly loaded one
-    assert fresh.handles_2 is not None
+    assert len(fresh.handle_sets) == 2
 
 
 def test_an_artifact_meets_only_a_base_of_its_family(tmp_path):

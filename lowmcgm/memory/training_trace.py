@@ -356,7 +356,7 @@ def _optimizer_state_bytes(optimizer: torch.optim.Optimizer, device_type: str) -
 
 def _device_modules(setup: Any) -> list[torch.nn.Module]:
     base, mcgm = setup.base, setup.mcgm
-    mods = [base.unet, base.text_encoder, base.text_encoder_2, base.vae, mcgm.handles, mcgm.handles_2]
+    mods = [base.unet, *base.text_encoders, base.vae, *mcgm.handle_sets]
     mods = [m for m in mods if m is not None]
     return mods + ([setup.mcgm.mask_encoder] if setup.mcgm.mask_encoder is not None else [])
 

@@ -2,8 +2,8 @@
 
 A base model is whatever ``--base-model`` names (``loading.py`` finds and loads it). SDXL models (a
 second tokenizer and text encoder, pooled text embeddings and size conditioning) load into the same
-``BaseModel`` with ``tokenizer_2``/``text_encoder_2`` set; ``family`` tells them apart where the
-paths differ (``text_conditioning``, ``sampler``, ``interop.export``, ``models.fit``). Everything
+``BaseModel`` with ``tokenizer_2``/``text_encoder_2`` set; ``family`` (``families.py``) owns what
+differs between them, and code outside ``models/`` asks it rather than testing which it is. Everything
 downstream reads text width, prediction type and resolution from the loaded configs, never from
 constants.
 """
@@ -18,10 +18,9 @@ from typing import Any
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from lowmcgm.models.families import ModelFamily, detect_family
+
 TOY_NAME = "toy"  # the toy-world model bundled in lowmcgm/toy/weights (lowmcgm/toy/bundled.py)
-# SDXL's size conditioning: six numbers (original size, crop corner, target size), each embedded
-# with addition_time_embed_dim sinusoids, beside the second text encoder's pooled embedding.
-SDXL_TIME_IDS = 6
 
 
 @dataclass
@@ -39,12 +38,22 @@ class BaseModel:
     text_encoder_2: CLIPTextModelWithProjection | None = None
 
     @property
-    def family(self) -> str:
-        """``sd1``, ``sd2`` or ``sdxl``: SD 2.x UNets are the ones with linear transformer
-        projections (the tiny models follow suit); SDXL the one with a second text encoder."""
+    def family(self) -> ModelFamily:
+        """SD 1.x, SD 2.x or SDXL (``families.FAMILIES``): what differs between them is asked of it."""
+        return detect_family(self.unet.config, self.text_encoder_2 is not None)
+
+    @property
+    def text_encoders(self) -> list[CLIPTextModel]:
+        """Each text encoder, first one first (SDXL has two)."""
+        return [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
+
+    @property
+    def text_encoder_pairs(self) -> list[tuple[CLIPTokenizer, CLIPTextModel]]:
+        """Each (tokenizer, text encoder) pair, first one first: handles are tokens of every pair."""
+        pairs = [(self.tokenizer, self.text_encoder)]
         if self.text_encoder_2 is not None:
-            return "sdxl"
-        return "sd2" if self.unet.config.use_linear_projection else "sd1"
+            pairs.append((self.tokenizer_2, self.text_encoder_2))
+        return pairs
 
     @property
     def prediction_type(self) -> str:
@@ -71,11 +80,7 @@ class BaseModel:
     @property
     def version_tag(self) -> str:
         """kohya's ``ss_base_model_version``: sd_v1, sd_v2, sd_v2_v or sdxl_base_v1-0."""
-        if self.family == "sdxl":
-            return "sdxl_base_v1-0"
-        if self.family == "sd1":
-            return "sd_v1"
-        return "sd_v2_v" if self.prediction_type == "v_prediction" else "sd_v2"
+        return self.family.version_tag(self.prediction_type)
 
 
 TEXT_HASH_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "projection_dim",

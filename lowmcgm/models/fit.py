@@ -26,7 +26,7 @@ SDXL_MIN_RESOLUTION_FACTOR = 0.75
 
 def check_settings_fit(cfg: Config, base: BaseModel) -> None:
     """Refuse a resolution the model cannot take and LoRA targets it does not have (one UserError)."""
-    problems = sdxl_problems(cfg) if base.family == "sdxl" else []
+    problems = sdxl_problems(cfg) if base.family.name == "sdxl" else []
     if cfg.model.resolution:
         problems += _resolution_problems(cfg.model.resolution, base)
     if cfg.lora.phase2_mode == "lora" and cfg.train.phase2_steps:
@@ -49,7 +49,7 @@ def _resolution_problems(resolution: int, base: BaseModel) -> list[str]:
         problems.append(f"model.resolution {resolution} is past {high} px, twice the size this model was trained "
                         f"at ({base.resolution} px); 0 takes {base.resolution}")
     low = sdxl_min_side(base)
-    if base.family == "sdxl" and resolution < low:
+    if base.family.name == "sdxl" and resolution < low:
         problems.append(f"model.resolution {resolution} is below {low} px: SDXL models were made for "
                         f"{base.resolution} px and draw poorly under 3/4 of it; 0 takes {base.resolution}")
     return problems
@@ -95,7 +95,7 @@ def check_sample_size(base: BaseModel, height: int, width: int) -> None:
     SDXL was trained on many shapes of about its own area (1024x1024, 896x1152, 768x1344, ...), so
     the area is bounded, not the sides: at least that of the smallest training resolution allowed.
     """
-    if base.family != "sdxl":
+    if base.family.name != "sdxl":
         return
     low = sdxl_min_side(base)
     if height * width < low * low:

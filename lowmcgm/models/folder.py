@@ -13,21 +13,7 @@ from lowmcgm.models.base import BaseModel
 
 def save_base_model(model: BaseModel, folder: Path) -> None:
     """Write a diffusers folder that diffusers' SD or SDXL pipeline and lowmcgm load."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    if model.family == "sdxl":
-        StableDiffusionXLPipeline(
-            vae=model.vae, text_encoder=model.text_encoder, text_encoder_2=model.text_encoder_2,
-            tokenizer=model.tokenizer, tokenizer_2=model.tokenizer_2, unet=model.unet,
-            scheduler=model.noise_scheduler, add_watermarker=False,
-        ).save_pretrained(folder)
-        return
-    pipe = StableDiffusionPipeline(
-        vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.unet,
-        scheduler=model.noise_scheduler, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(folder)
+    model.family.build_pipeline(model, model.noise_scheduler).save_pretrained(folder)
 
 
 def check_folder_layout(folder: Path) -> None:

@@ -18,17 +18,23 @@ results equal to the pipeline's.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from lowmcgm.errors import UserError
-from lowmcgm.models.base import SDXL_TIME_IDS, BaseModel
+
+# SDXL's size conditioning: six numbers (original size, crop corner, target size), each embedded
+# with addition_time_embed_dim sinusoids, beside the second text encoder's pooled embedding.
+SDXL_TIME_IDS = 6
 
 
-def sdxl_time_ids(base: BaseModel, original_hw: tuple[int, int], crop_top_left: tuple[int, int],
+def sdxl_time_ids(base: Any, original_hw: tuple[int, int], crop_top_left: tuple[int, int],
                   target_hw: tuple[int, int], batch: int = 1, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The six size numbers for ``batch`` images: (original h, w, crop top, left, target h, w).
 
     Args:
+        base: a ``BaseModel`` (typed loosely: ``models.base`` imports the families that call this).
         original_hw: the photo's size before any resize or crop, in pixels.
         crop_top_left: where the crop that was kept starts in the resized photo (0, 0 for none).
         target_hw: the size the UNet works at (the training resolution, or the image size drawn).

@@ -13,7 +13,8 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from lowmcgm.models.base import SDXL_TIME_IDS, BaseModel
+from lowmcgm.models.base import BaseModel
+from lowmcgm.models.sdxl_conditioning import SDXL_TIME_IDS
 from lowmcgm.models.tokenizer import build_clip_tokenizer
 
 TINY_NAMES = ("tiny", "tiny-v", "tiny-xl")

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
@@ -41,9 +40,9 @@ from lowmcgm.mask_encoder import MaskEncoder, append_mask_tokens, zero_mask_toke
 from lowmcgm.mcgm import MCGMState
 from lowmcgm.models.base import BaseModel
 from lowmcgm.models.dtypes import torch_dtype
+from lowmcgm.models.families import family_of_encoder_count
 from lowmcgm.models.fit import check_sample_size
 from lowmcgm.models.loading import load_base_model
-from lowmcgm.models.text_conditioning import encode_prompts
 from lowmcgm.runs.folder import SAMPLE_FILES, check_sample_folder, clear_earlier_samples, earlier_samples
 from lowmcgm.runs.output import check_output_dir
 from lowmcgm.runs.write_guard import check_not_inputs
@@ -116,25 +115,25 @@ class PoseSampler:
             previews, where frozen weights are half precision and trainable ones fp32).
         store: the store of capture processors already installed on the UNet (training), or None
             to install capture only while an attention picture is drawn.
-        text_encoders_home: where SDXL's text encoders wait between prompts ("cpu"), visiting the
-            pipeline's device only to encode; None keeps them where they are.
+        base: the base model the pipeline runs (its family says what the UNet is conditioned on).
+        device: where sampling runs (with CPU offload, where each model visits).
+        text_encoders_home: where the text encoders wait between prompts ("cpu"), visiting
+            ``device`` only to encode; None keeps them where they are.
         state: the artifact's state on the pipeline's models (``build_sampler``), for taking it off
             again; None where the caller owns it (training previews).
     """
 
-    def __init__(self, pipe: Pipeline, mask_encoder: MaskEncoder | None,
+    def __init__(self, pipe: Pipeline, mask_encoder: MaskEncoder | None, base: BaseModel, device: torch.device,
                  autocast: Callable[[], Any] = contextlib.nullcontext, store: CrossAttentionStore | None = None,
                  text_encoders_home: str | None = None, state: MCGMState | None = None):
         self.pipe = pipe
+        self.base = base
+        self.device = device
         self.state = state
         self.mask_encoder = mask_encoder
         self.autocast = autocast
         self.store = store
         self.text_encoders_home = text_encoders_home
-
-    @property
-    def is_sdxl(self) -> bool:
-        return isinstance(self.pipe, StableDiffusionXLPipeline)
 
     def encode(self, plan: PlannedPrompt, num: int, negative_prompt: str, height: int, width: int) -> Conditioning:
         """The contexts of both branches, each (num, 77 + k, d), and on SDXL the pooled embeddings.
@@ -143,8 +142,10 @@ class PoseSampler:
         with k zero tokens, as in training (paper sec. 3.2). Without mask tokens both are (num, 77, d).
         The pooled embeddings are the text's alone: mask tokens enter only the context.
         """
-        device = self.pipe._execution_device
-        text = self._encode_text(plan.text, num, negative_prompt or None, device)
+        device = self.device
+        # Handles are tokens of every tokenizer, so the family's own encoding carries them.
+        text = Conditioning(*self.base.family.encode_for_pipeline(
+            self.pipe, plan.text, num, negative_prompt or None, device, lambda: self._text_encoders_on(device)))
         tokens = None
         if plan.use_mask_tokens and self.mask_encoder is not None and plan.handles:
             masks = fit_pose_masks(plan, height, width)[None].to(device)  # (1, k, H, W)
@@ -153,35 +154,13 @@ class PoseSampler:
         return dataclasses.replace(text, cond=append_mask_tokens(text.cond, tokens),
                                    uncond=append_mask_tokens(text.uncond, zeros))
 
-    def _encode_text(self, prompt: str, num: int, negative_prompt: str | None, device: torch.device) -> Conditioning:
-        """Both branches' text conditioning: the pipeline's own on SD, ours on SDXL (handles are
-        tokens of every tokenizer either way)."""
-        if not self.is_sdxl:
-            return Conditioning(*self.pipe.encode_prompt(prompt, device, num, True, negative_prompt))
-        # Without a negative prompt, diffusers' SDXL pipeline makes the unconditional context and
-        # pooled embedding all zeros rather than encoding "" (force_zeros_for_empty_prompt: its
-        # default, and SDXL base's model_index.json). We keep diffusers' behaviour, so the images
-        # are the ones a stock SDXL pipeline draws; the k mask-token zeros follow as on SD.
-        # The conditioning is ours (text_conditioning): the pipeline's encode_prompt would pool
-        # SDXL's embedding at the highest token id, a handle's; given embeddings, it only repeats them.
-        pipe = self.pipe
-        zeroed = negative_prompt is None and pipe.config.force_zeros_for_empty_prompt
-        with self._text_encoders_on(device):
-            text = encode_prompts(pipe, [prompt], device)
-            uncond = None if zeroed else encode_prompts(pipe, [negative_prompt or ""], device)
-        return Conditioning(*pipe.encode_prompt(
-            None, device=device, num_images_per_prompt=num, do_classifier_free_guidance=True,
-            negative_prompt=negative_prompt, prompt_embeds=text.context, pooled_prompt_embeds=text.pooled,
-            negative_prompt_embeds=None if uncond is None else uncond.context,
-            negative_pooled_prompt_embeds=None if uncond is None else uncond.pooled))
-
     @contextlib.contextmanager
     def _text_encoders_on(self, device: torch.device) -> Iterator[None]:
-        """SDXL's text encoders on ``device`` while they encode, back home after (if they have one)."""
+        """The text encoders on ``device`` while they encode, back home after (if they have one)."""
         if self.text_encoders_home is None:
             yield
             return
-        encoders = [self.pipe.text_encoder, self.pipe.text_encoder_2]
+        encoders = self.base.text_encoders
         for encoder in encoders:
             encoder.to(device)
         try:
@@ -189,19 +168,6 @@ class PoseSampler:
         finally:
             for encoder in encoders:
                 encoder.to(self.text_encoders_home)
-
-    def _added_cond(self, conditioning: Conditioning, height: int, width: int) -> dict[str, torch.Tensor] | None:
-        """SDXL's ``added_cond_kwargs`` of the conditional rows, for latent guidance's own UNet pass
-        (None on SD): the pooled embedding and the size numbers the pipeline gives its own passes,
-        from the pipeline's own builder so they cannot drift apart (original = target = the image
-        size, crop at (0, 0); ``sdxl_conditioning.sdxl_time_ids`` builds the same for training)."""
-        if conditioning.pooled is None:
-            return None
-        pipe = self.pipe
-        time_ids = pipe._get_add_time_ids((height, width), (0, 0), (height, width), dtype=conditioning.cond.dtype,
-                                          text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
-        num = conditioning.pooled.shape[0]
-        return {"text_embeds": conditioning.pooled, "time_ids": time_ids.to(conditioning.pooled.device).repeat(num, 1)}
 
     @torch.no_grad()
     def generate(self, plan: PlannedPrompt, seeds: list[int], settings: SampleSettings,
@@ -225,7 +191,8 @@ class PoseSampler:
             elif guide is not None and settings.pose_guidance == "latent":
                 latent = LatentGuidance(self.pipe.unet, guidance_layers(self.pipe.unet, settings.pose_guidance_layers),
                                         conditioning.cond, guide, settings,
-                                        added_cond_kwargs=self._added_cond(conditioning, height, width))
+                                        added_cond_kwargs=self.base.family.added_cond_kwargs(
+                                            self.base, conditioning.pooled, height, width))
                 extra["latents"] = self._guided_first_latents(latent, generators, settings, conditioning.cond)
                 callbacks.append(latent.on_step_end)
             if on_step is not None:
@@ -264,8 +231,8 @@ class PoseSampler:
         pipe = self.pipe
         scale = pipe.vae_scale_factor
         shape = (len(generators), pipe.unet.config.in_channels, settings.height // scale, settings.width // scale)
-        noise = randn_tensor(shape, generator=generators, device=pipe._execution_device, dtype=like.dtype)
-        pipe.scheduler.set_timesteps(settings.steps, device=pipe._execution_device)
+        noise = randn_tensor(shape, generator=generators, device=self.device, dtype=like.dtype)
+        pipe.scheduler.set_timesteps(settings.steps, device=self.device)
         sigma = pipe.scheduler.init_noise_sigma
         guided = latent.step(noise * sigma, pipe.scheduler.timesteps[0], pipe.scheduler)
         return guided / sigma  # the pipeline multiplies by init_noise_sigma again
@@ -330,24 +297,8 @@ def _chain(callbacks: list[Callable[..., dict]]) -> Callable[..., dict]:
 
 
 def build_pipeline(base: BaseModel, scheduler: str) -> Pipeline:
-    """A stock pipeline over the base's modules (no copies), with the named scheduler: diffusers'
-    SDXL pipeline (both tokenizers and text encoders) for an SDXL base, its SD pipeline otherwise."""
-    noise_scheduler = SCHEDULERS[scheduler][1](base.noise_scheduler.config)
-    if base.family == "sdxl":
-        # No invisible watermark (diffusers adds one only where that package is installed): the
-        # same artifact and seed draw the same pixels everywhere; the PNG chunks say how it was made.
-        pipe = StableDiffusionXLPipeline(
-            vae=base.vae, text_encoder=base.text_encoder, text_encoder_2=base.text_encoder_2,
-            tokenizer=base.tokenizer, tokenizer_2=base.tokenizer_2, unet=base.unet, scheduler=noise_scheduler,
-            add_watermarker=False)
-    else:
-        with warnings.catch_warnings():
-            # diffusers warns about UNets with sample_size < 64 (old SD 1 configs); the tiny model is one.
-            warnings.simplefilter("ignore", FutureWarning)
-            pipe = StableDiffusionPipeline(
-                vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
-                scheduler=noise_scheduler, safety_checker=None, feature_extractor=None,
-                requires_safety_checker=False)
+    """The family's stock diffusers pipeline over the base's modules (no copies), with the named scheduler."""
+    pipe = base.family.build_pipeline(base, SCHEDULERS[scheduler][1](base.noise_scheduler.config))
     pipe.set_progress_bar_config(disable=True)  # library code never prints; callers report per image
     return pipe
 
@@ -359,17 +310,18 @@ def trained_with_fp8(artifact: Artifact) -> bool:
 
 def base_modules(base: BaseModel) -> list[torch.nn.Module]:
     """The modules sampling runs: UNet, text encoder(s) (SDXL has two) and VAE."""
-    return [m for m in (base.unet, base.text_encoder, base.text_encoder_2, base.vae) if m is not None]
+    return [base.unet, *base.text_encoders, base.vae]
 
 
 def check_base_matches(artifact: Artifact, base: BaseModel, artifact_path: Path) -> None:
     """Refuse a base model of another architecture than the artifact was trained on."""
     made_for = artifact.meta.get("base_model", "?")
-    artifact_is_sdxl = artifact.handle_vectors_2 is not None  # SDXL artifacts carry the second encoder's rows
-    if artifact_is_sdxl != (base.family == "sdxl"):
-        kinds = ("an SDXL", "an SD 1.x/2.x") if artifact_is_sdxl else ("an SD 1.x/2.x", "an SDXL")
-        raise UserError(f"{artifact_path} is {kinds[0]} artifact, made for base model '{made_for}', but base model "
-                        f"'{base.name}' is {kinds[1]} model: pass --base-model {made_for} or a copy of it.")
+    # An artifact holds the handles' rows of each text encoder it was trained with (SDXL: two).
+    encoders = len(artifact.handle_vector_sets)
+    if encoders != len(base.text_encoders):
+        kinds = (family_of_encoder_count(encoders), family_of_encoder_count(len(base.text_encoders)))
+        raise UserError(f"{artifact_path} is an {kinds[0]} artifact, made for base model '{made_for}', but base model "
+                        f"'{base.name}' is an {kinds[1]} model: pass --base-model {made_for} or a copy of it.")
     recorded_hash = artifact.meta.get("base_model_hash")
     if artifact.text_width != base.text_width or (recorded_hash and recorded_hash != base.config_hash):
         raise UserError(
@@ -425,8 +377,9 @@ def build_sampler(base: BaseModel, artifact: Artifact, settings: SampleSettings)
     # SDXL's text encoders (1.5 GiB in fp16) run once per prompt: between prompts they wait on the
     # CPU, which keeps an sdxl-8gb artifact's sampling within 8 GB (its peak is the fp32 VAE decode:
     # docs/benchmarks.md, "Sampling memory with pose guidance").
-    home = "cpu" if base.family == "sdxl" and device.type == "cuda" and not settings.use_cpu_offload else None
-    text_encoders = (base.text_encoder, base.text_encoder_2)
+    wait = base.family.text_encoders_wait_on_cpu and device.type == "cuda" and not settings.use_cpu_offload
+    home = "cpu" if wait else None
+    text_encoders = base.text_encoders
     if settings.use_cpu_offload:
         pipe.enable_model_cpu_offload()  # each model visits the GPU only while it runs
     else:
@@ -438,7 +391,7 @@ def build_sampler(base: BaseModel, artifact: Artifact, settings: SampleSettings)
         base.vae.enable_tiling()
     if encoder is not None:
         encoder.to(device, dtype)
-    return PoseSampler(pipe, encoder, text_encoders_home=home, state=state)
+    return PoseSampler(pipe, encoder, base, device, text_encoders_home=home, state=state)
 
 
 def png_parameters(plan: PlannedPrompt, settings: SampleSettings, seed: int, info: dict[str, str]) -> dict[str, str]:
@@ -645,7 +598,7 @@ class TrainingPreviews:
         precision = setup.accelerator.mixed_precision
         settings = dataclasses.replace(self.settings, height=size, width=size, num_images=1,
                                        dtype="fp32" if precision == "no" else precision)
-        sampler = PoseSampler(build_pipeline(base, settings.scheduler), setup.mcgm.mask_encoder,
+        sampler = PoseSampler(build_pipeline(base, settings.scheduler), setup.mcgm.mask_encoder, base, setup.device,
                               autocast=setup.accelerator.autocast, store=setup.store)
         # The trainer may have moved the VAE (photo encoded) and the text encoder(s) (phase 2 trains
         # nothing in them) off the GPU; sampling needs them there for a moment.

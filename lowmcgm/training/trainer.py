@@ -35,7 +35,6 @@ from lowmcgm.models.base import BaseModel
 from lowmcgm.models.dtypes import precision_dtype
 from lowmcgm.models.fit import check_settings_fit
 from lowmcgm.models.loading import load_base_model
-from lowmcgm.models.sdxl_conditioning import sdxl_time_ids
 from lowmcgm.models.text_conditioning import (PromptIds, TextStates, encode_prompt_ids, tokenize_prompts,
                                               unet_added_kwargs)
 from lowmcgm.runs.folder import RUN_FOLDERS, check_run_folder, clear_earlier_run, run_files
@@ -253,7 +252,7 @@ def prepare_setup(cfg: Config, base: BaseModel, concept: ConceptImage, handle_na
     # The photo is encoded before the UNet and text encoder arrive, so the encoder's activations
     # (about 0.6 GiB at 512 px) never sit on top of them: `lowmcgm estimate` found this setup peak
     # above the training steps' own. The VAE is cast while it moves: no fp32 copy on the GPU.
-    if weight_dtype == torch.float32 or _vae_needs_fp32(base):
+    if weight_dtype == torch.float32 or base.family.vae_needs_fp32(base):
         base.vae.to(device)  # diffusers warns whenever a dtype is passed
     else:
         base.vae.to(device, weight_dtype)
@@ -281,18 +280,9 @@ def prepare_setup(cfg: Config, base: BaseModel, concept: ConceptImage, handle_na
 
 
 def photo_time_ids(base: BaseModel, concept: ConceptImage) -> torch.Tensor | None:
-    """SDXL's size numbers for the training photo: its size as read and where the centre crop took
-    the square from, as diffusers' and kohya's SDXL trainers pass them; None for SD 1.x/2.x."""
-    if base.family != "sdxl":
-        return None
+    """The size numbers the family conditions the training photo on (SDXL's), or None."""
     side = concept.image.shape[-1]
-    return sdxl_time_ids(base, concept.original_hw or (side, side), concept.crop_top_left, (side, side))[0]
-
-
-def _vae_needs_fp32(base: BaseModel) -> bool:
-    # SDXL's VAE overflows in fp16 (NaN latents); its config says so (force_upcast), and diffusers'
-    # SDXL pipeline and trainers keep it in fp32. SD 1.x/2.x VAEs are fine in half precision.
-    return base.family == "sdxl" and bool(base.vae.config.get("force_upcast", False))
+    return base.family.photo_time_ids(base, concept.original_hw or (side, side), concept.crop_top_left, side)
 
 
 @torch.no_grad()
