@@ -27,7 +27,7 @@ handle order, which diffusers loads once per text encoder::
 (an ``embeddings`` file loads the same way, with its ``clip_l``/``clip_g`` and ``token=handle``).
 
 The mask encoder has no counterpart in those tools and is never exported (``MASK_ENCODER_NOTE``).
-Key names and layouts live in ``formats``; the reverse direction (reading kohya or diffusers LoRA
+Key names live in ``formats``, each family's layout in ``layouts``; the reverse direction (reading kohya or diffusers LoRA
 files, starting phase 2 from one) is ``lora_import``'s job.
 """
 
@@ -43,11 +43,9 @@ import torch
 from lowmcgm import __version__
 from lowmcgm.artifact import Artifact, atomic_save, load_artifact, stale_pooling_warning
 from lowmcgm.errors import UserError
-from lowmcgm.interop.formats import (A1111_EMBEDDING_KEY, BUNDLE_PREFIX, DIFFUSERS_EMBEDS_NAME, DIFFUSERS_LORA_NAME,
-                                     KOHYA_TE_PREFIX, KOHYA_UNET_PREFIX, SDXL_CLIP_G_KEY, SDXL_CLIP_L_KEY, peft_modules,
+from lowmcgm.interop.formats import (BUNDLE_PREFIX, DIFFUSERS_EMBEDS_NAME, DIFFUSERS_LORA_NAME, peft_modules,
                                      strip_text_model)
-from lowmcgm.interop.sdxl_names import (build_sgm_attention_blocks, collect_attention_blocks,
-                                        kohya_sdxl_text_encoder_stem, kohya_sdxl_unet_stem)
+from lowmcgm.interop.layouts import export_layout
 from lowmcgm.models.dtypes import DTYPE_NAMES, torch_dtype
 from lowmcgm.runs.write_guard import (check_new_files, check_not_inputs, check_writable_folder, finish_temporary,
                                       replacing)
@@ -64,8 +62,6 @@ _VERSIONS = {
     "sd_v2_v": (True, "stable-diffusion-v2-768-v/lora", _IMPL_DIFFUSERS, "v"),
     "sdxl_base_v1-0": (False, "stable-diffusion-xl-v1-base/lora", _IMPL_STABILITY_AI, "epsilon"),
 }
-# The UNet layout of every SDXL model lowmcgm loads (base and fine-tunes alike), shipped in models/configs.
-_SDXL_CONFIG = "sdxl-base"
 MASK_ENCODER_NOTE = ("Not exported: the mask encoder, which has no counterpart in A1111, ComfyUI or diffusers; "
                      "pose control by masks is lost, the subjects are kept and answer to their handles in "
                      "plain prompts.")
@@ -123,7 +119,7 @@ def export_artifact(artifact_path: Path, fmt: str, out: Path, bundle_embeddings:
     else:
         files = export_diffusers(artifact, out, dtype=dtype)
     stale = stale_pooling_warning(artifact, Path(artifact_path))
-    return ExportResult(files, list(artifact.handles), sdxl=artifact.handle_vectors_2 is not None,
+    return ExportResult(files, list(artifact.handles), sdxl=export_layout(artifact).sdxl,
                         warnings=[stale] if stale else [])
 
 
@@ -168,59 +164,12 @@ def build_kohya_state_dict(artifact: Artifact, dtype: str = "fp16") -> dict[str,
     tensors: dict[str, torch.Tensor] = {}
     for part, state in (("unet", artifact.unet_lora), ("text_encoder", artifact.text_encoder_lora)):
         modules = peft_modules(state, rank)
-        names = _kohya_module_names(artifact, part, list(modules))
+        names = export_layout(artifact).kohya_module_names(artifact, part, list(modules))
         for path, (down, up) in modules.items():
             tensors[f"{names[path]}.lora_down.weight"] = down.to(cast)
             tensors[f"{names[path]}.lora_up.weight"] = up.to(cast)
             tensors[f"{names[path]}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
     return tensors
-
-
-def _kohya_module_names(artifact: Artifact, part: str, paths: list[str]) -> dict[str, str]:
-    """kohya's name (without ``.lora_down.weight`` etc.) of each LoRA module of the artifact.
-
-    Args:
-        part: ``unet`` or ``text_encoder``.
-        paths: the modules' diffusers/transformers paths, as PEFT names them.
-
-    Raises:
-        UserError: an SDXL UNet module kohya's SGM names do not cover, or an SDXL UNet whose
-            layout lowmcgm does not know (``_sdxl_unet_config``).
-    """
-    if artifact.handle_vectors_2 is None:  # SD 1.x/2.x: the diffusers path, dots as underscores
-        prefix = KOHYA_UNET_PREFIX if part == "unet" else KOHYA_TE_PREFIX
-        return {path: prefix + strip_text_model(path).replace(".", "_") for path in paths}
-    if part == "text_encoder":  # lowmcgm adapts SDXL's first text encoder only (MCGMState.add_adapters)
-        return {path: kohya_sdxl_text_encoder_stem(path, 1) for path in paths}
-    if not paths:
-        return {}
-    unet_config = _sdxl_unet_config(artifact, paths)
-    return {path: kohya_sdxl_unet_stem(path, unet_config) for path in paths}
-
-
-def _sdxl_unet_config(artifact: Artifact, paths: list[str]) -> dict[str, Any]:
-    """The UNet config whose SGM block numbers name the artifact's UNet LoRA modules ``paths``.
-
-    The artifact names its base model but does not carry its UNet config. Every SDXL model lowmcgm
-    loads (base or fine-tune; folder, hub id or single file) has SDXL base's UNet layout, shipped
-    in ``models/configs``; the tiny test model is rebuilt from its name. A layout is taken only when
-    its transformer blocks are exactly those the LoRA covers (lowmcgm's targets sit in every
-    transformer block), so a UNet laid out otherwise is refused rather than named wrongly.
-    """
-    from lowmcgm.models.configs import config_folder
-    from lowmcgm.models.tiny import TINY_NAMES, build_tiny_base
-
-    base_model = str(artifact.meta.get("base_model", ""))
-    layouts = [json.loads((config_folder(_SDXL_CONFIG) / "unet" / "config.json").read_text())]
-    if base_model in TINY_NAMES:
-        layouts.insert(0, dict(build_tiny_base(base_model).unet.config))
-    blocks = collect_attention_blocks(paths)
-    for unet_config in layouts:
-        if set(build_sgm_attention_blocks(unet_config)) == blocks:
-            return unet_config
-    raise UserError(f"Cannot give the artifact's UNet LoRA kohya's SDXL names: its base model '{base_model}' is not "
-                    f"laid out as SDXL base's UNet ({len(blocks)} transformer blocks), whose block numbers those names "
-                    "use; export --format diffusers or embeddings instead.")
 
 
 def build_kohya_metadata(artifact: Artifact, output_name: str) -> dict[str, str]:
@@ -273,12 +222,9 @@ def build_embedding_tensors(artifact: Artifact, index: int) -> dict[str, torch.T
 
     Returns:
         ``{"string_to_param.*": (1, d)}`` for SD 1.x/2.x; for SDXL one row per text encoder,
-        ``{"clip_l": (1, d1), "clip_g": (1, d2)}``.
+        ``{"clip_l": (1, d1), "clip_g": (1, d2)}`` (``layouts``).
     """
-    first = artifact.handle_vectors[index].float()[None]
-    if artifact.handle_vectors_2 is None:
-        return {A1111_EMBEDDING_KEY: first}
-    return {SDXL_CLIP_L_KEY: first, SDXL_CLIP_G_KEY: artifact.handle_vectors_2[index].float()[None]}
+    return export_layout(artifact).embedding_tensors(artifact, index)
 
 
 def export_embeddings(artifact: Artifact, out_dir: Path) -> list[Path]:
@@ -309,9 +255,7 @@ def export_diffusers(artifact: Artifact, out_dir: Path, dtype: str = "fp16") -> 
     versions without the wrapper and needs it for older ones, so one file serves both. SDXL's
     LoRA is written by the SDXL pipeline's writer (the same keys: ``unet.``, ``text_encoder.``).
     """
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    pipeline = StableDiffusionPipeline if artifact.handle_vectors_2 is None else StableDiffusionXLPipeline
+    pipeline = export_layout(artifact).pipeline_class
 
     rank, alpha = _lora_rank_alpha(artifact)
     out_dir = Path(out_dir)
@@ -350,13 +294,9 @@ def build_diffusers_embeddings(artifact: Artifact) -> dict[str, torch.Tensor]:
 
     Returns:
         ``{handle: (d,)}`` for SD 1.x/2.x, each entry one ``load_textual_inversion({token: vector})``;
-        for SDXL ``{"clip_l": (K, d1), "clip_g": (K, d2)}``, rows in handle order: one
-        ``load_textual_inversion(rows, token=handles, text_encoder=..., tokenizer=...)`` per encoder,
-        the way diffusers' documentation loads SDXL embeddings.
+        for SDXL ``{"clip_l": (K, d1), "clip_g": (K, d2)}``, rows in handle order (``layouts``).
     """
-    if artifact.handle_vectors_2 is None:
-        return {handle: vector.float() for handle, vector in zip(artifact.handles, artifact.handle_vectors)}
-    return {SDXL_CLIP_L_KEY: artifact.handle_vectors.float(), SDXL_CLIP_G_KEY: artifact.handle_vectors_2.float()}
+    return export_layout(artifact).diffusers_embeddings(artifact)
 
 
 def _lora_rank_alpha(artifact: Artifact) -> tuple[int, float]:
