@@ -11,10 +11,10 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from lowmcgm import __version__
+from lowmcgm.console.arguments import build_parser, flag_values
+from lowmcgm.console.oom import out_of_memory_advice
 from lowmcgm.console.terminal import escape_controls
 from lowmcgm.errors import UserError
-from lowmcgm.models.dtypes import DTYPE_NAMES
 from lowmcgm.runs.folder import hold_folder, run_files
 from lowmcgm.runs.signals import exit_code, route_stop_signals, signal_name
 from lowmcgm.runs.write_guard import check_not_inputs, check_writable_folder, same_file
@@ -24,166 +24,11 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT; SIGTERM gives 143, SIGHUP 129 (signals.e
 EXIT_BROKEN_PIPE = 128 + 13  # 128 + SIGPIPE, as a shell reports a writer whose reader closed the pipe
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, keeping the promise of every refusal: one ``error:`` line, exit 2 (not the usage).
-
-    Its subcommands' parsers are of this class too (``add_subparsers`` makes them of the parent's).
-    """
-
-    def error(self, message: str) -> Any:
-        raise UserError(f"{message}; '{self.prog} --help' lists the options.")
-
-
-def _add_config_args(p: argparse.ArgumentParser, example: str = "train.lora_lr=1e-4") -> None:
-    p.add_argument("--preset", help="a shipped preset (see 'lowmcgm presets') or a TOML file; its values replace "
-                                    "the defaults the flags show")
-    p.add_argument("--config", help="a TOML file of overrides, applied after the preset")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help=f"override any config field, e.g. --set {example} (repeatable; a flag typed out beats "
-                        "it; 'lowmcgm config-keys' lists them)")
-
-
-def _default_text(value: Any) -> str:
-    """' (default 30)'; nothing for a switch, or for '' and () whose meaning the field's help gives."""
-    if isinstance(value, bool) or value in ("", ()):
-        return ""
-    return f" (default {value:g})" if isinstance(value, float) else f" (default {value})"
-
-
-def _add_field_flags(p: argparse.ArgumentParser, *keys: str, help: str | None = None) -> None:
-    """Add the flags of config fields as the fields declare them: name, type, choices, help, default.
-
-    A flag left out reads None, so it leaves the value of the preset, --config and --set alone
-    (``_flag_values``); ``help`` replaces the field's help where a command says it its own way.
-    """
-    from lowmcgm.config import config_field
-
-    dests = dict(p.get_default("config_flags") or {})
-    for key in keys:
-        f, typ = config_field(key)
-        text = (help or f.metadata["help"]) + _default_text(f.default)
-        if typ is bool:  # a switch turns its field away from the default: --vae-slicing on, --no-mask off
-            action = p.add_argument(f.metadata["flag"], action="store_const", const=not f.default, help=text)
-        elif isinstance(f.default, tuple):
-            action = p.add_argument(f.metadata["flag"], action="append", help=text + " (repeat)")
-        else:  # '' among the choices is the flag left out, not a value to type
-            choices = [c for c in f.metadata["choices"] if c] or None
-            action = p.add_argument(f.metadata["flag"], type=typ, choices=choices, help=text)
-        dests[key] = action.dest
-    p.set_defaults(config_flags=dests)
-
-
-def _flag_values(args: argparse.Namespace) -> dict[str, Any]:
-    """Config key -> value of each field flag the command line typed out."""
-    dests = getattr(args, "config_flags", {})
-    return {key: getattr(args, dest) for key, dest in dests.items() if getattr(args, dest) is not None}
-
-
-def _add_train_args(p: argparse.ArgumentParser) -> None:
-    _add_config_args(p)
-    _add_field_flags(p, "data.image", "data.masks", "data.init_words", "data.handles", "model.base_model",
-                     "output.out")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/last.safetensors")
-    p.add_argument("--overwrite", action="store_true", help="replace the run that --out holds (its artifact, "
-                                                            "config, checkpoint, previews and samples)")
-    p.add_argument("--events", metavar="FILE", help="also append progress events to FILE as JSON lines (for "
-                                                    "scripts; the web page reads them): a new file, or an "
-                                                    "earlier events log")
-
-
-def _add_sample_args(p: argparse.ArgumentParser) -> None:
-    from lowmcgm.config import all_keys
-
-    p.add_argument("--prompt", action="append", default=[], help="a prompt naming handles, e.g. "
-                   "'a photo of <asset0> on the beach' (repeat for several)")
-    p.add_argument("--prompts", metavar="FILE", help="one prompt a line, optionally with its own poses: "
-                   "'a photo of <asset0> | asset0=run.png' (pose files relative to FILE)")
-    p.add_argument("--pose", action="append", default=[], metavar="HANDLE=FILE",
-                   help="pose mask for a handle (asset0=run.png; all=FILE for every handle of a prompt); "
-                        "a handle without a pose gets the blank mask (repeat)")
-    _add_field_flags(p, *(key for key in all_keys() if key.startswith("sample.")))
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="lowmcgm", description=(
-        "Teach Stable Diffusion several subjects from one photo and their masks (MCGM), "
-        "then generate them in poses you draw as masks."))
-    parser.add_argument("--version", action="version", version=f"lowmcgm {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("train", help="train handles, mask encoder and LoRA; write one artifact")
-    _add_train_args(p)
-    p = sub.add_parser("presets", help="list the shipped presets")
-    p = sub.add_parser("config-keys", help="list every config key with its default and help")
-    p = sub.add_parser("inspect", help="print an artifact's contents and metadata")
-    p.add_argument("artifact")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p = sub.add_parser("sample", help="generate the learned subjects in new scenes, posed by masks")
-    p.add_argument("--artifact", required=True, help="the .safetensors file 'train' wrote")
-    p.add_argument("--base-model", help="default: the base model recorded in the artifact")
-    p.add_argument("--out", required=True, help="output folder for the PNGs, grid.png and samples.json")
-    p.add_argument("--overwrite", action="store_true", help="replace the earlier samples --out holds")
-    _add_config_args(p, example="sample.steps=20")
-    _add_sample_args(p)
-    p = sub.add_parser("run", help="train, then sample, in one process (previews during training)")
-    _add_train_args(p)
-    _add_sample_args(p)
-    _add_field_flags(p, "output.preview_every")
-    p = sub.add_parser("demo", help="learn a dog and a cat from a bundled toy photo, draw them in new poses "
-                                    "(lowmcgm run on the toy model: a few minutes on a CPU)")
-    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo); inputs/ holds the "
-                                                      "photo, masks, pose masks and prompts it made")
-    p.add_argument("--base-model", default="toy", help="the model to learn on (default toy, the bundled toy-world "
-                                                       "model)")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier demo run in --out")
-    _add_field_flags(p, "sample.pose_guidance", help="pose guidance while sampling, as for run and sample")
-    p = sub.add_parser("ui", help="start the local web page: paint masks, train, draw poses and sample (needs "
-                                  "the optional extra: pip install -e '.[ui]')")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
-                                                       "only; reach a remote GPU box through an SSH tunnel)")
-    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
-    p.add_argument("--root", default="runs/ui", help="folder of the page's runs, the only server-side folder it "
-                                                     "reads or writes (default runs/ui)")
-    p.add_argument("--base-model", action="append", metavar="MODEL",
-                   help="a base model the page offers, the only model paths it reads (repeat for several; the "
-                        "first is preselected; default toy)")
-    p.add_argument("--preset", default="toy-cpu", help="the page's default preset (default toy-cpu)")
-    p = sub.add_parser("export", help="write the LoRA and handles for A1111, ComfyUI, kohya or diffusers")
-    p.add_argument("artifact", help="the .safetensors file 'train' wrote")
-    p.add_argument("--format", required=True, metavar="kohya|embeddings|diffusers",
-                   help="kohya: one LoRA file for A1111/ComfyUI/kohya; embeddings: one textual-inversion "
-                        "file per handle; diffusers: a folder for load_lora_weights/load_textual_inversion")
-    p.add_argument("--out", required=True, help="kohya: a .safetensors file; embeddings, diffusers: a folder")
-    p.add_argument("--no-bundle-embeddings", action="store_true",
-                   help="kohya: leave the handles out of the LoRA file (diffusers' load_lora_weights "
-                        "refuses files that bundle them)")
-    p.add_argument("--dtype", default="fp16", metavar="|".join(DTYPE_NAMES), help="precision of the LoRA weights")
-    p.add_argument("--force", action="store_true", help="replace files that exist (never the artifact itself)")
-    p = sub.add_parser("import-lora", help="check a kohya or diffusers LoRA and print the settings that "
-                                           "start phase 2 from it")
-    p.add_argument("file", help="a kohya or diffusers LoRA .safetensors file, a diffusers LoRA folder, or a "
-                                "lowmcgm artifact")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p = sub.add_parser("estimate", help="predict the peak GPU memory of training, per phase and itemised "
-                                        "(no GPU, no weights: traced on fake tensors)")
-    _add_config_args(p)
-    p.add_argument("--base-model", default="sd15", help="sd15 (default), sd21-base, sd21-768, sdxl-base, tiny, "
-                                                        "tiny-xl, or a local diffusers folder (only its config files "
-                                                        "are read)")
-    _add_field_flags(p, "model.resolution")
-    p.add_argument("--card", type=float, metavar="GB", help="the card to fit (default: the one the preset is "
-                                                            "named for, e.g. 8 for 8gb); settings that would fit "
-                                                            "are searched when it does not")
-    p.add_argument("--json", action="store_true", help="print the figures as JSON, in bytes")
-    return parser
-
-
 def _train_config(args: argparse.Namespace):
     """The run's Config from preset, --config, --set and flags; refuses a run with nothing to train on."""
     from lowmcgm.config import parse_set, resolve_config
 
-    cfg = resolve_config(args.preset, args.config, parse_set(args.set), _flag_values(args))
+    cfg = resolve_config(args.preset, args.config, parse_set(args.set), flag_values(args))
     if not cfg.data.image:
         raise UserError("No photo: pass --image PHOTO.")
     if not cfg.data.masks:
@@ -204,68 +49,6 @@ def _config_files(args: argparse.Namespace) -> tuple[str, str]:
     """The files a command's settings are read from: (--preset when it names a file, --config); '' where none."""
     preset = args.preset if args.preset and Path(args.preset).is_file() else ""
     return preset, args.config or ""
-
-
-SAMPLING_OOM = ("CUDA ran out of memory while sampling: try --vae-slicing (or --vae-tiling for large images), "
-                "--batch-size 1, smaller --height/--width, --dtype fp16, or --cpu-offload on a 4-6 GB card.")
-
-
-# An out-of-memory message waits at most this long for the estimate of the failed settings.
-OOM_ESTIMATE_TIMEOUT_S = 120
-
-
-def training_oom_message(cfg: Any, preset: str | None) -> str:
-    """What to do when training ran out of CUDA memory: the estimate for these settings, the card's
-    size and the shipped preset made for it. Each figure is a bonus: the message survives without.
-
-    Args:
-        cfg: the training run's config (its model is traced for the estimate).
-        preset: the ``--preset`` the run used, if any; a smaller ``<n>gb`` preset is suggested.
-
-    Returns:
-        The error a training command (``train``, ``run``) stops with, as a ``UserError`` message.
-    """
-    figures = ""
-    try:  # lowmcgm.memory.estimate traces these settings on fake CUDA tensors in a subprocess (~20 s)
-        from lowmcgm.memory.estimate import estimate, required_card_bytes
-
-        est = estimate(cfg, cfg.model.base_model, timeout_s=OOM_ESTIMATE_TIMEOUT_S)
-        figures = (f" By 'lowmcgm estimate', these settings peak at {est.peak_bytes / 2**30:.1f} GiB and need a "
-                   f"card of {required_card_bytes(est.peak_bytes) / 2**30:.1f} GiB.")
-    except Exception:  # a model the estimator cannot read (single file, hub id), a failed trace, ...
-        figures = ""
-    card = ""
-    try:
-        import torch
-
-        from lowmcgm.memory.estimate import card_of_preset, family_of_preset
-        from lowmcgm.presets import list_presets
-
-        card_gib = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
-        # The card presets of the run's family (sdxl-<n>gb for an SDXL run, <n>gb otherwise) below
-        # the run's own; a card sold as 8 GB reports a little under 8 GiB: allow half a GiB.
-        own, family = card_of_preset(preset) or float("inf"), family_of_preset(preset or "")
-        fitting = sorted((size, name) for name in list_presets() if family_of_preset(name) == family
-                         and (size := card_of_preset(name)) and size <= card_gib + 0.5 and size < own)
-        card = f" This card has {card_gib:.1f} GiB" + (f": try --preset {fitting[-1][1]}." if fitting else ".")
-    except Exception:  # no CUDA to ask (the error was raised elsewhere), or no presets folder
-        card = ""
-    return ("CUDA ran out of memory during training with these settings." + figures + card + " Memory drops "
-            "with a smaller preset (lowmcgm presets; lowmcgm estimate checks one before training), "
-            "train.batch_size=1, model.use_gradient_checkpointing=true, train.optimizer=adamw8bit and a lower "
-            "model.resolution; close other programs that use the GPU. Changed settings need a new --out "
-            "(a checkpoint resumes only with the same settings, precision and learning rates aside).")
-
-
-@contextlib.contextmanager
-def _out_of_memory_advice(cfg: Any = None, preset: str | None = None) -> Iterator[None]:
-    """Turn CUDA's out-of-memory error into a UserError saying what fits (training with ``cfg``, else sampling)."""
-    import torch
-
-    try:
-        yield
-    except torch.cuda.OutOfMemoryError as exc:
-        raise UserError(training_oom_message(cfg, preset) if cfg is not None else SAMPLING_OOM) from exc
 
 
 @contextlib.contextmanager
@@ -306,7 +89,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = _train_config(args)
     _check_events(args, cfg)
-    with hold_folder(cfg.output.out), _progress(args) as printer, _out_of_memory_advice(cfg, args.preset):
+    with hold_folder(cfg.output.out), _progress(args) as printer, out_of_memory_advice(cfg, args.preset):
         path = train(cfg, on_progress=printer, resume=args.resume, overwrite=args.overwrite)
     _print(f"Artifact written: {path}")
     return 0
@@ -383,7 +166,7 @@ def _sample_settings(args: argparse.Namespace) -> Any:
     from lowmcgm.config import parse_set, resolve_config
 
     overrides = parse_set(args.set)
-    settings = resolve_config(args.preset, args.config, overrides, _flag_values(args)).sample
+    settings = resolve_config(args.preset, args.config, overrides, flag_values(args)).sample
     stray = [key for key in overrides if not key.startswith("sample.")]
     if stray:
         raise UserError(f"--set {stray[0]} has no effect on lowmcgm sample, which reads only sample.* keys.")
@@ -396,7 +179,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
     settings = _sample_settings(args)
     specs, poses = _sample_inputs(args)
-    with hold_folder(args.out), ProgressPrinter() as printer, _out_of_memory_advice():
+    with hold_folder(args.out), ProgressPrinter() as printer, out_of_memory_advice():
         grid = sample_artifact(args.artifact, specs, poses, settings, args.out, base_model=args.base_model or "",
                                report=printer, overwrite=args.overwrite)
     _print(f"Samples written to {grid.parent} (contact sheet: {grid.name}, index: samples.json)")
@@ -439,7 +222,7 @@ def _train_then_sample(args: argparse.Namespace, cfg: Any, preset: str | None, s
     from lowmcgm.run import train_then_sample
 
     def guard(stage: str) -> Any:
-        return _out_of_memory_advice(cfg, preset) if stage == "train" else _out_of_memory_advice()
+        return out_of_memory_advice(cfg, preset) if stage == "train" else out_of_memory_advice()
 
     with _progress(args) as printer:
         result = train_then_sample(cfg, specs, poses, cfg.sample, resume=resume, overwrite=overwrite,
@@ -539,7 +322,7 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     from lowmcgm.config import parse_set, resolve_config
     from lowmcgm.memory.estimate import check_and_suggest, estimate_to_json, format_estimate
 
-    cfg = resolve_config(args.preset, args.config, parse_set(args.set), _flag_values(args))
+    cfg = resolve_config(args.preset, args.config, parse_set(args.set), flag_values(args))
     est, card, suggestions = check_and_suggest(cfg, args.base_model, args.resolution, args.card, args.preset)
     _print(estimate_to_json(est, suggestions, card) if args.json else format_estimate(est, card, suggestions))
     return 0
@@ -587,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args = build_parser().parse_args(argv)
-    except UserError as exc:  # argparse's refusal (_Parser.error), before any command runs
+    except UserError as exc:  # argparse's refusal (Parser.error), before any command runs
         _say(_error_line(exc))
         return EXIT_USER_ERROR
     if sys.stdout is None:  # started with stdout closed (>&-): what the command did could not be said

@@ -215,7 +215,7 @@ class SampleSettings:
     steps: int = _f(30, "denoising steps", flag="--steps", bounds=(1, 1000))
     guidance_scale: float = _f(7.5, "classifier-free guidance scale", flag="--guidance-scale", at_least=0,
                                at_most=MAX_GUIDANCE_SCALE)
-    # The names of sampler.SCHEDULERS (a test holds them equal: the factories need diffusers).
+    # The names of sampling.pipeline.SCHEDULERS (a test holds them equal: the factories need diffusers).
     scheduler: str = _f("dpmpp_2m", "denoising scheduler", choices=("ddim", "euler_a", "dpmpp_2m"),
                         flag="--scheduler")
     negative_prompt: str = _f("", "what to steer away from (empty: nothing)", flag="--negative-prompt")

@@ -23,7 +23,8 @@ from lowmcgm.runs.folder import hold_folder
 from lowmcgm.sampling.previews import save_loss_curve
 from lowmcgm.sampling.prompts import (PromptSpec, check_plans_fit, check_pose_crops, no_mask_reason, plan_prompts,
                                       training_prompt_spec)
-from lowmcgm.sampling.sampler import TrainingPreviews, check_settings, sample_artifact
+from lowmcgm.sampling.sampler import check_settings, sample_artifact
+from lowmcgm.sampling.training_previews import TrainingPreviews
 from lowmcgm.training.trainer import check_inputs, train
 
 ProgressFn = Callable[[dict[str, Any]], None]

@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from lowmcgm.cli import EXIT_USER_ERROR, main
 from lowmcgm.data import load_mask
 from lowmcgm.training import trainer
+from lowmcgm.training.recipe import TrainingRecipe
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 SIZE = 96  # conftest's photo is 96 x 96
@@ -366,7 +367,7 @@ def test_sample_output_under_a_file_is_refused_before_weights_load(files, artifa
 
 def test_init_lora_from_another_base_model_is_refused_before_training(files, artifacts, tmp_path, capsys, monkeypatch):
     """An artifact of tiny-v (SD 2.x-like) as the starting LoRA of a tiny run: refused before step 1."""
-    monkeypatch.setattr(trainer, "run_phase", lambda *a: pytest.fail("training started"))
+    monkeypatch.setattr(TrainingRecipe, "run_phase", lambda *a: pytest.fail("training started"))
     args = _train_args(files, tmp_path / "out", extra=("--set", f"lora.init_lora={artifacts['tiny-v']}"))
     _refused(capsys, args, ("was made for another base model",), tmp_path)
 
@@ -558,7 +559,7 @@ FIT_CASES = {
 def test_settings_the_model_cannot_take_are_refused_before_anything_is_written(files, tmp_path, capsys, monkeypatch,
                                                                              case):
     """Only checkable once the model is loaded; still before config.toml, and before any training step."""
-    monkeypatch.setattr(trainer, "run_phase", lambda *a: pytest.fail("training started"))
+    monkeypatch.setattr(TrainingRecipe, "run_phase", lambda *a: pytest.fail("training started"))
     extra, fragments = case
     out = tmp_path / "mine"
     out.mkdir()  # a folder the user made stays, and stays empty
@@ -782,7 +783,7 @@ def test_handle_past_the_token_window_is_refused(artifacts, tmp_path, capsys):
 
 
 def test_run_refuses_a_late_handle_before_training(files, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(trainer, "run_phase", lambda *a: pytest.fail("training started"))
+    monkeypatch.setattr(TrainingRecipe, "run_phase", lambda *a: pytest.fail("training started"))
     args = ["run", *_one_step(files, tmp_path / "out")[1:], "--prompt", f"{LONG} <asset1>", "--steps", "1",
             "--num-images", "1"]
     _refused(capsys, args, ("--prompt 1: <asset1> is token 97",), tmp_path)

@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from lowmcgm.cli import EXIT_USER_ERROR, main
-from lowmcgm.sampling.sampler import read_png_parameters
+from lowmcgm.sampling.records import read_png_parameters
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,8 @@ from PIL import Image
 
 from lowmcgm.artifact import file_sha256
 from lowmcgm.cli import EXIT_USER_ERROR, build_parser, main
-from lowmcgm.sampling.sampler import SampleSettings, read_png_parameters
+from lowmcgm.config import SampleSettings
+from lowmcgm.sampling.records import read_png_parameters
 
 def draw_inputs(folder: Path) -> dict[str, Path]:
     """conftest's photo and two masks, plus a text file where a mask is expected."""

@@ -22,10 +22,12 @@ import torch
 from conftest import make_photo
 
 from lowmcgm.artifact import load_checkpoint, read_header
-from lowmcgm.cli import EXIT_INTERRUPTED, EXIT_USER_ERROR, main, training_oom_message
+from lowmcgm.cli import EXIT_INTERRUPTED, EXIT_USER_ERROR, main
+from lowmcgm.console.oom import training_oom_message
 from lowmcgm.config import resolve_config
 from lowmcgm.errors import UserError
-from lowmcgm.training import checkpoints, trainer
+from lowmcgm.training import checkpoints
+from lowmcgm.training import step as trainer_step
 from lowmcgm.training.checkpoints import CHECKPOINT_NAME
 from lowmcgm.training.trainer import train
 
@@ -140,15 +142,15 @@ def _cfg(photo, out: Path, **overrides):
 
 def _on_call(monkeypatch, number: int, action) -> None:
     """Run ``action`` inside the ``number``-th step's loss computation (1-based, over both phases)."""
-    real = trainer.compute_step_loss
+    real = trainer_step.compute_step_loss
     calls = []
 
-    def wrapped(setup, batch):
+    def wrapped(setup, batch, text_cache=None):
         calls.append(1)
-        loss, parts = real(setup, batch)
+        loss, parts = real(setup, batch, text_cache)
         return (action(loss) if len(calls) == number else loss), parts
 
-    monkeypatch.setattr(trainer, "compute_step_loss", wrapped)
+    monkeypatch.setattr(trainer_step, "compute_step_loss", wrapped)
 
 
 def _error_line(stderr: str) -> str:
@@ -240,7 +242,7 @@ def test_exploding_weights_never_replace_the_last_good_checkpoint(photo, tmp_pat
 
     The learning rates that once blew the weights up for real (1e30) are refused now (issue 23:
     every number has bounds), so the step itself is followed by the blow-up."""
-    real_step, steps = trainer.train_step, []
+    real_step, steps = trainer_step.train_step, []
 
     def exploding_step(setup, state):
         losses = real_step(setup, state)
@@ -250,7 +252,7 @@ def test_exploding_weights_never_replace_the_last_good_checkpoint(photo, tmp_pat
                 setup.mcgm.handles.vectors.mul_(float("inf"))
         return losses
 
-    monkeypatch.setattr(trainer, "train_step", exploding_step)
+    monkeypatch.setattr(trainer_step, "train_step", exploding_step)
     cfg = _cfg(photo, tmp_path / "b", **{"train.checkpoint_every": 1})
     with pytest.raises(UserError, match="NaN/inf") as info:
         train(cfg)
@@ -271,13 +273,13 @@ def test_resume_may_lower_the_learning_rate_after_a_nan(photo, tmp_path, monkeyp
         train(_cfg(photo, tmp_path / "b"), on_progress=stop_at_step_4)
     lower = _cfg(photo, tmp_path / "b", **{"train.handle_lr": 1e-4, "model.mixed_precision": "bf16"})
     seen = []
-    real_step = trainer.train_step
+    real_step = trainer_step.train_step
 
     def spy(setup, state):
         seen.append(state.optimizer.param_groups[0]["lr"])
         return real_step(setup, state)
 
-    monkeypatch.setattr(trainer, "train_step", spy)
+    monkeypatch.setattr(trainer_step, "train_step", spy)
     train(lower, resume=True)
     assert seen[0] == 1e-4  # the new rate, not the checkpoint's
 
@@ -291,7 +293,7 @@ def test_cuda_out_of_memory_is_a_user_error_with_advice(photo, tmp_path, monkeyp
     def oom(setup, state):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(trainer, "train_step", oom)
+    monkeypatch.setattr(trainer_step, "train_step", oom)
     monkeypatch.setattr("lowmcgm.memory.estimate.estimate", lambda *a, **k: 1 / 0)
     image, a, b = photo
     code = main(["train", "--preset", "tiny-cpu", "--image", image, "--mask", a, "--out", str(tmp_path / "o")])

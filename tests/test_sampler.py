@@ -24,8 +24,9 @@ from lowmcgm.mask_encoder import MaskEncoder
 from lowmcgm.models.tiny import build_tiny_base
 from lowmcgm.sampling.previews import render_loss_curve, save_loss_curve
 from lowmcgm.sampling.prompts import PromptSpec, parse_poses, plan_prompts
-from lowmcgm.sampling.sampler import (SampleSettings, build_sampler, check_base_matches, read_png_parameters,
-                                      write_samples)
+from lowmcgm.config import SampleSettings
+from lowmcgm.sampling.records import read_png_parameters, write_samples
+from lowmcgm.sampling.sampler import build_sampler, check_base_matches
 
 SIZE = 64  # the tiny model's resolution: pose files at this size reach the encoder unresized
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -213,7 +214,7 @@ def test_loss_curve_draws_every_nonzero_term(tmp_path):
 
 def test_every_scheduler_choice_has_its_factory():
     from lowmcgm.config import config_field
-    from lowmcgm.sampling.sampler import SCHEDULERS
+    from lowmcgm.sampling.pipeline import SCHEDULERS
 
     assert tuple(SCHEDULERS) == config_field("sample.scheduler")[0].metadata["choices"]
 

@@ -30,7 +30,9 @@ from lowmcgm.models.sdxl_conditioning import sdxl_time_ids
 from lowmcgm.models.text_conditioning import encode_sdxl_text
 from lowmcgm.models.tiny import build_tiny_base
 from lowmcgm.sampling.prompts import PromptSpec, fit_pose_masks, parse_poses, plan_prompts
-from lowmcgm.sampling.sampler import TrainingPreviews, build_sampler, read_png_parameters
+from lowmcgm.sampling.records import read_png_parameters
+from lowmcgm.sampling.sampler import build_sampler
+from lowmcgm.sampling.training_previews import TrainingPreviews
 
 SIZE = 64  # tiny-xl's resolution
 HANDLES = ["<asset0>", "<asset1>"]

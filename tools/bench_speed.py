@@ -31,6 +31,7 @@ def build(preset: str, attention_loss: bool, out: Path):
     from lowmcgm.handles import default_handles
     from lowmcgm.models.tiny import build_tiny_base
     from lowmcgm.training.optimizer import choose_optimizer
+    from lowmcgm.training.recipe import TrainingRecipe
     from lowmcgm.training.trainer import build_setup, training_device
 
     cfg = resolve_config(preset, None, {
@@ -41,19 +42,18 @@ def build(preset: str, attention_loss: bool, out: Path):
         # default 100 would take minutes and changes nothing in a step.
         "train.num_class_images": 4})
     optimizer = choose_optimizer(cfg.train, training_device(), print)
-    return build_setup(cfg, build_tiny_base("tiny"), default_handles(2), lambda event: None, optimizer)
+    return TrainingRecipe(build_setup(cfg, build_tiny_base("tiny"), default_handles(2), lambda event: None, optimizer))
 
 
-def time_phase(setups: dict, phase: int, steps: int, warmup: int) -> dict[str, list[float]]:
-    from lowmcgm.training.phases import enter_phase
-    from lowmcgm.training.trainer import train_step
-
-    states = {name: enter_phase(setup, phase) for name, setup in setups.items()}
-    times: dict[str, list[float]] = {name: [] for name in setups}
+def time_phase(recipes: dict, phase: int, steps: int, warmup: int) -> dict[str, list[float]]:
+    """Enter ``phase`` in each recipe, then time its steps, the recipes' steps interleaved."""
+    for recipe in recipes.values():
+        recipe.enter_phase(phase)
+    times: dict[str, list[float]] = {name: [] for name in recipes}
     for i in range(warmup + steps):
-        for name, setup in setups.items():  # interleaved: A, B, A, B, ...
+        for name, recipe in recipes.items():  # interleaved: A, B, A, B, ...
             start = time.perf_counter()
-            train_step(setup, states[name])
+            recipe.step()
             if i >= warmup:
                 times[name].append(time.perf_counter() - start)
     return times
@@ -68,11 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        setups = {"capture": build(args.preset, True, Path(tmp) / "a"),
-                  "plain SDPA": build(args.preset, False, Path(tmp) / "b")}
+        recipes = {"capture": build(args.preset, True, Path(tmp) / "a"),
+                   "plain SDPA": build(args.preset, False, Path(tmp) / "b")}
         rows = []
         for phase in (1, 2):
-            times = time_phase(setups, phase, args.steps, args.warmup)
+            times = time_phase(recipes, phase, args.steps, args.warmup)
             med = {name: statistics.median(t) for name, t in times.items()}
             rows.append({"phase": phase, "capture_s": med["capture"], "plain_s": med["plain SDPA"],
                          "ratio": med["capture"] / med["plain SDPA"],

@@ -10,6 +10,7 @@ uses them: only :func:`lowmcgm.memory.training_trace.trace_job` installs them, b
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -20,13 +21,14 @@ from lowmcgm.attention_capture import CapturingCrossAttnProcessor, CrossAttentio
 ATTENTION_LAYOUTS = ("sdpa", "explicit-self", "full-capture", "explicit")
 
 
-def install_attention_layout(setup: Any, layout: str) -> None:
+def install_attention_layout(setup: Any, layout: str) -> Any:
     """Swap attention processors after setup for the benchmark's ablations (``sdpa`` keeps the
     trainer's): ``explicit-self`` puts diffusers' explicit ``AttnProcessor`` on every self-attention
     layer; ``full-capture`` makes every cross-attention layer compute and keep its full softmax (all
-    77 + K columns, as the reference's AttentionStore); ``explicit`` does both (the reference code)."""
+    77 + K columns, as the reference's AttentionStore); ``explicit`` does both (the reference code).
+    Returns the set-up to train with (with the new store where capture changed)."""
     if layout == "sdpa":
-        return
+        return setup
     unet = setup.base.unet
     processors = dict(unet.attn_processors)
     loss_layers = {name for name, proc in processors.items() if isinstance(proc, CapturingCrossAttnProcessor)}
@@ -37,8 +39,9 @@ def install_attention_layout(setup: Any, layout: str) -> None:
         for name in processors:
             if name.endswith("attn2.processor"):
                 processors[name] = _FullSoftmaxCapture(store, name.removesuffix(".processor"), name in loss_layers)
-        setup.store = store
+        setup = dataclasses.replace(setup, store=store)
     unet.set_attn_processor(dict(processors))  # a copy: diffusers pops from the dict it gets
+    return setup
 
 
 class KeepAllStore(CrossAttentionStore):

@@ -19,7 +19,7 @@ a rough measure of memory-bound work, reported apart and never added to the FLOP
   diffusers UNet and kohya's own UNet class are both ``unet``), or a tagged function when one runs:
   ``attention capture`` (``attention_capture.compute_selected_probs`` and the store's ``record`` and
   ``mean_maps``: the work the capture adds to the stock SDPA processor) or ``losses`` (the loss
-  functions of :mod:`lowmcgm.losses` as the trainer calls them, and ``F.mse_loss``: the prior loss
+  functions of :mod:`lowmcgm.losses` as the training step calls them (``training.step``), and ``F.mse_loss``: the prior loss
   and kohya's); ``AutoencoderKL.encode``/``decode`` are tagged ``vae`` (called as methods, they pass
   no module hook). In the backward, an op belongs to the part whose forward made the autograd node it
   runs in (nodes are recorded as the forward makes them, by a ``TorchFunctionMode``).
@@ -200,14 +200,14 @@ class FlopCount:
 
         from lowmcgm import attention_capture
         from lowmcgm.attention_capture import CrossAttentionStore
-        from lowmcgm.training import trainer
+        from lowmcgm.training import step
 
         self._patch(attention_capture, "compute_selected_probs",
                     self.tagged(attention_capture.compute_selected_probs, CAPTURE))
         for name in ("record", "mean_maps"):
             self._patch(CrossAttentionStore, name, self.tagged(getattr(CrossAttentionStore, name), CAPTURE))
         for name in ("compute_masked_diffusion_loss", "compute_attention_loss", "compute_total_loss"):
-            self._patch(trainer, name, self.tagged(getattr(trainer, name), LOSSES))
+            self._patch(step, name, self.tagged(getattr(step, name), LOSSES))
         self._patch(F, "mse_loss", self.tagged(F.mse_loss, LOSSES))
         # The VAE is used through its methods, not its forward: no module hook sees it.
         for name in ("encode", "decode"):
@@ -295,25 +295,24 @@ def count_jobs(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def count_job(config: dict[str, Any], model: str, attention: str = "sdpa", num_concepts: int = 2) -> dict[str, Any]:
     """Traced: prepare ``model`` for ``config`` with the trainer's code (as ``lowmcgm estimate``),
-    then count one ``train_step`` of each phase that has steps.
+    then count one step of each phase that has steps (``TrainingRecipe.step``, as training runs it).
 
     Returns:
         ``{"resolution", "notes", "phases": [{"phase", "trainable_params", **summarize(...)}]}``.
     """
     from lowmcgm.memory import trace as mt
     from lowmcgm.memory.training_trace import build_traced_setup
-    from lowmcgm.training.phases import enter_phase
-    from lowmcgm.training.trainer import train_step
+    from lowmcgm.training.recipe import TrainingRecipe
 
     s = mt.session()
     cfg, setup, notes = build_traced_setup(config, model, attention, num_concepts)
-    phases, state = [], None
+    recipe, phases = TrainingRecipe(setup), []
     for phase in (1, 2):
         if (cfg.train.phase1_steps if phase == 1 else cfg.train.phase2_steps) == 0:
             continue
-        state = enter_phase(setup, phase, generator=state.generator if state else None)
+        state = recipe.enter_phase(phase)
         with FlopCount(s.device.type) as count:
-            train_step(setup, state)
+            recipe.step()
         params = [p for group in state.optimizer.param_groups for p in group["params"]]
         phases.append({"phase": phase, "trainable_params": sum(p.numel() for p in params), **summarize(count)})
     return {"resolution": setup.concept.image.shape[-1], "phases": phases, "notes": notes}

@@ -5,7 +5,7 @@ loaded the fake-CUDA shim before importing torch, and so this module). For each 
 base model's UNet, text encoder and VAE from their config files on the meta device, hands them to
 the trainer's own ``prepare_setup`` with a stand-in accelerator (:class:`TraceAccelerator`): handles
 with a stand-in tokenizer, mask encoder, capture processors, checkpointing, casts and moves, the
-photo encode, the VAE offload. It then runs the trainer's ``new_state`` and ``train_step``
+photo encode, the VAE offload. It then drives the training recipe (``TrainingRecipe``: ``enter_phase``, ``step``)
 :data:`STEPS_PER_PHASE` times per phase (the second step has optimizer state) under a probe that
 follows the step and the live-bytes counter, and returns each phase's peak and its parts.
 Turning the figures into an estimate, the card margin and the report are :mod:`lowmcgm.memory.estimate`'s.
@@ -117,29 +117,27 @@ def build_traced_setup(config: dict[str, Any], model: str, attention: str = "sdp
     optimizer = cfg.train.optimizer if s.device.type == "cuda" else ADAMW
     setup = prepare_setup(cfg, base, _random_concept(resolution, n), default_handles(n), acc,
                           lambda event: None, lambda device: prior, optimizer)
-    install_attention_layout(setup, attention)
+    setup = install_attention_layout(setup, attention)
     notes += list(resolved_notes(cfg, base))
     return cfg, setup, notes
 
 
 def _trace_phases(s: mt.TraceSession, cfg: Config, setup: Any, baseline: int) -> list[dict[str, Any]]:
-    from lowmcgm.training.phases import enter_phase
+    from lowmcgm.training.recipe import TrainingRecipe
 
-    phases, state, setup_peak = [], None, s.counter.peak - baseline
+    recipe, phases, setup_peak = TrainingRecipe(setup), [], s.counter.peak - baseline
     for phase in (1, 2):
         if (cfg.train.phase1_steps if phase == 1 else cfg.train.phase2_steps) == 0:
             continue
         if phase == 2:
             s.reset_peak()
         # As train(): phase 2's state (its adapters, its optimizer) is built while the phase-1 one
-        # is still referenced.
-        new = enter_phase(setup, phase, generator=state.generator if state else None)
-        state = new
-        del new
+        # is still referenced (recipe.enter_phase drops it once the new one is there).
+        recipe.enter_phase(phase)
         gc.collect()
         if phase == 2:
             setup_peak = s.counter.peak - baseline
-        figures = _trace_steps(s, setup, state, baseline)
+        figures = _trace_steps(s, recipe, baseline)
         figures.update(phase=phase, setup_peak_bytes=setup_peak)
         phases.append(figures)
     return phases
@@ -296,12 +294,11 @@ class _StepProbe(TorchDispatchMode):
             hook.remove()
 
 
-def _trace_steps(s: mt.TraceSession, setup: Any, state: Any, baseline: int) -> dict[str, Any]:
-    """Run the trainer's ``train_step`` :data:`STEPS_PER_PHASE` times under a probe; return the
-    phase's peak and its parts (bytes, relative to ``baseline``)."""
-    from lowmcgm.training.trainer import train_step
-
-    optimizer = state.optimizer
+def _trace_steps(s: mt.TraceSession, recipe: Any, baseline: int) -> dict[str, Any]:
+    """Run the recipe's ``step`` :data:`STEPS_PER_PHASE` times under a probe; return the phase's
+    peak and its parts (bytes, relative to ``baseline``)."""
+    setup = recipe.setup
+    optimizer = recipe.state.optimizer
     params = [p for group in optimizer.param_groups for p in group["params"]]
     probe = _StepProbe(s.counter, params)
     setup.accelerator.probe = probe
@@ -313,7 +310,7 @@ def _trace_steps(s: mt.TraceSession, setup: Any, state: Any, baseline: int) -> d
         for _ in range(STEPS_PER_PHASE):
             probe.begin_step(_optimizer_state_bytes(optimizer, s.device.type))
             with probe:
-                train_step(setup, state)
+                recipe.step()
             probe.enter("between steps")
             if isinstance(setup.store, KeepAllStore):
                 setup.store.kept = []  # the reference's AttentionStore is reset after the step

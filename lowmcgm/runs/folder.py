@@ -38,7 +38,7 @@ RUN_FOLDERS = ("previews", "samples", "checkpoints")
 # numbers grow past their padding (sampler._image_name: prompt 100, image 1000).
 SAMPLE_FILES = ("grid.png", "samples.json")
 SAMPLE_IMAGE = re.compile(r"p\d{2,}-\d{3,}-seed\d+\.png")
-# What the previews of `run` write (sampler.TrainingPreviews): step<n>.png and step<n>-attention.png.
+# What the previews of `run` write (sampling.training_previews.TrainingPreviews): step<n>.png and step<n>-attention.png.
 PREVIEW_IMAGE = re.compile(r"step\d{5,}(-attention)?\.png")
 
 

@@ -2,12 +2,13 @@
 
 Owns building the context the UNet sees (77 text tokens, then one mask token per handle in the
 order the handles appear in the prompt; k all-zero tokens for the unconditional branch, paper
-sec. 3.2) and writing each image with its parameters. Reading prompts and poses and pairing each
-pose with its handle is ``prompts.py``'s. The denoising loop, schedulers, guidance and VAE decode stay diffusers' own: we only
+sec. 3.2), placing the models for sampling, and ``sample_artifact``, the library's ``lowmcgm
+sample``. Reading prompts and poses and pairing each pose with its handle is ``prompts.py``'s; the
+pipeline is ``pipeline.py``'s; the PNG chunks, image names and samples.json are ``records.py``'s;
+the trainer's preview hook is ``training_previews.py``'s; drawing is ``previews.py``'s. The
+denoising loop, schedulers, classifier-free guidance and VAE decode stay diffusers' own: we only
 pass ``prompt_embeds`` and ``negative_prompt_embeds`` to a stock ``StableDiffusionPipeline``, or to a
-stock ``StableDiffusionXLPipeline`` with its pooled embeddings too (SDXL base models; the pipeline
-builds its size numbers itself).
-Also the trainer's preview hook for ``lowmcgm run``. Drawing is left to ``previews.py``.
+stock ``StableDiffusionXLPipeline`` with its pooled embeddings too (SDXL base models).
 
 Example:
     >>> plans = plan_prompts([PromptSpec("a photo of <asset0>", {"<asset0>": "run.png"})], {},
@@ -20,17 +21,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
-from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                       StableDiffusionPipeline, StableDiffusionXLPipeline)
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from lowmcgm import __version__
 from lowmcgm.adapters import cast_keeping_fp8, is_stored_in_fp8, store_in_fp8
 from lowmcgm.artifact import Artifact, file_sha256, load_artifact, stale_pooling_warning
 from lowmcgm.attention_capture import CrossAttentionStore, install_capture, loss_layer_names, remove_capture
@@ -43,31 +40,19 @@ from lowmcgm.models.dtypes import torch_dtype
 from lowmcgm.models.families import family_of_encoder_count
 from lowmcgm.models.fit import check_sample_size
 from lowmcgm.models.loading import load_base_model
-from lowmcgm.runs.folder import SAMPLE_FILES, check_sample_folder, clear_earlier_samples, earlier_samples
+from lowmcgm.runs.folder import check_sample_folder, clear_earlier_samples, earlier_samples
 from lowmcgm.runs.output import check_output_dir
 from lowmcgm.runs.write_guard import check_not_inputs
 from lowmcgm.sampling.latent_guidance import LatentGuidance, guidance_layers
+from lowmcgm.sampling.pipeline import Pipeline, base_modules, build_pipeline
 from lowmcgm.sampling.pose_guidance import (DEFAULT_STRENGTH, PoseGuide, guidance_rule, guided_attention, guided_columns,
                                              noise_level)
-from lowmcgm.sampling.previews import (SheetRow, mask_to_image, render_attention_picture, render_contact_sheet,
-                                       save_json, save_png)
 from lowmcgm.sampling.prompts import (PlannedPrompt, PromptSpec, check_plans_fit, check_pose_crops, fit_pose_masks,
                                       handles_in_text, no_mask_reason, plan_prompts)
-
-if TYPE_CHECKING:
-    from lowmcgm.training.state import Setup, TrainState
+from lowmcgm.sampling.records import sample_files, write_samples
 
 ProgressFn = Callable[[dict[str, Any]], None]
-# One entry per choice of sample.scheduler (config.SampleSettings declares the names).
-SCHEDULERS: dict[str, tuple[str, Callable[[Any], Any]]] = {
-    # name: (A1111's label, for the "parameters" chunk other tools read; factory from a scheduler config)
-    "ddim": ("DDIM", lambda config: DDIMScheduler.from_config(config)),
-    "euler_a": ("Euler a", lambda config: EulerAncestralDiscreteScheduler.from_config(config)),
-    "dpmpp_2m": ("DPM++ 2M", lambda config: DPMSolverMultistepScheduler.from_config(
-        config, algorithm_type="dpmsolver++", solver_order=2)),
-}
 ATTN_PICTURE_DOWNSCALE = 0  # attention pictures read the layers the default attention loss trains (auto)
-Pipeline = StableDiffusionPipeline | StableDiffusionXLPipeline
 
 
 def check_settings(settings: SampleSettings) -> None:
@@ -296,21 +281,9 @@ def _chain(callbacks: list[Callable[..., dict]]) -> Callable[..., dict]:
     return run
 
 
-def build_pipeline(base: BaseModel, scheduler: str) -> Pipeline:
-    """The family's stock diffusers pipeline over the base's modules (no copies), with the named scheduler."""
-    pipe = base.family.build_pipeline(base, SCHEDULERS[scheduler][1](base.noise_scheduler.config))
-    pipe.set_progress_bar_config(disable=True)  # library code never prints; callers report per image
-    return pipe
-
-
 def trained_with_fp8(artifact: Artifact) -> bool:
     """The artifact's run stored its frozen UNet in fp8 (``model.fp8_base``)."""
     return bool(artifact.meta.get("training_config", {}).get("model", {}).get("fp8_base", False))
-
-
-def base_modules(base: BaseModel) -> list[torch.nn.Module]:
-    """The modules sampling runs: UNet, text encoder(s) (SDXL has two) and VAE."""
-    return [base.unet, *base.text_encoders, base.vae]
 
 
 def check_base_matches(artifact: Artifact, base: BaseModel, artifact_path: Path) -> None:
@@ -394,108 +367,6 @@ def build_sampler(base: BaseModel, artifact: Artifact, settings: SampleSettings)
     return PoseSampler(pipe, encoder, base, device, text_encoders_home=home, state=state)
 
 
-def png_parameters(plan: PlannedPrompt, settings: SampleSettings, seed: int, info: dict[str, str]) -> dict[str, str]:
-    """The PNG text chunks of one image: everything needed to draw it again."""
-    label = SCHEDULERS[settings.scheduler][0]
-    text = {
-        "prompt": plan.text, "negative_prompt": settings.negative_prompt, "seed": str(seed),
-        "steps": str(settings.steps), "guidance_scale": repr(float(settings.guidance_scale)),
-        "scheduler": settings.scheduler, "width": str(settings.width), "height": str(settings.height),
-        "dtype": settings.dtype, "mask_tokens": "on" if plan.use_mask_tokens else "off",
-        "poses": json.dumps(plan.poses), "pose_guidance": settings.pose_guidance,
-        "pose_guidance_strength": repr(float(settings.pose_guidance_strength)),
-        "pose_guidance_steps": str(settings.pose_guidance_steps),
-        "pose_guidance_options": json.dumps(guidance_options(settings)), "lowmcgm_version": __version__, **info,
-    }
-    # A1111's layout, which image viewers and web UIs read.
-    text["parameters"] = (f"{plan.text}\nNegative prompt: {settings.negative_prompt}\nSteps: {settings.steps}, "
-                          f"Sampler: {label}, CFG scale: {settings.guidance_scale}, Seed: {seed}, "
-                          f"Size: {settings.width}x{settings.height}, "
-                          f"lowmcgm artifact: {info.get('artifact_sha256', '')[:12]}")
-    return text
-
-
-_INT_CHUNKS = ("seed", "steps", "width", "height", "pose_guidance_steps")
-
-
-def read_png_parameters(path: str | Path) -> dict[str, Any]:
-    """Read back what ``png_parameters`` wrote (numbers as numbers, poses as a dict)."""
-    try:
-        with Image.open(path) as image:
-            text = dict(image.text)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path} is not a readable PNG.") from exc
-    out: dict[str, Any] = dict(text)
-    for key in _INT_CHUNKS:
-        if key in out:
-            out[key] = int(out[key])
-    for key in ("guidance_scale", "pose_guidance_strength"):
-        if key in out:
-            out[key] = float(out[key])
-    for key in ("poses", "pose_guidance_options"):
-        if key in out:
-            out[key] = json.loads(out[key])
-    return out
-
-
-def guidance_options(settings: SampleSettings) -> dict[str, Any]:
-    """How the pose guidance mode guided (``[sample]``'s other ``pose_guidance_*`` fields), by the
-    field's name without its prefix."""
-    said = {"pose_guidance", "pose_guidance_strength", "pose_guidance_steps"}
-    return {f.name.removeprefix("pose_guidance_"): getattr(settings, f.name) for f in dataclasses.fields(settings)
-            if f.name.startswith("pose_guidance_") and f.name not in said}
-
-
-def write_samples(sampler: PoseSampler, plans: list[PlannedPrompt], settings: SampleSettings, out: Path,
-                  info: dict[str, str], report: ProgressFn | None = None) -> Path:
-    """Draw every prompt's images into ``out`` with their parameters, then grid.png and samples.json.
-
-    Args:
-        settings: resolved (height, width and dtype set).
-        info: artifact path and hash, base model name: written into every PNG and the index.
-
-    Returns:
-        The path of ``grid.png``.
-    """
-    report = report or (lambda event: None)
-    total, done = len(plans) * settings.num_images, 0
-    rows, entries = [], []
-    for p, plan in enumerate(plans):
-        row = SheetRow(title=plan.text + ("" if plan.use_mask_tokens else "  (no mask tokens)"))
-        if (plan.use_mask_tokens and sampler.mask_encoder is not None) or plan.poses:
-            fitted = fit_pose_masks(plan, settings.height, settings.width).numpy()
-            row.poses = [(f"{h}: {Path(f).name if f else 'blank'}", mask_to_image(m, (settings.width, settings.height)))
-                         for h, f, m in zip(plan.handles, plan.pose_files, fitted)]
-        images = []
-        for start in range(0, settings.num_images, settings.batch_size):
-            seeds = [settings.seed + i for i in range(start, min(start + settings.batch_size, settings.num_images))]
-            for seed, image in zip(seeds, sampler.generate(plan, seeds, settings)):
-                name = _image_name(p, seed, settings)
-                save_png(image, out / name, png_parameters(plan, settings, seed, info))
-                images.append({"file": name, "seed": seed})
-                row.images.append((f"seed {seed}", image))
-                done += 1
-                report({"kind": "saved", "what": f"image {done}/{total}", "path": str(out / name)})
-        rows.append(row)
-        entries.append({"prompt": plan.text, "handles": plan.handles, "poses": plan.poses,
-                        "mask_tokens": plan.use_mask_tokens, "images": images})
-    grid = save_png(render_contact_sheet(rows), out / "grid.png")
-    save_json({**info, "lowmcgm_version": __version__, "settings": dataclasses.asdict(settings),
-               "grid": grid.name, "prompts": entries}, out / "samples.json")
-    report({"kind": "saved", "what": "contact sheet", "path": str(grid)})
-    return grid
-
-
-def _image_name(prompt_index: int, seed: int, settings: SampleSettings) -> str:
-    return f"p{prompt_index:02d}-{seed - settings.seed:03d}-seed{seed}.png"  # run_folder.SAMPLE_IMAGE
-
-
-def sample_files(plans: list[PlannedPrompt], settings: SampleSettings, out: Path) -> list[Path]:
-    """Every file ``write_samples`` writes into ``out``."""
-    names = [_image_name(p, settings.seed + i, settings) for p in range(len(plans)) for i in range(settings.num_images)]
-    return [out / name for name in [*names, *SAMPLE_FILES]]
-
-
 def recorded_base_model(artifact: Artifact) -> tuple[str, str]:
     """The base model ``artifact`` was trained on, as ``--base-model`` named it (not only the loaded
     model's name, which is a folder's last part), and the single-file config training read it with."""
@@ -570,51 +441,3 @@ def sample_artifact(artifact_path: str | Path, specs: list[PromptSpec], poses: d
         sampler.state.remove(base)  # handles, mask encoder and LoRA off again, even after a failure
 
 
-class TrainingPreviews:
-    """The trainer's ``on_preview`` hook: a fixed-seed sample and its attention picture.
-
-    Files go to ``folder`` as ``step00010.png`` and ``step00010-attention.png``, numbered by the
-    step counted over both phases. Sampling reuses the live models (handle wrapper, adapters,
-    capture processors): nothing is copied, and the training RNG is untouched (the sample draws
-    from its own generator).
-
-    Args:
-        folder: ``<out>/previews``.
-        plan: the prompt to draw (``run``'s first).
-        settings: sampling settings; the image is drawn at the training resolution.
-        phase1_steps: to number phase 2 steps after phase 1's.
-    """
-
-    def __init__(self, folder: Path, plan: PlannedPrompt, settings: SampleSettings, phase1_steps: int):
-        self.folder = Path(folder)
-        self.plan = plan
-        self.settings = settings
-        self.phase1_steps = phase1_steps
-
-    def __call__(self, setup: Setup, state: TrainState) -> None:
-        base = setup.base
-        step = state.step + (self.phase1_steps if state.phase == 2 else 0)
-        size = int(setup.concept.image.shape[-1])
-        precision = setup.accelerator.mixed_precision
-        settings = dataclasses.replace(self.settings, height=size, width=size, num_images=1,
-                                       dtype="fp32" if precision == "no" else precision)
-        sampler = PoseSampler(build_pipeline(base, settings.scheduler), setup.mcgm.mask_encoder, base, setup.device,
-                              autocast=setup.accelerator.autocast, store=setup.store)
-        # The trainer may have moved the VAE (photo encoded) and the text encoder(s) (phase 2 trains
-        # nothing in them) off the GPU; sampling needs them there for a moment.
-        places = [(m, next(m.parameters()).device, m.training) for m in base_modules(base)]
-        for module, _, _ in places:
-            module.to(setup.device)
-            module.eval()
-        try:
-            image, maps = sampler.generate_with_attention(self.plan, settings.seed, settings)
-        finally:
-            for module, device, training in places:  # the hook leaves the models as it found them
-                module.to(device)
-                module.train(training)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        meta = {"phase": str(state.phase), "train_step": str(step),
-                **png_parameters(self.plan, settings, settings.seed, {})}
-        save_png(image, self.folder / f"step{step:05d}.png", meta)
-        title = f"step {step} (phase {state.phase}): {self.plan.text}"
-        save_png(render_attention_picture(image, maps, title), self.folder / f"step{step:05d}-attention.png", meta)

@@ -4,7 +4,7 @@
 union sampling of the concepts (k drawn once per step so samples stack), flips, affine moves of
 photo and masks together, mask dropout and perturbation for the mask encoder, noise, timesteps
 and prior-preservation samples. It starts from the photo's latents, encoded once by
-``encode_photo``; the forward pass and the loss are the trainer's (``trainer.compute_step_loss``).
+``encode_photo``; the forward pass and the loss are the step's (``step.compute_step_loss``).
 """
 
 from __future__ import annotations

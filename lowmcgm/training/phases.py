@@ -16,7 +16,7 @@ from lowmcgm.config import Config
 from lowmcgm.data import build_prompt
 from lowmcgm.models.text_conditioning import encode_prompt_ids, tokenize_prompts
 from lowmcgm.training.optimizer import optimizer_class
-from lowmcgm.training.state import Setup, TrainState, say_once
+from lowmcgm.training.state import Setup, TextCache, TrainState, say_info
 
 
 def enter_phase(setup: Setup, phase: int, generator: torch.Generator | None = None,
@@ -37,11 +37,10 @@ def enter_phase(setup: Setup, phase: int, generator: torch.Generator | None = No
         add_phase2_adapters(setup)
     if weights is not None:
         setup.mcgm.load_state_dict(setup.base, weights)
-    if phase == 2:
-        maybe_offload_text_encoder(setup)
+    text_cache = offload_text_encoder(setup) if text_encoder_is_frozen(setup.cfg, phase) else None
     if generator is None:
         generator = torch.Generator().manual_seed(setup.cfg.train.seed + setup.accelerator.process_index)
-    return TrainState(phase, 0, build_optimizer(setup, phase), generator, history or [])
+    return TrainState(phase, 0, build_optimizer(setup, phase), generator, history or [], text_cache)
 
 
 def add_phase2_adapters(setup: Setup) -> None:
@@ -64,14 +63,13 @@ def text_encoder_is_frozen(cfg: Config, phase: int) -> bool:
 
 
 @torch.no_grad()
-def maybe_offload_text_encoder(setup: Setup) -> None:
-    """Encode every prompt training can draw once, then move the text encoder off the GPU.
+def offload_text_encoder(setup: Setup) -> TextCache:
+    """Encode every prompt training can draw once, move the text encoder off the GPU, and return
+    the encodings by token ids (``TrainState.text_cache``).
 
     Union sampling draws ordered subsets of the N handles: sum over k of N!/(N-k)! prompts (64 for
     N = 4), a few MB of outputs against the text encoder's 0.25-0.7 GB.
     """
-    if not text_encoder_is_frozen(setup.cfg, 2) or setup.text_cache is not None:
-        return
     n = setup.concept.num_concepts
     prompts = [build_prompt([setup.mcgm.handle_names[i] for i in order])
                for k in range(1, n + 1) for order in itertools.permutations(range(n), k)]
@@ -79,12 +77,11 @@ def maybe_offload_text_encoder(setup: Setup) -> None:
         prompts.append(setup.cfg.train.class_prompt)
     ids = tokenize_prompts(setup.base, prompts)
     states = encode_prompt_ids(setup.base, ids, setup.device).split()
-    setup.text_cache = {ids.key(row): state for row, state in enumerate(states)}
-    for encoder in (setup.base.text_encoder, setup.base.text_encoder_2):
-        if encoder is not None:
-            encoder.to("cpu")
-    say_once(setup, f"Phase 2 trains nothing in the text encoder: {len(prompts)} prompts encoded once, "
+    for encoder in setup.base.text_encoders:
+        encoder.to("cpu")
+    say_info(setup, f"Phase 2 trains nothing in the text encoder: {len(prompts)} prompts encoded once, "
                     "text encoder moved off the GPU.")
+    return {ids.key(row): state for row, state in enumerate(states)}
 
 
 def build_optimizer(setup: Setup, phase: int) -> torch.optim.Optimizer:

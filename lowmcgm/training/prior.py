@@ -29,16 +29,13 @@ def _listed(folder: Path) -> list[Path]:
 def generate_class_images(base: BaseModel, prompt: str, count: int, folder: Path, size_px: int,
                           seed: int, report: Callable[[dict[str, Any]], None]) -> None:
     """Sample ``count`` images of ``prompt`` with the base model into ``folder``."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler
 
     folder.mkdir(parents=True, exist_ok=True)
     have = len(_listed(folder))
     report({"kind": "message", "level": "info",
             "text": f"Generating {count - have} class images of '{prompt}' into {folder} (once)."})
-    pipe = StableDiffusionPipeline(
-        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
-        scheduler=DDIMScheduler.from_config(base.noise_scheduler.config), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False)
+    pipe = base.family.build_pipeline(base, DDIMScheduler.from_config(base.noise_scheduler.config))
     pipe.set_progress_bar_config(disable=True)
     device = next(base.unet.parameters()).device
     for i in range(have, count):

@@ -1,7 +1,9 @@
-"""What a training run holds: its set-up, built once, and the train state a resume restores.
+"""What a training run holds: its set-up, built once and never changed, and the train state a resume restores.
 
 ``Setup`` is built by ``trainer.build_setup`` (the memory estimate builds one on fake tensors);
-``TrainState`` by ``phases.enter_phase`` alone, at the start of each phase and on resume.
+``TrainState`` by ``phases.enter_phase`` alone, at the start of each phase and on resume. What
+changes while a run goes on (the stop signal, the preview hook) is the recipe's
+(``recipe.TrainingRecipe``), which drives both.
 """
 
 from __future__ import annotations
@@ -21,12 +23,15 @@ from lowmcgm.training.accelerator import AcceleratorLike
 from lowmcgm.training.optimizer import ADAMW
 
 ProgressFn = Callable[[dict[str, Any]], None]
+TextCache = dict[tuple[int, ...], TextStates]  # text-encoder outputs by a prompt's token ids
 PreviewFn = Callable[["Setup", "TrainState"], None]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Setup:
-    """Everything built once per run: models, data, capture, accelerator."""
+    """Everything built once per run: models, data, capture, accelerator. Frozen: a run's set-up
+    does not change while it trains (what trains changes inside ``mcgm``, what a resume restores
+    is the ``TrainState``)."""
 
     cfg: Config
     base: BaseModel
@@ -38,15 +43,10 @@ class Setup:
     latent_std: torch.Tensor
     prior_latents: torch.Tensor | None  # (M, C, h, w) class images, or None
     report: ProgressFn
-    said: set[str] = field(default_factory=set)
-    on_preview: PreviewFn | None = None
     capture: dict | None = None  # the processors capture replaced (to put back at the end)
-    stop_requested: int = 0  # the stop signal received (SIGINT, SIGTERM, SIGHUP); the loop stops before its next step
-    # Text-encoder outputs by token ids, when the text encoder has nothing left to train.
-    text_cache: dict[tuple[int, ...], TextStates] | None = None
     # SDXL's six size numbers of the photo's crop (sdxl_conditioning.sdxl_time_ids); None for SD 1.x/2.x.
     time_ids: torch.Tensor | None = None
-    inputs: dict[str, Any] = field(default_factory=dict)  # run_identity.input_fingerprints, kept in checkpoints
+    inputs: dict[str, Any] = field(default_factory=dict)  # runs.identity.input_fingerprints, kept in checkpoints
     # The AdamW this run trains with: train.optimizer, unless 8-bit failed its test step (optimizer.py).
     optimizer_name: str = ADAMW
 
@@ -64,10 +64,12 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     generator: torch.Generator
     history: list[dict[str, float]] = field(default_factory=list)
+    # Text-encoder outputs by token ids, when the phase trains nothing in the text encoder (rebuilt
+    # by enter_phase on resume, from the restored handles).
+    text_cache: TextCache | None = None
 
 
-def say_once(setup: Setup, text: str) -> None:
-    """An info message, once per run and on the main process only."""
-    if text not in setup.said and setup.accelerator.is_main_process:
-        setup.said.add(text)
+def say_info(setup: Setup, text: str) -> None:
+    """An info message, on the main process only."""
+    if setup.accelerator.is_main_process:
         setup.report({"kind": "message", "level": "info", "text": text})

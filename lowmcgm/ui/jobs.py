@@ -31,7 +31,7 @@ from lowmcgm.ui.workspace import EARLIER_EVENTS_FILE, EVENTS_FILE, LOG_FILE
 
 # A stop waits this long for the step in progress and the checkpoint before it kills the child.
 STOP_TIMEOUT_S = 120.0
-ERROR_PREFIX = "error: "  # every refusal of the CLI, argparse's included (cli._Parser)
+ERROR_PREFIX = "error: "  # every refusal of the CLI, argparse's included (console.arguments.Parser)
 
 
 @dataclass(frozen=True)
