@@ -74,7 +74,9 @@ def wait_for_text(page, elem: str, pattern: str, timeout_s: float) -> str:
 
 def set_textbox(page, elem: str, value: str) -> None:
     box = page.locator(f"#{elem} textarea, #{elem} input").first
-    box.fill(value)
+    # Up to 90 s, not playwright's 30: on 2 busy cores (a resumed training beside the test workers)
+    # a freshly opened tab has taken over 30 s to render its boxes.
+    box.fill(value, timeout=90_000)
     box.blur()  # gradio takes a textbox's value on blur
 
 
