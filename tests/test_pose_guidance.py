@@ -316,11 +316,24 @@ def test_noise_scaled_guidance_lowers_the_energy_and_stops_at_the_threshold():
     settings = SampleSettings(pose_guidance_step="noise-scaled", pose_guidance_iterations=3)
     unet, latents, scheduler, make = _tiny_guidance(settings, strength=3000.0)
     t = scheduler.timesteps[1]
-    guidance = make()
+    guidance = _measured(make())
     guidance.step(latents, t, scheduler)
     energies = [float(e) for e in guidance.energies]
     assert len(energies) == 3 and energies[2] < energies[0], energies
     # Above every energy: nothing moves, one pass measured it.
     _, _, _, make = _tiny_guidance(dataclasses.replace(settings, pose_guidance_threshold=1.0), strength=3000.0)
-    still = make()
+    still = _measured(make())
     assert torch.equal(still.step(latents, t, scheduler), latents) and len(still.energies) == 1
+
+
+def _measured(guidance):
+    """``guidance``, recording the (B,) energy of each UNet pass it makes in ``guidance.energies``."""
+    real, guidance.energies = guidance._energy_and_grad, []
+
+    def spy(*args):
+        energy, grad = real(*args)
+        guidance.energies.append(energy)
+        return energy, grad
+
+    guidance._energy_and_grad = spy
+    return guidance

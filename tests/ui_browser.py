@@ -66,10 +66,13 @@ def text_of(page, elem: str) -> str:
 
 def wait_for_text(page, elem: str, pattern: str, timeout_s: float) -> str:
     """Wait until element ``elem``'s text matches ``pattern`` (a regex); return the text."""
-    page.wait_for_function(
-        "([sel, pat]) => { const e = document.querySelector(sel); return e && new RegExp(pat).test(e.innerText); }",
+    # The text returned is the one that matched, read in the same poll: reading it again afterwards
+    # raced with gradio, whose progress timer ("0.0s") can come back above a message a moment later.
+    matched = page.wait_for_function(
+        "([sel, pat]) => { const e = document.querySelector(sel);"
+        " return e && new RegExp(pat).test(e.innerText) ? e.innerText : null; }",
         arg=[f"#{elem}", pattern], timeout=timeout_s * 1000, polling=250)
-    return text_of(page, elem)
+    return matched.json_value()
 
 
 def set_textbox(page, elem: str, value: str) -> None:

@@ -45,7 +45,7 @@ class BaseModel:
     @property
     def text_encoders(self) -> list[CLIPTextModel]:
         """Each text encoder, first one first (SDXL has two)."""
-        return [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
+        return [encoder for _, encoder in self.text_encoder_pairs]
 
     @property
     def text_encoder_pairs(self) -> list[tuple[CLIPTokenizer, CLIPTextModel]]:

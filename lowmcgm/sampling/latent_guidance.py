@@ -117,7 +117,6 @@ class LatentGuidance:
         self.settings = settings
         self.added_cond_kwargs = added_cond_kwargs
         self.checkpointing = checkpointing
-        self.energies: list[torch.Tensor] = []  # (B,) per pass, for the benchmark and tests
 
     def step(self, latents: torch.Tensor, timestep: torch.Tensor, scheduler: Any) -> torch.Tensor:
         """The guided latent for one step (unchanged once the guided steps are over).
@@ -167,7 +166,6 @@ class LatentGuidance:
         finally:
             store.clear()
             remove_capture(self.unet, installed)
-        self.energies.append(energy.detach().cpu())  # not on the GPU: it would outlive the step
         return energy.detach(), grad
 
     def _energy(self, store: CrossAttentionStore, size: torch.Size) -> torch.Tensor:
