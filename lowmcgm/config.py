@@ -73,6 +73,12 @@ class ModelConfig:
     fp8_base: bool = _f(False, "store the frozen UNet weights in fp8 (float8_e4m3fn) with a per-tensor scale "
                                "(max |w| / 448, as OneTrainer's), each layer cast up to the mixed precision while "
                                "it computes: half their memory (SDXL: 4.8 -> 2.4 GiB), about 2.6 % rounding error")
+    text_encoder_checkpointing: bool = _f(False, "recompute the text encoders' activations in backward while the "
+                                                 "handles train through them (SDXL's two encoders at 77 tokens: "
+                                                 "little memory, a second encoder forward per step)")
+    fp8_text_encoders: bool = _f(False, "store the frozen text-encoder weights in fp8 as fp8_base does the UNet's "
+                                        "(SDXL: 1.5 -> 0.8 GiB); needs text_encoder_checkpointing, without which "
+                                        "backward keeps every layer's upcast copy")
 
 
 @dataclass(frozen=True)
@@ -496,6 +502,12 @@ def validate(cfg: Config, by_flag: Collection[str] = ()) -> Config:
     if cfg.model.fp8_base and cfg.lora.phase2_mode == "full":
         problems.append("model.fp8_base stores frozen weights in fp8, but lora.phase2_mode = 'full' trains them all: "
                         "use 'lora'")
+    if cfg.model.fp8_text_encoders and not cfg.model.text_encoder_checkpointing:
+        problems.append("model.fp8_text_encoders needs model.text_encoder_checkpointing = true: without it the "
+                        "handles' backward keeps each layer's upcast copy, more memory than fp16 weights")
+    if cfg.model.fp8_text_encoders and cfg.lora.phase2_mode == "full":
+        problems.append("model.fp8_text_encoders stores frozen weights in fp8, but lora.phase2_mode = 'full' trains "
+                        "them all: use 'lora'")
     if cfg.lora.init_lora and cfg.lora.phase2_mode == "full":
         problems.append("lora.init_lora needs lora.phase2_mode = 'lora' (a full fine-tune has no adapter to start)")
     if cfg.train.phase1_steps + cfg.train.phase2_steps == 0:

@@ -101,14 +101,17 @@ def test_run_writes_its_sample_section_with_the_effective_config(inputs, tmp_pat
     np.testing.assert_array_equal(pixels(out / "samples" / name), pixels(again / name))
 
 
-@pytest.mark.parametrize("fp8", [False, True], ids=["fp16-or-fp32", "fp8-base"])
+@pytest.mark.parametrize("fp8", [[], ["model.fp8_base=true"],
+                                 ["model.fp8_text_encoders=true", "model.text_encoder_checkpointing=true"]],
+                         ids=["fp16-or-fp32", "fp8-base", "fp8-text-encoders"])
 def test_run_on_sdxl_trains_previews_and_draws_what_sample_draws(inputs, tmp_path, fp8):
     out = tmp_path / "xl"
     sampling = ["--prompt", "a photo of <asset0> and <asset1>", "--pose", f"asset0={inputs['b']}",
                 "--num-images", "1", "--steps", "4", "--seed", "5"]
-    # With model.fp8_base, `sample` stores the fresh UNet in fp8 as training did: the same images.
+    # With model.fp8_base (fp8_text_encoders), `sample` stores the fresh UNet (text encoders) in fp8
+    # as training did: the same images.
     args = run_args(inputs, out, *sampling, "--set", "train.phase1_steps=3", "--set", "train.phase2_steps=3",
-                    "--preview-every", "3", "--set", f"model.fp8_base={str(fp8).lower()}")
+                    "--preview-every", "3", *[arg for setting in fp8 for arg in ("--set", setting)])
     args[args.index("tiny")] = "tiny-xl"
     assert main(args) == 0
     assert sorted(p.name for p in (out / "previews").glob("step*[0-9].png")) == [

@@ -323,7 +323,8 @@ def test_out_of_memory_advice_gives_the_estimate_and_the_preset_for_the_card(mon
     assert "try --preset 8gb." in training_oom_message(cfg, "12gb")
     # An SDXL run is sent to the SDXL presets, and from the smallest one to none.
     assert "try --preset sdxl-8gb." in training_oom_message(cfg, "sdxl-12gb")
-    assert "This card has 7.7 GiB." in training_oom_message(cfg, "sdxl-8gb")
+    assert "This card has 7.7 GiB: try --preset sdxl-6gb." in training_oom_message(cfg, "sdxl-8gb")
+    assert "This card has 7.7 GiB." in training_oom_message(cfg, "sdxl-6gb")
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: 1 / 0)
     monkeypatch.setattr(estimate_mod, "estimate", lambda *a, **k: 1 / 0)
     text = training_oom_message(cfg, "8gb")

@@ -133,3 +133,57 @@ def test_lowmcgm_train_on_sdxl_through_the_cli(photo, tmp_path, capsys):
                  "--mask", b, "--out", str(tmp_path / "bad"), "--set", "model.resolution=40"]) == 2
     err = capsys.readouterr().err
     assert "below 48 px" in err and "Traceback" not in err
+
+
+def _mlp_calls(encoder) -> list[int]:
+    # Inside the layer's checkpointed forward (transformers keeps hooks on the layer itself outside it),
+    # so a recompute in backward counts as a second call. A pre-hook: torch stops a recompute once it
+    # has the tensors backward needs, before the MLP returns.
+    calls = []
+    first_mlp = next(m for m in encoder.modules() if type(m).__name__ == "CLIPMLP")
+    first_mlp.register_forward_pre_hook(lambda *args: calls.append(1))
+    return calls
+
+
+def test_text_encoder_checkpointing_recomputes_both_encoders_and_trains_the_same_handles(photo, tmp_path):
+    image, a, b = photo
+    steps = {"train.phase1_steps": 3, "train.phase2_steps": 0}
+    plain, checkpointed = build_tiny_base("tiny-xl"), build_tiny_base("tiny-xl")
+    counts = {}
+    for name, base, on in (("plain", plain, False), ("checkpointed", checkpointed, True)):
+        counts[name] = [_mlp_calls(base.text_encoder), _mlp_calls(base.text_encoder_2)]
+        train(_cfg(image, [a, b], tmp_path / name, **steps, **{"model.text_encoder_checkpointing": on}), base=base)
+    for plain_calls, checkpointed_calls in zip(*counts.values()):
+        assert len(checkpointed_calls) == len(plain_calls) + 3  # one recompute per step
+    straight = load_file(tmp_path / "plain" / "lowmcgm.safetensors")
+    again = load_file(tmp_path / "checkpointed" / "lowmcgm.safetensors")
+    assert straight.keys() == again.keys()
+    for key in straight:
+        assert torch.equal(straight[key], again[key]), key
+
+
+def test_text_encoders_stored_in_fp8_train_the_handles_of_both(photo, tmp_path):
+    from lowmcgm.adapters import is_stored_in_fp8
+
+    image, a, b = photo
+    base = build_tiny_base("tiny-xl")
+    init_2 = base.text_encoder_2.get_input_embeddings().weight[
+        base.tokenizer_2("dog", add_special_tokens=False).input_ids[0]].clone()
+    settings = {"model.fp8_text_encoders": True, "model.text_encoder_checkpointing": True,
+                "model.use_gradient_checkpointing": True, "data.init_words": ["dog", "cat"]}
+    art = load_artifact(train(_cfg(image, [a, b], tmp_path / "run", **settings), base=base))
+    assert not is_stored_in_fp8(base.unet)  # model.fp8_base is the UNet's, and off
+    for encoder in base.text_encoders:
+        linears = [m for m in encoder.modules() if isinstance(m, torch.nn.Linear)]
+        assert linears and all(m.parametrizations.weight.original.dtype == torch.float8_e4m3fn for m in linears)
+    assert torch.isfinite(art.handle_vectors_2).all() and not torch.allclose(art.handle_vectors_2[0], init_2.float())
+
+
+@pytest.mark.parametrize("overrides,fragment", [
+    ({"model.fp8_text_encoders": True}, "needs model.text_encoder_checkpointing = true"),
+    ({"model.fp8_text_encoders": True, "model.text_encoder_checkpointing": True, "lora.phase2_mode": "full"},
+     "model.fp8_text_encoders stores frozen weights in fp8, but lora.phase2_mode = 'full'"),
+])
+def test_fp8_text_encoders_are_refused_where_they_cannot_work(overrides, fragment):
+    with pytest.raises(UserError, match=fragment):
+        resolve_config("tiny-cpu", None, overrides)

@@ -15,7 +15,10 @@ All run in this one process, in a temporary folder holding examples/dogcat's pho
     # record: the baseline tools/behaviour_hashes.json was made so at commit d6e9a66 (torch
     # 2.13.0+cpu, diffusers 0.42.1), in 90 s on 2 CPU cores shared with other work; recorded again
     # when the [sample] section gained the pose guidance rules (issue 26): every pixel and tensor
-    # the same, the new settings in help texts, config.toml, samples.json and PNG chunks
+    # the same, the new settings in help texts, config.toml, samples.json and PNG chunks; and again
+    # for issue 27: first checked with the photo still encoded in one batch (only the two new model
+    # settings and preset sdxl-6gb differed: no tensor or pixel), then with the photo and its mirror
+    # image encoded one at a time (latents within 1e-6: every trained tensor and drawn pixel moves)
     OMP_NUM_THREADS=1 python tools/behaviour_hashes.py --out tools/behaviour_hashes.json
     # after a change: prints what differs (case, file, tensor or line); exit 1 on any difference
     OMP_NUM_THREADS=1 python tools/behaviour_hashes.py --check tools/behaviour_hashes.json

@@ -10,7 +10,7 @@ kernels, as ``torch.utils.flop_counter`` counts them):
   lowmcgm's 4gb/6gb/8gb presets per phase, with forward, backward, checkpoint recomputation, the
   attention capture and the losses apart, and the ratio to kohya at equal settings. Needs
   ``--kohya PATH`` (a kohya-ss/sd-scripts checkout, not a dependency); without it, lowmcgm alone.
-- SDXL at 1024 px: the sdxl-8gb and sdxl-12gb presets on the shipped ``sdxl-base`` config (lowmcgm
+- SDXL at 1024 px: the sdxl-6gb, sdxl-8gb and sdxl-12gb presets on the shipped ``sdxl-base`` config (lowmcgm
   alone: ``peers.py`` traces kohya's SD 1.x step only).
 - Sampling: one classifier-free denoising step per pose-guidance mode (SD 1.5 at 512 px, SDXL at
   1024 px), and per image at the sampler's defaults (30 steps, the first half guided).
@@ -43,7 +43,7 @@ SD_ROWS = [
     ("6gb", "6gb", {}, (16, 2)),
     ("8gb", "8gb", {}, (32, 4)),
 ]
-SDXL_ROWS = [("sdxl-8gb", "sdxl-8gb", {}, None), ("sdxl-12gb", "sdxl-12gb", {}, None)]
+SDXL_ROWS = [("sdxl-6gb", "sdxl-6gb", {}, None), ("sdxl-8gb", "sdxl-8gb", {}, None), ("sdxl-12gb", "sdxl-12gb", {}, None)]
 GUIDANCE_MODES = ["none", "attention", "latent"]
 
 

@@ -217,7 +217,7 @@ def check_family_settings(cfg: Config, spec: str) -> None:
     problems = sdxl_problems(cfg) if family_of_model(spec) == "sdxl" else []
     if problems:
         raise UserError(f"--base-model {spec} is an SDXL model: " + "; ".join(problems)
-                        + " (the sdxl-8gb and sdxl-12gb presets are made for SDXL).")
+                        + " (the sdxl-6gb, sdxl-8gb and sdxl-12gb presets are made for SDXL).")
 
 
 def build_job(cfg: Config, model: str, resolution: int | None = None, attention: str = "sdpa",
@@ -356,8 +356,9 @@ def config_words(cfg: Config, *, precision_note: str = "", extras: tuple[str, ..
         what = ["full UNet+TE", "fp32" if m.mixed_precision == "no" else f"fp32 weights, {m.mixed_precision} autocast"]
     else:
         what = [f"LoRA r{lo.rank}" + (" +TE" if lo.use_text_encoder_lora else ""), m.mixed_precision + precision_note]
+    what += ["fp8 UNet"] * m.fp8_base + ["fp8 TE"] * m.fp8_text_encoders
     what += list(extras)
-    what += ["ckpt"] * m.use_gradient_checkpointing + ["prior"] * t.use_prior_preservation
+    what += ["ckpt"] * m.use_gradient_checkpointing + ["TE ckpt"] * m.text_encoder_checkpointing + ["prior"] * t.use_prior_preservation
     what.append(f"batch {t.batch_size}{batch_note}")
     if not cfg.loss.use_attention_loss:
         what.append("no attention loss")

@@ -281,9 +281,11 @@ def _chain(callbacks: list[Callable[..., dict]]) -> Callable[..., dict]:
     return run
 
 
-def trained_with_fp8(artifact: Artifact) -> bool:
-    """The artifact's run stored its frozen UNet in fp8 (``model.fp8_base``)."""
-    return bool(artifact.meta.get("training_config", {}).get("model", {}).get("fp8_base", False))
+def trained_with_fp8(artifact: Artifact) -> tuple[bool, bool]:
+    """Whether the artifact's run stored its frozen UNet (``model.fp8_base``) and its text encoders
+    (``model.fp8_text_encoders``) in fp8."""
+    model = artifact.meta.get("training_config", {}).get("model", {})
+    return bool(model.get("fp8_base", False)), bool(model.get("fp8_text_encoders", False))
 
 
 def check_base_matches(artifact: Artifact, base: BaseModel, artifact_path: Path) -> None:
@@ -344,9 +346,12 @@ def build_sampler(base: BaseModel, artifact: Artifact, settings: SampleSettings)
     for module in base_modules(base):
         cast_keeping_fp8(module, dtype)  # not module.to(): diffusers warns about every cast, even to the same dtype
     # An artifact trained against a UNet stored in fp8 (model.fp8_base, e.g. preset sdxl-8gb) samples
-    # on one too: the weights it learned against, the images `lowmcgm run` drew, and half the UNet's memory.
-    if trained_with_fp8(artifact) and not is_stored_in_fp8(base.unet):
-        store_in_fp8(base.unet, dtype)
+    # on one too: the weights it learned against, the images `lowmcgm run` drew, and half the UNet's
+    # memory. The same for text encoders stored in fp8 (model.fp8_text_encoders, preset sdxl-6gb).
+    unet_in_fp8, text_encoders_in_fp8 = trained_with_fp8(artifact)
+    for module in [base.unet] * unet_in_fp8 + base.text_encoders * text_encoders_in_fp8:
+        if not is_stored_in_fp8(module):
+            store_in_fp8(module, dtype)
     # SDXL's text encoders (1.5 GiB in fp16) run once per prompt: between prompts they wait on the
     # CPU, which keeps an sdxl-8gb artifact's sampling within 8 GB (its peak is the fp32 VAE decode:
     # docs/benchmarks.md, "Sampling memory with pose guidance").

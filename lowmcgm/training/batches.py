@@ -105,7 +105,13 @@ def encode_photo(base: BaseModel, image: torch.Tensor, device: torch.device,
     Returns:
         (F, C, h, w) mean and std, F = 2 with ``both_flips`` (index 1 = flipped), unscaled.
     """
-    images = torch.stack([image, image.flip(-1)]) if both_flips else image[None]
-    vae = base.vae
-    dist = vae.encode(images.to(device, next(vae.parameters()).dtype)).latent_dist
-    return dist.mean.float().cpu(), dist.std.float().cpu()
+    images = [image, image.flip(-1)] if both_flips else [image]
+    vae, dtype = base.vae, next(base.vae.parameters()).dtype
+    means, stds = [], []
+    # One image at a time: the encoder's activations for one, not two, are the setup's peak (the
+    # fp32 SDXL VAE at 1024 px: `lowmcgm estimate`'s setup 5.37 GiB with both, docs/benchmarks.md).
+    for one in images:
+        dist = vae.encode(one[None].to(device, dtype)).latent_dist
+        means.append(dist.mean.float().cpu())
+        stds.append(dist.std.float().cpu())
+    return torch.cat(means), torch.cat(stds)

@@ -189,6 +189,9 @@ def prepare_setup(cfg: Config, base: BaseModel, concept: ConceptImage, handle_na
     if cfg.model.use_gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
     base.unet.train()
+    if cfg.model.text_encoder_checkpointing:
+        for encoder in base.text_encoders:
+            checkpoint_text_encoder(encoder)
 
     if cfg.lora.phase2_mode == "full":
         weight_dtype = torch.float32  # every UNet weight will train: fp32 master weights
@@ -200,16 +203,16 @@ def prepare_setup(cfg: Config, base: BaseModel, concept: ConceptImage, handle_na
     else:
         base.vae.to(device, weight_dtype)
     mean, std = encode_photo(base, concept.image, device)
-    for module in (base.unet, base.text_encoder, base.text_encoder_2):
-        if module is not None:
-            cast_frozen(module, weight_dtype)
-            # The UNet only, cast on the CPU so the GPU never holds its half-precision copy. The text
-            # encoders stay: the handles' gradients pass through them un-checkpointed, so autograd
-            # would keep every layer's upcast copy (`lowmcgm estimate`: SDXL's phase 1 went from
-            # 5.2 to 5.9 GiB with them in fp8 too); when they only compute, their outputs are cached.
-            if cfg.model.fp8_base and module is base.unet:
-                store_in_fp8(module, weight_dtype)
-            module.to(device)
+    for module in [base.unet, *base.text_encoders]:
+        cast_frozen(module, weight_dtype)
+        # Stored in fp8 on the CPU, so the GPU never holds the half-precision copy. The text encoders
+        # only with their checkpointing (the config refuses fp8 without it): the handles' gradients
+        # pass through them, and un-checkpointed autograd keeps every layer's upcast copy (`lowmcgm
+        # estimate`: SDXL's phase 1 went from 5.2 to 5.9 GiB that way).
+        in_fp8 = cfg.model.fp8_base if module is base.unet else cfg.model.fp8_text_encoders
+        if in_fp8:
+            store_in_fp8(module, weight_dtype)
+        module.to(device)
     mcgm.to(device)
     if mcgm.mask_encoder is not None and cfg.loss.mask_token_norm == "layernorm":
         mcgm.mask_encoder.init_output_scale(measure_handle_rms(base, mcgm, device))
@@ -244,6 +247,19 @@ def _mixed_precision(cfg: Config, report: ProgressFn) -> str:
                 "text": "No CUDA device: training in fp32 on the CPU (half precision is ~100x slower there)."})
         return "no"
     return cfg.model.mixed_precision
+
+
+def checkpoint_text_encoder(encoder: torch.nn.Module) -> None:
+    """Recompute ``encoder``'s layers in backward (``model.text_encoder_checkpointing``).
+
+    transformers checkpoints only modules in training mode; CLIP's dropout is 0, so train mode
+    changes nothing else. Non-reentrant, as the UNet's: the handles' rows are the only input that
+    needs a gradient, and they enter through the embedding, before the first checkpointed layer.
+    """
+    # transformers 5 names it activation_checkpointing_enable; 4.x has only the older name.
+    enable = getattr(encoder, "activation_checkpointing_enable", None) or encoder.gradient_checkpointing_enable
+    enable({"use_reentrant": False})
+    encoder.train()
 
 
 def _enable_xformers(base: BaseModel, report: ProgressFn) -> None:

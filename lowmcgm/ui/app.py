@@ -102,8 +102,8 @@ class PageState:
 
         Sampling hands the base back without the artifact's state (``sampler.sample_artifact``), so
         the next sample, of this artifact or another, installs on it cleanly. Two things stay on it
-        for good: a UNet stored in fp8 for an artifact trained with ``model.fp8_base``
-        (``sampler.build_sampler``), and the whole weights of a ``full``-mode artifact
+        for good: a UNet (text encoders) stored in fp8 for an artifact trained with ``model.fp8_base``
+        (``model.fp8_text_encoders``; ``sampler.build_sampler``), and the whole weights of a ``full``-mode artifact
         (``MCGMState.remove``): such an artifact keeps a base of its own.
         """
         from lowmcgm.sampling.sampler import load_base_for, trained_with_fp8
