@@ -187,3 +187,24 @@ def test_text_encoders_stored_in_fp8_train_the_handles_of_both(photo, tmp_path):
 def test_fp8_text_encoders_are_refused_where_they_cannot_work(overrides, fragment):
     with pytest.raises(UserError, match=fragment):
         resolve_config("tiny-cpu", None, overrides)
+
+
+@pytest.mark.parametrize("preset", ["sdxl-8gb", "sdxl-6gb"])
+def test_the_sdxl_card_presets_train_and_sample_on_the_tiny_sdxl_model(photo, tmp_path, preset):
+    # The presets as shipped (fp8 storage, checkpointing, 8-bit AdamW where CUDA has it), at the
+    # tiny model's size; on the CPU the trainer computes in fp32 with torch AdamW.
+    image, a, b = photo
+    out = tmp_path / preset
+    assert main(["train", "--preset", preset, "--base-model", "tiny-xl", "--set", "model.resolution=64",
+                 "--set", "train.phase1_steps=2", "--set", "train.phase2_steps=2", "--image", image,
+                 "--mask", a, "--mask", b, "--out", str(out)]) == 0
+    art = load_artifact(out / "lowmcgm.safetensors")
+    assert art.handle_vectors_2 is not None and art.unet_lora
+    model = art.meta["training_config"]["model"]
+    assert model["fp8_base"] and model["fp8_text_encoders"] == (preset == "sdxl-6gb")
+    drawn = tmp_path / "drawn"
+    assert main(["sample", "--artifact", str(out / "lowmcgm.safetensors"), "--base-model", "tiny-xl",
+                 "--prompt", "a photo of <asset0>", "--pose", f"asset0={a}", "--num-images", "1",
+                 "--steps", "2", "--out", str(drawn)]) == 0
+    images = json.loads((drawn / "samples.json").read_text())["prompts"][0]["images"]
+    assert len(images) == 1 and (drawn / images[0]["file"]).is_file()

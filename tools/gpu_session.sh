@@ -3,7 +3,7 @@
 # the GPU with a large batch, export and evaluate it, then measure training memory for real. What
 # matters comes back under $OUT: eval.json, sheet.png, model.tar (the exported fp16 model folder),
 # unet-fp16.safetensors (the checkpoint to continue from, halved to fit the 16 MiB file limit),
-# train.log, memory.json and sdxl_fp8.log (one tiny SDXL step with fp8 and 8-bit AdamW).
+# train.log, memory.json, sdxl-8gb.log and sdxl-6gb.log (tiny SDXL steps with fp8 and 8-bit AdamW).
 #
 # Here, once per session that has a lease (downloads the wheels the device lacks into .whl/ and
 # puts the checkpoints to continue from in runs/toy_gpu/):
@@ -63,16 +63,19 @@ tar cf "$OUT/model.tar" -C "$RUN" model
 "$PY" tools/eval_toy_base.py --model "$RUN/model" --device "$DEVICE" --out "$OUT/eval.json" \
     --sheet "$OUT/sheet.png" > /dev/null
 "$PY" -c "import json; r = json.load(open('$OUT/eval.json')); print({k: r.get(k) for k in ('background_acc', 'kind_acc', 'plain_background_acc', 'plain_kind_acc', 'pose_corr', 'psnr_db')})"
-# Issue 22: one tiny SDXL training step of each phase on CUDA as sdxl-8gb trains (the frozen UNet
-# stored in fp8 with its scales, bitsandbytes' 8-bit AdamW from .whl, checked by its one-step probe
-# before it is trusted). sdxl_fp8.log says which optimizer ran and whether the step finished.
+# Issues 22 and 27: one tiny SDXL training step of each phase on CUDA as sdxl-8gb and sdxl-6gb train
+# (the frozen UNet, and for sdxl-6gb the checkpointed text encoders, stored in fp8 with their scales;
+# bitsandbytes' 8-bit AdamW from .whl, checked by its one-step probe before it is trusted).
+# sdxl-8gb.log and sdxl-6gb.log say which optimizer ran and whether the steps finished.
 if [[ -z "${SKIP_SDXL:-}" ]]; then
-    timeout 300 "$PY" -c 'import sys; from lowmcgm.cli import main; sys.exit(main(sys.argv[1:]))' train \
-        --preset sdxl-8gb --base-model tiny-xl --set model.resolution=64 \
-        --set train.phase1_steps=1 --set train.phase2_steps=1 --image examples/dogcat/photo.png \
-        --mask examples/dogcat/dog.png --mask examples/dogcat/cat.png --init-word dog --init-word cat \
-        --out "$OUT/sdxl_fp8" 2>&1 | tee "$OUT/sdxl_fp8.log" || true
-    rm -rf "$OUT/sdxl_fp8/checkpoints"  # the log and the artifact are what matter
+    for preset in sdxl-8gb sdxl-6gb; do
+        timeout 300 "$PY" -c 'import sys; from lowmcgm.cli import main; sys.exit(main(sys.argv[1:]))' train \
+            --preset "$preset" --base-model tiny-xl --set model.resolution=64 \
+            --set train.phase1_steps=1 --set train.phase2_steps=1 --image examples/dogcat/photo.png \
+            --mask examples/dogcat/dog.png --mask examples/dogcat/cat.png --init-word dog --init-word cat \
+            --out "$OUT/$preset" 2>&1 | tee "$OUT/$preset.log" || true
+        rm -rf "$OUT/$preset/checkpoints"  # the log and the artifact are what matter
+    done
 fi
 if [[ -z "${SKIP_MEMORY:-}" ]]; then
     # bitsandbytes is not on the device: presets that ask for 8-bit AdamW measure torch AdamW there.
