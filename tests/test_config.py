@@ -139,7 +139,7 @@ def _limited_keys(kind: str) -> list[str]:
                                     {"bounds": (0, 1), "below": 1}, {"at_most": 1, "below": 1}],
                          ids=["bounds+at_least", "at_least+above", "bounds+below", "at_most+below"])
 def test_a_field_declares_one_limit_per_side(limits):
-    from lowmcgm.config import _f
+    from lowmcgm.config.schema import _f
 
     with pytest.raises(TypeError, match="one (lower|upper) limit per field"):
         _f(0.5, "a number", **limits)

@@ -16,11 +16,11 @@ PACKAGE = Path(lowmcgm.__file__).resolve().parent
 
 # The method's core, what it trains on and is configured by, and the entry points; everything else
 # sits in a subpackage named for its job (docs/architecture.md).
-TOP_LEVEL = {"__init__", "adapters", "artifact", "attention_capture", "cli", "config", "data", "errors", "handles",
+TOP_LEVEL = {"__init__", "adapters", "artifact", "attention_capture", "cli", "data", "errors", "handles",
              "images", "limits", "losses", "mask_encoder", "mcgm", "presets", "run"}
-SUBPACKAGES = {"console", "interop", "memory", "models", "runs", "sampling", "toy", "training", "ui"}
+SUBPACKAGES = {"config", "console", "interop", "memory", "models", "runs", "sampling", "toy", "training", "ui"}
 # Still over 500 lines: to be split (issue 25). The list only shrinks.
-LONG_MODULES = {"config", "ui.app"}
+LONG_MODULES = {"ui.app"}
 MAX_LINES = 500
 
 

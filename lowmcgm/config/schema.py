@@ -1,26 +1,18 @@
-"""Configuration: dataclasses, TOML loading, dotted overrides, validation, the effective config.
-
-Flow: dataclass defaults -> preset TOML -> user TOML -> ``--set`` -> flags -> ``validate()`` -> frozen
-``Config``. Each field declares itself once: its default, help text, choices, bounds and, where a
-command offers one, the flag that sets it; CLI flags, ``lowmcgm config-keys`` and ``validate()``
-read them from the field.
+"""The configuration's schema: one frozen dataclass per section of the TOML, and the ``Config``
+that holds them. Each field declares itself once (``_f``): its default, help text, choices,
+bounds and, where a command offers one, the flag that sets it; CLI flags, ``lowmcgm config-keys``
+and validation (``validation.py``) read them from the field.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import json
-import math
-import tomllib
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Collection
+from typing import Any
 
-from lowmcgm.errors import UserError
 from lowmcgm.limits import (MAX_GRAD_NORM, MAX_GUIDANCE_SCALE, MAX_LEARNING_RATE, MAX_LORA_RANK, MAX_LOSS_WEIGHT,
-                            MAX_POSE_GUIDANCE_STRENGTH, MAX_RESOLUTION_PX, MAX_SEED, MAX_STEPS, read_text_file)
+                            MAX_POSE_GUIDANCE_STRENGTH, MAX_RESOLUTION_PX, MAX_SEED, MAX_STEPS)
 from lowmcgm.models.dtypes import DTYPE_NAMES
 
 
@@ -290,14 +282,14 @@ class Config:
     sample: SampleSettings = field(default_factory=SampleSettings)
 
 
-def _section_types() -> dict[str, type]:
+def section_types() -> dict[str, type]:
     return {f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)}
 
 
 def all_keys() -> list[str]:
     """Every valid dotted key, e.g. ``train.lora_lr``."""
     keys = []
-    for section, cls in _section_types().items():
+    for section, cls in section_types().items():
         keys += [f"{section}.{f.name}" for f in dataclasses.fields(cls)]
     return keys
 
@@ -305,7 +297,7 @@ def all_keys() -> list[str]:
 def config_field(key: str) -> tuple[dataclasses.Field, Any]:
     """The field of a dotted key and its type (a real type: annotations here are strings)."""
     section, name = key.split(".", 1)
-    cls = _section_types()[section]
+    cls = section_types()[section]
     return next(f for f in dataclasses.fields(cls) if f.name == name), typing.get_type_hints(cls)[name]
 
 
@@ -318,253 +310,6 @@ def field_flag(key: str) -> str:
     return config_field(key)[0].metadata["flag"]
 
 
-def _unknown_key(key: str, where: str) -> UserError:
-    close = difflib.get_close_matches(key, all_keys(), n=1)
-    hint = f" Did you mean '{close[0]}'?" if close else ""
-    # The valid keys of the section meant (the closest match's, else the one named), else the sections.
-    section = (close[0] if close else key).partition(".")[0]
-    names = [k.partition(".")[2] for k in all_keys() if k.startswith(section + ".")]
-    valid = (f" Valid [{section}] keys: {', '.join(names)}." if names else
-             f" Valid sections: {', '.join(_section_types())}.")
-    return UserError(f"Unknown config key '{key}' in {where}.{hint}{valid} 'lowmcgm config-keys' explains each.")
-
-
-def _coerce(value: Any, typ: Any, key: str) -> Any:
-    """Convert a TOML value or a CLI string to the field's type, or raise UserError."""
-    origin = typing.get_origin(typ)
-    if origin is tuple:
-        (item_type, _ellipsis) = typing.get_args(typ)
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v] if value else []
-        if not isinstance(value, (list, tuple)):
-            raise UserError(f"Config key '{key}' takes a list, got {value!r}.")
-        return tuple(_coerce(v, item_type, key) for v in value)
-    try:
-        if typ is bool:
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
-                return True
-            if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
-                return False
-            raise ValueError
-        if typ is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value)
-        if typ is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if typ is str:
-            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-                raise ValueError
-            return str(value)
-    except ValueError:
-        pass
-    raise UserError(f"Config key '{key}' takes a {getattr(typ, '__name__', typ)}, got {value!r}.")
-
-
-def apply_overrides(cfg: Config, overrides: dict[str, Any], where: str) -> Config:
-    """Return a copy of ``cfg`` with dotted ``overrides`` applied (values typed by the field)."""
-    sections = _section_types()
-    changed: dict[str, dict[str, Any]] = {}
-    for key, value in overrides.items():
-        section, _, name = key.partition(".")
-        if section not in sections:
-            raise _unknown_key(key, where)
-        types = typing.get_type_hints(sections[section])
-        if name not in types:
-            raise _unknown_key(key, where)
-        changed.setdefault(section, {})[name] = _coerce(value, types[name], key)
-    for section, values in changed.items():
-        cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **values)})
-    return cfg
-
-
-def flatten_toml(data: dict[str, Any], where: str) -> dict[str, Any]:
-    """Turn ``{"train": {"lora_lr": 1e-4}}`` into ``{"train.lora_lr": 1e-4}``."""
-    flat = {}
-    for section, values in data.items():
-        if not isinstance(values, dict):
-            raise _unknown_key(section, where)
-        for name, value in values.items():
-            flat[f"{section}.{name}"] = value
-    return flat
-
-
-def load_toml(path: Path) -> dict[str, Any]:
-    try:
-        return flatten_toml(tomllib.loads(read_text_file(path, "Config file")), str(path))
-    except FileNotFoundError as exc:
-        raise UserError(f"Config file not found: {path}.") from exc
-    except IsADirectoryError as exc:
-        raise UserError(f"Config file {path} is a folder; pass a TOML file (e.g. a run's config.toml).") from exc
-    except OSError as exc:
-        raise UserError(f"Config file {path} cannot be read ({exc.strerror}).") from exc
-    except UnicodeDecodeError as exc:  # a binary file: tomllib decodes it as UTF-8 first
-        raise UserError(f"Config file {path} is not a TOML text file (it is not UTF-8 text).") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"Config file {path} is not valid TOML: {exc}.") from exc
-
-
-def parse_set(items: list[str]) -> dict[str, str]:
-    """Parse ``--set key=value`` items."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise UserError(f"--set takes KEY=VALUE, got '{item}' (e.g. --set train.lora_lr=1e-4).")
-        out[key.strip()] = value.strip()
-    return out
-
-
 # Every key that takes one of fixed values -> those values, as its field declares them (read, never
 # declared, here): the one table for callers that list a key's choices.
 CHOICES = {key: choices for key in all_keys() if (choices := config_field(key)[0].metadata["choices"])}
-
-
-
-Namer = Callable[[str], str]
-
-
-def _declared_problems(values: Any, section: str, name: Namer) -> list[str]:
-    """What the fields of one section declare: choices, bounds, and finite floats (TOML and --set
-    both accept nan and inf)."""
-    problems = []
-    for f in dataclasses.fields(values):
-        key, value = f"{section}.{f.name}", getattr(values, f.name)
-        choices, bounds = f.metadata["choices"], f.metadata["bounds"]
-        if choices and value not in choices:
-            named = ", ".join(c for c in choices if c) + (" or empty" if "" in choices else "")
-            problems.append(f"{name(key)} must be one of {named} (got '{value}')")
-        low, high = f.metadata["at_least"], f.metadata["at_most"]
-        if isinstance(value, float) and not math.isfinite(value):  # NaN would fail every bound too: said once
-            problems.append(f"{name(key)} must be a finite number (got {value})")
-        elif bounds and not bounds[0] <= value <= bounds[1]:
-            problems.append(f"{name(key)} must be between {_number(bounds[0])} and {_number(bounds[1])} "
-                            f"(got {value})")
-        elif low is not None and value < low:
-            said = ">= 0" if low == 0 else "positive" if low == 1 else f">= {_number(low)}"
-            problems.append(f"{name(key)} must be {said} (got {value})")
-        elif high is not None and value > high:
-            problems.append(f"{name(key)} must be at most {_number(high)} (got {value})")
-        elif f.metadata["above"] is not None and value <= f.metadata["above"]:
-            problems.append(f"{name(key)} must be > {_number(f.metadata['above'])} (got {value})")
-        elif f.metadata["below"] is not None and value >= f.metadata["below"]:
-            problems.append(f"{name(key)} must be below {_number(f.metadata['below'])} (got {value})")
-    return problems
-
-
-def _number(x: float) -> str:
-    """A limit as the messages write it: 1000, 0.25, 0 (not 0.0)."""
-    return f"{x:g}" if isinstance(x, float) else str(x)
-
-
-def sample_problems(s: SampleSettings, name: Namer = lambda key: key) -> list[str]:
-    """Every problem of sampling settings (the ``[sample]`` section), each named by ``name(key)``."""
-    return _declared_problems(s, "sample", name) + _sample_checks(s, name)
-
-
-def _sample_checks(s: SampleSettings, name: Namer) -> list[str]:
-    """The sampling checks no single field declares: sizes, signs, and bounds set by other fields."""
-    problems = []
-    for key, value in (("sample.height", s.height), ("sample.width", s.width)):
-        if value < 0 or value % 8 or value > MAX_RESOLUTION_PX:
-            problems.append(f"{name(key)} must be a positive multiple of 8 up to {MAX_RESOLUTION_PX} (got {value})")
-    if not 0 <= s.seed <= MAX_SEED - s.num_images:  # image i uses seed + i
-        problems.append(f"{name('sample.seed')} must be between 0 and {MAX_SEED - s.num_images} (got {s.seed})")
-    if s.pose_guidance_steps < 0 or s.pose_guidance_steps > s.steps:
-        problems.append(f"{name('sample.pose_guidance_steps')} must be between 0 and {name('sample.steps')} "
-                        f"({s.steps}) (got {s.pose_guidance_steps})")
-    return problems
-
-
-def validate(cfg: Config, by_flag: Collection[str] = ()) -> Config:
-    """Check every value; raise one UserError listing all problems.
-
-    Args:
-        by_flag: keys a CLI flag set: their problems name the flag (``--steps``), the others the key.
-    """
-    def name(key: str) -> str:
-        return field_flag(key) if key in by_flag else key
-
-    problems = []
-    for section in _section_types():
-        problems += _declared_problems(getattr(cfg, section), section, name)
-    if cfg.model.resolution % 8:
-        problems.append(f"{name('model.resolution')} must be a multiple of 8 (got {cfg.model.resolution})")
-    artifact = cfg.output.artifact_name
-    if Path(artifact).name != artifact or "/" in artifact or "\\" in artifact or \
-            not artifact.endswith(".safetensors") or artifact.startswith("."):
-        problems.append(f"output.artifact_name must be a plain file name ending in .safetensors, written inside "
-                        f"--out (got {artifact!r})")
-    if cfg.model.fp8_base and cfg.lora.phase2_mode == "full":
-        problems.append("model.fp8_base stores frozen weights in fp8, but lora.phase2_mode = 'full' trains them all: "
-                        "use 'lora'")
-    if cfg.model.fp8_text_encoders and not cfg.model.text_encoder_checkpointing:
-        problems.append("model.fp8_text_encoders needs model.text_encoder_checkpointing = true: without it the "
-                        "handles' backward keeps each layer's upcast copy, more memory than fp16 weights")
-    if cfg.model.fp8_text_encoders and cfg.lora.phase2_mode == "full":
-        problems.append("model.fp8_text_encoders stores frozen weights in fp8, but lora.phase2_mode = 'full' trains "
-                        "them all: use 'lora'")
-    if cfg.lora.init_lora and cfg.lora.phase2_mode == "full":
-        problems.append("lora.init_lora needs lora.phase2_mode = 'lora' (a full fine-tune has no adapter to start)")
-    if cfg.train.phase1_steps + cfg.train.phase2_steps == 0:
-        problems.append("train.phase1_steps and train.phase2_steps are both 0: nothing to train")
-    problems += _sample_checks(cfg.sample, name)
-    if problems:
-        raise UserError("Invalid configuration: " + "; ".join(problems) + ".")
-    return cfg
-
-
-def config_to_dict(cfg: Config) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
-
-
-def config_from_dict(data: dict[str, Any]) -> Config:
-    """Rebuild a Config from ``config_to_dict`` output (unknown keys are refused)."""
-    return validate(apply_overrides(Config(), flatten_toml(data, "stored config"), "stored config"))
-
-
-def to_toml(cfg: Config) -> str:
-    """The effective configuration as TOML text (written next to every output)."""
-    lines = []
-    for section, values in config_to_dict(cfg).items():
-        lines.append(f"[{section}]")
-        for name, value in values.items():
-            lines.append(f"{name} = {_toml_value(value)}")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return json.dumps(value)  # a JSON string is a valid TOML basic string
-
-
-def resolve_config(preset: str | None, config_file: str | None, overrides: dict[str, Any],
-                   flags: dict[str, Any] | None = None) -> Config:
-    """Defaults -> preset -> user TOML -> ``--set`` overrides -> flags -> validate.
-
-    Args:
-        overrides: ``--set`` items, dotted key -> value.
-        flags: values the command's own flags gave (``--steps 20`` as ``{"sample.steps": 20}``):
-            a flag typed out beats every file and ``--set``, and problems name the flag.
-    """
-    from lowmcgm.presets import preset_path
-
-    cfg = Config()
-    if preset:
-        path = preset_path(preset)
-        cfg = apply_overrides(cfg, load_toml(path), f"preset {path.name}")
-    if config_file:
-        cfg = apply_overrides(cfg, load_toml(Path(config_file)), config_file)
-    cfg = apply_overrides(cfg, overrides, "the command line")
-    cfg = apply_overrides(cfg, flags or {}, "the command line")
-    return validate(cfg, by_flag=(flags or {}).keys())
