@@ -355,11 +355,11 @@ def test_stop_on_a_page_started_in_the_background_then_a_run_picked_while_it_res
 
 
 def read_masks(page, monkeypatch) -> list[np.ndarray]:
-    """Click "Show masks over the photo" and return the masks the page read (``app.subject_masks``)."""
-    from lowmcgm.ui import app
+    """Click "Show masks over the photo" and return the masks the page read (``subjects_tab.subject_masks``)."""
+    from lowmcgm.ui import subjects_tab
 
-    read, real = [], app.subject_masks
-    monkeypatch.setattr(app, "subject_masks", lambda *args: read.append(real(*args)) or read[-1])
+    read, real = [], subjects_tab.subject_masks
+    monkeypatch.setattr(subjects_tab, "subject_masks", lambda *args: read.append(real(*args)) or read[-1])
     page.locator("#show-masks").click()
     wait_for_text(page, "photo-message", "mask\\(s\\) ready|error", 30)
     assert read, text_of(page, "photo-message")

@@ -151,22 +151,22 @@ def test_a_run_named_like_a_file_in_the_root_is_refused(tmp_path):
 def _page_start(state, tmp_path, name="r1", base="tiny", preview_every=0, steps=(None, None)):
     """Start through the page's own function, the two subjects uploaded as mask files (steps: the
     step boxes, None as a blank one)."""
-    from lowmcgm.ui import app
+    from lowmcgm.ui import page_state, train_tab
 
     photo, a, b = make_photo(tmp_path)
-    rest = [None] * app.MAX_SUBJECTS + [a, b, None, None] + ["<asset0>", "<asset1>", "", ""] + [""] * 4
-    return app.start_training(state, photo, 2, name, "tiny-cpu", base, preview_every, *steps, *rest)
+    rest = [None] * page_state.MAX_SUBJECTS + [a, b, None, None] + ["<asset0>", "<asset1>", "", ""] + [""] * 4
+    return train_tab.start_training(state, photo, 2, name, "tiny-cpu", base, preview_every, *steps, *rest)
 
 
 def test_the_page_offers_only_its_own_base_models(tmp_path):
     # Issue 23 D and F: a base model box took any server path (and Estimate said whether it existed).
-    from lowmcgm.ui import app
+    from lowmcgm.ui import page_state, train_tab
 
-    state = app.PageState(tmp_path / "root", ("tiny",))
+    state = page_state.PageState(tmp_path / "root", ("tiny",))
     for probe in ("/nonexistent/model", str(tmp_path)):
         said = _page_start(state, tmp_path, base=probe)
         assert "not one this page offers (tiny)" in said and "--base-model" in said
-        assert app.on_estimate(state, "tiny-cpu", probe) == said
+        assert train_tab.on_estimate(state, "tiny-cpu", probe) == said
         assert not (tmp_path / "root").exists() or not any((tmp_path / "root").iterdir())
     from lowmcgm.artifact import load_artifact
 
@@ -175,30 +175,30 @@ def test_the_page_offers_only_its_own_base_models(tmp_path):
         state.base_model_of(artifact, str(tmp_path))
     assert state.base_model_of(artifact, "") == "tiny"
     with pytest.raises(UserError, match="trained on base model 'tiny', which this page does not offer"):
-        app.PageState(tmp_path / "root", ("toy",)).base_model_of(artifact, "")
+        page_state.PageState(tmp_path / "root", ("toy",)).base_model_of(artifact, "")
 
 
 def test_start_during_a_resume_leaves_no_folder_without_its_job(tmp_path, monkeypatch):
     # Issue 23 D: Start right after Resume of another run was refused but left its new folder.
     import threading
 
-    from lowmcgm.ui import app, jobs
+    from lowmcgm.ui import jobs, page_state, train_tab
 
     def stand_in(self):
         self.folder.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
 
     monkeypatch.setattr(jobs.TrainingJob, "start", stand_in)
-    state = app.PageState(tmp_path / "root", ("tiny",))
+    state = page_state.PageState(tmp_path / "root", ("tiny",))
     other = threading.Thread(target=lambda: _try_start(state.jobs, tmp_path / "root" / "resumed"))
-    real = app.prepare_run
+    real = train_tab.prepare_run
 
     def slow_prepare(root, request):  # a Resume clicked while the new run is being prepared
         other.start()
         time.sleep(0.5)
         return real(root, request)
 
-    monkeypatch.setattr(app, "prepare_run", slow_prepare)
+    monkeypatch.setattr(train_tab, "prepare_run", slow_prepare)
     try:
         said = _page_start(state, tmp_path)
         other.join(10)
@@ -499,7 +499,7 @@ def test_a_pose_canvas_reads_strokes_and_a_dark_sheet():
 
 
 def test_a_pose_library_pick_counts_before_its_canvas_is_redrawn():
-    from lowmcgm.ui.app import on_pose_library, with_library_pose
+    from lowmcgm.ui.sample_tab import on_pose_library, with_library_pose
     from lowmcgm.ui.editor import pose_on_canvas
 
     redrawn = pose_on_canvas(on_pose_library("dog sitting"))
@@ -518,7 +518,7 @@ def test_a_pose_library_pick_counts_before_its_canvas_is_redrawn():
 def test_preview_box_shows_each_presets_own_figure():
     from lowmcgm.config import load_toml
     from lowmcgm.presets import presets_dir
-    from lowmcgm.ui.app import preset_preview_every
+    from lowmcgm.ui.train_tab import preset_preview_every
 
     for name in ("tiny-cpu", "toy-cpu"):
         declared = load_toml(presets_dir() / f"{name}.toml")["output.preview_every"]
@@ -530,7 +530,7 @@ def test_a_small_preview_is_shown_enlarged_with_its_pixels_as_they_are(tmp_path)
     # Issue 24: a 64 px preview was a thumbnail in a wide box.
     from PIL import Image
 
-    from lowmcgm.ui.app import PREVIEW_MIN_PX, shown_large
+    from lowmcgm.ui.train_tab import PREVIEW_MIN_PX, shown_large
 
     small = np.random.default_rng(0).integers(0, 256, (64, 48, 3), dtype=np.uint8)
     Image.fromarray(small).save(tmp_path / "small.png")
@@ -547,7 +547,7 @@ def test_a_small_preview_is_shown_enlarged_with_its_pixels_as_they_are(tmp_path)
 def test_step_boxes_show_each_presets_own_counts():
     from lowmcgm.config import load_toml
     from lowmcgm.presets import presets_dir
-    from lowmcgm.ui.app import preset_steps
+    from lowmcgm.ui.train_tab import preset_steps
 
     for name in ("tiny-cpu", "toy-cpu"):
         declared = load_toml(presets_dir() / f"{name}.toml")
@@ -563,7 +563,7 @@ def test_the_page_loads_a_fresh_base_for_an_artifact_trained_on_an_fp8_unet(tmp_
     from safetensors import safe_open
 
     from lowmcgm.artifact import atomic_save
-    from lowmcgm.ui.app import PageState
+    from lowmcgm.ui.page_state import PageState
 
     plain = make_sdxl_artifact(tmp_path / "plain.safetensors")
     with safe_open(plain, "pt") as f:
@@ -582,7 +582,7 @@ def test_the_page_loads_a_fresh_base_for_an_artifact_trained_on_an_fp8_unet(tmp_
 def test_the_page_trains_samples_and_exports_an_sdxl_run(tmp_path):
     # The page's own pieces, without a browser: the training job runs the CLI line it built, then
     # Sample (a library pose for <asset0>) and Export go through the page's functions.
-    from lowmcgm.ui import app
+    from lowmcgm.ui import page_state, sample_tab
 
     root = tmp_path / "root"
     request = dataclasses.replace(_request(tmp_path, preview_every=0), base_model="tiny-xl")
@@ -590,12 +590,12 @@ def test_the_page_trains_samples_and_exports_an_sdxl_run(tmp_path):
                                          "--steps", "2", "--num-images", "1"]
     job = JobSlot().start(argv, root / "r1")
     assert job.wait(600) == 0, job.status().text
-    state = app.PageState(root, ("tiny-xl",))
-    picks = [pose_names()[0]] + [None] * (app.MAX_SUBJECTS - 1)
-    message, images, used = app.sample(state, "r1", "a photo of <asset0>", "", 1, 3, 2, 7.5, "latent",
-                                       *([None] * 2 * app.MAX_SUBJECTS), *picks)
+    state = page_state.PageState(root, ("tiny-xl",))
+    picks = [pose_names()[0]] + [None] * (page_state.MAX_SUBJECTS - 1)
+    message, images, used = sample_tab.sample(state, "r1", "a photo of <asset0>", "", 1, 3, 2, 7.5, "latent",
+                                       *([None] * 2 * page_state.MAX_SUBJECTS), *picks)
     assert "1 image(s)" in message and len(images) == 1 and used[0][1] == "pose of <asset0>"
-    message, file = app.export(state, "r1", "embeddings")
+    message, file = sample_tab.export(state, "r1", "embeddings")
     assert file.endswith(".zip"), message
 
 
@@ -604,21 +604,21 @@ def _untrained_run(root: Path, name: str, seed: int) -> Path:
 
 
 def _sample(state, run: str, picks=(), seed: int = 0, prompt: str = "a photo of <asset0> and <asset1>"):
-    from lowmcgm.ui import app
+    from lowmcgm.ui import page_state, sample_tab
 
-    picks = list(picks) + [None] * (app.MAX_SUBJECTS - len(picks))
-    return app.sample(state, run, prompt, "", 1, seed, 2, 7.5, "none", *([None] * 2 * app.MAX_SUBJECTS), *picks)
+    picks = list(picks) + [None] * (page_state.MAX_SUBJECTS - len(picks))
+    return sample_tab.sample(state, run, prompt, "", 1, seed, 2, 7.5, "none", *([None] * 2 * page_state.MAX_SUBJECTS), *picks)
 
 
 def test_sampling_again_and_again_reuses_the_base_without_the_last_artifacts_state(tmp_path):
     # Issue 24: every Sample after the first failed ("from_artifact on a base that still carries a
     # state"). Three in a row, with other poses, another run and back, in the same second.
-    from lowmcgm.ui import app
+    from lowmcgm.ui import page_state
 
     root = tmp_path / "root"
     for name, seed in (("a", 0), ("b", 1)):
         _untrained_run(root, name, seed)
-    state = app.PageState(root, ("tiny",))
+    state = page_state.PageState(root, ("tiny",))
     shown = []
     first = None
     for run, picks in (("a", ["dog sitting"]), ("a", ["cat lying", "dog sitting"]), ("b", []), ("a", [])):
@@ -633,21 +633,21 @@ def test_sampling_again_and_again_reuses_the_base_without_the_last_artifacts_sta
 
 
 def test_a_refused_sample_keeps_the_gallery_and_leaves_no_folder(tmp_path):
-    from lowmcgm.ui import app
+    from lowmcgm.ui import page_state
 
     root = tmp_path / "root"
     _untrained_run(root, "a", 0)
-    message, images, _ = _sample(app.PageState(root, ("tiny",)), "a", prompt="a photo of <asset7>")
+    message, images, _ = _sample(page_state.PageState(root, ("tiny",)), "a", prompt="a photo of <asset7>")
     assert images is None and "asset7" in message
     assert not (root / "a" / "ui-samples").exists() or not any((root / "a" / "ui-samples").iterdir())
 
 
 def test_two_artifact_uploads_in_one_second_get_a_run_each(tmp_path):
-    from lowmcgm.ui import app
+    from lowmcgm.ui import page_state, sample_tab
 
     artifact = _untrained_run(tmp_path, "made", 0)
-    state = app.PageState(tmp_path / "root", ("tiny",))
-    names = [app.on_upload_artifact(state, str(artifact))[1] for _ in range(3)]
+    state = page_state.PageState(tmp_path / "root", ("tiny",))
+    names = [sample_tab.on_upload_artifact(state, str(artifact))[1] for _ in range(3)]
     assert None not in names and len(set(names)) == 3
     assert all((tmp_path / "root" / n / "lowmcgm.safetensors").is_file() for n in names)
 
@@ -655,12 +655,12 @@ def test_two_artifact_uploads_in_one_second_get_a_run_each(tmp_path):
 def test_refreshing_the_run_list_keeps_a_pick_made_while_it_waited(tmp_path):
     # CI: "Refresh runs" then a pick at once; the refresh, answered last, wrote back the pick it was
     # queued with (none) and the picked run closed. It clears only a pick whose folder vanished.
-    from lowmcgm.ui import app
+    from lowmcgm.ui import app, page_state
 
     root = tmp_path / "root"
     _untrained_run(root, "a", 0)
     _untrained_run(root, "b", 1)
-    state = app.PageState(root, ("tiny",))
+    state = page_state.PageState(root, ("tiny",))
     for current in (None, "", "a"):
         update = app.refreshed_runs(state, current)
         assert sorted(update["choices"]) == ["a", "b"] and "value" not in update, (current, update)
@@ -670,31 +670,31 @@ def test_refreshing_the_run_list_keeps_a_pick_made_while_it_waited(tmp_path):
 
 
 def test_a_prompt_naming_no_handle_samples_with_a_warning(tmp_path):
-    from lowmcgm.ui import app
+    from lowmcgm.ui import page_state
 
     _untrained_run(tmp_path / "root", "a", 0)
-    message, images, _ = _sample(app.PageState(tmp_path / "root", ("tiny",)), "a", prompt="a photo of a dog")
+    message, images, _ = _sample(page_state.PageState(tmp_path / "root", ("tiny",)), "a", prompt="a photo of a dog")
     assert images and message.startswith("warning: the prompt names no handle (&lt;asset0&gt;, &lt;asset1&gt;)")
 
 
 def test_a_run_picked_while_it_trains_opens_when_its_artifact_is_written(tmp_path):
     # Issue 24: it said "no artifact yet" and never reloaded; picking a run replaced the typed prompt.
-    from lowmcgm.ui import app
+    from lowmcgm.ui import page_state, sample_tab
 
     root = tmp_path / "root"
-    state = app.PageState(root, ("tiny",))
+    state = page_state.PageState(root, ("tiny",))
     job = state.jobs.job = TrainingJob([], root / "a")
     _stand_in(job, "import time; time.sleep(30)")
     try:
-        opened = app.on_open_run(state, "a", "my prompt")
+        opened = sample_tab.on_open_run(state, "a", "my prompt")
         assert "is training" in opened[0] and opened[1] == "my prompt" and opened[-1] == "a"
-        assert not app.reopen_when_trained(state, "a")
+        assert not sample_tab.reopen_when_trained(state, "a")
         _untrained_run(root, "a", 0)
-        assert app.reopen_when_trained(state, "a")
-        opened = app.on_open_run(state, "a", "my prompt")
+        assert sample_tab.reopen_when_trained(state, "a")
+        opened = sample_tab.on_open_run(state, "a", "my prompt")
         assert "handles &lt;asset0&gt;, &lt;asset1&gt;" in opened[0] and opened[1] == "my prompt"
         assert opened[-1] is None and opened[2:4] == [True, True]
-        assert app.on_open_run(state, "a", "")[1] == "a photo of <asset0> and <asset1>"
+        assert sample_tab.on_open_run(state, "a", "")[1] == "a photo of <asset0> and <asset1>"
     finally:
         job.process.kill()
         job.process.wait()
@@ -704,24 +704,24 @@ def test_opening_a_run_writes_the_prompt_only_to_fill_it_in(tmp_path):
     # Found by hand: a Refresh queued behind the training ticks re-opened "no run" with the prompt as
     # it was when queued, and wrote that back over what had been typed since.
     gr = pytest.importorskip("gradio")
-    from lowmcgm.ui import app
+    from lowmcgm.ui import page_state, sample_tab
 
     root = tmp_path / "root"
-    state = app.PageState(root, ("tiny",))
+    state = page_state.PageState(root, ("tiny",))
     untouched = gr.update()
-    assert app.open_run_outputs(state, "", "")[1] == untouched  # no run: the prompt is left alone
+    assert sample_tab.open_run_outputs(state, "", "")[1] == untouched  # no run: the prompt is left alone
     job = state.jobs.job = TrainingJob([], root / "a")
     _stand_in(job, "import time; time.sleep(30)")
     try:
-        outputs = app.open_run_outputs(state, "a", "")
+        outputs = sample_tab.open_run_outputs(state, "a", "")
         assert "is training" in outputs[0] and outputs[1] == untouched and outputs[-1] == "a"
     finally:
         job.process.kill()
         job.process.wait()
     _untrained_run(root, "a", 0)
-    outputs = app.open_run_outputs(state, "a", "")
+    outputs = sample_tab.open_run_outputs(state, "a", "")
     assert outputs[1] == "a photo of <asset0> and <asset1>"  # filled in with the run's handles
-    assert app.open_run_outputs(state, "a", "my prompt")[1] == untouched
+    assert sample_tab.open_run_outputs(state, "a", "my prompt")[1] == untouched
     assert outputs[2] == gr.update(visible=True) and outputs[-1] is None
 
 
@@ -773,22 +773,22 @@ def test_overlapping_subjects_are_warned_of_with_the_share_of_the_smaller_mask()
 
 
 def test_show_masks_and_start_warn_of_overlapping_subjects_but_go_on(tmp_path, monkeypatch):
-    from lowmcgm.ui import app, jobs
+    from lowmcgm.ui import jobs, page_state, subjects_tab, train_tab
 
     photo, a, b = make_photo(tmp_path)
     both = tmp_path / "both.png"  # subject 2 painted over subject 1 as well
     save_mask((load_mask(a) > 0.5) | (load_mask(b) > 0.5), both)
     uploads = [a, str(both), None, None]
     handles = ["<asset0>", "<box>", "", ""]
-    said, shown_masks = app.on_show_masks(photo, 2, *[None] * app.MAX_SUBJECTS, *uploads, *handles)
+    said, shown_masks = subjects_tab.on_show_masks(photo, 2, *[None] * page_state.MAX_SUBJECTS, *uploads, *handles)
     assert said.startswith("2 subject mask(s) ready. warning: subjects 1 (&lt;asset0&gt;) and 2 (&lt;box&gt;) "
                            "overlap on 100% of the smaller mask"), said
     assert shown_masks is not None
 
     monkeypatch.setattr(jobs.TrainingJob, "start", lambda self: None)  # prepared, not trained
-    state = app.PageState(tmp_path / "root", ("tiny",))
-    said = app.start_training(state, photo, 2, "r1", "tiny-cpu", "tiny", 0, None, None, *[None] * app.MAX_SUBJECTS,
-                              *uploads, *handles, *[""] * app.MAX_SUBJECTS)
+    state = page_state.PageState(tmp_path / "root", ("tiny",))
+    said = train_tab.start_training(state, photo, 2, "r1", "tiny-cpu", "tiny", 0, None, None, *[None] * page_state.MAX_SUBJECTS,
+                              *uploads, *handles, *[""] * page_state.MAX_SUBJECTS)
     assert said.startswith("Started run 'r1'. warning: subjects 1 (&lt;asset0&gt;) and 2 (&lt;box&gt;) overlap "
                            "on 100% of"), said
     assert (tmp_path / "root" / "r1" / "ui-run.json").is_file()
@@ -808,7 +808,7 @@ def test_errors_about_uploads_name_the_users_file_not_gradios_copy(tmp_path):
     # Issue 24: the page's errors named gradio's temporary copies (<root>/.gradio-cache/<hash>/...).
     from PIL import Image
 
-    from lowmcgm.ui import app
+    from lowmcgm.ui import page_state, sample_tab, subjects_tab, train_tab
 
     root = tmp_path / "root"
     photo, a, b = make_photo(tmp_path)
@@ -816,17 +816,17 @@ def test_errors_about_uploads_name_the_users_file_not_gradios_copy(tmp_path):
     Image.fromarray(np.full((50, 40), 255, np.uint8)).save(tmp_path / "small mask.png")
     notes, small = _as_gradio_keeps(tmp_path / "notes.txt", root), _as_gradio_keeps(tmp_path / "small mask.png", root)
     cached_photo = _as_gradio_keeps(photo, root)
-    no_canvas = [None] * app.MAX_SUBJECTS
+    no_canvas = [None] * page_state.MAX_SUBJECTS
 
-    said = [app.on_photo(notes)[1],
-            app.on_show_masks(cached_photo, 2, *no_canvas, small, _as_gradio_keeps(b, root), None, None,
-                              *[""] * app.MAX_SUBJECTS)[0],
-            app.start_training(app.PageState(root, ("tiny",)), notes, 2, "r1", "tiny-cpu", "tiny", 0, *no_canvas,
-                               a, b, None, None, *[""] * 2 * app.MAX_SUBJECTS),
-            app.on_upload_artifact(app.PageState(root, ("tiny",)), notes)[0]]
+    said = [subjects_tab.on_photo(notes)[1],
+            subjects_tab.on_show_masks(cached_photo, 2, *no_canvas, small, _as_gradio_keeps(b, root), None, None,
+                              *[""] * page_state.MAX_SUBJECTS)[0],
+            train_tab.start_training(page_state.PageState(root, ("tiny",)), notes, 2, "r1", "tiny-cpu", "tiny", 0, *no_canvas,
+                               a, b, None, None, *[""] * 2 * page_state.MAX_SUBJECTS),
+            sample_tab.on_upload_artifact(page_state.PageState(root, ("tiny",)), notes)[0]]
     _untrained_run(root, "r2", 0)
-    said.append(app.sample(app.PageState(root, ("tiny",)), "r2", "a photo of <asset0>", "", 1, 0, 2, 7.5, "none",
-                           *no_canvas, notes, None, None, None, *[None] * app.MAX_SUBJECTS)[0])
+    said.append(sample_tab.sample(page_state.PageState(root, ("tiny",)), "r2", "a photo of <asset0>", "", 1, 0, 2, 7.5, "none",
+                           *no_canvas, notes, None, None, None, *[None] * page_state.MAX_SUBJECTS)[0])
     for text, name in zip(said, ("notes.txt", "small mask.png", "notes.txt", "notes.txt", "notes.txt")):
         assert text.startswith("error: ") and name in text and ".gradio-cache" not in text, text
     assert said[0] == "error: Image notes.txt is not an image PIL can read (PNG or JPEG expected)."
@@ -837,11 +837,11 @@ def test_the_memory_estimate_names_the_base_model_as_the_page_offers_it(tmp_path
     from types import SimpleNamespace
 
     from lowmcgm.memory import estimate
-    from lowmcgm.ui import app
+    from lowmcgm.ui import page_state, train_tab
 
     traced = SimpleNamespace(model=str(tmp_path / "site-packages" / "lowmcgm" / "toy" / "model"), resolution=64,
                              phases=[SimpleNamespace(phase=1, peak_bytes=2**30)], peak_bytes=2**30)
     monkeypatch.setattr(estimate, "estimate", lambda cfg, model, timeout_s: traced)
-    said = app.on_estimate(app.PageState(tmp_path / "root", ("toy",)), "toy-cpu", "toy")
+    said = train_tab.on_estimate(page_state.PageState(tmp_path / "root", ("toy",)), "toy-cpu", "toy")
     assert said.startswith("**Estimated peak GPU memory** (base model toy, preset toy-cpu, 64 px, traced"), said
     assert "site-packages" not in said and "- phase 1: 1.00 GiB" in said

@@ -9,7 +9,10 @@ messages the CLI prints. Modules:
   the uploaded inputs written there, and the ``lowmcgm run`` command a training job runs.
 - ``jobs``: one training job at a time, in a child process that the page starts, stops and reads.
 - ``poses``: a pose library drawn from the toy world, for pose masks without painting.
-- ``app``: the gradio page itself, and ``launch``.
+- ``page_state``: what the page keeps between clicks, and the one-line messages every tab shows.
+- ``subjects_tab``, ``train_tab``, ``sample_tab``: each tab's callbacks (widget values in, library
+  calls, what the widgets show out).
+- ``app``: the gradio page itself (its layout and wiring), and ``launch``.
 """
 
 from __future__ import annotations
