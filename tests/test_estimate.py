@@ -201,9 +201,9 @@ def test_sdxl_settings_training_refuses_are_refused_and_sdxl_suggests_sdxl_prese
     with pytest.raises(UserError, match="sdxl-base is an SDXL model: train.use_prior_preservation is not supported"):
         E.check_and_suggest(resolve_config("8gb", None, {}), "sdxl-base")
     suggested = [s.preset for s, _ in E.candidate_jobs(resolve_config("sdxl-12gb", None, {}), "sdxl-base", 8.0)]
-    assert [p for p in suggested if p] == ["sdxl-8gb"]
+    assert [p for p in suggested if p] == ["sdxl-8gb", "sdxl-6gb"]  # the card's own first, then smaller
     suggested = [s.preset for s, _ in E.candidate_jobs(resolve_config("12gb", None, {}), "sd15", 8.0)]
-    assert "sdxl-8gb" not in suggested and "8gb" in suggested
+    assert "sdxl-8gb" not in suggested and "sdxl-6gb" not in suggested and "8gb" in suggested
 
 
 @pytest.mark.slow

@@ -358,7 +358,8 @@ def config_words(cfg: Config, *, precision_note: str = "", extras: tuple[str, ..
         what = [f"LoRA r{lo.rank}" + (" +TE" if lo.use_text_encoder_lora else ""), m.mixed_precision + precision_note]
     what += ["fp8 UNet"] * m.fp8_base + ["fp8 TE"] * m.fp8_text_encoders
     what += list(extras)
-    what += ["ckpt"] * m.use_gradient_checkpointing + ["TE ckpt"] * m.text_encoder_checkpointing + ["prior"] * t.use_prior_preservation
+    what += ["ckpt"] * m.use_gradient_checkpointing + ["TE ckpt"] * m.text_encoder_checkpointing
+    what += ["prior"] * t.use_prior_preservation
     what.append(f"batch {t.batch_size}{batch_note}")
     if not cfg.loss.use_attention_loss:
         what.append("no attention loss")
