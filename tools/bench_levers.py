@@ -20,10 +20,10 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from bench_speed import time_phase  # tools/ is on the path when a tool runs as a script
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "dogcat"
@@ -62,17 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        recipes = [build(preset, overrides, Path(tmp) / str(i)) for i, (_, preset, overrides) in enumerate(SETTINGS)]
-        for recipe in recipes:
-            recipe.enter_phase(1)
-        times: list[list[float]] = [[] for _ in recipes]
-        for i in range(args.warmup + args.steps):
-            for recipe, kept in zip(recipes, times):  # interleaved, so background load hits all alike
-                start = time.perf_counter()
-                recipe.step()
-                if i >= args.warmup:
-                    kept.append(time.perf_counter() - start)
-    medians = [statistics.median(t) for t in times]
+        recipes = {label: build(preset, overrides, Path(tmp) / str(i))
+                   for i, (label, preset, overrides) in enumerate(SETTINGS)}
+        times = time_phase(recipes, 1, args.steps, args.warmup)  # interleaved: background load hits all alike
+    medians = [statistics.median(times[label]) for label, _, _ in SETTINGS]
     print(f"tiny-xl, phase 1, CPU fp32, {torch.get_num_threads()} thread(s), median of {args.steps} steps "
           f"after {args.warmup} warm-up, interleaved")
     print("| setting | ms/step | ratio |")
@@ -80,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     for (label, _, _), median in zip(SETTINGS, medians):
         print(f"| {label} | {1e3 * median:.1f} | {median / medians[0]:.2f} |")
     if args.json:
-        rows = [{"setting": label, "median_s": m, "ratio": m / medians[0]} for (label, _, _), m in zip(SETTINGS, medians)]
+        rows = [{"setting": label, "median_s": m, "ratio": m / medians[0]}
+                for (label, _, _), m in zip(SETTINGS, medians)]
         Path(args.json).write_text(json.dumps({"steps": args.steps, "rows": rows}, indent=2))
     return 0
 

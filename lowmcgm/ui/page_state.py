@@ -27,9 +27,9 @@ class PageState:
     # paths it reads, so a browser can neither open nor probe other server folders.
     base_models: tuple[str, ...] = ("toy",)
     jobs: JobSlot = dataclasses.field(default_factory=JobSlot)
-    # (base model name, stored in fp8, the artifact's path for a full-mode one, else "") -> the one
-    # loaded BaseModel (``base_for``)
-    bases: dict[tuple[str, bool, str], Any] = dataclasses.field(default_factory=dict)
+    # (base model name, (UNet, text encoders) stored in fp8, the artifact's path for a full-mode one,
+    # else "") -> the one loaded BaseModel (``base_for``)
+    bases: dict[tuple[str, tuple[bool, bool], str], Any] = dataclasses.field(default_factory=dict)
     sampling: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
     def check_base_model(self, name: str) -> str:
