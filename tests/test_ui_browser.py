@@ -14,8 +14,8 @@ import pytest
 from conftest import make_photo, make_tiny_artifact
 from PIL import Image
 from safetensors.torch import load_file
-from ui_browser import (CHROMIUM_ARGS, chromium_path, free_port, paint_mask, paint_rect, set_textbox, text_of,
-                        upload, wait_for_text)
+from ui_browser import (CHROMIUM_ARGS, chromium_path, free_port, new_context, paint_mask, paint_rect, set_textbox,
+                        text_of, upload, wait_for_text)
 
 from lowmcgm.cli import main
 from lowmcgm.data import check_masks, load_image, load_mask
@@ -65,7 +65,7 @@ def browser():
 
 @pytest.fixture
 def page(browser, server):
-    context = browser.new_context(viewport={"width": 1400, "height": 1100})
+    context = new_context(browser)
     pg = context.new_page()
     # Not "networkidle": the page's per-tab state keeps gradio's heartbeat connection open.
     pg.goto(server["url"], wait_until="load", timeout=60_000)
@@ -316,7 +316,7 @@ def test_stop_on_a_page_started_in_the_background_then_a_run_picked_while_it_res
                                                                                      inputs):
     # Issue 24: with SIGINT ignored (nohup ... &), Stop was ignored, then the job killed after 120 s
     # with "the last checkpoint is kept"; and a run picked while it trained never opened.
-    context = browser.new_context(viewport={"width": 1400, "height": 1100})
+    context = new_context(browser)
     page = context.new_page()
     try:
         page.goto(background_server["url"], wait_until="load", timeout=60_000)

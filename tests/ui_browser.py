@@ -25,6 +25,19 @@ def chromium_path() -> str:
     return path
 
 
+# Playwright waits 30 s for an action by default. On CI's 2 cores a page beside another worker's
+# training has taken longer than that to take a click (stop 31: "performing click action" on a
+# visible, enabled button, then the timeout), so every action on our pages waits up to 90 s.
+ACTION_TIMEOUT_MS = 90_000
+
+
+def new_context(browser):
+    """A browser context at the page's usual window size whose actions wait ``ACTION_TIMEOUT_MS``."""
+    context = browser.new_context(viewport={"width": 1400, "height": 1100})
+    context.set_default_timeout(ACTION_TIMEOUT_MS)
+    return context
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -79,7 +92,7 @@ def set_textbox(page, elem: str, value: str) -> None:
     box = page.locator(f"#{elem} textarea, #{elem} input").first
     # Up to 90 s, not playwright's 30: on 2 busy cores (a resumed training beside the test workers)
     # a freshly opened tab has taken over 30 s to render its boxes.
-    box.fill(value, timeout=90_000)
+    box.fill(value, timeout=ACTION_TIMEOUT_MS)
     box.blur()  # gradio takes a textbox's value on blur
 
 
