@@ -23,6 +23,7 @@ from lowmcgm import __version__
 from lowmcgm.errors import UserError
 from lowmcgm.limits import MAX_LORA_RANK, MAX_MASK_SIZE, MAX_RESOLUTION_PX, MAX_TEXT_WIDTH
 from lowmcgm.models.dtypes import torch_dtype
+from lowmcgm.models.families import families_with_text_encoders
 from lowmcgm.runs.write_guard import finish_temporary, replacing
 
 FORMAT_NAME = "lowmcgm"
@@ -153,17 +154,22 @@ class Artifact:
     """What a training run produces, in memory."""
 
     handles: list[str]
-    handle_vectors: torch.Tensor  # (K, d): the handles' rows in the (first) text encoder
+    # The handles' rows per text encoder the run trained, first one first: (K, d_i) each. The file
+    # keys them by position (``vectors_key``); the format asks no family what the rows are.
+    handle_vector_sets: list[torch.Tensor]
     mask_encoder: dict[str, torch.Tensor]  # empty when trained without mask tokens
     unet_lora: dict[str, torch.Tensor]
     text_encoder_lora: dict[str, torch.Tensor]
     meta: dict[str, Any] = field(default_factory=dict)
-    handle_vectors_2: torch.Tensor | None = None  # (K, d2): SDXL's second text encoder; None for SD 1.x/2.x
 
     @property
-    def handle_vector_sets(self) -> list[torch.Tensor]:
-        """The handles' rows per text encoder the artifact was trained with, first one first."""
-        return [self.handle_vectors] + ([self.handle_vectors_2] if self.handle_vectors_2 is not None else [])
+    def handle_vectors(self) -> torch.Tensor:
+        """The handles' rows in the first text encoder (the only one of SD 1.x/2.x)."""
+        return self.handle_vector_sets[0]
+
+    def vector_tensors(self) -> dict[str, torch.Tensor]:
+        """The handle rows under their file keys."""
+        return {vectors_key(i): vectors for i, vectors in enumerate(self.handle_vector_sets)}
 
     @property
     def text_width(self) -> int:
@@ -179,10 +185,24 @@ class Artifact:
 _JSON_META = ("handles", "init_words", "lora", "training_config")
 
 
+def vectors_key(index: int) -> str:
+    """The file key (and checkpoint key) of the ``index``-th text encoder's handle rows."""
+    return "handles.vectors" if index == 0 else f"handles.vectors_{index + 1}"
+
+
+def vector_keys_in(names: Any) -> list[str]:
+    """The handle-row keys among ``names``, in encoder order, up to the first one missing."""
+    keys = []
+    while vectors_key(len(keys)) in names:
+        keys.append(vectors_key(len(keys)))
+    return keys
+
+
 def stale_pooling_warning(artifact: Artifact, path: Path) -> str | None:
     """One line for an SDXL artifact trained with the pooled embedding taken at the handle token
     (lowmcgm before the pooling fix); None for every other artifact."""
-    if artifact.handle_vectors_2 is None or artifact.meta.get(SDXL_POOLING_KEY) == SDXL_POOLING:
+    pooled = any(f.pooled_embedding for f in families_with_text_encoders(len(artifact.handle_vector_sets)))
+    if not pooled or artifact.meta.get(SDXL_POOLING_KEY) == SDXL_POOLING:
         return None
     return (f"{path} was trained with SDXL's pooled embedding taken at the handle token (an older lowmcgm); "
             "it now gets the pooled embedding of the whole prompt, as other SDXL tools give it: retrain it "
@@ -192,13 +212,12 @@ def stale_pooling_warning(artifact: Artifact, path: Path) -> str | None:
 def save_artifact(artifact: Artifact, path: Path, dtype: str = "fp16") -> None:
     """Write the artifact (weights in ``dtype``) atomically, with its metadata."""
     cast = torch_dtype(dtype)
-    tensors = {"handles.vectors": artifact.handle_vectors.to(cast)}
-    if artifact.handle_vectors_2 is not None:
-        tensors["handles.vectors_2"] = artifact.handle_vectors_2.to(cast)
+    tensors = {k: v.to(cast) for k, v in artifact.vector_tensors().items()}
     tensors.update({f"mask_encoder.{k}": v.to(cast) for k, v in artifact.mask_encoder.items()})
     tensors.update({f"unet.{k}": v.to(cast) for k, v in artifact.unet_lora.items()})
     tensors.update({f"text_encoder.{k}": v.to(cast) for k, v in artifact.text_encoder_lora.items()})
-    version = FORMAT_VERSION if artifact.handle_vectors_2 is not None else (
+    # Rows for more than one text encoder came with format 3; format 2 with the encoder's options.
+    version = 3 if len(artifact.handle_vector_sets) > 1 else (
         2 if any(k in artifact.meta for k in ENCODER_OPTION_META) else 1)
     meta = {"format": FORMAT_NAME, "format_version": str(version), "lowmcgm_version": __version__,
             "handles": artifact.handles}
@@ -229,8 +248,7 @@ def load_artifact(path: Path) -> Artifact:
         raise UserError(f"{path} could not be read as safetensors ({exc}).") from exc
     sub = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
     return Artifact(
-        handles=handles, handle_vectors=tensors["handles.vectors"].float(),
-        handle_vectors_2=tensors["handles.vectors_2"].float() if "handles.vectors_2" in tensors else None,
+        handles=handles, handle_vector_sets=[tensors[key].float() for key in vector_keys_in(tensors)],
         mask_encoder={k: v.float() for k, v in sub("mask_encoder.").items()},
         unet_lora={k: v.float() for k, v in sub("unet.").items()},
         text_encoder_lora={k: v.float() for k, v in sub("text_encoder.").items()},
@@ -340,13 +358,18 @@ def _check_shapes(path: Path, header: dict[str, Any], handles: list[str], text_w
             raise bad(f"tensor {name} has dtype {entry['dtype']}")
         if not name.startswith(("handles.", "mask_encoder.", "unet.", "text_encoder.")):
             raise bad(f"unexpected tensor {name}")
-    if "handles.vectors_2" in header:  # SDXL: the two encoders' rows make up the context width
-        second = header["handles.vectors_2"]["shape"]
-        if len(second) != 2 or second[0] != len(handles) or not 0 < second[1] < text_width:
-            raise bad(f"handles.vectors_2 must be {len(handles)} rows narrower than {text_width}")
-        first_width = text_width - second[1]
-    else:
-        first_width = text_width
+    # The rows of every text encoder after the first (SDXL's second) and the first's make up the
+    # context width together.
+    keys = vector_keys_in(header)
+    stray = next((k for k in header if k.startswith("handles.") and k not in keys), None)
+    if stray is not None:
+        raise bad(f"unexpected tensor {stray}")
+    first_width = text_width
+    for key in keys[1:]:
+        shape = header[key]["shape"]
+        if len(shape) != 2 or shape[0] != len(handles) or not 0 < shape[1] < first_width:
+            raise bad(f"{key} must be {len(handles)} rows narrower than {first_width}")
+        first_width -= shape[1]
     if header.get("handles.vectors", {}).get("shape") != [len(handles), first_width]:
         raise bad(f"handles.vectors must be {len(handles)}x{first_width}")
     enc = {k for k in header if k.startswith("mask_encoder.")}

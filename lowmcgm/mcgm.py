@@ -27,7 +27,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from lowmcgm.adapters import add_lora, load_lora_state_dict, lora_state_dict
-from lowmcgm.artifact import SDXL_POOLING, SDXL_POOLING_KEY, Artifact
+from lowmcgm.artifact import SDXL_POOLING, SDXL_POOLING_KEY, Artifact, vectors_key
 from lowmcgm.config import LoraConfig, TrainConfig
 from lowmcgm.errors import UserError
 from lowmcgm.handles import HandleEmbedding, add_handle_tokens, install_handles
@@ -161,7 +161,7 @@ class MCGMState:
     def state_dict(self, base: BaseModel) -> dict[str, torch.Tensor]:
         """fp32 CPU copies of every trained weight: ``handles.vectors``, ``mask_encoder.*``,
         ``unet.*`` and ``text_encoder.*`` (adapter weights under peft's names)."""
-        state = {_vectors_key(i): h.vectors.detach().float().cpu() for i, h in enumerate(self.handle_sets)}
+        state = {vectors_key(i): h.vectors.detach().float().cpu() for i, h in enumerate(self.handle_sets)}
         if self.mask_encoder is not None:
             state |= {f"mask_encoder.{k}": v.float().cpu() for k, v in self.mask_encoder.state_dict().items()}
         state |= {f"unet.{k}": v.float().cpu() for k, v in self._adapter_state(base.unet).items()}
@@ -174,7 +174,7 @@ class MCGMState:
         """Load what ``state_dict`` returned (adapters must have been added when it has any)."""
         with torch.no_grad():
             for i, wrapper in enumerate(self.handle_sets):
-                wrapper.vectors.copy_(tensors[_vectors_key(i)])
+                wrapper.vectors.copy_(tensors[vectors_key(i)])
         if self.mask_encoder is not None:
             self.mask_encoder.load_state_dict(_sub(tensors, "mask_encoder."))
         for prefix, module in (("unet.", base.unet), ("text_encoder.", base.text_encoder)):
@@ -185,8 +185,7 @@ class MCGMState:
         model identity, resolution, training config)."""
         vectors = [h.vectors.detach().float().cpu() for h in self.handle_sets]
         return Artifact(
-            handles=list(self.handle_names), handle_vectors=vectors[0],
-            handle_vectors_2=vectors[1] if len(vectors) > 1 else None,
+            handles=list(self.handle_names), handle_vector_sets=vectors,
             mask_encoder={k: v.float().cpu() for k, v in self.mask_encoder.state_dict().items()}
             if self.mask_encoder is not None else {},
             unet_lora=self._adapter_state(base.unet),
@@ -239,11 +238,6 @@ class MCGMState:
 
     def _adapts_text_encoder(self) -> bool:
         return self.lora.get("mode") == "full" or bool(self.lora.get("text_encoder_targets"))
-
-
-def _vectors_key(index: int) -> str:
-    """The checkpoint and artifact key of the ``index``-th text encoder's handle rows."""
-    return "handles.vectors" if index == 0 else f"handles.vectors_{index + 1}"
 
 
 def _install_trained(tokenizer, text_encoder: nn.Module, handles: list[str], vectors: torch.Tensor) -> HandleEmbedding:

@@ -117,8 +117,8 @@ def make_sdxl_artifact(path, use_text_encoder_lora=False, rank=4, alpha=8.0):
             "init_words": ["dog", "cat"]}
     artifact = state.to_artifact(base, meta)
     gen = torch.Generator().manual_seed(1)
-    artifact.handle_vectors += 0.3 * torch.randn(artifact.handle_vectors.shape, generator=gen)
-    artifact.handle_vectors_2 += 0.3 * torch.randn(artifact.handle_vectors_2.shape, generator=gen)
+    artifact.handle_vector_sets[0] += 0.3 * torch.randn(artifact.handle_vector_sets[0].shape, generator=gen)
+    artifact.handle_vector_sets[1] += 0.3 * torch.randn(artifact.handle_vector_sets[1].shape, generator=gen)
     for lora in (artifact.unet_lora, artifact.text_encoder_lora):
         for key in lora:
             if ".lora_B." in key:

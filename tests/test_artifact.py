@@ -17,7 +17,7 @@ from lowmcgm.errors import UserError
 def _artifact(k=2, d=8, rank=2):
     g = torch.Generator().manual_seed(0)
     return Artifact(
-        handles=[f"<asset{i}>" for i in range(k)], handle_vectors=torch.randn(k, d, generator=g),
+        handles=[f"<asset{i}>" for i in range(k)], handle_vector_sets=[torch.randn(k, d, generator=g)],
         mask_encoder={"proj.weight": torch.randn(d, 64 * 64, generator=g), "proj.bias": torch.randn(d, generator=g)},
         unet_lora={"a.to_q.lora_A.weight": torch.randn(rank, 4, generator=g),
                    "a.to_q.lora_B.weight": torch.randn(4, rank, generator=g)},

@@ -15,6 +15,7 @@ import pytest
 from lowmcgm.config import resolve_config
 from lowmcgm.errors import UserError
 from lowmcgm.memory import estimate as E, trace as mt
+from lowmcgm.models.fit import preset_group_of_model
 
 GiB = 2**30
 CHILD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -196,8 +197,8 @@ def test_every_preset_meets_its_target_and_the_reference_code_does_not_fit_24gb(
 
 
 def test_sdxl_settings_training_refuses_are_refused_and_sdxl_suggests_sdxl_presets():
-    assert E.family_of_model("tiny-xl") == E.family_of_model("sdxl-base") == "sdxl"
-    assert E.family_of_model("sd15") == E.family_of_model("tiny") == "sd"
+    assert preset_group_of_model("tiny-xl") == preset_group_of_model("sdxl-base") == "sdxl"
+    assert preset_group_of_model("sd15") == preset_group_of_model("tiny") == "sd"
     with pytest.raises(UserError, match="sdxl-base is an SDXL model: train.use_prior_preservation is not supported"):
         E.check_and_suggest(resolve_config("8gb", None, {}), "sdxl-base")
     suggested = [s.preset for s, _ in E.candidate_jobs(resolve_config("sdxl-12gb", None, {}), "sdxl-base", 8.0)]

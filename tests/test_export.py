@@ -237,7 +237,7 @@ def test_kohya_names_match_sd15_under_a1111_and_comfyui_naming(tmp_path):
     def real(state):  # meta tensors -> small real ones of the same shapes
         return {k: torch.full(v.shape, 0.01) for k, v in state.items()}
 
-    art = Artifact(handles=["<asset0>"], handle_vectors=torch.zeros(1, 768), mask_encoder={},
+    art = Artifact(handles=["<asset0>"], handle_vector_sets=[torch.zeros(1, 768)], mask_encoder={},
                    unet_lora=real(lora_state_dict(unet)), text_encoder_lora=real(lora_state_dict(text_encoder)),
                    meta={"base_model_version": "sd_v1", "resolution": 512, "prediction_type": "epsilon",
                          "base_model": "sd15", "lora": {"mode": "lora", "rank": 4, "alpha": 8.0}})
@@ -282,7 +282,7 @@ def test_kohya_names_match_sd15_under_a1111_and_comfyui_naming(tmp_path):
     ("sd_v2_v", "True", "stable-diffusion-v2-768-v/lora", "v"),
 ], ids=["sd1", "sd2", "sd2-v"])
 def test_kohya_metadata_per_base_version(version, v2, architecture, prediction):
-    art = Artifact(["<a>"], torch.zeros(1, 8), {}, {"x.lora_A.weight": torch.zeros(4, 8)}, {},
+    art = Artifact(["<a>"], [torch.zeros(1, 8)], {}, {"x.lora_A.weight": torch.zeros(4, 8)}, {},
                    meta={"base_model_version": version, "resolution": "768", "lora": {"mode": "lora", "rank": 4,
                                                                                       "alpha": 2}})
     meta = build_kohya_metadata(art, "x")

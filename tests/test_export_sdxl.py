@@ -227,7 +227,7 @@ def test_embedding_files_hold_one_row_per_encoder(artifacts, tmp_path):
         state = load_file(str(path))
         assert sorted(state) == ["clip_g", "clip_l"]  # nothing else: A1111 reads every tensor in the file
         torch.testing.assert_close(state["clip_l"], art.handle_vectors[index][None], rtol=0, atol=0)
-        torch.testing.assert_close(state["clip_g"], art.handle_vectors_2[index][None], rtol=0, atol=0)
+        torch.testing.assert_close(state["clip_g"], art.handle_vector_sets[1][index][None], rtol=0, atol=0)
 
 
 def test_diffusers_metadata_holds_alpha_and_the_handle_order(artifacts, tmp_path):
@@ -282,7 +282,7 @@ def test_kohya_names_cover_every_module_of_a_real_sdxl_lora(tmp_path):
     def real(state):  # meta tensors -> small real ones of the same shapes
         return {k: torch.full(v.shape, 0.01) for k, v in state.items()}
 
-    art = Artifact(handles=["<asset0>"], handle_vectors=torch.zeros(1, 768), handle_vectors_2=torch.ones(1, 1280),
+    art = Artifact(handles=["<asset0>"], handle_vector_sets=[torch.zeros(1, 768), torch.ones(1, 1280)],
                    mask_encoder={}, unet_lora=real(lora_state_dict(unet)),
                    text_encoder_lora=real(lora_state_dict(text_encoder)),
                    meta={"base_model_version": "sdxl_base_v1-0", "resolution": 1024, "prediction_type": "epsilon",

@@ -49,7 +49,7 @@ def make_artifact(path: Path, num_handles: int = 3, mask_tokens: bool = True) ->
     with torch.no_grad():
         encoder.proj.weight.normal_(0.0, 0.05)  # rows of different masks then differ clearly
     artifact = Artifact(
-        handles=[f"<asset{i}>" for i in range(num_handles)], handle_vectors=torch.randn(num_handles, width),
+        handles=[f"<asset{i}>" for i in range(num_handles)], handle_vector_sets=[torch.randn(num_handles, width)],
         mask_encoder=encoder.state_dict() if mask_tokens else {}, unet_lora=lora_state_dict(base.unet),
         text_encoder_lora={},
         meta={"base_model": "tiny", "base_model_hash": base.config_hash, "text_width": width,
@@ -220,7 +220,7 @@ def test_every_scheduler_choice_has_its_factory():
 
 
 def test_library_settings_are_checked_with_flag_names():
-    from lowmcgm.sampling.sampler import check_settings
+    from lowmcgm.sampling.checks import check_settings
 
     with pytest.raises(UserError, match=r"Invalid sampling settings: --steps must be between 1 and 1000 \(got 0\); "
                                         r"--scheduler must be one of"):

@@ -58,7 +58,7 @@ def test_sdxl_state_round_trips_through_the_artifact_and_comes_off_again(tmp_pat
                   dtype="fp32")
     assert read_header(path)[1]["format_version"] == "3"
     artifact = load_artifact(path)
-    assert artifact.text_width == 64 and artifact.handle_vectors_2.shape == (2, 32)
+    assert artifact.text_width == 64 and artifact.handle_vector_sets[1].shape == (2, 32)
     assert set(state.state_dict(base)) >= {"handles.vectors", "handles.vectors_2"}
 
     state.remove(base)

@@ -46,8 +46,8 @@ def test_sdxl_trains_handles_in_both_encoders_and_a_unet_lora(wide_photo, tmp_pa
     out = tmp_path / "run"
     art = load_artifact(train(_cfg(image, masks, out, **{"data.init_words": ["dog", "cat"]}), base=base))
     assert art.text_width == 64 and art.meta["base_model_version"] == "sdxl_base_v1-0"
-    assert art.handle_vectors.shape == art.handle_vectors_2.shape == (2, 32)
-    assert not torch.allclose(art.handle_vectors_2[0], init_2.float())  # the second encoder's rows trained
+    assert art.handle_vector_sets[0].shape == art.handle_vector_sets[1].shape == (2, 32)
+    assert not torch.allclose(art.handle_vector_sets[1][0], init_2.float())  # the second encoder's rows trained
     assert art.mask_encoder["proj.weight"].shape[0] == 64  # mask tokens as wide as the joint context
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in art.unet_lora.items())
     # config.toml says which maps the attention losses read: SDXL has none at its highest level.
@@ -128,7 +128,7 @@ def test_lowmcgm_train_on_sdxl_through_the_cli(photo, tmp_path, capsys):
     assert main(["train", "--preset", "tiny-cpu", "--base-model", "tiny-xl", "--image", image, "--mask", a,
                  "--mask", b, "--out", str(out), "--set", "train.phase1_steps=2", "--set",
                  "train.phase2_steps=2"]) == 0
-    assert load_artifact(out / "lowmcgm.safetensors").handle_vectors_2 is not None
+    assert len(load_artifact(out / "lowmcgm.safetensors").handle_vector_sets) == 2
     assert main(["train", "--preset", "tiny-cpu", "--base-model", "tiny-xl", "--image", image, "--mask", a,
                  "--mask", b, "--out", str(tmp_path / "bad"), "--set", "model.resolution=40"]) == 2
     err = capsys.readouterr().err
@@ -176,7 +176,8 @@ def test_text_encoders_stored_in_fp8_train_the_handles_of_both(photo, tmp_path):
     for encoder in base.text_encoders:
         linears = [m for m in encoder.modules() if isinstance(m, torch.nn.Linear)]
         assert linears and all(m.parametrizations.weight.original.dtype == torch.float8_e4m3fn for m in linears)
-    assert torch.isfinite(art.handle_vectors_2).all() and not torch.allclose(art.handle_vectors_2[0], init_2.float())
+    second = art.handle_vector_sets[1]
+    assert torch.isfinite(second).all() and not torch.allclose(second[0], init_2.float())
 
 
 @pytest.mark.parametrize("overrides,fragment", [
@@ -199,7 +200,7 @@ def test_the_sdxl_card_presets_train_and_sample_on_the_tiny_sdxl_model(photo, tm
                  "--set", "train.phase1_steps=2", "--set", "train.phase2_steps=2", "--image", image,
                  "--mask", a, "--mask", b, "--out", str(out)]) == 0
     art = load_artifact(out / "lowmcgm.safetensors")
-    assert art.handle_vectors_2 is not None and art.unet_lora
+    assert len(art.handle_vector_sets) == 2 and art.unet_lora
     model = art.meta["training_config"]["model"]
     assert model["fp8_base"] and model["fp8_text_encoders"] == (preset == "sdxl-6gb")
     drawn = tmp_path / "drawn"

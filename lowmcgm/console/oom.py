@@ -41,14 +41,14 @@ def training_oom_message(cfg: Any, preset: str | None) -> str:
     try:
         import torch
 
-        from lowmcgm.memory.estimate import card_of_preset, family_of_preset
+        from lowmcgm.memory.estimate import card_of_preset, preset_group
         from lowmcgm.presets import list_presets
 
         card_gib = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
         # The card presets of the run's family (sdxl-<n>gb for an SDXL run, <n>gb otherwise) below
         # the run's own; a card sold as 8 GB reports a little under 8 GiB: allow half a GiB.
-        own, family = card_of_preset(preset) or float("inf"), family_of_preset(preset or "")
-        fitting = sorted((size, name) for name in list_presets() if family_of_preset(name) == family
+        own, group = card_of_preset(preset) or float("inf"), preset_group(preset or "")
+        fitting = sorted((size, name) for name in list_presets() if preset_group(name) == group
                          and (size := card_of_preset(name)) and size <= card_gib + 0.5 and size < own)
         card = f" This card has {card_gib:.1f} GiB" + (f": try --preset {fitting[-1][1]}." if fitting else ".")
     except Exception:  # no CUDA to ask (the error was raised elsewhere), or no presets folder

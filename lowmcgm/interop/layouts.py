@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from lowmcgm.artifact import Artifact
+from lowmcgm.artifact import Artifact, vector_keys_in
 from lowmcgm.errors import UserError
 from lowmcgm.interop.formats import (A1111_EMBEDDING_KEY, KOHYA_TE_PREFIX, KOHYA_UNET_PREFIX, SDXL_CLIP_G_KEY,
                                      SDXL_CLIP_L_KEY, strip_text_model)
@@ -36,7 +36,14 @@ class ExportLayout:
     """SD 1.x/2.x: one text encoder, diffusers' module paths under kohya's prefixes."""
 
     sdxl = False  # what the command line tells the user about the embeddings' rows
+    label = "SD 1.x/2.x"  # what messages call the files of this layout
     pipeline_class: type[DiffusionPipeline] = StableDiffusionPipeline  # whose save_lora_weights writes diffusers' file
+    importable = True  # lora_import reads these names (a LoRA to start phase 2 from)
+
+    def names_a_file(self, header: dict[str, Any], metadata: dict[str, str]) -> bool:
+        """Whether a LoRA file's keys and metadata are this layout's (``layout_of_lora_file``): the
+        layout of one text encoder and diffusers' module paths is what every other one is not."""
+        return True
 
     def kohya_module_names(self, artifact: Artifact, part: str, paths: list[str]) -> dict[str, str]:
         """kohya's name (without ``.lora_down.weight`` etc.) of each LoRA module of the artifact.
@@ -62,7 +69,18 @@ class SDXLExportLayout(ExportLayout):
     """SDXL: two text encoders, the SGM UNet's block names, a clip_l and a clip_g row per handle."""
 
     sdxl = True
+    label = "SDXL"
     pipeline_class = StableDiffusionXLPipeline
+    importable = False
+
+    def names_a_file(self, header: dict[str, Any], metadata: dict[str, str]) -> bool:
+        # A second text encoder's keys or handle rows (an SDXL artifact), kohya's SDXL base version,
+        # or SGM UNet block names (kohya's SDXL naming: ``lora_unet_input_blocks_*``,
+        # ``_middle_block_``, ``_output_blocks_``; SD 1.x/2.x files keep diffusers' ``down_blocks``/
+        # ``up_blocks``), as lowmcgm's own SDXL exports have.
+        sgm = ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")
+        return (metadata.get("ss_base_model_version", "").startswith("sdxl") or len(vector_keys_in(header)) > 1
+                or any(k.startswith(("lora_te2_", "text_encoder_2.", *sgm)) for k in header))
 
     def kohya_module_names(self, artifact: Artifact, part: str, paths: list[str]) -> dict[str, str]:
         """Raises UserError: an SDXL UNet module kohya's SGM names do not cover, or an SDXL UNet whose
@@ -76,14 +94,15 @@ class SDXLExportLayout(ExportLayout):
 
     def embedding_tensors(self, artifact: Artifact, index: int) -> dict[str, torch.Tensor]:
         # One row per text encoder, under the keys A1111 and ComfyUI read for SDXL.
-        return {SDXL_CLIP_L_KEY: artifact.handle_vectors[index].float()[None],
-                SDXL_CLIP_G_KEY: artifact.handle_vectors_2[index].float()[None]}
+        first, second = artifact.handle_vector_sets
+        return {SDXL_CLIP_L_KEY: first[index].float()[None], SDXL_CLIP_G_KEY: second[index].float()[None]}
 
     def diffusers_embeddings(self, artifact: Artifact) -> dict[str, torch.Tensor]:
         # ``{"clip_l": (K, d1), "clip_g": (K, d2)}``, rows in handle order: one
         # ``load_textual_inversion(rows, token=handles, text_encoder=..., tokenizer=...)`` per encoder,
         # the way diffusers' documentation loads SDXL embeddings.
-        return {SDXL_CLIP_L_KEY: artifact.handle_vectors.float(), SDXL_CLIP_G_KEY: artifact.handle_vectors_2.float()}
+        first, second = artifact.handle_vector_sets
+        return {SDXL_CLIP_L_KEY: first.float(), SDXL_CLIP_G_KEY: second.float()}
 
 
 # By the number of text encoders the artifact holds handle rows for.
@@ -93,6 +112,12 @@ LAYOUTS: dict[int, ExportLayout] = {1: ExportLayout(), 2: SDXLExportLayout()}
 def export_layout(artifact: Artifact) -> ExportLayout:
     """The layout of ``artifact``'s family."""
     return LAYOUTS[len(artifact.handle_vector_sets)]
+
+
+def layout_of_lora_file(header: dict[str, Any], metadata: dict[str, str]) -> ExportLayout:
+    """The layout whose names a LoRA file (kohya's, diffusers', an artifact) uses, from its header:
+    the layouts of more text encoders are asked first, the plain one answers for the rest."""
+    return next(layout for _, layout in sorted(LAYOUTS.items(), reverse=True) if layout.names_a_file(header, metadata))
 
 
 def sdxl_unet_config(artifact: Artifact, paths: list[str]) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from lowmcgm.errors import UserError
 from lowmcgm.interop.formats import (A1111_EMBEDDING_KEY, BUNDLE_PREFIX, DIFFUSERS_LORA_NAME, DIFFUSERS_METADATA_KEY,
                                      KOHYA_SUFFIXES, KOHYA_TE_PREFIX, KOHYA_UNET_PREFIX, OTHER_ADAPTERS,
                                      TE_TARGET_NAMES, UNET_TARGET_NAMES, peft_modules, strip_text_model)
+from lowmcgm.interop.layouts import layout_of_lora_file
 
 
 @dataclass
@@ -93,14 +94,15 @@ def read_lora_file(path: Path) -> LoraFile:
         raise UserError(f"LoRA file {path} is not a .safetensors file; lowmcgm never unpickles weights: "
                         "convert it to .safetensors first.")
     header, metadata = read_header(path)
-    if metadata.get("format") == "lowmcgm" and "handles.vectors_2" not in header:  # not an SDXL artifact
+    layout = layout_of_lora_file(header, metadata)
+    if metadata.get("format") == "lowmcgm" and layout.importable:  # an artifact of one text encoder
         return _read_lowmcgm(path)
     other = next((k for k in header if any(tag in k for tag in OTHER_ADAPTERS)), None)
     if other:
         raise UserError(f"{path} is not a plain LoRA (it has {other}: DoRA or a LyCORIS type); only plain "
                         "kohya or diffusers LoRA files can start training.")
-    if _is_sdxl_lora(header, metadata):
-        raise UserError(f"{path} is an SDXL LoRA; lowmcgm starts phase 2 from SD 1.x/2.x LoRAs only.")
+    if not layout.importable:
+        raise UserError(f"{path} is an {layout.label} LoRA; lowmcgm starts phase 2 from SD 1.x/2.x LoRAs only.")
     if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_")) for k in header):
         lora = _read_kohya(path, header, metadata)
     elif any(k.startswith(("unet.", "text_encoder.")) and ".lora_A." in k for k in header):
@@ -119,16 +121,6 @@ def read_lora_file(path: Path) -> LoraFile:
             raise UserError(f"{path} is damaged: the down and up weights of {name} do not fit together "
                             f"({list(module.down.shape)} and {list(module.up.shape)}).")
     return lora
-
-
-def _is_sdxl_lora(header: dict[str, Any], metadata: dict[str, str]) -> bool:
-    """A second text encoder's keys or handle rows (an SDXL artifact), kohya's SDXL base version, or
-    SGM UNet block names (kohya's SDXL naming: ``lora_unet_input_blocks_*``, ``_middle_block_``,
-    ``_output_blocks_``; SD 1.x/2.x files keep diffusers' ``down_blocks``/``up_blocks``), as
-    lowmcgm's own SDXL exports have."""
-    sgm = ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")
-    return (metadata.get("ss_base_model_version", "").startswith("sdxl") or "handles.vectors_2" in header
-            or any(k.startswith(("lora_te2_", "text_encoder_2.", *sgm)) for k in header))
 
 
 def _read_kohya(path: Path, header: dict[str, Any], metadata: dict[str, str]) -> LoraFile:

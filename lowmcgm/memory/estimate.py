@@ -196,25 +196,18 @@ def card_of_preset(preset: str | None) -> float | None:
     return float(m.group(1)) if m else None
 
 
-def family_of_model(spec: str) -> str:
-    """``sdxl`` for an SDXL ``--base-model`` (tiny-xl, sdxl-base, a folder with a second text
-    encoder), else ``sd``: which card presets apply (``sdxl-8gb`` or ``8gb``)."""
-    from lowmcgm.models.configs import SHIPPED_CONFIGS
-
-    folder = SHIPPED_CONFIGS.get(spec) or Path(spec).expanduser()
-    return "sdxl" if spec == "tiny-xl" or (folder / "text_encoder_2").is_dir() else "sd"
-
-
-def family_of_preset(name: str) -> str:
+def preset_group(name: str) -> str:
+    """The models a shipped preset is made for, by its name: ``sdxl`` (``sdxl-8gb``) or ``sd``
+    (``8gb``: SD 1.x and 2.x). ``models.fit.preset_group_of_model`` says the same of a model."""
     return "sdxl" if Path(name).stem.startswith("sdxl-") else "sd"
 
 
 def check_family_settings(cfg: Config, spec: str) -> None:
-    """Refuse to estimate what training would refuse on an SDXL model (``models.fit.sdxl_problems``):
-    a figure for settings that cannot run says nothing."""
-    from lowmcgm.models.fit import sdxl_problems
+    """Refuse to estimate what training would refuse on the model's family (``models.fit``): a figure
+    for settings that cannot run says nothing."""
+    from lowmcgm.models.fit import problems_before_loading
 
-    problems = sdxl_problems(cfg) if family_of_model(spec) == "sdxl" else []
+    problems = problems_before_loading(cfg, spec)
     if problems:
         raise UserError(f"--base-model {spec} is an SDXL model: " + "; ".join(problems)
                         + " (the sdxl-6gb, sdxl-8gb and sdxl-12gb presets are made for SDXL).")
@@ -275,11 +268,12 @@ def candidate_jobs(cfg: Config, model: str, card_gib: float, resolution: int | N
     another on top of ``cfg``. Returns (suggestion without its estimate, job) pairs; the jobs carry
     a ``group`` so that :func:`~lowmcgm.memory.training_trace.trace_jobs` stops each search at its first fit."""
     from lowmcgm.config import resolve_config
+    from lowmcgm.models.fit import preset_group_of_model
     from lowmcgm.presets import list_presets
 
     own = Path(own_preset).stem if own_preset else None
-    family = family_of_model(model)
-    names = [n for n in list_presets() if n != own and family_of_preset(n) == family
+    group = preset_group_of_model(model)
+    names = [n for n in list_presets() if n != own and preset_group(n) == group
              and card_of_preset(n) is not None and card_of_preset(n) <= card_gib]
     out = []
     for name in sorted(names, key=lambda n: -card_of_preset(n)):

@@ -49,6 +49,7 @@ class ModelFamily:
     name = "sd1"
     label = "SD 1.x"  # what messages call it
     pooled_embedding = False  # conditioned on a pooled text embedding too (its artifacts record how it was pooled)
+    text_encoder_count = 1
     # Sampling on a GPU without CPU offload: the text encoders wait on the CPU between prompts.
     text_encoders_wait_on_cpu = False
 
@@ -103,6 +104,7 @@ class SDXLFamily(ModelFamily):
     name = "sdxl"
     label = "SDXL"
     pooled_embedding = True
+    text_encoder_count = 2
     # Its text encoders (1.5 GiB in fp16) run once per prompt; between prompts they wait on the CPU,
     # which keeps an sdxl-8gb artifact's sampling within 8 GB (docs/benchmarks.md, "Sampling memory").
     text_encoders_wait_on_cpu = True
@@ -166,6 +168,11 @@ def detect_family(unet_config: Any, has_second_text_encoder: bool) -> ModelFamil
     if has_second_text_encoder:
         return FAMILIES["sdxl"]
     return FAMILIES["sd2" if unet_config.use_linear_projection else "sd1"]
+
+
+def families_with_text_encoders(count: int) -> list[ModelFamily]:
+    """The families whose models have ``count`` text encoders (an artifact holds rows for each)."""
+    return [family for family in FAMILIES.values() if family.text_encoder_count == count]
 
 
 def family_of_encoder_count(count: int) -> str:

@@ -8,6 +8,7 @@ so a typo in a target name fails in seconds, not when phase 2 starts, and leaves
 from __future__ import annotations
 
 import difflib
+from pathlib import Path
 
 from torch import nn
 
@@ -58,6 +59,21 @@ def _resolution_problems(resolution: int, base: BaseModel) -> list[str]:
 def sdxl_min_side(base: BaseModel) -> int:
     """The smallest square side an SDXL model draws well at: 3/4 of its own (768 px for SDXL base)."""
     return round(base.resolution * SDXL_MIN_RESOLUTION_FACTOR)
+
+
+def preset_group_of_model(spec: str) -> str:
+    """Which shipped presets a ``--base-model`` takes, read before (or without) loading it, as
+    ``lowmcgm estimate`` does: ``sdxl`` (``sdxl-8gb``) for tiny-xl, the shipped sdxl-base and a
+    folder with a second text encoder; ``sd`` (``8gb``) for SD 1.x and 2.x."""
+    from lowmcgm.models.configs import SHIPPED_CONFIGS
+
+    folder = SHIPPED_CONFIGS.get(spec) or Path(spec).expanduser()
+    return "sdxl" if spec == "tiny-xl" or (folder / "text_encoder_2").is_dir() else "sd"
+
+
+def problems_before_loading(cfg: Config, spec: str) -> list[str]:
+    """``check_settings_fit``'s family rules for the model ``spec`` names, without loading it."""
+    return sdxl_problems(cfg) if preset_group_of_model(spec) == "sdxl" else []
 
 
 def sdxl_problems(cfg: Config) -> list[str]:

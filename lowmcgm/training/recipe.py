@@ -164,7 +164,7 @@ class TrainingRecipe:
         path = self.out / setup.cfg.output.artifact_name
         if setup.accelerator.is_main_process:
             artifact = setup.mcgm.to_artifact(setup.base, run_meta(setup))
-            check_finite(setup, state, {"handles.vectors": artifact.handle_vectors, **artifact.mask_encoder,
+            check_finite(setup, state, {**artifact.vector_tensors(), **artifact.mask_encoder,
                                         **artifact.unet_lora, **artifact.text_encoder_lora})
             save_artifact(artifact, path, dtype=setup.cfg.output.save_dtype)
             write_text_whole(self.out / "loss_history.json", json.dumps(state.history))
