@@ -18,12 +18,11 @@ from typing import Any, Callable, ContextManager
 from lowmcgm.models import loading  # the module, not its function: a test replaces the loader
 from lowmcgm.config import Config, SampleSettings
 from lowmcgm.handles import check_handle_names
-from lowmcgm.models.fit import check_sample_size
 from lowmcgm.runs.folder import hold_folder
 from lowmcgm.sampling.previews import save_loss_curve
-from lowmcgm.sampling.prompts import (PromptSpec, check_plans_fit, check_pose_crops, no_mask_reason, plan_prompts,
-                                      training_prompt_spec)
-from lowmcgm.sampling.sampler import check_settings, sample_artifact
+from lowmcgm.sampling.checks import check_on_base, plan_sampling
+from lowmcgm.sampling.prompts import PoseSource, PromptSpec, no_mask_reason, training_prompt_spec
+from lowmcgm.sampling.sampler import sample_artifact
 from lowmcgm.sampling.training_previews import TrainingPreviews
 from lowmcgm.training.trainer import check_inputs, train
 
@@ -40,7 +39,7 @@ class RunResult:
     grid: Path
 
 
-def train_then_sample(cfg: Config, specs: list[PromptSpec], poses: dict[str, str], settings: SampleSettings, *,
+def train_then_sample(cfg: Config, specs: list[PromptSpec], poses: dict[str, PoseSource], settings: SampleSettings, *,
                       resume: bool = False, overwrite: bool = False, on_progress: ProgressFn | None = None,
                       guard: Callable[[str], ContextManager[Any]] | None = None) -> RunResult:
     """Train ``cfg``, then sample ``specs`` (the training prompt when empty) into ``<out>/samples``.
@@ -57,22 +56,21 @@ def train_then_sample(cfg: Config, specs: list[PromptSpec], poses: dict[str, str
         The artifact, previews folder, loss curve and contact sheet paths.
     """
     guard = guard or (lambda stage: contextlib.nullcontext())
-    check_settings(settings)
     handles = check_handle_names(list(cfg.data.handles), len(cfg.data.masks))
     reason = no_mask_reason(settings, trained_with_mask_tokens=cfg.loss.use_mask_tokens)
     if not specs:  # the training prompt, each handle posed by its own training mask
         specs = [training_prompt_spec(handles, [] if reason else list(cfg.data.masks))]
-    # Prompts and poses are checked against the handles to be trained before any weights load.
-    plans = plan_prompts(specs, poses, handles, reason, guided=settings.pose_guidance != "none")
+    # Settings, prompts and poses are checked against the handles to be trained before any weights load.
+    plans = plan_sampling(specs, poses, handles, settings, reason)
     out = Path(cfg.output.out).expanduser()
     with hold_folder(out):
         check_inputs(cfg, resume, overwrite)  # photo, masks, output folder (train repeats it)
         previews = TrainingPreviews(out / "previews", plans[0], settings, cfg.train.phase1_steps)
         base = loading.load_base_model(cfg.model.base_model, cfg.model.single_file_config)
-        check_plans_fit(plans, base)  # handles past the token window fail now, not after training
+        # What sampling would refuse on this base fails now, not after training (no report: the
+        # warnings of cut prompts come once, when sampling plans them again).
         size = cfg.model.resolution or base.resolution  # what sampling draws at unless --height/--width
-        check_sample_size(base, settings.height or size, settings.width or size)
-        check_pose_crops(plans, settings.height or size, settings.width or size)
+        check_on_base(plans, base, settings.height or size, settings.width or size)
         with guard("train"):
             artifact = train(cfg, on_progress=on_progress, resume=resume, base=base, on_preview=previews,
                              overwrite=overwrite)

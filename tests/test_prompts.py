@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from lowmcgm.errors import UserError
-from lowmcgm.sampling.prompts import PromptSpec, fit_pose_masks, load_prompts_file, parse_poses, plan_prompts
+from lowmcgm.sampling.prompts import (Pose, PromptSpec, fit_pose_masks, load_prompts_file, parse_poses,
+                                      plan_prompts)
 
 
 @pytest.fixture
@@ -32,6 +33,25 @@ def test_pose_precedence_line_then_global_then_blank(masks):
     plan = plan_prompts([PromptSpec("<asset0> <asset1> <asset2>")], {"<asset2>": m[2]},
                         ["<asset0>", "<asset1>", "<asset2>"], None)[0]
     assert plan.pose_files == [None, None, m[2]]
+
+
+def test_a_pose_given_as_an_array_plans_as_its_file_does(masks):
+    # Issue 25: the page and the pose benchmark pass their masks as arrays, not as files read back.
+    drawn = np.asarray(Image.open(masks[1])) > 127
+    from_file = plan_prompts([PromptSpec("<asset0> <asset1>", {"<asset1>": str(masks[1])})], {},
+                             ["<asset0>", "<asset1>"], None)[0]
+    from_array = plan_prompts([PromptSpec("<asset0> <asset1>", {"<asset1>": Pose(drawn, "drawn on the page")})], {},
+                              ["<asset0>", "<asset1>"], None)[0]
+    assert from_array.pose_files == [None, "drawn on the page"]  # the name records and messages show
+    assert np.array_equal(from_array.pose_masks[1], from_file.pose_masks[1])
+    assert np.array_equal(fit_pose_masks(from_array, 32, 32), fit_pose_masks(from_file, 32, 32))
+    assert fit_pose_masks(from_array, 32, 32) is fit_pose_masks(from_array, 32, 32)  # fitted once per size
+    for bad, fragment in ((np.zeros((8, 8), bool), "Pose blank for <asset0> is empty"),
+                          (np.ones((8, 8, 3)), r"not a 2-D mask \(its shape is \[8, 8, 3\]\)")):
+        with pytest.raises(UserError, match=fragment):
+            plan_prompts([PromptSpec("<asset0>")], {"<asset0>": Pose(bad, "blank")}, ["<asset0>"], None)
+    with pytest.raises(UserError, match="the pose <asset0>=drawn"):  # named as a file would be
+        plan_prompts([PromptSpec("<asset0>")], {"<asset0>": Pose(drawn, "drawn")}, ["<asset0>"], "--no-mask drops")
 
 
 def test_fit_pose_masks_covers_and_center_crops():

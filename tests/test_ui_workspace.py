@@ -126,13 +126,13 @@ def test_user_words_reach_the_child_as_values_never_as_flags(tmp_path):
 def test_the_steps_asked_for_reach_the_child_and_the_start_check(tmp_path):
     # Issue 24: the page offered no way to shorten training for a quick try.
     from lowmcgm.cli import build_parser
-    from lowmcgm.ui.workspace import input_paths, request_config
+    from lowmcgm.ui.workspace import input_paths, run_command
 
     root = tmp_path / "root"
     request = dataclasses.replace(_request(tmp_path), phase1_steps=7, phase2_steps=9)
     argv = prepare_run(root, request)
     assert build_parser().parse_args(argv).set == ["train.phase1_steps=7", "train.phase2_steps=9"]
-    cfg = request_config(request, root / "r1", *input_paths(root / "r1", request))
+    cfg = run_command(request, root / "r1", *input_paths(root / "r1", request)).config()
     assert (cfg.train.phase1_steps, cfg.train.phase2_steps) == (7, 9)
     with pytest.raises(UserError, match="phase1_steps"):  # the CLI's own bounds, before any folder is made
         prepare_run(root, dataclasses.replace(request, run_name="r2", phase1_steps=-1))

@@ -267,7 +267,7 @@ def train_and_sample(photo: BenchPhoto, training: str, conditions: list[Conditio
     from lowmcgm.artifact import load_artifact
     from lowmcgm.config import SampleSettings, config_from_dict, resolve_config
     from lowmcgm.models.loading import load_base_model
-    from lowmcgm.sampling.prompts import PromptSpec, no_mask_reason, plan_prompts
+    from lowmcgm.sampling.prompts import Pose, PromptSpec, no_mask_reason, plan_prompts
     from lowmcgm.sampling.sampler import build_sampler
     from lowmcgm.training.trainer import train
 
@@ -301,7 +301,9 @@ def train_and_sample(photo: BenchPhoto, training: str, conditions: list[Conditio
         settings = dataclasses.replace(plain, pose_guidance=condition.guidance, **options)
         started = time.perf_counter()
         for t, target in enumerate(photo.targets):
-            poses = dict(zip(handles, files["targets"][t])) if condition.poses else {}
+            # The target masks as arrays (their files are the record's, never read back here).
+            poses = ({h: Pose(m, f) for h, m, f in zip(handles, target.masks, files["targets"][t])}
+                     if condition.poses else {})
             plan = plan_prompts([PromptSpec(handle_prompt(handles, target.background), poses, where=f"target {t}")],
                                 {}, handles, no_mask_reason(settings, artifact), guided=condition.guidance != "none")[0]
             generated = sampler.generate(plan, list(range(args.images)), settings)

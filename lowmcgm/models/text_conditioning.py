@@ -67,11 +67,13 @@ class TextStates:
 
 def tokenize_prompts(base: TextModels, prompts: list[str]) -> PromptIds:
     """Token ids of ``prompts``, padded and cut to each tokenizer's window, on the CPU."""
-    ids_2 = _tokenize(base.tokenizer_2, prompts) if base.tokenizer_2 is not None else None
-    return PromptIds(_tokenize(base.tokenizer, prompts), ids_2)
+    ids_2 = tokenize(base.tokenizer_2, prompts) if base.tokenizer_2 is not None else None
+    return PromptIds(tokenize(base.tokenizer, prompts), ids_2)
 
 
-def _tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
+def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
+    """(B, 77) ids of ``prompts`` from one tokenizer, as every family's encoding reads them (and
+    diffusers' pipelines too): padded and cut to its window."""
     return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                      return_tensors="pt").input_ids
 

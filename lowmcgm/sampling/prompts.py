@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Union
 
 import numpy as np
 import torch
@@ -41,19 +41,39 @@ ALL_HANDLES = "all"  # --pose all=FILE: one mask for every handle of the prompt 
 HANDLE_IN_TEXT = re.compile(r"<[A-Za-z0-9_\-]{1,32}>")  # the names handles.HANDLE_PATTERN allows
 
 
+@dataclass(frozen=True, eq=False)
+class Pose:
+    """A pose given as an array rather than a file (the page's canvases, the pose benchmark's targets).
+
+    Attributes:
+        mask: (H, W), the subject where it is above 0.5 (bool or float in [0, 1]).
+        name: what messages and records call it: the file the caller keeps it in, or a description.
+    """
+
+    mask: np.ndarray
+    name: str
+
+
+PoseSource = Union[str, Pose]  # a mask file (read when prompts are planned) or the mask itself
+
+
+def pose_name(source: PoseSource) -> str:
+    return source.name if isinstance(source, Pose) else source
+
+
 @dataclass(frozen=True)
 class PromptSpec:
     """A prompt as the user wrote it, with the poses given on its own line (``--prompts FILE``).
 
     Attributes:
         text: the prompt, e.g. ``a photo of <asset0> on the beach``.
-        poses: handle (``<asset0>`` or ``all``) -> mask file.
+        poses: handle (``<asset0>`` or ``all``) -> mask file, or the mask as a ``Pose``.
         where: where it came from, for messages (``--prompt 1``, ``prompts.txt line 3``).
         file: the prompts file it was read from, or '' (an input no output may replace).
     """
 
     text: str
-    poses: dict[str, str] = field(default_factory=dict)
+    poses: dict[str, PoseSource] = field(default_factory=dict)
     where: str = "--prompt"
     file: str = ""
 
@@ -64,7 +84,7 @@ class PlannedPrompt:
 
     Attributes:
         handles: distinct handles in order of first appearance: the order of the mask tokens.
-        pose_files: per handle, its mask file, or None for the blank (all-zero) mask.
+        pose_files: per handle, its mask file (a ``Pose``'s name), or None for the blank (all-zero) mask.
         pose_masks: per handle, the (H, W) bool mask as drawn, or None.
         use_mask_tokens: False with --no-mask or an artifact trained without mask tokens.
     """
@@ -75,6 +95,9 @@ class PlannedPrompt:
     pose_masks: list[np.ndarray | None]
     use_mask_tokens: bool
     where: str = ""  # where the prompt came from, for messages (``--prompt 2``)
+    # The poses fitted to each sampling size, fitted once (``fit_pose_masks``): the mask tokens, the
+    # guidance and the pose pictures all read them.
+    fitted: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def poses(self) -> dict[str, str]:
@@ -169,13 +192,14 @@ def no_mask_reason(settings: SampleSettings, artifact: Artifact | None = None,
     return None
 
 
-def plan_prompts(specs: list[PromptSpec], poses: dict[str, str], handles: list[str],
+def plan_prompts(specs: list[PromptSpec], poses: dict[str, PoseSource], handles: list[str],
                  no_masks_because: str | None, guided: bool = False) -> list[PlannedPrompt]:
     """Check prompts and poses against the artifact's handles and pair each pose with its handle.
 
     A handle takes, in order: its own pose on the prompt's line, the line's ``all``, its
     ``--pose``, ``--pose all=``, else the blank mask. Pose files are read here, before any
-    weights load, so a bad file fails in a second.
+    weights load, so a bad file fails in a second; a ``Pose`` is taken as it is, never written
+    and read back.
 
     Args:
         specs: the prompts, each with the poses of its own line.
@@ -192,12 +216,12 @@ def plan_prompts(specs: list[PromptSpec], poses: dict[str, str], handles: list[s
         raise UserError("No prompt: pass --prompt TEXT (repeatable) or --prompts FILE.")
     known = ", ".join(handles)
     for where, given in [("--pose", poses)] + [(s.where, s.poses) for s in specs]:
-        for handle, file in given.items():
+        for handle, source in given.items():
             if handle != ALL_HANDLES and handle not in handles:
                 raise UserError(f"{where}: a pose for {handle}, but this artifact has no such handle "
                                 f"(it has {known}).")
             if no_masks_because and not guided:
-                raise UserError(f"{no_masks_because}, so the pose {handle}={file} ({where}) would have no "
+                raise UserError(f"{no_masks_because}, so the pose {handle}={pose_name(source)} ({where}) would have no "
                                 "effect: drop the pose, or guide by it with --guidance attention or latent.")
     named_anywhere: set[str] = set()
     cache: dict[str, np.ndarray] = {}
@@ -212,18 +236,29 @@ def plan_prompts(specs: list[PromptSpec], poses: dict[str, str], handles: list[s
             if handle != ALL_HANDLES and handle not in named:
                 raise UserError(f"{spec.where} gives a pose for {handle}, but its prompt does not name it.")
         named_anywhere.update(named)
-        files = [spec.poses.get(h, spec.poses.get(ALL_HANDLES, poses.get(h, poses.get(ALL_HANDLES))))
-                 for h in named]
-        masks = [_read_pose(f, h, cache) if f is not None else None for h, f in zip(named, files)]
+        sources = [spec.poses.get(h, spec.poses.get(ALL_HANDLES, poses.get(h, poses.get(ALL_HANDLES))))
+                   for h in named]
+        masks = [_read_pose(f, h, cache) if f is not None else None for h, f in zip(named, sources)]
+        files = [pose_name(f) if f is not None else None for f in sources]
         plans.append(PlannedPrompt(spec.text, named, files, masks, use_mask_tokens=no_masks_because is None,
                                    where=spec.where))
-    for handle, file in poses.items():
+    for handle, source in poses.items():
         if handle != ALL_HANDLES and handle not in named_anywhere:
-            raise UserError(f"--pose {handle}={file}: no prompt names {handle}.")
+            raise UserError(f"--pose {handle}={pose_name(source)}: no prompt names {handle}.")
     return plans
 
 
-def _read_pose(path: str, handle: str, cache: dict[str, np.ndarray]) -> np.ndarray:
+def _read_pose(source: PoseSource, handle: str, cache: dict[str, np.ndarray]) -> np.ndarray:
+    if isinstance(source, Pose):
+        mask = np.asarray(source.mask)
+        if mask.ndim != 2 or not mask.size:
+            raise UserError(f"Pose {source.name} for {handle} is not a 2-D mask (its shape is {list(mask.shape)}).")
+        mask = mask > 0.5
+        if not mask.any():
+            raise UserError(f"Pose {source.name} for {handle} is empty (no pixel above 0.5): draw the subject, "
+                            "or give no pose for the blank mask.")
+        return mask
+    path = source
     if path not in cache:
         try:
             mask = load_mask(Path(path).expanduser()) > 0.5
@@ -239,9 +274,17 @@ def _read_pose(path: str, handle: str, cache: dict[str, np.ndarray]) -> np.ndarr
 def fit_pose_masks(plan: PlannedPrompt, height: int, width: int) -> torch.Tensor:
     """Each handle's pose resized to cover (height, width) and center-cropped, as training crops.
 
+    Fitted once per size and kept on the plan: callers read the tensor, never write it.
+
     Returns:
         (k, height, width) float32 in {0, 1}; the blank mask is all zeros.
     """
+    if (height, width) not in plan.fitted:
+        plan.fitted[height, width] = _fit(plan, height, width)
+    return plan.fitted[height, width]
+
+
+def _fit(plan: PlannedPrompt, height: int, width: int) -> torch.Tensor:
     out = torch.zeros(len(plan.handles), height, width)
     for i, mask in enumerate(plan.pose_masks):
         if mask is None:

@@ -31,41 +31,29 @@ from PIL import Image
 from lowmcgm.adapters import cast_keeping_fp8, is_stored_in_fp8, store_in_fp8
 from lowmcgm.artifact import Artifact, file_sha256, load_artifact, stale_pooling_warning
 from lowmcgm.attention_capture import CrossAttentionStore, install_capture, loss_layer_names, remove_capture
-from lowmcgm.config import SampleSettings, field_flag, sample_problems
+from lowmcgm.config import SampleSettings
 from lowmcgm.errors import UserError
 from lowmcgm.mask_encoder import MaskEncoder, append_mask_tokens, zero_mask_tokens
 from lowmcgm.mcgm import MCGMState
 from lowmcgm.models.base import BaseModel
 from lowmcgm.models.dtypes import torch_dtype
+from lowmcgm.models.text_conditioning import tokenize
 from lowmcgm.models.families import family_of_encoder_count
-from lowmcgm.models.fit import check_sample_size
 from lowmcgm.models.loading import load_base_model
 from lowmcgm.runs.folder import check_sample_folder, clear_earlier_samples, earlier_samples
 from lowmcgm.runs.output import check_output_dir
 from lowmcgm.runs.write_guard import check_not_inputs
+from lowmcgm.sampling.checks import check_on_base, plan_sampling
 from lowmcgm.sampling.latent_guidance import LatentGuidance, guidance_layers
 from lowmcgm.sampling.pipeline import Pipeline, base_modules, build_pipeline
-from lowmcgm.sampling.pose_guidance import (DEFAULT_STRENGTH, PoseGuide, guidance_rule, guided_attention, guided_columns,
-                                             noise_level)
-from lowmcgm.sampling.prompts import (PlannedPrompt, PromptSpec, check_plans_fit, check_pose_crops, fit_pose_masks,
-                                      handles_in_text, no_mask_reason, plan_prompts)
+from lowmcgm.sampling.pose_guidance import (DEFAULT_STRENGTH, PoseGuide, guidance_rule, guided_attention,
+                                             guided_columns, noise_level)
+from lowmcgm.sampling.prompts import (PlannedPrompt, PoseSource, PromptSpec, fit_pose_masks, handles_in_text,
+                                      no_mask_reason)
 from lowmcgm.sampling.records import sample_files, write_samples
 
 ProgressFn = Callable[[dict[str, Any]], None]
 ATTN_PICTURE_DOWNSCALE = 0  # attention pictures read the layers the default attention loss trains (auto)
-
-
-def check_settings(settings: SampleSettings) -> None:
-    """Refuse impossible sampling settings with one UserError listing all problems, each named by its flag.
-
-    The CLI has checked them with its configuration already (``config.validate``); this is for
-    library callers, and for what depends on the machine.
-    """
-    problems = sample_problems(settings, field_flag)
-    if settings.use_cpu_offload and not torch.cuda.is_available():
-        problems.append("--cpu-offload moves models between the CPU and a CUDA GPU, and there is no CUDA GPU here")
-    if problems:
-        raise UserError("Invalid sampling settings: " + "; ".join(problems) + ".")
 
 
 @dataclasses.dataclass
@@ -190,17 +178,19 @@ class PoseSampler:
             )
         return result.images
 
+    def token_ids(self, plan: PlannedPrompt) -> list[int]:
+        """The prompt's token ids as its encoding read them (``text_conditioning``): key columns are
+        their positions. SDXL's two tokenizers split a prompt alike (only their padding differs),
+        so the first one's positions are the context's."""
+        return tokenize(self.pipe.tokenizer, [plan.text])[0].tolist()
+
     def pose_guide(self, plan: PlannedPrompt, settings: SampleSettings, num: int) -> PoseGuide | None:
         """The guide of ``plan``'s posed handles, or None (guidance off, or every pose blank)."""
         if settings.pose_guidance == "none" or not any(m is not None for m in plan.pose_masks):
             return None
-        # Key columns are token positions; SDXL's two tokenizers split a prompt alike (only their
-        # padding differs), so the first one's positions are the context's.
         tokenizer = self.pipe.tokenizer
-        text_ids = tokenizer(self.pipe.maybe_convert_prompt(plan.text, tokenizer), padding="max_length",
-                             max_length=tokenizer.model_max_length, truncation=True).input_ids
         start = tokenizer.model_max_length if plan.use_mask_tokens and self.mask_encoder is not None else None
-        columns, masks, subjects = guided_columns(text_ids, tokenizer.convert_tokens_to_ids(plan.handles),
+        columns, masks, subjects = guided_columns(self.token_ids(plan), tokenizer.convert_tokens_to_ids(plan.handles),
                                                   fit_pose_masks(plan, settings.height, settings.width), start)
         if not columns:
             return None
@@ -231,8 +221,7 @@ class PoseSampler:
         """
         tokenizer = self.pipe.tokenizer
         text_len = tokenizer.model_max_length
-        ids = tokenizer(self.pipe.maybe_convert_prompt(plan.text, tokenizer), padding="max_length",
-                        max_length=text_len, truncation=True).input_ids
+        ids = self.token_ids(plan)
         columns, labels = [], []
         for handle in plan.handles:
             token = tokenizer.convert_tokens_to_ids(handle)
@@ -397,7 +386,7 @@ def load_base_for(artifact: Artifact, base_model: str) -> BaseModel:
                         f"here ({exc}); pass --base-model with its folder, file or hub id.") from exc
 
 
-def sample_artifact(artifact_path: str | Path, specs: list[PromptSpec], poses: dict[str, str],
+def sample_artifact(artifact_path: str | Path, specs: list[PromptSpec], poses: dict[str, PoseSource],
                     settings: SampleSettings, out: str | Path, base_model: str = "",
                     base: BaseModel | None = None, report: ProgressFn | None = None, overwrite: bool = False) -> Path:
     """``lowmcgm sample``: check everything, load, sample, write; return the grid's path.
@@ -411,9 +400,7 @@ def sample_artifact(artifact_path: str | Path, specs: list[PromptSpec], poses: d
     """
     artifact_path = Path(artifact_path)
     artifact = load_artifact(artifact_path)
-    check_settings(settings)
-    plans = plan_prompts(specs, poses, artifact.handles, no_mask_reason(settings, artifact),
-                         guided=settings.pose_guidance != "none")
+    plans = plan_sampling(specs, poses, artifact.handles, settings, no_mask_reason(settings, artifact))
     check_sample_folder(Path(out).expanduser(), overwrite)
     inputs = [artifact_path, *(s.file for s in specs)] + [f for plan in plans for f in plan.pose_files if f]
     check_not_inputs(sample_files(plans, settings, Path(out).expanduser()) + earlier_samples(Path(out).expanduser()),
@@ -421,13 +408,11 @@ def sample_artifact(artifact_path: str | Path, specs: list[PromptSpec], poses: d
     out_dir = check_output_dir(str(out))
     base = base if base is not None else load_base_for(artifact, base_model)
     check_base_matches(artifact, base, artifact_path)
-    check_plans_fit(plans, base, report)
     size = int(artifact.meta.get("resolution") or base.resolution)
     settings = dataclasses.replace(settings, height=settings.height or size, width=settings.width or size,
                                    dtype=resolve_dtype(settings))
     settings = resolve_guidance(settings)
-    check_sample_size(base, settings.height, settings.width)
-    check_pose_crops(plans, settings.height, settings.width)
+    check_on_base(plans, base, settings.height, settings.width, report)
     # Warnings only once every check passed: a refusal stays one line.
     warnings = [stale_pooling_warning(artifact, artifact_path)] + [
         f"{spec.where} names no handle ({', '.join(artifact.handles)}), so its images show none of the learned "

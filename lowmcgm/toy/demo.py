@@ -2,12 +2,12 @@
 
 The demo is ``lowmcgm run`` with inputs made here: the photo, one mask per subject, pose masks
 and a prompts file are rendered from a fixed toy-world scene (a dog standing and a cat lying on
-grass, the scene of ``examples/dogcat``) into ``<out>/inputs``, and ``DemoRun`` holds the run's
-flag values, from which come both its configuration (what the CLI hands to ``run.train_then_sample``)
-and the ``lowmcgm run`` command line shown to the user. Rendering at run time rather than shipping
-PNGs keeps a fresh install self-contained (``examples/`` is not installed), costs milliseconds,
-and draws the photo at the base model's own resolution; the scene is fixed, so every demo trains
-on the same pixels.
+grass, the scene of ``examples/dogcat``) into ``<out>/inputs``, and a ``runs.command.RunCommand``
+holds the run's flag values, from which come both its configuration (what the CLI hands to
+``run.train_then_sample``) and the ``lowmcgm run`` command line shown to the user. Rendering at
+run time rather than shipping PNGs keeps a fresh install self-contained (``examples/`` is not
+installed), costs milliseconds, and draws the photo at the base model's own resolution; the scene
+is fixed, so every demo trains on the same pixels.
 
 This module owns the demo's scene, poses and prompts and the one-line note on what the bundled
 toy weights can do; training and sampling are ``lowmcgm run``'s, unchanged.
@@ -27,9 +27,9 @@ from typing import Any
 
 from PIL import Image
 
-from lowmcgm.config import Config, config_field, field_flag, resolve_config
 from lowmcgm.models.base import TOY_NAME
 from lowmcgm.models.tiny import TINY_NAMES
+from lowmcgm.runs.command import RunCommand
 from lowmcgm.runs.write_guard import write_text_whole
 from lowmcgm.sampling.previews import save_png
 from lowmcgm.toy.bundled import read_toy_info, require_toy_model
@@ -113,61 +113,8 @@ def demo_inputs(folder: Path) -> DemoInputs:
                       tuple(folder / f"{name}.png" for name in POSES), folder / "prompts.txt")
 
 
-Flags = tuple[tuple[str, Any], ...]
-
-
-@dataclass(frozen=True)
-class DemoRun:
-    """The demo's ``lowmcgm run``: the values of its flags, its prompts file, and whether it replaces a run.
-
-    ``config()`` is what the demo trains and samples with; ``command()`` is the same run as the
-    command line a user would type (a test runs that line and compares the two configurations).
-
-    Attributes:
-        input_flags: (config key, value) of the flags before ``--prompts``, in command-line order;
-            the key of a list field repeats, once per value (``data.masks``). Switches (bool
-            fields) are not among them: each flag is written ``--flag VALUE``.
-        output_flags: the flags after ``--prompts``: sampling and the output folder.
-        prompts: the prompts file (each prompt with its poses, relative to the file).
-        overwrite: replace an earlier run in the output folder (``--overwrite``).
-        overrides: ``--set`` items, (config key, value); the demo itself has none.
-    """
-
-    input_flags: Flags
-    output_flags: Flags
-    prompts: Path
-    overwrite: bool = False
-    overrides: tuple[tuple[str, str], ...] = ()
-
-    def flag_values(self) -> dict[str, Any]:
-        """Config key -> value, as ``lowmcgm run`` reads these flags (a later flag wins; lists gather)."""
-        values: dict[str, Any] = {}
-        for key, value in self.input_flags + self.output_flags:
-            if isinstance(config_field(key)[0].default, tuple):
-                value = values.get(key, ()) + (value,)
-            values[key] = value
-        return values
-
-    def config(self) -> Config:
-        """The run's validated configuration: the demo preset, then ``overrides``, then the flags.
-
-        Raises:
-            UserError: a value the configuration refuses.
-        """
-        return resolve_config(DEMO_PRESET, None, dict(self.overrides), self.flag_values())
-
-    def command(self) -> list[str]:
-        """The ``lowmcgm run`` command line of this run (without the program name)."""
-        def flags(items: Flags) -> list[str]:
-            return [arg for key, value in items for arg in (field_flag(key), str(value))]
-
-        sets = [arg for key, value in self.overrides for arg in ("--set", f"{key}={value}")]
-        return ["run", "--preset", DEMO_PRESET, *flags(self.input_flags), "--prompts", str(self.prompts),
-                *flags(self.output_flags), *(["--overwrite"] if self.overwrite else []), *sets]
-
-
 def demo_run(inputs: DemoInputs, out: Path, base_model: str, overwrite: bool = False,
-             pose_guidance: str = "") -> DemoRun:
+             pose_guidance: str = "") -> RunCommand:
     """The demo's run: learn the subjects of ``inputs`` on ``base_model``, sample its prompts into ``out``.
 
     Args:
@@ -179,7 +126,7 @@ def demo_run(inputs: DemoInputs, out: Path, base_model: str, overwrite: bool = F
     output_flags = [*SAMPLE_FLAGS, ("output.out", str(out))]
     if pose_guidance:
         output_flags.append(("sample.pose_guidance", pose_guidance))
-    return DemoRun(tuple(input_flags), tuple(output_flags), inputs.prompts, overwrite)
+    return RunCommand(DEMO_PRESET, tuple(input_flags), tuple(output_flags), inputs.prompts, overwrite)
 
 
 def describe_base(base_model: str) -> tuple[int, str | None]:

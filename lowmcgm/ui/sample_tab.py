@@ -107,7 +107,7 @@ def sample(state: PageState, run_name, prompt, base_model, num_images, seed, ste
     """
     from lowmcgm.artifact import load_artifact
     from lowmcgm.config import SampleSettings
-    from lowmcgm.sampling.prompts import PromptSpec, handles_in_text, normalize_handle
+    from lowmcgm.sampling.prompts import Pose, PromptSpec, handles_in_text, normalize_handle
     from lowmcgm.sampling.sampler import sample_artifact
 
     try:
@@ -130,10 +130,11 @@ def sample(state: PageState, run_name, prompt, base_model, num_images, seed, ste
                 pose_files[normalize_handle(handle)] = upload
                 used.append((upload, f"pose of {handle}"))
                 described.append(f"{handle} uploaded")
-            elif mask is not None:
+            elif mask is not None:  # the sampler takes the array; the file is the record shown beside the images
                 pose_dir = pose_dir or new_folder(folder / "ui-poses", stamp)
-                pose_files[normalize_handle(handle)] = save_mask(mask, pose_dir / f"{handle.strip('<>')}.png")
-                used.append((pose_files[normalize_handle(handle)], f"pose of {handle}"))
+                record = save_mask(mask, pose_dir / f"{handle.strip('<>')}.png")
+                pose_files[normalize_handle(handle)] = Pose(mask, record)
+                used.append((record, f"pose of {handle}"))
                 described.append(f"{handle} {pick or 'drawn'}")
         settings = SampleSettings(num_images=int(num_images), seed=int(seed), steps=int(steps),
                                   guidance_scale=float(guidance_scale), pose_guidance=pose_guidance)

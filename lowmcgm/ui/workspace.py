@@ -19,12 +19,14 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from lowmcgm.config import Config, resolve_config
+from lowmcgm.config import Config
 from lowmcgm.data import mask_overlap
 from lowmcgm.errors import UserError
+from lowmcgm.runs.command import RunCommand
 from lowmcgm.runs.folder import CHECKPOINT_NAME
 from lowmcgm.toy.scenes import save_mask  # the one mask writer (white on black, 8-bit)
 
@@ -137,33 +139,26 @@ def init_words(subjects: tuple[Subject, ...]) -> list[str]:
     return words if any(words) else []
 
 
-def training_command(request: TrainRequest, folder: Path, photo: Path, masks: list[Path]) -> list[str]:
-    """The ``lowmcgm run`` arguments of a request (without --resume / --overwrite).
+def run_command(request: TrainRequest, folder: Path, photo: Path, masks: list[Path]) -> RunCommand:
+    """The request as one ``lowmcgm run`` (without --resume / --overwrite): its ``config()`` is what
+    the page checks before it starts, its ``command()`` what the child runs.
 
     Every value rides in its flag (``--init-word=--out=x``), so nothing a user typed can be read
-    as a flag of its own.
+    as a flag of its own; refusals name the settings, as the page's boxes are not flags.
     """
-    argv = ["run", f"--preset={request.preset}", f"--base-model={request.base_model}", f"--image={photo}"]
+    inputs: list[tuple[str, Any]] = [("model.base_model", request.base_model), ("data.image", str(photo))]
     for subject, mask in zip(request.subjects, masks):
-        argv += [f"--mask={mask}", f"--handle={subject.handle.strip()}"]
-    argv += [f"--init-word={word}" for word in init_words(request.subjects)]
-    argv += [f"--out={folder}", f"--events={folder / EVENTS_FILE}", f"--preview-every={request.preview_every}"]
-    argv += [f"--set={key}={value}" for key, value in step_settings(request).items()]
-    return argv
+        inputs += [("data.masks", str(mask)), ("data.handles", subject.handle.strip())]
+    inputs += [("data.init_words", word) for word in init_words(request.subjects)]
+    outputs = (("output.out", str(folder)), ("output.preview_every", request.preview_every))
+    return RunCommand(request.preset, tuple(inputs), outputs, overrides=tuple(step_settings(request).items()),
+                      extra=(f"--events={folder / EVENTS_FILE}",), joined=True, named_by_key=True)
 
 
 def step_settings(request: TrainRequest) -> dict[str, int]:
     """The step counts the request sets, as config keys (the preset's where it sets none)."""
     steps = {"train.phase1_steps": request.phase1_steps, "train.phase2_steps": request.phase2_steps}
     return {key: n for key, n in steps.items() if n is not None}
-
-
-def request_config(request: TrainRequest, folder: Path, photo: Path, masks: list[Path]) -> Config:
-    """The configuration ``lowmcgm run`` resolves from the request's command (the CLI's checks on it)."""
-    return resolve_config(request.preset, None, {
-        "model.base_model": request.base_model, "data.image": str(photo), "data.masks": [str(m) for m in masks],
-        "data.handles": [s.handle.strip() for s in request.subjects], "data.init_words": init_words(request.subjects),
-        "output.out": str(folder), "output.preview_every": request.preview_every, **step_settings(request)})
 
 
 def input_paths(folder: Path, request: TrainRequest) -> tuple[Path, list[Path]]:
@@ -177,7 +172,7 @@ def prepare_run(root: Path, request: TrainRequest) -> list[str]:
 
     Everything but the files is checked before the run's folder is made: the name, the photo, the
     handles and initializer words, the preset with every setting the command passes (resolved and
-    validated by the CLI's own ``resolve_config``). ``trainer.check_inputs`` then reads the files
+    validated as the command will resolve it: ``RunCommand.config``). ``trainer.check_inputs`` then reads the files
     as written; if it refuses them, the folder goes again.
 
     Raises:
@@ -198,7 +193,8 @@ def prepare_run(root: Path, request: TrainRequest) -> list[str]:
         raise UserError(f"Run '{request.run_name}' exists already{kind}: choose another name, or open it to resume "
                         "or sample.")
     photo, masks = input_paths(folder, request)
-    cfg = request_config(request, folder, photo, masks)
+    run = run_command(request, folder, photo, masks)
+    cfg = run.config()
     check_handle_names(list(cfg.data.handles), len(cfg.data.masks))
     write_inputs(request, photo, masks)
     try:
@@ -206,7 +202,7 @@ def prepare_run(root: Path, request: TrainRequest) -> list[str]:
     except UserError:
         shutil.rmtree(folder, ignore_errors=True)  # a refused run leaves nothing behind, as in the CLI
         raise
-    argv = training_command(request, folder, photo, masks)
+    argv = run.command()
     (folder / COMMAND_FILE).write_text(json.dumps(argv, indent=1) + "\n")
     return argv
 
