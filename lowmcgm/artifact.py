@@ -23,7 +23,6 @@ from lowmcgm import __version__
 from lowmcgm.errors import UserError
 from lowmcgm.limits import MAX_LORA_RANK, MAX_MASK_SIZE, MAX_RESOLUTION_PX, MAX_TEXT_WIDTH
 from lowmcgm.models.dtypes import torch_dtype
-from lowmcgm.models.families import families_with_text_encoders
 from lowmcgm.runs.write_guard import finish_temporary, replacing
 
 FORMAT_NAME = "lowmcgm"
@@ -201,6 +200,9 @@ def vector_keys_in(names: Any) -> list[str]:
 def stale_pooling_warning(artifact: Artifact, path: Path) -> str | None:
     """One line for an SDXL artifact trained with the pooled embedding taken at the handle token
     (lowmcgm before the pooling fix); None for every other artifact."""
+    # Imported here: the families bring diffusers' pipelines, which reading an artifact does not need.
+    from lowmcgm.models.families import families_with_text_encoders
+
     pooled = any(f.pooled_embedding for f in families_with_text_encoders(len(artifact.handle_vector_sets)))
     if not pooled or artifact.meta.get(SDXL_POOLING_KEY) == SDXL_POOLING:
         return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 import sys
 from pathlib import Path
 
@@ -19,12 +20,18 @@ def presets_dir() -> Path:
 
 
 def list_presets() -> dict[str, str]:
-    """Preset name -> its one-line description (the file's first comment line)."""
+    """Preset name -> its one-line description (the file's first comment line), in the order people
+    read sizes: ``4gb`` before ``12gb``, ``sdxl-6gb`` before ``sdxl-12gb`` (not the names' letters)."""
     out = {}
-    for path in sorted(presets_dir().glob("*.toml")):
+    for path in sorted(presets_dir().glob("*.toml"), key=_natural):
         first = path.read_text().splitlines()[0] if path.stat().st_size else ""
         out[path.stem] = first.lstrip("# ").strip()
     return out
+
+
+def _natural(path: Path) -> list:
+    """A sort key that reads the numbers in a name as numbers."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.stem)]
 
 
 def preset_path(name: str) -> Path:

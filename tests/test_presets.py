@@ -16,6 +16,12 @@ def test_the_expected_presets_ship():
     assert {"tiny-cpu", "4gb", "6gb", "8gb", "12gb", "reference"} <= set(PRESETS)
 
 
+def test_presets_are_listed_smallest_card_first():
+    names = list(list_presets())
+    assert names.index("4gb") < names.index("8gb") < names.index("12gb")  # not "12gb" first, as letters sort
+    assert names.index("sdxl-6gb") < names.index("sdxl-8gb") < names.index("sdxl-12gb")
+
+
 @pytest.mark.parametrize("name", PRESETS)
 def test_preset_is_valid_and_documented(name):
     cfg = resolve_config(name, None, {})

@@ -90,7 +90,7 @@ def build_app(root: Path, base_models: tuple[str, ...] = ("toy",), preset: str =
             with gr.Row():
                 run_name = gr.Textbox(value=default_run_name(), label="Run name (a folder under the page's root)",
                                       elem_id="run-name")
-                preset_box = gr.Dropdown(sorted(list_presets()), value=preset, label="Preset", elem_id="preset")
+                preset_box = gr.Dropdown(list(list_presets()), value=preset, label="Preset", elem_id="preset")
                 base_box = gr.Dropdown(list(state.base_models), value=state.base_models[0], label="Base model",
                                        elem_id="base-model")
                 preview_every = gr.Number(value=preset_preview_every(preset), precision=0,
