@@ -14,8 +14,8 @@ import pytest
 from conftest import make_photo, make_tiny_artifact
 from PIL import Image
 from safetensors.torch import load_file
-from ui_browser import (CHROMIUM_ARGS, chromium_path, free_port, new_context, paint_mask, paint_rect, set_textbox,
-                        text_of, upload, wait_for_text)
+from ui_browser import (ACTION_TIMEOUT_MS, CHROMIUM_ARGS, chromium_path, free_port, new_context, paint_mask,
+                        paint_rect, set_textbox, text_of, upload, wait_for_text, wait_ms)
 
 from lowmcgm.cli import main
 from lowmcgm.data import check_masks, load_image, load_mask
@@ -68,8 +68,8 @@ def page(browser, server):
     context = new_context(browser)
     pg = context.new_page()
     # Not "networkidle": the page's per-tab state keeps gradio's heartbeat connection open.
-    pg.goto(server["url"], wait_until="load", timeout=60_000)
-    pg.locator("#photo").wait_for(timeout=60_000)
+    pg.goto(server["url"], wait_until="load", timeout=ACTION_TIMEOUT_MS)
+    pg.locator("#photo").wait_for(timeout=ACTION_TIMEOUT_MS)
     yield pg
     context.close()
 
@@ -111,7 +111,7 @@ def test_paint_train_pose_sample_and_export(page, inputs, server, tmp_path):
     paint_rect(page, "editor1", SIZE, RECT_B)
     page.locator("#show-masks").click()
     wait_for_text(page, "photo-message", "2 subject mask", 30)
-    page.locator("#mask-overlay img").wait_for(timeout=30_000)
+    page.locator("#mask-overlay img").wait_for(timeout=ACTION_TIMEOUT_MS)
 
     # 2. Train with the tiny-cpu preset, in a child process, until the page says it finished.
     page.get_by_role("tab", name="2 · Train").click()
@@ -120,8 +120,8 @@ def test_paint_train_pose_sample_and_export(page, inputs, server, tmp_path):
     wait_for_text(page, "train-message", "Started run 'browser-run'", 30)
     wait_for_text(page, "train-status", "finished|failed", 600)
     assert "finished" in text_of(page, "train-status"), text_of(page, "train-status")
-    page.locator("#preview img").wait_for(timeout=30_000)
-    page.locator("#loss-curve img").wait_for(timeout=30_000)
+    page.locator("#preview img").wait_for(timeout=ACTION_TIMEOUT_MS)
+    page.locator("#loss-curve img").wait_for(timeout=ACTION_TIMEOUT_MS)
 
     run = root / "browser-run"
     truth = [load_mask(inputs[k]) > 0.5 for k in ("a", "b")]
@@ -164,7 +164,7 @@ def test_paint_train_pose_sample_and_export(page, inputs, server, tmp_path):
     page.locator("#sample").click()
     shown = wait_for_text(page, "sample-message", "image\\(s\\) in|error", 300)
     assert "1 image(s)" in shown, shown
-    page.locator("#gallery img").first.wait_for(timeout=30_000)
+    page.locator("#gallery img").first.wait_for(timeout=ACTION_TIMEOUT_MS)
 
     samples = sorted((run / "ui-samples").iterdir())[-1]
     poses = sorted((run / "ui-poses").iterdir())[-1]
@@ -209,7 +209,7 @@ def test_pose_canvases_stay_inside_their_columns_when_a_run_has_three_handles(pa
     page.locator("#runs input").click()
     page.get_by_role("option", name="three-handles").click()
     wait_for_text(page, "sample-message", "handles <asset0>, <asset1>, <asset2>", 30)
-    page.locator("#pose2 canvas").first.wait_for(timeout=30_000)
+    page.locator("#pose2 canvas").first.wait_for(timeout=ACTION_TIMEOUT_MS)
     page.wait_for_timeout(1000)
     for i in range(3):
         block = page.locator(f"#pose{i}").bounding_box()
@@ -228,7 +228,7 @@ def wait_for_new_text(page, elem: str, before: str, pattern: str, timeout_s: flo
     page.wait_for_function(
         "([sel, old, pat]) => { const e = document.querySelector(sel); "
         "return e && (old === '' || !e.innerText.includes(old)) && new RegExp(pat).test(e.innerText); }",
-        arg=[f"#{elem}", old[0], pattern], timeout=timeout_s * 1000, polling=250)
+        arg=[f"#{elem}", old[0], pattern], timeout=wait_ms(timeout_s), polling=250)
     return text_of(page, elem)
 
 
@@ -262,7 +262,7 @@ def test_sampling_again_and_again_with_other_poses_and_runs(page, server):
         said = wait_for_new_text(page, "sample-message", said, "image\\(s\\) in|error", 120)
         assert "1 image(s) in" in said and "error" not in said, said  # (gradio's timer may still show beside it)
         page.wait_for_function("n => document.querySelectorAll('#gallery img').length >= n", arg=n + 1,
-                               timeout=30_000)
+                               timeout=ACTION_TIMEOUT_MS)
     assert page.locator("#gallery img").count() == 4
     assert "error" not in page.locator("#gallery").inner_text().lower()
     assert len(list((root / "loop-a" / "ui-samples").iterdir())) == 3  # one folder per Sample, none shared
@@ -319,8 +319,8 @@ def test_stop_on_a_page_started_in_the_background_then_a_run_picked_while_it_res
     context = new_context(browser)
     page = context.new_page()
     try:
-        page.goto(background_server["url"], wait_until="load", timeout=60_000)
-        page.locator("#photo").wait_for(timeout=60_000)
+        page.goto(background_server["url"], wait_until="load", timeout=ACTION_TIMEOUT_MS)
+        page.locator("#photo").wait_for(timeout=ACTION_TIMEOUT_MS)
         upload(page, "photo", inputs["photo"])
         wait_for_text(page, "photo-message", "96 x 96", 30)
         upload(page, "mask-upload0", inputs["a"])
@@ -394,9 +394,9 @@ def test_canvases_use_the_pages_width_two_to_a_row(page, inputs):
     # The photo itself is drawn large, not only its canvas (the editor's zoom settles after a moment).
     page.wait_for_function("([sel, px]) => { const m = document.querySelector(sel).innerText.match(/(\\d+)\\s*%/); "
                            "return m && 96 * Number(m[1]) / 100 > px; }", arg=["#editor0", 0.3 * tab["width"]],
-                           timeout=10_000)
+                           timeout=ACTION_TIMEOUT_MS)
     page.get_by_role("tab", name="3 · Pose and sample").click()
-    page.locator("#pose1 canvas").first.wait_for(timeout=30_000)
+    page.locator("#pose1 canvas").first.wait_for(timeout=ACTION_TIMEOUT_MS)
     first, second = (page.locator(f"#pose{i} canvas").first.bounding_box() for i in range(2))
     assert first["width"] > 0.35 * tab["width"] and abs(first["y"] - second["y"]) < 1, (tab, first, second)
 
@@ -411,7 +411,7 @@ def test_a_message_is_rewritten_by_the_next_action_on_what_it_is_about(page, inp
     assert "error" not in said, said
     page.locator("#photo button[aria-label='Clear']").click()
     page.wait_for_function("() => !document.querySelector('#photo-message').innerText.includes('photo.png')",
-                           timeout=30_000)
+                           timeout=ACTION_TIMEOUT_MS)
     upload(page, "photo", inputs["photo"])
     said = wait_for_text(page, "photo-message", "96 x 96", 30)
     upload(page, "mask-upload0", inputs["small_mask"])

@@ -27,8 +27,14 @@ def chromium_path() -> str:
 
 # Playwright waits 30 s for an action by default. On CI's 2 cores a page beside another worker's
 # training has taken longer than that to take a click (stop 31: "performing click action" on a
-# visible, enabled button, then the timeout), so every action on our pages waits up to 90 s.
+# visible, enabled button, then the timeout), so every action and wait on our pages may take up to
+# 90 s: a wait ends as soon as what it waits for shows, so only a failure takes longer to report.
 ACTION_TIMEOUT_MS = 90_000
+
+
+def wait_ms(timeout_s: float) -> int:
+    """A test's wait in milliseconds, never under ``ACTION_TIMEOUT_MS``."""
+    return max(int(timeout_s * 1000), ACTION_TIMEOUT_MS)
 
 
 def new_context(browser):
@@ -84,7 +90,7 @@ def wait_for_text(page, elem: str, pattern: str, timeout_s: float) -> str:
     matched = page.wait_for_function(
         "([sel, pat]) => { const e = document.querySelector(sel);"
         " return e && new RegExp(pat).test(e.innerText) ? e.innerText : null; }",
-        arg=[f"#{elem}", pattern], timeout=timeout_s * 1000, polling=250)
+        arg=[f"#{elem}", pattern], timeout=wait_ms(timeout_s), polling=250)
     return matched.json_value()
 
 
