@@ -131,6 +131,25 @@ def test_layout_energy_squares_each_head_then_averages_and_weighs_subjects_alike
     assert float(layout_energy([maps], masks, [0, 0, 1], separation=2.0)) == pytest.approx((0.5 + 2.0 * 0.5) / 2)
 
 
+def test_presence_scores_a_subject_lost_to_another_and_not_one_that_wins_its_mask():
+    # Issue 26: with two subjects, one handle often takes both masks and the other subject is lost.
+    from lowmcgm.sampling.latent_guidance import layout_energy, presence_miss
+
+    masks = torch.zeros(2, 8, 8)
+    masks[0, :, :4] = 1  # subject 0: the left half
+    masks[1, :, 4:] = 1  # subject 1: the right half
+    flat, owner = masks.flatten(1), torch.tensor([0, 1])
+    each_in_its_own = (flat / 32)[None]  # (B=1, S=2, n)
+    assert presence_miss(each_in_its_own, flat, owner, [0, 1]).tolist() == [[0.0, 0.0]]
+    lost = torch.stack([torch.full((64,), 0.1 / 64), torch.full((64,), 0.9 / 64)])[None]  # subject 1 everywhere
+    assert presence_miss(lost, flat, owner, [0, 1])[0].tolist() == pytest.approx([0.9, 0.1])
+    maps = lost.view(1, 1, 2, 8, 8)  # (B, heads, S, h, w)
+    plain = float(layout_energy([maps], masks, [0, 1]))
+    assert float(layout_energy([maps], masks, [0, 1], presence=2.0)) == pytest.approx(plain + 2.0 * (0.9 + 0.1) / 2)
+    alone = maps[:, :, :1]  # one subject has no one to lose to: no term
+    assert float(layout_energy([alone], masks[:1], [0], presence=2.0)) == float(layout_energy([alone], masks[:1], [0]))
+
+
 def test_area_normalised_energy_scores_evenly_spread_attention_one_whatever_the_mask():
     from lowmcgm.sampling.latent_guidance import layout_energy
 

@@ -117,7 +117,7 @@ def parse_guidance_spec(spec: str) -> tuple[str, tuple[tuple[str, object], ...]]
         if not hasattr(SampleSettings, name) or not text:
             raise SystemExit(f"--guidance-modes: '{pair}' in '{spec}' is not KEY=VALUE of a sample.pose_guidance_* "
                              "setting (strength, steps, step, layers, iterations, threshold, separation, "
-                             "area_normalized, bias)")
+                             "presence, area_normalized, bias)")
         kind = type(getattr(SampleSettings, name))
         try:
             value = {"true": True, "false": False}[text.lower()] if kind is bool else kind(text)

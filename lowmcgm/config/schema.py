@@ -254,6 +254,10 @@ class SampleSettings:
     pose_guidance_separation: float = _f(0.0, "latent guidance (noise-scaled): weight of the term that keeps each "
                                               "subject's attention out of the other subjects' masks",
                                          flag="--guidance-separation", bounds=(0, 100))
+    pose_guidance_presence: float = _f(0.0, "latent guidance (noise-scaled), two or more posed subjects: weight of "
+                                            "BoxDiff's inner-box term, which makes each subject win the top fifth "
+                                            "of its own mask's pixels from the others (so none is lost)",
+                                       flag="--guidance-presence", bounds=(0, 100))
     pose_guidance_area_normalized: bool = _f(False, "latent guidance (noise-scaled): each subject's energy measured "
                                                     "from what attention spread evenly would score, so a large mask "
                                                     "does not decide the step", flag="--guidance-area-normalized")

@@ -10,18 +10,14 @@ would refuse after training is found out hours late.
 
 from __future__ import annotations
 
-from typing import Any, Callable
-
 import torch
 
 from lowmcgm.config import SampleSettings, field_flag, sample_problems
 from lowmcgm.errors import UserError
 from lowmcgm.models.base import BaseModel
 from lowmcgm.models.fit import check_sample_size
-from lowmcgm.sampling.prompts import (PlannedPrompt, PoseSource, PromptSpec, check_plans_fit, check_pose_crops,
-                                      plan_prompts)
-
-ProgressFn = Callable[[dict[str, Any]], None]
+from lowmcgm.sampling.prompts import (PlannedPrompt, PoseSource, ProgressFn, PromptSpec, check_plans_fit,
+                                      check_pose_crops, plan_prompts)
 
 
 def check_settings(settings: SampleSettings) -> None:

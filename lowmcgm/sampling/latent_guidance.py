@@ -38,8 +38,12 @@ def attention_energy(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
 MIN_OUTSIDE_SHARE = 0.05
 
 
+# BoxDiff's inner-box constraint reads the top 20 % of the pixels inside a box (its config's P).
+PRESENCE_TOP_SHARE = 0.2
+
+
 def layout_energy(layer_maps: list[torch.Tensor], masks: torch.Tensor, subjects: list[int],
-                  separation: float = 0.0, area_normalized: bool = False) -> torch.Tensor:
+                  separation: float = 0.0, area_normalized: bool = False, presence: float = 0.0) -> torch.Tensor:
     """Per image, the ``noise-scaled`` rule's energy (layout-guidance's ``compute_ca_loss``).
 
     Per layer, head and column: ``(1 - inside share)^2``; averaged over heads (after squaring,
@@ -54,6 +58,8 @@ def layout_energy(layer_maps: list[torch.Tensor], masks: torch.Tensor, subjects:
             constraint, on the other subjects' masks); 0: none.
         area_normalized: the miss ``1 - inside`` divided by ``1 - area`` of the mask, which is
             what evenly spread attention misses by: every subject starts from 1, whatever its size.
+        presence: weight of ``presence_miss`` (BoxDiff's inner-box constraint between the posed
+            subjects: each must win the pixels of its own mask); 0: none. Needs two subjects.
 
     Returns:
         (B,) energies in float32.
@@ -75,8 +81,42 @@ def layout_energy(layer_maps: list[torch.Tensor], masks: torch.Tensor, subjects:
             stray = (probs * others * (1.0 - small)).sum(-1) / mass  # share inside others' masks only
             energy = energy + separation * stray ** 2
         energy = energy.mean(1)  # (B, S): heads averaged after squaring
-        total = total + torch.stack([energy[:, owner == i].mean(-1) for i in subject_ids], -1).mean(-1)
+        per_subject = torch.stack([energy[:, owner == i].mean(-1) for i in subject_ids], -1)  # (B, K)
+        if presence and len(subject_ids) > 1:
+            per_subject = per_subject + presence * presence_miss(probs.mean(1), small, owner, subject_ids)
+        total = total + per_subject.mean(-1)
     return total / len(layer_maps)
+
+
+def presence_miss(maps: torch.Tensor, masks: torch.Tensor, owner: torch.Tensor, subject_ids: list[int]
+                  ) -> torch.Tensor:
+    """Per subject, ``1 - `` its mean share of the posed subjects' attention over the top
+    ``PRESENCE_TOP_SHARE`` of the pixels inside its mask (BoxDiff's inner-box constraint, with the
+    other posed subjects as the competition rather than every word of the prompt).
+
+    A subject lost to another one (the other's handle takes both masks) scores near 1; a subject
+    that wins part of its own mask scores near 0, however the rest of its mask looks.
+
+    Args:
+        maps: (B, S, n) attention probabilities of the guided columns, heads averaged.
+        masks: (S, n) each column's mask at the maps' resolution.
+        owner: (S,) each column's subject.
+
+    Returns:
+        (B, K) misses in [0, 1], subjects in ``subject_ids`` order.
+    """
+    mass = torch.stack([maps[:, owner == i].sum(1) for i in subject_ids], 1)  # (B, K, n)
+    share = mass / mass.sum(1, keepdim=True).clamp_min(1e-8)
+    misses = []
+    for k, i in enumerate(subject_ids):
+        inside = masks[owner == i][0] > 0.5
+        if not bool(inside.any()):  # a mask smaller than one pixel of this layer
+            misses.append(share.new_zeros(share.shape[0]))
+            continue
+        values = share[:, k, inside]  # (B, m)
+        top = max(1, int(PRESENCE_TOP_SHARE * values.shape[-1]))
+        misses.append(1.0 - values.topk(top, dim=-1).values.mean(-1))
+    return torch.stack(misses, -1)
 
 
 def guidance_layers(unet: Any, choice: str) -> list[str]:
@@ -174,7 +214,7 @@ class LatentGuidance:
             maps = store.mean_maps(size).float()  # (B, S, h, w), the latent's aspect
             return torch.stack([attention_energy(m, self.guide.masks) for m in maps])
         return layout_energy(store.head_maps(size), self.guide.masks, self.guide.subjects,
-                             s.pose_guidance_separation, s.pose_guidance_area_normalized)
+                             s.pose_guidance_separation, s.pose_guidance_area_normalized, s.pose_guidance_presence)
 
     def on_step_end(self, pipe: Any, step: int, timestep: Any, kwargs: dict) -> dict:
         """Guide the latent of the next step (the callback runs after step ``step``)."""
