@@ -150,6 +150,29 @@ def test_presence_scores_a_subject_lost_to_another_and_not_one_that_wins_its_mas
     assert float(layout_energy([alone], masks[:1], [0], presence=2.0)) == float(layout_energy([alone], masks[:1], [0]))
 
 
+def test_presence_adds_to_the_normalized_rule_and_needs_two_subjects():
+    masks = torch.zeros(2, 8, 8)
+    masks[0, :, :4] = 1
+    masks[1, :, 4:] = 1
+    lost = torch.stack([torch.full((8, 8), 0.1 / 64), torch.full((8, 8), 0.9 / 64)])  # subject 1 everywhere
+    plain = float(attention_energy(lost, masks))
+    assert float(attention_energy(lost, masks, [0, 1], presence=2.0)) == pytest.approx(plain + 2.0 * (0.9 + 0.1))
+    own = torch.stack([masks[0] / 32, masks[1] / 32])  # each wins its own half: nothing to add
+    assert float(attention_energy(own, masks, [0, 1], presence=2.0)) == pytest.approx(0.0)
+    # A handle and its mask token are one subject: no one to lose to, no term.
+    assert float(attention_energy(lost, masks, [0, 0], presence=2.0)) == pytest.approx(plain)
+
+
+def test_noise_scaled_only_terms_are_refused_with_the_normalized_step():
+    from lowmcgm.config import SampleSettings, sample_problems
+
+    for key, value in (("pose_guidance_separation", 1.0), ("pose_guidance_area_normalized", True)):
+        problems = sample_problems(SampleSettings(**{key: value}))
+        assert any(key in p and "noise-scaled only" in p for p in problems), problems
+        assert sample_problems(SampleSettings(**{key: value, "pose_guidance_step": "noise-scaled"})) == []
+    assert sample_problems(SampleSettings(pose_guidance_presence=3.0)) == []  # presence works with either step
+
+
 def test_area_normalised_energy_scores_evenly_spread_attention_one_whatever_the_mask():
     from lowmcgm.sampling.latent_guidance import layout_energy
 

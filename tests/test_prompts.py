@@ -62,6 +62,9 @@ def test_fit_pose_masks_covers_and_center_crops():
     fitted = fit_pose_masks(plan, 16, 16)
     assert fitted.shape == (1, 16, 16)
     assert fitted[0, :, :8].all() and not fitted[0, :, 8:].any()
+    assert fit_pose_masks(plan, 16, 16) is fitted  # fitted once per size
+    plan.pose_masks = [~tall]  # other masks: fitted again, never the old ones
+    assert fit_pose_masks(plan, 16, 16)[0, :, 8:].all() and not fit_pose_masks(plan, 16, 16)[0, :, :8].any()
 
 
 def test_parse_poses_and_prompts_file(tmp_path):

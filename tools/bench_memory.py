@@ -42,12 +42,16 @@ from pathlib import Path
 
 from lowmcgm.config import resolve_config
 from lowmcgm.memory.estimate import GiB, build_job, config_words, margin_note, required_card_bytes, run_jobs
-from lowmcgm.memory.peers import (KOHYA_DOC_FLAGS, KOHYA_DOC_RANK, Figures, check_kohya_checkout, comparison_rows,
-                                  trace_kohya)
+from lowmcgm.memory.peers import (KOHYA_DOC_FLAGS, KOHYA_DOC_RANK, Figures, check_kohya_checkout, trace_kohya)
+from lowmcgm.memory.saved_activations import trace_saved
 
 NO_MCGM_LOSSES = {"loss.use_attention_loss": False, "loss.use_mask_tokens": False}
-# kohya ranks traced: the issue's rank 8 (the 4gb preset's) and its documentation's example.
-KOHYA_RANKS = (8, KOHYA_DOC_RANK)
+# kohya traced at (rank, images per step): each SD preset's equal settings (a preset with prior
+# preservation puts the photo and a class image in one UNet pass, as kohya's regularisation images
+# in its batch) and its documentation's example (rank 16, batch 1).
+KOHYA_PEERS = ((8, 1), (KOHYA_DOC_RANK, 1), (16, 2), (32, 4))
+EQUAL_SETTINGS = {"4gb": (8, 1), "6gb": (16, 2), "8gb": (32, 4)}  # preset -> its kohya peer
+ITEMISED = ("4gb", (8, 1))  # the pair whose kept activations are itemised by module
 
 # (label, preset, overrides, attention layout)
 ROWS = [
@@ -99,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     estimated = run_jobs(jobs, mode="fake", timeout_s=3600)
     measured = run_jobs(jobs, mode="cuda", timeout_s=3600) if args.measure else [None] * len(jobs)
-    kohya_results = trace_kohya(kohya, list(KOHYA_RANKS), args.resolution) if kohya else []
+    kohya_results = trace_kohya(kohya, list(KOHYA_PEERS), args.resolution, saved=ITEMISED[1]) if kohya else []
+    ours_saved = trace_saved(build_job(resolve_config(ITEMISED[0], None, {}), args.model, args.resolution),
+                             phase=2) if kohya else {}
     wall = time.perf_counter() - started
 
     reference = estimated[0].phase(2).peak_bytes
@@ -129,28 +135,39 @@ def main(argv: list[str] | None = None) -> int:
         lines += ["", "Measured columns empty: no CUDA GPU was available for this run (rerun with --measure "
                       "on one)."]
     side = side_by_side(cfgs, estimated, kohya_results) if kohya else []
+    itemised = itemised_rows(cfgs, estimated, kohya_results, ours_saved) if kohya else []
     if kohya:
         lines += ["", f"Side by side with kohya-ss/sd-scripts ({kohya}), {args.model} at {args.resolution} px, "
-                      "GiB; the ratios are of each row's highest figure to each peer's:", ""]
-        peers = ["kohya r" + str(r) for r in KOHYA_RANKS] + ["Break-a-scene (re-created)"]
+                      "GiB; each ratio is of a row's highest figure to the peer's:", ""]
         lines += ["| configuration | settings | step peak (GiB, per phase) | setup (GiB) | highest (GiB) | "
-                  + " | ".join(f"ratio to {p}" for p in peers) + " |", "|---" * (5 + len(peers)) + "|"]
+                  "kohya at equal settings (GiB) | ratio to it | ratio to kohya r8 | ratio to Break-a-scene "
+                  "(re-created) |", "|---" * 9 + "|"]
         lines += ["| " + " | ".join(cells) + " |" for cells in side]
+        lines += ["", f"Where each preset's step peak goes beside kohya's at equal settings (MiB; the phase of "
+                      f"the preset's highest step; 'kept activations by model': what autograd saved for backward "
+                      f"in {ITEMISED[0]}'s phase-2 step and kohya r{ITEMISED[1][0]}'s, weights left out):", ""]
+        lines += ["| part | " + " | ".join(head for head in itemised[0]) + " |", "|---" * (1 + len(itemised[0])) + "|"]
+        lines += ["| " + " | ".join(cells) + " |" for cells in itemised[1:]]
         notes = sorted({n for res in kohya_results for n in res["notes"]})
-        lines += ["", "kohya flags: " + " ".join(KOHYA_DOC_FLAGS) + f" --resolution={args.resolution} --network_dim="
-                  + " or ".join(map(str, KOHYA_RANKS)),
+        lines += ["", "kohya flags: " + " ".join(KOHYA_DOC_FLAGS) + f" --resolution={args.resolution}, with "
+                  + ", ".join(f"--network_dim={r} --train_batch_size={b}" for r, b in KOHYA_PEERS),
                   "kohya import shims: " + ("; ".join(notes) or "none")]
     lines += ["", f"Traced in {wall:.0f} s."]
     print("\n".join(lines))
     if args.json:
         Path(args.json).write_text(json.dumps({"model": args.model, "resolution": args.resolution, "rows": rows,
-                                               "kohya": kohya_results, "side_by_side": side}, indent=2))
+                                               "kohya": kohya_results, "side_by_side": side,
+                                               "itemised": itemised, "saved_by_module": ours_saved}, indent=2))
     return 0
 
 
+def _kohya_label(rank: int, batch: int) -> str:
+    return f"kohya r{rank}, batch {batch}"
+
+
 def side_by_side(cfgs: list, estimated: list, kohya_results: list[dict]) -> list[list[str]]:
-    """The side-by-side table's cells: kohya per rank and the re-created reference as peers, then
-    :data:`SIDE_BY_SIDE`'s lowmcgm rows."""
+    """The side-by-side table's cells: kohya at each traced setting and the re-created reference,
+    then :data:`SIDE_BY_SIDE`'s lowmcgm rows, each with its kohya peer at equal settings."""
     by_label = {label: (cfg, est) for (label, *_), cfg, est in zip(ROWS, cfgs, estimated)}
 
     def ours(label: str) -> Figures:
@@ -158,15 +175,66 @@ def side_by_side(cfgs: list, estimated: list, kohya_results: list[dict]) -> list
         return Figures(label, describe(cfg), tuple(p.peak_bytes for p in est.phases),
                        max(p.setup_peak_bytes for p in est.phases))
 
-    peers = [Figures(f"kohya train_network.py, rank {rank}",
-                     f"LoRA r{rank} UNet+TE ({res['lora_modules']} modules, {res['trainable_params'] / 1e6:.2f} M), "
-                     "fp16 base, AdamW8bit, ckpt, SDPA, cached latents, batch 1",
-                     (res["peak_bytes"],), res["setup_peak_bytes"])
-             for rank, res in zip(KOHYA_RANKS, kohya_results)]
+    kohya = {(rank, batch): Figures(
+        f"kohya train_network.py, rank {rank}, batch {batch}",
+        f"LoRA r{rank} UNet+TE ({res['lora_modules']} modules, {res['trainable_params'] / 1e6:.2f} M), fp16 base, "
+        f"AdamW8bit, ckpt (UNet and TE), SDPA, cached latents, batch {batch}", (res["peak_bytes"],),
+        res["setup_peak_bytes"]) for (rank, batch), res in zip(KOHYA_PEERS, kohya_results)}
     reference = ours(REFERENCE_LABEL)
-    peers.append(Figures("Break-a-scene reference code (re-created, not its train.py)", reference.settings,
-                         reference.step_peaks, reference.setup_peak))
-    return comparison_rows([ours(label) for label in SIDE_BY_SIDE], peers)
+    reference = Figures("Break-a-scene reference code (re-created, not its train.py)", reference.settings,
+                        reference.step_peaks, reference.setup_peak)
+    r8 = kohya[(8, 1)]
+    rows = []
+    for fig, peer in [*((k, None) for k in kohya.values()), (reference, None),
+                      *((ours(label), kohya[EQUAL_SETTINGS[label.split()[0]]]) for label in SIDE_BY_SIDE)]:
+        cells = [fig.label, fig.settings, " / ".join(f"{p / GiB:.2f}" for p in fig.step_peaks),
+                 f"{fig.setup_peak / GiB:.2f}", f"{fig.highest / GiB:.2f}"]
+        cells += [f"{peer.highest / GiB:.2f} ({_kohya_label(*EQUAL_SETTINGS[fig.label.split()[0]])})",
+                  f"**{fig.highest / peer.highest:.3f}**"] if peer else ["-", "-"]
+        cells += ["-" if fig is r8 else f"{fig.highest / r8.highest:.2f}",
+                  "-" if fig is reference else f"{fig.highest / reference.highest:.2f}"]
+        rows.append(cells)
+    return rows
+
+
+PART_NAMES = {"frozen_weights": "frozen weights", "trainable_weights": "trainable weights",
+              "optimizer_state": "optimizer state", "other_resident": "other resident", "gradients": "gradients",
+              "activations": "kept activations", "transient": "transient (at the peak)"}
+
+
+def itemised_rows(cfgs: list, estimated: list, kohya_results: list[dict], ours_saved: dict) -> list[list[str]]:
+    """Header, then one row per part of the step peak (MiB): each preset of :data:`EQUAL_SETTINGS` and
+    its kohya peer side by side, then the kept activations of :data:`ITEMISED` by model."""
+    by_label = {label: est for (label, *_), est in zip(ROWS, estimated)}
+    kohya = dict(zip(KOHYA_PEERS, kohya_results))
+    columns = []
+    for preset, peer in EQUAL_SETTINGS.items():
+        phase = max(by_label[preset].phases, key=lambda p: p.peak_bytes)
+        columns += [(f"{preset} (phase {phase.phase})", phase.parts, phase.peak_bytes, phase.peak_during),
+                    (_kohya_label(*peer), kohya[peer]["parts"], kohya[peer]["peak_bytes"], kohya[peer]["peak_during"])]
+    mib = 2 ** 20
+    rows = [[head for head, *_ in columns]]
+    for key, name in PART_NAMES.items():
+        rows.append([name] + [f"{parts[key] / mib:.1f}" for _, parts, _, _ in columns])
+    rows.append(["**step peak**"] + [f"**{peak / mib:.1f}**" for _, _, peak, _ in columns])
+    rows.append(["peak reached during"] + [during for *_, during in columns])
+    ours = _by_model(ours_saved.get("by_module", {}))
+    theirs = _by_model(kohya[ITEMISED[1]].get("saved_by_module", {}))
+    for model in sorted(set(ours) | set(theirs), key=lambda m: -(ours.get(m, 0) + theirs.get(m, 0))):
+        cells = ["" for _ in columns]
+        cells[0], cells[1] = f"{ours.get(model, 0) / mib:.1f}", f"{theirs.get(model, 0) / mib:.1f}"
+        rows.append([f"kept activations by model: {model}"] + cells)
+    return rows
+
+
+def _by_model(by_module: dict[str, int]) -> dict[str, int]:
+    """Saved bytes by model and its top-level block (``unet.up_blocks``, ``text_encoder``)."""
+    out: dict[str, int] = {}
+    for name, n in by_module.items():
+        parts = name.split(".")
+        key = ".".join(parts[:2]) if parts[0] == "unet" else parts[0]
+        out[key] = out.get(key, 0) + n
+    return out
 
 
 if __name__ == "__main__":

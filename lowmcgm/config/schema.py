@@ -254,7 +254,7 @@ class SampleSettings:
     pose_guidance_separation: float = _f(0.0, "latent guidance (noise-scaled): weight of the term that keeps each "
                                               "subject's attention out of the other subjects' masks",
                                          flag="--guidance-separation", bounds=(0, 100))
-    pose_guidance_presence: float = _f(0.0, "latent guidance (noise-scaled), two or more posed subjects: weight of "
+    pose_guidance_presence: float = _f(0.0, "latent guidance (either step), two or more posed subjects: weight of "
                                             "BoxDiff's inner-box term, which makes each subject win the top fifth "
                                             "of its own mask's pixels from the others (so none is lost)",
                                        flag="--guidance-presence", bounds=(0, 100))

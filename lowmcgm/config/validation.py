@@ -65,6 +65,12 @@ def _sample_checks(s: SampleSettings, name: Namer) -> list[str]:
     if s.pose_guidance_steps < 0 or s.pose_guidance_steps > s.steps:
         problems.append(f"{name('sample.pose_guidance_steps')} must be between 0 and {name('sample.steps')} "
                         f"({s.steps}) (got {s.pose_guidance_steps})")
+    if s.pose_guidance_step != "noise-scaled":  # the normalized rule has no per-layer, per-head energy to add them to
+        for key, on in (("sample.pose_guidance_separation", s.pose_guidance_separation),
+                        ("sample.pose_guidance_area_normalized", s.pose_guidance_area_normalized)):
+            if on:
+                problems.append(f"{name(key)} works with {name('sample.pose_guidance_step')} noise-scaled only "
+                                f"(got {s.pose_guidance_step}): set both, or leave it off")
     return problems
 
 

@@ -64,6 +64,8 @@ import torch
 
 from lowmcgm.errors import UserError
 from lowmcgm.memory import trace as mt
+from lowmcgm.memory.saved_activations import SavedActivations
+from lowmcgm.memory.step_probe import StepProbe, optimizer_state_bytes, peak_parts
 
 GiB = 2**30
 
@@ -202,15 +204,22 @@ class _KohyaAccelerator:
         self.sync_gradients = True
         self.is_main_process = True
         self.num_processes = 1
+        self.probe: StepProbe | None = None
 
     def autocast(self) -> Any:
+        if self.probe is not None:
+            self.probe.forward_begins()
         if self.mixed_precision == "no":
             return contextlib.nullcontext()
         dtype = torch.float16 if self.mixed_precision == "fp16" else torch.bfloat16
         return torch.autocast(self.device.type, dtype=dtype)
 
     def backward(self, loss: torch.Tensor) -> None:
+        if self.probe is not None:
+            self.probe.forward_done()
         loss.backward()
+        if self.probe is not None:
+            self.probe.backward_done()
 
     def clip_grad_norm_(self, parameters: Any, max_norm: float) -> torch.Tensor:
         return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
@@ -234,7 +243,7 @@ def _import_kohya(root: str) -> dict[str, Any]:
 
 
 def kohya_step(kohya: str, rank: int = 8, resolution: int = 512, steps: int = STEPS,
-               batch_size: int = 1) -> dict[str, Any]:
+               batch_size: int = 1, saved: bool = False) -> dict[str, Any]:
     """Traceable: kohya's ``train_network.py`` setup and ``steps`` training steps on SD 1.5.
 
     Args:
@@ -246,7 +255,8 @@ def kohya_step(kohya: str, rank: int = 8, resolution: int = 512, steps: int = ST
 
     Returns:
         Bytes relative to the start: ``setup_peak_bytes`` (latent caching, VAE alone on the device),
-        ``peak_bytes`` (the steps), with parameter counts, the optimizer class and the flags.
+        ``peak_bytes`` (the steps) and its ``parts`` (:func:`~lowmcgm.memory.step_probe.peak_parts`, the
+        rule lowmcgm's estimate itemises by), with parameter counts, the optimizer class and the flags.
     """
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel
@@ -339,28 +349,44 @@ def kohya_step(kohya: str, rank: int = 8, resolution: int = 512, steps: int = ST
              "loss_weights": torch.ones(batch_size, device=s.device), "captions": [CAPTION] * batch_size,
              "images": None}
     params = list(network.parameters())
+    probe = StepProbe(s.counter, [p for group in optimizer.param_groups for p in group["params"]])
+    acc.probe = probe
+    hooks = probe.watch_optimizer(optimizer)
     gc.collect()
     s.reset_peak()
     for _ in range(steps):  # the loop body, l.1415-1459
-        loss = trainer.process_batch(batch, [text_encoder], unet, network, vae, noise_scheduler, vae_dtype,
-                                     weight_dtype, acc, args, text_encoding_strategy, tokenize_strategy,
-                                     is_train=True, train_text_encoder=train_text_encoder, train_unet=train_unet)
-        acc.backward(loss)
-        del loss
-        if args.max_grad_norm != 0.0:
-            acc.clip_grad_norm_(network.get_trainable_params(), args.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return {"peak_bytes": s.counter.peak - baseline, "setup_peak_bytes": setup_peak,
+        probe.begin_step(optimizer_state_bytes(optimizer, s.device.type))
+        watch = SavedActivations({"unet": unet, "text_encoder": text_encoder}, s.device.type)
+        with probe, (watch if saved else contextlib.nullcontext()):
+            loss = trainer.process_batch(batch, [text_encoder], unet, network, vae, noise_scheduler, vae_dtype,
+                                         weight_dtype, acc, args, text_encoding_strategy, tokenize_strategy,
+                                         is_train=True, train_text_encoder=train_text_encoder,
+                                         train_unet=train_unet)
+            watch.recording = False
+            acc.backward(loss)
+            del loss
+            if args.max_grad_norm != 0.0:
+                acc.clip_grad_norm_(network.get_trainable_params(), args.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        probe.enter("between steps")
+    for hook in hooks:
+        hook.remove()
+    probe.close()
+    peak = s.counter.peak - baseline
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    return {"peak_bytes": peak, "setup_peak_bytes": setup_peak,
+            **peak_parts(probe, peak, baseline, [unet, text_encoder, vae, network], trainable, s.device.type),
             "trainable_params": sum(p.numel() for p in params),
             "lora_modules": len(network.unet_loras) + len(network.text_encoder_loras),
             "optimizer": f"{type(optimizer).__module__}.{type(optimizer).__name__} ({optimizer_name})",
-            "flags": flags, "notes": mods["notes"]}
+            "flags": flags, "notes": mods["notes"], **({"saved_by_module": dict(watch.by_module)} if saved else {})}
 
 
-def trace_kohya(kohya: str | Path, ranks: list[int], resolution: int = 512, *,
-                timeout_s: float = 1800.0) -> list[dict[str, Any]]:
-    """:func:`kohya_step` for each rank, in one tracing subprocess (kohya imports once).
+def trace_kohya(kohya: str | Path, settings: list[tuple[int, int]], resolution: int = 512, *,
+                saved: tuple[int, int] | None = None, timeout_s: float = 3600.0) -> list[dict[str, Any]]:
+    """:func:`kohya_step` for each (rank, batch size) of ``settings``, in one tracing subprocess
+    (kohya imports once); the one equal to ``saved`` also itemises what it saves for backward.
 
     Raises:
         UserError: not a kohya checkout.
@@ -369,18 +395,19 @@ def trace_kohya(kohya: str | Path, ranks: list[int], resolution: int = 512, *,
     """
     root = str(check_kohya_checkout(kohya))
     try:
-        out = mt.run_traced("lowmcgm.memory.peers:kohya_steps", {"kohya": root, "ranks": ranks,
-                                                                 "resolution": resolution},
-                            timeout_s, mode="fake")
+        out = mt.run_traced("lowmcgm.memory.peers:kohya_steps",
+                            {"kohya": root, "settings": [list(x) for x in settings], "resolution": resolution,
+                             "saved": list(saved) if saved else None}, timeout_s, mode="fake")
     except mt.TraceError as exc:
         raise RuntimeError(f"{exc}\n{exc.child_traceback or exc.stderr_tail}") from exc
     return out["result"]
 
 
-def kohya_steps(kohya: str, ranks: list[int], resolution: int = 512) -> list[dict[str, Any]]:
-    """Traceable: :func:`kohya_step` once per rank, in order."""
+def kohya_steps(kohya: str, settings: list[list[int]], resolution: int = 512,
+                saved: list[int] | None = None) -> list[dict[str, Any]]:
+    """Traceable: :func:`kohya_step` once per (rank, batch size), in order."""
     out = []
-    for rank in ranks:
-        out.append(kohya_step(kohya, rank, resolution))
+    for rank, batch in settings:
+        out.append(kohya_step(kohya, rank, resolution, batch_size=batch, saved=[rank, batch] == saved))
         gc.collect()
     return out

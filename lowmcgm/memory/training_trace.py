@@ -20,13 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from lowmcgm.config import Config, apply_overrides, config_from_dict
 from lowmcgm.data import ConceptImage
 from lowmcgm.memory import trace as mt
 from lowmcgm.memory.attention_layouts import KeepAllStore, install_attention_layout
+from lowmcgm.memory.step_probe import StepProbe, optimizer_state_bytes, peak_parts
 
 # Steps traced per phase: the first creates the optimizer state, the second runs with it (steady state).
 STEPS_PER_PHASE = 2
@@ -207,7 +206,7 @@ class TraceAccelerator:
         self.process_index = 0
         self.num_processes = 1
         self.is_main_process = True
-        self.probe: _StepProbe | None = None
+        self.probe: StepProbe | None = None
 
     def autocast(self) -> Any:
         if self.probe is not None:
@@ -237,78 +236,20 @@ class TraceAccelerator:
         return None
 
 
-class _StepProbe(TorchDispatchMode):
-    """Follows one phase's training steps: which part of the step runs, the bytes at its boundaries,
-    the gradients accumulated so far, and where the peak was reached.
-
-    A dispatch mode above the live-bytes counter: after every op it checks whether the peak rose
-    and, if so, notes the step, the part of it and the gradient bytes live then. Gradients are
-    counted by post-accumulate hooks on the trainable parameters (O(1) per gradient).
-    """
-
-    def __init__(self, counter: Any, params: list[torch.nn.Parameter]):
-        super().__init__()
-        self.counter = counter
-        self.window = "between steps"
-        self.steps: list[dict[str, int]] = []
-        self.grad_bytes = 0
-        self._seen: set[int] = set()
-        self.best = -1
-        self.at_peak: dict[str, Any] = {}
-        self._hooks = [p.register_post_accumulate_grad_hook(self._grad_done) for p in params]
-
-    def _grad_done(self, param: torch.nn.Parameter) -> None:
-        if id(param) not in self._seen and param.grad is not None:
-            self._seen.add(id(param))
-            self.grad_bytes += mt.storage_bytes([param.grad])
-
-    def begin_step(self, optimizer_state_bytes: int) -> None:
-        self.grad_bytes, self._seen = 0, set()
-        self.steps.append({"start": self.counter.current, "optimizer_state": optimizer_state_bytes,
-                           "activations": 0, "gradients": 0})
-
-    def enter(self, window: str) -> None:
-        self.window = window
-
-    def forward_begins(self) -> None:
-        self.window = "forward"
-        self.steps[-1]["start"] = self.counter.current  # build_batch ran on the CPU
-
-    def forward_done(self) -> None:
-        self.steps[-1]["activations"] = self.counter.current - self.steps[-1]["start"]
-        self.window = "backward"
-
-    def backward_done(self) -> None:
-        self.steps[-1]["gradients"] = self.grad_bytes
-        self.window = "clip"
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if self.counter.peak > self.best:
-            self.best = self.counter.peak
-            self.at_peak = {"step": len(self.steps) - 1, "window": self.window, "gradients": self.grad_bytes}
-        return out
-
-    def close(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
-
-
 def _trace_steps(s: mt.TraceSession, recipe: Any, baseline: int) -> dict[str, Any]:
     """Run the recipe's ``step`` :data:`STEPS_PER_PHASE` times under a probe; return the phase's
     peak and its parts (bytes, relative to ``baseline``)."""
     setup = recipe.setup
     optimizer = recipe.state.optimizer
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    probe = _StepProbe(s.counter, params)
+    probe = StepProbe(s.counter, params)
     setup.accelerator.probe = probe
-    hooks = [optimizer.register_step_pre_hook(lambda *a: probe.enter("optimizer step")),
-             optimizer.register_step_post_hook(lambda *a: probe.enter("zero_grad"))]
+    hooks = probe.watch_optimizer(optimizer)
     gc.collect()
     s.reset_peak()
     try:
         for _ in range(STEPS_PER_PHASE):
-            probe.begin_step(_optimizer_state_bytes(optimizer, s.device.type))
+            probe.begin_step(optimizer_state_bytes(optimizer, s.device.type))
             with probe:
                 recipe.step()
             probe.enter("between steps")
@@ -321,34 +262,11 @@ def _trace_steps(s: mt.TraceSession, recipe: Any, baseline: int) -> dict[str, An
         setup.accelerator.probe = None
 
     peak = s.counter.peak - baseline
-    at = probe.at_peak or {"step": len(probe.steps) - 1, "window": "between steps", "gradients": 0}
-    step = probe.steps[at["step"]]
-    trainable = {id(p) for p in params}
-    frozen = [t for m in _device_modules(setup) for t in list(m.parameters()) + list(m.buffers())
-              if id(t) not in trainable and t.device.type == s.device.type]
-    frozen_bytes, trainable_bytes = mt.storage_bytes(frozen), mt.storage_bytes(params)
-    resident = step["start"] - baseline  # everything live when the step began
-    rest = peak - resident - at["gradients"]
-    # Kept activations are all live at the end of forward and die during backward: attribute to
-    # them what they can hold of the rest; after backward they are gone.
-    activations = min(step["activations"], rest) if at["window"] in ("forward", "backward", "clip") else 0
-    parts = {"frozen_weights": frozen_bytes, "trainable_weights": trainable_bytes,
-             "optimizer_state": step["optimizer_state"],
-             "other_resident": resident - frozen_bytes - trainable_bytes - step["optimizer_state"],
-             "gradients": at["gradients"], "activations": activations, "transient": rest - activations}
-    return {"peak_bytes": peak, "parts": parts, "peak_during": at["window"],
-            "gradients_total_bytes": max(st["gradients"] for st in probe.steps),
-            "activations_kept_bytes": max(st["activations"] for st in probe.steps),
+    return {"peak_bytes": peak,
+            **peak_parts(probe, peak, baseline, _device_modules(setup), params, s.device.type),
             "trainable_params": sum(p.numel() for p in params),
-            "frozen_params": sum(t.numel() for t in frozen if t.is_floating_point()),
             "optimizer": type(optimizer).__name__,
             "peak_reserved_bytes": s.counter.report().get("peak_reserved_bytes")}
-
-
-def _optimizer_state_bytes(optimizer: torch.optim.Optimizer, device_type: str) -> int:
-    """Optimizer state on the device (torch AdamW keeps its ``step`` counters on the CPU)."""
-    return mt.storage_bytes(t for state in optimizer.state.values() for t in tree_leaves(state)
-                            if isinstance(t, torch.Tensor) and t.device.type == device_type)
 
 
 def _device_modules(setup: Any) -> list[torch.nn.Module]:

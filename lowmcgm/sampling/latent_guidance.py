@@ -21,16 +21,25 @@ from lowmcgm.sampling.pose_guidance import PoseGuide
 LATENT_STEP_FRACTION = 0.01  # the normalized rule moves the latent by strength x this x its RMS per step
 
 
-def attention_energy(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """``sum_s (1 - share of column s's attention inside its mask) ** 2`` (the ``normalized`` rule).
+def attention_energy(maps: torch.Tensor, masks: torch.Tensor, subjects: list[int] | None = None,
+                     presence: float = 0.0) -> torch.Tensor:
+    """``sum_s (1 - share of column s's attention inside its mask) ** 2`` (the ``normalized`` rule),
+    plus ``presence`` x each posed subject's ``presence_miss`` when two or more subjects are posed.
 
     Args:
         maps: (S, h, w) attention probabilities of the guided columns (one sample).
         masks: (S, H, W) the columns' masks, pooled here to (h, w).
+        subjects: per column, its subject (needed for ``presence`` only).
+        presence: weight of BoxDiff's inner-box term between the posed subjects; 0: none.
     """
     small = F.adaptive_avg_pool2d(masks[None].float(), maps.shape[-2:])[0].to(maps.device)
     inside = (maps * small).flatten(1).sum(1) / maps.flatten(1).sum(1).clamp_min(1e-8)
-    return ((1.0 - inside) ** 2).sum()
+    energy = ((1.0 - inside) ** 2).sum()
+    subject_ids = sorted(set(subjects or []))
+    if presence and len(subject_ids) > 1:
+        owner = torch.tensor(subjects, device=maps.device)
+        energy = energy + presence * presence_miss(maps.flatten(1)[None], small.flatten(1), owner, subject_ids).sum()
+    return energy
 
 
 # A mask covering (nearly) the whole image: evenly spread attention already scores (nearly) 1, so
@@ -212,7 +221,8 @@ class LatentGuidance:
         s = self.settings
         if s.pose_guidance_step == "normalized":
             maps = store.mean_maps(size).float()  # (B, S, h, w), the latent's aspect
-            return torch.stack([attention_energy(m, self.guide.masks) for m in maps])
+            return torch.stack([attention_energy(m, self.guide.masks, self.guide.subjects, s.pose_guidance_presence)
+                                for m in maps])
         return layout_energy(store.head_maps(size), self.guide.masks, self.guide.subjects,
                              s.pose_guidance_separation, s.pose_guidance_area_normalized, s.pose_guidance_presence)
 

@@ -97,7 +97,7 @@ class PlannedPrompt:
     where: str = ""  # where the prompt came from, for messages (``--prompt 2``)
     # The poses fitted to each sampling size, fitted once (``fit_pose_masks``): the mask tokens, the
     # guidance and the pose pictures all read them.
-    fitted: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+    fitted: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def poses(self) -> dict[str, str]:
@@ -279,9 +279,11 @@ def fit_pose_masks(plan: PlannedPrompt, height: int, width: int) -> torch.Tensor
     Returns:
         (k, height, width) float32 in {0, 1}; the blank mask is all zeros.
     """
-    if (height, width) not in plan.fitted:
-        plan.fitted[height, width] = _fit(plan, height, width)
-    return plan.fitted[height, width]
+    # Keyed by the masks too: a plan whose pose_masks were given other arrays is fitted again.
+    key = (height, width, *(id(m) for m in plan.pose_masks))
+    if key not in plan.fitted:
+        plan.fitted[key] = _fit(plan, height, width)
+    return plan.fitted[key]
 
 
 def _fit(plan: PlannedPrompt, height: int, width: int) -> torch.Tensor:

@@ -37,9 +37,9 @@ from lowmcgm.mask_encoder import MaskEncoder, append_mask_tokens, zero_mask_toke
 from lowmcgm.mcgm import MCGMState
 from lowmcgm.models.base import BaseModel
 from lowmcgm.models.dtypes import torch_dtype
-from lowmcgm.models.text_conditioning import tokenize
 from lowmcgm.models.families import family_of_encoder_count
 from lowmcgm.models.loading import load_base_model
+from lowmcgm.models.text_conditioning import tokenize
 from lowmcgm.runs.folder import check_sample_folder, clear_earlier_samples, earlier_samples
 from lowmcgm.runs.output import check_output_dir
 from lowmcgm.runs.write_guard import check_not_inputs

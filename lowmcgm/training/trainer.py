@@ -35,6 +35,7 @@ from lowmcgm.runs.output import check_output_dir, write_effective_config
 from lowmcgm.runs.write_guard import check_not_inputs
 from lowmcgm.training.accelerator import AcceleratorLike
 from lowmcgm.training.batches import encode_photo
+from lowmcgm.training.checkpointing import checkpoint_text_encoder, checkpoint_unet
 from lowmcgm.training.checkpoints import (check_resume, check_resume_base)
 from lowmcgm.training.optimizer import choose_optimizer
 from lowmcgm.training.recipe import TrainingRecipe
@@ -187,7 +188,7 @@ def prepare_setup(cfg: Config, base: BaseModel, concept: ConceptImage, handle_na
         capture = install_capture(base.unet, loss_layer_names(base.unet, cfg.loss.attn_loss_downscale, latent_px),
                                   store)
     if cfg.model.use_gradient_checkpointing:
-        base.unet.enable_gradient_checkpointing()
+        checkpoint_unet(base.unet)
     base.unet.train()
     if cfg.model.text_encoder_checkpointing:
         for encoder in base.text_encoders:
@@ -247,19 +248,6 @@ def _mixed_precision(cfg: Config, report: ProgressFn) -> str:
                 "text": "No CUDA device: training in fp32 on the CPU (half precision is ~100x slower there)."})
         return "no"
     return cfg.model.mixed_precision
-
-
-def checkpoint_text_encoder(encoder: torch.nn.Module) -> None:
-    """Recompute ``encoder``'s layers in backward (``model.text_encoder_checkpointing``).
-
-    transformers checkpoints only modules in training mode; CLIP's dropout is 0, so train mode
-    changes nothing else. Non-reentrant, as the UNet's: the handles' rows are the only input that
-    needs a gradient, and they enter through the embedding, before the first checkpointed layer.
-    """
-    # transformers 5 names it activation_checkpointing_enable; 4.x has only the older name.
-    enable = getattr(encoder, "activation_checkpointing_enable", None) or encoder.gradient_checkpointing_enable
-    enable({"use_reentrant": False})
-    encoder.train()
 
 
 def _enable_xformers(base: BaseModel, report: ProgressFn) -> None:
