@@ -32,7 +32,7 @@ network at its end; none of that can run on fake tensors):
   its ``tokenize`` runs on lowmcgm's offline SD 1.x tokenizer (same vocabulary and length).
 - The batch: what kohya's collator gives with cached latents (latents, one caption's token ids,
   loss weight 1), on the device.
-- The accelerator (:class:`_KohyaAccelerator`): under fake CUDA ``accelerate`` would put itself on
+- The accelerator (:class:`KohyaAccelerator`): under fake CUDA ``accelerate`` would put itself on
   the CPU; this one says CUDA and autocasts to fp16 as accelerate does. fp16 loss scaling is not
   modelled (an in-place unscale: no memory), as in ``training_trace.py``.
 
@@ -92,7 +92,7 @@ KOHYA_DOC_FLAGS = (
 )
 KOHYA_DOC_RANK = 16  # docs/train_network.md's --network_dim=16
 # What kohya's parser requires that does not change memory.
-_KOHYA_REQUIRED = ("--pretrained_model_name_or_path=unused.safetensors", "--output_dir=unused",
+KOHYA_REQUIRED = ("--pretrained_model_name_or_path=unused.safetensors", "--output_dir=unused",
                    "--output_name=unused")
 # SD 1.5's U-Net arguments as kohya's _load_target_model passes them from a diffusers config.
 SD15_KOHYA_UNET = dict(sample_size=64, attention_head_dim=8, cross_attention_dim=768,
@@ -105,7 +105,7 @@ def kohya_flags(rank: int, resolution: int = 512, batch_size: int = 1) -> list[s
     """The command line traced for kohya: the documented settings with ``rank`` and ``resolution``
     (and ``--train_batch_size``, after the documented 1, when ``batch_size`` differs: the last wins)."""
     batch = [f"--train_batch_size={batch_size}"] if batch_size != 1 else []
-    return [*KOHYA_DOC_FLAGS, *batch, f"--network_dim={rank}", f"--resolution={resolution}", *_KOHYA_REQUIRED]
+    return [*KOHYA_DOC_FLAGS, *batch, f"--network_dim={rank}", f"--resolution={resolution}", *KOHYA_REQUIRED]
 
 
 def check_kohya_checkout(path: str | Path) -> Path:
@@ -160,7 +160,7 @@ def comparison_rows(ours: list[Figures], peers: list[Figures]) -> list[list[str]
 # ------------------------------------------------------------------------------ traced side
 
 
-def _install_import_shims() -> list[str]:
+def install_import_shims() -> list[str]:
     """Let kohya's modules import against the libraries installed here (module docstring)."""
     notes = []
     import diffusers  # noqa: F401  (before any torchvision stub: diffusers probes for torchvision)
@@ -195,7 +195,7 @@ def _install_import_shims() -> list[str]:
     return notes
 
 
-class _KohyaAccelerator:
+class KohyaAccelerator:
     """What kohya's step uses of ``accelerate.Accelerator``, on the trace's device (fp16 autocast)."""
 
     def __init__(self, device: torch.device, mixed_precision: str):
@@ -234,7 +234,7 @@ class _KohyaAccelerator:
 def _import_kohya(root: str) -> dict[str, Any]:
     if root not in sys.path:
         sys.path.insert(0, root)
-    notes = _install_import_shims()
+    notes = install_import_shims()
     mods = {name: importlib.import_module(name) for name in
             ("train_network", "library.train_util", "library.original_unet", "library.strategy_sd",
              "networks.lora")}
@@ -252,6 +252,8 @@ def kohya_step(kohya: str, rank: int = 8, resolution: int = 512, steps: int = ST
         resolution: ``--resolution`` (square).
         steps: training steps (the second has optimizer state).
         batch_size: images per step (``--train_batch_size``; one caption for all).
+        saved: also return ``saved_by_module``, what the last step's forward saved for backward by
+            module (:class:`~lowmcgm.memory.saved_activations.SavedActivations`).
 
     Returns:
         Bytes relative to the start: ``setup_peak_bytes`` (latent caching, VAE alone on the device),
@@ -274,7 +276,7 @@ def kohya_step(kohya: str, rank: int = 8, resolution: int = 512, steps: int = ST
     trainer = train_network.NetworkTrainer()
     weight_dtype, _ = train_util.prepare_dtype(args)  # fp16
     vae_dtype = torch.float32 if args.no_half_vae else weight_dtype
-    acc = _KohyaAccelerator(s.device, args.mixed_precision)
+    acc = KohyaAccelerator(s.device, args.mixed_precision)
     gc.collect()
     baseline = s.counter.current
     s.reset_peak()
@@ -375,7 +377,12 @@ def kohya_step(kohya: str, rank: int = 8, resolution: int = 512, steps: int = ST
     probe.close()
     peak = s.counter.peak - baseline
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    # Gradients the optimizer never clears: kohya's checkpointing workaround makes the text encoder's
+    # embeddings require grad (l.908 above), so their gradient stays between steps.
+    ids = {id(p) for p in trainable}
+    stray = [p.grad for m in (unet, text_encoder) for p in m.parameters() if p.grad is not None and id(p) not in ids]
     return {"peak_bytes": peak, "setup_peak_bytes": setup_peak,
+            "gradients_outside_the_optimizer_bytes": mt.storage_bytes(stray),
             **peak_parts(probe, peak, baseline, [unet, text_encoder, vae, network], trainable, s.device.type),
             "trainable_params": sum(p.numel() for p in params),
             "lora_modules": len(network.unet_loras) + len(network.text_encoder_loras),
