@@ -168,7 +168,7 @@ def test_noise_scaled_only_terms_are_refused_with_the_normalized_step():
 
     for key, value in (("pose_guidance_separation", 1.0), ("pose_guidance_area_normalized", True)):
         problems = sample_problems(SampleSettings(**{key: value}))
-        assert any(key in p and "noise-scaled only" in p for p in problems), problems
+        assert any(key in p and "noise-scaled step only" in p for p in problems), problems
         assert sample_problems(SampleSettings(**{key: value, "pose_guidance_step": "noise-scaled"})) == []
     assert sample_problems(SampleSettings(pose_guidance_presence=3.0)) == []  # presence works with either step
 

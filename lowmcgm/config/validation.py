@@ -69,8 +69,8 @@ def _sample_checks(s: SampleSettings, name: Namer) -> list[str]:
         for key, on in (("sample.pose_guidance_separation", s.pose_guidance_separation),
                         ("sample.pose_guidance_area_normalized", s.pose_guidance_area_normalized)):
             if on:
-                problems.append(f"{name(key)} works with {name('sample.pose_guidance_step')} noise-scaled only "
-                                f"(got {s.pose_guidance_step}): set both, or leave it off")
+                problems.append(f"{name(key)} works with the noise-scaled step only ({name('sample.pose_guidance_step')} "
+                                f"is {s.pose_guidance_step}): set the step to noise-scaled, or leave it off")
     return problems
 
 
