@@ -17,6 +17,7 @@ import functools
 from typing import Any, Callable
 
 import torch
+import torch.utils.checkpoint
 from diffusers import Transformer2DModel
 
 
