@@ -104,15 +104,57 @@ def test_kohya_flags_take_a_batch_size_after_the_documented_one():
     assert "--train_batch_size=2" not in kohya_flags(16, 512)
 
 
-def test_bench_flops_rows_name_shipped_presets_and_refuse_a_non_kohya_folder(tmp_path):
+def _bench():
     spec = importlib.util.spec_from_file_location(
         "bench_flops", Path(__file__).resolve().parents[1] / "tools" / "bench_flops.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_bench_flops_rows_name_shipped_presets_and_refuse_a_non_kohya_folder(tmp_path):
+    bench = _bench()
     for _, preset, over, _ in bench.SD_ROWS + bench.SDXL_ROWS:
         resolve_config(preset, None, over)
     with pytest.raises(UserError, match="not a kohya-ss/sd-scripts checkout"):
         bench.main(["--kohya", str(tmp_path)])
+
+
+def test_bench_flops_counts_kohyas_sdxl_step_beside_the_sdxl_presets(tmp_path, monkeypatch):
+    bench = _bench()
+    sd = ("train_network.py", "networks/lora.py", "library/original_unet.py", "library/train_util.py")
+    sdxl = ("sdxl_train_network.py", "library/sdxl_original_unet.py", "library/sdxl_train_util.py",
+            "library/strategy_sdxl.py")
+    for name in sd:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("")
+    with pytest.raises(UserError, match="no SDXL trainer"):  # an SD-only checkout: refused before tracing
+        bench.main(["--model", "sdxl", "--kohya", str(tmp_path)])
+    for name in sdxl:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("")
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def run_traced(entry, kwargs, *_, **__):  # no trace: lowmcgm's rows empty, stop at kohya's
+        calls.append((entry, kwargs))
+        if entry.endswith(":count_jobs"):
+            return {"result": [{"phases": []} for _ in kwargs["jobs"]]}
+        raise Stop
+
+    monkeypatch.setattr(bench.mt, "run_traced", run_traced)
+    with pytest.raises(Stop):  # not refused: it goes on to count kohya's SDXL step
+        bench.main(["--model", "sdxl", "--kohya", str(tmp_path)])
+    entry, kwargs = calls[-1]
+    assert entry == "lowmcgm.memory.flops:count_kohya_sdxl"
+    assert kwargs == {"kohya": str(tmp_path.resolve()),
+                      "runs": [{"rank": 32, "resolution": 1024}, {"rank": 64, "resolution": 1024}]}
+    # Each SDXL preset's kohya peer is at its LoRA rank, 1 image/step.
+    for _, preset, over, peer in bench.SDXL_ROWS:
+        cfg = resolve_config(preset, None, over)
+        assert peer == (cfg.lora.rank, cfg.train.batch_size) == (peer[0], 1)
 
 
 def test_tagged_functions_are_put_back():

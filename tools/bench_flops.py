@@ -10,13 +10,18 @@ kernels, as ``torch.utils.flop_counter`` counts them):
   lowmcgm's 4gb/6gb/8gb presets per phase, with forward, backward, checkpoint recomputation, the
   attention capture and the losses apart, and the ratio to kohya at equal settings. Needs
   ``--kohya PATH`` (a kohya-ss/sd-scripts checkout, not a dependency); without it, lowmcgm alone.
-- SDXL at 1024 px: the sdxl-6gb, sdxl-8gb and sdxl-12gb presets on the shipped ``sdxl-base`` config (lowmcgm
-  alone: ``peers.py`` traces kohya's SD 1.x step only).
+- SDXL at 1024 px: kohya's ``sdxl_train_network.py`` step at its documented low-VRAM SDXL settings
+  (``lowmcgm.memory.kohya_sdxl``: UNet-only LoRA, fp16, checkpointing, SDPA, cached latents and
+  text-encoder outputs, 1 image/step; ``--fp8_base`` changes no FLOP count, so without it) at rank 32
+  (the peer of sdxl-6gb and sdxl-8gb) and 64 (of sdxl-12gb), and the sdxl-6gb, sdxl-8gb and sdxl-12gb
+  presets on the shipped ``sdxl-base`` config, with the ratio to kohya at the preset's rank. kohya's
+  setup (latent and text-encoder caching) is counted apart, not in its step. Needs ``--kohya PATH``
+  with the SDXL trainer; without it, lowmcgm alone.
 - Sampling: one classifier-free denoising step per pose-guidance mode (SD 1.5 at 512 px, SDXL at
   1024 px), and per image at the sampler's defaults (30 steps, the first half guided).
 
     OMP_NUM_THREADS=1 python tools/bench_flops.py --model sd15 [--kohya PATH] [--json out.json]
-    OMP_NUM_THREADS=1 python tools/bench_flops.py --model sdxl [--json out.json]
+    OMP_NUM_THREADS=1 python tools/bench_flops.py --model sdxl [--kohya PATH] [--json out.json]
 """
 
 from __future__ import annotations
@@ -26,11 +31,12 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 from lowmcgm.config import SampleSettings, resolve_config
 from lowmcgm.memory import trace as mt
 from lowmcgm.memory.estimate import build_job, config_words
+from lowmcgm.memory.kohya_sdxl import SDXL_DOC_FLAGS, check_kohya_sdxl_checkout
 from lowmcgm.memory.peers import KOHYA_DOC_FLAGS, check_kohya_checkout
 from lowmcgm.sampling.sampler import resolve_guidance
 
@@ -43,7 +49,8 @@ SD_ROWS = [
     ("6gb", "6gb", {}, (16, 2)),
     ("8gb", "8gb", {}, (32, 4)),
 ]
-SDXL_ROWS = [("sdxl-6gb", "sdxl-6gb", {}, None), ("sdxl-8gb", "sdxl-8gb", {}, None), ("sdxl-12gb", "sdxl-12gb", {}, None)]
+SDXL_ROWS = [("sdxl-6gb", "sdxl-6gb", {}, (32, 1)), ("sdxl-8gb", "sdxl-8gb", {}, (32, 1)),
+             ("sdxl-12gb", "sdxl-12gb", {}, (64, 1))]
 GUIDANCE_MODES = ["none", "attention", "latent"]
 
 
@@ -52,12 +59,21 @@ class Model(NamedTuple):
     base: str  # the base model the rows train and sample (estimate.resolve_model's names)
     label: str  # as the tables name it
     resolution: int  # px, sampling; training takes the preset's
-    kohya: bool  # whether peers.py can trace kohya's step beside it (its SD 1.x step only)
+    kohya: str  # the traced entry point that counts kohya's step beside it
+    check: Callable  # the kohya checkout check for that step
+    kohya_settings: str  # kohya's settings, after "LoRA r{rank}"
+    kohya_flags: str  # the flags kohya runs with, as the footer names them
 
 
 MODELS = {
-    "sd15": Model(SD_ROWS, "sd15", "SD 1.5 512 px", 512, kohya=True),
-    "sdxl": Model(SDXL_ROWS, "sdxl-base", "SDXL 1024 px", 1024, kohya=False),
+    "sd15": Model(SD_ROWS, "sd15", "SD 1.5 512 px", 512, "lowmcgm.memory.flops:count_kohya", check_kohya_checkout,
+                  "+TE ({modules} modules), fp16, ckpt, SDPA, cached latents, batch {batch}",
+                  " ".join(KOHYA_DOC_FLAGS) + " --resolution=512, --network_dim and --train_batch_size as in each row"),
+    "sdxl": Model(SDXL_ROWS, "sdxl-base", "SDXL 1024 px", 1024, "lowmcgm.memory.flops:count_kohya_sdxl",
+                  check_kohya_sdxl_checkout, "UNet only ({modules} modules), fp16, ckpt, SDPA, cached latents and "
+                  "text-encoder outputs, batch {batch}",
+                  " ".join(SDXL_DOC_FLAGS) + " --resolution=1024, --network_dim as in each row (no --fp8_base: it "
+                  "changes no FLOP count)"),
 }
 
 
@@ -91,13 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--kohya", metavar="PATH", help="a kohya-ss/sd-scripts checkout: count its step beside lowmcgm's")
     ap.add_argument("--model", choices=tuple(MODELS), default="sd15",
-                    help="SD 1.5 at 512 px (with kohya beside it) or SDXL at 1024 px (lowmcgm alone)")
+                    help="SD 1.5 at 512 px or SDXL at 1024 px (each with kohya's step beside it given --kohya)")
     ap.add_argument("--json", help="write the figures here too")
     args = ap.parse_args(argv)
-    kohya = str(check_kohya_checkout(args.kohya)) if args.kohya else None  # fail before tracing
     model = MODELS[args.model]
-    if kohya and not model.kohya:
-        ap.error("--kohya counts kohya's SD 1.x step: use --model sd15")
+    kohya = str(model.check(args.kohya)) if args.kohya else None  # fail before tracing
     started = time.perf_counter()
 
     rows = model.rows
@@ -107,10 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     runs = sorted({peer for *_, peer in rows if peer is not None})
     peers = {}
     if kohya:
-        res = mt.run_traced("lowmcgm.memory.flops:count_kohya", {
-            "kohya": kohya, "runs": [{"rank": r, "resolution": 512, "batch_size": b} for r, b in runs]},
-            3600, mode="fake")["result"]
-        peers = {(r["rank"], r["batch_size"]): r for r in res}
+        # SDXL's kohya step takes 1 image (--train_batch_size=1): no batch size to give it.
+        kohya_runs = [{"rank": r, "resolution": 512, "batch_size": b} if args.model == "sd15"
+                      else {"rank": r, "resolution": model.resolution} for r, b in runs]
+        res = mt.run_traced(model.kohya, {"kohya": kohya, "runs": kohya_runs}, 3600, mode="fake")["result"]
+        peers = {(r["rank"], r.get("batch_size", 1)): r for r in res}
     sampling = mt.run_traced("lowmcgm.memory.flops:count_sampling", {
         "model": model.base, "resolution": model.resolution, "modes": GUIDANCE_MODES}, 1800, mode="fake")["result"]
     wall = time.perf_counter() - started
@@ -123,9 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     for rank, batch in runs:
         if (rank, batch) in peers:
             fig = peers[(rank, batch)]
-            lines.append(f"| kohya train_network.py, rank {rank}, {batch} image{'s' * (batch > 1)}/step | LoRA r{rank} "
-                         f"+TE ({fig['lora_modules']} modules), fp16, ckpt, SDPA, cached latents, batch {batch} | - | "
-                         + " | ".join(step_cells(fig)) + " | - |")
+            script = "train_network.py" if args.model == "sd15" else "sdxl_train_network.py"
+            settings = model.kohya_settings.format(modules=fig["lora_modules"], batch=batch)
+            lines.append(f"| kohya {script}, rank {rank}, {batch} image{'s' * (batch > 1)}/step | LoRA r{rank} "
+                         f"{settings} | - | " + " | ".join(step_cells(fig)) + " | - |")
     table_rows = []
     for (label, preset, over, peer), cfg, res in zip(rows, cfgs, ours):
         for ph in res["phases"]:
@@ -156,9 +172,11 @@ def main(argv: list[str] | None = None) -> int:
                      f"{g(image - plain_image)} | {image / plain_image:.2f} |")
         sampling_rows.append({"model": model.base, "mode": fig["mode"], "per_image_flops": image,
                               "extra_per_image_flops": image - plain_image, **fig})
-    lines += ["", "kohya flags: " + " ".join(KOHYA_DOC_FLAGS) + " --resolution=512, --network_dim and "
-              "--train_batch_size as in each row" if kohya else "kohya: not counted (no --kohya PATH)",
-              "", f"Counted in {wall:.0f} s."]
+    lines += ["", "kohya flags: " + model.kohya_flags if kohya else "kohya: not counted (no --kohya PATH)"]
+    lines += [f"kohya setup, rank {r}, counted apart from its step: {g(fig['setup_flops'])} GFLOP (latent caching "
+              f"{g(fig['latent_caching_flops'])}, text-encoder caching {g(fig['text_encoder_caching_flops'])})"
+              for (r, _), fig in sorted(peers.items()) if "latent_caching_flops" in fig]
+    lines += ["", f"Counted in {wall:.0f} s."]
     print("\n".join(lines))
     if args.json:
         Path(args.json).write_text(json.dumps({"training": table_rows, "kohya": list(peers.values()),

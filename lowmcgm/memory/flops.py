@@ -29,7 +29,8 @@ tracer's own patches of torch work the same way, :mod:`lowmcgm.memory.fake_cuda`
 
 Traced entry points (run by :func:`lowmcgm.memory.trace.run_traced`): :func:`count_jobs` (lowmcgm's
 training step per phase, set up by the trainer's own ``prepare_setup``), :func:`count_kohya` (kohya's
-``train_network.py`` step of :mod:`lowmcgm.memory.peers`) and :func:`count_sampling` (one denoising
+``train_network.py`` step of :mod:`lowmcgm.memory.peers`), :func:`count_kohya_sdxl` (its
+``sdxl_train_network.py`` step of :mod:`lowmcgm.memory.kohya_sdxl`) and :func:`count_sampling` (one denoising
 step per pose-guidance mode, :mod:`lowmcgm.memory.sampling`).
 """
 
@@ -174,6 +175,12 @@ class FlopCount:
 
     def _post_hook(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         modules = self._state().modules
+        if modules and torch.is_grad_enabled() and self._window_now() == "recompute":
+            # A reentrant checkpoint's recomputation makes the nodes its backward runs through, unseen
+            # by _NodeRecorder (no torch function mode there): the recomputed node's part.
+            for t in tree_leaves(output):
+                if isinstance(t, torch.Tensor) and t.grad_fn is not None:
+                    self._record_nodes(t.grad_fn, self._where()[1])
         if modules:  # always_call: also when the forward raised (checkpointing's early stop does)
             modules.pop()
 
@@ -335,6 +342,38 @@ def count_kohya(kohya: str, runs: list[dict[str, int]]) -> list[dict[str, Any]]:
             del count.counts[key]
         out.append({**run, **summarize(count), "setup_flops": setup_flops, "trainable_params": res["trainable_params"],
                     "lora_modules": res["lora_modules"], "flags": res["flags"], "notes": res["notes"]})
+        gc.collect()
+    return out
+
+
+def count_kohya_sdxl(kohya: str, runs: list[dict[str, int]]) -> list[dict[str, Any]]:
+    """Traced: kohya's ``sdxl_train_network.py`` step (:func:`lowmcgm.memory.kohya_sdxl.kohya_sdxl_step`,
+    ``--fp8_base`` off: it changes no FLOP count), one per ``{"rank", "resolution"}``. Its setup (latents
+    cached by the VAE, text-encoder outputs cached by both text encoders and kohya's pooled-output
+    projection outside them) is everything before the loop's first ``StepProbe.begin_step``: counted
+    apart, as ``setup_flops`` with its ``latent_caching_flops`` (part ``vae``) and
+    ``text_encoder_caching_flops`` (the rest), and not in the step's figures."""
+    from lowmcgm.memory import trace as mt
+    from lowmcgm.memory.kohya_sdxl import kohya_sdxl_step
+    from lowmcgm.memory.step_probe import StepProbe
+
+    s = mt.session()
+    out = []
+    for run in runs:
+        setup: dict[str, Any] = {}
+        with FlopCount(s.device.type) as count:
+            def begin_step(probe: StepProbe, *args: Any, _begin: Callable = StepProbe.begin_step, **kwargs: Any) -> Any:
+                if not setup:  # the first step begins: what was counted so far is the setup
+                    setup.update(flops=count.flops(), vae=count.flops(part="vae"), table=count.table())
+                    count.counts.clear()
+                return _begin(probe, *args, **kwargs)
+
+            count._patch(StepProbe, "begin_step", begin_step)
+            res = kohya_sdxl_step(kohya, run["rank"], False, run["resolution"], steps=1)
+        out.append({**run, **summarize(count), "setup_flops": setup["flops"], "latent_caching_flops": setup["vae"],
+                    "text_encoder_caching_flops": setup["flops"] - setup["vae"], "setup_table": setup["table"],
+                    "trainable_params": res["trainable_params"], "lora_modules": res["lora_modules"],
+                    "flags": res["flags"], "notes": res["notes"]})
         gc.collect()
     return out
 
