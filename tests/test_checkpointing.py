@@ -77,5 +77,9 @@ def test_modules_with_several_blocks_keep_per_block_checkpoints_and_eval_runs_un
         unet.train()
         module(x, encoder_hidden_states=ctx)
         assert calls == [1]
+        # A second call (a recipe set up twice on one UNet) does not nest a checkpoint in another.
+        assert checkpoint_unet(unet) == whole
+        module(x, encoder_hidden_states=ctx)
+        assert calls == [1, 1]
     finally:
         torch.utils.checkpoint.checkpoint = original

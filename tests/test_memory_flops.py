@@ -1,8 +1,6 @@
 """lowmcgm.memory.flops: the counting, on real CPU tensors of the tiny models (the fake-CUDA runs on
 SD-size models are tools/bench_flops.py's, docs/benchmarks.md "Compute per step")."""
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +14,7 @@ from lowmcgm.memory.estimate import build_job
 from lowmcgm.memory.flops import CAPTURE, LOSSES, OTHER, WINDOWS, FlopCount, count_job
 from lowmcgm.memory.peers import KOHYA_DOC_FLAGS, kohya_flags
 from lowmcgm.models.tiny import build_tiny_base
+from tools_loader import load_tool
 
 TINY = {"model.use_vae_offload": False}  # a CPU run cannot move the VAE off "the device"
 CONFIGS = {
@@ -104,16 +103,8 @@ def test_kohya_flags_take_a_batch_size_after_the_documented_one():
     assert "--train_batch_size=2" not in kohya_flags(16, 512)
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location(
-        "bench_flops", Path(__file__).resolve().parents[1] / "tools" / "bench_flops.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
-
-
 def test_bench_flops_rows_name_shipped_presets_and_refuse_a_non_kohya_folder(tmp_path):
-    bench = _bench()
+    bench = load_tool("bench_flops")
     for _, preset, over, _ in bench.SD_ROWS + bench.SDXL_ROWS:
         resolve_config(preset, None, over)
     with pytest.raises(UserError, match="not a kohya-ss/sd-scripts checkout"):
@@ -121,7 +112,7 @@ def test_bench_flops_rows_name_shipped_presets_and_refuse_a_non_kohya_folder(tmp
 
 
 def test_bench_flops_counts_kohyas_sdxl_step_beside_the_sdxl_presets(tmp_path, monkeypatch):
-    bench = _bench()
+    bench = load_tool("bench_flops")
     sd = ("train_network.py", "networks/lora.py", "library/original_unet.py", "library/train_util.py")
     sdxl = ("sdxl_train_network.py", "library/sdxl_original_unet.py", "library/sdxl_train_util.py",
             "library/strategy_sdxl.py")

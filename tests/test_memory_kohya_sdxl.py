@@ -5,7 +5,6 @@ Tracing kohya's SDXL step needs a kohya-ss/sd-scripts checkout, which is not par
 that runs in tools/bench_memory_sdxl.py --kohya PATH, not here.
 """
 
-import importlib.util
 from pathlib import Path
 from unittest import mock
 
@@ -16,6 +15,7 @@ from lowmcgm.memory import kohya_sdxl
 from lowmcgm.memory.estimate import Estimate, PhaseEstimate
 from lowmcgm.memory.kohya_sdxl import (SDXL_DOC_FLAGS, SDXL_VARIANTS, check_kohya_sdxl_checkout, check_variants,
                                        sdxl_flags, trace_kohya_sdxl)
+from tools_loader import load_tool
 
 GiB = 2**30
 SD_FILES = ("train_network.py", "networks/lora.py", "library/original_unet.py", "library/train_util.py")
@@ -28,14 +28,6 @@ def _checkout(root: Path, files) -> Path:
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text("")
     return root
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location(
-        "bench_memory_sdxl", Path(__file__).resolve().parents[1] / "tools" / "bench_memory_sdxl.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
 
 
 def test_flags_are_kohyas_documented_low_vram_sdxl_settings_with_rank_and_fp8():
@@ -86,7 +78,7 @@ def test_trace_checks_its_arguments_before_starting_a_subprocess(tmp_path):
 
 
 def test_bench_refuses_a_missing_or_non_kohya_folder_before_tracing(tmp_path):
-    bench = _bench()
+    bench = load_tool("bench_memory_sdxl")
     with mock.patch.object(bench, "run_jobs") as run:
         with pytest.raises(SystemExit):
             bench.main([])  # --kohya is required
@@ -96,7 +88,7 @@ def test_bench_refuses_a_missing_or_non_kohya_folder_before_tracing(tmp_path):
 
 
 def test_bench_tables_put_the_fp8_rank_32_peer_first_and_itemise_the_step_peak(tmp_path, capsys):
-    bench = _bench()
+    bench = load_tool("bench_memory_sdxl")
     parts = {key: (i + 1) * 2**20 for i, key in enumerate(bench.PART_NAMES)}
     phases = [PhaseEstimate(p, peak, parts, "backward", 0, 0, GiB, 1, 1, "AdamW8bit") for p, peak in ((1, 5 * GiB),
                                                                                                     (2, 6 * GiB))]

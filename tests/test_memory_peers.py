@@ -4,14 +4,13 @@ Tracing kohya's step needs a kohya-ss/sd-scripts checkout, which is not part of 
 that runs in tools/bench_memory.py --kohya PATH (docs/benchmarks.md), not here.
 """
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 
 from lowmcgm.errors import UserError
 from lowmcgm.memory.peers import (KOHYA_DOC_FLAGS, Figures, check_kohya_checkout, comparison_rows,
                                   kohya_flags)
+from tools_loader import load_tool
 
 GiB = 2**30
 KOHYA_FILES = ("train_network.py", "networks/lora.py", "library/original_unet.py", "library/train_util.py")
@@ -46,10 +45,7 @@ def test_kohya_flags_are_the_documented_ones_with_rank_and_resolution():
 
 
 def test_bench_memory_refuses_a_non_kohya_folder_before_tracing(tmp_path):
-    spec = importlib.util.spec_from_file_location(
-        "bench_memory", Path(__file__).resolve().parents[1] / "tools" / "bench_memory.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_tool("bench_memory")
     assert set(bench.SIDE_BY_SIDE) <= {label for label, *_ in bench.ROWS}
     assert bench.REFERENCE_LABEL in {label for label, *_ in bench.ROWS}
     with pytest.raises(UserError, match="not a kohya-ss/sd-scripts checkout"):

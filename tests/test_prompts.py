@@ -65,6 +65,14 @@ def test_fit_pose_masks_covers_and_center_crops():
     assert fit_pose_masks(plan, 16, 16) is fitted  # fitted once per size
     plan.pose_masks = [~tall]  # other masks: fitted again, never the old ones
     assert fit_pose_masks(plan, 16, 16)[0, :, 8:].all() and not fit_pose_masks(plan, 16, 16)[0, :, :8].any()
+    # Arrays made and dropped in turn often get the id of the one before: still fitted again.
+    for i in range(20):
+        plan.pose_masks = []  # the last array freed first, so that the next one may take its id
+        half = np.zeros((40, 20), bool)
+        half[:, slice(0, 10) if i % 2 == 0 else slice(10, 20)] = True
+        plan.pose_masks = [half]
+        fitted = fit_pose_masks(plan, 16, 16)
+        assert bool(fitted[0, :, 0].all()) == (i % 2 == 0), i
 
 
 def test_parse_poses_and_prompts_file(tmp_path):

@@ -9,9 +9,7 @@ gate (``tools/eval_toy_base.py --record`` writes that into its ``toyworld.json``
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import tomllib
 from pathlib import Path
 
@@ -21,20 +19,10 @@ import torch
 import lowmcgm.toy.bundled as toy
 from lowmcgm.errors import UserError
 from lowmcgm.models.loading import load_base_model
+from tools_loader import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_BUNDLED_BYTES = 30 * 2**20  # issue 7: the shipped weights stay under 30 MB
-
-
-def load_tool(name: str):
-    """A script of ``tools/`` as a module."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def make_toy_model(folder: Path, info: dict | None = None) -> Path:

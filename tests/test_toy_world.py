@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +16,7 @@ from lowmcgm.toy import metrics
 from lowmcgm.toy.scenes import (BACKDROPS, BACKGROUNDS, FAR_SHADE, HELDOUT_COMBOS, PALETTES, VOCABULARY, Scene, caption,
                                 render_scene, sample_scene, scene_combos)
 from lowmcgm.toy.silhouettes import KINDS, POSES, Subject, render_pose_mask, sample_offsets
+from tools_loader import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -172,7 +171,7 @@ def _png(name: str) -> np.ndarray:
 def test_a_dog_on_an_off_shade_sky_counts_as_drawn(name):
     # Issue 26: a big brown dog under a sky 55 RGB units darker than the palette's beach sky. The
     # sky used to count as foreground (85% of the image), which read as noise: "not drawn", IoU 0.
-    bench = _load_tool("bench_pose")
+    bench = load_tool("bench_pose")
     photo = bench.make_photos(1, 1, targets=2, size_px=64, seed=0)[0]
     target = photo.targets[1]
     assert (target.masks[0] == (_png("s1-p00-t1-target.png")[..., 0] > 127)).all()  # the figure's photo
@@ -272,19 +271,11 @@ def test_sample_scene_honours_restrictions_and_exclusions():
                      backgrounds=["grass"], exclude=HELDOUT_COMBOS)
 
 
-def _load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_trainer_stages_resume_and_export(tmp_path):
     import torch
     from diffusers import StableDiffusionPipeline
 
-    train = _load_tool("train_toy_base")
+    train = load_tool("train_toy_base")
     def opts(out: Path) -> list[str]:
         return ["--preset", "tiny", "--out", str(out), "--device", "cpu", "--log-every", "1"]
 
@@ -335,7 +326,7 @@ def test_trainer_switches_to_zero_terminal_snr_and_saves_the_schedule_it_trained
     import torch
     from diffusers import StableDiffusionPipeline
 
-    train = _load_tool("train_toy_base")
+    train = load_tool("train_toy_base")
     common = ["--preset", "tiny", "--out", str(tmp_path), "--device", "cpu", "--log-every", "1"]
     threads = torch.get_num_threads()
     try:
@@ -361,7 +352,7 @@ def test_trainer_switches_to_zero_terminal_snr_and_saves_the_schedule_it_trained
 
 
 def test_trainer_batches_depend_only_on_seed_and_step():
-    train = _load_tool("train_toy_base")
+    train = load_tool("train_toy_base")
     cfg = train.ToyConfig(**train.PRESETS["tiny"])
     x1, t1 = train.render_batch(train.step_rng(cfg, "unet", 5), 2, 64, True)
     x2, t2 = train.render_batch(train.step_rng(cfg, "unet", 5), 2, 64, True)
@@ -370,7 +361,7 @@ def test_trainer_batches_depend_only_on_seed_and_step():
 
 
 def test_trainer_varies_caption_wording_without_changing_the_scenes():
-    train = _load_tool("train_toy_base")
+    train = load_tool("train_toy_base")
     cfg = train.ToyConfig(**train.PRESETS["tiny"])
     batches = {}
     for variants in (False, True):

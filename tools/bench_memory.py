@@ -44,6 +44,7 @@ from lowmcgm.config import resolve_config
 from lowmcgm.memory.estimate import GiB, build_job, config_words, margin_note, required_card_bytes, run_jobs
 from lowmcgm.memory.peers import (KOHYA_DOC_FLAGS, KOHYA_DOC_RANK, Figures, check_kohya_checkout, trace_kohya)
 from lowmcgm.memory.saved_activations import trace_saved
+from lowmcgm.memory.step_probe import PART_NAMES
 
 NO_MCGM_LOSSES = {"loss.use_attention_loss": False, "loss.use_mask_tokens": False}
 # kohya traced at (rank, images per step): each SD preset's equal settings (a preset with prior
@@ -197,9 +198,6 @@ def side_by_side(cfgs: list, estimated: list, kohya_results: list[dict]) -> list
     return rows
 
 
-PART_NAMES = {"frozen_weights": "frozen weights", "trainable_weights": "trainable weights",
-              "optimizer_state": "optimizer state", "other_resident": "other resident", "gradients": "gradients",
-              "activations": "kept activations", "transient": "transient (at the peak)"}
 
 
 def itemised_rows(cfgs: list, estimated: list, kohya_results: list[dict], ours_saved: dict) -> list[list[str]]:

@@ -26,13 +26,11 @@ from lowmcgm.memory.estimate import GiB, build_job, config_words, run_jobs
 from lowmcgm.memory.kohya_sdxl import (SDXL_DOC_FLAGS, SDXL_RESOLUTION, SDXL_VARIANTS, check_kohya_sdxl_checkout,
                                        trace_kohya_sdxl)
 from lowmcgm.memory.peers import Figures, comparison_rows
+from lowmcgm.memory.step_probe import PART_NAMES
 
 MODEL = "sdxl-base"
 PRESETS = ("sdxl-8gb", "sdxl-6gb")
 PEER = (32, True)  # the ratio column's kohya variant: rank 32 with --fp8_base (lowmcgm's presets: fp8 UNet)
-PART_NAMES = {"frozen_weights": "frozen weights", "trainable_weights": "trainable weights",
-              "optimizer_state": "optimizer state", "other_resident": "other resident", "gradients": "gradients",
-              "activations": "kept activations", "transient": "transient (at the peak)"}
 MiB = 2**20
 
 

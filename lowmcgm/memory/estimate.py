@@ -30,6 +30,7 @@ from lowmcgm.errors import UserError
 from lowmcgm.limits import MAX_CARD_GB
 from lowmcgm.memory import trace as mt
 from lowmcgm.memory.attention_layouts import ATTENTION_LAYOUTS
+from lowmcgm.memory.step_probe import PART_NAMES
 
 GiB = 2**30
 MiB = 2**20
@@ -40,8 +41,6 @@ CARD_TIERS_GIB = (4, 6, 8, 10, 12, 16, 24)
 CUDA_CONTEXT_BYTES = 512 * MiB  # "CUDA context 0.3-0.6 GiB": toward the top of the range
 WORKSPACE_BYTES = 100 * MiB  # "cuBLAS/cuDNN workspaces up to about 100 MiB"
 ALLOCATOR_SLACK = 0.10  # "caching-allocator slack 5-20 %" (max_memory_reserved over allocated): mid-range
-PART_NAMES = ("frozen_weights", "trainable_weights", "optimizer_state", "other_resident", "gradients",
-              "activations", "transient")
 PART_LABELS = {
     "frozen_weights": "frozen weights",
     "trainable_weights": "trainable weights",

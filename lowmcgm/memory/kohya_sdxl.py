@@ -67,8 +67,8 @@ import torch
 from lowmcgm.errors import UserError
 from lowmcgm.memory import trace as mt
 from lowmcgm.memory.peers import (CAPTION, KOHYA_REQUIRED, STEPS, KohyaAccelerator, check_kohya_checkout,
-                                  install_import_shims)
-from lowmcgm.memory.step_probe import StepProbe, optimizer_state_bytes, peak_parts
+                                  install_import_shims, run_kohya_steps)
+from lowmcgm.memory.step_probe import peak_parts
 
 # kohya's documented low-VRAM settings for SDXL LoRA, with their sources in the checkout (48d368fa):
 # - docs/train_SDXL-en.md, "Tips for SDXL training": "The LoRA training can be done with 8GB GPU
@@ -313,28 +313,11 @@ def kohya_sdxl_step(kohya: str, rank: int = 32, fp8_base: bool = False, resoluti
              "alpha_masks": None, "custom_attributes": [{}] * batch_size, "flippeds": [False] * batch_size,
              "network_multipliers": torch.ones(batch_size).to(s.device)}
     del info, dataset
-    probe = StepProbe(s.counter, [p for group in optimizer.param_groups for p in group["params"]])
-    acc.probe = probe
-    hooks = probe.watch_optimizer(optimizer)
-    gc.collect()
-    s.reset_peak()
-    for _ in range(steps):  # the loop body, l.1420-1459
-        probe.begin_step(optimizer_state_bytes(optimizer, s.device.type))
-        with probe:
-            loss = trainer.process_batch(batch, text_encoders, unet, network, vae, noise_scheduler, vae_dtype,
-                                         weight_dtype, acc, args, text_encoding_strategy, tokenize_strategy,
-                                         is_train=True, train_text_encoder=train_text_encoder,
-                                         train_unet=train_unet)
-            acc.backward(loss)
-            del loss
-            if args.max_grad_norm != 0.0:
-                acc.clip_grad_norm_(network.get_trainable_params(), args.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        probe.enter("between steps")
-    for hook in hooks:
-        hook.remove()
-    probe.close()
+    probe, _ = run_kohya_steps(
+        s, steps, optimizer, acc, network, args, None,
+        lambda: trainer.process_batch(batch, text_encoders, unet, network, vae, noise_scheduler, vae_dtype,
+                                      weight_dtype, acc, args, text_encoding_strategy, tokenize_strategy,
+                                      is_train=True, train_text_encoder=train_text_encoder, train_unet=train_unet))
     peak = s.counter.peak - baseline
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
     return {"rank": rank, "fp8_base": fp8_base, "peak_bytes": peak, "setup_peak_bytes": max(latent_peak, te_peak),

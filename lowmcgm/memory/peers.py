@@ -58,7 +58,7 @@ import sys
 import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -351,30 +351,12 @@ def kohya_step(kohya: str, rank: int = 8, resolution: int = 512, steps: int = ST
              "loss_weights": torch.ones(batch_size, device=s.device), "captions": [CAPTION] * batch_size,
              "images": None}
     params = list(network.parameters())
-    probe = StepProbe(s.counter, [p for group in optimizer.param_groups for p in group["params"]])
-    acc.probe = probe
-    hooks = probe.watch_optimizer(optimizer)
-    gc.collect()
-    s.reset_peak()
-    for _ in range(steps):  # the loop body, l.1415-1459
-        probe.begin_step(optimizer_state_bytes(optimizer, s.device.type))
-        watch = SavedActivations({"unet": unet, "text_encoder": text_encoder}, s.device.type)
-        with probe, (watch if saved else contextlib.nullcontext()):
-            loss = trainer.process_batch(batch, [text_encoder], unet, network, vae, noise_scheduler, vae_dtype,
-                                         weight_dtype, acc, args, text_encoding_strategy, tokenize_strategy,
-                                         is_train=True, train_text_encoder=train_text_encoder,
-                                         train_unet=train_unet)
-            watch.recording = False
-            acc.backward(loss)
-            del loss
-            if args.max_grad_norm != 0.0:
-                acc.clip_grad_norm_(network.get_trainable_params(), args.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        probe.enter("between steps")
-    for hook in hooks:
-        hook.remove()
-    probe.close()
+    roots = {"unet": unet, "text_encoder": text_encoder} if saved else None
+    probe, saved_by_module = run_kohya_steps(
+        s, steps, optimizer, acc, network, args, roots,
+        lambda: trainer.process_batch(batch, [text_encoder], unet, network, vae, noise_scheduler, vae_dtype,
+                                      weight_dtype, acc, args, text_encoding_strategy, tokenize_strategy,
+                                      is_train=True, train_text_encoder=train_text_encoder, train_unet=train_unet))
     peak = s.counter.peak - baseline
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
     # Gradients the optimizer never clears: kohya's checkpointing workaround makes the text encoder's
@@ -387,7 +369,48 @@ def kohya_step(kohya: str, rank: int = 8, resolution: int = 512, steps: int = ST
             "trainable_params": sum(p.numel() for p in params),
             "lora_modules": len(network.unet_loras) + len(network.text_encoder_loras),
             "optimizer": f"{type(optimizer).__module__}.{type(optimizer).__name__} ({optimizer_name})",
-            "flags": flags, "notes": mods["notes"], **({"saved_by_module": dict(watch.by_module)} if saved else {})}
+            "flags": flags, "notes": mods["notes"], **({"saved_by_module": saved_by_module} if saved else {})}
+
+
+def run_kohya_steps(s: Any, steps: int, optimizer: Any, acc: "KohyaAccelerator", network: Any, args: Any,
+                    saved_roots: dict[str, torch.nn.Module] | None, process_batch: Callable[[], torch.Tensor]
+                    ) -> tuple[StepProbe, dict[str, int]]:
+    """kohya's loop body (train_network.py l.1415-1459) ``steps`` times, followed by a :class:`StepProbe`.
+
+    Args:
+        s: the tracing session (its counter and device).
+        process_batch: ``trainer.process_batch`` with the step's arguments; returns the loss.
+        saved_roots: the models whose saved activations to itemise (by module), or None.
+
+    Returns:
+        The closed probe, and what the last step's forward saved for backward by module ({} without
+        ``saved_roots``).
+    """
+    probe = StepProbe(s.counter, [p for group in optimizer.param_groups for p in group["params"]])
+    acc.probe = probe
+    hooks = probe.watch_optimizer(optimizer)
+    gc.collect()
+    s.reset_peak()
+    by_module: dict[str, int] = {}
+    for _ in range(steps):
+        probe.begin_step(optimizer_state_bytes(optimizer, s.device.type))
+        watch = SavedActivations(saved_roots, s.device.type) if saved_roots else None
+        with probe, (watch if watch is not None else contextlib.nullcontext()):
+            loss = process_batch()
+            if watch is not None:
+                watch.recording = False  # a reentrant checkpoint's recompute saves again
+            acc.backward(loss)
+            del loss
+            if args.max_grad_norm != 0.0:
+                acc.clip_grad_norm_(network.get_trainable_params(), args.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        probe.enter("between steps")
+        by_module = dict(watch.by_module) if watch is not None else {}
+    for hook in hooks:
+        hook.remove()
+    probe.close()
+    return probe, by_module
 
 
 def trace_kohya(kohya: str | Path, settings: list[tuple[int, int]], resolution: int = 512, *,

@@ -90,6 +90,12 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer, device_type: str) ->
                             if isinstance(t, torch.Tensor) and t.device.type == device_type)
 
 
+# The parts :func:`peak_parts` splits a step's peak into, in order, with the short names tables give them.
+PART_NAMES = {"frozen_weights": "frozen weights", "trainable_weights": "trainable weights",
+              "optimizer_state": "optimizer state", "other_resident": "other resident", "gradients": "gradients",
+              "activations": "kept activations", "transient": "transient (at the peak)"}
+
+
 def peak_parts(probe: StepProbe, peak: int, baseline: int, modules: Iterable[torch.nn.Module],
                params: list[torch.nn.Parameter], device_type: str) -> dict[str, Any]:
     """The peak (bytes above ``baseline``) split into parts, with where it was reached.

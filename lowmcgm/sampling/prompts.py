@@ -97,7 +97,9 @@ class PlannedPrompt:
     where: str = ""  # where the prompt came from, for messages (``--prompt 2``)
     # The poses fitted to each sampling size, fitted once (``fit_pose_masks``): the mask tokens, the
     # guidance and the pose pictures all read them.
-    fitted: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+    # Each size keeps the mask arrays it was fitted from (identity, not id(): an id can be reused).
+    fitted: dict[tuple[int, int], tuple[list[np.ndarray | None], torch.Tensor]] = field(
+        default_factory=dict, repr=False, compare=False)
 
     @property
     def poses(self) -> dict[str, str]:
@@ -279,11 +281,13 @@ def fit_pose_masks(plan: PlannedPrompt, height: int, width: int) -> torch.Tensor
     Returns:
         (k, height, width) float32 in {0, 1}; the blank mask is all zeros.
     """
-    # Keyed by the masks too: a plan whose pose_masks were given other arrays is fitted again.
-    key = (height, width, *(id(m) for m in plan.pose_masks))
-    if key not in plan.fitted:
-        plan.fitted[key] = _fit(plan, height, width)
-    return plan.fitted[key]
+    # A plan whose pose_masks were given other arrays since is fitted again.
+    masks, tensor = plan.fitted.get((height, width), ([], None))
+    same = len(masks) == len(plan.pose_masks) and all(a is b for a, b in zip(masks, plan.pose_masks))
+    if tensor is None or not same:
+        tensor = _fit(plan, height, width)
+        plan.fitted[(height, width)] = (list(plan.pose_masks), tensor)
+    return tensor
 
 
 def _fit(plan: PlannedPrompt, height: int, width: int) -> torch.Tensor:

@@ -27,6 +27,8 @@ def checkpoint_unet(unet: torch.nn.Module) -> int:
     Only in training mode and with gradients on (as transformers' checkpointing): sampling, and
     latent pose guidance's own checkpointing, run the modules as they are.
 
+    Calling it again on the same UNet changes nothing (a module is never checkpointed inside itself).
+
     Returns:
         How many attention modules are checkpointed whole.
     """
@@ -34,9 +36,10 @@ def checkpoint_unet(unet: torch.nn.Module) -> int:
     whole = 0
     for module in unet.modules():
         if isinstance(module, Transformer2DModel) and len(module.transformer_blocks) == 1:
-            module.gradient_checkpointing = False  # its block is recomputed with the whole module instead
-            module.forward = _recomputed_in_backward(module, module.forward)
             whole += 1
+            module.gradient_checkpointing = False  # its block is recomputed with the whole module instead
+            if not getattr(module.forward, "recomputes_whole_module", False):  # not wrapped already
+                module.forward = _recomputed_in_backward(module, module.forward)
     return whole
 
 
@@ -46,6 +49,7 @@ def _recomputed_in_backward(module: torch.nn.Module, forward: Callable[..., Any]
         if not (module.training and torch.is_grad_enabled()):
             return forward(*args, **kwargs)
         return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    run.recomputes_whole_module = True  # type: ignore[attr-defined]
     return run
 
 
