@@ -7,15 +7,18 @@ import pytest
 from lowmcgm.memory.sampling import estimate_sampling
 
 
-def test_latent_guidance_costs_a_backward_which_checkpointing_keeps_small():
+def test_latent_guidance_costs_a_backward_which_stays_below_the_decode_on_sd():
     none, latent = (estimate_sampling("sd15", 512, mode)["result"] for mode in ("none", "latent"))
-    stored = estimate_sampling("sd15", 512, "latent", guidance_checkpointing=False)["result"]
+    checkpointed = estimate_sampling("sd15", 512, "latent", guidance_checkpointing=True)["result"]
     assert none["weights_bytes"] == latent["weights_bytes"] > 1.5 * 2**30  # fp16 UNet + VAE
-    # The backward to the latent keeps activations a plain no-grad step frees at once: every one
-    # without checkpointing, each block's input with it (the default).
-    assert stored["step_peak_bytes"] > 2 * latent["step_peak_bytes"]
-    assert latent["step_peak_bytes"] > none["step_peak_bytes"]
-    assert latent["decode_peak_bytes"] == none["decode_peak_bytes"]
+    # The backward to the latent keeps activations a plain no-grad step frees at once: every one up
+    # to the guided layers' block without checkpointing (SD's choice), each block's input with it.
+    assert not latent["guidance_checkpointing"]
+    assert latent["step_peak_bytes"] > 2 * checkpointed["step_peak_bytes"]
+    assert checkpointed["step_peak_bytes"] >= none["step_peak_bytes"]
+    # Even so, the VAE decode needs more: the peak is unguided sampling's.
+    assert latent["decode_peak_bytes"] == none["decode_peak_bytes"] > latent["step_peak_bytes"]
+    assert latent["peak_bytes"] == none["peak_bytes"]
 
 
 def test_sdxl_decodes_in_fp32_and_its_text_encoders_only_visit():

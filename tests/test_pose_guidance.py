@@ -335,6 +335,38 @@ def test_latent_guidance_steps_alike_with_and_without_checkpointing(rule):
     assert not unet.is_gradient_checkpointing and dict(unet.attn_processors) == before
 
 
+@pytest.mark.parametrize("layers", ["loss", "mid-up"])
+def test_latent_guidance_pass_stops_after_the_guided_layers_with_the_same_step(layers):
+    from lowmcgm.sampling.latent_guidance import guidance_layers, last_block
+
+    # The noise-scaled rule reads each layer at its own size (mid-up mixes two sizes).
+    unet, latents, scheduler, make = _tiny_guidance(SampleSettings(pose_guidance_step="noise-scaled",
+                                                                   pose_guidance_layers=layers))
+    last = last_block(guidance_layers(unet, layers))
+    order = [f"up_blocks.{i}" for i in range(len(unet.up_blocks))] + ["conv_out"]
+    assert last in order[:-2]  # tiny (SD 1.5 shrunk): later up blocks exist
+    ran = []
+    hooks = [unet.get_submodule(name).register_forward_pre_hook(lambda m, a, name=name: ran.append(name))
+             for name in order]
+    t = scheduler.timesteps[2]
+    try:
+        for checkpointing in (False, True):
+            ran.clear()
+            cut = make(checkpointing=checkpointing).step(latents, t, scheduler)
+            assert ran == order[:order.index(last) + 1], ran  # nothing after the last guided layer's block
+            ran.clear()
+            whole = make(checkpointing=checkpointing, truncated=False).step(latents, t, scheduler)
+            assert ran == order
+            assert not torch.equal(cut, latents) and torch.equal(cut, whole)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert last_block(["down_blocks.2.attentions.0.transformer_blocks.0.attn2.processor",
+                       "mid_block.attentions.0.transformer_blocks.0.attn2.processor"]) == "mid_block"
+    assert last_block(["up_blocks.10.attentions.0.transformer_blocks.0.attn2.processor",
+                       "up_blocks.2.attentions.0.transformer_blocks.0.attn2.processor"]) == "up_blocks.10"
+
+
 def test_noise_scaled_step_is_sigma_squared_times_the_gradient_on_ddim_and_euler():
     """layout-guidance's step, ``latents - grad * sigma_t^2`` on its k-diffusion latent, seen from
     DDIM's latent (the model input itself) is (1 - a_t) x the gradient; on Euler's, sigma_t^2."""

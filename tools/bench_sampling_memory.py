@@ -2,7 +2,7 @@
 CUDA tensors with lowmcgm's own guidance code (``lowmcgm.memory.sampling``): no GPU, no weights.
 
     OMP_NUM_THREADS=1 python tools/bench_sampling_memory.py [--model sd15] [--resolution 512] [--dtype fp16] [--fp8-unet]
-        [--no-guidance-checkpointing]
+        [--guidance-checkpointing family|on|off]
 """
 
 from __future__ import annotations
@@ -25,11 +25,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--dtype", default="fp16", choices=("fp16", "bf16", "fp32"))
     p.add_argument("--fp8-unet", action="store_true", help="the UNet stored in fp8 (artifacts trained with "
                                                            "model.fp8_base, e.g. preset sdxl-8gb)")
-    p.add_argument("--no-guidance-checkpointing", action="store_true",
-                   help="latent guidance's UNet pass without gradient checkpointing (the figure before it had it)")
+    p.add_argument("--guidance-checkpointing", default="family", choices=("family", "on", "off"),
+                   help="latent guidance's UNet pass with gradient checkpointing or not; family (default): as "
+                        "lowmcgm samples, the model family's choice (SDXL on, SD 1.x/2.x off)")
     args = p.parse_args(argv)
+    checkpointing = {"family": None, "on": True, "off": False}[args.guidance_checkpointing]
     rows = [estimate_sampling(args.model, args.resolution, mode, args.dtype, fp8_unet=args.fp8_unet,
-                              guidance_checkpointing=not args.no_guidance_checkpointing)["result"] for mode in MODES]
+                              guidance_checkpointing=checkpointing)["result"] for mode in MODES]
     none = rows[0]["peak_bytes"]
     print("| pose guidance | weights | text encoders (while encoding) | denoising step (above weights) | "
           "VAE decode (above weights) | peak | x none |")

@@ -28,8 +28,12 @@ MODES = ("none", "attention", "latent")
 
 def estimate_sampling(model: str = "sd15", resolution: int = 512, mode: str = "none", dtype: str = "fp16",
                       timeout_s: float = 600.0, fp8_unet: bool = False,
-                      guidance_checkpointing: bool = True) -> dict[str, Any]:
-    """Trace one guided denoising step and one VAE decode; return their peaks in bytes."""
+                      guidance_checkpointing: bool | None = None) -> dict[str, Any]:
+    """Trace one guided denoising step and one VAE decode; return their peaks in bytes.
+
+    ``guidance_checkpointing``: latent guidance's pass with gradient checkpointing or not; None: as
+    ``PoseSampler`` runs it, the model family's choice (``ModelFamily.guidance_checkpointing``).
+    """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
     return mt.run_traced("lowmcgm.memory.sampling:sampling_step",
@@ -38,7 +42,7 @@ def estimate_sampling(model: str = "sd15", resolution: int = 512, mode: str = "n
 
 
 def sampling_step(model: str, resolution: int, mode: str, dtype: str, fp8_unet: bool = False,
-                  guidance_checkpointing: bool = True) -> dict[str, Any]:
+                  guidance_checkpointing: bool | None = None) -> dict[str, Any]:
     """Traced: build the UNet, VAE (and SDXL's text encoders) of ``model`` and run one step of
     ``mode`` and one decode."""
     import gc
@@ -50,6 +54,7 @@ def sampling_step(model: str, resolution: int, mode: str, dtype: str, fp8_unet: 
     from lowmcgm.config import SampleSettings
     from lowmcgm.models.configs import SHIPPED_CONFIGS
     from lowmcgm.models.dtypes import torch_dtype
+    from lowmcgm.models.families import detect_family
     from lowmcgm.sampling.latent_guidance import LatentGuidance, guidance_layers
     from lowmcgm.sampling.pose_guidance import DEFAULT_STRENGTH, PoseGuide, guidance_rule, guided_attention
 
@@ -64,6 +69,9 @@ def sampling_step(model: str, resolution: int, mode: str, dtype: str, fp8_unet: 
         s.materialize(module, lambda name, param: weight_dtype)
     if fp8_unet:
         store_in_fp8(unet, weight_dtype)
+    if guidance_checkpointing is None:
+        family = detect_family(unet.config, (folder / "text_encoder_2").is_dir())
+        guidance_checkpointing = family.guidance_checkpointing
     weights = s.counter.current
     encoders = _visiting_text_encoders(folder)
     for module in encoders:  # measured, then gone: they leave the GPU once the prompt is encoded
@@ -105,6 +113,7 @@ def sampling_step(model: str, resolution: int, mode: str, dtype: str, fp8_unet: 
         vae.decode(latents / vae.config.scaling_factor)
     decode_peak = s.counter.peak - weights
     return {"model": model, "resolution": resolution, "mode": mode, "dtype": dtype, "fp8_unet": fp8_unet,
+            "guidance_checkpointing": guidance_checkpointing,
             "weights_bytes": weights, "text_encoders_bytes": text_encoders, "step_peak_bytes": step_peak,
             "decode_peak_bytes": decode_peak, "peak_bytes": weights + max(step_peak, decode_peak, text_encoders)}
 

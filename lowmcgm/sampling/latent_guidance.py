@@ -161,11 +161,13 @@ class LatentGuidance:
 
     def __init__(self, unet: Any, layers: list[str], context: torch.Tensor, guide: PoseGuide,
                  settings: SampleSettings = SampleSettings(),
-                 added_cond_kwargs: dict[str, torch.Tensor] | None = None, checkpointing: bool = True):
+                 added_cond_kwargs: dict[str, torch.Tensor] | None = None, checkpointing: bool = True,
+                 truncated: bool = True):
         self.unet, self.layers, self.context, self.guide = unet, layers, context, guide
         self.settings = settings
         self.added_cond_kwargs = added_cond_kwargs
         self.checkpointing = checkpointing
+        self.truncated = truncated  # False: the whole UNet runs (for comparisons)
 
     def step(self, latents: torch.Tensor, timestep: torch.Tensor, scheduler: Any) -> torch.Tensor:
         """The guided latent for one step (unchanged once the guided steps are over).
@@ -201,12 +203,14 @@ class LatentGuidance:
         store = CrossAttentionStore(keep_heads=self.settings.pose_guidance_step == "noise-scaled")
         key_index = torch.tensor(self.guide.columns)[None].expand(latents.shape[0], -1)
         installed = install_capture(self.unet, self.layers, store)
+        stop = contextlib.nullcontext() if not self.truncated else _stopped_after(self.unet, self.layers)
         try:
             with torch.enable_grad(), _checkpointed(self.unet, self.checkpointing):
                 x = latents.detach().requires_grad_(True)
                 store.begin(key_index)
-                self.unet(scheduler.scale_model_input(x, timestep), timestep, self.context,
-                          added_cond_kwargs=self.added_cond_kwargs)
+                with stop:
+                    self.unet(scheduler.scale_model_input(x, timestep), timestep, self.context,
+                              added_cond_kwargs=self.added_cond_kwargs)
                 store.end()
                 energy = self._energy(store, x.shape[-2:])
                 (grad,) = torch.autograd.grad(energy.sum(), x)
@@ -248,6 +252,39 @@ def _noise_step_scale(scheduler: Any, timestep: Any) -> float:
     alpha = float(scheduler.alphas_cumprod[int(timestep)])
     s = float(scheduler.scale_model_input(torch.ones(()), timestep))
     return (1.0 - alpha) / max(s * s, 1e-12)
+
+
+def last_block(layers: list[str]) -> str:
+    """The UNet block (``down_blocks.i``, ``mid_block`` or ``up_blocks.i``) that runs the last of
+    ``layers`` (processor names) in the forward pass: down blocks, then the mid block, then up blocks."""
+    def order(block: str) -> tuple[int, int]:
+        kind, _, index = block.partition(".")
+        return {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}[kind], int(index or 0)
+    blocks = {name.split(".")[0] if name.startswith("mid_block") else ".".join(name.split(".")[:2]) for name in layers}
+    return max(blocks, key=order)
+
+
+class _Enough(Exception):
+    """The guided layers have all run: the rest of the UNet cannot change the energy."""
+
+
+@contextlib.contextmanager
+def _stopped_after(unet: Any, layers: list[str]) -> Iterator[None]:
+    """The UNet's forward ends once the block of the last guided layer has run (a forward hook raises,
+    the exception is caught here). The energy and its gradient are the same; the blocks after it
+    (SD's 32x32 and 64x64 up blocks when the 16x16 maps are read: the largest ones) are not run,
+    and their activations are not kept. The hook is gone before the backward, whose recompute
+    of checkpointed pieces runs inside the blocks."""
+    def stop(module: Any, args: Any, output: Any) -> None:
+        raise _Enough
+
+    handle = unet.get_submodule(last_block(layers)).register_forward_hook(stop)
+    try:
+        yield
+    except _Enough:
+        pass
+    finally:
+        handle.remove()
 
 
 @contextlib.contextmanager

@@ -165,7 +165,8 @@ class PoseSampler:
                 latent = LatentGuidance(self.pipe.unet, guidance_layers(self.pipe.unet, settings.pose_guidance_layers),
                                         conditioning.cond, guide, settings,
                                         added_cond_kwargs=self.base.family.added_cond_kwargs(
-                                            self.base, conditioning.pooled, height, width))
+                                            self.base, conditioning.pooled, height, width),
+                                        checkpointing=self.base.family.guidance_checkpointing)
                 extra["latents"] = self._guided_first_latents(latent, generators, settings, conditioning.cond)
                 callbacks.append(latent.on_step_end)
             if on_step is not None:
