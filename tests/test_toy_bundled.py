@@ -188,6 +188,14 @@ def test_pose_benchmark_ablates_guidance_settings_and_tables_the_own_pose_apart(
     assert [t["own"] for t in record["targets"]] == [False, True]
     assert not (tmp_path / "photos" / record["key"] / "mcgm_aware").exists()  # not asked for: not trained
     assert "Subjects: own" in (tmp_path / "results.md").read_text()
+    # The guided pass's time, cut and whole, on this run's MCGM artifact: the same images either way.
+    timing = load_tool("bench_guidance_time")
+    times = timing.main(["--run", str(tmp_path), "--photo", record["key"], "--model", str(toy_model_folder),
+                         "--repeats", "1", "--sample-steps", "2", "--images", "1"])
+    assert times["same_images"] and set(times["median_seconds"]) == set(timing.CONDITIONS)
+    assert all(s > 0 for s in times["median_seconds"].values())
+    with pytest.raises(SystemExit, match="record.json is missing"):
+        timing.main(["--run", str(tmp_path), "--photo", "s9-p00"])
     for wrong, said in (("latent:strenght=3", "not KEY=VALUE"), ("latent:iterations=two", "not a int"),
                         ("pose:strength=3", "unknown mode")):
         with pytest.raises(SystemExit, match=said):
