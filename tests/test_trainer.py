@@ -12,6 +12,7 @@ from lowmcgm.artifact import load_artifact, read_header
 from lowmcgm.config import Config, apply_overrides, resolve_config
 from lowmcgm.errors import UserError
 from lowmcgm.models.tiny import build_tiny_base
+from lowmcgm.training.checkpointing import text_encoder_checkpointed
 from lowmcgm.training.checkpoints import CHECKPOINT_NAME
 from lowmcgm.training.trainer import train
 
@@ -80,9 +81,15 @@ def test_v_prediction_model_trains(photo, tmp_path):
 ], ids=["batch2", "solid-background", "break-a-scene", "checkpointing", "affine-in-pixels",
         "dropout-without-encoder", "fp8-base"])
 def test_recipe_variants_run(photo, tmp_path, overrides):
-    path = train(_cfg(photo, tmp_path / "run", **{"train.phase1_steps": 3, "train.phase2_steps": 2} | overrides))
-    art = load_artifact(path)
+    base = build_tiny_base("tiny")
+    cfg = _cfg(photo, tmp_path / "run", **{"train.phase1_steps": 3, "train.phase2_steps": 2,
+                                           "model.text_encoder_checkpointing": True} | overrides)
+    art = load_artifact(train(cfg, base=base))
     assert art.uses_mask_tokens == overrides.get("loss.use_mask_tokens", True)
+    # The base computes as loaded again: sampling next on it (lowmcgm run, the page) checkpoints nothing.
+    assert not base.unet.is_gradient_checkpointing and not text_encoder_checkpointed(base.text_encoder)
+    assert not any("forward" in vars(m) for m in base.unet.modules())
+    assert not base.unet.training and not base.text_encoder.training
 
 
 def test_prior_preservation_uses_a_class_image_folder(photo, tmp_path):

@@ -43,6 +43,19 @@ def checkpoint_unet(unet: torch.nn.Module) -> int:
     return whole
 
 
+def release_unet(unet: torch.nn.Module) -> None:
+    """Undo :func:`checkpoint_unet`: the modules' own forward back, diffusers' checkpointing off.
+
+    A base that trained is sampled next (``lowmcgm run``, the page); latent pose guidance decides
+    for itself whether its pass is checkpointed (``ModelFamily.guidance_checkpointing``).
+    """
+    for module in unet.modules():
+        if getattr(module.forward, "recomputes_whole_module", False):
+            del module.forward  # the instance attribute: the class's forward again
+    if getattr(unet, "is_gradient_checkpointing", False):
+        unet.disable_gradient_checkpointing()
+
+
 def _recomputed_in_backward(module: torch.nn.Module, forward: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(forward)
     def run(*args: Any, **kwargs: Any) -> Any:
@@ -64,3 +77,18 @@ def checkpoint_text_encoder(encoder: torch.nn.Module) -> None:
     enable = getattr(encoder, "activation_checkpointing_enable", None) or encoder.gradient_checkpointing_enable
     enable({"use_reentrant": False})
     encoder.train()
+
+
+def release_text_encoder(encoder: torch.nn.Module) -> None:
+    """Undo :func:`checkpoint_text_encoder` (eval mode again, as loaded)."""
+    if text_encoder_checkpointed(encoder):
+        disable = getattr(encoder, "activation_checkpointing_disable", None) or encoder.gradient_checkpointing_disable
+        disable()
+    encoder.eval()
+
+
+def text_encoder_checkpointed(encoder: torch.nn.Module) -> bool:
+    """Whether ``encoder`` recomputes its layers in backward (transformers 5 deprecates the 4.x name)."""
+    if hasattr(type(encoder), "is_activation_checkpointing"):
+        return bool(encoder.is_activation_checkpointing)
+    return bool(getattr(encoder, "is_gradient_checkpointing", False))

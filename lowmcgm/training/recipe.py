@@ -34,6 +34,7 @@ from lowmcgm.attention_capture import remove_capture
 from lowmcgm.runs.signals import Interrupted, route_stop_signals, signal_name
 from lowmcgm.runs.write_guard import write_text_whole
 from lowmcgm.training import step as step_module
+from lowmcgm.training.checkpointing import release_text_encoder, release_unet
 from lowmcgm.training.checkpoints import check_finite, resume_state, save_train_checkpoint
 from lowmcgm.training.phases import enter_phase
 from lowmcgm.training.state import PreviewFn, Setup, TrainState
@@ -173,11 +174,16 @@ class TrainingRecipe:
         return path
 
     def close(self) -> None:
-        """Leave the base as it came: the trained state and the capture processors taken off
-        (``lowmcgm run`` samples from the artifact on the same base next)."""
-        self.setup.mcgm.remove(self.setup.base)
+        """Leave the base as it came: the trained state, the capture processors and gradient
+        checkpointing taken off (``lowmcgm run`` and the page sample on the same base next)."""
+        base = self.setup.base
+        self.setup.mcgm.remove(base)
         if self.setup.capture is not None:
-            remove_capture(self.setup.base.unet, self.setup.capture)
+            remove_capture(base.unet, self.setup.capture)
+        release_unet(base.unet)
+        base.unet.eval()
+        for encoder in base.text_encoders:
+            release_text_encoder(encoder)
 
 
 def run_meta(setup: Setup) -> dict[str, Any]:
