@@ -335,7 +335,7 @@ def test_latent_guidance_steps_alike_with_and_without_checkpointing(rule):
     assert not unet.is_gradient_checkpointing and dict(unet.attn_processors) == before
 
 
-@pytest.mark.parametrize("layers", ["loss", "mid-up"])
+@pytest.mark.parametrize("layers", ["loss", "down", "mid-up"])
 def test_latent_guidance_pass_stops_after_the_guided_layers_with_the_same_step(layers):
     from lowmcgm.sampling.latent_guidance import guidance_layers, last_block
 
@@ -344,7 +344,9 @@ def test_latent_guidance_pass_stops_after_the_guided_layers_with_the_same_step(l
                                                                    pose_guidance_layers=layers))
     last = last_block(guidance_layers(unet, layers))
     order = [f"up_blocks.{i}" for i in range(len(unet.up_blocks))] + ["conv_out"]
-    assert last in order[:-2]  # tiny (SD 1.5 shrunk): later up blocks exist
+    # tiny (SD 1.5 shrunk): up blocks after the last guided one; "down" runs none of them
+    expected = order[:order.index(last) + 1] if last in order else []
+    assert len(expected) < len(order) - 1 and (layers == "down") == (expected == [])
     ran = []
     hooks = [unet.get_submodule(name).register_forward_pre_hook(lambda m, a, name=name: ran.append(name))
              for name in order]
@@ -353,7 +355,7 @@ def test_latent_guidance_pass_stops_after_the_guided_layers_with_the_same_step(l
         for checkpointing in (False, True):
             ran.clear()
             cut = make(checkpointing=checkpointing).step(latents, t, scheduler)
-            assert ran == order[:order.index(last) + 1], ran  # nothing after the last guided layer's block
+            assert ran == expected, ran  # nothing after the last guided layer's block
             ran.clear()
             whole = make(checkpointing=checkpointing, truncated=False).step(latents, t, scheduler)
             assert ran == order

@@ -244,8 +244,9 @@ class SampleSettings:
         choices=("noise-scaled", "normalized"), flag="--guidance-step")
     pose_guidance_layers: str = _f(
         "loss", "cross-attention layers latent guidance reads: loss (the level the attention loss reads, down and "
-                "up blocks) or mid-up (the mid block and the up blocks of that level, as layout-guidance)",
-        choices=("loss", "mid-up"), flag="--guidance-layers")
+                "up blocks), down (that level's down blocks only: its pass ends there, the cheapest) or mid-up (the "
+                "mid block and the up blocks of that level, as layout-guidance)",
+        choices=("loss", "down", "mid-up"), flag="--guidance-layers")
     pose_guidance_iterations: int = _f(1, "latent guidance: gradient steps per guided denoising step, while the "
                                           "energy is above --guidance-threshold", flag="--guidance-iterations",
                                        bounds=(1, 20))

@@ -132,12 +132,15 @@ def guidance_layers(unet: Any, choice: str) -> list[str]:
     """The cross-attention processors latent guidance reads (``sample.pose_guidance_layers``).
 
     ``loss``: the level the attention loss reads by default (16x16 maps on SD at 512 px: down and
-    up blocks). ``mid-up``: the mid block and that level's up blocks (layout-guidance reads SD's
-    mid block and ``up_blocks.1``, 8x8 and 16x16 at 512 px).
+    up blocks). ``down``: that level's down blocks only, so the guidance pass ends there (about a
+    third of the UNet). ``mid-up``: the mid block and that level's up blocks (layout-guidance reads
+    SD's mid block and ``up_blocks.1``, 8x8 and 16x16 at 512 px).
     """
     loss = loss_layer_names(unet, 0)
     if choice == "loss":
         return loss
+    if choice == "down":
+        return [name for name in loss if name.startswith("down_blocks")]
     mid = [name for name in unet.attn_processors if name.startswith("mid_block") and name.endswith("attn2.processor")]
     return mid + [name for name in loss if name.startswith("up_blocks")]
 
