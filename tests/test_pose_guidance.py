@@ -166,7 +166,8 @@ def test_presence_adds_to_the_normalized_rule_and_needs_two_subjects():
 def test_noise_scaled_only_terms_are_refused_with_the_normalized_step():
     from lowmcgm.config import SampleSettings, sample_problems
 
-    for key, value in (("pose_guidance_separation", 1.0), ("pose_guidance_area_normalized", True)):
+    for key, value in (("pose_guidance_separation", 1.0), ("pose_guidance_area_normalized", True),
+                       ("pose_guidance_layers", "mid-up")):
         problems = sample_problems(SampleSettings(**{key: value}))
         assert any(key in p and "noise-scaled step only" in p for p in problems), problems
         assert sample_problems(SampleSettings(**{key: value, "pose_guidance_step": "noise-scaled"})) == []

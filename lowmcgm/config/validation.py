@@ -65,12 +65,17 @@ def _sample_checks(s: SampleSettings, name: Namer) -> list[str]:
     if s.pose_guidance_steps < 0 or s.pose_guidance_steps > s.steps:
         problems.append(f"{name('sample.pose_guidance_steps')} must be between 0 and {name('sample.steps')} "
                         f"({s.steps}) (got {s.pose_guidance_steps})")
-    if s.pose_guidance_step != "noise-scaled":  # the normalized rule has no per-layer, per-head energy to add them to
-        for key, on in (("sample.pose_guidance_separation", s.pose_guidance_separation),
-                        ("sample.pose_guidance_area_normalized", s.pose_guidance_area_normalized)):
+    # The normalized rule has no per-layer, per-head energy to add these to, and it averages the maps
+    # of every layer it reads, which mid-up's two map sizes do not allow.
+    if s.pose_guidance_step != "noise-scaled":
+        for key, on, what, other in (
+                ("sample.pose_guidance_separation", s.pose_guidance_separation, "", "leave it off"),
+                ("sample.pose_guidance_area_normalized", s.pose_guidance_area_normalized, "", "leave it off"),
+                ("sample.pose_guidance_layers", s.pose_guidance_layers == "mid-up", " mid-up", "read loss or down")):
             if on:
-                problems.append(f"{name(key)} works with the noise-scaled step only ({name('sample.pose_guidance_step')} "
-                                f"is {s.pose_guidance_step}): set the step to noise-scaled, or leave it off")
+                problems.append(f"{name(key)}{what} works with the noise-scaled step only "
+                                f"({name('sample.pose_guidance_step')} is {s.pose_guidance_step}): set the step to "
+                                f"noise-scaled, or {other}")
     return problems
 
 
