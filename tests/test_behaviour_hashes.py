@@ -6,7 +6,6 @@ The recording itself (every family trained and sampled) is the tool's job, not t
 from __future__ import annotations
 
 import copy
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -16,18 +15,13 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from safetensors.torch import save_file
-
-TOOL = Path(__file__).resolve().parent.parent / "tools" / "behaviour_hashes.py"
+from tools_loader import load_tool
 
 
 @pytest.fixture(scope="module")
 def tool():
-    spec = importlib.util.spec_from_file_location("behaviour_hashes", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    yield load_tool("behaviour_hashes")
+    del sys.modules["behaviour_hashes"]
 
 
 def write_outputs(folder: Path, lora_b: torch.Tensor, pixel: int = 0) -> None:

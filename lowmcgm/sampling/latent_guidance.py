@@ -170,7 +170,8 @@ class LatentGuidance:
         self.settings = settings
         self.added_cond_kwargs = added_cond_kwargs
         self.checkpointing = checkpointing
-        self.truncated = truncated  # False: the whole UNet runs (for comparisons)
+        # The block after which the pass may stop, found once; None: the whole UNet runs (for comparisons).
+        self.stop_after = last_block(layers) if truncated else None
 
     def step(self, latents: torch.Tensor, timestep: torch.Tensor, scheduler: Any) -> torch.Tensor:
         """The guided latent for one step (unchanged once the guided steps are over).
@@ -206,7 +207,7 @@ class LatentGuidance:
         store = CrossAttentionStore(keep_heads=self.settings.pose_guidance_step == "noise-scaled")
         key_index = torch.tensor(self.guide.columns)[None].expand(latents.shape[0], -1)
         installed = install_capture(self.unet, self.layers, store)
-        stop = contextlib.nullcontext() if not self.truncated else _stopped_after(self.unet, self.layers)
+        stop = contextlib.nullcontext() if self.stop_after is None else _stopped_after(self.unet, self.stop_after)
         try:
             with torch.enable_grad(), _checkpointed(self.unet, self.checkpointing):
                 x = latents.detach().requires_grad_(True)
@@ -272,8 +273,8 @@ class _Enough(Exception):
 
 
 @contextlib.contextmanager
-def _stopped_after(unet: Any, layers: list[str]) -> Iterator[None]:
-    """The UNet's forward ends once the block of the last guided layer has run (a forward hook raises,
+def _stopped_after(unet: Any, block: str) -> Iterator[None]:
+    """The UNet's forward ends once ``block``, that of the last guided layer, has run (a forward hook raises,
     the exception is caught here). The energy and its gradient are the same; the blocks after it
     (SD's 32x32 and 64x64 up blocks when the 16x16 maps are read: the largest ones) are not run,
     and their activations are not kept. The hook is gone before the backward, whose recompute
@@ -281,7 +282,7 @@ def _stopped_after(unet: Any, layers: list[str]) -> Iterator[None]:
     def stop(module: Any, args: Any, output: Any) -> None:
         raise _Enough
 
-    handle = unet.get_submodule(last_block(layers)).register_forward_hook(stop)
+    handle = unet.get_submodule(block).register_forward_hook(stop)
     try:
         yield
     except _Enough:
